@@ -1,0 +1,23 @@
+"""pyccl: collective communication in Python with a small C core.
+
+    import pyccl
+    comm = pyccl.init()                 # from pyccl.launch, torchrun, mpirun or Slurm
+    comm.all_reduce(x, op=pyccl.SUM)    # numpy arrays, torch tensors (CPU/CUDA), cupy arrays
+"""
+from .dtypes import AVG, MAX, MIN, PROD, SUM, ReduceOp, bfloat16
+from .errors import InvalidArgument, PeerFailure, PycclError, Timeout, TransportError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init", "Communicator", "Work", "ReduceOp", "SUM", "PROD", "MIN", "MAX", "AVG", "bfloat16",
+    "PycclError", "InvalidArgument", "Timeout", "PeerFailure", "TransportError",
+]
+
+
+def __getattr__(name):
+    # Imported lazily so `import pyccl` stays cheap and works before the communicator loads.
+    if name in ("Communicator", "Work", "init"):
+        from . import communicator
+        return getattr(communicator, name)
+    raise AttributeError(f"module 'pyccl' has no attribute {name!r}")

@@ -1,0 +1,96 @@
+"""One way to describe a user's buffer, checked once at the API edge (like mpi4py).
+
+Every collective turns its arguments into `Buffer`s here: a flat numpy view of the
+same memory (no copy), pyccl's dtype name, the element count and the device. A bad
+argument raises `InvalidArgument` here, before any byte moves.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import DTYPES, dtype_name
+from .errors import InvalidArgument
+
+
+@dataclass
+class Buffer:
+    """A contiguous buffer seen as a flat numpy array (`array`) over the caller's memory."""
+
+    array: np.ndarray
+    dtype: str
+    device: str
+    obj: object
+
+    @property
+    def count(self) -> int:
+        return self.array.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    @property
+    def itemsize(self) -> int:
+        return self.array.itemsize
+
+
+def _torch_to_numpy(t, what: str) -> np.ndarray:
+    if t.is_cuda or t.device.type != "cpu":
+        raise InvalidArgument(
+            f"{what}: tensor is on {t.device}; only CPU tensors are supported by this communicator")
+    if not t.is_contiguous():
+        raise InvalidArgument(f"{what}: tensor is not contiguous (strides {tuple(t.stride())}); "
+                              "call .contiguous() first")
+    t = t.detach()
+    import torch
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(DTYPES["bfloat16"])
+    try:
+        return t.numpy()
+    except TypeError as e:
+        raise InvalidArgument(f"{what}: torch dtype {t.dtype} is not supported ({e})") from None
+
+
+def _is_torch_tensor(obj) -> bool:
+    mod = type(obj).__module__
+    return mod.startswith("torch") and hasattr(obj, "is_contiguous")
+
+
+def as_buffer(obj, what: str, writable: bool = False) -> Buffer:
+    """Describe `obj` without copying; `what` names it in errors (e.g. 'all_reduce: x')."""
+    if isinstance(obj, Buffer):
+        return obj
+    if _is_torch_tensor(obj):
+        arr = _torch_to_numpy(obj, what)
+    elif isinstance(obj, np.ndarray):
+        arr = obj
+    elif hasattr(obj, "__cuda_array_interface__"):
+        raise InvalidArgument(f"{what}: CUDA arrays need the CUDA transport, which this "
+                              "communicator does not have")
+    elif hasattr(obj, "__dlpack__"):
+        try:
+            arr = np.from_dlpack(obj)
+        except (RuntimeError, TypeError, BufferError) as e:
+            raise InvalidArgument(f"{what}: cannot view {type(obj).__name__} through DLPack: {e}") from None
+    else:
+        try:
+            arr = np.asarray(memoryview(obj))
+        except TypeError:
+            raise InvalidArgument(
+                f"{what}: expected a numpy array, torch tensor, cupy array or buffer-protocol "
+                f"object, got {type(obj).__name__}") from None
+    if not arr.flags.c_contiguous:
+        raise InvalidArgument(f"{what}: array is not contiguous (strides {arr.strides}); "
+                              "pass np.ascontiguousarray(x)")
+    if writable and not arr.flags.writeable:
+        raise InvalidArgument(f"{what}: array is read-only but the op writes into it")
+    name = dtype_name(arr.dtype) if arr.dtype in DTYPES.values() else None
+    if name is None:
+        raise InvalidArgument(f"{what}: dtype {arr.dtype} is not supported; pyccl carries "
+                              f"{', '.join(DTYPES)}")
+    return Buffer(arr.reshape(-1), name, "cpu", obj)
+
+
+def same_dtype(a: Buffer, b: Buffer, opname: str) -> None:
+    if a.dtype != b.dtype:
+        raise InvalidArgument(f"{opname}: output dtype {a.dtype} differs from input dtype {b.dtype}")

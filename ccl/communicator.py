@@ -1,0 +1,415 @@
+"""The Communicator: validates a call, picks a plan, and hands it to the executor.
+
+Collectives run in the order they are called (like a CUDA stream in NCCL). A
+synchronous call runs on the caller's thread when nothing is queued, which keeps
+small-message latency low; `async_op=True` queues the call on the communicator's
+progress thread and returns a `Work` at once. After an error (peer failure, timeout,
+size mismatch seen on the wire) the communicator is broken: later calls raise at once
+instead of hanging on a peer that has given up.
+"""
+import json
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+
+import numpy as np
+
+from . import env as _env
+from .buffers import as_buffer, same_dtype
+from .dtypes import AVG, SUM, as_op, check_op_dtype
+from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
+from .executor import Executor
+from .reduce import divide_into
+from .store import PrefixStore
+from pyccl.topology import direct, ring as ring_plans
+from pyccl.transports.base import SetupContext
+
+log = logging.getLogger("pyccl")
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+class Work:
+    """Handle of one queued collective, like torch's Work."""
+
+    def __init__(self, what: str, comm=None):
+        self.what = what
+        self._comm = comm
+        self._done = threading.Event()
+        self._error = None
+        self.result = None
+
+    def _finish(self, error=None):
+        self._error = error
+        self._done.set()
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def exception(self):
+        return self._error
+
+    def wait(self, timeout=None) -> bool:
+        """Block until done (bounded by `timeout` or the communicator's); re-raise its error."""
+        limit = timeout if timeout is not None else (self._comm.timeout * 2 + 5 if self._comm else None)
+        if not self._done.wait(limit):
+            raise Timeout(f"{self.what} did not finish within {limit:.0f}s")
+        if self._error is not None:
+            raise self._error
+        return True
+
+
+def _host_id() -> str:
+    if os.environ.get("PYCCL_HOST_ID"):
+        return os.environ["PYCCL_HOST_ID"]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+class Communicator:
+    """A group of ranks that run collectives together (see DESIGN.md for the API)."""
+
+    def __init__(self, rank=None, size=None, store=None, timeout=None, *, secret=None,
+                 transport=None, _members=None, _tag=None):
+        info = None
+        if rank is None or size is None or store is None:
+            info = _env.detect()
+            rank = info.rank if rank is None else rank
+            size = info.size if size is None else size
+        if not (0 <= rank < size):
+            raise InvalidArgument(f"Communicator: rank {rank} is outside 0..{size - 1}")
+        self.rank, self.size = int(rank), int(size)
+        self.timeout = float(timeout if timeout is not None else _env.env_float("PYCCL_TIMEOUT", 300.0))
+        if store is None:
+            store = _env.open_store(info, self.timeout)
+        self._root_store = store
+        self._members = _members or list(range(self.size))
+        if _tag is None:
+            # Several world communicators may share one store: number them by arrival.
+            ticket = store.add(f"pyccl/world/{self.size}", 1)
+            _tag = f"world{(ticket - 1) // self.size}"
+        self.tag = _tag
+        self.store = PrefixStore(store, f"pyccl/{self.tag}")
+        self._secret = secret or self._agree_secret(info)
+        self._seq = 0
+        self._splits = 0
+        self._plans = {}
+        self._broken = None
+        self._closed = False
+        self._lock = threading.Lock()          # serialises execution
+        self._submit_lock = threading.Lock()
+        self._queue = queue.Queue()
+        self._inflight = 0
+        self._thread = None
+        self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+        self.peer_info = self._exchange_info()
+        self.ring = list(range(self.size))
+        self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "tcp").lower()
+        self._transports = []
+        self.conns = self._connect()
+        self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
+        log.info("%s rank %d/%d up: transport %s, %d peers", self.tag, self.rank, self.size,
+                 self.transport_name, len(self.conns))
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _agree_secret(self, info) -> bytes:
+        if info is not None and info.secret:
+            return info.secret
+        if os.environ.get("PYCCL_JOB_SECRET"):
+            return bytes.fromhex(os.environ["PYCCL_JOB_SECRET"])
+        if self.rank == 0:
+            self.store.set("secret", secrets.token_bytes(32))
+        return self.store.get("secret", timeout=self.timeout)
+
+    def _wait_ranks(self, prefix: str) -> list:
+        keys = [f"{prefix}/{r}" for r in range(self.size)]
+        try:
+            self.store.wait(keys, timeout=self.timeout)
+        except Timeout:
+            present = self.store.check(keys)
+            missing = [r for r, ok in enumerate(present) if not ok]
+            raise Timeout(f"{self.tag}: rank {self.rank} waited {self.timeout:.0f}s for ranks "
+                          f"{missing} to join (of {self.size}); did they start?") from None
+        return [self.store.get(k, timeout=self.timeout) for k in keys]
+
+    def _exchange_info(self) -> list:
+        me = {"rank": self.rank, "host": _host_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
+        self.store.set(f"info/{self.rank}", json.dumps(me).encode())
+        return [json.loads(v) for v in self._wait_ranks("info")]
+
+    def _bind_host(self) -> str:
+        try:
+            return _env.socket_interface_address(getattr(self._root_store, "host", None))
+        except Exception:  # noqa: BLE001 - any failure means "use loopback"
+            return "127.0.0.1"
+
+    def _connect(self) -> dict:
+        from pyccl.transports.select import connect_all
+        ctx = SetupContext(self.rank, self.size, self._members, self.store, self._secret, self.tag,
+                           self.timeout, self._bind_host(), {r: i for r, i in enumerate(self.peer_info)})
+        conns, self._transports = connect_all(ctx, self.transport_name)
+        return conns
+
+    # ---- execution ----------------------------------------------------------------------
+    def _check_usable(self, what):
+        if self._closed:
+            raise PycclError(f"{what}: communicator {self.tag} is closed")
+        if self._broken is not None:
+            raise PeerFailure(f"{what}: communicator {self.tag} is broken by an earlier error "
+                              f"({self._broken}); create a new one")
+
+    def _submit(self, what: str, fn, async_op: bool):
+        self._check_usable(what)
+        self._seq += 1
+        what = f"{what} #{self._seq} on {self.tag} (rank {self.rank}/{self.size})"
+        with self._submit_lock:
+            if not async_op and self._inflight == 0:
+                return self._execute(what, fn)
+            work = Work(what, self)
+            self._inflight += 1
+            self._queue.put((work, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
+                                                daemon=True)
+                self._thread.start()
+        if async_op:
+            return work
+        work.wait()
+        return work.result
+
+    def _execute(self, what, fn):
+        with self._lock:
+            if self._broken is not None:
+                raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
+            try:
+                return fn(what)
+            except PycclError as e:
+                if not isinstance(e, InvalidArgument):
+                    self._broken = f"{type(e).__name__}: {e}"
+                raise
+
+    def _worker(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, fn = item
+            try:
+                work.result = self._execute(work.what, fn)
+                work._finish()
+            except BaseException as e:  # handed to the caller through Work.wait()
+                work._finish(e)
+            finally:
+                with self._submit_lock:
+                    self._inflight -= 1
+
+    def _plan(self, key, build):
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build()
+        return plan
+
+    def _run(self, what, plan, bufs, op=None):
+        self.executor.run(plan, bufs, op, what)
+
+    # ---- validation helpers ----------------------------------------------------------------
+    def _root(self, root, what):
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise InvalidArgument(f"{what}: root {root!r} is outside 0..{self.size - 1}")
+        return int(root)
+
+    def _reduce_args(self, x, op, what):
+        buf = as_buffer(x, f"{what}: tensor", writable=True)
+        op = as_op(op)
+        check_op_dtype(op, buf.dtype, what)
+        return buf, op
+
+    def _average(self, arr, op):
+        if op is AVG:
+            divide_into(arr, self.size)
+
+    # ---- collectives ------------------------------------------------------------------------
+    def all_reduce(self, x, op=SUM, async_op=False):
+        buf, op = self._reduce_args(x, op, "all_reduce")
+        plan = self._plan(("all_reduce", buf.count), lambda: ring_plans.all_reduce(self.rank, self.ring, buf.count))
+
+        def fn(what):
+            self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
+            self._average(buf.array, op)
+        return self._submit("all_reduce", fn, async_op)
+
+    def reduce(self, x, root=0, op=SUM, async_op=False):
+        buf, op = self._reduce_args(x, op, "reduce")
+        root = self._root(root, "reduce")
+        plan = self._plan(("reduce", buf.count, root),
+                          lambda: ring_plans.reduce(self.rank, self.ring, buf.count, root))
+
+        def fn(what):
+            self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
+            if self.rank == root:
+                self._average(buf.array, op)
+        return self._submit("reduce", fn, async_op)
+
+    def broadcast(self, x, root=0, async_op=False):
+        buf = as_buffer(x, "broadcast: tensor", writable=True)
+        root = self._root(root, "broadcast")
+        plan = self._plan(("broadcast", buf.count, root),
+                          lambda: ring_plans.broadcast(self.rank, self.ring, buf.count, root))
+        return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op)
+
+    def all_gather(self, out, inp, async_op=False):
+        o = as_buffer(out, "all_gather: output", writable=True)
+        i = as_buffer(inp, "all_gather: input")
+        same_dtype(o, i, "all_gather")
+        if o.count != i.count * self.size:
+            raise InvalidArgument(f"all_gather: output holds {o.count} elements, expected size "
+                                  f"{self.size} x input {i.count} = {i.count * self.size}")
+        plan = self._plan(("all_gather", i.count), lambda: ring_plans.all_gather(self.rank, self.ring, i.count))
+        return self._submit("all_gather", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
+                            async_op)
+
+    def reduce_scatter(self, out, inp, op=SUM, async_op=False):
+        o, op = self._reduce_args(out, op, "reduce_scatter")
+        i = as_buffer(inp, "reduce_scatter: input")
+        same_dtype(o, i, "reduce_scatter")
+        if i.count != o.count * self.size:
+            raise InvalidArgument(f"reduce_scatter: input holds {i.count} elements, expected size "
+                                  f"{self.size} x output {o.count} = {o.count * self.size}")
+        plan = self._plan(("reduce_scatter", o.count),
+                          lambda: ring_plans.reduce_scatter(self.rank, self.ring, o.count))
+
+        def fn(what):
+            self._run(what, plan, {"in": i.array, "out": o.array}, op)
+            self._average(o.array, op)
+        return self._submit("reduce_scatter", fn, async_op)
+
+    def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op=False):
+        o = as_buffer(out, "all_to_all: output", writable=True)
+        i = as_buffer(inp, "all_to_all: input")
+        same_dtype(o, i, "all_to_all")
+        in_splits = self._splits_of(in_splits, i.count, "input", "in_splits")
+        out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
+        plan = self._plan(("all_to_all", in_splits, out_splits),
+                          lambda: direct.all_to_all(self.rank, self.size, in_splits, out_splits))
+        return self._submit("all_to_all", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
+                            async_op)
+
+    def _splits_of(self, splits, count, name, argname):
+        if splits is None:
+            if count % self.size:
+                raise InvalidArgument(f"all_to_all: {name} holds {count} elements, not divisible by "
+                                      f"size {self.size}; pass {argname}")
+            return (count // self.size,) * self.size
+        splits = tuple(int(s) for s in splits)
+        if len(splits) != self.size or any(s < 0 for s in splits):
+            raise InvalidArgument(f"all_to_all: {argname} must be {self.size} non-negative counts, got {splits}")
+        if sum(splits) != count:
+            raise InvalidArgument(f"all_to_all: {argname} add up to {sum(splits)} but the {name} "
+                                  f"holds {count} elements")
+        return splits
+
+    def gather(self, out, inp, root=0, async_op=False):
+        root = self._root(root, "gather")
+        i = as_buffer(inp, "gather: input")
+        bufs = {"in": i.array}
+        if self.rank == root:
+            o = as_buffer(out, "gather: output", writable=True)
+            same_dtype(o, i, "gather")
+            if o.count != i.count * self.size:
+                raise InvalidArgument(f"gather: output at the root holds {o.count} elements, "
+                                      f"expected {self.size} x {i.count}")
+            bufs["out"] = o.array
+        plan = self._plan(("gather", i.count, root), lambda: direct.gather(self.rank, self.size, i.count, root))
+        return self._submit("gather", lambda what: self._run(what, plan, bufs), async_op)
+
+    def scatter(self, out, inp, root=0, async_op=False):
+        root = self._root(root, "scatter")
+        o = as_buffer(out, "scatter: output", writable=True)
+        bufs = {"out": o.array}
+        if self.rank == root:
+            i = as_buffer(inp, "scatter: input")
+            same_dtype(o, i, "scatter")
+            if i.count != o.count * self.size:
+                raise InvalidArgument(f"scatter: input at the root holds {i.count} elements, "
+                                      f"expected {self.size} x {o.count}")
+            bufs["in"] = i.array
+        plan = self._plan(("scatter", o.count, root), lambda: direct.scatter(self.rank, self.size, o.count, root))
+        return self._submit("scatter", lambda what: self._run(what, plan, bufs), async_op)
+
+    def _peer(self, peer, what):
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
+            raise InvalidArgument(f"{what}: peer {peer!r} must be another rank in 0..{self.size - 1} "
+                                  f"(this is rank {self.rank})")
+        return int(peer)
+
+    def send(self, x, peer, async_op=False):
+        peer = self._peer(peer, "send")
+        b = as_buffer(x, "send: tensor")
+        plan = direct.send_recv(self.rank, self.size, b.count, peer, True)
+        return self._submit("send", lambda what: self._run(what, plan, {"in": b.array}), async_op)
+
+    def recv(self, x, peer, async_op=False):
+        peer = self._peer(peer, "recv")
+        b = as_buffer(x, "recv: tensor", writable=True)
+        plan = direct.send_recv(self.rank, self.size, b.count, peer, False)
+        return self._submit("recv", lambda what: self._run(what, plan, {"out": b.array}), async_op)
+
+    def barrier(self, async_op=False):
+        plan = self._plan(("barrier",), lambda: direct.barrier(self.rank, self.size))
+        return self._submit("barrier", lambda what: self._run(what, plan, {}), async_op)
+
+    # ---- groups -----------------------------------------------------------------------------
+    def split(self, color, key=0):
+        """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
+        (key, old rank). color None or negative: this rank joins none and gets None."""
+        mine = np.array([-1 if color is None or color < 0 else int(color), int(key)], dtype=np.int64)
+        table = np.empty(2 * self.size, dtype=np.int64)
+        self.all_gather(table, mine)
+        self._splits += 1
+        if mine[0] < 0:
+            return None
+        pairs = table.reshape(self.size, 2)
+        members = sorted((int(k), r) for r, (c, k) in enumerate(pairs) if c == mine[0])
+        ranks = [r for _, r in members]
+        tag = f"{self.tag}.s{self._splits}c{mine[0]}"
+        return Communicator(ranks.index(self.rank), len(ranks), self._root_store, self.timeout,
+                            secret=self._secret, transport=self.transport_name,
+                            _members=[self._members[r] for r in ranks], _tag=tag)
+
+    # ---- teardown -------------------------------------------------------------------------
+    def close(self):
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
+        self._closed = True
+        for c in self.conns.values():
+            c.close()
+        for t in self._transports:
+            t.close()
+        self.conns = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<pyccl.Communicator {self.tag} rank {self.rank}/{self.size} via {self.transport_name}>"
+
+
+def init(timeout=None, **kwargs) -> Communicator:
+    """The world communicator from the environment (pyccl.launch, torchrun, mpirun, Slurm)."""
+    return Communicator(timeout=timeout, **kwargs)
+
+

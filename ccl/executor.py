@@ -1,0 +1,188 @@
+"""The one engine that runs every plan over every transport.
+
+It cuts each region into chunks, walks "for chunk: for stage: for op", posts sends and
+receives on the peers' connections, and keeps many chunks in flight: sends complete in
+the background while later chunks are received and reduced, which is the pipelining.
+A region that a pending send still reads is not overwritten until that send is done.
+Every wait is bounded by the communicator's timeout and names what it was waiting for.
+"""
+import select
+import time
+
+import numpy as np
+
+from pyccl.topology.plan import (COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND, chunk_of,
+                                  nchunks)
+from .errors import PeerFailure, Timeout, TransportError
+from .reduce import reduce_into
+
+#: Polls of every connection before the engine starts sleeping in select()/sleep().
+SPIN_POLLS = 200
+
+
+class _Recv:
+    """A receive in flight and what to do when it lands."""
+
+    __slots__ = ("op", "req", "dst", "src", "scratch", "peer")
+
+    def __init__(self, op, req, dst, src, scratch):
+        self.op, self.req, self.dst, self.src, self.scratch = op, req, dst, src, scratch
+        self.peer = op.recv_peer
+
+
+class Executor:
+    def __init__(self, rank: int, conns: dict, timeout: float, chunk_bytes: int, tag: str):
+        self.rank = rank
+        self.conns = conns
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.tag = tag
+        self._scratch = {}
+        self.where = ""          # what the engine is doing now, for error messages
+
+    def _scratch_for(self, i: int, dtype, n: int) -> np.ndarray:
+        key = (i, dtype.str if dtype.names is None else str(dtype))
+        arr = self._scratch.get(key)
+        if arr is None or arr.size < n or arr.dtype != dtype:
+            arr = np.empty(max(n, 1), dtype=dtype)
+            self._scratch[key] = arr
+        return arr[:n]
+
+    def run(self, plan, bufs: dict, op, what: str) -> None:
+        """Execute `plan` on `bufs` ({"in","out","tmp"} -> flat numpy arrays).
+
+        `op` is the ReduceOp for reducing plans; `what` names the call in errors."""
+        arrays = dict(bufs)
+        if plan.tmp_elems:
+            ref = arrays.get("out") if arrays.get("out") is not None else arrays["in"]
+            arrays["tmp"] = self._scratch_for(-1, ref.dtype, plan.tmp_elems)
+        elif "tmp" not in arrays:
+            arrays["tmp"] = np.empty(0, dtype=np.uint8)
+        alias = {}
+        if arrays.get("in") is not None and arrays.get("out") is not None and \
+                arrays["in"].__array_interface__["data"][0] == arrays["out"].__array_interface__["data"][0] \
+                and arrays["in"].nbytes == arrays["out"].nbytes:
+            alias["in"] = "out"
+        raw = {k: memoryview(v.view(np.uint8)) for k, v in arrays.items() if v is not None}
+        item = next(v.itemsize for v in arrays.values() if v is not None and v.size)  \
+            if any(v is not None and v.size for v in arrays.values()) else 1
+        chunk_elems = max(1, self.chunk_bytes // item)
+        stages = plan.stages
+        counts = [[nchunks((o.dst or o.src).length, chunk_elems) for o in st] for st in stages]
+        total = max((c for st in counts for c in st), default=0)
+        conns = [self.conns[p] for p in sorted(plan.peers())]
+        sends = []                     # (request, canonical buf, start, stop)
+
+        def canon(reg):
+            return alias.get(reg.buf, reg.buf)
+
+        def mv(reg):
+            return raw[reg.buf][reg.start * item:reg.stop * item]
+
+        def typed(reg):
+            return arrays[reg.buf][reg.start:reg.stop]
+
+        def protect(reg):
+            """Wait until no pending send reads memory that `reg` is about to overwrite."""
+            name = canon(reg)
+            for s in sends:
+                if not s[0].done and s[1] == name and s[2] < reg.stop and reg.start < s[3]:
+                    self._drive(conns, lambda: s[0].done, f"send of {s[1]}[{s[2]}:{s[3]}]")
+
+        def post_send(peer, reg):
+            req = self.conns[peer].isend(mv(reg))
+            if not req.done:
+                sends.append((req, canon(reg), reg.start, reg.stop))
+
+        for c in range(total):
+            for si, stage in enumerate(stages):
+                active = []
+                for oi, o in enumerate(stage):
+                    n = counts[si][oi]
+                    if c >= n:
+                        continue
+                    self.where = f"{what} stage {si} chunk {c}/{n}: {o.kind}"
+                    kind = o.kind
+                    if kind == SEND:
+                        post_send(o.send_peer, chunk_of(o.src, c, n))
+                    elif kind == COPY:
+                        dst = chunk_of(o.dst, c, n)
+                        protect(dst)
+                        typed(dst)[...] = typed(chunk_of(o.src, c, n))
+                    else:
+                        dst = chunk_of(o.dst, c, n)
+                        protect(dst)
+                        if kind in (RECV, RECV_COPY_SEND):
+                            req = self.conns[o.recv_peer].irecv(mv(dst))
+                            active.append(_Recv(o, req, dst, None, None))
+                        else:
+                            src = chunk_of(o.src, c, n)
+                            scratch = self._scratch_for(oi, arrays[dst.buf].dtype, dst.length)
+                            req = self.conns[o.recv_peer].irecv(memoryview(scratch.view(np.uint8)))
+                            active.append(_Recv(o, req, dst, src, scratch))
+                while active:
+                    self._drive(conns, lambda: any(a.req.done for a in active),
+                                lambda: self._waiting(what, si, c, active))
+                    still = []
+                    for a in active:
+                        if not a.req.done:
+                            still.append(a)
+                            continue
+                        if a.scratch is not None:
+                            reduce_into(typed(a.dst), typed(a.src), a.scratch, op)
+                        if a.op.kind in (RECV_REDUCE_SEND, RECV_COPY_SEND):
+                            post_send(a.op.send_peer, a.dst)
+                    active = still
+                if len(sends) > 64:
+                    sends = [s for s in sends if not s[0].done]
+        self._drive(conns, lambda: all(s[0].done for s in sends),
+                    lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
+        self.where = ""
+
+    def _waiting(self, what, si, c, active) -> str:
+        parts = [f"{a.op.kind} from rank {a.peer} ({a.req.nbytes} bytes)" for a in active if not a.req.done]
+        return f"{what} stage {si} chunk {c}: waiting on " + ", ".join(parts)
+
+    def _drive(self, conns, done, describe) -> None:
+        """Progress every connection until done(); sleep in select() when nothing moves."""
+        deadline = None
+        idle = 0
+        while not done():
+            moved = False
+            try:
+                for conn in conns:
+                    if conn.progress():
+                        moved = True
+            except (PeerFailure, TransportError) as e:
+                where = describe() if callable(describe) else describe
+                raise type(e)(f"rank {self.rank} in {where}: {e}") from None
+            if moved:
+                idle = 0
+                continue
+            idle += 1
+            if idle < SPIN_POLLS:
+                continue
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.timeout
+            elif now > deadline:
+                where = describe() if callable(describe) else describe
+                raise Timeout(f"rank {self.rank} timed out after {self.timeout:.0f}s in {where}")
+            self._idle_wait(conns, min(0.01, 0.0002 * idle / SPIN_POLLS))
+
+    @staticmethod
+    def _idle_wait(conns, seconds: float) -> None:
+        rd, wr = [], []
+        for conn in conns:
+            h = conn.wait_handles()
+            if h is None:
+                time.sleep(min(seconds, 0.0005) if seconds > 0.0002 else 0)
+                return
+            rd += h[0]
+            wr += h[1]
+        if rd or wr:
+            select.select(rd, wr, [], seconds)
+        else:
+            time.sleep(0)
+
+
