@@ -11,7 +11,6 @@ rank's time taken, so latency and bandwidth come from the same loop.
 """
 import argparse
 import json
-import os
 import sys
 import time
 

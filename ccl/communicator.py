@@ -111,10 +111,11 @@ class Communicator:
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
         self.peer_info = self._exchange_info()
         self.ring = list(range(self.size))
-        self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "tcp").lower()
+        self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
         self._transports = []
         self.conns = self._connect()
         self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
+        self.local = self._local_collectives()
         log.info("%s rank %d/%d up: transport %s, %d peers", self.tag, self.rank, self.size,
                  self.transport_name, len(self.conns))
 
@@ -157,6 +158,18 @@ class Communicator:
         conns, self._transports = connect_all(ctx, self.transport_name)
         return conns
 
+    def _local_collectives(self):
+        """Shared-memory collectives when every rank is on this host (see shm_collectives.py)."""
+        if self.size == 1 or self.transport_name not in ("auto", "shm"):
+            return None
+        if len({i["host"] for i in self.peer_info}) != 1:
+            return None
+        try:
+            from .shm_collectives import ShmCollectives
+        except ImportError:
+            return None
+        return ShmCollectives(self.rank, self.size, self.store, self.tag, self.timeout)
+
     # ---- execution ----------------------------------------------------------------------
     def _check_usable(self, what):
         if self._closed:
@@ -190,9 +203,10 @@ class Communicator:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
             try:
                 return fn(what)
-            except PycclError as e:
-                if not isinstance(e, InvalidArgument):
-                    self._broken = f"{type(e).__name__}: {e}"
+            except Exception as e:
+                # Validation happens before _submit, so anything raised here left the peers
+                # mid-collective: no later call may pretend the byte streams are in step.
+                self._broken = f"{type(e).__name__}: {e}"
                 raise
 
     def _worker(self):
@@ -240,8 +254,13 @@ class Communicator:
         buf, op = self._reduce_args(x, op, "all_reduce")
         plan = self._plan(("all_reduce", buf.count), lambda: ring_plans.all_reduce(self.rank, self.ring, buf.count))
 
+        local = self.local if self.local is not None and self.local.wants("all_reduce", buf.nbytes) else None
+
         def fn(what):
-            self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
+            if local is not None:
+                local.all_reduce(buf.array, op, what)
+            else:
+                self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
             self._average(buf.array, op)
         return self._submit("all_reduce", fn, async_op)
 
@@ -262,6 +281,8 @@ class Communicator:
         root = self._root(root, "broadcast")
         plan = self._plan(("broadcast", buf.count, root),
                           lambda: ring_plans.broadcast(self.rank, self.ring, buf.count, root))
+        if self.local is not None and self.local.wants("broadcast", buf.nbytes):
+            return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op)
         return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op)
 
     def all_gather(self, out, inp, async_op=False):
@@ -272,6 +293,8 @@ class Communicator:
             raise InvalidArgument(f"all_gather: output holds {o.count} elements, expected size "
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
         plan = self._plan(("all_gather", i.count), lambda: ring_plans.all_gather(self.rank, self.ring, i.count))
+        if self.local is not None and self.local.wants("all_gather", o.nbytes):
+            return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op)
         return self._submit("all_gather", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
                             async_op)
 
@@ -285,8 +308,13 @@ class Communicator:
         plan = self._plan(("reduce_scatter", o.count),
                           lambda: ring_plans.reduce_scatter(self.rank, self.ring, o.count))
 
+        local = self.local if self.local is not None and self.local.wants("reduce_scatter", i.nbytes) else None
+
         def fn(what):
-            self._run(what, plan, {"in": i.array, "out": o.array}, op)
+            if local is not None:
+                local.reduce_scatter(o.array, i.array, op, what)
+            else:
+                self._run(what, plan, {"in": i.array, "out": o.array}, op)
             self._average(o.array, op)
         return self._submit("reduce_scatter", fn, async_op)
 
@@ -296,6 +324,9 @@ class Communicator:
         same_dtype(o, i, "all_to_all")
         in_splits = self._splits_of(in_splits, i.count, "input", "in_splits")
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
+        if self.local is not None and len(set(in_splits + out_splits)) == 1 and \
+                self.local.wants("all_to_all", i.nbytes):
+            return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op)
         plan = self._plan(("all_to_all", in_splits, out_splits),
                           lambda: direct.all_to_all(self.rank, self.size, in_splits, out_splits))
         return self._submit("all_to_all", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
@@ -362,6 +393,8 @@ class Communicator:
         return self._submit("recv", lambda what: self._run(what, plan, {"out": b.array}), async_op)
 
     def barrier(self, async_op=False):
+        if self.local is not None and self.local.wants("barrier", 0):
+            return self._submit("barrier", lambda what: self.local.barrier(what), async_op)
         plan = self._plan(("barrier",), lambda: direct.barrier(self.rank, self.size))
         return self._submit("barrier", lambda what: self._run(what, plan, {}), async_op)
 
@@ -392,6 +425,8 @@ class Communicator:
             self._thread.join(timeout=self.timeout)
             self._thread = None
         self._closed = True
+        if self.local is not None:
+            self.local.close()
         for c in self.conns.values():
             c.close()
         for t in self._transports:

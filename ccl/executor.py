@@ -16,6 +16,8 @@ from pyccl.topology.plan import (COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, S
 from .errors import PeerFailure, Timeout, TransportError
 from .reduce import reduce_into
 
+_EMPTY = np.empty(0, dtype=np.uint8)
+
 #: Polls of every connection before the engine starts sleeping in select()/sleep().
 SPIN_POLLS = 200
 
@@ -53,24 +55,22 @@ class Executor:
 
         `op` is the ReduceOp for reducing plans; `what` names the call in errors."""
         arrays = dict(bufs)
+        ref = arrays.get("out") if arrays.get("out") is not None else arrays.get("in")
+        item = ref.itemsize if ref is not None else 1
         if plan.tmp_elems:
-            ref = arrays.get("out") if arrays.get("out") is not None else arrays["in"]
             arrays["tmp"] = self._scratch_for(-1, ref.dtype, plan.tmp_elems)
         elif "tmp" not in arrays:
-            arrays["tmp"] = np.empty(0, dtype=np.uint8)
+            arrays["tmp"] = ref[:0] if ref is not None else _EMPTY
         alias = {}
-        if arrays.get("in") is not None and arrays.get("out") is not None and \
-                arrays["in"].__array_interface__["data"][0] == arrays["out"].__array_interface__["data"][0] \
-                and arrays["in"].nbytes == arrays["out"].nbytes:
+        a_in, a_out = arrays.get("in"), arrays.get("out")
+        if a_in is not None and a_out is not None and a_in.nbytes == a_out.nbytes and \
+                a_in.__array_interface__["data"][0] == a_out.__array_interface__["data"][0]:
             alias["in"] = "out"
         raw = {k: memoryview(v.view(np.uint8)) for k, v in arrays.items() if v is not None}
-        item = next(v.itemsize for v in arrays.values() if v is not None and v.size)  \
-            if any(v is not None and v.size for v in arrays.values()) else 1
         chunk_elems = max(1, self.chunk_bytes // item)
         stages = plan.stages
-        counts = [[nchunks((o.dst or o.src).length, chunk_elems) for o in st] for st in stages]
-        total = max((c for st in counts for c in st), default=0)
-        conns = [self.conns[p] for p in sorted(plan.peers())]
+        counts, total, peers = self._layout(plan, chunk_elems)
+        conns = [self.conns[p] for p in peers]
         sends = []                     # (request, canonical buf, start, stop)
 
         def canon(reg):
@@ -135,9 +135,21 @@ class Executor:
                     active = still
                 if len(sends) > 64:
                     sends = [s for s in sends if not s[0].done]
-        self._drive(conns, lambda: all(s[0].done for s in sends),
-                    lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
+        if sends:
+            self._drive(conns, lambda: all(s[0].done for s in sends),
+                        lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
         self.where = ""
+
+    @staticmethod
+    def _layout(plan, chunk_elems):
+        """Chunks per op, total passes and peers of a plan; cached on the plan per chunk size."""
+        cache = plan.__dict__.setdefault("_layouts", {})
+        hit = cache.get(chunk_elems)
+        if hit is None:
+            counts = [[nchunks((o.dst or o.src).length, chunk_elems) for o in st] for st in plan.stages]
+            total = max((c for st in counts for c in st), default=0)
+            hit = cache[chunk_elems] = (counts, total, sorted(plan.peers()))
+        return hit
 
     def _waiting(self, what, si, c, active) -> str:
         parts = [f"{a.op.kind} from rank {a.peer} ({a.req.nbytes} bytes)" for a in active if not a.req.done]
