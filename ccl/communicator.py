@@ -207,6 +207,7 @@ class Communicator:
                 # Validation happens before _submit, so anything raised here left the peers
                 # mid-collective: no later call may pretend the byte streams are in step.
                 self._broken = f"{type(e).__name__}: {e}"
+                self.abort()
                 raise
 
     def _worker(self):
@@ -416,7 +417,14 @@ class Communicator:
                             secret=self._secret, transport=self.transport_name,
                             _members=[self._members[r] for r in ranks], _tag=tag)
 
-    # ---- teardown -------------------------------------------------------------------------
+    # ---- teardown ----
+    def abort(self):
+        """Drop every connection now, so peers blocked on this rank fail fast instead of timing out."""
+        if self._broken is None:
+            self._broken = "aborted by comm.abort()"
+        for c in self.conns.values():
+            c.close()
+
     def close(self):
         if self._closed:
             return
