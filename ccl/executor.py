@@ -6,6 +6,7 @@ the background while later chunks are received and reduced, which is the pipelin
 A region that a pending send still reads is not overwritten until that send is done.
 Every wait is bounded by the communicator's timeout and names what it was waiting for.
 """
+import os
 import select
 import time
 
@@ -18,8 +19,11 @@ from .reduce import reduce_into
 
 _EMPTY = np.empty(0, dtype=np.uint8)
 
-#: Polls of every connection before the engine starts sleeping in select()/sleep().
-SPIN_POLLS = 200
+#: Seconds of polling before the engine sleeps in select()/sleep() (PYCCL_SPIN_US).
+SPIN_SECONDS = float(os.environ.get("PYCCL_SPIN_US", "50")) * 1e-6
+#: More ranks than cores on this host: yield the CPU between polls so the peer can run.
+OVERSUBSCRIBED = int(os.environ.get("PYCCL_LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))) > \
+    len(os.sched_getaffinity(0))
 
 
 class _Recv:
@@ -156,9 +160,11 @@ class Executor:
         return f"{what} stage {si} chunk {c}: waiting on " + ", ".join(parts)
 
     def _drive(self, conns, done, describe) -> None:
-        """Progress every connection until done(); sleep in select() when nothing moves."""
-        deadline = None
-        idle = 0
+        """Progress every connection until done(): poll for SPIN_SECONDS (yielding the CPU
+        between polls when ranks outnumber cores), then sleep in select()/sleep, waking as
+        soon as a socket is ready, with a timeout that grows to 10 ms."""
+        spin_end = None
+        naps = 0
         while not done():
             moved = False
             try:
@@ -169,18 +175,22 @@ class Executor:
                 where = describe() if callable(describe) else describe
                 raise type(e)(f"rank {self.rank} in {where}: {e}") from None
             if moved:
-                idle = 0
-                continue
-            idle += 1
-            if idle < SPIN_POLLS:
+                spin_end = None
+                naps = 0
                 continue
             now = time.monotonic()
-            if deadline is None:
+            if spin_end is None:
+                spin_end = now + SPIN_SECONDS
                 deadline = now + self.timeout
-            elif now > deadline:
+            if now < spin_end:
+                if OVERSUBSCRIBED:
+                    os.sched_yield()
+                continue
+            if now > deadline:
                 where = describe() if callable(describe) else describe
                 raise Timeout(f"rank {self.rank} timed out after {self.timeout:.0f}s in {where}")
-            self._idle_wait(conns, min(0.01, 0.0002 * idle / SPIN_POLLS))
+            naps += 1
+            self._idle_wait(conns, min(0.01, 0.00005 * naps))
 
     @staticmethod
     def _idle_wait(conns, seconds: float) -> None:

@@ -1,11 +1,30 @@
 """pyccl's rendezvous store: a small TCP key-value server used only while setting up.
 
-Like torch's TCPStore, but safer: binary frames (never pickle), every size bounded,
-and every connection must prove it knows the job secret (the server sends a nonce, the
-client answers HMAC-SHA256(secret, nonce)) before it may read or write a key.
+Why our own and not torch's TCPStore: pyccl must work without torch, and the store is the
+one socket every rank opens before anything is known about its peers, so it has to be safe
+to leave listening on a cluster network:
 
-Frames: request = op (1 byte) + key length (u32) + key + value length (u64) + value;
-reply = status (1 byte) + value length (u64) + value.
+* No pickle, ever: every message is a length-prefixed binary frame (``struct``), and every
+  length is checked against a bound before a byte of the body is read (key <= 4 KiB,
+  value <= 64 MiB). A frame that is malformed, oversized or of an unknown command makes
+  the server drop *that* connection and nothing else.
+* Every connection proves it belongs to the job. The server sends a random nonce, the
+  client answers ``HMAC-SHA256(secret, nonce)``; the server answers with its own proof over
+  the client's nonce, so a client never trusts a store that does not know the secret either.
+  A connection that does not finish the handshake within ``handshake_timeout`` is closed.
+* Nothing waits forever: every client call is bounded by a timeout and says what it waited
+  for (the keys still missing, or the host:port it could not reach).
+
+Wire format (all integers little-endian)::
+
+    handshake  S->C  MAGIC(8) nonce_s(32)
+               C->S  HMAC(secret, "client" + nonce_s)(32) nonce_c(32)
+               S->C  0x01 HMAC(secret, "server" + nonce_c + nonce_s)(32)   | 0x00, close
+    request    op(u8) key_len(u32) value_len(u32) key(utf-8) value
+    reply      status(u8) len(u32) payload
+
+Counters made by ``add`` are stored as ASCII decimal (``b"3"``), like torch's stores, so
+``get`` on a counter reads the same whichever store is underneath.
 """
 import hashlib
 import hmac
@@ -15,116 +34,236 @@ import struct
 import threading
 import time
 
-from .errors import PeerFailure, PycclError, Timeout
+from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 
-MAX_KEY = 4096
-MAX_VALUE = 64 << 20
-_REQ = struct.Struct("<BIQ")
-_REP = struct.Struct("<BQ")
+__all__ = ["StoreServer", "TCPStore", "PrefixStore", "TorchStoreAdapter", "MAX_KEY", "MAX_VALUE"]
+
+MAX_KEY = 4 << 10            # bytes of a key, utf-8
+MAX_VALUE = 64 << 20         # bytes of a value (and of any request or reply body)
+MAGIC = b"PYCCLKV1"
 _NONCE = 32
-SET, GET, ADD, CHECK, DELETE, WAIT = 1, 2, 3, 4, 5, 6
+_MAC = 32
+_REQ = struct.Struct("<BII")         # op, key length, value length
+_REP = struct.Struct("<BI")          # status, payload length
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+SET, GET, ADD, CHECK, WAIT, DELETE = 1, 2, 3, 4, 5, 6
+_OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE))
 OK, MISSING, BAD = 0, 1, 2
+_MAX_SERVER_WAIT = 30.0      # one WAIT/GET request blocks the server thread at most this long
+_REPLY_MARGIN = 30.0         # how much longer than the server's wait a client waits for a reply
 
 
-def _recv_exact(sock, n):
+def _recv_exact(sock, n: int) -> bytes:
+    """Read exactly n bytes or raise ConnectionError (EOF) / socket.timeout."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         k = sock.recv_into(view[got:])
         if k == 0:
-            raise ConnectionError("connection closed")
+            raise ConnectionError(f"connection closed after {got} of {n} bytes")
         got += k
     return bytes(buf)
 
 
-def _proof(secret: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, b"pyccl-store" + nonce, hashlib.sha256).digest()
+def _mac(secret: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
+
+
+def _pack_keys(keys) -> bytes:
+    """Keys as u32 length + utf-8 bytes each: no separator a key could contain."""
+    out = []
+    for k in keys:
+        b = _key_bytes(k)
+        out.append(_U32.pack(len(b)))
+        out.append(b)
+    return b"".join(out)
+
+
+def _unpack_keys(data: bytes) -> list:
+    """Inverse of _pack_keys; raises ValueError on anything malformed (the caller drops the client)."""
+    keys, i, n = [], 0, len(data)
+    while i < n:
+        if n - i < 4:
+            raise ValueError("truncated key list")
+        (klen,) = _U32.unpack_from(data, i)
+        i += 4
+        if klen > MAX_KEY or klen > n - i:
+            raise ValueError("bad key length in key list")
+        keys.append(data[i:i + klen].decode("utf-8"))
+        i += klen
+    return keys
+
+
+def _key_bytes(key) -> bytes:
+    if not isinstance(key, str):
+        raise InvalidArgument(f"store keys are str, got {type(key).__name__} {key!r}")
+    b = key.encode("utf-8")
+    if len(b) > MAX_KEY:
+        raise InvalidArgument(f"store key of {len(b)} bytes is over the {MAX_KEY}-byte limit: {key[:64]!r}...")
+    return b
+
+
+def _family(host: str):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 class StoreServer:
-    """The store, served from a daemon thread per client. `address` is (host, port)."""
+    """The store itself: listens on (host, port), one daemon thread per client.
 
-    def __init__(self, host="127.0.0.1", port=0, secret: bytes = b""):
-        if not secret:
-            raise PycclError("StoreServer needs a job secret")
-        self.secret = secret
+    `address` is the (host, port) actually bound (port 0 picks a free one). The server lives
+    until `close()` or process exit; it never raises into its threads' callers, it only drops
+    connections that misbehave.
+    """
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, secret: bytes = b"", *,
+                 handshake_timeout: float = 10.0, frame_timeout: float = 60.0):
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
+            raise InvalidArgument("StoreServer needs a non-empty job secret (bytes)")
+        self._secret = bytes(secret)
+        self.handshake_timeout = float(handshake_timeout)
+        self.frame_timeout = float(frame_timeout)
         self._data = {}
         self._cond = threading.Condition()
-        self._sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
-        self.address = self._sock.getsockname()[:2]
         self._closed = False
         self._clients = set()
-        threading.Thread(target=self._accept, name="pyccl-store", daemon=True).start()
+        self._clients_lock = threading.Lock()
+        try:
+            self._sock = socket.create_server((host, int(port)), family=_family(host), backlog=1024)
+        except OSError as e:
+            raise OSError(e.errno, f"pyccl store: cannot listen on {host}:{port}: {e.strerror}") from None
+        self.address = tuple(self._sock.getsockname()[:2])
+        self._thread = threading.Thread(target=self._accept, name=f"pyccl-store:{self.address[1]}", daemon=True)
+        self._thread.start()
 
+    def __repr__(self):
+        return f"<pyccl.StoreServer {self.address[0]}:{self.address[1]}{' closed' if self._closed else ''}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- connections ---------------------------------------------------------------
     def _accept(self):
         while not self._closed:
             try:
                 sock, _ = self._sock.accept()
             except OSError:
-                return
-            self._clients.add(sock)
+                if self._closed:
+                    return
+                time.sleep(0.01)        # e.g. EMFILE: keep serving the connections we have
+                continue
+            with self._clients_lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._clients.add(sock)
             threading.Thread(target=self._serve, args=(sock,), name="pyccl-store-client", daemon=True).start()
+
+    def _handshake(self, sock) -> bool:
+        sock.settimeout(self.handshake_timeout)
+        nonce_s = _secrets.token_bytes(_NONCE)
+        sock.sendall(MAGIC + nonce_s)
+        answer = _recv_exact(sock, _MAC + _NONCE)
+        if not hmac.compare_digest(answer[:_MAC], _mac(self._secret, b"client", nonce_s)):
+            try:
+                sock.sendall(b"\x00")
+            except OSError:
+                pass
+            return False
+        sock.sendall(b"\x01" + _mac(self._secret, b"server", answer[_MAC:], nonce_s))
+        return True
 
     def _serve(self, sock):
         try:
-            sock.settimeout(10.0)                     # the handshake must be quick
-            nonce = _secrets.token_bytes(_NONCE)
-            sock.sendall(nonce)
-            if not hmac.compare_digest(_recv_exact(sock, 32), _proof(self.secret, nonce)):
-                sock.sendall(b"\x00")
+            if not self._handshake(sock):
                 return
-            sock.sendall(b"\x01")
-            sock.settimeout(None)
-            while True:
-                op, klen, vlen = _REQ.unpack(_recv_exact(sock, _REQ.size))
-                if klen > MAX_KEY or vlen > MAX_VALUE or op not in (SET, GET, ADD, CHECK, DELETE, WAIT):
-                    return                              # hostile or broken: drop the client
-                key = _recv_exact(sock, klen).decode("utf-8", "replace")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not self._closed:
+                sock.settimeout(None)            # an authenticated client may idle between calls...
+                first = _recv_exact(sock, 1)
+                sock.settimeout(self.frame_timeout)  # ...but not in the middle of a frame
+                op, klen, vlen = _REQ.unpack(first + _recv_exact(sock, _REQ.size - 1))
+                if op not in _OPS or klen > MAX_KEY or vlen > MAX_VALUE:
+                    return                       # hostile or broken: drop this client only
+                key = _recv_exact(sock, klen).decode("utf-8") if klen else ""
                 value = _recv_exact(sock, vlen) if vlen else b""
                 status, out = self._handle(op, key, value)
                 sock.sendall(_REP.pack(status, len(out)) + out)
-        except (OSError, ConnectionError, struct.error, ValueError):
-            pass
+        except (OSError, ConnectionError, ValueError, struct.error):
+            pass                                 # garbage, EOF, timeout: this connection ends here
         finally:
-            self._clients.discard(sock)
-            sock.close()
+            with self._clients_lock:
+                self._clients.discard(sock)
+            try:
+                sock.close()
+            except OSError:
+                pass
 
+    # ---- the key-value operations --------------------------------------------------
     def _handle(self, op, key, value):
-        with self._cond:
-            if op == SET:
-                self._data[key] = value
+        """One request; ValueError (malformed body) drops the connection."""
+        d = self._data
+        if op == SET:
+            with self._cond:
+                d[key] = value
                 self._cond.notify_all()
-                return OK, b""
-            if op == GET:
-                return (OK, self._data[key]) if key in self._data else (MISSING, b"")
-            if op == ADD:
-                if len(value) != 8:
-                    return BAD, b""
-                old = self._data.get(key, bytes(8))
-                if len(old) != 8:
-                    return BAD, b""
-                now = int.from_bytes(old, "little", signed=True) + int.from_bytes(value, "little", signed=True)
-                self._data[key] = now.to_bytes(8, "little", signed=True)
-                self._cond.notify_all()
-                return OK, self._data[key]
-            if op == CHECK:
-                keys = value.decode("utf-8", "replace").split("\n") if value else []
-                return OK, bytes(int(k in self._data) for k in keys)
-            if op == WAIT:                              # wait up to `value` ms for the key
-                ms = int.from_bytes(value[:8], "little") if len(value) >= 8 else 0
-                self._cond.wait_for(lambda: key in self._data, timeout=min(ms, 60000) / 1000)
-                return (OK, b"") if key in self._data else (MISSING, b"")
-            self._data.pop(key, None)
             return OK, b""
+        if op == GET:                            # value: u32 ms to wait for the key
+            ms = _U32.unpack(value)[0] if value else 0
+            with self._cond:
+                self._cond.wait_for(lambda: key in d or self._closed, timeout=min(ms / 1000, _MAX_SERVER_WAIT))
+                return (OK, d[key]) if key in d else (MISSING, b"")
+        if op == ADD:                            # value: i64 amount; reply: i64 new value
+            (amount,) = _I64.unpack(value)
+            with self._cond:
+                old = d.get(key, b"0")
+                try:
+                    now = int(old.decode("ascii")) + amount
+                except (UnicodeDecodeError, ValueError):
+                    return BAD, b"value is not an integer counter"
+                if not -(1 << 63) <= now < (1 << 63):
+                    return BAD, b"counter overflow"
+                d[key] = str(now).encode("ascii")
+                self._cond.notify_all()
+            return OK, _I64.pack(now)
+        if op == CHECK:                          # value: packed keys; reply: one 0/1 byte per key
+            keys = _unpack_keys(value)
+            with self._cond:
+                return OK, bytes(int(k in d) for k in keys)
+        if op == WAIT:                           # value: u32 ms + packed keys; reply: 0/1 per key
+            if len(value) < 4:
+                raise ValueError("short WAIT")
+            ms = _U32.unpack_from(value)[0]
+            keys = _unpack_keys(value[4:])
+            with self._cond:
+                self._cond.wait_for(lambda: all(k in d for k in keys) or self._closed,
+                                    timeout=min(ms / 1000, _MAX_SERVER_WAIT))
+                present = bytes(int(k in d) for k in keys)
+            return (OK if all(present) else MISSING), present
+        # DELETE
+        with self._cond:
+            existed = d.pop(key, None) is not None
+        return OK, bytes([existed])
 
     def close(self):
+        """Stop listening and drop every client; blocked waits wake up and return 'missing'."""
+        if self._closed:
+            return
         self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        for c in list(self._clients):
+        with self._cond:
+            self._cond.notify_all()
+        for fn in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._sock.close):
+            try:
+                fn()                              # shutdown wakes a thread blocked in accept()
+            except OSError:
+                pass
+        with self._clients_lock:
+            clients = list(self._clients)
+        for c in clients:
             try:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -132,159 +271,350 @@ class StoreServer:
 
 
 class TCPStore:
-    """Client of a StoreServer: set/get/add/check/wait/delete, thread-safe."""
+    """Client of a StoreServer: set/get/add/check/wait/delete; safe to share between threads.
 
-    def __init__(self, host, port, secret: bytes, timeout: float = 300.0):
-        self.host, self.port, self.timeout = host, int(port), float(timeout)
+    Each call borrows one authenticated connection from a small pool (opening another when
+    all are busy), so a thread blocked in `get` never holds up another thread's `set`.
+    Connecting retries until `timeout` (the store may start after its clients), then raises
+    `Timeout` naming host:port. A wrong secret raises `PeerFailure` at once: retrying
+    cannot fix it.
+    """
+
+    _MAX_IDLE = 4
+
+    def __init__(self, host: str, port: int, secret: bytes, timeout: float = 300.0):
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
+            raise InvalidArgument("TCPStore needs a non-empty job secret (bytes)")
+        self.host, self.port = str(host), int(port)
+        self.timeout = float(timeout)
+        self._secret = bytes(secret)
         self._lock = threading.Lock()
-        self._sock = self._connect(secret)
+        self._idle = []
+        self._closed = False
+        self._idle.append(self._connect(self.timeout))
 
-    def _connect(self, secret):
-        deadline = time.monotonic() + self.timeout
+    def __repr__(self):
+        return f"<pyccl.TCPStore {self.host}:{self.port}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- connections ---------------------------------------------------------------
+    def _connect(self, window: float):
+        where = f"{self.host}:{self.port}"
+        start = time.monotonic()
+        deadline = start + window
+        attempts, delay, last = 0, 0.05, None
         while True:
+            attempts += 1
+            left = deadline - time.monotonic()
+            sock = None
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=min(10.0, self.timeout))
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise Timeout(f"store at {self.host}:{self.port} unreachable for {self.timeout:.0f}s "
-                                  f"(last error: {e}); is rank 0 / the launcher running, and is "
-                                  f"PYCCL_STORE_ADDR or MASTER_ADDR/MASTER_PORT right?") from None
-                time.sleep(0.1)
-        try:
-            nonce = _recv_exact(sock, _NONCE)
-            sock.sendall(_proof(secret, nonce))
-            ok = _recv_exact(sock, 1)
-        except (OSError, ConnectionError) as e:
-            sock.close()
-            raise PeerFailure(f"store at {self.host}:{self.port} dropped the handshake ({e})") from None
-        if ok != b"\x01":
-            sock.close()
-            raise PeerFailure(f"store at {self.host}:{self.port} rejected the job secret "
-                              f"(PYCCL_JOB_SECRET differs from the store's?)")
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+                sock = socket.create_connection((self.host, self.port), timeout=max(0.05, min(left, 10.0)))
+                sock.settimeout(max(2.0, min(left, 10.0)))   # the handshake must not fail just for lack of time
+                nonce_s = self._read_hello(sock)
+            except (OSError, ConnectionError) as e:   # refused, unreachable, DNS, reset before hello
+                if sock is not None:
+                    sock.close()
+                last = e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(
+                        f"pyccl store at {where} unreachable: tried to connect {attempts} time(s) for "
+                        f"{time.monotonic() - start:.1f}s (timeout {window:g}s), last error: "
+                        f"{type(last).__name__}: {last}. Is rank 0 / the launcher running, and are "
+                        f"PYCCL_STORE_ADDR or MASTER_ADDR/MASTER_PORT right?") from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+                continue
+            try:
+                self._finish_handshake(sock, nonce_s)
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
 
-    def _call(self, op, key, value=b""):
-        k = key.encode()
-        if len(k) > MAX_KEY or len(value) > MAX_VALUE:
-            raise PycclError(f"store: key or value too large for {key!r}")
+    def _read_hello(self, sock) -> bytes:
+        hello = _recv_exact(sock, len(MAGIC) + _NONCE)
+        if hello[:len(MAGIC)] != MAGIC:
+            sock.close()
+            raise PeerFailure(f"{self.host}:{self.port} is not a pyccl store (bad greeting {hello[:8]!r}); "
+                              f"is another service on that port?")
+        return hello[len(MAGIC):]
+
+    def _finish_handshake(self, sock, nonce_s):
+        where = f"{self.host}:{self.port}"
+        nonce_c = _secrets.token_bytes(_NONCE)
+        try:
+            sock.sendall(_mac(self._secret, b"client", nonce_s) + nonce_c)
+            status = sock.recv(1)
+            proof = _recv_exact(sock, _MAC) if status == b"\x01" else b""
+        except (OSError, ConnectionError) as e:
+            raise PeerFailure(f"pyccl store at {where} dropped the handshake ({e}); "
+                              f"it probably rejected the job secret") from None
+        if status != b"\x01":
+            raise PeerFailure(f"pyccl store at {where} rejected the job secret: this process's "
+                              f"PYCCL_JOB_SECRET (or the secret passed in) is not the store's")
+        if not hmac.compare_digest(proof, _mac(self._secret, b"server", nonce_c, nonce_s)):
+            raise PeerFailure(f"pyccl store at {where} could not prove it knows the job secret; "
+                              f"refusing to use it")
+
+    def _checkout(self):
         with self._lock:
-            try:
-                self._sock.sendall(_REQ.pack(op, len(k), len(value)) + k + value)
-                status, n = _REP.unpack(_recv_exact(self._sock, _REP.size))
-                out = _recv_exact(self._sock, n) if n else b""
-            except (OSError, ConnectionError) as e:
-                raise PeerFailure(f"store at {self.host}:{self.port} is gone ({e})") from None
+            if self._closed:
+                raise PycclError(f"pyccl store client for {self.host}:{self.port} is closed")
+            if self._idle:
+                return self._idle.pop()
+        # The store was reachable once; a new connection should not need the full timeout.
+        return self._connect(min(self.timeout, 10.0))
+
+    def _checkin(self, sock):
+        with self._lock:
+            if not self._closed and len(self._idle) < self._MAX_IDLE:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _call(self, op, key: str = "", value: bytes = b"", reply_timeout=None):
+        k = _key_bytes(key)
+        if len(value) > MAX_VALUE:
+            raise InvalidArgument(f"store value for {key!r} is {len(value)} bytes, over the {MAX_VALUE}-byte limit")
+        sock = self._checkout()
+        try:
+            sock.settimeout(reply_timeout if reply_timeout is not None else _REPLY_MARGIN)
+            sock.sendall(_REQ.pack(op, len(k), len(value)) + k + value)
+            status, n = _REP.unpack(_recv_exact(sock, _REP.size))
+            if n > MAX_VALUE:
+                raise ConnectionError(f"reply of {n} bytes is over the limit")
+            out = _recv_exact(sock, n) if n else b""
+        except socket.timeout:
+            sock.close()
+            raise Timeout(f"pyccl store at {self.host}:{self.port} did not answer a request "
+                          f"for key {key!r} in time") from None
+        except (OSError, ConnectionError, struct.error) as e:
+            sock.close()
+            raise PeerFailure(f"pyccl store at {self.host}:{self.port} went away during a request "
+                              f"for key {key!r} ({e}); did rank 0 / the launcher exit?") from None
+        self._checkin(sock)
         if status == BAD:
-            raise PycclError(f"store refused request for {key!r}")
+            raise InvalidArgument(f"pyccl store refused the request for key {key!r}: {out.decode(errors='replace')}")
         return status, out
 
+    # ---- the interface -------------------------------------------------------------
     def set(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`, waking everyone waiting for it."""
         self._call(SET, key, bytes(value))
 
-    def get(self, key: str, timeout=None) -> bytes:
-        self.wait([key], timeout)
-        status, out = self._call(GET, key)
-        if status != OK:
-            raise Timeout(f"store key {key!r} vanished")
-        return out
+    def get(self, key: str, timeout: float = None) -> bytes:
+        """The value of `key`, waiting up to `timeout` (default: the client's) for it to be set."""
+        t = self.timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + t
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            step = min(left, _MAX_SERVER_WAIT)
+            status, out = self._call(GET, key, _U32.pack(int(step * 1000)), reply_timeout=step + _REPLY_MARGIN)
+            if status == OK:
+                return out
+            if time.monotonic() >= deadline:
+                raise Timeout(f"pyccl store at {self.host}:{self.port}: key {key!r} was not set "
+                              f"within {t:g}s")
 
     def add(self, key: str, amount: int) -> int:
-        _, out = self._call(ADD, key, int(amount).to_bytes(8, "little", signed=True))
-        return int.from_bytes(out, "little", signed=True)
+        """Atomically add `amount` to the counter `key` (missing counts as 0); the new value."""
+        _, out = self._call(ADD, key, _I64.pack(int(amount)))
+        return _I64.unpack(out)[0]
 
     def check(self, keys) -> list:
-        _, out = self._call(CHECK, "", "\n".join(keys).encode())
+        """Which of `keys` exist now, without waiting."""
+        keys = list(keys)
+        if not keys:
+            return []
+        _, out = self._call(CHECK, "", _pack_keys(keys))
         return [bool(b) for b in out]
 
-    def wait(self, keys, timeout=None) -> None:
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        for key in keys:
-            while True:
-                left = deadline - time.monotonic()
-                status, _ = self._call(WAIT, key, int(max(0, min(left, 1.0)) * 1000).to_bytes(8, "little"))
-                if status == OK:
-                    break
-                if time.monotonic() >= deadline:
-                    missing = [k for k, ok in zip(keys, self.check(keys)) if not ok]
-                    raise Timeout(f"store: waited {timeout:.0f}s for keys {missing}")
+    def wait(self, keys, timeout: float = None) -> None:
+        """Return once every key exists; Timeout lists the ones still missing."""
+        keys = list(keys)
+        if not keys:
+            return
+        t = self.timeout if timeout is None else float(timeout)
+        packed = _pack_keys(keys)
+        deadline = time.monotonic() + t
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            step = min(left, _MAX_SERVER_WAIT)
+            status, present = self._call(WAIT, "", _U32.pack(int(step * 1000)) + packed,
+                                         reply_timeout=step + _REPLY_MARGIN)
+            if status == OK:
+                return
+            if time.monotonic() >= deadline:
+                missing = [k for k, ok in zip(keys, present) if not ok]
+                raise Timeout(f"pyccl store at {self.host}:{self.port}: waited {t:g}s; "
+                              f"{len(missing)} of {len(keys)} key(s) still missing: {missing}")
 
-    def delete(self, key: str) -> None:
-        self._call(DELETE, key)
+    def delete(self, key: str) -> bool:
+        """Remove `key`; True if it existed."""
+        _, out = self._call(DELETE, key)
+        return out == b"\x01"
 
     def close(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        """Close this client's connections (the server keeps running)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for s in idle:
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 class PrefixStore:
-    """Any store with every key put under `prefix/`: communicators share one store safely."""
+    """Any store with every key put under ``prefix/``, so communicators can share one store.
+
+    `close()` does nothing: the underlying store belongs to whoever made it.
+    """
 
     def __init__(self, store, prefix: str):
-        self.store, self.prefix = store, prefix
+        self.store, self.prefix = store, str(prefix)
         self.host = getattr(store, "host", None)
+        self.port = getattr(store, "port", None)
+        self.timeout = getattr(store, "timeout", None)
+
+    def __repr__(self):
+        return f"<pyccl.PrefixStore {self.prefix!r} over {self.store!r}>"
 
     def _k(self, key):
         return f"{self.prefix}/{key}"
 
-    def set(self, key, value):
+    def set(self, key: str, value: bytes) -> None:
         self.store.set(self._k(key), value)
 
-    def get(self, key, timeout=None):
-        return self.store.get(self._k(key), timeout=timeout)
+    def get(self, key: str, timeout: float = None) -> bytes:
+        try:
+            return self.store.get(self._k(key), timeout=timeout)
+        except Timeout as e:
+            raise Timeout(str(e).replace(repr(self._k(key)), f"{key!r} (under prefix {self.prefix!r})")) from None
 
-    def add(self, key, amount):
+    def add(self, key: str, amount: int) -> int:
         return self.store.add(self._k(key), amount)
 
-    def check(self, keys):
+    def check(self, keys) -> list:
         return self.store.check([self._k(k) for k in keys])
 
-    def wait(self, keys, timeout=None):
+    def wait(self, keys, timeout: float = None) -> None:
+        keys = list(keys)
         try:
             self.store.wait([self._k(k) for k in keys], timeout=timeout)
         except Timeout as e:
-            raise Timeout(str(e).replace(self.prefix + "/", "")) from None
+            msg = str(e)
+            for k in keys:
+                msg = msg.replace(repr(self._k(k)), repr(k))
+            raise Timeout(f"{msg} (under prefix {self.prefix!r})") from None
 
-    def delete(self, key):
-        self.store.delete(self._k(key))
+    def delete(self, key: str) -> bool:
+        return self.store.delete(self._k(key))
+
+    def close(self) -> None:
+        pass
 
 
 class TorchStoreAdapter:
-    """pyccl's store interface over a torch.distributed.Store (torchrun, init_process_group)."""
+    """pyccl's store interface over a ``torch.distributed.Store`` (torchrun, init_process_group).
 
-    def __init__(self, torch_store, timeout: float = 300.0):
+    torch is imported only here, and only when needed, so pyccl works without it. torch's
+    `get` waits with the store's own timeout, so a per-call timeout is applied with
+    `set_timeout` around the call (under a lock, since that setting is shared) and then
+    restored. torch's errors become pyccl's: a wait that ran out is `Timeout` (naming the
+    keys still missing), a lost connection is `PeerFailure`.
+    """
+
+    def __init__(self, torch_store, timeout: float = None):
         self.ts = torch_store
-        self.timeout = timeout
+        if timeout is None:
+            t = getattr(torch_store, "timeout", None)
+            timeout = t.total_seconds() if t is not None else 300.0
+        self.timeout = float(timeout)
         self.host = getattr(torch_store, "host", None)
+        self.port = getattr(torch_store, "port", None)
+        self._lock = threading.Lock()
 
-    def set(self, key, value):
-        self.ts.set(key, bytes(value))
+    def __repr__(self):
+        return f"<pyccl.TorchStoreAdapter over {type(self.ts).__name__}>"
 
-    def get(self, key, timeout=None):
-        self.wait([key], timeout)
-        return bytes(self.ts.get(key))
+    def _translate(self, e, what):
+        name = type(e).__name__
+        text = str(e).splitlines()[0] if str(e) else name
+        if name == "DistNetworkError":
+            return PeerFailure(f"torch store: connection lost during {what} ({text})")
+        if name == "DistStoreError" or "timeout" in text.lower() or "timed out" in text.lower():
+            return Timeout(f"torch store: {what} timed out ({text})")
+        return PeerFailure(f"torch store: {what} failed ({name}: {text})")
 
-    def add(self, key, amount):
-        return int(self.ts.add(key, int(amount)))
-
-    def check(self, keys):
-        return [bool(self.ts.check([k])) for k in keys]
-
-    def wait(self, keys, timeout=None):
-        from datetime import timedelta
-        t = self.timeout if timeout is None else timeout
+    def set(self, key: str, value: bytes) -> None:
         try:
-            self.ts.wait(list(keys), timedelta(seconds=t))
-        except Exception as e:  # noqa: BLE001 - torch raises several types (DistStoreError, RuntimeError)
-            missing = [k for k in keys if not self.ts.check([k])]
+            self.ts.set(key, bytes(value))
+        except RuntimeError as e:
+            raise self._translate(e, f"set of key {key!r}") from None
+
+    def get(self, key: str, timeout: float = None) -> bytes:
+        from datetime import timedelta
+        t = self.timeout if timeout is None else float(timeout)
+        with self._lock:
+            old = getattr(self.ts, "timeout", None)
+            self.ts.set_timeout(timedelta(seconds=t))
+            try:
+                return bytes(self.ts.get(key))
+            except RuntimeError as e:
+                err = self._translate(e, f"get of key {key!r}")
+                if isinstance(err, Timeout):
+                    err = Timeout(f"torch store: key {key!r} was not set within {t:g}s")
+                raise err from None
+            finally:
+                if old is not None:
+                    self.ts.set_timeout(old)
+
+    def add(self, key: str, amount: int) -> int:
+        try:
+            return int(self.ts.add(key, int(amount)))
+        except RuntimeError as e:
+            raise self._translate(e, f"add to key {key!r}") from None
+
+    def check(self, keys) -> list:
+        # torch's check answers one bool for all keys together; ask key by key.
+        try:
+            return [bool(self.ts.check([k])) for k in keys]
+        except RuntimeError as e:
+            raise self._translate(e, "check") from None
+
+    def wait(self, keys, timeout: float = None) -> None:
+        from datetime import timedelta
+        keys = list(keys)
+        if not keys:
+            return
+        t = self.timeout if timeout is None else float(timeout)
+        try:
+            self.ts.wait(keys, timedelta(seconds=t))
+        except RuntimeError as e:
+            err = self._translate(e, "wait")
+            if not isinstance(err, Timeout):
+                raise err from None
+            missing = [k for k, ok in zip(keys, self.check(keys)) if not ok]
             if not missing:
                 return
-            raise Timeout(f"store: waited {t:.0f}s for keys {missing} ({type(e).__name__})") from None
+            raise Timeout(f"torch store: waited {t:g}s; {len(missing)} of {len(keys)} key(s) "
+                          f"still missing: {missing}") from None
 
-    def delete(self, key):
-        self.ts.delete_key(key)
+    def delete(self, key: str) -> bool:
+        try:
+            return bool(self.ts.delete_key(key))
+        except RuntimeError as e:
+            raise self._translate(e, f"delete of key {key!r}") from None
+
+    def close(self) -> None:
+        """torch stores have no close; dropping our reference is all we can do."""
