@@ -14,6 +14,7 @@ import queue
 import secrets
 import socket
 import threading
+import zlib
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from .buffers import as_buffer, same_dtype
 from .dtypes import AVG, SUM, as_op, check_op_dtype
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .executor import Executor
+from .recorder import FlightRecorder
 from .reduce import divide_into
 from .store import PrefixStore
 from pyccl.topology import direct, ring as ring_plans
@@ -106,6 +108,8 @@ class Communicator:
         self._lock = threading.Lock()          # serialises execution
         self._submit_lock = threading.Lock()
         self._queue = queue.Queue()
+        self.recorder = FlightRecorder(self.tag, self.rank, self.size)
+        self.check = os.environ.get("PYCCL_CHECK", "0") not in ("", "0")
         self._inflight = 0
         self._thread = None
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
@@ -178,16 +182,22 @@ class Communicator:
             raise PeerFailure(f"{what}: communicator {self.tag} is broken by an earlier error "
                               f"({self._broken}); create a new one")
 
-    def _submit(self, what: str, fn, async_op: bool):
+    def _submit(self, what: str, fn, async_op: bool, sig=None):
+        """Run `fn(what)` in call order; sig (dtype, count, root, redop) feeds the flight
+        recorder and PYCCL_CHECK."""
         self._check_usable(what)
         self._seq += 1
+        op = what
         what = f"{what} #{self._seq} on {self.tag} (rank {self.rank}/{self.size})"
+        entry = self.recorder.record(self._seq, op, sig or {})
+        if self.check and sig is not None:
+            fn = self._checked(fn, op, sig)
         with self._submit_lock:
             if not async_op and self._inflight == 0:
-                return self._execute(what, fn)
+                return self._execute(what, fn, entry)
             work = Work(what, self)
             self._inflight += 1
-            self._queue.put((work, fn))
+            self._queue.put((work, fn, entry))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
                                                 daemon=True)
@@ -197,27 +207,82 @@ class Communicator:
         work.wait()
         return work.result
 
-    def _execute(self, what, fn):
+    def _execute(self, what, fn, entry):
         with self._lock:
             if self._broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
+            self.recorder.start(entry)
             try:
-                return fn(what)
+                result = fn(what)
             except Exception as e:
                 # Validation happens before _submit, so anything raised here left the peers
                 # mid-collective: no later call may pretend the byte streams are in step.
+                self._tell_peers(f"{type(e).__name__}: {e}")
+                if isinstance(e, PeerFailure):
+                    e = PeerFailure(f"{e}{self._peer_reports()}")
+                self.recorder.finish(entry, e, self.executor.where)
                 self._broken = f"{type(e).__name__}: {e}"
-                self.abort()
-                raise
+                if os.environ.get("PYCCL_DUMP_ON_TIMEOUT"):
+                    path = self.recorder.dump(os.environ["PYCCL_DUMP_ON_TIMEOUT"])
+                    log.error("pyccl: flight recorder of rank %d written to %s", self.rank, path)
+                if not isinstance(e, Timeout):
+                    # peers still waiting on us would only time out; closing tells them now.
+                    # After a timeout the peers are waiting too and will time out themselves,
+                    # each naming what it waited on, which is the better diagnosis.
+                    self.abort()
+                raise e
+            self.recorder.finish(entry)
+            return result
+
+    def _tell_peers(self, reason: str) -> None:
+        """Leave this rank's failure in the store before dropping connections, so ranks that
+        see only 'connection closed' can name the root cause."""
+        try:
+            self.store.set(f"abort/{self.rank}", reason[:2000].encode())
+        except Exception:  # noqa: BLE001 - the store may be gone too; the local error still stands
+            pass
+
+    def _peer_reports(self) -> str:
+        try:
+            keys = [f"abort/{r}" for r in range(self.size) if r != self.rank]
+            present = [k for k, ok in zip(keys, self.store.check(keys)) if ok]
+            reports = [f"rank {k.split('/')[1]} reported: {self.store.get(k, timeout=1).decode()}" for k in present]
+        except Exception:  # noqa: BLE001 - best effort: the store may be unreachable now
+            return ""
+        return ("; " + "; ".join(reports)) if reports else ""
+
+    def _checked(self, fn, op, sig):
+        """PYCCL_CHECK=1: compare (op, dtype, count, root, redop) of every rank before moving data."""
+        def code(text):
+            return zlib.crc32(str(text).encode())
+        mine = np.array([code(op), code(sig.get("dtype")), sig.get("count", -1), sig.get("root", -1),
+                         code(sig.get("redop"))], dtype=np.int64)
+        plan = self._plan(("check", mine.size), lambda: ring_plans.all_gather(self.rank, self.ring, mine.size))
+
+        def run(what):
+            table = np.empty(mine.size * self.size, np.int64)
+            self._run(what + " [PYCCL_CHECK]", plan, {"in": mine, "out": table})
+            rows = table.reshape(self.size, mine.size)
+            fields = ("op", "dtype", "count", "root", "redop")
+            for r in range(self.size):
+                diff = [f for f, a, b in zip(fields, rows[r], mine) if a != b]
+                if diff:
+                    raise InvalidArgument(
+                        f"{what}: PYCCL_CHECK found rank {r} calling with a different {', '.join(diff)} "
+                        f"(this rank: {op} dtype={sig.get('dtype')} count={sig.get('count')} "
+                        f"root={sig.get('root')} op={sig.get('redop')}; rank {r}'s count={rows[r][2]}, "
+                        f"root={rows[r][3]})")
+            return fn(what)
+        return run
 
     def _worker(self):
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            work, fn = item
+            work, fn, entry = item
             try:
-                work.result = self._execute(work.what, fn)
+                work.result = self._execute(work.what, fn, entry)
                 work._finish()
             except BaseException as e:  # handed to the caller through Work.wait()
                 work._finish(e)
@@ -263,7 +328,7 @@ class Communicator:
             else:
                 self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
             self._average(buf.array, op)
-        return self._submit("all_reduce", fn, async_op)
+        return self._submit("all_reduce", fn, async_op, _sig(buf, -1, op))
 
     def reduce(self, x, root=0, op=SUM, async_op=False):
         buf, op = self._reduce_args(x, op, "reduce")
@@ -275,7 +340,7 @@ class Communicator:
             self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
             if self.rank == root:
                 self._average(buf.array, op)
-        return self._submit("reduce", fn, async_op)
+        return self._submit("reduce", fn, async_op, _sig(buf, root, op))
 
     def broadcast(self, x, root=0, async_op=False):
         buf = as_buffer(x, "broadcast: tensor", writable=True)
@@ -283,8 +348,10 @@ class Communicator:
         plan = self._plan(("broadcast", buf.count, root),
                           lambda: ring_plans.broadcast(self.rank, self.ring, buf.count, root))
         if self.local is not None and self.local.wants("broadcast", buf.nbytes):
-            return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op)
-        return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op)
+            return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op,
+                                _sig(buf, root))
+        return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op,
+                            _sig(buf, root))
 
     def all_gather(self, out, inp, async_op=False):
         o = as_buffer(out, "all_gather: output", writable=True)
@@ -295,9 +362,10 @@ class Communicator:
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
         plan = self._plan(("all_gather", i.count), lambda: ring_plans.all_gather(self.rank, self.ring, i.count))
         if self.local is not None and self.local.wants("all_gather", o.nbytes):
-            return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op)
+            return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op,
+                                _sig(i))
         return self._submit("all_gather", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
-                            async_op)
+                            async_op, _sig(i))
 
     def reduce_scatter(self, out, inp, op=SUM, async_op=False):
         o, op = self._reduce_args(out, op, "reduce_scatter")
@@ -317,7 +385,7 @@ class Communicator:
             else:
                 self._run(what, plan, {"in": i.array, "out": o.array}, op)
             self._average(o.array, op)
-        return self._submit("reduce_scatter", fn, async_op)
+        return self._submit("reduce_scatter", fn, async_op, _sig(o, -1, op))
 
     def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op=False):
         o = as_buffer(out, "all_to_all: output", writable=True)
@@ -327,11 +395,12 @@ class Communicator:
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
         if self.local is not None and len(set(in_splits + out_splits)) == 1 and \
                 self.local.wants("all_to_all", i.nbytes):
-            return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op)
+            return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op,
+                                _sig(i))
         plan = self._plan(("all_to_all", in_splits, out_splits),
                           lambda: direct.all_to_all(self.rank, self.size, in_splits, out_splits))
         return self._submit("all_to_all", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
-                            async_op)
+                            async_op, _sig(i))
 
     def _splits_of(self, splits, count, name, argname):
         if splits is None:
@@ -359,7 +428,7 @@ class Communicator:
                                       f"expected {self.size} x {i.count}")
             bufs["out"] = o.array
         plan = self._plan(("gather", i.count, root), lambda: direct.gather(self.rank, self.size, i.count, root))
-        return self._submit("gather", lambda what: self._run(what, plan, bufs), async_op)
+        return self._submit("gather", lambda what: self._run(what, plan, bufs), async_op, _sig(i, root))
 
     def scatter(self, out, inp, root=0, async_op=False):
         root = self._root(root, "scatter")
@@ -373,7 +442,7 @@ class Communicator:
                                       f"expected {self.size} x {o.count}")
             bufs["in"] = i.array
         plan = self._plan(("scatter", o.count, root), lambda: direct.scatter(self.rank, self.size, o.count, root))
-        return self._submit("scatter", lambda what: self._run(what, plan, bufs), async_op)
+        return self._submit("scatter", lambda what: self._run(what, plan, bufs), async_op, _sig(o, root))
 
     def _peer(self, peer, what):
         if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
@@ -395,9 +464,9 @@ class Communicator:
 
     def barrier(self, async_op=False):
         if self.local is not None and self.local.wants("barrier", 0):
-            return self._submit("barrier", lambda what: self.local.barrier(what), async_op)
+            return self._submit("barrier", lambda what: self.local.barrier(what), async_op, {})
         plan = self._plan(("barrier",), lambda: direct.barrier(self.rank, self.size))
-        return self._submit("barrier", lambda what: self._run(what, plan, {}), async_op)
+        return self._submit("barrier", lambda what: self._run(what, plan, {}), async_op, {})
 
     # ---- groups -----------------------------------------------------------------------------
     def split(self, color, key=0):
@@ -449,6 +518,11 @@ class Communicator:
 
     def __repr__(self):
         return f"<pyccl.Communicator {self.tag} rank {self.rank}/{self.size} via {self.transport_name}>"
+
+
+def _sig(buf, root=-1, op=None) -> dict:
+    """What every rank must agree on for one collective (flight recorder, PYCCL_CHECK)."""
+    return {"dtype": buf.dtype, "count": buf.count, "root": root, "redop": op.name if op is not None else None}
 
 
 def init(timeout=None, **kwargs) -> Communicator:

@@ -1,0 +1,52 @@
+"""Flight recorder: the last N collectives of a communicator, for hang diagnosis.
+
+Each entry says what was called (op, dtype, count, root, sequence number), when it was
+queued, started and ended, and where the executor was when it failed or timed out (plan
+stage, chunk, peer). On a timeout, with PYCCL_DUMP_ON_TIMEOUT=<dir>, every rank that
+times out writes its recorder as JSON to <dir>/pyccl-<comm>-rank<r>.json;
+`python -m pyccl.doctor <dir or files>` reads them and says who is behind or stuck.
+"""
+import collections
+import json
+import os
+import time
+
+DEFAULT_ENTRIES = 64
+
+
+class FlightRecorder:
+    def __init__(self, tag: str, rank: int, size: int, entries: int = DEFAULT_ENTRIES):
+        self.tag, self.rank, self.size = tag, rank, size
+        self.entries = collections.deque(maxlen=entries)
+
+    def record(self, seq: int, op: str, sig: dict) -> dict:
+        entry = {"seq": seq, "op": op, **sig, "state": "queued", "queued": time.time(),
+                 "started": None, "ended": None, "where": ""}
+        self.entries.append(entry)
+        return entry
+
+    @staticmethod
+    def start(entry):
+        entry["state"] = "running"
+        entry["started"] = time.time()
+
+    @staticmethod
+    def finish(entry, error=None, where=""):
+        entry["ended"] = time.time()
+        entry["state"] = "done" if error is None else "failed"
+        if error is not None:
+            entry["error"] = f"{type(error).__name__}: {error}"
+            entry["where"] = where
+
+    def snapshot(self) -> dict:
+        return {"comm": self.tag, "rank": self.rank, "size": self.size, "pid": os.getpid(),
+                "host": os.uname().nodename, "dumped": time.time(), "entries": list(self.entries)}
+
+    def dump(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"pyccl-{self.tag}-rank{self.rank}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f, indent=1)
+        os.replace(tmp, path)
+        return path
