@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import secrets
-import socket
 import threading
 import zlib
 
@@ -62,17 +61,6 @@ class Work:
         if self._error is not None:
             raise self._error
         return True
-
-
-def _host_id() -> str:
-    if os.environ.get("PYCCL_HOST_ID"):
-        return os.environ["PYCCL_HOST_ID"]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 class Communicator:
@@ -145,7 +133,8 @@ class Communicator:
         return [self.store.get(k, timeout=self.timeout) for k in keys]
 
     def _exchange_info(self) -> list:
-        me = {"rank": self.rank, "host": _host_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
+        from pyccl.topology.detect import local_info
+        me = local_info(self.rank)
         self.store.set(f"info/{self.rank}", json.dumps(me).encode())
         return [json.loads(v) for v in self._wait_ranks("info")]
 
