@@ -36,9 +36,12 @@ def reduce_ref(inputs, op, dtype):
     if op in ("sum", "avg"):
         out = stack.sum(0)
         if op == "avg":
-            out = out / len(inputs)
-            if dtype not in FLOAT_EPS:
-                out = np.trunc(out)
+            if dtype not in FLOAT_EPS and dtype != "bool":
+                # integers: the sum wraps in the dtype first (as in NCCL), then truncates
+                out = out.astype(np.int64).astype(DTYPES[dtype]).astype(np.float64)
+                out = np.trunc(out / len(inputs))
+            else:
+                out = out / len(inputs)
     elif op == "prod":
         out = stack.prod(0)
     elif op == "min":
