@@ -94,11 +94,13 @@ class Gloo(Library):
         self.torch, self.dist = torch, dist
         from datetime import timedelta
         if comm.rank == 0:
-            tstore = dist.TCPStore("127.0.0.1", 0, comm.size, True, timeout=timedelta(seconds=120))
-            comm.store.set("bench/gloo_port", str(tstore.port).encode())
+            host = comm._bind_host()          # reachable by the other ranks (also across hosts)
+            tstore = dist.TCPStore(host, 0, comm.size, True, timeout=timedelta(seconds=120),
+                                   wait_for_workers=False)
+            comm.store.set("bench/gloo_addr", f"{host}:{tstore.port}".encode())
         else:
-            port = int(comm.store.get("bench/gloo_port", timeout=120))
-            tstore = dist.TCPStore("127.0.0.1", port, comm.size, False, timeout=timedelta(seconds=120))
+            host, port = comm.store.get("bench/gloo_addr", timeout=120).decode().rsplit(":", 1)
+            tstore = dist.TCPStore(host, int(port), comm.size, False, timeout=timedelta(seconds=120))
         self._store = tstore
         dist.init_process_group("gloo", store=tstore, rank=comm.rank, world_size=comm.size)
 

@@ -48,7 +48,7 @@ class Hosts:
             _ip("link", "set", self.bridge, "up")
             for i, ns in enumerate(self.names):
                 _ip("netns", "add", ns)
-                inside, outside = f"ph{i}i{self.tag}", f"ph{i}o{self.tag}"
+                inside, outside = self.interface(i), f"ph{i}o{self.tag}"
                 _ip("link", "add", inside, "type", "veth", "peer", "name", outside)
                 _ip("link", "set", inside, "netns", ns)
                 _ip("link", "set", outside, "master", self.bridge)
@@ -66,8 +66,13 @@ class Hosts:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
 
-    def run(self, script: str, ranks_per_host: int = 2, env=None, timeout=240):
-        """Run `script` on n * ranks_per_host ranks; returns [(rank, returncode, stdout, stderr)]."""
+    def interface(self, i: int) -> str:
+        """Name of host i's network interface (inside its namespace)."""
+        return f"ph{i}i{self.tag}"
+
+    def run(self, script: str, ranks_per_host: int = 2, env=None, timeout=240, argv=None):
+        """Run `script` (python -c text, or with argv=[path, args...] a file) on n * ranks_per_host
+        ranks; returns [(rank, returncode, stdout, stderr)]."""
         secret = secrets.token_bytes(32)
         server = StoreServer(self.store_ip, 0, secret)
         size = self.n * ranks_per_host
@@ -79,8 +84,10 @@ class Hosts:
                     e = dict(os.environ, PYCCL_RANK=str(rank), PYCCL_SIZE=str(size),
                              PYCCL_LOCAL_RANK=str(local), PYCCL_LOCAL_SIZE=str(ranks_per_host),
                              PYCCL_STORE_ADDR=f"{self.store_ip}:{server.address[1]}",
-                             PYCCL_JOB_SECRET=secret.hex(), PYCCL_HOST_ID=f"host{i}", **(env or {}))
-                    procs.append((rank, subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
+                             PYCCL_JOB_SECRET=secret.hex(), PYCCL_HOST_ID=f"host{i}",
+                             GLOO_SOCKET_IFNAME=self.interface(i), **(env or {}))
+                    cmd = [sys.executable] + (argv if argv else ["-c", script])
+                    procs.append((rank, subprocess.Popen(["ip", "netns", "exec", ns] + cmd,
                                                          env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                          text=True)))
             out = []
