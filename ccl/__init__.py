@@ -21,3 +21,19 @@ def __getattr__(name):
         from . import communicator
         return getattr(communicator, name)
     raise AttributeError(f"module 'pyccl' has no attribute {name!r}")
+
+
+def _torch_autoload():
+    """`torch.backends` entry point (run by `import torch`): registers the torch.distributed
+    backend "pyccl". Never lets an error escape into `import torch`."""
+    try:
+        from . import torch_backend  # noqa: F401 - registers on import
+    except Exception as e:  # noqa: BLE001 - import torch must not fail because of us
+        import warnings
+        warnings.warn(f"pyccl: torch.distributed backend 'pyccl' not registered: {e}", stacklevel=2)
+
+
+import sys as _sys  # noqa: E402
+
+if "torch" in _sys.modules:          # torch already loaded: register now
+    _torch_autoload()
