@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cuda_buffers import is_cuda
 from .dtypes import DTYPES, dtype_name
 from .errors import InvalidArgument
 
@@ -60,6 +61,9 @@ def as_buffer(obj, what: str, writable: bool = False) -> Buffer:
     """Describe `obj` without copying; `what` names it in errors (e.g. 'all_reduce: x')."""
     if isinstance(obj, Buffer):
         return obj
+    if is_cuda(obj):                    # GPU memory: described (not copied) by cuda_buffers.py
+        from .cuda_buffers import describe
+        return describe(obj, what, writable)
     if _is_torch_tensor(obj):
         arr = _torch_to_numpy(obj, what)
     elif isinstance(obj, np.ndarray):

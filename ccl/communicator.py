@@ -13,6 +13,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -76,7 +77,7 @@ class Communicator:
         if not (0 <= rank < size):
             raise InvalidArgument(f"Communicator: rank {rank} is outside 0..{size - 1}")
         self.rank, self.size = int(rank), int(size)
-        self.timeout = float(timeout if timeout is not None else _env.env_float("PYCCL_TIMEOUT", 300.0))
+        self.timeout = float(timeout if timeout is not None else _env.default_timeout())
         if store is None:
             store = _env.open_store(info, self.timeout)
         self._root_store = store
@@ -108,6 +109,7 @@ class Communicator:
         self.conns = self._connect()
         self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
         self.local = self._local_collectives()
+        self.cuda = None    # GPU fast paths (ccl/cuda_collectives.py), set up by the first CUDA call
         log.info("%s rank %d/%d up: transport %s, %d peers", self.tag, self.rank, self.size,
                  self.transport_name, len(self.conns))
 
@@ -139,10 +141,7 @@ class Communicator:
         return [json.loads(v) for v in self._wait_ranks("info")]
 
     def _bind_host(self) -> str:
-        try:
-            return _env.socket_interface_address(getattr(self._root_store, "host", None))
-        except Exception:  # noqa: BLE001 - any failure means "use loopback"
-            return "127.0.0.1"
+        return _env.socket_interface_address(getattr(self._root_store, "host", None))
 
     def _connect(self) -> dict:
         from pyccl.transports.select import connect_all
@@ -162,6 +161,11 @@ class Communicator:
         except ImportError:
             return None
         return ShmCollectives(self.rank, self.size, self.store, self.tag, self.timeout)
+
+    def _cuda(self, name, async_op, sig, *args):
+        """Collectives on CUDA buffers: ccl/cuda_collectives.py (stream-ordered, see there)."""
+        from .cuda_collectives import submit
+        return submit(self, name, async_op, sig, *args)
 
     # ---- execution ----------------------------------------------------------------------
     def _check_usable(self, what):
@@ -232,9 +236,16 @@ class Communicator:
             pass
 
     def _peer_reports(self) -> str:
+        """What failed peers left in the store (see _tell_peers); waits up to a second for the
+        first report, since a peer may drop its links an instant before it writes one."""
+        keys = [f"abort/{r}" for r in range(self.size) if r != self.rank]
         try:
-            keys = [f"abort/{r}" for r in range(self.size) if r != self.rank]
-            present = [k for k, ok in zip(keys, self.store.check(keys)) if ok]
+            deadline = time.monotonic() + 1.0
+            present = []
+            while not present and time.monotonic() < deadline:
+                present = [k for k, ok in zip(keys, self.store.check(keys)) if ok]
+                if not present:
+                    time.sleep(0.02)
             reports = [f"rank {k.split('/')[1]} reported: {self.store.get(k, timeout=1).decode()}" for k in present]
         except Exception:  # noqa: BLE001 - best effort: the store may be unreachable now
             return ""
@@ -307,6 +318,8 @@ class Communicator:
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x, op=SUM, async_op=False):
         buf, op = self._reduce_args(x, op, "all_reduce")
+        if buf.device != "cpu":
+            return self._cuda("all_reduce", async_op, _sig(buf, -1, op), buf, op)
         plan = self._plan(("all_reduce", buf.count), lambda: ring_plans.all_reduce(self.rank, self.ring, buf.count))
 
         local = self.local if self.local is not None and self.local.wants("all_reduce", buf.nbytes) else None
@@ -322,6 +335,8 @@ class Communicator:
     def reduce(self, x, root=0, op=SUM, async_op=False):
         buf, op = self._reduce_args(x, op, "reduce")
         root = self._root(root, "reduce")
+        if buf.device != "cpu":
+            return self._cuda("reduce", async_op, _sig(buf, root, op), buf, root, op)
         plan = self._plan(("reduce", buf.count, root),
                           lambda: ring_plans.reduce(self.rank, self.ring, buf.count, root))
 
@@ -334,6 +349,8 @@ class Communicator:
     def broadcast(self, x, root=0, async_op=False):
         buf = as_buffer(x, "broadcast: tensor", writable=True)
         root = self._root(root, "broadcast")
+        if buf.device != "cpu":
+            return self._cuda("broadcast", async_op, _sig(buf, root), buf, root)
         plan = self._plan(("broadcast", buf.count, root),
                           lambda: ring_plans.broadcast(self.rank, self.ring, buf.count, root))
         if self.local is not None and self.local.wants("broadcast", buf.nbytes):
@@ -349,6 +366,8 @@ class Communicator:
         if o.count != i.count * self.size:
             raise InvalidArgument(f"all_gather: output holds {o.count} elements, expected size "
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
+        if o.device != "cpu" or i.device != "cpu":
+            return self._cuda("all_gather", async_op, _sig(i), o, i)
         plan = self._plan(("all_gather", i.count), lambda: ring_plans.all_gather(self.rank, self.ring, i.count))
         if self.local is not None and self.local.wants("all_gather", o.nbytes):
             return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op,
@@ -363,6 +382,8 @@ class Communicator:
         if i.count != o.count * self.size:
             raise InvalidArgument(f"reduce_scatter: input holds {i.count} elements, expected size "
                                   f"{self.size} x output {o.count} = {o.count * self.size}")
+        if o.device != "cpu" or i.device != "cpu":
+            return self._cuda("reduce_scatter", async_op, _sig(o, -1, op), o, i, op)
         plan = self._plan(("reduce_scatter", o.count),
                           lambda: ring_plans.reduce_scatter(self.rank, self.ring, o.count))
 
@@ -382,6 +403,8 @@ class Communicator:
         same_dtype(o, i, "all_to_all")
         in_splits = self._splits_of(in_splits, i.count, "input", "in_splits")
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
+        if o.device != "cpu" or i.device != "cpu":
+            return self._cuda("all_to_all", async_op, _sig(i), o, i, out_splits, in_splits)
         if self.local is not None and len(set(in_splits + out_splits)) == 1 and \
                 self.local.wants("all_to_all", i.nbytes):
             return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op,
@@ -416,6 +439,8 @@ class Communicator:
                 raise InvalidArgument(f"gather: output at the root holds {o.count} elements, "
                                       f"expected {self.size} x {i.count}")
             bufs["out"] = o.array
+        if i.device != "cpu" or (self.rank == root and o.device != "cpu"):
+            return self._cuda("gather", async_op, _sig(i, root), o if self.rank == root else None, i, root)
         plan = self._plan(("gather", i.count, root), lambda: direct.gather(self.rank, self.size, i.count, root))
         return self._submit("gather", lambda what: self._run(what, plan, bufs), async_op, _sig(i, root))
 
@@ -430,6 +455,8 @@ class Communicator:
                 raise InvalidArgument(f"scatter: input at the root holds {i.count} elements, "
                                       f"expected {self.size} x {o.count}")
             bufs["in"] = i.array
+        if o.device != "cpu" or (self.rank == root and i.device != "cpu"):
+            return self._cuda("scatter", async_op, _sig(o, root), o, i if self.rank == root else None, root)
         plan = self._plan(("scatter", o.count, root), lambda: direct.scatter(self.rank, self.size, o.count, root))
         return self._submit("scatter", lambda what: self._run(what, plan, bufs), async_op, _sig(o, root))
 
@@ -480,6 +507,8 @@ class Communicator:
         """Drop every connection now, so peers blocked on this rank fail fast instead of timing out."""
         if self._broken is None:
             self._broken = "aborted by comm.abort()"
+        if self.cuda is not None:
+            self.cuda.abort()
         for c in self.conns.values():
             c.close()
 
@@ -493,6 +522,8 @@ class Communicator:
         self._closed = True
         if self.local is not None:
             self.local.close()
+        if self.cuda is not None:
+            self.cuda.close()
         for c in self.conns.values():
             c.close()
         for t in self._transports:

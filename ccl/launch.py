@@ -1,9 +1,18 @@
-"""`python -m pyccl.launch -n N prog.py args…`: start N local ranks, no MPI needed.
+"""`python -m pyccl.launch -n N [options] (prog.py | -m module) args…`: N local ranks, no MPI needed.
 
-The launcher hosts the rendezvous store, makes a fresh job secret, and gives every child
-PYCCL_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE/STORE_ADDR/JOB_SECRET. If a rank fails, the
-others get --grace seconds, then SIGTERM, then SIGKILL, and the launcher exits with the
-failing rank's code (128+signal for a signal), naming the rank on stderr.
+The launcher hosts the rendezvous store (bound to --master-addr, 127.0.0.1 by default),
+makes a fresh random job secret, and starts every rank as `python prog.py args…` (or
+`python -m module args…`) with PYCCL_RANK, PYCCL_SIZE, PYCCL_LOCAL_RANK, PYCCL_LOCAL_SIZE,
+PYCCL_STORE_ADDR and PYCCL_JOB_SECRET set. It does not set torchrun's RANK/WORLD_SIZE/
+MASTER_* so that pyccl.env.detect() cannot mistake one launcher for the other.
+
+Ranks' stdout and stderr pass through unchanged. When a rank fails, the launcher names it
+and its exit code on stderr, gives the others --grace seconds to finish, then SIGTERM, then
+SIGKILL, and exits with the first failing rank's code (128+N for death by signal N).
+SIGINT/SIGTERM sent to the launcher are forwarded to every rank, with the same escalation.
+
+Everything after the script name (or after `-m module`, or after `--`) belongs to the program,
+even options that look like the launcher's own.
 """
 import argparse
 import os
@@ -15,38 +24,113 @@ import time
 
 from .store import StoreServer
 
+_KILL_WAIT = 3.0        # seconds between SIGTERM and SIGKILL
+_POLL = 0.05
 
-def main(argv=None) -> int:
+# The launcher's own options, and whether each takes a value (used to find where the program starts).
+_OPTS_WITH_VALUE = {"-n", "--nproc", "--nproc-per-node", "--master-addr", "--port", "--grace"}
+_FLAGS = {"-h", "--help"}
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="python -m pyccl.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--nproc", type=int, required=True, help="number of ranks")
-    p.add_argument("--master-addr", default="127.0.0.1", help="address the store listens on")
-    p.add_argument("--port", type=int, default=0, help="store port (0: any free port)")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds the others get after a rank fails")
-    p.add_argument("-m", dest="module", help="run a module (like python -m)")
+    p.add_argument("-n", "--nproc", "--nproc-per-node", dest="nproc", type=int, required=True,
+                   help="number of ranks to start")
+    p.add_argument("--master-addr", default="127.0.0.1",
+                   help="address the store listens on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=0, help="store port (default 0: any free port)")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds the other ranks get to finish after one fails (default 5)")
+    p.add_argument("-m", dest="module", help="run a library module as a script, like `python -m`")
     p.add_argument("program", nargs=argparse.REMAINDER, help="script and its arguments")
-    args = p.parse_args(argv)
+    return p
+
+
+def _split(argv):
+    """Split argv into (launcher options, module, program + args) by where the program starts.
+
+    argparse alone cannot do it: with `-m mod --flag` it rejects `--flag`, and with
+    `-m mod -n 2` it would take the program's `-n` as ours.
+    """
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv[:i], None, argv[i + 1:]
+        if a == "-m":
+            if i + 1 >= len(argv):
+                return argv[:i + 1], None, []      # argparse reports the missing module
+            return argv[:i], argv[i + 1], argv[i + 2:]
+        if a.startswith("-m") and not a.startswith("--"):
+            return argv[:i], a[2:], argv[i + 1:]
+        if a in _OPTS_WITH_VALUE:
+            i += 2
+            continue
+        if a in _FLAGS or (a.startswith("--") and "=" in a) or (a.startswith("-n") and a[2:].isdigit()):
+            i += 1
+            continue
+        if a.startswith("-"):
+            i += 1                                  # unknown option: argparse will complain
+            continue
+        return argv[:i], None, argv[i:]
+    return argv, None, []
+
+
+def main(argv=None) -> int:
+    """Run the job; returns the exit code (0, the first failing rank's code, or 128+signal)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    head, module, program = _split(argv)
+    args = parser.parse_args(head)
+    if module is not None:
+        args.module = module
     if args.nproc < 1:
-        p.error("-n must be at least 1")
-    if not args.module and not args.program:
-        p.error("give a script or -m module")
+        parser.error("-n must be at least 1")
+    if not args.module and not program:
+        parser.error("give a script (prog.py args…) or a module (-m module args…)")
+    if args.grace < 0:
+        parser.error("--grace must be >= 0")
+
     secret = secrets.token_bytes(32)
-    server = StoreServer(args.master_addr, args.port, secret)
-    host, port = server.address
-    cmd = [sys.executable] + (["-m", args.module] + args.program if args.module else args.program)
+    try:
+        server = StoreServer(args.master_addr, args.port, secret)
+    except OSError as e:
+        print(f"pyccl.launch: cannot start the store: {e}", file=sys.stderr)
+        return 1
+    host, port = server.address[0], server.address[1]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"   # children are local: reach it on loopback
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = [sys.executable] + (["-m", args.module] if args.module else []) + program
+
+    state = {"signal": None}
     children = []
-    for rank in range(args.nproc):
-        env = dict(os.environ, PYCCL_RANK=str(rank), PYCCL_SIZE=str(args.nproc), PYCCL_LOCAL_RANK=str(rank),
-                   PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=f"{host}:{port}", PYCCL_JOB_SECRET=secret.hex())
-        children.append(subprocess.Popen(cmd, env=env))
 
     def forward(signum, _frame):
+        state["signal"] = state["signal"] or signum
         for c in children:
             if c.poll() is None:
-                c.send_signal(signum)
+                try:
+                    c.send_signal(signum)
+                except OSError:
+                    pass
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _supervise(children, args.grace)
+        for rank in range(args.nproc):
+            env = dict(os.environ)
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                env.pop(k, None)                    # an outer torchrun must not leak into detection
+            env.update(PYCCL_RANK=str(rank), PYCCL_SIZE=str(args.nproc), PYCCL_LOCAL_RANK=str(rank),
+                       PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=addr, PYCCL_JOB_SECRET=secret.hex())
+            try:
+                children.append(subprocess.Popen(cmd, env=env))
+            except OSError as e:
+                print(f"pyccl.launch: cannot start rank {rank} ({' '.join(cmd)}): {e}", file=sys.stderr)
+                _stop(children, 0.0)
+                return 1
+        return _supervise(children, args.grace, state)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -57,33 +141,59 @@ def _code(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
-def _supervise(children, grace) -> int:
+def _describe(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"killed by {name}, exit code {128 - rc}"
+    return f"exit code {rc}"
+
+
+def _stop(children, grace):
+    """Let running children finish for `grace` s, then SIGTERM, then SIGKILL; reap them all."""
+    deadline = time.monotonic() + grace
+    while any(c.poll() is None for c in children) and time.monotonic() < deadline:
+        time.sleep(_POLL)
+    for how in ("terminate", "kill"):
+        running = [c for c in children if c.poll() is None]
+        for c in running:
+            try:
+                getattr(c, how)()
+            except OSError:
+                pass
+        deadline = time.monotonic() + _KILL_WAIT
+        while any(c.poll() is None for c in running) and time.monotonic() < deadline:
+            time.sleep(_POLL)
+    for c in children:
+        c.wait()
+
+
+def _supervise(children, grace, state) -> int:
+    """Wait for the ranks; on the first failure (or a forwarded signal) stop the rest."""
     failed = None
     while True:
-        running = [c for c in children if c.poll() is None]
-        if failed is None:
-            for rank, c in enumerate(children):
-                if c.returncode not in (None, 0):
-                    failed = (rank, c.returncode, time.monotonic())
-                    how = f"signal {-c.returncode}" if c.returncode < 0 else f"exit code {c.returncode}"
-                    print(f"pyccl.launch: rank {rank} failed ({how}); stopping the others", file=sys.stderr)
-                    break
-        if not running:
+        for rank, c in enumerate(children):
+            rc = c.poll()
+            if rc not in (None, 0) and failed is None:
+                failed = (rank, rc)
+                print(f"pyccl.launch: rank {rank} failed ({_describe(rc)}); stopping the other ranks "
+                      f"(pid {c.pid})", file=sys.stderr, flush=True)
+        if failed is not None or state["signal"] is not None:
+            _stop(children, grace)
             break
-        if failed is not None and time.monotonic() - failed[2] > grace:
-            for c in running:
-                c.terminate()
-            deadline = time.monotonic() + 3
-            while any(c.poll() is None for c in running) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for c in running:
-                if c.poll() is None:
-                    c.kill()
-            for c in running:
-                c.wait()
+        if all(c.poll() is not None for c in children):
             break
-        time.sleep(0.05)
-    return _code(failed[1]) if failed else 0
+        time.sleep(_POLL)
+    if failed is None:                      # a signal stopped us: report the first rank that did not exit 0
+        for rank, c in enumerate(children):
+            if c.returncode != 0:
+                failed = (rank, c.returncode)
+                break
+    if failed is not None:
+        return _code(failed[1])
+    return 128 + state["signal"] if state["signal"] is not None else 0
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ import socket
 import struct
 import threading
 import time
+import weakref
 
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 
-__all__ = ["StoreServer", "TCPStore", "PrefixStore", "TorchStoreAdapter", "MAX_KEY", "MAX_VALUE"]
+__all__ = ["MAX_KEY", "MAX_VALUE", "PrefixStore", "StoreServer", "TCPStore", "TorchStoreAdapter"]
 
 MAX_KEY = 4 << 10            # bytes of a key, utf-8
 MAX_VALUE = 64 << 20         # bytes of a value (and of any request or reply body)
@@ -52,6 +53,7 @@ _OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE))
 OK, MISSING, BAD = 0, 1, 2
 _MAX_SERVER_WAIT = 30.0      # one WAIT/GET request blocks the server thread at most this long
 _REPLY_MARGIN = 30.0         # how much longer than the server's wait a client waits for a reply
+_CLIENTS = weakref.WeakSet()  # every live TCPStore of this process (see close_local_clients)
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -249,6 +251,17 @@ class StoreServer:
             existed = d.pop(key, None) is not None
         return OK, bytes([existed])
 
+    @property
+    def connections(self) -> int:
+        """How many client connections are open right now (ours and other processes')."""
+        with self._clients_lock:
+            return len(self._clients)
+
+    def peek(self, key: str):
+        """The value of `key` read in-process (no connection), or None: for the host's own checks."""
+        with self._cond:
+            return self._data.get(key)
+
     def close(self):
         """Stop listening and drop every client; blocked waits wake up and return 'missing'."""
         if self._closed:
@@ -273,14 +286,16 @@ class StoreServer:
 class TCPStore:
     """Client of a StoreServer: set/get/add/check/wait/delete; safe to share between threads.
 
-    Each call borrows one authenticated connection from a small pool (opening another when
-    all are busy), so a thread blocked in `get` never holds up another thread's `set`.
+    Each call borrows the client's authenticated connection; when another thread is using it
+    (say, blocked in `get`), the call opens a short-lived extra connection instead of waiting,
+    so a blocked `get` never holds up another thread's `set`. Only one connection is kept
+    between calls, so a client's file-descriptor count stays constant.
     Connecting retries until `timeout` (the store may start after its clients), then raises
     `Timeout` naming host:port. A wrong secret raises `PeerFailure` at once: retrying
     cannot fix it.
     """
 
-    _MAX_IDLE = 4
+    _MAX_IDLE = 1
 
     def __init__(self, host: str, port: int, secret: bytes, timeout: float = 300.0):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) == 0:
@@ -292,6 +307,7 @@ class TCPStore:
         self._idle = []
         self._closed = False
         self._idle.append(self._connect(self.timeout))
+        _CLIENTS.add(self)
 
     def __repr__(self):
         return f"<pyccl.TCPStore {self.host}:{self.port}>"
@@ -364,6 +380,12 @@ class TCPStore:
             raise PeerFailure(f"pyccl store at {where} could not prove it knows the job secret; "
                               f"refusing to use it")
 
+    @property
+    def _sock(self):
+        """The kept connection (tests use it to send hand-made frames); None while it is busy."""
+        with self._lock:
+            return self._idle[0] if self._idle else None
+
     def _checkout(self):
         with self._lock:
             if self._closed:
@@ -392,7 +414,7 @@ class TCPStore:
             if n > MAX_VALUE:
                 raise ConnectionError(f"reply of {n} bytes is over the limit")
             out = _recv_exact(sock, n) if n else b""
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise Timeout(f"pyccl store at {self.host}:{self.port} did not answer a request "
                           f"for key {key!r} in time") from None
@@ -410,7 +432,7 @@ class TCPStore:
         """Store `value` under `key`, waking everyone waiting for it."""
         self._call(SET, key, bytes(value))
 
-    def get(self, key: str, timeout: float = None) -> bytes:
+    def get(self, key: str, timeout: float | None = None) -> bytes:
         """The value of `key`, waiting up to `timeout` (default: the client's) for it to be set."""
         t = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + t
@@ -437,7 +459,7 @@ class TCPStore:
         _, out = self._call(CHECK, "", _pack_keys(keys))
         return [bool(b) for b in out]
 
-    def wait(self, keys, timeout: float = None) -> None:
+    def wait(self, keys, timeout: float | None = None) -> None:
         """Return once every key exists; Timeout lists the ones still missing."""
         keys = list(keys)
         if not keys:
@@ -474,6 +496,12 @@ class TCPStore:
                 pass
 
 
+def close_local_clients() -> None:
+    """Close every TCPStore client of this process (used at exit, before waiting for the others)."""
+    for client in list(_CLIENTS):
+        client.close()
+
+
 class PrefixStore:
     """Any store with every key put under ``prefix/``, so communicators can share one store.
 
@@ -495,7 +523,7 @@ class PrefixStore:
     def set(self, key: str, value: bytes) -> None:
         self.store.set(self._k(key), value)
 
-    def get(self, key: str, timeout: float = None) -> bytes:
+    def get(self, key: str, timeout: float | None = None) -> bytes:
         try:
             return self.store.get(self._k(key), timeout=timeout)
         except Timeout as e:
@@ -507,7 +535,7 @@ class PrefixStore:
     def check(self, keys) -> list:
         return self.store.check([self._k(k) for k in keys])
 
-    def wait(self, keys, timeout: float = None) -> None:
+    def wait(self, keys, timeout: float | None = None) -> None:
         keys = list(keys)
         try:
             self.store.wait([self._k(k) for k in keys], timeout=timeout)
@@ -527,14 +555,21 @@ class PrefixStore:
 class TorchStoreAdapter:
     """pyccl's store interface over a ``torch.distributed.Store`` (torchrun, init_process_group).
 
-    torch is imported only here, and only when needed, so pyccl works without it. torch's
-    `get` waits with the store's own timeout, so a per-call timeout is applied with
-    `set_timeout` around the call (under a lock, since that setting is shared) and then
-    restored. torch's errors become pyccl's: a wait that ran out is `Timeout` (naming the
-    keys still missing), a lost connection is `PeerFailure`.
+    torch is imported only here, and only when needed, so pyccl works without it.
+
+    A torch store client serialises its calls: while one thread is blocked in torch's `get`
+    or `wait`, another thread's `set` on the same object waits behind it (and torch logs a
+    warning each time a wait runs out). So `get` and `wait` here poll torch's `check` (one
+    quick round trip for all keys, backing off from 1 ms to 50 ms) until the keys exist or
+    the timeout passes, and only then call torch's `get`, with torch's own timeout set to
+    what is left via `set_timeout` (under a lock, since that setting is shared) and
+    restored afterwards. torch's errors become pyccl's: a wait that ran out is `Timeout`
+    (naming the keys still missing), a lost connection is `PeerFailure`.
     """
 
-    def __init__(self, torch_store, timeout: float = None):
+    _POLL_MAX = 0.05
+
+    def __init__(self, torch_store, timeout: float | None = None):
         self.ts = torch_store
         if timeout is None:
             t = getattr(torch_store, "timeout", None)
@@ -556,25 +591,42 @@ class TorchStoreAdapter:
             return Timeout(f"torch store: {what} timed out ({text})")
         return PeerFailure(f"torch store: {what} failed ({name}: {text})")
 
+    def _await(self, keys, t) -> list:
+        """Poll until every key exists or `t` s pass; the keys still missing ([] when all came)."""
+        deadline = time.monotonic() + t
+        delay = 0.001
+        while True:
+            try:
+                if self.ts.check(keys):
+                    return []
+            except RuntimeError as e:
+                raise self._translate(e, f"check of {keys}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return [k for k, ok in zip(keys, self.check(keys)) if not ok]
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, self._POLL_MAX)
+
     def set(self, key: str, value: bytes) -> None:
         try:
             self.ts.set(key, bytes(value))
         except RuntimeError as e:
             raise self._translate(e, f"set of key {key!r}") from None
 
-    def get(self, key: str, timeout: float = None) -> bytes:
+    def get(self, key: str, timeout: float | None = None) -> bytes:
         from datetime import timedelta
         t = self.timeout if timeout is None else float(timeout)
+        start = time.monotonic()
+        if self._await([key], t):
+            raise Timeout(f"torch store: key {key!r} was not set within {t:g}s")
+        left = max(1.0, t - (time.monotonic() - start))
         with self._lock:
             old = getattr(self.ts, "timeout", None)
-            self.ts.set_timeout(timedelta(seconds=t))
+            self.ts.set_timeout(timedelta(seconds=left))
             try:
                 return bytes(self.ts.get(key))
             except RuntimeError as e:
-                err = self._translate(e, f"get of key {key!r}")
-                if isinstance(err, Timeout):
-                    err = Timeout(f"torch store: key {key!r} was not set within {t:g}s")
-                raise err from None
+                raise self._translate(e, f"get of key {key!r}") from None
             finally:
                 if old is not None:
                     self.ts.set_timeout(old)
@@ -592,23 +644,15 @@ class TorchStoreAdapter:
         except RuntimeError as e:
             raise self._translate(e, "check") from None
 
-    def wait(self, keys, timeout: float = None) -> None:
-        from datetime import timedelta
+    def wait(self, keys, timeout: float | None = None) -> None:
         keys = list(keys)
         if not keys:
             return
         t = self.timeout if timeout is None else float(timeout)
-        try:
-            self.ts.wait(keys, timedelta(seconds=t))
-        except RuntimeError as e:
-            err = self._translate(e, "wait")
-            if not isinstance(err, Timeout):
-                raise err from None
-            missing = [k for k, ok in zip(keys, self.check(keys)) if not ok]
-            if not missing:
-                return
+        missing = self._await(keys, t)
+        if missing:
             raise Timeout(f"torch store: waited {t:g}s; {len(missing)} of {len(keys)} key(s) "
-                          f"still missing: {missing}") from None
+                          f"still missing: {missing}")
 
     def delete(self, key: str) -> bool:
         try:
