@@ -1,0 +1,397 @@
+// pyccl GPU kernels (compiled at first use by NVRTC through cupy.RawModule; see cuda_collectives.py).
+//
+// Every rank's "flag buffer" (IPC-mapped into its peers) holds, in 64-bit words:
+//   [OFF_ONESHOT] [2 slots][MAXB blocks][MAXR ranks][epoch, sig]   one-shot all-reduce
+//   [OFF_FA]      [MAXB][MAXR][epoch, sig]                         two-shot, after the push
+//   [OFF_FE]      [MAXB][MAXR][epoch, sig]                         two-shot, at the end
+//   [OFF_BAR]     [MAXR][epoch, sig]                               stream barrier
+// A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
+// release store) and *polls* its own (acquire loads), so a dead peer only ever means a
+// flag that does not move. Epochs grow by one per use on every rank alike; a wait is over
+// when the flag reaches the epoch. The sig (op, dtype, count, root) must match, else the
+// call was mismatched. Every wait is bounded: after timeout_ns, or when the host sets
+// status[0] (abort), the kernel writes the reason into status (host-mapped memory) and
+// returns without touching user data.
+//
+// tab (device memory, written by the host): tab[0*MAXR + r] = rank r's flag buffer,
+// tab[1*MAXR + r] = rank r's one-shot scratch, tab[2*MAXR + r] = rank r's two-shot scratch,
+// each as mapped in this process (r == rank: our own).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define MAXR 8
+#define MAXB 256
+#define OFF_ONESHOT 0
+#define OFF_FA (2 * MAXB * MAXR * 2)
+#define OFF_FE (OFF_FA + MAXB * MAXR * 2)
+#define OFF_BAR (OFF_FE + MAXB * MAXR * 2)
+
+__device__ __forceinline__ u64 gtime() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void st_release(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed(u64* p, u64 v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ u64 ld_acquire(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 ld_relaxed(const u64* p) {
+  u64 v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ void report(i64* status, int code, u64 epoch, int peer, int where) {
+  volatile i64* s = status;
+  if (s[1] != 0) return;
+  s[2] = (i64)epoch;
+  s[3] = peer;
+  s[4] = where;
+  __threadfence_system();
+  s[1] = code;
+  __threadfence_system();
+}
+
+// Wait until the flag pair at f reaches epoch; check its sig. False (and status set) on
+// timeout (1), abort (2) or mismatch (3).
+__device__ bool wait_flag(const u64* f, u64 epoch, u64 sig, i64* status, u64 timeout_ns, int peer, int where) {
+  u64 v = ld_acquire(f);
+  if (v < epoch) {
+    // The status words live in host memory: a read crosses PCIe (and, in a VM, the IOMMU),
+    // which was seen to cost ~300 us. Read them at most once per millisecond of waiting.
+    volatile i64* s = status;
+    const u64 start = gtime();
+    u64 next = start + 1000000;
+    unsigned spins = 0;
+    while ((v = ld_acquire(f)) < epoch) {
+      if ((++spins & 255) == 0) {
+        const u64 now = gtime();
+        if (now >= next) {
+          if (s[0] != 0 || s[1] != 0) {
+            report(status, 2, epoch, peer, where);
+            return false;
+          }
+          if (now - start > timeout_ns) {
+            report(status, 1, epoch, peer, where);
+            return false;
+          }
+          next = gtime() + 1000000;
+        }
+      }
+    }
+  }
+  // A peer already past this epoch checked our sig against its own; only compare at equality.
+  if (v == epoch && ld_relaxed(f + 1) != sig) {
+    report(status, 3, epoch, peer, where);
+    return false;
+  }
+  return true;
+}
+
+__device__ __forceinline__ void signal(u64* region, int b, int me, u64 epoch, u64 sig) {
+  u64* f = region + (b * MAXR + me) * 2;
+  st_relaxed(f + 1, sig);
+  st_release(f, epoch);
+}
+
+// ---- element types ----------------------------------------------------------------------------
+template <typename T> struct Acc {
+  typedef T A;
+  static __device__ __forceinline__ A to(T x) { return x; }
+  static __device__ __forceinline__ T from(A x) { return x; }
+};
+template <> struct Acc<__half> {
+  typedef float A;
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
+template <> struct Acc<__nv_bfloat16> {
+  typedef float A;
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+template <> struct Acc<signed char> {
+  typedef int A;
+  static __device__ __forceinline__ int to(signed char x) { return x; }
+  static __device__ __forceinline__ signed char from(int x) { return (signed char)x; }
+};
+template <> struct Acc<unsigned char> {
+  typedef int A;
+  static __device__ __forceinline__ int to(unsigned char x) { return x; }
+  static __device__ __forceinline__ unsigned char from(int x) { return (unsigned char)x; }
+};
+
+// OP: 0 sum, 1 prod, 2 min, 3 max (NaN-propagating like np.minimum/np.maximum: ties give b)
+template <int OP, typename A> __device__ __forceinline__ A apply(A a, A b) {
+  if (OP == 0) return a + b;
+  if (OP == 1) return a * b;
+  if (OP == 2) return (a < b || a != a) ? a : b;
+  return (a > b || a != a) ? a : b;
+}
+
+// Round to T, then AVG divides the rounded (for integers: wrapped) sum, like the CPU path.
+template <typename T> __device__ __forceinline__ T finish(typename Acc<T>::A acc, int avg_n) {
+  T r = Acc<T>::from(acc);
+  if (avg_n) r = Acc<T>::from(Acc<T>::to(r) / (typename Acc<T>::A)avg_n);
+  return r;
+}
+
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
+
+template <int B> struct Raw;
+template <> struct Raw<16> { typedef uint4 t; };
+template <> struct Raw<8> { typedef uint2 t; };
+template <> struct Raw<4> { typedef unsigned int t; };
+template <> struct Raw<2> { typedef unsigned short t; };
+template <> struct Raw<1> { typedef unsigned char t; };
+
+// Load bypassing L1 (data written by peers in this kernel's lifetime).
+template <typename T, int N> __device__ __forceinline__ Pack<T, N> ldcg(const Pack<T, N>* p) {
+  typedef typename Raw<sizeof(Pack<T, N>)>::t R;
+  Pack<T, N> v;
+  *reinterpret_cast<R*>(&v) = __ldcg(reinterpret_cast<const R*>(p));   // same size and alignment
+  return v;
+}
+
+// acc (op)= pack, or acc = pack for the first source.
+template <typename T, int OP, int N>
+__device__ __forceinline__ void fold(typename Acc<T>::A (&acc)[N], const Pack<T, N>& p, bool first) {
+#pragma unroll
+  for (int j = 0; j < N; j++) {
+    typename Acc<T>::A v = Acc<T>::to(p.v[j]);
+    acc[j] = first ? v : apply<OP>(acc[j], v);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> finish_pack(typename Acc<T>::A (&acc)[N], int avg_n) {
+  Pack<T, N> o;
+#pragma unroll
+  for (int j = 0; j < N; j++) o.v[j] = finish<T>(acc[j], avg_n);
+  return o;
+}
+
+// This block's share [p0, p1) of `npk` packs split over the grid.
+__device__ __forceinline__ void share(i64 npk, i64& p0, i64& p1) {
+  i64 per = (npk + gridDim.x - 1) / gridDim.x;
+  p0 = per * blockIdx.x;
+  if (p0 > npk) p0 = npk;
+  p1 = p0 + per;
+  if (p1 > npk) p1 = npk;
+}
+
+// ---- one-shot all-reduce ----------------------------------------------------------------------
+// Every rank pushes its whole buffer into every peer's one-shot scratch (slot `slot`, region
+// of the sender), signals per block, waits for the peers' blocks, and reduces all copies in
+// rank order (the same order everywhere, so every rank gets bit-identical results). Two
+// slots alternate, so no closing barrier is needed: a rank cannot reuse a slot before its
+// peers have started the next one-shot, i.e. finished reading this one.
+template <typename T, int OP, int N>
+__global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, const u64* tab, int slot,
+                                              i64 cap_bytes, int rank, int nranks, u64 epoch, u64 sig,
+                                              i64* status, u64 timeout_ns, int avg_n) {
+  typedef Pack<T, N> P;
+  __shared__ int fail;
+  if (threadIdx.x == 0) fail = 0;
+  const i64 npk = count / N;
+  i64 p0, p1;
+  share(npk, p0, p1);
+  const bool last = blockIdx.x == gridDim.x - 1;
+  const i64 slot_off = (i64)slot * nranks * cap_bytes;     // one-shot scratch: [2 slots][nranks][cap]
+  char* dst[MAXR];
+#pragma unroll
+  for (int r = 0; r < MAXR; r++)
+    dst[r] = (r < nranks && r != rank) ? (char*)tab[MAXR + r] + slot_off + (i64)rank * cap_bytes : nullptr;
+  for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x) {
+    P v = reinterpret_cast<const P*>(x)[i];
+#pragma unroll
+    for (int r = 0; r < MAXR; r++)
+      if (dst[r]) reinterpret_cast<P*>(dst[r])[i] = v;
+  }
+  if (last)
+    for (i64 e = npk * N + threadIdx.x; e < count; e += blockDim.x) {
+      T v = x[e];
+#pragma unroll
+      for (int r = 0; r < MAXR; r++)
+        if (dst[r]) reinterpret_cast<T*>(dst[r])[e] = v;
+    }
+  __syncthreads();
+  const i64 flag_off = OFF_ONESHOT + (i64)slot * MAXB * MAXR * 2;
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + flag_off, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + flag_off + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 1)) fail = 1;
+  }
+  __syncthreads();
+  if (fail) return;
+  const char* mine = (const char*)tab[MAXR + rank] + slot_off;
+  for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x) {
+    typename Acc<T>::A acc[N];
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) {
+      if (r >= nranks) break;
+      P v = (r == rank) ? reinterpret_cast<const P*>(x)[i]
+                        : ldcg(reinterpret_cast<const P*>(mine + (i64)r * cap_bytes) + i);
+      fold<T, OP, N>(acc, v, r == 0);
+    }
+    reinterpret_cast<P*>(out)[i] = finish_pack<T, N>(acc, avg_n);
+  }
+  if (last)
+    for (i64 e = npk * N + threadIdx.x; e < count; e += blockDim.x) {
+      typename Acc<T>::A acc[1];
+      for (int r = 0; r < nranks; r++) {
+        Pack<T, 1> v;
+        v.v[0] = (r == rank) ? x[e] : ldcg(reinterpret_cast<const Pack<T, 1>*>(mine + (i64)r * cap_bytes) + e).v[0];
+        fold<T, OP, 1>(acc, v, r == 0);
+      }
+      out[e] = finish<T>(acc[0], avg_n);
+    }
+}
+
+// ---- two-shot: reduce-scatter (+ all-gather) in one kernel -----------------------------------
+// Segment r of the input starts at in + r * stride and holds len(r) = clamp(total - r*stride,
+// 0, seg_len) elements. (A) push segment r to rank r's two-shot scratch (region of the
+// sender); signal; wait. (B) reduce my segment from my input and the scratch, in rank order,
+// into `out`, and (all-reduce) also into each peer's copy: d[r] = where my segment goes on
+// rank r (0: reduce-scatter, nothing to send). (C) closing flags, so that scratch and peer
+// buffers may be reused by the next collective. Blocks own the same slice of every segment,
+// so each block only waits for the same block of its peers.
+template <typename T, int OP, int N>
+__global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_len, i64 total, T* out,
+                                              const u64* tab, i64 cap_bytes, u64 d0, u64 d1, u64 d2, u64 d3,
+                                              u64 d4, u64 d5, u64 d6, u64 d7, int rank, int nranks, u64 epoch,
+                                              u64 sig, i64* status, u64 timeout_ns, int avg_n) {
+  typedef Pack<T, N> P;
+  __shared__ int fail;
+  if (threadIdx.x == 0) fail = 0;
+  const u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  const i64 npk_seg = seg_len / N;
+  i64 p0, p1;
+  share(npk_seg, p0, p1);
+  const bool last = blockIdx.x == gridDim.x - 1;
+  // (A)
+#pragma unroll
+  for (int r = 0; r < MAXR; r++) {
+    if (r >= nranks || r == rank) continue;
+    i64 len = total - r * stride;
+    len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+    const i64 npk = len / N;
+    const T* src = in + r * stride;
+    char* dst = (char*)tab[2 * MAXR + r] + (i64)rank * cap_bytes;
+    const i64 q1 = p1 < npk ? p1 : npk;
+    for (i64 i = p0 + threadIdx.x; i < q1; i += blockDim.x)
+      reinterpret_cast<P*>(dst)[i] = reinterpret_cast<const P*>(src)[i];
+    if (last)
+      for (i64 e = npk * N + threadIdx.x; e < len; e += blockDim.x) reinterpret_cast<T*>(dst)[e] = src[e];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + OFF_FA, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + OFF_FA + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
+  }
+  __syncthreads();
+  if (fail) return;
+  // (B)
+  {
+    i64 len = total - rank * stride;
+    len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+    const i64 npk = len / N;
+    const T* own = in + rank * stride;
+    const char* scratch = (const char*)tab[2 * MAXR + rank];
+    const i64 q1 = p1 < npk ? p1 : npk;
+    for (i64 i = p0 + threadIdx.x; i < q1; i += blockDim.x) {
+      typename Acc<T>::A acc[N];
+#pragma unroll
+      for (int r = 0; r < MAXR; r++) {
+        if (r >= nranks) break;
+        P v = (r == rank) ? reinterpret_cast<const P*>(own)[i]
+                          : ldcg(reinterpret_cast<const P*>(scratch + (i64)r * cap_bytes) + i);
+        fold<T, OP, N>(acc, v, r == 0);
+      }
+      P o = finish_pack<T, N>(acc, avg_n);
+      reinterpret_cast<P*>(out)[i] = o;
+#pragma unroll
+      for (int r = 0; r < MAXR; r++)
+        if (dd[r]) reinterpret_cast<P*>(dd[r])[i] = o;
+    }
+    if (last)
+      for (i64 e = npk * N + threadIdx.x; e < len; e += blockDim.x) {
+        typename Acc<T>::A acc[1];
+        for (int r = 0; r < nranks; r++) {
+          Pack<T, 1> v;
+          v.v[0] = (r == rank) ? own[e]
+                               : ldcg(reinterpret_cast<const Pack<T, 1>*>(scratch + (i64)r * cap_bytes) + e).v[0];
+          fold<T, OP, 1>(acc, v, r == 0);
+        }
+        T o = finish<T>(acc[0], avg_n);
+        out[e] = o;
+        for (int r = 0; r < nranks; r++)
+          if (dd[r]) reinterpret_cast<T*>(dd[r])[e] = o;
+      }
+  }
+  // (C)
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + OFF_FE, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + OFF_FE + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 3);
+  }
+}
+
+// ---- plain local reduction of up to MAXR sources (copy-engine two-shot) -----------------------
+template <typename T, int OP, int N>
+__global__ void __launch_bounds__(512) reduce_n(T* out, i64 count, u64 s0, u64 s1, u64 s2, u64 s3, u64 s4,
+                                               u64 s5, u64 s6, u64 s7, int nsrc, int avg_n) {
+  typedef Pack<T, N> P;
+  const u64 ss[MAXR] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  const i64 npk = count / N;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < npk; i += (i64)gridDim.x * blockDim.x) {
+    typename Acc<T>::A acc[N];
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) {
+      if (r >= nsrc) break;
+      fold<T, OP, N>(acc, ldcg(reinterpret_cast<const P*>(ss[r]) + i), r == 0);
+    }
+    reinterpret_cast<P*>(out)[i] = finish_pack<T, N>(acc, avg_n);
+  }
+  if (blockIdx.x == gridDim.x - 1)
+    for (i64 e = npk * N + threadIdx.x; e < count; e += blockDim.x) {
+      typename Acc<T>::A acc[1];
+      for (int r = 0; r < nsrc; r++) fold<T, OP, 1>(acc, ldcg(reinterpret_cast<const Pack<T, 1>*>(ss[r]) + e), r == 0);
+      out[e] = finish<T>(acc[0], avg_n);
+    }
+}
+
+// ---- stream barrier across the ranks (orders copy-engine work between processes) --------------
+extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64 epoch, u64 sig, i64* status,
+                                   u64 timeout_ns, int where) {
+  const int t = threadIdx.x;
+  if (t < nranks && t != rank) {
+    __threadfence_system();
+    signal((u64*)tab[t] + OFF_BAR, 0, rank, epoch, sig);
+    wait_flag((const u64*)tab[rank] + OFF_BAR + t * 2, epoch, sig, status, timeout_ns, t, where);
+  }
+}

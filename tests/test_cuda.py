@@ -1,0 +1,431 @@
+"""GPU collectives (ccl/cuda_collectives.py over transports/cuda_ipc.py), on real GPUs.
+
+Skips, with the reason, without cupy or without a CUDA GPU (every CI machine). On the GPU
+machine `bench/gpu_suite.sh` runs it. Ranks use GPU rank % device count, so one GPU also
+works (two processes on one device still go through CUDA IPC). Data is integer-valued so
+every result is compared exactly with a torch CPU reference (float64 for sums).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+try:
+    import cupy
+    NGPU = cupy.cuda.runtime.getDeviceCount()
+    WHY = "no CUDA device"
+except ImportError as e:
+    NGPU, WHY = 0, f"cupy is not installed (pip install 'pyccl[gpu]'): {e}"
+except Exception as e:  # noqa: BLE001 - no driver, no device: skip with the reason
+    NGPU, WHY = 0, f"CUDA is not usable here: {type(e).__name__}: {e}"
+if NGPU < 1:
+    pytest.skip(f"CUDA tests need a GPU and cupy: {WHY}", allow_module_level=True)
+
+import torch  # noqa: E402  (only on GPU machines)
+
+import pyccl  # noqa: E402
+from pyccl.errors import PeerFailure, PycclError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+SIZES = [0, 1, 7, 1000, 4099, 65539, 300_007, 2_000_003]
+TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+         "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
+         "int64": torch.int64, "bool": torch.bool}
+
+
+def _dev(comm):
+    d = comm.rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(d).use()
+    torch.cuda.set_device(d)
+    return d
+
+
+def _data(dtype, n, rank, seed, op="SUM"):
+    g = torch.Generator().manual_seed(seed * 31 + rank)
+    t = TORCH[dtype]
+    if dtype == "bool":
+        return torch.randint(0, 2, (n,), generator=g).bool()
+    if op == "PROD":
+        v = torch.randint(-1, 3, (n,), generator=g)
+        v[v == 0] = 1
+    elif dtype == "uint8":
+        v = torch.randint(0, 256, (n,), generator=g)
+    elif dtype == "int8":
+        v = torch.randint(-128, 128, (n,), generator=g)
+    else:
+        v = torch.randint(-60, 61, (n,), generator=g)
+    return v.to(t)
+
+
+def _reference(xs, op, dtype):
+    out = xs[0].clone()
+    for x in xs[1:]:
+        if op in ("SUM", "AVG"):
+            out = (out | x) if dtype == "bool" else out + x
+        elif op == "PROD":
+            out = (out & x) if dtype == "bool" else out * x
+        elif op == "MIN":
+            out = torch.minimum(out, x)
+        else:
+            out = torch.maximum(out, x)
+    if op == "AVG":
+        if out.is_floating_point():
+            out = (out.float() / len(xs)).to(out.dtype) if out.dtype in (torch.float16, torch.bfloat16) \
+                else out / len(xs)
+        else:
+            out = torch.div(out, len(xs), rounding_mode="trunc")
+    return out
+
+
+def _setup(comm, mode=None, oneshot_max=None, scratch=None):
+    _dev(comm)
+    comm.all_reduce(torch.zeros(1, device="cuda"))        # creates comm.cuda
+    cc = comm.cuda
+    if mode is not None:
+        cc.twoshot_mode = mode
+    if oneshot_max is not None:
+        cc.oneshot_max = oneshot_max
+    if scratch is not None:
+        cc.scratch_max = scratch
+    return cc
+
+
+# ---- rank functions (module level: they travel to the spawned ranks by name) -------------------
+def rank_all_reduce(comm, dtype, op, sizes, mode, oneshot_max=None, scratch=None):
+    _setup(comm, mode, oneshot_max, scratch)
+    bad = []
+    for seed, n in enumerate(sizes):
+        xs = [_data(dtype, n, r, seed, op) for r in range(comm.size)]
+        x = xs[comm.rank].cuda()
+        comm.all_reduce(x, op=getattr(pyccl, op))
+        got = x.cpu()
+        ref = _reference(xs, op, dtype)
+        if not torch.equal(got, ref):
+            idx = (got != ref).nonzero()[:3].flatten().tolist()
+            bad.append(f"n={n}: first differences at {idx}: got {got[idx].tolist()} want {ref[idx].tolist()}")
+    comm.cuda.synchronize("test")
+    return bad
+
+
+def rank_cupy_collectives(comm, n):
+    _setup(comm)
+    size, rank = comm.size, comm.rank
+    bad = []
+    base = np.arange(n * size, dtype=np.float32)
+    # all_gather
+    inp = cupy.asarray(base[:n] + 1000 * rank)
+    out = cupy.full(n * size, -1, dtype=cupy.float32)
+    comm.all_gather(out, inp)
+    want = np.concatenate([base[:n] + 1000 * r for r in range(size)])
+    if not np.array_equal(cupy.asnumpy(out), want):
+        bad.append(f"all_gather n={n}")
+    # broadcast from each root
+    for root in range(size):
+        x = cupy.asarray(base[:n] * (rank + 1))
+        comm.broadcast(x, root=root)
+        if not np.array_equal(cupy.asnumpy(x), base[:n] * (root + 1)):
+            bad.append(f"broadcast root={root} n={n}")
+    # reduce_scatter SUM and MAX
+    for op in (pyccl.SUM, pyccl.MAX):
+        full = [base * (r + 1) for r in range(size)]
+        o = cupy.zeros(n, dtype=cupy.float32)
+        comm.reduce_scatter(o, cupy.asarray(full[rank]), op=op)
+        stack = np.stack(full)
+        red = stack.sum(0) if op is pyccl.SUM else stack.max(0)
+        if not np.array_equal(cupy.asnumpy(o), red[rank * n:(rank + 1) * n]):
+            bad.append(f"reduce_scatter {op.name} n={n}")
+    # all_to_all, equal splits
+    a = cupy.asarray(base + 10000 * rank)
+    b = cupy.zeros(n * size, dtype=cupy.float32)
+    comm.all_to_all(b, a)
+    want = np.concatenate([(base + 10000 * r)[rank * n:(rank + 1) * n] for r in range(size)])
+    if not np.array_equal(cupy.asnumpy(b), want):
+        bad.append(f"all_to_all n={n}")
+    # reduce to the last rank: non-roots keep their input
+    root = size - 1
+    x = cupy.asarray(base[:n] + rank)
+    comm.reduce(x, root=root)
+    want = sum(base[:n] + r for r in range(size)) if rank == root else base[:n] + rank
+    if not np.array_equal(cupy.asnumpy(x), want):
+        bad.append(f"reduce n={n}")
+    # gather / scatter at root 0
+    g_out = cupy.full(n * size, -1, dtype=cupy.float32) if rank == 0 else None
+    comm.gather(g_out, cupy.asarray(base[:n] + 7 * rank), root=0)
+    if rank == 0 and not np.array_equal(cupy.asnumpy(g_out),
+                                        np.concatenate([base[:n] + 7 * r for r in range(size)])):
+        bad.append(f"gather n={n}")
+    s_out = cupy.full(n, -1, dtype=cupy.float32)
+    comm.scatter(s_out, cupy.asarray(base * 3) if rank == 0 else None, root=0)
+    if not np.array_equal(cupy.asnumpy(s_out), (base * 3)[rank * n:(rank + 1) * n]):
+        bad.append(f"scatter n={n}")
+    comm.cuda.synchronize("test")
+    return bad
+
+
+def rank_uneven_all_to_all(comm):
+    _setup(comm)
+    size, rank = comm.size, comm.rank
+    # rank r sends (r + 1) * (d + 2) elements to rank d
+    in_splits = [(rank + 1) * (d + 2) for d in range(size)]
+    out_splits = [(s + 1) * (rank + 2) for s in range(size)]
+    inp = torch.cat([torch.full((in_splits[d],), 100 * rank + d, dtype=torch.int64) for d in range(size)]).cuda()
+    out = torch.full((sum(out_splits),), -1, dtype=torch.int64, device="cuda")
+    comm.all_to_all(out, inp, out_splits=out_splits, in_splits=in_splits)
+    want = torch.cat([torch.full((out_splits[s],), 100 * s + rank, dtype=torch.int64) for s in range(size)])
+    return torch.equal(out.cpu(), want)
+
+
+def rank_streams(comm):
+    """pyccl waits for the caller's stream and the caller's stream waits for pyccl."""
+    _setup(comm)
+    s = torch.cuda.Stream()
+    x = torch.zeros(1 << 20, device="cuda")
+    ok = []
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(20_000_000)             # the producer is slow...
+        x.fill_(comm.rank + 1)
+        comm.all_reduce(x)                         # ...and must be waited for
+        y = x * 2                                  # must see the result
+    torch.cuda.synchronize()
+    ok.append(bool((y == 2 * sum(range(1, comm.size + 1))).all()))
+    # async: the caller's stream is not held back until wait()
+    with torch.cuda.stream(s):
+        x.fill_(comm.rank + 1)
+        w = comm.all_reduce(x, async_op=True)
+        w.wait()
+        z = x + 0
+    w2 = comm.all_reduce(torch.ones(8, device="cuda"), async_op=True)
+    ok.append(w2.wait(timeout=30))
+    torch.cuda.synchronize()
+    ok.append(bool((z == sum(range(1, comm.size + 1))).all()))
+    ok.append(w.is_completed())
+    return ok
+
+
+def rank_mismatch(comm, small):
+    _setup(comm)
+    n = (100 if small else 3_000_000) * (comm.rank + 1)    # both one-shot, or both two-shot
+    x = torch.ones(n, device="cuda")
+    t = time.monotonic()
+    try:
+        w = comm.all_reduce(x, async_op=True)
+        w.wait(timeout=30)
+    except PycclError as e:
+        return type(e).__name__, str(e), time.monotonic() - t
+    return None
+
+
+def rank_mailbox_segment(comm):
+    _setup(comm)
+    return [f for f in os.listdir("/dev/shm") if f.startswith("pyccl-cuda-")]
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def g2(groups):
+    return groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
+
+
+@pytest.mark.parametrize("mode", ["kernel", "ce"])
+def test_all_reduce_float32_sizes_and_paths(g2, mode):
+    for bad in g2.run(rank_all_reduce, "float32", "SUM", SIZES, mode):
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64"])
+def test_all_reduce_dtypes(g2, dtype):
+    for bad in g2.run(rank_all_reduce, dtype, "SUM", [0, 5, 4099, 300_007], "kernel"):
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("op", ["PROD", "MIN", "MAX", "AVG"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_all_reduce_ops(g2, op, dtype):
+    for bad in g2.run(rank_all_reduce, dtype, op, [3, 4099, 300_007], "kernel"):
+        assert not bad, bad
+
+
+def test_all_reduce_bool_min_max(g2):
+    for op in ("MIN", "MAX"):
+        for bad in g2.run(rank_all_reduce, "bool", op, [1, 4099, 2_000_003], "kernel"):
+            assert not bad, (op, bad)
+
+
+@pytest.mark.parametrize("mode", ["kernel", "ce"])
+def test_all_reduce_in_rounds(g2, mode):
+    """Messages bigger than the scratch go in rounds (scratch forced down to 1 MiB)."""
+    for bad in g2.run(rank_all_reduce, "float32", "SUM", [3_000_001], mode, None, 1 << 20):
+        assert not bad, bad
+
+
+def test_one_shot_vs_two_shot_boundary(g2):
+    for bad in g2.run(rank_all_reduce, "float32", "SUM", [16383, 16384, 16385], "kernel", 65536):
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("n", [1, 1001, 262147])
+def test_other_collectives_cupy(g2, n):
+    for bad in g2.run(rank_cupy_collectives, n):
+        assert not bad, bad
+
+
+def test_uneven_all_to_all(g2):
+    assert all(g2.run(rank_uneven_all_to_all))
+
+
+def test_stream_semantics(g2):
+    for ok in g2.run(rank_streams):
+        assert all(ok), ok
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_size_mismatch_raises_on_every_rank(groups, small):
+    g = groups(2, env={"PYCCL_TIMEOUT": "20", "PYCCL_TRANSPORT": "tcp"})
+    results = g.run(rank_mismatch, small)
+    g.broken = True
+    for r in results:
+        assert r is not None, "an all_reduce with different sizes on the two ranks finished"
+        kind, msg, took = r
+        assert took < 15, (took, msg)
+        assert "rank" in msg, msg
+
+
+def test_mailbox_segment_is_unlinked_after_setup(g2):
+    for shm in g2.run(rank_mailbox_segment):
+        assert not shm, shm                 # nothing in /dev/shm to leak, even after SIGKILL
+
+
+# ---- separate processes: peer death, torch.distributed -----------------------------------------
+def _spawned(rank, size, port, scenario, q):
+    os.environ["PYCCL_TIMEOUT"] = "60"
+    os.environ["PYCCL_TRANSPORT"] = "tcp"
+    try:
+        result = globals()[scenario](rank, size, port)
+        q.put((rank, "ok", result))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent test
+        import traceback
+        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _run_spawned(scenario, size=2, timeout=180):
+    import multiprocessing as mp
+    import socket
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_spawned, args=(r, size, port, scenario, q), daemon=True) for r in range(size)]
+    for p in procs:
+        p.start()
+    out = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < size and time.monotonic() < deadline:
+        try:
+            r, kind, val = q.get(timeout=1)
+            out[r] = (kind, val)
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
+            if all(not p.is_alive() for p in procs) and q.empty():
+                break
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    return out
+
+
+def _comm(rank, size, port):
+    from pyccl.store import StoreServer, TCPStore
+    secret = b"k" * 32
+    server = StoreServer("127.0.0.1", port, secret) if rank == 0 else None
+    store = TCPStore("127.0.0.1", port, secret, timeout=60)
+    return pyccl.Communicator(rank, size, store=store, secret=secret), server
+
+
+def scenario_peer_dies(rank, size, port):
+    comm, server = _comm(rank, size, port)
+    _dev(comm)
+    x = torch.ones(1 << 16, device="cuda")
+    comm.all_reduce(x)
+    comm.cuda.synchronize("warm-up")
+    comm.barrier()
+    if rank == 1:
+        os._exit(3)                                   # dies without a word
+    t = time.monotonic()
+    try:
+        w = comm.all_reduce(x, async_op=True)
+        w.wait(timeout=60)
+        return ("finished", time.monotonic() - t)
+    except PeerFailure as e:
+        return ("PeerFailure", time.monotonic() - t, str(e))
+    except PycclError as e:
+        return (type(e).__name__, time.monotonic() - t, str(e))
+
+
+def test_dead_peer_raises_peer_failure():
+    out = _run_spawned("scenario_peer_dies")
+    assert 0 in out, out
+    kind, val = out[0]
+    assert kind == "ok", val
+    assert val[0] == "PeerFailure", val
+    assert val[1] < 10, val
+    assert "rank 1" in val[2], val
+
+
+def scenario_torch_distributed(rank, size, port):
+    import torch.distributed as dist
+    import pyccl.torch_backend  # noqa: F401 - registers "pyccl"
+    import torch_cuda_shim
+    patched = torch_cuda_shim.apply()
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", rank % torch.cuda.device_count())
+    try:
+        dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                                device_id=dev)
+        how = "device_id"
+    except Exception as e:  # noqa: BLE001 - report how it was initialised
+        how = f"without device_id ({type(e).__name__}: {e})"
+        dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port + 1}", rank=rank, world_size=size)
+    res = {"init": how, "shim": patched}
+    t = torch.arange(1000, dtype=torch.float32, device=dev) + rank
+    dist.all_reduce(t)
+    res["all_reduce"] = torch.equal(t.cpu(), 2 * torch.arange(1000, dtype=torch.float32) + 1)
+    t = torch.full((300_000,), float(rank + 1), device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    res["all_reduce_avg_large"] = bool((t == 1.5).all())
+    inp = torch.full((1000,), float(rank), device=dev, dtype=torch.bfloat16)
+    out = torch.empty(2000, device=dev, dtype=torch.bfloat16)
+    dist.all_gather_into_tensor(out, inp)
+    res["all_gather"] = bool((out[:1000] == 0).all() and (out[1000:] == 1).all())
+    rs_in = torch.arange(2000, dtype=torch.float32, device=dev)
+    rs_out = torch.empty(1000, device=dev)
+    dist.reduce_scatter_tensor(rs_out, rs_in)
+    res["reduce_scatter"] = torch.equal(rs_out.cpu(), 2 * (torch.arange(1000, dtype=torch.float32) + 1000 * rank))
+    a = torch.arange(8, dtype=torch.int64, device=dev) + 100 * rank
+    b = torch.empty(8, dtype=torch.int64, device=dev)
+    dist.all_to_all_single(b, a)
+    want = torch.cat([torch.arange(4) + 4 * rank + 100 * s for s in range(size)])
+    res["all_to_all"] = torch.equal(b.cpu(), want)
+    c = torch.full((77,), float(rank), device=dev)
+    dist.broadcast(c, src=1)
+    res["broadcast"] = bool((c == 1).all())
+    w = dist.all_reduce(torch.ones(10, device=dev), async_op=True)
+    w.wait()
+    res["async_wait"] = True
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
+def test_torch_distributed_backend_on_cuda():
+    out = _run_spawned("scenario_torch_distributed")
+    for r in range(2):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        bad = {k: v for k, v in val.items() if v is False}
+        assert not bad, val
