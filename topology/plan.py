@@ -99,6 +99,10 @@ class RankPlan:
     stages: list = field(default_factory=list)   # list[list[Op]]
     tmp_elems: int = 0
     reduces: bool = False
+    # True when later stages read sub-ranges or unions of regions written earlier (recursive
+    # halving/doubling, hierarchical all-gather): such a plan is only correct when every region
+    # moves as ONE message, so the executor must use chunk_elems >= max_region(plan).
+    atomic: bool = False
 
     def peers(self) -> set:
         out = set()
@@ -115,6 +119,11 @@ class RankPlan:
         for i, stage in enumerate(self.stages):
             lines.append(f"  stage {i}: " + "; ".join(str(o) for o in stage))
         return "\n".join(lines)
+
+
+def max_region(plan) -> int:
+    """Length of the longest region of a plan (what an atomic plan needs as chunk size)."""
+    return max(((o.dst or o.src).length for st in plan.stages for o in st), default=0)
 
 
 def block(count: int, nblocks: int, i: int) -> tuple:
