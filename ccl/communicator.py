@@ -27,7 +27,10 @@ from .recorder import FlightRecorder
 from .reduce import divide_into
 from .store import PrefixStore
 from pyccl.topology import direct, ring as ring_plans
+from pyccl.topology.cost import transport_costs
+from pyccl.topology.graph import Topology, build_plan
 from pyccl.transports.base import SetupContext
+from .tuner import choose
 
 log = logging.getLogger("pyccl")
 
@@ -103,8 +106,12 @@ class Communicator:
         self._thread = None
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
         self.peer_info = self._exchange_info()
-        self.ring = list(range(self.size))
         self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
+        intra = "tcp" if self.transport_name == "tcp" else "shm"
+        self.topology = Topology.from_host_ids([i["host"] for i in self.peer_info], intra=intra, inter="tcp")
+        self.ring = list(self.topology.ring_order())
+        self._costs = transport_costs()
+        self._fixed_chunk = self.chunk_bytes if os.environ.get("PYCCL_CHUNK_BYTES") else None
         self._transports = []
         self.conns = self._connect()
         self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
@@ -296,8 +303,24 @@ class Communicator:
             plan = self._plans[key] = build()
         return plan
 
+    def _tuned(self, op, count, itemsize, nbytes, root=0):
+        """(plan, chunk_bytes) for a tuned op: the tuner picks the algorithm from the cost model
+        (PYCCL_ALGO forces one), the builder makes this rank's plan; cached per shape."""
+        key = (op, count, itemsize, root)
+        hit = self._plans.get(key)
+        if hit is None:
+            c = choose(op, nbytes, self.topology, self._costs, chunk_bytes=self._fixed_chunk)
+            plan = build_plan(op, c.algo, self.rank, self.topology, count, root,
+                              chunk_elems=max(1, c.chunk_bytes // itemsize), inter=c.inter)
+            hit = self._plans[key] = (plan, c.chunk_bytes)
+        return hit
+
     def _run(self, what, plan, bufs, op=None):
-        self.executor.run(plan, bufs, op, what)
+        if isinstance(plan, tuple):
+            plan, chunk = plan
+            self.executor.run(plan, bufs, op, what, chunk)
+        else:
+            self.executor.run(plan, bufs, op, what)
 
     # ---- validation helpers ----------------------------------------------------------------
     def _root(self, root, what):
@@ -320,7 +343,7 @@ class Communicator:
         buf, op = self._reduce_args(x, op, "all_reduce")
         if buf.device != "cpu":
             return self._cuda("all_reduce", async_op, _sig(buf, -1, op), buf, op)
-        plan = self._plan(("all_reduce", buf.count), lambda: ring_plans.all_reduce(self.rank, self.ring, buf.count))
+        plan = self._tuned("all_reduce", buf.count, buf.itemsize, buf.nbytes)
 
         local = self.local if self.local is not None and self.local.wants("all_reduce", buf.nbytes) else None
 
@@ -337,8 +360,7 @@ class Communicator:
         root = self._root(root, "reduce")
         if buf.device != "cpu":
             return self._cuda("reduce", async_op, _sig(buf, root, op), buf, root, op)
-        plan = self._plan(("reduce", buf.count, root),
-                          lambda: ring_plans.reduce(self.rank, self.ring, buf.count, root))
+        plan = self._tuned("reduce", buf.count, buf.itemsize, buf.nbytes, root)
 
         def fn(what):
             self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
@@ -351,8 +373,7 @@ class Communicator:
         root = self._root(root, "broadcast")
         if buf.device != "cpu":
             return self._cuda("broadcast", async_op, _sig(buf, root), buf, root)
-        plan = self._plan(("broadcast", buf.count, root),
-                          lambda: ring_plans.broadcast(self.rank, self.ring, buf.count, root))
+        plan = self._tuned("broadcast", buf.count, buf.itemsize, buf.nbytes, root)
         if self.local is not None and self.local.wants("broadcast", buf.nbytes):
             return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op,
                                 _sig(buf, root))
@@ -368,7 +389,7 @@ class Communicator:
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("all_gather", async_op, _sig(i), o, i)
-        plan = self._plan(("all_gather", i.count), lambda: ring_plans.all_gather(self.rank, self.ring, i.count))
+        plan = self._tuned("all_gather", i.count, i.itemsize, o.nbytes)
         if self.local is not None and self.local.wants("all_gather", o.nbytes):
             return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op,
                                 _sig(i))
@@ -384,8 +405,7 @@ class Communicator:
                                   f"{self.size} x output {o.count} = {o.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("reduce_scatter", async_op, _sig(o, -1, op), o, i, op)
-        plan = self._plan(("reduce_scatter", o.count),
-                          lambda: ring_plans.reduce_scatter(self.rank, self.ring, o.count))
+        plan = self._tuned("reduce_scatter", o.count, o.itemsize, i.nbytes)
 
         local = self.local if self.local is not None and self.local.wants("reduce_scatter", i.nbytes) else None
 

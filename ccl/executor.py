@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from pyccl.topology.plan import max_region
 from pyccl.topology.plan import (COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND, chunk_of,
                                   nchunks)
 from .errors import PeerFailure, Timeout, TransportError
@@ -54,10 +55,12 @@ class Executor:
             self._scratch[key] = arr
         return arr[:n]
 
-    def run(self, plan, bufs: dict, op, what: str) -> None:
+    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None) -> None:
         """Execute `plan` on `bufs` ({"in","out","tmp"} -> flat numpy arrays).
 
-        `op` is the ReduceOp for reducing plans; `what` names the call in errors."""
+        `op` is the ReduceOp for reducing plans; `what` names the call in errors; chunk_bytes
+        (the tuner's) overrides the communicator's default. Atomic plans (whose ops read
+        unions of regions written earlier) are never cut into chunks."""
         arrays = dict(bufs)
         ref = arrays.get("out") if arrays.get("out") is not None else arrays.get("in")
         item = ref.itemsize if ref is not None else 1
@@ -71,7 +74,9 @@ class Executor:
                 a_in.__array_interface__["data"][0] == a_out.__array_interface__["data"][0]:
             alias["in"] = "out"
         raw = {k: memoryview(v.view(np.uint8)) for k, v in arrays.items() if v is not None}
-        chunk_elems = max(1, self.chunk_bytes // item)
+        chunk_elems = max(1, (chunk_bytes or self.chunk_bytes) // item)
+        if plan.atomic:
+            chunk_elems = max(chunk_elems, max_region(plan))
         stages = plan.stages
         counts, total, peers = self._layout(plan, chunk_elems)
         conns = [self.conns[p] for p in peers]

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(f"""
 
 
 @pytest.mark.parametrize("nhosts", [2, 3])
-@pytest.mark.parametrize("algo", ["ring"])
+@pytest.mark.parametrize("algo", ["ring", "tree", "hierarchical", "halving_doubling"])
 def test_every_collective_across_namespaces(nhosts, algo):
     with Hosts(nhosts, net=70 + nhosts) as hosts:
         results = hosts.run(SCRIPT, ranks_per_host=2, env={"PYCCL_TIMEOUT": "60", "PYCCL_ALGO": algo})
