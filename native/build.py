@@ -28,6 +28,53 @@ void pyccl_divide(void *x, size_t n, int dtype, int64_t divisor);
 void pyccl_copy(void *dst, const void *src, size_t nbytes);
 """
 
+# Shared memory (native/shm.h): segments, node-local collectives, slot rings.
+CDEF_SHM = """
+void *pyccl_shm_map(const char *name, size_t *size, int create, int *err);
+int pyccl_shm_unmap(void *base, size_t size);
+int pyccl_shm_unlink(const char *name);
+int pyccl_pid_alive(int pid);
+
+typedef struct pyccl_coll {
+    int rank, nranks;
+    uint64_t half_bytes, part_bytes, small_bytes;
+    uint32_t flags;
+    int err_code, err_rank;
+    uint64_t err_target, err_have;
+    int64_t err_step;
+    ...;
+} pyccl_coll;
+size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes);
+int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
+                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags);
+pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int pid,
+                              uint64_t pidns, int *err);
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s);
+int pyccl_coll_attached(pyccl_coll *c);
+void pyccl_coll_free(pyccl_coll *c);
+uint64_t pyccl_coll_counter(pyccl_coll *c, int r);
+int pyccl_coll_pid(pyccl_coll *c, int r);
+void pyccl_coll_abort(pyccl_coll *c);
+int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                          int op, int root, double timeout);
+int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                              int op, double timeout);
+int pyccl_coll_all_gather(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
+int pyccl_coll_broadcast(pyccl_coll *c, void *buf, size_t nbytes, int root, double timeout);
+int pyccl_coll_all_to_all(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
+int pyccl_coll_barrier(pyccl_coll *c, double timeout);
+
+size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots);
+void pyccl_ring_format(void *ring, uint64_t slot_bytes, uint32_t nslots);
+uint64_t pyccl_ring_slot_bytes(void *ring);
+int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot, uint32_t msg_no);
+int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
+                        uint32_t msg_no, int dtype, int op);
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no);
+void pyccl_ring_close(void *ring, int receiver, uint32_t how);
+int pyccl_ring_peer_closed(void *ring, int receiver);
+"""
+
 SOURCES = sorted(_path(p) for p in glob.glob(os.path.join(HERE, "*.c")))
 
 if sys.platform == "win32":
@@ -41,13 +88,17 @@ else:
     EXTRA_COMPILE_ARGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-math-errno",
                           "-fno-trapping-math"]
 
+# shm_open/shm_unlink live in librt on glibc < 2.34 (an empty stub library after that).
+LIBRARIES = ["rt"] if sys.platform.startswith("linux") else []
+
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(CDEF + ("" if sys.platform == "win32" else CDEF_SHM))
 ffibuilder.set_source(
     "pyccl._native",
-    '#include "reduce.h"',
-    sources=SOURCES,
+    '#include "reduce.h"\n' + ("" if sys.platform == "win32" else '#include "shm.h"\n'),
+    sources=[s for s in SOURCES if sys.platform != "win32" or not s.endswith("shm.c")],
     include_dirs=[_path(HERE)],
+    libraries=LIBRARIES,
     extra_compile_args=EXTRA_COMPILE_ARGS,
     depends=sorted(_path(p) for p in glob.glob(os.path.join(HERE, "*.h"))),
 )

@@ -1,0 +1,282 @@
+"""Collectives inside one shared-memory segment, for communicators whose ranks share a host.
+
+Why not the executor over the shm transport: a plan moves every byte through a ring, one
+message per chunk and peer, driven from Python.  Here each collective is one C call
+(native/shm.c, GIL released): every rank writes its data once into its own area of a
+node-wide segment, publishes a step counter, and every reader copies (or reduces) straight
+out of the writers' areas.  No per-message Python, no per-pair rings.
+
+- all_reduce, small (<= ``PYCCL_SHM_SMALL_BYTES``): one-shot.  Every rank copies its input
+  into its area, one handshake, every rank reduces all areas in rank order.
+- all_reduce, large: pipelined reduce-scatter + all-gather in steps of nranks parts of
+  ``PYCCL_SHM_CHUNK_BYTES``; every rank reduces one part per step, everybody gathers it.
+- reduce_scatter, all_gather, broadcast, all_to_all: every rank writes its part once, every
+  reader copies it out once, step by step, double-buffered.
+- barrier: one handshake.
+Reductions always run in rank order (in_0 op in_1 op ...), so every rank gets the same bits,
+and they equal :func:`reduce_in_order`, the numpy twin the tests compare against.
+
+The segment: created by rank 0, named ``/pyccl-<uid>-<pid>-<tag>.coll-<random>`` through the
+store, mapped by the others and unlinked by rank 0 once all have it, so a crash leaves nothing
+behind.  Rank 0 also writes the configuration into it, so every rank decides `wants()` alike
+even when their environments differ.
+
+Waits spin, then yield, then sleep; each is bounded by the communicator's timeout and watches
+the awaited process: a dead peer raises PeerFailure naming it, a timeout names the ranks that
+have not arrived and the step.  Either way the segment is marked failed, so the other ranks
+stop waiting too.
+
+Environment (read on rank 0): ``PYCCL_SHM_COLLECTIVES`` (1; 0 turns this path off, the
+executor then runs every collective over the transports), ``PYCCL_SHM_SMALL_BYTES`` (65536),
+``PYCCL_SHM_CHUNK_BYTES`` (262144).
+"""
+import logging
+import os
+
+import numpy as np
+
+from .errors import PeerFailure, Timeout, TransportError
+from .reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
+from .dtypes import as_op
+
+try:
+    from ._native import ffi, lib
+except ImportError:
+    lib = None
+if lib is None or not hasattr(lib, "pyccl_coll_attach"):
+    # the communicator treats ImportError as "no shared-memory collectives here"
+    raise ImportError("pyccl._native is not built with shared-memory collectives")
+
+from pyccl.transports.shm import Segment, clean_leftovers, pid_namespace, segment_name  # noqa: E402
+
+log = logging.getLogger("pyccl")
+
+_TIMEOUT, _PEER_DEAD, _PEER_ABORT = 1, 2, 3
+_ENABLED = 1
+_from_buffer = ffi.from_buffer
+
+#: What this path runs (wants() is True for these whenever the segment is up).
+OPS = frozenset({"all_reduce", "reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all",
+                 "barrier"})
+
+
+def _env_bytes(name, default):
+    text = os.environ.get(name, "").strip()
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise TransportError(f"{name}={text!r} is not an integer") from None
+
+
+def layout(nranks: int, small: int, part: int) -> tuple:
+    """(half, part, small) bytes: a rank's area holds two halves, each big enough for a step of
+    the pipelined all-reduce (nranks parts) and a one-shot message.  Parts shrink for large
+    node counts so the segment stays below ~256 MiB."""
+    part = max(4096, part // 128 * 128)
+    while part > 4096 and 2 * nranks * nranks * part > (256 << 20):
+        part //= 2
+    small = max(0, small)
+    half = max(nranks * part, small, nranks * 128, 4096)
+    half = -(-half // 4096) * 4096
+    return half, part, small
+
+
+def reduce_in_order(inputs, op):
+    """numpy twin of the C reduction order: ((in_0 op in_1) op in_2) op ... (AVG as SUM)."""
+    out = inputs[0].copy()
+    for x in inputs[1:]:
+        reduce_numpy(out, out, x, op)
+    return out
+
+
+class ShmCollectives:
+    """The shared-memory collectives of one communicator (every rank on this host)."""
+
+    def __init__(self, rank, size, store, tag, timeout):
+        self.rank, self.size, self.tag, self.timeout = rank, size, tag, float(timeout)
+        self._c = None
+        self._seg = None
+        self.enabled = False
+        clean_leftovers()
+        name = self._create_or_lookup(store)
+        if not name:
+            return
+        ok = b"1"
+        try:
+            if self._seg is None:
+                self._seg = Segment(name)
+            err = ffi.new("int *")
+            c = lib.pyccl_coll_attach(self._seg.base, self._seg.size, rank, size, os.getpid(),
+                                      pid_namespace(), err)
+            if c == ffi.NULL:
+                raise TransportError(f"segment {name} does not fit this communicator ({os.strerror(err[0])})")
+            self._c = c
+        except TransportError as e:
+            ok = f"0{e}".encode()
+        try:
+            # all-agree: if any rank failed to map it, nobody uses this path
+            store.set(f"shmcoll/ok/{rank}", ok)
+            keys = [f"shmcoll/ok/{r}" for r in range(size)]
+            try:
+                store.wait(keys, timeout=self.timeout)
+            except Timeout:
+                missing = [r for r, have in enumerate(store.check(keys)) if not have]
+                raise Timeout(f"{tag}: rank {rank} waited {self.timeout:.0f}s for ranks {missing} to map "
+                              f"the shared-memory segment {name}") from None
+            bad = [(r, v[1:].decode(errors="replace")) for r, v in
+                   ((r, store.get(k, timeout=self.timeout)) for r, k in enumerate(keys)) if v[:1] != b"1"]
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if self._seg is not None:
+                self._seg.unlink()     # every rank has it mapped (or gave up): drop the name
+        if bad:
+            log.warning("%s: shared-memory collectives off: %s", tag,
+                        "; ".join(f"rank {r}: {why}" for r, why in bad))
+            self.close()
+            return
+        self.enabled = True
+        c = self._c
+        log.info("%s rank %d: shm collectives on (half %d B, part %d B, one-shot <= %d B)",
+                 tag, rank, c.half_bytes, c.part_bytes, c.small_bytes)
+
+    def _create_or_lookup(self, store) -> str:
+        """Rank 0 makes and formats the segment and publishes its name ('' = path off)."""
+        if self.rank != 0:
+            return store.get("shmcoll/name", timeout=self.timeout).decode()
+        name = ""
+        if os.environ.get("PYCCL_SHM_COLLECTIVES", "1").strip() != "0":
+            half, part, small = layout(self.size, _env_bytes("PYCCL_SHM_SMALL_BYTES", 65536),
+                                       _env_bytes("PYCCL_SHM_CHUNK_BYTES", 262144))
+            nbytes = lib.pyccl_coll_bytes(self.size, half)
+            try:
+                self._seg = Segment(segment_name(self.tag, "coll"), nbytes, create=True)
+                rc = lib.pyccl_coll_format(self._seg.base, self._seg.size, self.size, half, part, small,
+                                           _ENABLED)
+                if rc:
+                    raise TransportError(f"cannot format segment: {os.strerror(rc)}")
+                name = self._seg.name
+            except TransportError as e:
+                log.warning("%s: shared-memory collectives off: %s", self.tag, e)
+                if self._seg is not None:
+                    self._seg.close()
+                    self._seg = None
+        store.set("shmcoll/name", name.encode())
+        return name
+
+    # ---- the decision -------------------------------------------------------------------
+    def wants(self, opname: str, nbytes: int) -> bool:
+        """Whether this path runs `opname` of `nbytes`; the same answer on every rank (the
+        configuration comes from rank 0 through the segment)."""
+        return self.enabled and opname in OPS
+
+    # ---- errors -----------------------------------------------------------------------------
+    def _fail(self, rc, what, opname):
+        c = self._c
+        r, step = c.err_rank, c.err_step
+        where = f"shm {opname} step {step}" if step >= 0 else f"shm {opname} (before its first step)"
+        if rc == _PEER_DEAD:
+            raise PeerFailure(f"{what}: rank {r} (pid {lib.pyccl_coll_pid(c, r)}) died; rank {self.rank} "
+                              f"was waiting for it in {where}")
+        if rc == _PEER_ABORT:
+            raise PeerFailure(f"{what}: rank {r} gave up (a timeout or dead peer it saw) while rank "
+                              f"{self.rank} was in {where}")
+        if rc == _TIMEOUT:
+            target = c.err_target
+            behind = [q for q in range(self.size)
+                      if q != self.rank and lib.pyccl_coll_counter(c, q) < target]
+            raise Timeout(f"{what}: rank {self.rank} timed out after {self.timeout:.0f}s in {where}: "
+                          f"ranks {behind or [r]} have not arrived (rank {r} is at step counter "
+                          f"{c.err_have}, needed {target})")
+        raise TransportError(f"{what}: shm {opname} failed with code {rc}")
+
+    def _check(self, what):
+        if self._c is None:
+            raise TransportError(f"{what}: shared-memory collectives of {self.tag} are closed")
+
+    # ---- the collectives ---------------------------------------------------------------
+    def all_reduce(self, arr, op, what):
+        """In place, every rank gets in_0 op in_1 op ... (AVG as SUM; the caller divides)."""
+        n = arr.size
+        c = self._c
+        if n == 0 or c is None:
+            return self._check(what)
+        opc = _OP_BY_ID.get(id(op))
+        if opc is None:
+            opc = _OP_CODE[as_op(op)]
+        p = _from_buffer(arr)
+        rc = lib.pyccl_coll_all_reduce(c, p, p, n, _DTYPE_CODE[arr.dtype], opc, -1, self.timeout)
+        if rc:
+            self._fail(rc, what, "all_reduce")
+
+    def reduce(self, arr, root, op, what):
+        """In place at the root; other ranks' `arr` is left unchanged."""
+        self._check(what)
+        n = arr.size
+        if n == 0:
+            return
+        p = _from_buffer(arr)
+        rc = lib.pyccl_coll_all_reduce(self._c, p, p, n, _DTYPE_CODE[arr.dtype], _OP_CODE[as_op(op)],
+                                       int(root), self.timeout)
+        if rc:
+            self._fail(rc, what, "reduce")
+
+    def reduce_scatter(self, out, inp, op, what):
+        """out (n) = block `rank` of the reduction of every rank's inp (size * n)."""
+        self._check(what)
+        if inp.size != out.size * self.size or inp.dtype != out.dtype:
+            raise TransportError(f"{what}: reduce_scatter needs inp of {self.size} x {out.size} {out.dtype}")
+        if out.size == 0:
+            return
+        rc = lib.pyccl_coll_reduce_scatter(self._c, _from_buffer(out), _from_buffer(inp), out.size,
+                                           _DTYPE_CODE[out.dtype], _OP_CODE[as_op(op)], self.timeout)
+        if rc:
+            self._fail(rc, what, "reduce_scatter")
+
+    def all_gather(self, out, inp, what):
+        self._check(what)
+        if out.nbytes != inp.nbytes * self.size:
+            raise TransportError(f"{what}: all_gather needs out of {self.size} x {inp.nbytes} bytes")
+        if inp.nbytes == 0:
+            return
+        rc = lib.pyccl_coll_all_gather(self._c, _from_buffer(out), _from_buffer(inp), inp.nbytes, self.timeout)
+        if rc:
+            self._fail(rc, what, "all_gather")
+
+    def broadcast(self, arr, root, what):
+        self._check(what)
+        if arr.nbytes == 0:
+            return
+        rc = lib.pyccl_coll_broadcast(self._c, _from_buffer(arr), arr.nbytes, int(root), self.timeout)
+        if rc:
+            self._fail(rc, what, "broadcast")
+
+    def all_to_all(self, out, inp, what):
+        """Equal splits: block j of inp goes to rank j; block i of out comes from rank i."""
+        self._check(what)
+        if out.nbytes != inp.nbytes or inp.nbytes % self.size:
+            raise TransportError(f"{what}: all_to_all needs equal in/out sizes divisible by {self.size}")
+        if inp.nbytes == 0:
+            return
+        rc = lib.pyccl_coll_all_to_all(self._c, _from_buffer(out), _from_buffer(inp),
+                                       inp.nbytes // self.size, self.timeout)
+        if rc:
+            self._fail(rc, what, "all_to_all")
+
+    def barrier(self, what):
+        self._check(what)
+        rc = lib.pyccl_coll_barrier(self._c, self.timeout)
+        if rc:
+            self._fail(rc, what, "barrier")
+
+    def close(self):
+        """Unmap; the name was unlinked at set-up.  Peers still inside a collective fail on
+        their timeout or see this rank's exit."""
+        self.enabled = False
+        if self._c is not None:
+            lib.pyccl_coll_free(self._c)
+            self._c = None
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None

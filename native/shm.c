@@ -1,0 +1,733 @@
+/* pyccl native core: shared-memory segments, node-local collectives and slot rings
+ * (see shm.h for the contract, ccl/shm_collectives.py and transports/shm.py for the users).
+ *
+ * The step protocol of the collectives, in one paragraph.  Every rank r owns a counter
+ * cnt[r] (its own cache line) and a data area of two halves.  A collective is a sequence of
+ * steps numbered globally g = 1, 2, ... (all ranks run the same collectives with the same
+ * sizes, so they number the steps alike).  The invariant is
+ *
+ *     cnt[r] == g  means  r has finished reading every step < g, and, if r writes in step g,
+ *                         its data of step g is in half (g & 1) of its area.
+ *
+ * So a rank that writes in step g first waits until every peer's cnt >= g - 1 (nobody still
+ * reads half (g & 1) from step g - 2; usually already known), writes, publishes cnt = g
+ * (release), then waits for the counters of the ranks it reads (acquire) and reads.  A rank
+ * that only reads publishes g before waiting.  Double buffering falls out: a writer can run
+ * one step ahead of its readers, and no second handshake is needed.
+ */
+#define _GNU_SOURCE
+#include "shm.h"
+#include "reduce.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LINE 128 /* two 64-byte lines: the adjacent-line prefetcher must not cause sharing */
+#define PAGE 4096
+#define COLL_MAGIC 0x31636f6c6c636370ULL /* "pcclloc1" */
+#define RING_MAGIC 0x31676e69726c6370ULL
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
+#endif
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static size_t itemsize(int dtype) {
+    switch (dtype) {
+    case PYCCL_FLOAT16: case PYCCL_BFLOAT16: return 2;
+    case PYCCL_FLOAT32: case PYCCL_INT32: return 4;
+    case PYCCL_FLOAT64: case PYCCL_INT64: return 8;
+    default: return 1;
+    }
+}
+
+/* ---- segments ------------------------------------------------------------------------- */
+
+void *pyccl_shm_map(const char *name, size_t *size, int create, int *err) {
+    int fd = create ? shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600) : shm_open(name, O_RDWR, 0);
+    if (fd < 0) {
+        *err = errno;
+        return NULL;
+    }
+    if (create) {
+        int rc = ftruncate(fd, (off_t)*size);
+        if (rc == 0)
+            rc = posix_fallocate(fd, 0, (off_t)*size); /* returns the error, not -1 */
+        else
+            rc = errno;
+        if (rc != 0) {
+            close(fd);
+            shm_unlink(name);
+            *err = rc;
+            return NULL;
+        }
+    } else {
+        struct stat st;
+        if (fstat(fd, &st) != 0) {
+            *err = errno;
+            close(fd);
+            return NULL;
+        }
+        *size = (size_t)st.st_size;
+    }
+    void *p = mmap(NULL, *size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    *err = p == MAP_FAILED ? errno : 0;
+    close(fd); /* the mapping keeps the object alive */
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int pyccl_shm_unmap(void *base, size_t size) { return munmap(base, size) == 0 ? 0 : errno; }
+
+int pyccl_shm_unlink(const char *name) { return shm_unlink(name) == 0 ? 0 : errno; }
+
+int pyccl_pid_alive(int pid) {
+    if (pid <= 0)
+        return 1; /* unknown: never claim a death we cannot see */
+    if (kill(pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    /* A killed process stays a zombie until its parent reaps it; kill() still succeeds. */
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return errno == ENOENT ? 0 : 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *rp = strrchr(buf, ')'); /* "pid (comm) S ..." ; comm may hold spaces */
+    return !(rp && rp[1] == ' ' && (rp[2] == 'Z' || rp[2] == 'X'));
+}
+
+/* ---- waiting ---------------------------------------------------------------------------
+ * Spin (pause) for spin_s, then sched_yield() until yield_s, then nanosleep from 2 us growing
+ * to 100 us.  bo_pause returns BO_SLOW roughly every millisecond (time for the caller's slow
+ * checks: deadline, liveness of the awaited process), BO_LEFT_CPU after a yield or sleep. */
+typedef struct {
+    double start, now, next_slow;
+    unsigned n, slow_ticks;
+    long sleep_ns;
+} backoff;
+
+#define BO_SLOW 1
+#define BO_LEFT_CPU 2
+
+static void bo_init(backoff *b) {
+    b->start = b->now = now_s();
+    b->next_slow = b->start + 1e-3;
+    b->n = b->slow_ticks = 0;
+    b->sleep_ns = 2000;
+}
+
+static int bo_pause(backoff *b, double spin_s, double yield_s) {
+    int flags = 0;
+    b->n++;
+    double waited = b->now - b->start;
+    if (waited < spin_s) {
+        CPU_RELAX();
+        if (b->n & 31)
+            return 0;
+    } else if (waited < yield_s) {
+        sched_yield();
+        flags = BO_LEFT_CPU;
+    } else {
+        struct timespec ts = {0, b->sleep_ns};
+        nanosleep(&ts, NULL);
+        if (b->sleep_ns < 100000)
+            b->sleep_ns *= 2;
+        flags = BO_LEFT_CPU;
+    }
+    b->now = now_s();
+    if (b->now >= b->next_slow) {
+        b->next_slow = b->now + 1e-3;
+        b->slow_ticks++;
+        flags |= BO_SLOW;
+    }
+    return flags;
+}
+
+/* ---- collectives: shared layout --------------------------------------------------------- */
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version, nranks;
+    uint64_t half_bytes, part_bytes, small_bytes, data_off, size;
+    uint32_t flags;
+    uint32_t attached;   /* atomic */
+    uint32_t abort_by;   /* rank + 1 of the first rank that gave up; 0: none */
+} coll_hdr;
+
+typedef struct {
+    uint64_t cnt;        /* written only by its rank */
+    int32_t pid;
+    int32_t cpu;         /* where the rank last published or began waiting (sched_getcpu) */
+    uint64_t pidns;
+} rank_line;
+
+#define HDR(c) ((coll_hdr *)(c)->base)
+#define LINE_OF(c, r) ((rank_line *)((c)->base + LINE * (size_t)(1 + (r))))
+
+static char *half_of(pyccl_coll *c, int r, uint64_t g) {
+    return c->base + HDR(c)->data_off + (2 * (size_t)r + (size_t)(g & 1)) * c->half_bytes;
+}
+
+size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes) {
+    return round_up(LINE * (size_t)(1 + nranks), PAGE) + 2 * (size_t)nranks * half_bytes;
+}
+
+int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
+                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags) {
+    if (size < pyccl_coll_bytes(nranks, half_bytes) || half_bytes % LINE)
+        return EINVAL;
+    coll_hdr *h = (coll_hdr *)base;
+    memset(base, 0, LINE * (size_t)(1 + nranks));
+    h->version = 1;
+    h->nranks = (uint32_t)nranks;
+    h->half_bytes = half_bytes;
+    h->part_bytes = part_bytes;
+    h->small_bytes = small_bytes;
+    h->data_off = round_up(LINE * (size_t)(1 + nranks), PAGE);
+    h->size = size;
+    h->flags = flags;
+    STORE_REL(&h->magic, COLL_MAGIC);
+    return 0;
+}
+
+pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int pid,
+                              uint64_t pidns, int *err) {
+    coll_hdr *h = (coll_hdr *)base;
+    if (LOAD_ACQ(&h->magic) != COLL_MAGIC || h->version != 1 || h->nranks != (uint32_t)nranks ||
+        rank < 0 || rank >= nranks || h->size != size ||
+        size < pyccl_coll_bytes(nranks, h->half_bytes)) {
+        *err = EINVAL;
+        return NULL;
+    }
+    pyccl_coll *c = calloc(1, sizeof *c);
+    if (!c) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    c->base = (char *)base;
+    c->size = size;
+    c->rank = rank;
+    c->nranks = nranks;
+    c->half_bytes = h->half_bytes;
+    c->part_bytes = h->part_bytes;
+    c->small_bytes = h->small_bytes;
+    c->flags = h->flags;
+    c->pidns = pidns;
+    c->err_rank = -1;
+    /* Spin while every rank can have a core; when ranks outnumber cores, yield almost at
+     * once so the rank we wait for gets the CPU. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        ncpu = CPU_COUNT(&set);
+    if (ncpu >= nranks) {
+        c->spin_s = 50e-6;
+        c->yield_s = 5e-3;
+    } else {
+        c->spin_s = 1e-6;
+        c->yield_s = 2e-3;
+    }
+    rank_line *me = LINE_OF(c, rank);
+    me->pid = pid;
+    me->cpu = -1;
+    me->pidns = pidns;
+    STORE_REL(&me->cnt, 0);
+    __atomic_fetch_add(&h->attached, 1, __ATOMIC_ACQ_REL);
+    *err = 0;
+    return c;
+}
+
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s) {
+    c->spin_s = spin_s;
+    c->yield_s = yield_s;
+}
+
+int pyccl_coll_attached(pyccl_coll *c) { return (int)LOAD_ACQ(&HDR(c)->attached); }
+void pyccl_coll_free(pyccl_coll *c) { free(c); }
+uint64_t pyccl_coll_counter(pyccl_coll *c, int r) { return LOAD_ACQ(&LINE_OF(c, r)->cnt); }
+int pyccl_coll_pid(pyccl_coll *c, int r) { return LINE_OF(c, r)->pid; }
+
+void pyccl_coll_abort(pyccl_coll *c) {
+    uint32_t zero = 0;
+    __atomic_compare_exchange_n(&HDR(c)->abort_by, &zero, (uint32_t)c->rank + 1, 0,
+                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+static int fail(pyccl_coll *c, int code, int r, uint64_t target) {
+    c->err_code = code;
+    c->err_rank = r;
+    c->err_target = target;
+    c->err_have = r >= 0 ? LOAD_ACQ(&LINE_OF(c, r)->cnt) : 0;
+    c->err_step = (int64_t)(target - c->op_g0) - 1;
+    pyccl_coll_abort(c);
+    return code;
+}
+
+/* Wait until cnt[r] >= target, or fail: deadline passed, r dead, or some rank aborted.
+ * Spinning only pays while r runs on another core.  When r last showed itself on the core we
+ * are running on (its line holds the CPU it published or began waiting on), it is not running
+ * now, so skip the spin and hand the core over at once; on a busy machine (other jobs, more
+ * ranks than cores) that is most handoffs. */
+static int wait_one(pyccl_coll *c, int r, uint64_t target) {
+    rank_line *peer = LINE_OF(c, r);
+    uint64_t *cnt = &peer->cnt;
+    if (LOAD_ACQ(cnt) >= target)
+        return 0;
+    uint32_t *abort_by = &HDR(c)->abort_by;
+    int check_pid = peer->pid > 0 && peer->pidns == c->pidns;
+    int cpu = sched_getcpu();
+    STORE_REL(&LINE_OF(c, c->rank)->cpu, cpu);
+    double spin = c->spin_s;
+    backoff b;
+    bo_init(&b);
+    for (;;) {
+        if (LOAD_ACQ(cnt) >= target)
+            return 0;
+        if (LOAD_RLX(&peer->cpu) == cpu)
+            spin = 0;
+        uint32_t ab = LOAD_RLX(abort_by);
+        if (ab && ab != (uint32_t)c->rank + 1) {
+            if (LOAD_ACQ(cnt) >= target) /* it may have aborted after serving us */
+                return 0;
+            c->err_code = PYCCL_SHM_PEER_ABORT;
+            c->err_rank = (int)ab - 1;
+            c->err_target = target;
+            c->err_have = LOAD_ACQ(cnt);
+            c->err_step = (int64_t)(target - c->op_g0) - 1;
+            return PYCCL_SHM_PEER_ABORT;
+        }
+        int flags = bo_pause(&b, spin, c->yield_s);
+        if (flags & BO_LEFT_CPU) { /* we may come back on another core */
+            cpu = sched_getcpu();
+            STORE_REL(&LINE_OF(c, c->rank)->cpu, cpu);
+        }
+        if (!(flags & BO_SLOW))
+            continue;
+        if (check_pid && b.slow_ticks % 8 == 1 && !pyccl_pid_alive(peer->pid)) {
+            if (LOAD_ACQ(cnt) >= target)
+                return 0;
+            return fail(c, PYCCL_SHM_PEER_DEAD, r, target);
+        }
+        if (b.now - b.start > c->timeout)
+            return fail(c, PYCCL_SHM_TIMEOUT, r, target);
+    }
+}
+
+/* Wait until every peer's counter >= target. */
+static int wait_all(pyccl_coll *c, uint64_t target) {
+    if (c->seen >= target)
+        return 0;
+    for (int i = 1; i < c->nranks; i++) {
+        int rc = wait_one(c, (c->rank + i) % c->nranks, target);
+        if (rc)
+            return rc;
+    }
+    c->seen = target;
+    return 0;
+}
+
+/* Start a step in which this rank writes: its half (g & 1) must be free (every peer has
+ * finished reading step g - 2, i.e. reached g - 1).  Returns the step number. */
+static int begin_write(pyccl_coll *c, uint64_t *g) {
+    *g = c->g + 1;
+    return wait_all(c, *g - 1);
+}
+
+static void publish(pyccl_coll *c, uint64_t g) {
+    rank_line *me = LINE_OF(c, c->rank);
+    c->g = g;
+    me->cpu = sched_getcpu();
+    STORE_REL(&me->cnt, g);
+}
+
+/* Every collective starts here.  A segment some rank marked failed stays failed: the
+ * communicator is broken, and a late rank must not find stale data that looks complete. */
+static int op_begin(pyccl_coll *c, double timeout) {
+    c->timeout = timeout;
+    c->op_g0 = c->g;
+    c->err_code = 0;
+    c->err_rank = -1;
+    uint32_t ab = LOAD_ACQ(&HDR(c)->abort_by);
+    if (ab && ab != (uint32_t)c->rank + 1) {
+        c->err_code = PYCCL_SHM_PEER_ABORT;
+        c->err_rank = (int)ab - 1;
+        c->err_step = -1;
+        return PYCCL_SHM_PEER_ABORT;
+    }
+    return 0;
+}
+
+#define TRY(x)                  \
+    do {                        \
+        int rc_ = (x);          \
+        if (rc_)                \
+            return rc_;         \
+    } while (0)
+
+/* dst = src[0] (op) src[1] (op) ... (op) src[n-1], left to right: the one reduction order every
+ * path uses, so every rank gets the same bits (ccl/shm_collectives.py: reduce_in_order is
+ * the numpy twin).  dst may alias any src only if it is src[0]. */
+static void reduce_in_order(void *dst, const void *const *src, int n, size_t count, int dtype,
+                            int op) {
+    if (n == 1) {
+        if (dst != src[0])
+            memcpy(dst, src[0], count * itemsize(dtype));
+        return;
+    }
+    pyccl_reduce(dst, src[0], src[1], count, dtype, op);
+    for (int r = 2; r < n; r++)
+        pyccl_reduce(dst, dst, src[r], count, dtype, op);
+}
+
+#define MAX_LOCAL_SRC 1024
+
+/* ---- all_reduce / reduce --------------------------------------------------------------- */
+
+/* One-shot: everybody copies its whole input into its half, then every reader reduces all the
+ * halves itself.  One handshake; used while the message is small. */
+static int all_reduce_one_shot(pyccl_coll *c, char *out, const char *in, size_t count,
+                               int dtype, int op, int root) {
+    uint64_t g;
+    size_t nbytes = count * itemsize(dtype);
+    TRY(begin_write(c, &g));
+    memcpy(half_of(c, c->rank, g), in, nbytes);
+    publish(c, g);
+    if (root >= 0 && root != c->rank)
+        return 0;
+    TRY(wait_all(c, g));
+    const void *src[MAX_LOCAL_SRC];
+    for (int r = 0; r < c->nranks; r++)
+        src[r] = half_of(c, r, g);
+    reduce_in_order(out, src, c->nranks, count, dtype, op);
+    return 0;
+}
+
+/* Pipelined reduce-scatter + all-gather in shared memory.  Each step covers nranks parts of
+ * part_bytes: (A) every rank copies the parts the others own into its half; (B) every rank
+ * reduces its own part from everybody's copies (its own straight from `in`) into its other
+ * half and copies that to `out`; then gathers the others' reduced parts. */
+static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t count,
+                                int dtype, int op, int root) {
+    const int P = c->nranks, me = c->rank;
+    const size_t item = itemsize(dtype);
+    size_t part = c->part_bytes / item;
+    if (part == 0)
+        part = 1;
+    const size_t step = part * (size_t)P;
+    const int gather = root < 0 || root == me;
+    const void *src[MAX_LOCAL_SRC];
+    for (size_t s0 = 0; s0 < count; s0 += step) {
+        const size_t L = min_sz(step, count - s0);
+#define BLO(j) (L * (size_t)(j) / (size_t)P)
+#define BLEN(j) (BLO((j) + 1) - BLO(j))
+        uint64_t g;
+        TRY(begin_write(c, &g));
+        char *mine = half_of(c, me, g);
+        for (int j = 0; j < P; j++)
+            if (j != me)
+                memcpy(mine + BLO(j) * item, in + (s0 + BLO(j)) * item, BLEN(j) * item);
+        publish(c, g);
+        TRY(wait_all(c, g));
+        /* (B) step g + 1: my reduced part into my other half */
+        const uint64_t g2 = g + 1;
+        char *res = half_of(c, me, g2) + BLO(me) * item;
+        for (int r = 0; r < P; r++)
+            src[r] = r == me ? (const void *)(in + (s0 + BLO(me)) * item)
+                             : (const void *)(half_of(c, r, g) + BLO(me) * item);
+        if (BLEN(me))
+            reduce_in_order(res, src, P, BLEN(me), dtype, op);
+        publish(c, g2);
+        if (!gather)
+            continue;
+        memcpy(out + (s0 + BLO(me)) * item, res, BLEN(me) * item);
+        for (int i = 1; i < P; i++) {
+            int j = (me + i) % P;
+            TRY(wait_one(c, j, g2));
+            memcpy(out + (s0 + BLO(j)) * item, half_of(c, j, g2) + BLO(j) * item, BLEN(j) * item);
+        }
+        c->seen = g2;
+#undef BLO
+#undef BLEN
+    }
+    return 0;
+}
+
+int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                          int op, int root, double timeout) {
+    TRY(op_begin(c, timeout));
+    if (count == 0 || c->nranks > MAX_LOCAL_SRC)
+        return 0;
+    if (count * itemsize(dtype) <= c->small_bytes)
+        return all_reduce_one_shot(c, out, in, count, dtype, op, root);
+    return all_reduce_pipelined(c, out, in, count, dtype, op, root);
+}
+
+/* ---- reduce_scatter ----------------------------------------------------------------------
+ * Each step: every rank copies the slices the others own into its half, then reduces its own
+ * slice from everybody's copies straight into `out`. */
+int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t count,
+                              int dtype, int op, double timeout) {
+    TRY(op_begin(c, timeout));
+    const int P = c->nranks, me = c->rank;
+    if (count == 0 || P > MAX_LOCAL_SRC)
+        return 0;
+    char *out = out_;
+    const char *in = in_;
+    const size_t item = itemsize(dtype);
+    size_t slice = c->half_bytes / ((size_t)P * item);
+    /* out overlapping in (e.g. out = in's own block): reduce my block from a copy, because
+     * reduce_in_order writes out before it has read in's block when rank > 0 */
+    const int alias = out < in + (size_t)P * count * item && in < out + count * item;
+    const void *src[MAX_LOCAL_SRC];
+    for (size_t k = 0; k < count; k += slice) {
+        const size_t L = min_sz(slice, count - k);
+        uint64_t g;
+        TRY(begin_write(c, &g));
+        char *mine = half_of(c, me, g);
+        for (int j = 0; j < P; j++)
+            if (j != me || alias)
+                memcpy(mine + (size_t)j * L * item, in + ((size_t)j * count + k) * item, L * item);
+        publish(c, g);
+        TRY(wait_all(c, g));
+        for (int r = 0; r < P; r++)
+            src[r] = r == me && !alias ? (const void *)(in + ((size_t)me * count + k) * item)
+                                       : (const void *)(half_of(c, r, g) + (size_t)me * L * item);
+        reduce_in_order(out + k * item, src, P, L, dtype, op);
+    }
+    return 0;
+}
+
+/* ---- data movement ------------------------------------------------------------------------ */
+
+int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
+                          double timeout) {
+    TRY(op_begin(c, timeout));
+    const int P = c->nranks, me = c->rank;
+    char *out = out_;
+    const char *in = in_;
+    for (size_t k = 0; k < nbytes; k += c->half_bytes) {
+        const size_t L = min_sz(c->half_bytes, nbytes - k);
+        uint64_t g;
+        TRY(begin_write(c, &g));
+        memcpy(half_of(c, me, g), in + k, L);
+        publish(c, g);
+        char *own = out + (size_t)me * nbytes + k;
+        if (own != in + k)
+            memmove(own, in + k, L);
+        for (int i = 1; i < P; i++) {
+            int r = (me + i) % P;
+            TRY(wait_one(c, r, g));
+            memcpy(out + (size_t)r * nbytes + k, half_of(c, r, g), L);
+        }
+        c->seen = g;
+    }
+    return 0;
+}
+
+int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
+    TRY(op_begin(c, timeout));
+    char *buf = buf_;
+    for (size_t k = 0; k < nbytes; k += c->half_bytes) {
+        const size_t L = min_sz(c->half_bytes, nbytes - k);
+        uint64_t g;
+        if (c->rank == root) {
+            TRY(begin_write(c, &g));
+            memcpy(half_of(c, root, g), buf + k, L);
+            publish(c, g);
+        } else {
+            g = c->g + 1;
+            publish(c, g); /* finished reading every step < g */
+            TRY(wait_one(c, root, g));
+            memcpy(buf + k, half_of(c, root, g), L);
+        }
+    }
+    return 0;
+}
+
+int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
+                          double timeout) {
+    TRY(op_begin(c, timeout));
+    const int P = c->nranks, me = c->rank;
+    char *out = out_;
+    const char *in = in_;
+    const size_t slice = c->half_bytes / (size_t)P;
+    for (size_t k = 0; k < nbytes; k += slice) {
+        const size_t L = min_sz(slice, nbytes - k);
+        uint64_t g;
+        TRY(begin_write(c, &g));
+        char *mine = half_of(c, me, g);
+        for (int j = 0; j < P; j++)
+            if (j != me)
+                memcpy(mine + (size_t)j * L, in + (size_t)j * nbytes + k, L);
+        publish(c, g);
+        char *own = out + (size_t)me * nbytes + k;
+        if (own != in + (size_t)me * nbytes + k)
+            memmove(own, in + (size_t)me * nbytes + k, L);
+        for (int i = 1; i < P; i++) {
+            int r = (me + i) % P;
+            TRY(wait_one(c, r, g));
+            memcpy(out + (size_t)r * nbytes + k, half_of(c, r, g) + (size_t)me * L, L);
+        }
+        c->seen = g;
+    }
+    return 0;
+}
+
+int pyccl_coll_barrier(pyccl_coll *c, double timeout) {
+    TRY(op_begin(c, timeout));
+    uint64_t g = c->g + 1;
+    publish(c, g);
+    return wait_all(c, g);
+}
+
+/* ---- slot rings --------------------------------------------------------------------------
+ * Layout of one ring (it lives in the receiver's segment):
+ *   line 0  geometry (written once by the receiver)
+ *   line 1  head: slots written by the sender (only the sender writes it)
+ *   line 2  tail: slots consumed by the receiver (only the receiver writes it)
+ *   meta    nslots x {message length, message number, bytes in this slot} (sender-written)
+ *   data    nslots x slot_bytes, page aligned */
+typedef struct {
+    uint64_t magic, slot_bytes, data_off;
+    uint32_t nslots;
+} ring_geom;
+
+typedef struct {
+    uint64_t v;
+    uint32_t closed;
+} ring_end;
+
+typedef struct {
+    uint64_t msg_len;
+    uint32_t msg_no;
+    uint32_t nbytes;
+} slot_meta;
+
+#define GEOM(r) ((ring_geom *)(r))
+#define SENDER(r) ((ring_end *)((char *)(r) + LINE))
+#define RECEIVER(r) ((ring_end *)((char *)(r) + 2 * LINE))
+#define META(r) ((slot_meta *)((char *)(r) + 3 * LINE))
+#define SLOT(r, i) ((char *)(r) + GEOM(r)->data_off + (size_t)(i) * GEOM(r)->slot_bytes)
+
+size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots) {
+    return round_up(3 * LINE + nslots * sizeof(slot_meta), PAGE) + round_up(nslots * slot_bytes, PAGE);
+}
+
+void pyccl_ring_format(void *ring, uint64_t slot_bytes, uint32_t nslots) {
+    memset(ring, 0, 3 * LINE + nslots * sizeof(slot_meta));
+    GEOM(ring)->slot_bytes = slot_bytes;
+    GEOM(ring)->nslots = nslots;
+    GEOM(ring)->data_off = round_up(3 * LINE + nslots * sizeof(slot_meta), PAGE);
+    STORE_REL(&GEOM(ring)->magic, RING_MAGIC);
+}
+
+uint64_t pyccl_ring_slot_bytes(void *ring) {
+    return LOAD_ACQ(&GEOM(ring)->magic) == RING_MAGIC ? GEOM(ring)->slot_bytes : 0;
+}
+
+static uint64_t msg_slots(uint64_t len, uint64_t sb) { return len ? (len + sb - 1) / sb : 1; }
+
+int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot,
+                        uint32_t msg_no) {
+    const uint64_t sb = GEOM(ring)->slot_bytes;
+    const uint32_t ns = GEOM(ring)->nslots;
+    const uint64_t total = msg_slots(len, sb);
+    uint64_t head = LOAD_RLX(&SENDER(ring)->v);
+    uint64_t tail = LOAD_ACQ(&RECEIVER(ring)->v);
+    while (slot < total) {
+        if (head - tail >= ns) {
+            tail = LOAD_ACQ(&RECEIVER(ring)->v);
+            if (head - tail >= ns)
+                break;
+        }
+        const uint64_t off = slot * sb;
+        const uint64_t nb = len ? min_sz(sb, len - off) : 0;
+        const uint32_t i = (uint32_t)(head % ns);
+        if (nb)
+            memcpy(SLOT(ring, i), (const char *)src + off, nb);
+        META(ring)[i].msg_len = len;
+        META(ring)[i].msg_no = msg_no;
+        META(ring)[i].nbytes = (uint32_t)nb;
+        STORE_REL(&SENDER(ring)->v, ++head);
+        slot++;
+    }
+    return (int64_t)slot;
+}
+
+int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
+                        uint32_t msg_no, int dtype, int op) {
+    const uint64_t sb = GEOM(ring)->slot_bytes;
+    const uint32_t ns = GEOM(ring)->nslots;
+    const uint64_t total = msg_slots(len, sb);
+    uint64_t tail = LOAD_RLX(&RECEIVER(ring)->v);
+    uint64_t head = LOAD_ACQ(&SENDER(ring)->v);
+    while (slot < total) {
+        if (tail == head) {
+            head = LOAD_ACQ(&SENDER(ring)->v);
+            if (tail == head)
+                break;
+        }
+        const uint32_t i = (uint32_t)(tail % ns);
+        const slot_meta m = META(ring)[i];
+        if (m.msg_no != msg_no)
+            return -PYCCL_SHM_OUT_OF_STEP;
+        if (m.msg_len != len)
+            return -PYCCL_SHM_SIZE_MISMATCH;
+        const uint64_t off = slot * sb;
+        if (m.nbytes) {
+            if (red)
+                pyccl_reduce((char *)dst + off, (const char *)red + off, SLOT(ring, i),
+                             m.nbytes / itemsize(dtype), dtype, op);
+            else
+                memcpy((char *)dst + off, SLOT(ring, i), m.nbytes);
+        }
+        STORE_REL(&RECEIVER(ring)->v, ++tail);
+        slot++;
+    }
+    return (int64_t)slot;
+}
+
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no) {
+    uint64_t tail = LOAD_RLX(&RECEIVER(ring)->v);
+    if (tail == LOAD_ACQ(&SENDER(ring)->v))
+        return 0;
+    const slot_meta *m = &META(ring)[tail % GEOM(ring)->nslots];
+    *len = m->msg_len;
+    *msg_no = m->msg_no;
+    return 1;
+}
+
+void pyccl_ring_close(void *ring, int receiver, uint32_t how) {
+    STORE_REL(&(receiver ? RECEIVER(ring) : SENDER(ring))->closed, how);
+}
+
+int pyccl_ring_peer_closed(void *ring, int receiver) {
+    return (int)LOAD_ACQ(&(receiver ? SENDER(ring) : RECEIVER(ring))->closed);
+}

@@ -1,0 +1,135 @@
+/* pyccl native core: shared-memory segments, node-local collectives and slot rings.
+ *
+ * Two users, both on one host:
+ *  - ccl/shm_collectives.py: one segment per communicator.  Every rank owns a line with a
+ *    step counter and a data area of two halves (double buffering by the parity of the step).
+ *    A collective is a sequence of steps; in each step a rank writes its data into its half,
+ *    publishes the step number, waits for the ranks it reads from and copies (or reduces) out.
+ *  - transports/shm.py: per directed pair a ring of slots with head/tail counters; the sender
+ *    copies into free slots, the receiver copies (or reduces) out.
+ *
+ * Every wait spins briefly, then sched_yield()s, then sleeps (a few us growing to 100 us), has
+ * a deadline, checks that the awaited process is alive, and on failure records what it waited
+ * for in the handle's err_* fields (read by Python for the error message).
+ * cffi releases the GIL around every call into these functions.
+ */
+#ifndef PYCCL_SHM_H
+#define PYCCL_SHM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Return codes of the collectives (and, negated, of the ring calls). */
+#define PYCCL_SHM_OK 0
+#define PYCCL_SHM_TIMEOUT 1        /* a wait ran past its deadline */
+#define PYCCL_SHM_PEER_DEAD 2      /* the awaited process no longer exists */
+#define PYCCL_SHM_PEER_ABORT 3     /* another rank gave up (timeout/death it saw) */
+#define PYCCL_SHM_SIZE_MISMATCH 4  /* ring: the sender's message length differs */
+#define PYCCL_SHM_OUT_OF_STEP 5    /* ring: message numbers disagree */
+
+/* ---- segments ------------------------------------------------------------------------- */
+
+/* Map the POSIX shared-memory object `name` ("/pyccl-..."), read-write.
+ * create=1: O_CREAT|O_EXCL, mode 0600, *size bytes, pages reserved with posix_fallocate (so a
+ *           full /dev/shm fails here with ENOSPC instead of SIGBUS later).
+ * create=0: open an existing one; *size receives its size.
+ * Returns the address, or NULL with *err = errno. */
+void *pyccl_shm_map(const char *name, size_t *size, int create, int *err);
+int pyccl_shm_unmap(void *base, size_t size);
+/* shm_unlink; returns 0 or errno. */
+int pyccl_shm_unlink(const char *name);
+/* 1 if process `pid` exists and is not a zombie (kill(pid, 0) + /proc/<pid>/stat), else 0. */
+int pyccl_pid_alive(int pid);
+
+/* ---- node-local collectives ------------------------------------------------------------ */
+
+/* Local handle of one rank on one collectives segment (malloc'ed; the segment is shared).
+ * The first fields are read by Python; the rest is private to shm.c. */
+typedef struct pyccl_coll {
+    int rank, nranks;
+    uint64_t half_bytes;   /* bytes of one half of a rank's data area */
+    uint64_t part_bytes;   /* large all-reduce: bytes per rank per step */
+    uint64_t small_bytes;  /* all-reduce up to this size is one-shot */
+    uint32_t flags;        /* agreed config flags (PYCCL_COLL_*) */
+    /* why the last call failed (valid after a non-zero return) */
+    int err_code, err_rank;
+    uint64_t err_target, err_have; /* the counter value waited for / the one seen */
+    int64_t err_step;              /* step within the collective (0-based) */
+    /* private */
+    char *base;
+    size_t size;
+    uint64_t g;      /* my step counter (last published) */
+    uint64_t seen;   /* every peer's counter was seen >= this */
+    uint64_t op_g0;  /* my counter when the current collective began */
+    uint64_t pidns;  /* inode of /proc/self/ns/pid: peers' pids are checked when equal */
+    double spin_s, yield_s; /* wait policy: spin up to spin_s, yield until yield_s, sleep */
+    double timeout;  /* of the current call: bounds each wait */
+} pyccl_coll;
+
+#define PYCCL_COLL_ENABLED 1u
+
+/* Bytes a segment for `nranks` ranks with `half_bytes` halves needs. */
+size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes);
+/* Creator: write the header (config) of a fresh segment. */
+int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
+                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags);
+/* Every rank (creator too): check the header, register pid/pidns, count itself attached.
+ * Returns NULL with *err set (EINVAL: bad header or size, ENOMEM). */
+pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int pid,
+                              uint64_t pidns, int *err);
+/* Override the wait policy: spin at most spin_s, then yield until yield_s, then sleep. */
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s);
+/* How many ranks have attached so far. */
+int pyccl_coll_attached(pyccl_coll *c);
+void pyccl_coll_free(pyccl_coll *c);   /* frees the handle, not the mapping */
+uint64_t pyccl_coll_counter(pyccl_coll *c, int r);
+int pyccl_coll_pid(pyccl_coll *c, int r);
+/* Mark the segment failed (peers waiting on this rank then fail fast). */
+void pyccl_coll_abort(pyccl_coll *c);
+
+/* The collectives.  Buffers are contiguous; `count` in elements of `dtype` (reduce.h codes),
+ * byte counts per rank.  `timeout` (seconds) bounds every single wait.  Return 0 or a code
+ * above; on failure the err_* fields say who and where.
+ *
+ * all_reduce: out = in_0 (op) in_1 (op) ... in rank order, bit-identical on every rank;
+ *   root >= 0 makes it a reduce: only the root's `out` is written.  out may equal in.
+ * reduce_scatter: in holds nranks*count, out gets block `rank` (count) of the reduction.
+ * all_gather: out (nranks*nbytes) = every rank's in (nbytes), in rank order.
+ * broadcast: buf (nbytes) of `root` to every rank.
+ * all_to_all: block j (nbytes) of in goes to rank j; out's block i comes from rank i. */
+int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                          int op, int root, double timeout);
+int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                              int op, double timeout);
+int pyccl_coll_all_gather(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
+int pyccl_coll_broadcast(pyccl_coll *c, void *buf, size_t nbytes, int root, double timeout);
+int pyccl_coll_all_to_all(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
+int pyccl_coll_barrier(pyccl_coll *c, double timeout);
+
+/* ---- slot rings (transport) ------------------------------------------------------------ */
+
+/* Bytes one ring of `nslots` slots of `slot_bytes` occupies (a multiple of 4096). */
+size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots);
+/* Receiver (creator): initialise a ring at `ring`. slot_bytes: a multiple of 64. */
+void pyccl_ring_format(void *ring, uint64_t slot_bytes, uint32_t nslots);
+uint64_t pyccl_ring_slot_bytes(void *ring);
+
+/* Sender: copy slots `slot`.. of a `len`-byte message numbered `msg_no` into free slots.
+ * A message takes max(1, ceil(len / slot_bytes)) slots.  Returns the next slot index
+ * (== the total when the message is fully sent); never blocks. */
+int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot,
+                        uint32_t msg_no);
+/* Receiver: take slots `slot`.. of the message the receiver expects (len, msg_no) out of the
+ * ring.  red == NULL: copy into dst.  Else dst = red (op) slot, element-wise in `dtype`.
+ * Returns the next slot index, or -PYCCL_SHM_SIZE_MISMATCH / -PYCCL_SHM_OUT_OF_STEP (nothing
+ * consumed; pyccl_ring_peek tells what arrived). */
+int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
+                        uint32_t msg_no, int dtype, int op);
+/* The message length and number in the next unread slot; returns 0 if none is there. */
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no);
+/* Mark this end closed (receiver=1: the receiving end) with `how` (1: closed, 2: failed);
+ * pyccl_ring_peer_closed returns the other end's mark (0: open). */
+void pyccl_ring_close(void *ring, int receiver, uint32_t how);
+int pyccl_ring_peer_closed(void *ring, int receiver);
+
+#endif
