@@ -9,6 +9,25 @@ from .errors import InvalidArgument, PeerFailure, PycclError, Timeout, Transport
 
 __version__ = "0.1.0"
 
+
+def _configure_logging():
+    """PYCCL_DEBUG=WARN|INFO|TRACE, like NCCL_DEBUG: level of the "pyccl" logger, to stderr."""
+    import logging
+    import os
+    level = os.environ.get("PYCCL_DEBUG", "").strip().upper()
+    if not level:
+        return
+    log = logging.getLogger("pyccl")
+    log.setLevel({"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO}.get(level, logging.WARNING))
+    if not log.handlers:
+        h = logging.StreamHandler()
+        rank = os.environ.get("PYCCL_RANK", os.environ.get("RANK", "?"))
+        h.setFormatter(logging.Formatter(f"pyccl[{os.getpid()}] rank {rank} %(levelname)s %(message)s"))
+        log.addHandler(h)
+
+
+_configure_logging()
+
 __all__ = [
     "init", "Communicator", "Work", "ReduceOp", "SUM", "PROD", "MIN", "MAX", "AVG", "bfloat16",
     "PycclError", "InvalidArgument", "Timeout", "PeerFailure", "TransportError",
