@@ -118,10 +118,10 @@ def _gpus_cupy() -> list:
 
 def transports() -> dict:
     """Which transports can run here, and why not where they can't."""
-    from pyccl.transports.select import TRANSPORTS, _load_builtin
-    _load_builtin()
+    from pyccl.transports import select
+    select._load_builtin()
     out = {}
-    for name, cls in TRANSPORTS.items():
+    for name, cls in select.TRANSPORTS.items():
         ok, why = cls.available()
         out[name] = "available" if ok else f"unavailable: {why}"
     return out

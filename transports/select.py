@@ -25,6 +25,9 @@ def _load_builtin():
             register("shm", ShmTransport)
     except ImportError:
         pass
+    if "ibverbs" not in TRANSPORTS:
+        from .ibverbs import IbvTransport   # imports everywhere: libibverbs is dlopen'ed on use
+        register("ibverbs", IbvTransport)
 
 
 def connect_all(ctx: SetupContext, choice: str):
