@@ -26,9 +26,14 @@ the awaited process: a dead peer raises PeerFailure naming it, a timeout names t
 have not arrived and the step.  Either way the segment is marked failed, so the other ranks
 stop waiting too.
 
-Environment (read on rank 0): ``PYCCL_SHM_COLLECTIVES`` (1; 0 turns this path off, the
-executor then runs every collective over the transports), ``PYCCL_SHM_SMALL_BYTES`` (65536),
-``PYCCL_SHM_CHUNK_BYTES`` (262144).
+all_gather and all_to_all outputs of at least ``PYCCL_SHM_NT_BYTES`` are written with
+streaming (non-temporal) stores: bigger than the caches, they would only evict the shared
+buffers the next steps reuse and cost a read-for-ownership of every destination line.
+
+Environment (read on rank 0, agreed through the segment): ``PYCCL_SHM_COLLECTIVES`` (1; 0
+turns this path off, the executor then runs every collective over the transports),
+``PYCCL_SHM_SMALL_BYTES`` (65536), ``PYCCL_SHM_CHUNK_BYTES`` (524288),
+``PYCCL_SHM_NT_BYTES`` (8 MiB; 0: never).
 """
 import logging
 import os
@@ -51,7 +56,10 @@ from pyccl.transports.shm import Segment, clean_leftovers, pid_namespace, segmen
 
 log = logging.getLogger("pyccl")
 
-_TIMEOUT, _PEER_DEAD, _PEER_ABORT = 1, 2, 3
+_TIMEOUT, _PEER_DEAD, _PEER_ABORT, _SIZE_MISMATCH = 1, 2, 3, 4   # native/shm.h
+DEFAULT_SMALL_BYTES = 64 << 10
+DEFAULT_CHUNK_BYTES = 512 << 10
+DEFAULT_NT_BYTES = 8 << 20
 _ENABLED = 1
 _from_buffer = ffi.from_buffer
 
@@ -79,6 +87,25 @@ def layout(nranks: int, small: int, part: int) -> tuple:
     half = max(nranks * part, small, nranks * 128, 4096)
     half = -(-half // 4096) * 4096
     return half, part, small
+
+
+_OPNAMES = {1: "all_reduce", 2: "reduce", 3: "reduce_scatter", 4: "all_gather", 5: "broadcast",
+             6: "all_to_all", 7: "barrier"}
+_DTYPE_NAMES = {code: str(dt) for dt, code in _DTYPE_CODE.items()}
+_REDOP_NAMES = {code: op.name for op, code in _OP_CODE.items() if op.name != "AVG"}
+
+
+def _describe(sig, nbytes) -> str:
+    """A call signature (native/shm.h: what | op+1 << 4 | dtype+1 << 8 | root+1 << 16) in words."""
+    what, op, dtype, root = sig & 15, (sig >> 4 & 15) - 1, (sig >> 8 & 255) - 1, (sig >> 16) - 1
+    parts = [f"{nbytes} bytes"]
+    if dtype >= 0:
+        parts.append(_DTYPE_NAMES.get(dtype, f"dtype {dtype}"))
+    if op >= 0:
+        parts.append(_REDOP_NAMES.get(op, f"op {op}"))
+    if root >= 0:
+        parts.append(f"root {root}")
+    return f"{_OPNAMES.get(what, f'op {what}')} ({', '.join(parts)})"
 
 
 def reduce_in_order(inputs, op):
@@ -147,13 +174,13 @@ class ShmCollectives:
             return store.get("shmcoll/name", timeout=self.timeout).decode()
         name = ""
         if os.environ.get("PYCCL_SHM_COLLECTIVES", "1").strip() != "0":
-            half, part, small = layout(self.size, _env_bytes("PYCCL_SHM_SMALL_BYTES", 65536),
-                                       _env_bytes("PYCCL_SHM_CHUNK_BYTES", 262144))
+            half, part, small = layout(self.size, _env_bytes("PYCCL_SHM_SMALL_BYTES", DEFAULT_SMALL_BYTES),
+                                       _env_bytes("PYCCL_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
             nbytes = lib.pyccl_coll_bytes(self.size, half)
             try:
                 self._seg = Segment(segment_name(self.tag, "coll"), nbytes, create=True)
                 rc = lib.pyccl_coll_format(self._seg.base, self._seg.size, self.size, half, part, small,
-                                           _ENABLED)
+                                           _env_bytes("PYCCL_SHM_NT_BYTES", DEFAULT_NT_BYTES), _ENABLED)
                 if rc:
                     raise TransportError(f"cannot format segment: {os.strerror(rc)}")
                 name = self._seg.name
@@ -179,9 +206,15 @@ class ShmCollectives:
         if rc == _PEER_DEAD:
             raise PeerFailure(f"{what}: rank {r} (pid {lib.pyccl_coll_pid(c, r)}) died; rank {self.rank} "
                               f"was waiting for it in {where}")
+        if rc == _SIZE_MISMATCH:
+            raise TransportError(f"{what}: size mismatch with rank {r}: it called {_describe(c.err_peer_what, c.err_peer_bytes)}, "
+                                 f"this rank {_describe(c.sig_what, c.sig_bytes)} (same counts on every rank?)")
         if rc == _PEER_ABORT:
-            raise PeerFailure(f"{what}: rank {r} gave up (a timeout or dead peer it saw) while rank "
-                              f"{self.rank} was in {where}")
+            why = {_SIZE_MISMATCH: "found a size mismatch between the ranks' calls",
+                   _TIMEOUT: "timed out", _PEER_DEAD: "saw a rank die"}.get(c.err_cause, "failed")
+            cls = TransportError if c.err_cause == _SIZE_MISMATCH else PeerFailure
+            raise cls(f"{what}: rank {r} {why} and gave up the shared-memory collectives of "
+                      f"{self.tag}; rank {self.rank} was in {where}")
         if rc == _TIMEOUT:
             target = c.err_target
             behind = [q for q in range(self.size)

@@ -42,14 +42,21 @@ typedef struct pyccl_coll {
     int err_code, err_rank;
     uint64_t err_target, err_have;
     int64_t err_step;
+    int err_cause;
+    uint64_t err_peer_bytes;
+    uint32_t err_peer_what;
+    uint64_t sig_bytes;
+    uint32_t sig_what;
     ...;
 } pyccl_coll;
 size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes);
 int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
-                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags);
+                      uint64_t part_bytes, uint64_t small_bytes, uint64_t nt_bytes,
+                      uint32_t flags);
 pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int pid,
                               uint64_t pidns, int *err);
-void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s);
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s);
+void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes);
 int pyccl_coll_attached(pyccl_coll *c);
 void pyccl_coll_free(pyccl_coll *c);
 uint64_t pyccl_coll_counter(pyccl_coll *c, int r);

@@ -66,6 +66,44 @@ static size_t itemsize(int dtype) {
     }
 }
 
+/* Copy into the caller's buffer.  nt: with streaming (non-temporal) stores, for big outputs
+ * that no step has touched yet (all_gather, all_to_all): no read-for-ownership of each
+ * destination line and no eviction of the shared buffers the next steps reuse.  Measured
+ * here: all_to_all 16-128 MiB +15-35%; all_reduce and broadcast lose (their destination is
+ * the in-place buffer, already cached), so they never stream. */
+#if defined(__x86_64__)
+#include <emmintrin.h>
+static void copy_out(void *dst_, const void *src_, size_t n, int nt) {
+    char *dst = dst_;
+    const char *src = src_;
+    if (!nt || n < 4096) {
+        memcpy(dst, src, n);
+        return;
+    }
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    _mm_sfence();
+    memcpy(dst + i, src + i, n - i);
+}
+#else
+static void copy_out(void *dst, const void *src, size_t n, int nt) {
+    (void)nt;
+    memcpy(dst, src, n);
+}
+#endif
+
 /* ---- segments ------------------------------------------------------------------------- */
 
 void *pyccl_shm_map(const char *name, size_t *size, int create, int *err) {
@@ -76,7 +114,7 @@ void *pyccl_shm_map(const char *name, size_t *size, int create, int *err) {
     }
     if (create) {
         int rc = ftruncate(fd, (off_t)*size);
-        if (rc == 0)
+        if (rc == 0 && create == 1)
             rc = posix_fallocate(fd, 0, (off_t)*size); /* returns the error, not -1 */
         else
             rc = errno;
@@ -124,61 +162,40 @@ int pyccl_pid_alive(int pid) {
 }
 
 /* ---- waiting ---------------------------------------------------------------------------
- * Spin (pause) for spin_s, then sched_yield() until yield_s, then nanosleep from 2 us growing
- * to 100 us.  bo_pause returns BO_SLOW roughly every millisecond (time for the caller's slow
- * checks: deadline, liveness of the awaited process), BO_LEFT_CPU after a yield or sleep. */
-typedef struct {
-    double start, now, next_slow;
-    unsigned n, slow_ticks;
-    long sleep_ns;
-} backoff;
-
-#define BO_SLOW 1
-#define BO_LEFT_CPU 2
-
-static void bo_init(backoff *b) {
-    b->start = b->now = now_s();
-    b->next_slow = b->start + 1e-3;
-    b->n = b->slow_ticks = 0;
-    b->sleep_ns = 2000;
+ * A waiter spins while that can pay off (the awaited rank runs on another core), then blocks
+ * in futex(FUTEX_WAIT) on the awaited rank's wake word; a publisher wakes blocked waiters.
+ * Blocking, not sched_yield(): on a shared core a yield often hands the CPU back to the
+ * yielder (the scheduler owes the peer nothing yet), while a futex sleep is a clean handoff.
+ * Sleeps are cut to 1 ms so the caller checks its deadline and the peer's liveness. */
+#if defined(__linux__)
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+static void futex_wait_1ms(uint32_t *addr, uint32_t val) {
+    struct timespec ts = {0, 1000000};
+    syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0); /* shared: not _PRIVATE */
 }
-
-static int bo_pause(backoff *b, double spin_s, double yield_s) {
-    int flags = 0;
-    b->n++;
-    double waited = b->now - b->start;
-    if (waited < spin_s) {
-        CPU_RELAX();
-        if (b->n & 31)
-            return 0;
-    } else if (waited < yield_s) {
-        sched_yield();
-        flags = BO_LEFT_CPU;
-    } else {
-        struct timespec ts = {0, b->sleep_ns};
-        nanosleep(&ts, NULL);
-        if (b->sleep_ns < 100000)
-            b->sleep_ns *= 2;
-        flags = BO_LEFT_CPU;
-    }
-    b->now = now_s();
-    if (b->now >= b->next_slow) {
-        b->next_slow = b->now + 1e-3;
-        b->slow_ticks++;
-        flags |= BO_SLOW;
-    }
-    return flags;
+static void futex_wake_all(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
+#else
+static void futex_wait_1ms(uint32_t *addr, uint32_t val) {
+    (void)addr, (void)val;
+    struct timespec ts = {0, 50000};
+    nanosleep(&ts, NULL);
+}
+static void futex_wake_all(uint32_t *addr) { (void)addr; }
+#endif
 
 /* ---- collectives: shared layout --------------------------------------------------------- */
 
 typedef struct {
     uint64_t magic;
     uint32_t version, nranks;
-    uint64_t half_bytes, part_bytes, small_bytes, data_off, size;
+    uint64_t half_bytes, part_bytes, small_bytes, data_off, size, nt_bytes;
     uint32_t flags;
     uint32_t attached;   /* atomic */
-    uint32_t abort_by;   /* rank + 1 of the first rank that gave up; 0: none */
+    uint32_t abort_by;   /* (rank + 1) | code << 24 of the first rank that gave up; 0: none */
 } coll_hdr;
 
 typedef struct {
@@ -186,9 +203,17 @@ typedef struct {
     int32_t pid;
     int32_t cpu;         /* where the rank last published or began waiting (sched_getcpu) */
     uint64_t pidns;
+    uint32_t wake;       /* futex word: bumped by every publish */
+    uint32_t waiters;    /* ranks blocked (or about to block) on `wake` */
+    struct {             /* signatures of the last 4 calls, slot call % 4 (check_sig) */
+        uint64_t call;   /* call number (0 while the slot is rewritten) */
+        uint64_t bytes;
+        uint32_t what, pad;
+    } sig[4];
 } rank_line;
 
 #define HDR(c) ((coll_hdr *)(c)->base)
+typedef char rank_line_fits_a_line[sizeof(rank_line) <= LINE ? 1 : -1];
 #define LINE_OF(c, r) ((rank_line *)((c)->base + LINE * (size_t)(1 + (r))))
 
 static char *half_of(pyccl_coll *c, int r, uint64_t g) {
@@ -200,7 +225,8 @@ size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes) {
 }
 
 int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
-                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags) {
+                      uint64_t part_bytes, uint64_t small_bytes, uint64_t nt_bytes,
+                      uint32_t flags) {
     if (size < pyccl_coll_bytes(nranks, half_bytes) || half_bytes % LINE)
         return EINVAL;
     coll_hdr *h = (coll_hdr *)base;
@@ -210,6 +236,7 @@ int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
     h->half_bytes = half_bytes;
     h->part_bytes = part_bytes;
     h->small_bytes = small_bytes;
+    h->nt_bytes = nt_bytes ? nt_bytes : UINT64_MAX;
     h->data_off = round_up(LINE * (size_t)(1 + nranks), PAGE);
     h->size = size;
     h->flags = flags;
@@ -239,21 +266,17 @@ pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int
     c->part_bytes = h->part_bytes;
     c->small_bytes = h->small_bytes;
     c->flags = h->flags;
+    c->move_bytes = h->half_bytes;
+    c->nt_bytes = h->nt_bytes;
     c->pidns = pidns;
     c->err_rank = -1;
-    /* Spin while every rank can have a core; when ranks outnumber cores, yield almost at
+    /* Spin while every rank can have a core; when ranks outnumber cores, block almost at
      * once so the rank we wait for gets the CPU. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
         ncpu = CPU_COUNT(&set);
-    if (ncpu >= nranks) {
-        c->spin_s = 50e-6;
-        c->yield_s = 5e-3;
-    } else {
-        c->spin_s = 1e-6;
-        c->yield_s = 2e-3;
-    }
+    c->spin_s = ncpu >= nranks ? 20e-6 : 2e-6;
     rank_line *me = LINE_OF(c, rank);
     me->pid = pid;
     me->cpu = -1;
@@ -264,9 +287,12 @@ pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int
     return c;
 }
 
-void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s) {
-    c->spin_s = spin_s;
-    c->yield_s = yield_s;
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s) { c->spin_s = spin_s; }
+
+void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes) {
+    if (move_bytes >= 64 && move_bytes <= c->half_bytes)
+        c->move_bytes = move_bytes / 64 * 64;
+    c->nt_bytes = nt_bytes ? nt_bytes : UINT64_MAX;
 }
 
 int pyccl_coll_attached(pyccl_coll *c) { return (int)LOAD_ACQ(&HDR(c)->attached); }
@@ -274,11 +300,16 @@ void pyccl_coll_free(pyccl_coll *c) { free(c); }
 uint64_t pyccl_coll_counter(pyccl_coll *c, int r) { return LOAD_ACQ(&LINE_OF(c, r)->cnt); }
 int pyccl_coll_pid(pyccl_coll *c, int r) { return LINE_OF(c, r)->pid; }
 
-void pyccl_coll_abort(pyccl_coll *c) {
+static void abort_with(pyccl_coll *c, int code) {
     uint32_t zero = 0;
-    __atomic_compare_exchange_n(&HDR(c)->abort_by, &zero, (uint32_t)c->rank + 1, 0,
-                                __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    __atomic_compare_exchange_n(&HDR(c)->abort_by, &zero, ((uint32_t)c->rank + 1) | (uint32_t)code << 24,
+                                0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    for (int r = 0; r < c->nranks; r++) /* blocked waiters: look at the flag now */
+        if (__atomic_load_n(&LINE_OF(c, r)->waiters, __ATOMIC_SEQ_CST))
+            futex_wake_all(&LINE_OF(c, r)->wake);
 }
+
+void pyccl_coll_abort(pyccl_coll *c) { abort_with(c, 0); }
 
 static int fail(pyccl_coll *c, int code, int r, uint64_t target) {
     c->err_code = code;
@@ -286,56 +317,113 @@ static int fail(pyccl_coll *c, int code, int r, uint64_t target) {
     c->err_target = target;
     c->err_have = r >= 0 ? LOAD_ACQ(&LINE_OF(c, r)->cnt) : 0;
     c->err_step = (int64_t)(target - c->op_g0) - 1;
-    pyccl_coll_abort(c);
+    abort_with(c, code);
     return code;
+}
+
+/* Another rank marked the segment failed. */
+static int aborted(pyccl_coll *c, uint32_t ab, uint64_t target) {
+    c->err_code = PYCCL_SHM_PEER_ABORT;
+    c->err_rank = (int)(ab & 0xffffffu) - 1;
+    c->err_cause = (int)(ab >> 24);
+    c->err_target = target;
+    c->err_step = target ? (int64_t)(target - c->op_g0) - 1 : -1;
+    return PYCCL_SHM_PEER_ABORT;
+}
+
+/* Did peer r make the same call as this rank (call number n)?  Read from r's signature
+ * history (a seqlock: r zeroes the tag while it rewrites a slot).  A slot already reused by a
+ * later call cannot be checked; ranks run at most a call or so apart, so 4 slots suffice. */
+static int check_call(pyccl_coll *c, int r, uint64_t n, uint64_t bytes, uint32_t what,
+                      uint64_t target) {
+    rank_line *p = LINE_OF(c, r);
+    uint64_t tag = LOAD_ACQ(&p->sig[n & 3].call);
+    if (tag != n)
+        return 0;
+    uint64_t b = LOAD_RLX(&p->sig[n & 3].bytes);
+    uint32_t w = LOAD_RLX(&p->sig[n & 3].what);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LOAD_RLX(&p->sig[n & 3].call) != n || (b == bytes && w == what))
+        return 0;
+    c->err_peer_bytes = b;
+    c->err_peer_what = w;
+    if (n != c->ncall) { /* report the call that differed */
+        c->sig_bytes = bytes;
+        c->sig_what = what;
+    }
+    return fail(c, PYCCL_SHM_SIZE_MISMATCH, r, target);
+}
+
+/* After every successful wait on r: check its current and previous call against ours, so a
+ * rank that finished a call without waiting (a broadcast root) still learns of a mismatch on
+ * its next call, and a reader learns even when the writer has moved on. */
+static int check_sig(pyccl_coll *c, int r, uint64_t target) {
+    int rc = check_call(c, r, c->ncall, c->sig_bytes, c->sig_what, target);
+    if (!rc && c->ncall > 1)
+        rc = check_call(c, r, c->ncall - 1, c->prev_bytes, c->prev_what, target);
+    return rc;
 }
 
 /* Wait until cnt[r] >= target, or fail: deadline passed, r dead, or some rank aborted.
  * Spinning only pays while r runs on another core.  When r last showed itself on the core we
  * are running on (its line holds the CPU it published or began waiting on), it is not running
- * now, so skip the spin and hand the core over at once; on a busy machine (other jobs, more
- * ranks than cores) that is most handoffs. */
+ * now: block at once and hand the core over.  On a busy machine (other jobs, more ranks than
+ * cores) that is most handoffs. */
+#define YIELD_S 1e-3 /* after spinning, poll with sched_yield() this long, then block */
+
 static int wait_one(pyccl_coll *c, int r, uint64_t target) {
     rank_line *peer = LINE_OF(c, r);
     uint64_t *cnt = &peer->cnt;
     if (LOAD_ACQ(cnt) >= target)
-        return 0;
+        return check_sig(c, r, target);
+    rank_line *me = LINE_OF(c, c->rank);
     uint32_t *abort_by = &HDR(c)->abort_by;
     int check_pid = peer->pid > 0 && peer->pidns == c->pidns;
     int cpu = sched_getcpu();
-    STORE_REL(&LINE_OF(c, c->rank)->cpu, cpu);
-    double spin = c->spin_s;
-    backoff b;
-    bo_init(&b);
+    STORE_REL(&me->cpu, cpu);
+    const double start = now_s();
+    double now = start, next_slow = start + 1e-3;
+    unsigned n = 0, ticks = 0;
     for (;;) {
         if (LOAD_ACQ(cnt) >= target)
-            return 0;
-        if (LOAD_RLX(&peer->cpu) == cpu)
-            spin = 0;
+            return check_sig(c, r, target);
         uint32_t ab = LOAD_RLX(abort_by);
-        if (ab && ab != (uint32_t)c->rank + 1) {
+        if (ab && (ab & 0xffffffu) != (uint32_t)c->rank + 1) {
             if (LOAD_ACQ(cnt) >= target) /* it may have aborted after serving us */
-                return 0;
-            c->err_code = PYCCL_SHM_PEER_ABORT;
-            c->err_rank = (int)ab - 1;
-            c->err_target = target;
+                return check_sig(c, r, target);
             c->err_have = LOAD_ACQ(cnt);
-            c->err_step = (int64_t)(target - c->op_g0) - 1;
-            return PYCCL_SHM_PEER_ABORT;
+            return aborted(c, ab, target);
         }
-        int flags = bo_pause(&b, spin, c->yield_s);
-        if (flags & BO_LEFT_CPU) { /* we may come back on another core */
-            cpu = sched_getcpu();
-            STORE_REL(&LINE_OF(c, c->rank)->cpu, cpu);
+        const int elsewhere = LOAD_RLX(&peer->cpu) != cpu;
+        if (now - start < c->spin_s && elsewhere) {
+            CPU_RELAX();
+            if (++n & 31)
+                continue;
+        } else if (now - start < YIELD_S && elsewhere) {
+            /* poll through the kernel: frees the core's pipeline for an SMT sibling (a vCPU
+             * may share a physical core with the rank we wait for) */
+            sched_yield();
+        } else {
+            /* Announce, then re-check: a publisher that bumps `wake` after our load sees
+             * waiters > 0 and wakes us; one that bumped it before makes FUTEX_WAIT return. */
+            __atomic_fetch_add(&peer->waiters, 1, __ATOMIC_SEQ_CST);
+            uint32_t w = __atomic_load_n(&peer->wake, __ATOMIC_SEQ_CST);
+            if (LOAD_ACQ(cnt) < target && !LOAD_RLX(abort_by))
+                futex_wait_1ms(&peer->wake, w);
+            __atomic_fetch_sub(&peer->waiters, 1, __ATOMIC_SEQ_CST);
+            cpu = sched_getcpu(); /* we may wake up on another core */
+            STORE_REL(&me->cpu, cpu);
         }
-        if (!(flags & BO_SLOW))
+        now = now_s();
+        if (now < next_slow)
             continue;
-        if (check_pid && b.slow_ticks % 8 == 1 && !pyccl_pid_alive(peer->pid)) {
+        next_slow = now + 1e-3;
+        if (check_pid && ++ticks % 8 == 1 && !pyccl_pid_alive(peer->pid)) {
             if (LOAD_ACQ(cnt) >= target)
                 return 0;
             return fail(c, PYCCL_SHM_PEER_DEAD, r, target);
         }
-        if (b.now - b.start > c->timeout)
+        if (now - start > c->timeout)
             return fail(c, PYCCL_SHM_TIMEOUT, r, target);
     }
 }
@@ -365,22 +453,34 @@ static void publish(pyccl_coll *c, uint64_t g) {
     c->g = g;
     me->cpu = sched_getcpu();
     STORE_REL(&me->cnt, g);
+    __atomic_store_n(&me->wake, (uint32_t)g, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&me->waiters, __ATOMIC_SEQ_CST))
+        futex_wake_all(&me->wake);
 }
 
-/* Every collective starts here.  A segment some rank marked failed stays failed: the
- * communicator is broken, and a late rank must not find stale data that looks complete. */
-static int op_begin(pyccl_coll *c, double timeout) {
+/* Every collective starts here: note the call's signature for the peers (check_sig).  A
+ * segment some rank marked failed stays failed: the communicator is broken, and a late rank
+ * must not find stale data that looks complete. */
+static int op_begin(pyccl_coll *c, double timeout, int what, int op, int dtype, uint64_t bytes,
+                    int root) {
     c->timeout = timeout;
     c->op_g0 = c->g;
-    c->err_code = 0;
+    c->err_code = c->err_cause = 0;
     c->err_rank = -1;
     uint32_t ab = LOAD_ACQ(&HDR(c)->abort_by);
-    if (ab && ab != (uint32_t)c->rank + 1) {
-        c->err_code = PYCCL_SHM_PEER_ABORT;
-        c->err_rank = (int)ab - 1;
-        c->err_step = -1;
-        return PYCCL_SHM_PEER_ABORT;
-    }
+    if (ab && (ab & 0xffffffu) != (uint32_t)c->rank + 1)
+        return aborted(c, ab, 0);
+    rank_line *me = LINE_OF(c, c->rank);
+    c->prev_bytes = c->sig_bytes;
+    c->prev_what = c->sig_what;
+    c->sig_bytes = bytes;
+    c->sig_what = (uint32_t)what | (uint32_t)(op + 1) << 4 | (uint32_t)(dtype + 1) << 8 |
+                  (uint32_t)(root + 1) << 16;
+    uint64_t n = ++c->ncall;
+    STORE_REL(&me->sig[n & 3].call, 0);
+    STORE_REL(&me->sig[n & 3].bytes, c->sig_bytes);
+    STORE_REL(&me->sig[n & 3].what, c->sig_what);
+    STORE_REL(&me->sig[n & 3].call, n);
     return 0;
 }
 
@@ -442,6 +542,7 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
         part = 1;
     const size_t step = part * (size_t)P;
     const int gather = root < 0 || root == me;
+    const int nt = 0; /* in place: `out` was just read, so its lines are cached already */
     const void *src[MAX_LOCAL_SRC];
     for (size_t s0 = 0; s0 < count; s0 += step) {
         const size_t L = min_sz(step, count - s0);
@@ -466,11 +567,11 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
         publish(c, g2);
         if (!gather)
             continue;
-        memcpy(out + (s0 + BLO(me)) * item, res, BLEN(me) * item);
+        copy_out(out + (s0 + BLO(me)) * item, res, BLEN(me) * item, nt);
         for (int i = 1; i < P; i++) {
             int j = (me + i) % P;
             TRY(wait_one(c, j, g2));
-            memcpy(out + (s0 + BLO(j)) * item, half_of(c, j, g2) + BLO(j) * item, BLEN(j) * item);
+            copy_out(out + (s0 + BLO(j)) * item, half_of(c, j, g2) + BLO(j) * item, BLEN(j) * item, nt);
         }
         c->seen = g2;
 #undef BLO
@@ -481,7 +582,8 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
 
 int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
                           int op, int root, double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, root < 0 ? PYCCL_COLL_ALL_REDUCE : PYCCL_COLL_REDUCE, op, dtype,
+                 count * itemsize(dtype), root));
     if (count == 0 || c->nranks > MAX_LOCAL_SRC)
         return 0;
     if (count * itemsize(dtype) <= c->small_bytes)
@@ -494,7 +596,7 @@ int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count
  * slice from everybody's copies straight into `out`. */
 int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t count,
                               int dtype, int op, double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, PYCCL_COLL_REDUCE_SCATTER, op, dtype, count * itemsize(dtype), -1));
     const int P = c->nranks, me = c->rank;
     if (count == 0 || P > MAX_LOCAL_SRC)
         return 0;
@@ -528,12 +630,13 @@ int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t
 
 int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
                           double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, PYCCL_COLL_ALL_GATHER, -1, -1, nbytes, -1));
     const int P = c->nranks, me = c->rank;
     char *out = out_;
     const char *in = in_;
-    for (size_t k = 0; k < nbytes; k += c->half_bytes) {
-        const size_t L = min_sz(c->half_bytes, nbytes - k);
+    const int nt = (size_t)P * nbytes >= c->nt_bytes;
+    for (size_t k = 0; k < nbytes; k += c->move_bytes) {
+        const size_t L = min_sz(c->move_bytes, nbytes - k);
         uint64_t g;
         TRY(begin_write(c, &g));
         memcpy(half_of(c, me, g), in + k, L);
@@ -544,7 +647,7 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nby
         for (int i = 1; i < P; i++) {
             int r = (me + i) % P;
             TRY(wait_one(c, r, g));
-            memcpy(out + (size_t)r * nbytes + k, half_of(c, r, g), L);
+            copy_out(out + (size_t)r * nbytes + k, half_of(c, r, g), L, nt);
         }
         c->seen = g;
     }
@@ -552,10 +655,11 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nby
 }
 
 int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, PYCCL_COLL_BROADCAST, -1, -1, nbytes, root));
     char *buf = buf_;
-    for (size_t k = 0; k < nbytes; k += c->half_bytes) {
-        const size_t L = min_sz(c->half_bytes, nbytes - k);
+    const int nt = 0; /* measured: plain stores win here (the reader's copy is the bottleneck) */
+    for (size_t k = 0; k < nbytes; k += c->move_bytes) {
+        const size_t L = min_sz(c->move_bytes, nbytes - k);
         uint64_t g;
         if (c->rank == root) {
             TRY(begin_write(c, &g));
@@ -565,7 +669,7 @@ int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, dou
             g = c->g + 1;
             publish(c, g); /* finished reading every step < g */
             TRY(wait_one(c, root, g));
-            memcpy(buf + k, half_of(c, root, g), L);
+            copy_out(buf + k, half_of(c, root, g), L, nt);
         }
     }
     return 0;
@@ -573,11 +677,12 @@ int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, dou
 
 int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
                           double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, PYCCL_COLL_ALL_TO_ALL, -1, -1, nbytes, -1));
     const int P = c->nranks, me = c->rank;
     char *out = out_;
     const char *in = in_;
-    const size_t slice = c->half_bytes / (size_t)P;
+    const size_t slice = c->move_bytes / (size_t)P ? c->move_bytes / (size_t)P : 1;
+    const int nt = (size_t)P * nbytes >= c->nt_bytes;
     for (size_t k = 0; k < nbytes; k += slice) {
         const size_t L = min_sz(slice, nbytes - k);
         uint64_t g;
@@ -593,7 +698,7 @@ int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nby
         for (int i = 1; i < P; i++) {
             int r = (me + i) % P;
             TRY(wait_one(c, r, g));
-            memcpy(out + (size_t)r * nbytes + k, half_of(c, r, g) + (size_t)me * L, L);
+            copy_out(out + (size_t)r * nbytes + k, half_of(c, r, g) + (size_t)me * L, L, nt);
         }
         c->seen = g;
     }
@@ -601,7 +706,7 @@ int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nby
 }
 
 int pyccl_coll_barrier(pyccl_coll *c, double timeout) {
-    TRY(op_begin(c, timeout));
+    TRY(op_begin(c, timeout, PYCCL_COLL_BARRIER, -1, -1, 0, -1));
     uint64_t g = c->g + 1;
     publish(c, g);
     return wait_all(c, g);

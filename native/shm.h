@@ -8,8 +8,8 @@
  *  - transports/shm.py: per directed pair a ring of slots with head/tail counters; the sender
  *    copies into free slots, the receiver copies (or reduces) out.
  *
- * Every wait spins briefly, then sched_yield()s, then sleeps (a few us growing to 100 us), has
- * a deadline, checks that the awaited process is alive, and on failure records what it waited
+ * Every wait spins briefly (only while the awaited rank runs on another core), then blocks
+ * in the kernel (futex) until the awaited rank publishes; it has a deadline, checks that the awaited process is alive, and on failure records what it waited
  * for in the handle's err_* fields (read by Python for the error message).
  * cffi releases the GIL around every call into these functions.
  */
@@ -24,7 +24,7 @@
 #define PYCCL_SHM_TIMEOUT 1        /* a wait ran past its deadline */
 #define PYCCL_SHM_PEER_DEAD 2      /* the awaited process no longer exists */
 #define PYCCL_SHM_PEER_ABORT 3     /* another rank gave up (timeout/death it saw) */
-#define PYCCL_SHM_SIZE_MISMATCH 4  /* ring: the sender's message length differs */
+#define PYCCL_SHM_SIZE_MISMATCH 4  /* the peer's message length / call differs */
 #define PYCCL_SHM_OUT_OF_STEP 5    /* ring: message numbers disagree */
 
 /* ---- segments ------------------------------------------------------------------------- */
@@ -55,6 +55,9 @@ typedef struct pyccl_coll {
     int err_code, err_rank;
     uint64_t err_target, err_have; /* the counter value waited for / the one seen */
     int64_t err_step;              /* step within the collective (0-based) */
+    int err_cause;                 /* PEER_ABORT: the code the aborting rank failed with */
+    uint64_t err_peer_bytes;       /* SIZE_MISMATCH: the peer's call (see sig_*) */
+    uint32_t err_peer_what;
     /* private */
     char *base;
     size_t size;
@@ -62,23 +65,47 @@ typedef struct pyccl_coll {
     uint64_t seen;   /* every peer's counter was seen >= this */
     uint64_t op_g0;  /* my counter when the current collective began */
     uint64_t pidns;  /* inode of /proc/self/ns/pid: peers' pids are checked when equal */
-    double spin_s, yield_s; /* wait policy: spin up to spin_s, yield until yield_s, sleep */
+    double spin_s;   /* wait policy: spin up to spin_s, then block (futex) */
     double timeout;  /* of the current call: bounds each wait */
+    uint64_t move_bytes; /* data movement: bytes per rank per step (<= half_bytes) */
+    uint64_t nt_bytes;   /* outputs at least this big are written with streaming stores */
+    uint64_t sig_bytes;  /* this rank's current call (see PYCCL_COLL_ALL_REDUCE...) */
+    uint32_t sig_what;
+    uint64_t prev_bytes; /* and its previous one */
+    uint32_t prev_what;
+    uint64_t ncall;      /* calls so far (the same on every rank) */
 } pyccl_coll;
 
 #define PYCCL_COLL_ENABLED 1u
+
+/* Op codes of a call's signature (what | (op + 1) << 4 | (dtype + 1) << 8 | (root + 1) << 16,
+ * with sig_bytes the bytes per rank): every rank
+ * publishes its signature with the first step of a call, and a rank that finds a peer's
+ * differing fails with PYCCL_SHM_SIZE_MISMATCH instead of reading a wrong-sized area. */
+#define PYCCL_COLL_ALL_REDUCE 1
+#define PYCCL_COLL_REDUCE 2
+#define PYCCL_COLL_REDUCE_SCATTER 3
+#define PYCCL_COLL_ALL_GATHER 4
+#define PYCCL_COLL_BROADCAST 5
+#define PYCCL_COLL_ALL_TO_ALL 6
+#define PYCCL_COLL_BARRIER 7
 
 /* Bytes a segment for `nranks` ranks with `half_bytes` halves needs. */
 size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes);
 /* Creator: write the header (config) of a fresh segment. */
 int pyccl_coll_format(void *base, size_t size, int nranks, uint64_t half_bytes,
-                      uint64_t part_bytes, uint64_t small_bytes, uint32_t flags);
+                      uint64_t part_bytes, uint64_t small_bytes, uint64_t nt_bytes,
+                      uint32_t flags);
 /* Every rank (creator too): check the header, register pid/pidns, count itself attached.
  * Returns NULL with *err set (EINVAL: bad header or size, ENOMEM). */
 pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int pid,
                               uint64_t pidns, int *err);
-/* Override the wait policy: spin at most spin_s, then yield until yield_s, then sleep. */
-void pyccl_coll_set_spin(pyccl_coll *c, double spin_s, double yield_s);
+/* Override the wait policy: spin at most spin_s (while the peer is on another core), then
+ * block in the kernel until the peer publishes. */
+void pyccl_coll_set_spin(pyccl_coll *c, double spin_s);
+/* Tuning knobs for experiments and tests: bytes per step of the data-movement collectives
+ * (every rank must set the same), streaming-store threshold (0: never). */
+void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes);
 /* How many ranks have attached so far. */
 int pyccl_coll_attached(pyccl_coll *c);
 void pyccl_coll_free(pyccl_coll *c);   /* frees the handle, not the mapping */

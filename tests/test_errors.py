@@ -66,9 +66,7 @@ def rank_mismatched_size(comm):
     return None
 
 
-SHM_GAP = pytest.mark.xfail(strict=True, reason="known gap: the shared-memory fast path (ccl/shm_collectives.py) "
-                            "does not compare byte counts across ranks yet; tcp does")
-TRANSPORTS = ["tcp", pytest.param("auto", marks=SHM_GAP)]
+TRANSPORTS = ["tcp", "auto"]   # auto on one host = the shared-memory fast path, which checks signatures
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -36,8 +36,10 @@ from pyccl.transports.shm import Segment, ShmConnection, clean_leftovers, ffi, l
 pytestmark = pytest.mark.timeout(300)
 
 RANKS = [2, 3, 4]
-#: fast paths with small thresholds: one-shot up to 1 KiB, pipeline parts of 4 KiB
-FAST = {"PYCCL_TRANSPORT": "shm", "PYCCL_SHM_SMALL_BYTES": "1024", "PYCCL_SHM_CHUNK_BYTES": "4096"}
+#: fast paths with small thresholds: one-shot up to 1 KiB, pipeline parts of 4 KiB, streaming
+#: stores for every output (the default configuration is tested too)
+FAST = {"PYCCL_TRANSPORT": "shm", "PYCCL_SHM_SMALL_BYTES": "1024", "PYCCL_SHM_CHUNK_BYTES": "4096",
+        "PYCCL_SHM_NT_BYTES": "1"}
 #: the executor over the rings: fast path off, 4 KiB chunks in 256-byte slots, 3 per ring
 EXEC = {"PYCCL_TRANSPORT": "shm", "PYCCL_SHM_COLLECTIVES": "0", "PYCCL_CHUNK_BYTES": "4096",
         "PYCCL_SHM_SLOT_BYTES": "256", "PYCCL_SHM_SLOTS": "3"}
@@ -265,7 +267,7 @@ def test_dead_peer_detected_in_c():
     seg.unlink()
     err = ffi.new("int *")
     try:
-        assert lib.pyccl_coll_format(seg.base, size, 2, half, part, small, 1) == 0
+        assert lib.pyccl_coll_format(seg.base, size, 2, half, part, small, 0, 1) == 0
         c0 = lib.pyccl_coll_attach(seg.base, size, 0, 2, os.getpid(), shm.pid_namespace(), err)
         c1 = lib.pyccl_coll_attach(seg.base, size, 1, 2, dead_pid(), shm.pid_namespace(), err)
         assert lib.pyccl_coll_attached(c0) == 2
@@ -547,6 +549,55 @@ def test_absent_peer_times_out_naming_it():
     timeouts = [res[r][1] for r in (0, 2) if res[r][0] == "Timeout"]
     assert timeouts and all("ranks [1] have not arrived" in m and "all_reduce" in m for m in timeouts), res
     assert res[1][0] == "PeerFailure", res   # the late rank finds the segment marked failed
+
+
+def rank_mismatch(comm, kind):
+    """Calls that differ across ranks: TransportError naming the mismatch, on the call or the next."""
+    r, s = comm.rank, comm.size
+    t0 = time.monotonic()
+    errors = []
+    for call in range(2):
+        try:
+            if call == 1:
+                comm.all_reduce(np.ones(2, np.float32))
+            elif kind == "all_reduce":
+                comm.all_reduce(np.ones(1000 + r, np.float32))
+            elif kind == "all_reduce_large":
+                comm.all_reduce(np.ones((1 << 20) + 64 * r, np.float32))
+            elif kind == "dtype":
+                comm.all_reduce(np.ones(64, np.float32 if r else np.int32))
+            elif kind == "op":
+                comm.all_reduce(np.ones(64, np.float32), op="max" if r == s - 1 else "sum")
+            elif kind == "broadcast":
+                comm.broadcast(np.ones(10 + (r == s - 1), np.float32), root=0)
+            elif kind == "all_gather":
+                comm.all_gather(np.empty((5 + r) * s, np.float32), np.ones(5 + r, np.float32))
+            elif kind == "all_to_all":
+                n = 2 * s + (r == 0) * s
+                comm.all_to_all(np.empty(n, np.float32), np.ones(n, np.float32))
+            elif kind == "reduce_scatter":
+                n = 3 + (r == 1)
+                comm.reduce_scatter(np.empty(n, np.float32), np.ones(n * s, np.float32))
+            errors.append("")
+        except (TransportError, PeerFailure, Timeout) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("kind", ["all_reduce", "all_reduce_large", "dtype", "op", "broadcast", "all_gather",
+                                  "all_to_all", "reduce_scatter"])
+def test_fast_path_mismatch_detected(kind):
+    g = RankGroup(3, env={"PYCCL_TRANSPORT": "shm", "PYCCL_TIMEOUT": "20"}, transport="shm")
+    try:
+        res = g.run(rank_mismatch, kind, timeout=60)
+    finally:
+        g.close()
+    for r, (errors, took) in enumerate(res):
+        assert took < 10, res
+        first = next((e for e in errors if e), "")
+        assert "mismatch" in first and first.startswith("TransportError"), (r, res)
+    # at least one rank names the peer and both calls
+    assert any("size mismatch with rank" in e for errors, _ in res for e in errors), res
 
 
 # ==== hygiene ====================================================================================

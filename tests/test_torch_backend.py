@@ -934,8 +934,6 @@ def test_mismatched_sizes_fail_fast(tr, kind):
     _ok(tr.run(rank_mismatch, kind, False, timeout=60))
 
 
-@pytest.mark.xfail(reason="ccl/shm_collectives.py does not compare byte counts across ranks yet: "
-                          "mismatched sizes on one host go undetected (reported to the lead)", strict=False)
 @pytest.mark.parametrize("kind", MISMATCH_KINDS)
 def test_mismatched_sizes_fail_fast_shm_collectives(tr, kind):
     _ok(tr.run(rank_mismatch, kind, True, timeout=60))
