@@ -57,6 +57,8 @@ pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int
                               uint64_t pidns, int *err);
 void pyccl_coll_set_spin(pyccl_coll *c, double spin_s);
 void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes);
+void pyccl_share_force(int kind);
+int pyccl_share_hint(void);
 int pyccl_coll_attached(pyccl_coll *c);
 void pyccl_coll_free(pyccl_coll *c);
 uint64_t pyccl_coll_counter(pyccl_coll *c, int r);

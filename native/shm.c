@@ -104,6 +104,41 @@ static void copy_out(void *dst, const void *src, size_t n, int nt) {
 }
 #endif
 
+/* ---- writes into shared areas ------------------------------------------------------------
+ * A shared line the peer has just read sits in the peer's cache: a plain store must first take
+ * it back (read-for-ownership, invalidating the peer's copy).  What that costs depends on
+ * where the two cores sit.  Measured on this project's 2-vCPU VM, whose vCPUs the host moves
+ * around: plain stores ran at ~40 GB/s in some minutes and ~2.5 GB/s in others, streaming
+ * stores at 14-27 GB/s in both, but data written that way is slower for the peer to read
+ * (from memory, not from a cache).  Timing the stores alone misleads (streaming stores look
+ * cheap to issue), so each communicator times whole calls per (op, size class) with either
+ * kind, uses the cheaper, and tries the other every 16th call of that class (op_begin/op_end).
+ * All ranks make the same calls, so they explore on the same calls.  PYCCL_SHM_STREAM=0/1
+ * forces one kind.  Only speed depends on the choice, never the bytes written. */
+#define SHARE_MIN 16384          /* smaller writes: always plain */
+static int share_forced = -1;     /* PYCCL_SHM_STREAM: -1 measure, 0 plain, 1 streaming */
+static int share_hint;            /* the kind the collectives found cheaper last (ring sends) */
+static __thread int call_kind;    /* the kind of the call in progress on this thread */
+
+void pyccl_share_force(int kind) { share_forced = kind < 0 ? -1 : !!kind; }
+int pyccl_share_hint(void) { return share_forced >= 0 ? share_forced : share_hint; }
+
+#if defined(__x86_64__)
+#include <x86intrin.h>
+static uint64_t ticks(void) { return __rdtsc(); }
+#else
+static uint64_t ticks(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+#endif
+
+/* dst (shared) = src, with the current call's kind of stores. */
+static void put_shared(void *dst, const void *src, size_t n) {
+    copy_out(dst, src, n, n >= SHARE_MIN && call_kind);
+}
+
 /* ---- segments ------------------------------------------------------------------------- */
 
 void *pyccl_shm_map(const char *name, size_t *size, int create, int *err) {
@@ -270,6 +305,7 @@ pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int
     c->nt_bytes = h->nt_bytes;
     c->pidns = pidns;
     c->err_rank = -1;
+    c->kind_cls = -1;
     /* Spin while every rank can have a core; when ranks outnumber cores, block almost at
      * once so the rank we wait for gets the CPU. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -458,6 +494,35 @@ static void publish(pyccl_coll *c, uint64_t g) {
         futex_wake_all(&me->wake);
 }
 
+/* Pick the kind of shared stores for a call of `bytes` (op code `what`): forced, or the cheaper
+ * as timed for its (op, size class), or, every 16th call of a class or while one kind has no
+ * time yet, the other one. */
+#define KIND_MIN_BYTES (256u << 10) /* smaller calls: plain stores, not timed */
+static void choose_kind(pyccl_coll *c, int what, uint64_t bytes) {
+    c->kind_cls = -1;
+    call_kind = 0;
+    if (share_forced >= 0) {
+        call_kind = share_forced;
+        return;
+    }
+    if (bytes < KIND_MIN_BYTES || what < 1 || what > KIND_OPS)
+        return;
+    int size_cls = 0;
+    for (uint64_t b = bytes / KIND_MIN_BYTES; b >= 4 && size_cls < KIND_SIZES - 1; b /= 4)
+        size_cls++;
+    const int cls = (what - 1) * KIND_SIZES + size_cls;
+    const uint64_t *cost = c->kind_cost[cls];
+    const uint64_t n = ++c->kind_calls[cls];
+    int kind = cost[1] && cost[1] < cost[0];
+    if (!cost[0] || !cost[1])
+        kind = !cost[0] ? 0 : 1;
+    else if (n % 16 == 0)
+        kind = !kind;
+    c->kind_cls = cls;
+    call_kind = kind;
+    c->kind_t0 = ticks();
+}
+
 /* Every collective starts here: note the call's signature for the peers (check_sig).  A
  * segment some rank marked failed stays failed: the communicator is broken, and a late rank
  * must not find stale data that looks complete. */
@@ -481,7 +546,25 @@ static int op_begin(pyccl_coll *c, double timeout, int what, int op, int dtype, 
     STORE_REL(&me->sig[n & 3].bytes, c->sig_bytes);
     STORE_REL(&me->sig[n & 3].what, c->sig_what);
     STORE_REL(&me->sig[n & 3].call, n);
+    choose_kind(c, what, bytes);
     return 0;
+}
+
+/* After a call: its time per KiB goes into the average of the kind it used. */
+static int op_end(pyccl_coll *c, int rc) {
+    if (c->kind_cls < 0)
+        return rc;
+    if (!rc) {
+        const uint64_t per_kib = (ticks() - c->kind_t0) * 1024 / (c->sig_bytes ? c->sig_bytes : 1);
+        uint64_t *avg = &c->kind_cost[c->kind_cls][call_kind];
+        *avg = *avg ? (*avg * 3 + per_kib) / 4 : per_kib;
+        const uint64_t *both = c->kind_cost[c->kind_cls];
+        if (both[0] && both[1])
+            share_hint = both[1] < both[0];
+    }
+    call_kind = 0;
+    c->kind_cls = -1;
+    return rc;
 }
 
 #define TRY(x)                  \
@@ -510,6 +593,28 @@ static void reduce_in_order(void *dst, const void *const *src, int n, size_t cou
 
 /* ---- all_reduce / reduce --------------------------------------------------------------- */
 
+/* res (shared) and, unless out is NULL, out (private) = the reduction of src, in blocks that
+ * stay in L1: the result is computed once, stored into the shared area with the call's kind of
+ * stores, and copied to out from the cache instead of re-reading res. */
+#define BLOCK_BYTES 8192
+static void reduce_to_both(char *res, char *out, const void *const *src, int n, size_t count,
+                           int dtype, int op) {
+    static __thread char tmp[BLOCK_BYTES] __attribute__((aligned(64)));
+    const size_t item = itemsize(dtype), per = BLOCK_BYTES / item;
+    const size_t nbytes = count * item;
+    const int kind = nbytes >= SHARE_MIN && call_kind;
+    const void *s[MAX_LOCAL_SRC];
+    for (size_t k = 0; k < count; k += per) {
+        const size_t L = min_sz(per, count - k);
+        for (int r = 0; r < n; r++)
+            s[r] = (const char *)src[r] + k * item;
+        reduce_in_order(tmp, s, n, L, dtype, op);
+        copy_out(res + k * item, tmp, L * item, kind);
+        if (out)
+            memcpy(out + k * item, tmp, L * item);
+    }
+}
+
 /* One-shot: everybody copies its whole input into its half, then every reader reduces all the
  * halves itself.  One handshake; used while the message is small. */
 static int all_reduce_one_shot(pyccl_coll *c, char *out, const char *in, size_t count,
@@ -517,7 +622,7 @@ static int all_reduce_one_shot(pyccl_coll *c, char *out, const char *in, size_t 
     uint64_t g;
     size_t nbytes = count * itemsize(dtype);
     TRY(begin_write(c, &g));
-    memcpy(half_of(c, c->rank, g), in, nbytes);
+    put_shared(half_of(c, c->rank, g), in, nbytes);
     publish(c, g);
     if (root >= 0 && root != c->rank)
         return 0;
@@ -553,7 +658,7 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
         char *mine = half_of(c, me, g);
         for (int j = 0; j < P; j++)
             if (j != me)
-                memcpy(mine + BLO(j) * item, in + (s0 + BLO(j)) * item, BLEN(j) * item);
+                put_shared(mine + BLO(j) * item, in + (s0 + BLO(j)) * item, BLEN(j) * item);
         publish(c, g);
         TRY(wait_all(c, g));
         /* (B) step g + 1: my reduced part into my other half */
@@ -563,11 +668,11 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
             src[r] = r == me ? (const void *)(in + (s0 + BLO(me)) * item)
                              : (const void *)(half_of(c, r, g) + BLO(me) * item);
         if (BLEN(me))
-            reduce_in_order(res, src, P, BLEN(me), dtype, op);
+            reduce_to_both(res, gather ? out + (s0 + BLO(me)) * item : NULL, src, P, BLEN(me),
+                           dtype, op);
         publish(c, g2);
         if (!gather)
             continue;
-        copy_out(out + (s0 + BLO(me)) * item, res, BLEN(me) * item, nt);
         for (int i = 1; i < P; i++) {
             int j = (me + i) % P;
             TRY(wait_one(c, j, g2));
@@ -580,7 +685,7 @@ static int all_reduce_pipelined(pyccl_coll *c, char *out, const char *in, size_t
     return 0;
 }
 
-int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+static int coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
                           int op, int root, double timeout) {
     TRY(op_begin(c, timeout, root < 0 ? PYCCL_COLL_ALL_REDUCE : PYCCL_COLL_REDUCE, op, dtype,
                  count * itemsize(dtype), root));
@@ -594,7 +699,7 @@ int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count
 /* ---- reduce_scatter ----------------------------------------------------------------------
  * Each step: every rank copies the slices the others own into its half, then reduces its own
  * slice from everybody's copies straight into `out`. */
-int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t count,
+static int coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t count,
                               int dtype, int op, double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_REDUCE_SCATTER, op, dtype, count * itemsize(dtype), -1));
     const int P = c->nranks, me = c->rank;
@@ -615,7 +720,7 @@ int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t
         char *mine = half_of(c, me, g);
         for (int j = 0; j < P; j++)
             if (j != me || alias)
-                memcpy(mine + (size_t)j * L * item, in + ((size_t)j * count + k) * item, L * item);
+                put_shared(mine + (size_t)j * L * item, in + ((size_t)j * count + k) * item, L * item);
         publish(c, g);
         TRY(wait_all(c, g));
         for (int r = 0; r < P; r++)
@@ -628,7 +733,7 @@ int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_t
 
 /* ---- data movement ------------------------------------------------------------------------ */
 
-int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
+static int coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
                           double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_ALL_GATHER, -1, -1, nbytes, -1));
     const int P = c->nranks, me = c->rank;
@@ -639,7 +744,7 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nby
         const size_t L = min_sz(c->move_bytes, nbytes - k);
         uint64_t g;
         TRY(begin_write(c, &g));
-        memcpy(half_of(c, me, g), in + k, L);
+        put_shared(half_of(c, me, g), in + k, L);
         publish(c, g);
         char *own = out + (size_t)me * nbytes + k;
         if (own != in + k)
@@ -654,7 +759,7 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nby
     return 0;
 }
 
-int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
+static int coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_BROADCAST, -1, -1, nbytes, root));
     char *buf = buf_;
     const int nt = 0; /* measured: plain stores win here (the reader's copy is the bottleneck) */
@@ -663,7 +768,7 @@ int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, dou
         uint64_t g;
         if (c->rank == root) {
             TRY(begin_write(c, &g));
-            memcpy(half_of(c, root, g), buf + k, L);
+            put_shared(half_of(c, root, g), buf + k, L);
             publish(c, g);
         } else {
             g = c->g + 1;
@@ -675,7 +780,7 @@ int pyccl_coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, dou
     return 0;
 }
 
-int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
+static int coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nbytes,
                           double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_ALL_TO_ALL, -1, -1, nbytes, -1));
     const int P = c->nranks, me = c->rank;
@@ -690,7 +795,7 @@ int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nby
         char *mine = half_of(c, me, g);
         for (int j = 0; j < P; j++)
             if (j != me)
-                memcpy(mine + (size_t)j * L, in + (size_t)j * nbytes + k, L);
+                put_shared(mine + (size_t)j * L, in + (size_t)j * nbytes + k, L);
         publish(c, g);
         char *own = out + (size_t)me * nbytes + k;
         if (own != in + (size_t)me * nbytes + k)
@@ -703,6 +808,27 @@ int pyccl_coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nby
         c->seen = g;
     }
     return 0;
+}
+
+/* The public collectives: the bodies above, with the call timed for the choice of stores. */
+int pyccl_coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t count, int dtype,
+                          int op, int root, double timeout) {
+    return op_end(c, coll_all_reduce(c, out, in, count, dtype, op, root, timeout));
+}
+int pyccl_coll_reduce_scatter(pyccl_coll *c, void *out, const void *in, size_t count,
+                              int dtype, int op, double timeout) {
+    return op_end(c, coll_reduce_scatter(c, out, in, count, dtype, op, timeout));
+}
+int pyccl_coll_all_gather(pyccl_coll *c, void *out, const void *in, size_t nbytes,
+                          double timeout) {
+    return op_end(c, coll_all_gather(c, out, in, nbytes, timeout));
+}
+int pyccl_coll_broadcast(pyccl_coll *c, void *buf, size_t nbytes, int root, double timeout) {
+    return op_end(c, coll_broadcast(c, buf, nbytes, root, timeout));
+}
+int pyccl_coll_all_to_all(pyccl_coll *c, void *out, const void *in, size_t nbytes,
+                          double timeout) {
+    return op_end(c, coll_all_to_all(c, out, in, nbytes, timeout));
 }
 
 int pyccl_coll_barrier(pyccl_coll *c, double timeout) {
@@ -766,6 +892,7 @@ int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot
     const uint64_t total = msg_slots(len, sb);
     uint64_t head = LOAD_RLX(&SENDER(ring)->v);
     uint64_t tail = LOAD_ACQ(&RECEIVER(ring)->v);
+    call_kind = pyccl_share_hint();
     while (slot < total) {
         if (head - tail >= ns) {
             tail = LOAD_ACQ(&RECEIVER(ring)->v);
@@ -776,13 +903,14 @@ int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot
         const uint64_t nb = len ? min_sz(sb, len - off) : 0;
         const uint32_t i = (uint32_t)(head % ns);
         if (nb)
-            memcpy(SLOT(ring, i), (const char *)src + off, nb);
+            put_shared(SLOT(ring, i), (const char *)src + off, nb);
         META(ring)[i].msg_len = len;
         META(ring)[i].msg_no = msg_no;
         META(ring)[i].nbytes = (uint32_t)nb;
         STORE_REL(&SENDER(ring)->v, ++head);
         slot++;
     }
+    call_kind = 0;
     return (int64_t)slot;
 }
 

@@ -74,6 +74,14 @@ typedef struct pyccl_coll {
     uint64_t prev_bytes; /* and its previous one */
     uint32_t prev_what;
     uint64_t ncall;      /* calls so far (the same on every rank) */
+    /* kind of stores into shared areas (shm.c, choose_kind): per (op, size class) the
+     * average time per KiB of calls made with plain [0] / streaming [1] stores */
+#define KIND_OPS 6
+#define KIND_SIZES 6
+    uint64_t kind_cost[KIND_OPS * KIND_SIZES][2];
+    uint64_t kind_calls[KIND_OPS * KIND_SIZES];
+    int kind_cls;        /* class of the call in progress, -1: not timed */
+    uint64_t kind_t0;
 } pyccl_coll;
 
 #define PYCCL_COLL_ENABLED 1u
@@ -106,6 +114,10 @@ void pyccl_coll_set_spin(pyccl_coll *c, double spin_s);
 /* Tuning knobs for experiments and tests: bytes per step of the data-movement collectives
  * (every rank must set the same), streaming-store threshold (0: never). */
 void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes);
+/* Stores into shared areas: kind 0 plain, 1 streaming, -1 (default) the cheaper as timed per
+ * communicator (shm.c, choose_kind); pyccl_share_hint() is the kind ring sends use. */
+void pyccl_share_force(int kind);
+int pyccl_share_hint(void);
 /* How many ranks have attached so far. */
 int pyccl_coll_attached(pyccl_coll *c);
 void pyccl_coll_free(pyccl_coll *c);   /* frees the handle, not the mapping */
