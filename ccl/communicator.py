@@ -94,6 +94,7 @@ class Communicator:
         self._secret = secret or self._agree_secret(info)
         self._seq = 0
         self._splits = 0
+        self._shrinks = 0
         self._plans = {}
         self._broken = None
         self._closed = False
@@ -522,6 +523,52 @@ class Communicator:
                             secret=self._secret, transport=self.transport_name,
                             _members=[self._members[r] for r in ranks], _tag=tag)
 
+    def shrink(self, exclude=(), timeout=None):
+        """A new communicator of the ranks still alive, after a peer failed (MPI_Comm_shrink,
+        ncclCommShrink). Every surviving rank calls it; it runs over the store, not over the
+        (broken) connections, so the store must outlive the failure (pyccl.launch and torchrun
+        host it outside the ranks). Left out are: ranks in any caller's `exclude`, ranks found
+        dead (same host, process gone), and ranks that have not called it within `timeout` s
+        (default min(communicator timeout, 30)). The first caller decides and writes the member
+        list; everybody builds the new communicator from it, ranks numbered in the old order.
+        A rank that calls after the decision gets PeerFailure. This communicator is left as it
+        is: close it."""
+        self._shrinks += 1
+        key = f"shrink{self._shrinks}"
+        window = float(timeout if timeout is not None else min(self.timeout, 30.0))
+        mine = {"exclude": sorted({int(r) for r in exclude}), "dead": self._dead_local_peers()}
+        self.store.set(f"{key}/here/{self.rank}", json.dumps(mine).encode())
+        if self.store.add(f"{key}/decider", 1) == 1:
+            self.store.set(f"{key}/members", json.dumps(self._decide_members(key, window)).encode())
+        members = json.loads(self.store.get(f"{key}/members", timeout=window + self.timeout))
+        if self.rank not in members:
+            raise PeerFailure(f"shrink: rank {self.rank} was left out; ranks {members} agreed on "
+                              f"the new communicator before this rank called (after {window:.0f}s)")
+        log.info("%s rank %d: shrink -> %d ranks %s", self.tag, self.rank, len(members), members)
+        return Communicator(members.index(self.rank), len(members), self._root_store, self.timeout,
+                            secret=self._secret, transport=self.transport_name,
+                            _members=[self._members[r] for r in members], _tag=f"{self.tag}.{key}")
+
+    def _decide_members(self, key, window) -> list:
+        """Wait until every rank not known dead has checked in (or `window` passes)."""
+        keys = [f"{key}/here/{r}" for r in range(self.size)]
+        deadline = time.monotonic() + window
+        while True:
+            present = [r for r, ok in enumerate(self.store.check(keys)) if ok]
+            views = [json.loads(self.store.get(keys[r], timeout=self.timeout)) for r in present]
+            dead = {r for v in views for r in v["dead"]} | set(self._dead_local_peers())
+            out = {r for v in views for r in v["exclude"]}
+            if set(range(self.size)) - dead <= set(present) or time.monotonic() > deadline:
+                return [r for r in present if r not in out and r not in dead]
+            time.sleep(0.01)
+
+    def _dead_local_peers(self) -> list:
+        """Peers on this host whose process is gone (a zombie counts as gone)."""
+        me = self.peer_info[self.rank]
+        return [r for r, i in enumerate(self.peer_info)
+                if r != self.rank and i["host"] == me["host"] and i.get("pidns") == me.get("pidns")
+                and not _pid_alive(i["pid"])]
+
     # ---- teardown ----
     def abort(self):
         """Drop every connection now, so peers blocked on this rank fail fast instead of timing out."""
@@ -558,6 +605,16 @@ class Communicator:
 
     def __repr__(self):
         return f"<pyccl.Communicator {self.tag} rank {self.rank}/{self.size} via {self.transport_name}>"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _sig(buf, root=-1, op=None) -> dict:

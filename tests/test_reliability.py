@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+import pyccl
+
 from pyccl.doctor import diagnose, load
 from pyccl.errors import InvalidArgument
 
@@ -143,3 +145,56 @@ def test_close_releases_fds_threads_segments(groups):
     for before, after in groups(3).run(rank_resources):
         assert after == before, f"before {before}, after {after} (fds, threads)"
     assert _shm() == shm_before
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_shrink_after_killed_peer(tmp_path, transport):
+    """Rank 2 of 4 dies; the three survivors get PeerFailure, shrink, and go on computing."""
+    r = _launch(tmp_path, """
+        import os, signal, numpy as np, pyccl
+        comm = pyccl.init()
+        x = np.ones(1 << 16, np.float32)
+        comm.all_reduce(x)
+        if comm.rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            for i in range(50):
+                comm.all_reduce(x)
+            raise SystemExit("no error after the peer died")
+        except (pyccl.PeerFailure, pyccl.Timeout):
+            pass
+        new = comm.shrink()
+        comm.close()
+        y = np.full(1001, comm.rank + 1, np.float64)
+        new.all_reduce(y)
+        g = np.empty(new.size, np.int64)
+        new.all_gather(g, np.array([comm.rank], np.int64))
+        line = f"SHRUNK old {comm.rank} new {new.rank}/{new.size} sum {y[0]:g} {y[-1]:g} members {g.tolist()}"
+        os.write(1, (line + chr(10)).encode())
+        new.close()
+    """, 4, env={"PYCCL_TIMEOUT": "20", "PYCCL_TRANSPORT": transport}, grace="60")
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("SHRUNK"))
+    assert len(lines) == 3, r.stdout + r.stderr
+    for old, new, line in zip((0, 1, 3), (0, 1, 2), lines):
+        # survivors 0, 1, 3 keep their order; 1 + 2 + 4 = 7
+        assert line == f"SHRUNK old {old} new {new}/3 sum 7 7 members [0, 1, 3]", line
+
+
+def test_shrink_leaves_out_excluded_and_late_ranks(groups):
+    g = groups(3, env={"PYCCL_TIMEOUT": "20"})
+    results = g.run(rank_shrink_exclude)
+    assert results == [("member", 0, 2, 4.0), ("left out", None, None, None), ("member", 1, 2, 4.0)]
+
+
+def rank_shrink_exclude(comm):
+    """Everybody alive, but rank 0 asks to drop rank 1: ranks 0 and 2 form the new one."""
+    try:
+        new = comm.shrink(exclude=[1] if comm.rank == 0 else [], timeout=10)
+    except pyccl.PeerFailure:
+        return ("left out", None, None, None)
+    x = np.full(3, comm.rank + 1.0)
+    new.all_reduce(x)
+    out = ("member", new.rank, new.size, float(x[0]))
+    new.close()
+    return out

@@ -127,6 +127,14 @@ def transports() -> dict:
     return out
 
 
+def pid_namespace() -> int:
+    """Inode of this process's pid namespace: pids of two processes compare only when equal."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def local_info(rank: int = 0, with_gpus=None) -> dict:
     """Everything this rank publishes for the communicator's topology. GPUs are probed only
     when asked or when torch/cupy is already loaded (probing imports them, which is slow)."""
@@ -134,7 +142,7 @@ def local_info(rank: int = 0, with_gpus=None) -> dict:
     if with_gpus is None:
         with_gpus = "cupy" in sys.modules or "torch" in sys.modules
     return {"rank": rank, "host": host_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
-            **cpus_and_numa(), "gpus": gpus() if with_gpus else [], "rdma": rdma_devices(),
+            "pidns": pid_namespace(), **cpus_and_numa(), "gpus": gpus() if with_gpus else [], "rdma": rdma_devices(),
             "net": net_interfaces()}
 
 
