@@ -36,6 +36,9 @@ def parse_size(text):
 
 
 def sizes(args):
+    if args.sizes:
+        yield from (parse_size(x) for x in args.sizes.split(","))
+        return
     s = args.minbytes
     while s <= args.maxbytes:
         yield s
@@ -229,6 +232,10 @@ def main(default_op="all_reduce", argv=None):
     p.add_argument("-w", "--warmup", type=int, default=3)
     p.add_argument("-d", "--dtype", default="float32")
     p.add_argument("-r", "--root", type=int, default=0)
+    p.add_argument("--sizes", help="comma list of sizes instead of -b/-e/-f, e.g. 8,1M,16M,128M")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="split the iterations of each size into this many rounds, the libraries "
+                        "taking turns, so that a slow minute of a noisy machine hits all alike")
     p.add_argument("--compare", default="", help="comma list of gloo,mpi to run beside pyccl")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw busbw against size for each library (PNG)")
@@ -254,13 +261,22 @@ def main(default_op="all_reduce", argv=None):
     root = args.root if args.op in ("broadcast", "reduce") else -1
     if rank == 0:
         print(f"# pyccl {pyccl.__version__} {args.op}: {n} ranks, transport {comm.transport_name}, "
-              f"median of {args.iters} iterations after {args.warmup} warm-up", flush=True)
+              f"median of {args.iters} iterations in {args.rounds} interleaved rounds after {args.warmup} warm-up", flush=True)
         print(f"# {'library':>11} {'size':>12} {'count':>12} {'type':>8} {'redop':>6} {'root':>5} "
               f"{'time(us)':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>7} {'min-max(us)':>17}", flush=True)
     rows = []
     for nbytes in sizes(args):
+        rounds = max(1, min(args.rounds, args.iters))
+        per_lib = {lib.name: [] for lib in libs}
+        for k in range(rounds):
+            iters = args.iters // rounds + (k < args.iters % rounds)
+            for lib in libs:
+                per_lib[lib.name].append(measure(lib, args.op, nbytes, dtype, rank, n, max(root, 0), iters,
+                                                 args.warmup if k == 0 else 1))
         for lib in libs:
-            count, t, wrong = measure(lib, args.op, nbytes, dtype, rank, n, max(root, 0), args.iters, args.warmup)
+            runs = per_lib[lib.name]
+            count, wrong = runs[0][0], max(w for _, _, w in runs)
+            t = np.concatenate([t for _, t, _ in runs])
             med = float(np.median(t))
             size = count * dtype.itemsize
             algbw = size / med / 1e3 if med > 0 else 0.0

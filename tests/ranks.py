@@ -5,6 +5,7 @@ spawning Python and connecting sockets. `group.run(fn, *args)` runs the module-l
 function `fn(comm, *args)` on every rank and returns the per-rank results; a failure on
 any rank raises with every rank's traceback. A group that failed is restarted by
 `ranks_fixture` before the next test, so one bad test does not poison the rest.
+`Ranks` is the part shared with tests/torch_ranks.py: processes, pipes, serving calls.
 """
 import multiprocessing as mp
 import os
@@ -16,50 +17,53 @@ from pyccl.store import StoreServer, TCPStore
 _CTX = mp.get_context("spawn")
 
 
-def _rank_main(rank, size, addr, secret, conn, env, comm_kwargs):
-    os.environ.update(env)
-    try:
-        import pyccl
-        store = TCPStore(addr[0], addr[1], secret, timeout=60)
-        comm = pyccl.Communicator(rank, size, store=store, secret=secret, **comm_kwargs)
-        conn.send(("ready", None))
-    except BaseException:  # reported to the parent, which fails the test
-        conn.send(("err", traceback.format_exc()))
-        return
+class RankFailure(AssertionError):
+    pass
+
+
+def serve(conn, obj):
+    """In a rank: answer ("ok", fn(obj, *args)) or ("err", traceback) until told to stop."""
+    conn.send(("ready", None))
     while True:
         msg = conn.recv()
         if msg is None:
             break
         fn, args = msg
         try:
-            conn.send(("ok", fn(comm, *args)))
+            conn.send(("ok", fn(obj, *args)))
         except BaseException:  # reported to the parent, which fails the test
             conn.send(("err", traceback.format_exc()))
+
+
+def _rank_main(rank, size, addr, secret, env, comm_kwargs, conn):
+    os.environ.update(env)
+    try:
+        import pyccl
+        store = TCPStore(addr[0], addr[1], secret, timeout=60)
+        comm = pyccl.Communicator(rank, size, store=store, secret=secret, **comm_kwargs)
+    except BaseException:  # reported to the parent, which fails the test
+        conn.send(("err", traceback.format_exc()))
+        return
+    serve(conn, comm)
     comm.close()
     conn.send(("closed", None))
 
 
-class RankFailure(AssertionError):
-    pass
+class Ranks:
+    """`size` spawned processes running `target(rank, *args, conn)`, which must `serve`."""
 
-
-class RankGroup:
-    def __init__(self, size, env=None, timeout=120, **comm_kwargs):
-        self.size = size
-        self.timeout = timeout
-        secret = secrets.token_bytes(32)
-        self.server = StoreServer("127.0.0.1", 0, secret)
-        env = {"PYCCL_TIMEOUT": "60", **(env or {})}
+    def __init__(self, size, timeout, target, args):
+        self.size, self.timeout = size, timeout
         self.pipes, self.procs = [], []
         for r in range(size):
             parent, child = _CTX.Pipe()
-            p = _CTX.Process(target=_rank_main, args=(r, size, self.server.address, secret, child, env, comm_kwargs),
-                             daemon=True)
+            p = _CTX.Process(target=target, args=(r, *args, child), daemon=True)
             p.start()
+            child.close()                 # so a rank that dies shows as EOF at once
             self.pipes.append(parent)
             self.procs.append(p)
-        self._collect("start")
         self.broken = False
+        self._collect("start")
 
     def _collect(self, what, timeout=None):
         results, errors = [], []
@@ -87,16 +91,38 @@ class RankGroup:
             pipe.send((fn, args))
         return self._collect(getattr(fn, "__name__", str(fn)), timeout)
 
-    def close(self):
+    def close(self, drain=0.0):
+        """Tell every rank to stop (waiting up to `drain` s for its goodbye), then reap."""
         for pipe, p in zip(self.pipes, self.procs):
             try:
                 if p.is_alive():
                     pipe.send(None)
             except (BrokenPipeError, OSError):
                 pass
+        for pipe in self.pipes if drain else []:
+            try:
+                if pipe.poll(drain):
+                    pipe.recv()
+            except (EOFError, OSError):
+                pass
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+class RankGroup(Ranks):
+    def __init__(self, size, env=None, timeout=120, **comm_kwargs):
+        secret = secrets.token_bytes(32)
+        self.server = StoreServer("127.0.0.1", 0, secret)
+        env = {"PYCCL_TIMEOUT": "60", **(env or {})}
+        try:
+            super().__init__(size, timeout, _rank_main, (size, self.server.address, secret, env, comm_kwargs))
+        except BaseException:
+            self.server.close()
+            raise
+
+    def close(self):
+        super().close()
         self.server.close()

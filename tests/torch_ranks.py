@@ -8,14 +8,13 @@ Gloo group over the same processes (``dist.new_group(backend="gloo")``), and ser
 A failure on any rank raises with every rank's traceback and marks the ranks broken (the test
 module restarts them for the next test).
 """
-import multiprocessing as mp
 import os
 import socket
 import tempfile
 import traceback
 from datetime import timedelta
 
-_CTX = mp.get_context("spawn")
+from ranks import RankFailure, Ranks, serve  # noqa: F401 - RankFailure for the tests
 
 
 def free_port() -> int:
@@ -29,7 +28,7 @@ class Ctx:
         self.rank, self.size, self.pyccl, self.gloo = rank, size, pyccl, gloo
 
 
-def _rank_main(rank, size, init, where, conn, env, timeout_s):
+def _rank_main(rank, size, init, where, env, timeout_s, conn):
     os.environ.update(env)
     try:
         import torch
@@ -47,32 +46,19 @@ def _rank_main(rank, size, init, where, conn, env, timeout_s):
         dist.init_process_group("pyccl", **kwargs)
         gloo = dist.new_group(backend="gloo")
         ctx = Ctx(rank, size, dist.group.WORLD, gloo)
-        conn.send(("ready", None))
     except BaseException:  # reported to the parent, which fails the test
         conn.send(("err", traceback.format_exc()))
         return
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        fn, args = msg
-        try:
-            conn.send(("ok", fn(ctx, *args)))
-        except BaseException:  # reported to the parent, which fails the test
-            conn.send(("err", traceback.format_exc()))
+    serve(conn, ctx)
     try:
         dist.destroy_process_group()
     finally:
         conn.send(("closed", None))
 
 
-class RankFailure(AssertionError):
-    pass
-
-
-class TorchRanks:
+class TorchRanks(Ranks):
     def __init__(self, size, init="tcp", timeout=120, group_timeout=60, env=None):
-        self.size, self.timeout, self.init = size, timeout, init
+        self.init = init
         self._tmp = None
         if init == "file":
             fd, self._tmp = tempfile.mkstemp(prefix="pyccl-torch-init-")
@@ -82,60 +68,9 @@ class TorchRanks:
         else:
             where = free_port()
         env = {"PYCCL_TIMEOUT": str(group_timeout), "OMP_NUM_THREADS": "1", **(env or {})}
-        self.pipes, self.procs = [], []
-        for r in range(size):
-            parent, child = _CTX.Pipe()
-            p = _CTX.Process(target=_rank_main, args=(r, size, init, where, child, env, group_timeout), daemon=True)
-            p.start()
-            child.close()                 # so a rank that dies shows as EOF at once
-            self.pipes.append(parent)
-            self.procs.append(p)
-        self.broken = False
-        self._collect("start")
-
-    def _collect(self, what, timeout=None):
-        results, errors = [], []
-        for r, pipe in enumerate(self.pipes):
-            if not pipe.poll(timeout or self.timeout):
-                errors.append(f"rank {r}: no answer within {timeout or self.timeout}s ({what})")
-                results.append(None)
-                continue
-            try:
-                kind, value = pipe.recv()
-            except EOFError:
-                errors.append(f"rank {r}: process died (exit code {self.procs[r].exitcode})")
-                results.append(None)
-                continue
-            if kind == "err":
-                errors.append(f"rank {r}:\n{value}")
-            results.append(value)
-        if errors:
-            self.broken = True
-            raise RankFailure(f"{what} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
-        return results
-
-    def run(self, fn, *args, timeout=None):
-        for pipe in self.pipes:
-            pipe.send((fn, args))
-        return self._collect(getattr(fn, "__name__", str(fn)), timeout)
+        super().__init__(size, timeout, _rank_main, (size, init, where, env, group_timeout))
 
     def close(self):
-        for pipe, p in zip(self.pipes, self.procs):
-            try:
-                if p.is_alive():
-                    pipe.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for pipe in self.pipes:
-            try:
-                if pipe.poll(15):
-                    pipe.recv()
-            except (EOFError, OSError):
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        super().close(drain=15)
         if self._tmp and os.path.exists(self._tmp):
             os.unlink(self._tmp)
