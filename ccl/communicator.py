@@ -316,6 +316,10 @@ class Communicator:
             hit = self._plans[key] = (plan, c.chunk_bytes)
         return hit
 
+    def _local_for(self, op, nbytes):
+        """The shared-memory collectives if they run this call (then no plan is tuned), else None."""
+        return self.local if self.local is not None and self.local.wants(op, nbytes) else None
+
     def _run(self, what, plan, bufs, op=None):
         if isinstance(plan, tuple):
             plan, chunk = plan
@@ -344,9 +348,8 @@ class Communicator:
         buf, op = self._reduce_args(x, op, "all_reduce")
         if buf.device != "cpu":
             return self._cuda("all_reduce", async_op, _sig(buf, -1, op), buf, op)
-        plan = self._tuned("all_reduce", buf.count, buf.itemsize, buf.nbytes)
-
-        local = self.local if self.local is not None and self.local.wants("all_reduce", buf.nbytes) else None
+        local = self._local_for("all_reduce", buf.nbytes)
+        plan = None if local else self._tuned("all_reduce", buf.count, buf.itemsize, buf.nbytes)
 
         def fn(what):
             if local is not None:
@@ -361,10 +364,14 @@ class Communicator:
         root = self._root(root, "reduce")
         if buf.device != "cpu":
             return self._cuda("reduce", async_op, _sig(buf, root, op), buf, root, op)
-        plan = self._tuned("reduce", buf.count, buf.itemsize, buf.nbytes, root)
+        local = self._local_for("reduce", buf.nbytes)
+        plan = None if local else self._tuned("reduce", buf.count, buf.itemsize, buf.nbytes, root)
 
         def fn(what):
-            self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
+            if local is not None:
+                local.reduce(buf.array, root, op, what)
+            else:
+                self._run(what, plan, {"in": buf.array, "out": buf.array}, op)
             if self.rank == root:
                 self._average(buf.array, op)
         return self._submit("reduce", fn, async_op, _sig(buf, root, op))
@@ -374,10 +381,10 @@ class Communicator:
         root = self._root(root, "broadcast")
         if buf.device != "cpu":
             return self._cuda("broadcast", async_op, _sig(buf, root), buf, root)
-        plan = self._tuned("broadcast", buf.count, buf.itemsize, buf.nbytes, root)
-        if self.local is not None and self.local.wants("broadcast", buf.nbytes):
+        if self._local_for("broadcast", buf.nbytes):
             return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op,
                                 _sig(buf, root))
+        plan = self._tuned("broadcast", buf.count, buf.itemsize, buf.nbytes, root)
         return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op,
                             _sig(buf, root))
 
@@ -390,10 +397,10 @@ class Communicator:
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("all_gather", async_op, _sig(i), o, i)
-        plan = self._tuned("all_gather", i.count, i.itemsize, o.nbytes)
-        if self.local is not None and self.local.wants("all_gather", o.nbytes):
+        if self._local_for("all_gather", o.nbytes):
             return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op,
                                 _sig(i))
+        plan = self._tuned("all_gather", i.count, i.itemsize, o.nbytes)
         return self._submit("all_gather", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
                             async_op, _sig(i))
 
@@ -406,9 +413,8 @@ class Communicator:
                                   f"{self.size} x output {o.count} = {o.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("reduce_scatter", async_op, _sig(o, -1, op), o, i, op)
-        plan = self._tuned("reduce_scatter", o.count, o.itemsize, i.nbytes)
-
-        local = self.local if self.local is not None and self.local.wants("reduce_scatter", i.nbytes) else None
+        local = self._local_for("reduce_scatter", i.nbytes)
+        plan = None if local else self._tuned("reduce_scatter", o.count, o.itemsize, i.nbytes)
 
         def fn(what):
             if local is not None:
@@ -426,8 +432,7 @@ class Communicator:
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("all_to_all", async_op, _sig(i), o, i, out_splits, in_splits)
-        if self.local is not None and len(set(in_splits + out_splits)) == 1 and \
-                self.local.wants("all_to_all", i.nbytes):
+        if len(set(in_splits + out_splits)) == 1 and self._local_for("all_to_all", i.nbytes):
             return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op,
                                 _sig(i))
         plan = self._plan(("all_to_all", in_splits, out_splits),
