@@ -14,7 +14,6 @@ and writes bench.json / table.md into --out.
 import argparse
 import json
 import os
-import sys
 import time
 
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -23,9 +22,7 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyccl.torch_backend  # noqa: E402,F401 - registers "pyccl"
-import torch_cuda_shim  # noqa: E402
 
 KB, MB, GB = 1 << 10, 1 << 20, 1 << 30
 
@@ -128,7 +125,12 @@ def probe(pyg, comm, dev, rank):
     cc = comm.cuda
     from pyccl.cuda_buffers import describe
     view = describe(t, "x").array
-    out["one-shot kernel enqueue (ctypes)"] = host_us(lambda: cc._oneshot_body("probe", 1, view, "float32", pyccl_sum()))
+    out["one-shot kernel enqueue (prepared)"] = host_us(lambda: cc._oneshot_body("probe", 1, view, "float32",
+                                                                                   pyccl_sum()))
+    lane = pyg._lane
+    if lane is not None:
+        out["torch fast lane (lane() alone)"] = host_us(lambda: lane(t, "SUM", False))
+        out["pyg.allreduce([t], opts) (no dist layer)"] = host_us(lambda: pyg.allreduce([t], _opts()))
     out["torch event record"] = host_us(lambda: torch.cuda.Event().record())
     n = dist.get_world_size()
 
@@ -170,6 +172,14 @@ def probe(pyg, comm, dev, rank):
     return out, text
 
 
+def _opts():
+    o = dist.AllreduceOptions()
+    o.reduceOp = dist.ReduceOp.SUM
+    if hasattr(o, "asyncOp"):
+        o.asyncOp = False
+    return o
+
+
 def pyccl_sum():
     import pyccl
     return pyccl.SUM
@@ -199,10 +209,7 @@ def main():
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
     dev = torch.device("cuda", local)
-    # No device_id: with it, torch asks every later group for a CUDA backend object, which the
-    # Python process group "pyccl" does not register (see RESULTS.md).
-    dist.init_process_group("nccl")
-    patched = torch_cuda_shim.apply()
+    dist.init_process_group("nccl", device_id=dev)
     from datetime import timedelta
     pyg = dist.new_group(backend="pyccl", timeout=timedelta(seconds=float(os.environ.get("PYCCL_TIMEOUT", "60"))))
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -276,12 +283,11 @@ def main():
                             k.endswith("_us") and k != "pyccl_us"), flush=True)
 
     if rank == 0:
-        table = render(rows, n, setup_s, patched)
+        table = render(rows, n, setup_s)
         print(table)
         meta = {"device": torch.cuda.get_device_name(dev), "gpus": n, "torch": torch.__version__,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())), "setup_s": setup_s,
-                "torch_backend_shim": patched, "env": {k: v for k, v in os.environ.items()
-                                                       if k.startswith(("PYCCL_", "NCCL_"))}}
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("PYCCL_", "NCCL_"))}}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -305,7 +311,7 @@ def target(row):
     return ""
 
 
-def render(rows, n, setup_s, patched):
+def render(rows, n, setup_s):
     lines = ["| op | size | NCCL us | pyccl us | NCCL busbw GB/s | pyccl busbw GB/s | pyccl/NCCL busbw | "
              "check | target | pyccl variants (us) |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
@@ -315,8 +321,7 @@ def render(rows, n, setup_s, patched):
         lines.append(f"| {r['op']} | {fmt_size(r['bytes'])} | {r['nccl_us']:.1f} | {r['pyccl_us']:.1f} | "
                      f"{r['nccl_busbw']:.1f} | {r['pyccl_busbw']:.1f} | {r['pyccl_busbw'] / r['nccl_busbw']:.2f} | "
                      f"{'ok' if r['check'] else 'FAIL'} | {target(r)} | {var} |")
-    lines.append(f"\n{n} ranks; pyccl CUDA set-up (first call) {setup_s:.1f} s; torch_backend CUDA shim "
-                 f"{'applied' if patched else 'not needed'}.")
+    lines.append(f"\n{n} ranks; pyccl CUDA set-up (first call) {setup_s:.1f} s.")
     return "\n".join(lines)
 
 

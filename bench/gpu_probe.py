@@ -4,7 +4,6 @@ pyccl's all-reduce and all-gather at medium sizes, per variant, to tell host-bou
     python3 -m torch.distributed.run --standalone --nproc_per_node=2 bench/gpu_probe.py
 """
 import os
-import sys
 import time
 
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -12,9 +11,7 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyccl.torch_backend  # noqa: E402,F401
-import torch_cuda_shim  # noqa: E402
 
 MB = 1 << 20
 
@@ -54,8 +51,7 @@ def synced(fn, iters=30):
 def main():
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl")
-    torch_cuda_shim.apply()
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     from datetime import timedelta
     pyg = dist.new_group(backend="pyccl", timeout=timedelta(seconds=60))
     comm = pyg.pyccl_communicator

@@ -32,7 +32,7 @@ PY
 nvidia-smi topo -m 2>&1 | head -6
 
 # 2. GPU tests.
-timeout -k 10 "${TESTS_BUDGET:-900}" python3 -m pytest -q -p no:cacheprovider -x --timeout="${TEST_TIMEOUT:-300}" tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUTDIR/tests.log"
+timeout -k 10 "${TESTS_BUDGET:-900}" python3 -m pytest -q -p no:cacheprovider ${PYTEST_STOP--x} --timeout="${TEST_TIMEOUT:-300}" tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUTDIR/tests.log"
 TESTS=$?
 
 # 3. Benchmark: pyccl vs NCCL in the same processes.

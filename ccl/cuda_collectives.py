@@ -78,9 +78,8 @@ _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
 _WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (waiting for the peer's segment)",
           3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies"}
 
-_u64, _i64, _i32 = np.uint64, np.int64, np.int32
 #: parameter letters of each kernel (see cuda_ipc.KernelLauncher)
-_PARAMS = {"oneshot": "uuiusissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ssuuuus",
+_PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ssuuuus",
            "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus"}
 
 
@@ -121,6 +120,10 @@ def submit(comm, name, async_op, sig, *args):
 
     def fn(what):
         return method(what, caller, join, signature, *args)
+    if async_op and comm._inflight == 0:
+        # Nothing queued before it: enqueue right here (it never blocks the host) instead of
+        # handing it to the communicator's thread; the caller's stream is not made to wait.
+        return CudaWork(_Enqueued(comm._submit(name, fn, False, sig), name), cc, bufs[0].array)
     work = comm._submit(name, fn, async_op, sig)
     if async_op:
         return CudaWork(work, cc, bufs[0].array)
@@ -129,12 +132,65 @@ def submit(comm, name, async_op, sig, *args):
     return None
 
 
+class _Enqueued:
+    """The host side of a collective that was enqueued inline: already done (its error, if
+    any, was raised by the call itself)."""
+    __slots__ = ("result", "what")
+
+    def __init__(self, event, what):
+        self.result, self.what = event, what
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+    def exception(self):
+        return None
+
+
+_SIGS = {}
+
+
 def _signature(name, sig) -> int:
     """63 bits every rank must agree on: op, dtype, root, reduction and count (all_to_all's
     counts may differ per rank; its splits are checked pairwise instead)."""
-    text = f"{name}|{sig.get('dtype')}|{sig.get('root')}|{sig.get('redop')}".encode()
     count = 0 if name == "all_to_all" else int(sig.get("count", 0))
-    return ((zlib.crc32(text) & 0x7FFFFFFF) << 32) | (count & 0xFFFFFFFF)
+    key = (name, sig.get("dtype"), sig.get("root"), sig.get("redop"))
+    head = _SIGS.get(key)
+    if head is None:
+        if len(_SIGS) > 4096:
+            _SIGS.clear()
+        head = _SIGS[key] = (zlib.crc32("|".join(map(str, key)).encode()) & 0x7FFFFFFF) << 32
+    return head | (count & 0xFFFFFFFF)
+
+
+class _Kernel:
+    """A compiled kernel and its parameter block (see cuda_ipc.KernelParams)."""
+    __slots__ = ("ptr", "types", "block", "params", "launch")
+
+    def __init__(self, ptr, types, block, ipc):
+        self.ptr, self.types, self.block = ptr, types, block
+        self.params = ipc.KernelParams(types)
+        self.launch = ipc.launcher()
+
+    def __call__(self, grid, stream, args):
+        self.params.set(args)
+        self.launch(self.ptr, grid, self.block, stream, self.params.address)
+
+
+class _Prepared:
+    """One launch of a kernel with fixed arguments except one (the epoch), kept between calls."""
+    __slots__ = ("fn", "grid", "params", "epoch", "address", "launch")
+
+    def __init__(self, fn, grid, types, args, epoch_index):
+        from pyccl.transports import cuda_ipc
+        self.fn, self.grid = fn, grid
+        self.params = cuda_ipc.KernelParams(types, args)
+        self.epoch = self.params.vals[epoch_index]
+        self.address = self.params.address
+        self.launch = cuda_ipc.launcher()
 
 
 class CudaWork:
@@ -203,11 +259,11 @@ class CudaCollectives:
         self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
         self._device = cupy.cuda.Device(self.dev)
         self._epoch = 0
-        self._oneshot_n = 0
+        self._names = [None] * 4096          # epoch & 4095 -> what (str, or (name, seq) for fast calls)
+        self._prepared = {}                  # (in, out, count, dtype, op, sig) -> _Prepared one-shot launch
         self._tail = None          # the stream our latest collective's end is ordered on
         self._last = None          # event at the end of the latest collective on pyccl's stream
         self._mail_seq = 0
-        self._epoch_what = {}
         self._abort_reason = None
         self._closed = False
         self._mods = {}
@@ -311,28 +367,13 @@ class CudaCollectives:
         return fn
 
     def _launcher(self, kind, function):
-        """launch(grid, stream_ptr, args): ctypes cuLaunchKernel, or cupy's launch when
-        PYCCL_CUDA_LAUNCH=cupy (or the function handle is not reachable)."""
+        """A launchable kernel: ``k(grid, stream_ptr, args)``; ``k.ptr`` is its CUfunction."""
         # RawModule.get_function gives a RawKernel; its .kernel is the loaded CUfunction wrapper.
         ptr = getattr(getattr(function, "kernel", function), "ptr", None)
-        if ptr and os.environ.get("PYCCL_CUDA_LAUNCH", "ctypes") != "cupy":
-            lk = self.ipc.KernelLauncher(int(ptr), _PARAMS[kind])
-            block = 32 if kind == "barrier" else THREADS
-
-            def launch(grid, stream, args):
-                lk(grid, block, stream, args)
-            return launch
-        types = {"u": _u64, "i": _i64, "s": _i32}
-        conv = [types[t] for t in _PARAMS[kind]]
-        block = (32 if kind == "barrier" else THREADS,)
-        streams = {}
-
-        def launch(grid, stream, args):
-            st = streams.get(stream)
-            if st is None:
-                st = streams[stream] = self.cupy.cuda.ExternalStream(stream, self.dev)
-            function((grid,), block, tuple(c(a) for c, a in zip(conv, args)), stream=st)
-        return launch
+        if not ptr:
+            raise PycclError(f"CUDA collectives: cupy {self.cupy.__version__} does not expose the CUfunction of "
+                             f"the {kind} kernel (RawKernel.kernel.ptr); pyccl launches it through the driver")
+        return _Kernel(int(ptr), _PARAMS[kind], 32 if kind == "barrier" else THREADS, self.ipc)
 
     def _barrier_fn(self):
         fn = self._mods.get("barrier")
@@ -373,12 +414,15 @@ class CudaCollectives:
         return self._last
 
     def _next_epoch(self, what):
-        self._epoch += 1
-        self._epoch_what[self._epoch] = what
-        if len(self._epoch_what) > 4096:
-            for k in list(self._epoch_what)[:2048]:
-                del self._epoch_what[k]
-        return self._epoch
+        e = self._epoch = self._epoch + 1
+        self._names[e & 4095] = what
+        return e
+
+    def _what_of(self, epoch):
+        w = self._names[epoch & 4095] if epoch > self._epoch - 4096 else None
+        if isinstance(w, tuple):
+            return f"{w[0]} #{w[1]} on {self.tag} (rank {self.rank}/{self.size})"
+        return w or "an earlier collective"
 
     def _barrier(self, what, sig, where):
         epoch = self._next_epoch(what)
@@ -471,7 +515,7 @@ class CudaCollectives:
                 raise PeerFailure(f"{what}: {self._abort_reason}")
             return
         code, epoch, peer, where = self.status.describe()
-        op = self._epoch_what.get(epoch, "an earlier collective")
+        op = self._what_of(epoch)
         place = _WHERE.get(where, f"step {where}")
         if code == 3:
             raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}) found rank {peer} making a "
@@ -610,18 +654,107 @@ class CudaCollectives:
         return self._end(caller, join)
 
     def _oneshot_body(self, what, sig, v, dtype, op, stream=None):
-        ptr = v.ptr
-        n = 16 // v.itemsize if ptr % 16 == 0 else 1
-        key = ("oneshot", dtype, self._opcode(dtype, op), n)
-        fn = self._mods.get(key) or self._kernel(*key)
-        slot = self._oneshot_n & 1
-        self._oneshot_n += 1
-        epoch = self._next_epoch(what)
-        avg = self.size if op is AVG else 0
-        grid = min(self.max_blocks, -(-(v.size // n) // THREADS)) or 1
-        fn(grid, self.stream if stream is None else stream,
-           (ptr, ptr, v.size, self.tab, slot, self.small_cap, self.rank, self.size, epoch, sig, self.status.ptr,
-            self._timeout_ns, avg))
+        p = self._prepare_oneshot(v.ptr, v.ptr, v.size, v.itemsize, dtype, op, sig)
+        e = self._next_epoch(what)
+        p.epoch.value = e
+        p.launch(p.fn, p.grid, THREADS, self.stream if stream is None else stream, p.address)
+
+    def _prepare_oneshot(self, inp, out, count, itemsize, dtype, op, sig):
+        """The one-shot launch of (in, out, count, dtype, op), kernel parameters filled in
+        once; a call then only writes the epoch and launches."""
+        key = (inp, out, count, dtype, op, sig)
+        p = self._prepared.get(key)
+        if p is None:
+            n = 16 // itemsize if inp % 16 == 0 and out % 16 == 0 else 1
+            opcode = self._opcode(dtype, op)
+            fn = self._mods.get(("oneshot", dtype, opcode, n)) or self._kernel("oneshot", dtype, opcode, n)
+            grid = min(self.max_blocks, -(-(count // n) // THREADS)) or 1
+            avg = self.size if op is AVG else 0
+            p = _Prepared(fn.ptr, grid, _PARAMS["oneshot"],
+                          (inp, out, count, self.tab, self.small_cap, self.rank, self.size, 0, sig,
+                           self.status.ptr, self._timeout_ns, avg), 7)
+            if len(self._prepared) >= 1024:
+                self._prepared.clear()
+            self._prepared[key] = p
+        return p
+
+    def torch_all_reduce(self, comm):
+        """The fast lane of the torch backend: ``lane(tensor, op, async_op)`` enqueues a one-shot
+        all-reduce of a contiguous CUDA tensor on this GPU and returns None (synchronous: on
+        the caller's current stream, which therefore sees the result) or the end event on
+        pyccl's stream (async_op), or returns False when the call does not fit the lane
+        (too big, dtype or op without a native kernel, another device, the communicator busy):
+        the caller then takes the general path. Everything that does not change between calls
+        with the same (pointer, count, dtype, op) is computed once and cached; per call the
+        host reads the error word, bumps the epoch and launches one kernel."""
+        import torch
+        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+            (lambda d: torch.cuda.current_stream(d).cuda_stream)
+        get_device = torch._C._cuda_getDevice
+        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                  torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
+                  torch.int64: "int64"}
+        ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+        cache = {}
+        words = self.status.words
+        dev = self.dev
+        names = self._names
+        base_sig = {}
+
+        def lane(t, opname, async_op):
+            key = (t.data_ptr(), t.numel(), t.dtype, opname)
+            p = cache.get(key)
+            if p is None:
+                p = prepare(t, key, opname)
+            if p is False or get_device() != dev or not t.is_contiguous() or comm._inflight:
+                return False
+            if self._closed or words[1] or self._abort_reason is not None:
+                comm._seq += 1
+                self.raise_if_failed(f"all_reduce #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
+            if comm._broken is not None or comm._closed:
+                return False                     # the general path raises the right error
+            caller = get_stream(dev)
+            comm._seq += 1
+            e = self._epoch = self._epoch + 1
+            names[e & 4095] = ("all_reduce", comm._seq)
+            p.epoch.value = e
+            if async_op:
+                self._begin(caller)
+                p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
+                return self._end(caller, False)
+            tail = self._tail
+            if tail != caller:
+                if tail is not None:
+                    self._after(tail, caller)
+                self._tail = caller
+            self._last = None
+            p.launch(p.fn, p.grid, THREADS, caller, p.address)
+            return None
+
+        def prepare(t, key, opname):
+            p = False
+            dtype = dtypes.get(t.dtype)
+            op = ops.get(opname)
+            nbytes = t.numel() * t.element_size()
+            if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
+                    0 < nbytes <= self.oneshot_max and t.is_contiguous():
+                sig = base_sig.get((dtype, op))
+                if sig is None:
+                    sig = base_sig[(dtype, op)] = _signature("all_reduce", {"dtype": dtype, "root": -1,
+                                                                             "redop": op.name, "count": 0})
+                with self._device:
+                    p = self._prepare_oneshot(key[0], key[0], key[1], t.element_size(), dtype, op,
+                                              sig | (key[1] & 0xFFFFFFFF))
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = p
+            return p
+        return lane
+
+    def _after(self, tail, stream):
+        """`stream` waits for everything queued so far on `tail` (our previous collective)."""
+        self.rt.eventRecord(self._ready2, tail)
+        self.rt.streamWaitEvent(stream, self._ready2, 0)
 
     def _twoshot(self, what, caller, join, sig, inp, out, count, itemsize, dtype, op, allgather):
         peers = None

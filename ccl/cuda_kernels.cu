@@ -191,17 +191,21 @@ __device__ __forceinline__ void share(i64 npk, i64& p0, i64& p1) {
 }
 
 // ---- one-shot all-reduce ----------------------------------------------------------------------
-// Every rank pushes its whole buffer into every peer's one-shot scratch (slot `slot`, region
-// of the sender), signals per block, waits for the peers' blocks, and reduces all copies in
-// rank order (the same order everywhere, so every rank gets bit-identical results). Two
-// slots alternate, so no closing barrier is needed: a rank cannot reuse a slot before its
-// peers have started the next one-shot, i.e. finished reading this one.
+// Every rank pushes its whole buffer into every peer's one-shot scratch (slot epoch & 1,
+// region of the sender), signals per block, waits for the peers' blocks, and reduces all
+// copies in rank order (the same order everywhere, so every rank gets bit-identical
+// results). One launch, no host synchronisation. Two slots alternate, so no closing barrier
+// is needed: a rank reuses slot s (epoch e + 2k) only after the collective of epoch e + 1
+// (whatever it was) waited for every peer to reach e + 1, i.e. to have finished epoch e
+// (each rank runs its collectives one after another on the GPU). The slot comes from the
+// epoch so that the host changes one kernel parameter per call (cuda_collectives._Prepared).
 template <typename T, int OP, int N>
-__global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, const u64* tab, int slot,
-                                              i64 cap_bytes, int rank, int nranks, u64 epoch, u64 sig,
-                                              i64* status, u64 timeout_ns, int avg_n) {
+__global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, const u64* tab, i64 cap_bytes,
+                                              int rank, int nranks, u64 epoch, u64 sig, i64* status,
+                                              u64 timeout_ns, int avg_n) {
   typedef Pack<T, N> P;
   __shared__ int fail;
+  const int slot = (int)(epoch & 1);
   if (threadIdx.x == 0) fail = 0;
   const i64 npk = count / N;
   i64 p0, p1;

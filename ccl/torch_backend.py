@@ -4,7 +4,9 @@
     import pyccl.torch_backend              # registers "pyccl" (also done by `import pyccl`
                                             # when torch is loaded, and by torch's plugin hook)
     dist.init_process_group("pyccl")        # torchrun, env://, file://, tcp://, mpirun + env
-    dist.all_reduce(t)                      # CPU tensors; behaves like Gloo
+    dist.all_reduce(t)                      # CPU tensors: behaves like Gloo
+    dist.init_process_group("pyccl", device_id=torch.device("cuda", local_rank))
+    dist.all_reduce(t_cuda)                 # CUDA tensors: stream-ordered like NCCL
 
 How it plugs in
 ---------------
@@ -87,20 +89,47 @@ Behaviour (written down where Gloo/NCCL differ)
 * A synchronous collective issued from a ``get_future().then(...)`` callback runs at once on the
   group's worker thread (queueing it would wait for itself); asynchronous ones queue as usual.
 
-CUDA (design; the pyccl communicator has no CUDA transport yet, so CUDA tensors raise a clear
-``InvalidArgument`` today). When it has one, a collective on CUDA tensors will:
- 1. on the caller's thread, record ``ready = torch.cuda.Event()`` on the tensor's *current*
-    stream (so the collective runs after the work already queued there) and call
-    ``t.record_stream(internal)`` so the caching allocator keeps the memory alive;
- 2. on the worker, make pyccl's internal per-device stream wait on ``ready``
-    (``internal.wait_event(ready)``, no host sync), run the transfers/reductions on
-    ``internal`` and record ``done`` there;
- 3. ``work.wait()`` makes the caller's current stream wait on ``done``
-    (``torch.cuda.current_stream().wait_event(done)``) and returns without blocking the host,
-    as NCCL does; ``is_completed()`` queries ``done``; ``get_future()`` is a CUDA-aware
-    ``torch.futures.Future(devices=[dev])`` completed once ``done`` is recorded, so its
-    callbacks are stream-ordered; ``block_current_stream()`` is the same as ``wait()``.
-``_cuda_unsupported`` is the single place that raises for CUDA tensors today.
+CUDA tensors (ranks of one host, one GPU each; ccl/cuda_collectives.py does the work)
+-------------------------------------------------------------------------------------
+* ``init_process_group("pyccl", device_id=torch.device("cuda", i))`` works (torch asks the
+  group for its per-device backend: the group answers for every device itself), and so does
+  ``new_group(backend="pyccl")`` under a default group bound to a device (NCCL's or ours).
+* A collective on CUDA tensors runs on the **caller's thread**, after whatever the group had
+  queued before it (it waits for that), and only *enqueues* GPU work: the host never waits
+  for the GPU. The stream contract is NCCL's:
+  - synchronous (``async_op=False``, what ``dist.all_reduce(t)`` does): ordered after the work
+    already queued on the caller's current stream, and everything queued on that stream
+    afterwards sees the result. The returned Work is complete.
+  - ``async_op=True``: the collective runs on a side stream that first waits for the caller's
+    current stream; ``work.wait()`` makes the *then* current stream wait for it (no host
+    block), ``work.wait(timeout)`` also blocks the host until it is done (at most `timeout`
+    seconds) and raises its error, ``is_completed()`` polls, ``get_future()`` is a CUDA-aware
+    future (``torch.futures.Future(devices=[...])``) whose callbacks are stream-ordered. Keep
+    the tensors alive and unchanged until then (the Work also holds them).
+  - all-reduce of one contiguous tensor up to ``PYCCL_CUDA_ONESHOT_MAX`` bytes (float16,
+    bfloat16, float32, float64, int8, uint8, int32, int64; SUM, PRODUCT, MIN, MAX, AVG) takes a
+    fast lane: one one-shot kernel launch, synchronised between the GPUs on the device,
+    prepared once per (pointer, count, dtype, op) (``CudaCollectives.torch_all_reduce``). No
+    flight-recorder entry and no torch Future are made for it; a synchronous one runs on the
+    caller's stream itself.
+  - Errors of GPU work (a peer that died, a mismatched call, a timeout) are found by the
+    kernels, which give up and leave the reason in host memory; they are raised by the next
+    call on the group (or by ``work.wait(timeout)``), naming the op and the peer. The group is
+    broken from then on.
+* Everything else on CUDA goes through the general bodies above with device buffers (every
+  temporary lives on the tensors' device): bitwise ops, int16/uint64/float8 reductions,
+  uneven all_gather lists, ``all_to_all_single`` with uneven splits (MoE), coalesced calls.
+* Point-to-point on CUDA tensors is **staged through pinned host memory** over the same engine
+  (and the same semantics: eager sends, tags, any-source receives, across hosts too): a send
+  copies the tensor to pinned memory on the caller's stream and the engine sends it once that
+  copy is done (the host does not wait for it); a receive lands in pinned memory and is copied
+  to the tensor on a pyccl stream that first waits for the caller's stream as it was when the
+  receive was posted; ``wait()`` makes the current stream wait for that copy. Why not CUDA
+  IPC: the engine's guarantees (sends that never wait for the receiver, unexpected messages
+  buffered, any-source, tags, several hosts) would need a rendezvous protocol and a
+  device-side buffer pool per peer; the staged path keeps them all and costs two PCIe copies,
+  which is small next to a pipeline stage's compute. A one-host IPC path is future work.
+* Sparse CUDA tensors are not supported (InvalidArgument).
 """
 from __future__ import annotations
 
@@ -132,6 +161,10 @@ DEFAULT_TIMEOUT_S = 1800.0          # torch's default for non-NCCL backends (30 
 P2P_TRANSPORT = "tcp"
 
 _R = dist.ReduceOp.RedOpType
+_AllreduceOptions = dist.AllreduceOptions
+_HAS_ASYNC_OP = hasattr(_AllreduceOptions(), "asyncOp")
+#: torch ops the CUDA fast lane of all_reduce takes (pyccl names)
+_LANE_OPS = {_R.SUM: "SUM", _R.PRODUCT: "PROD", _R.MIN: "MIN", _R.MAX: "MAX", _R.AVG: "AVG"}
 _MSG_HDR = struct.Struct("<QqQ")      # magic, tag, nbytes
 _MSG_MAGIC = 0x5059434350325031       # "PYCCP2P1"
 _MONITOR_TAG = -(1 << 40)             # outside torch's int32 tag range: never a user tag
@@ -191,6 +224,7 @@ class _PycclWork(dist._Work):
         self._done = threading.Event()
         self._error = None
         self._src = -1
+        self._cuda_ready = None       # (device, torch.cuda.Event): a CUDA receive's copy to the tensor
 
     def _finish(self, error=None, source=None):
         if self._done.is_set():
@@ -217,6 +251,11 @@ class _PycclWork(dist._Work):
             raise Timeout(f"{self.what}: not completed within work.wait(timeout={limit:g}s)")
         if self._error is not None:
             raise self._error
+        if self._cuda_ready is not None:
+            dev, ev = self._cuda_ready
+            torch.cuda.current_stream(dev).wait_event(ev)
+            if limit is not None:
+                ev.synchronize()
         return True
 
     def is_completed(self):
@@ -252,22 +291,138 @@ class _PycclWork(dist._Work):
         return f"<pyccl Work {self.what} {state}{' FAILED' if self._error else ''}>"
 
 
+class _CudaWork(dist._Work):
+    """The Work of a collective on CUDA tensors (see "CUDA tensors" in the module doc). Its host
+    part is over when it is returned; `event` marks the end of the GPU part for async calls:
+    a ``torch.cuda.Event``, or a raw cudaEvent_t of pyccl's stream (fast lane). No torch
+    Future is made unless asked for."""
+
+    def __init__(self, what, result, dev, cc=None, event=None):
+        super().__init__()
+        self.what = what
+        self._result = result
+        self._dev = dev
+        self._cc = cc                 # CudaCollectives, for raw events and for errors
+        self.event = event
+        self._error = None
+        self._fut = None
+        self._keep = None
+
+    def _finish(self, error=None, source=None):
+        self._error = error
+
+    def _join(self, stream):
+        ev = self.event
+        if isinstance(ev, int):
+            self._cc.rt.streamWaitEvent(stream.cuda_stream, ev, 0)
+        else:
+            stream.wait_event(ev)
+
+    def wait(self, timeout=None):
+        if self._error is not None:
+            raise self._error
+        if self.event is not None:
+            self._join(torch.cuda.current_stream(self._dev))
+        limit = _seconds(timeout)
+        if limit is not None:
+            self.synchronize_host(limit)
+        return True
+
+    def synchronize_host(self, limit):
+        """Block the host until the GPU part is done (at most `limit` s); raise its error."""
+        cc = self._cc
+        if cc is None:
+            deadline = time.monotonic() + limit
+            while self.event is not None and not self.event.query():
+                if time.monotonic() > deadline:
+                    raise Timeout(f"{self.what}: not finished on cuda:{self._dev} within {limit:g}s")
+                time.sleep(0.0002)
+            return
+        ev = self.event
+        if ev is not None and not isinstance(ev, int):
+            deadline = time.monotonic() + limit
+            while not ev.query():
+                cc.raise_if_failed(self.what)
+                if time.monotonic() > deadline:
+                    raise Timeout(f"{self.what}: not finished on cuda:{self._dev} within {limit:g}s")
+                time.sleep(0.0002)
+            cc.raise_if_failed(self.what)
+            return
+        cc.synchronize(self.what, ev, limit)     # ev None: the latest collective (at or after this one)
+
+    def is_completed(self):
+        if self._error is not None or self.event is None:
+            return True
+        if isinstance(self.event, int):
+            return self._cc.rt.eventQuery(self.event) == 0
+        return self.event.query()
+
+    def is_success(self):
+        return self._error is None
+
+    def exception(self):
+        return self._error
+
+    def get_future(self):
+        if self._fut is None:
+            fut = torch.futures.Future(devices=[torch.device("cuda", self._dev)])
+            if self._error is not None:
+                fut.set_exception(self._error)
+            else:
+                s = torch.cuda.Stream(device=self._dev)
+                if self.event is not None:
+                    self._join(s)
+                else:
+                    s.wait_stream(torch.cuda.current_stream(self._dev))
+                with torch.cuda.stream(s):
+                    fut.set_result(self._result)
+            self._fut = fut
+        return self._fut
+
+    def result(self):
+        self.wait()
+        return self._result
+
+    def source_rank(self):
+        return -1
+
+    def _source_rank(self):
+        return -1
+
+    def synchronize(self):
+        if self.event is not None:
+            self._join(torch.cuda.current_stream(self._dev))
+
+    def block_current_stream(self):
+        self.wait()
+
+    def __repr__(self):
+        return f"<pyccl CUDA Work {self.what}{' FAILED' if self._error else ''}>"
+
+
 # ---- tensor helpers --------------------------------------------------------------------------------
-def _cuda_unsupported(t, what):
-    raise InvalidArgument(
-        f"{what}: tensor is on {t.device}; the pyccl communicator has no CUDA transport yet, so the "
-        f"torch backend 'pyccl' takes CPU tensors only. Use a separate group for CUDA tensors, "
-        f"e.g. dist.new_group(backend='nccl').")
-
-
 def _check(t, what):
     if not isinstance(t, torch.Tensor):
         raise InvalidArgument(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        _cuda_unsupported(t, what)
+    if t.device.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"{what}: tensor is on {t.device}; the torch backend 'pyccl' takes CPU tensors "
+                              f"and CUDA tensors")
     if t.layout != torch.strided:
-        raise InvalidArgument(f"{what}: {t.layout} tensors are not supported (dense CPU tensors only)")
+        raise InvalidArgument(f"{what}: {t.layout} tensors are not supported (dense tensors only)")
     return t
+
+
+def _cuda_dev(*tensors):
+    """Index of the GPU of the first CUDA tensor among `tensors` (nested lists too), or None."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            if t.is_cuda:
+                return t.get_device()
+        elif isinstance(t, (list, tuple)):
+            d = _cuda_dev(*t)
+            if d is not None:
+                return d
+    return None
 
 
 def _contig(t):
@@ -408,7 +563,7 @@ def _single(tensors, what):
 
 # ---- point-to-point engine ---------------------------------------------------------------------
 class _SendOp:
-    __slots__ = ("peer", "tag", "data", "hdr", "work", "deadline", "req", "failed")
+    __slots__ = ("peer", "tag", "data", "hdr", "work", "deadline", "req", "failed", "ready")
 
 
 class _RecvOp:
@@ -445,15 +600,18 @@ class _P2PEngine:
         self.inflight_recv = []                 # _RecvOp whose payload is landing
         self.draining = []                      # _Msg whose payload is landing
         self.sends = []                         # _SendOp in flight
+        self.staged = []                        # _SendOp whose device-to-host copy is not done yet
         for p, conn in self.conns.items():
             self._post_header(p, conn)
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-p2p-{name}-r{rank}", daemon=True)
         self._thread.start()
 
     # -- API (any thread) --
-    def send(self, flat_bytes, peer, tag, work):
+    def send(self, flat_bytes, peer, tag, work, ready=None):
+        """`ready`: a torch.cuda.Event after which `flat_bytes` (pinned host memory, copied from a
+        CUDA tensor) holds the data; the send starts once it has happened."""
         op = _SendOp()
-        op.peer, op.tag, op.data, op.work = peer, int(tag), flat_bytes, work
+        op.peer, op.tag, op.data, op.work, op.ready = peer, int(tag), flat_bytes, work, ready
         op.deadline = time.monotonic() + self.timeout
         op.req, op.failed = None, False
         op.hdr = bytearray(_MSG_HDR.pack(_MSG_MAGIC, op.tag, _nbytes(flat_bytes)))
@@ -489,7 +647,7 @@ class _P2PEngine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
         err = PycclError(f"{self.name}: the process group was shut down with this operation pending")
-        for op in self.posted + self.inflight_recv + self.sends:
+        for op in self.posted + self.inflight_recv + self.sends + self.staged:
             self._fail(op, err)
         for _, op in list(self._incoming):
             self._fail(op, err)
@@ -509,6 +667,8 @@ class _P2PEngine:
         try:
             while not self._closed:
                 moved = self._take()
+                if self.staged and self._start_staged():
+                    moved = True
                 for p, conn in list(self.conns.items()):
                     if p in self.dead:
                         continue
@@ -530,7 +690,7 @@ class _P2PEngine:
             text = traceback.format_exc()
             log.error("pyccl p2p engine %s died:\n%s", self.name, text)
             err = PycclError(f"{self.name}: point-to-point engine failed:\n{text}")
-            for op in self.posted + self.inflight_recv + self.sends:
+            for op in self.posted + self.inflight_recv + self.sends + self.staged:
                 self._fail(op, err)
             with self._lock:
                 self._closed = True
@@ -540,14 +700,28 @@ class _P2PEngine:
                 self._fail(op, err)
 
     def _busy(self):
-        return bool(self.posted or self.inflight_recv or self.sends or self.draining or self._incoming)
+        return bool(self.posted or self.inflight_recv or self.sends or self.draining or self._incoming or
+                    self.staged)
+
+    def _start_staged(self):
+        """Start the staged sends whose device-to-host copy has finished."""
+        ready, still = [], []
+        for op in self.staged:
+            if op.failed:
+                continue
+            (ready if op.ready.query() else still).append(op)
+        self.staged = still
+        for op in ready:
+            op.ready = None
+            self._start_send(op)
+        return bool(ready)
 
     def _idle_wait(self, idle):
         """Sleep until a socket or the wake-up pipe is ready. Never spin holding the GIL: the
         user's thread needs it to post the next operation. Connections without file handles
         (shared memory) are polled, backing off from 50 us to 2 ms (20 ms when nothing waits)."""
         rd, wr = [self._rfd], []
-        poll = False
+        poll = bool(self.staged)                # device copies are polled
         for p, conn in self.conns.items():
             if p in self.dead:
                 continue
@@ -583,6 +757,11 @@ class _P2PEngine:
         return bool(items)
 
     def _start_send(self, op):
+        if op.ready is not None:
+            if not op.ready.query():
+                self.staged.append(op)
+                return
+            op.ready = None
         if op.peer == self.rank:                        # to self: deliver locally
             m = _Msg()
             m.peer, m.tag, m.nbytes = self.rank, op.tag, _nbytes(op.data)
@@ -715,10 +894,10 @@ class _P2PEngine:
         return moved
 
     def _expire(self):
-        if not (self.posted or self.inflight_recv or self.sends):
+        if not (self.posted or self.inflight_recv or self.sends or self.staged):
             return
         now = time.monotonic()
-        for lst in (self.posted, self.inflight_recv, self.sends):
+        for lst in (self.posted, self.inflight_recv, self.sends, self.staged):
             for op in lst:
                 if not op.failed and now > op.deadline:
                     frm = "any rank" if isinstance(op, _RecvOp) and op.peer is None else f"rank {op.peer}"
@@ -726,6 +905,7 @@ class _P2PEngine:
                     self._fail(op, Timeout(f"{op.work.what}: {kind} {frm} (tag {op.tag}) did not complete "
                                            f"within the group timeout of {self.timeout:.0f}s"))
         self.posted = [op for op in self.posted if not op.failed]
+        self.staged = [op for op in self.staged if not op.failed]
 
     def _fail(self, op, err):
         if not op.failed:
@@ -749,12 +929,22 @@ class _P2PEngine:
             if op.peer == p:
                 self._fail(op, err)
         self.sends = [op for op in self.sends if not op.failed]
+        for op in self.staged:
+            if op.peer == p:
+                self._fail(op, err)
+        self.staged = [op for op in self.staged if not op.failed]
         self.draining = [m for m in self.draining if m.peer != p]
 
 
 # ---- the process group -------------------------------------------------------------------------------
 class ProcessGroupPyccl(dist.ProcessGroup):
     """A torch.distributed process group whose collectives run on pyccl (see the module doc)."""
+
+    # torch asks a group for its per-device backend (`_get_backend`) and what that supports;
+    # this group is its own backend on every device.
+    supports_splitting = False
+    supports_coalescing = False
+    supports_time_estimate = False
 
     def __init__(self, store, rank, size, timeout=None):
         super().__init__(rank, size)
@@ -777,6 +967,9 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._seq = 0
         self._broken = None
         self._closed = False
+        self._lane = None             # fast lane of small CUDA all-reduces (set on first CUDA use)
+        self._side = {}               # device -> torch stream of async CUDA collectives
+        self._p2p_streams = {}        # device -> torch stream of staged receives (engine thread)
 
     # -- identity (called by torch through the C++ trampoline) --
     def getBackendName(self):
@@ -800,6 +993,11 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def getGroupDesc(self):
         return self._group_desc
 
+    def _get_backend(self, device=None):
+        """torch's per-device backend lookup (``init_process_group(..., device_id=...)``,
+        ``new_group`` under a bound default group): this group serves CPU and CUDA itself."""
+        return self
+
     @property
     def pyccl_communicator(self):
         """The pyccl Communicator the collectives run on."""
@@ -817,13 +1015,16 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._seq += 1
         return f"pyccl {name} #{self._seq} (group {self._group_name or '?'}, rank {self._rank}/{self._size})"
 
-    def _submit(self, name, fn, result, opts=None, async_op=None):
+    def _submit(self, name, fn, result, opts=None, async_op=None, dev=None):
         """Queue `fn()` (run in issue order) and return its Work; synchronous calls on an idle
-        group run right here on the caller's thread."""
-        what = self._what(name)
-        work = _PycclWork(what, result)
+        group run right here on the caller's thread. `dev`: the GPU of the call's CUDA tensors
+        (None: CPU), see _submit_cuda."""
         if async_op is None:
             async_op = bool(getattr(opts, "asyncOp", True)) if opts is not None else True
+        if dev is not None:
+            return self._submit_cuda(name, fn, result, async_op, dev)
+        what = self._what(name)
+        work = _PycclWork(what, result)
         if not async_op and threading.current_thread() is self._worker:
             # A synchronous call from a future callback, which runs on the worker right after the
             # operation it follows, at the same point on every rank: run it now (queueing it
@@ -851,6 +1052,58 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                     self._running = False
                     self._cv.notify_all()
         return work
+
+    def _submit_cuda(self, name, fn, result, async_op, dev):
+        """A collective on CUDA tensors: run on the caller's thread (whose current stream it is
+        ordered after), after whatever the group queued before it; it only enqueues GPU work.
+        async_op: the body runs with a side stream as the current stream (which first waits
+        for the caller's), and the Work's wait() joins it back."""
+        what = self._what(name)
+        work = _CudaWork(what, result, dev)
+        on_worker = threading.current_thread() is self._worker
+        if not on_worker:
+            self._take_turn(what)
+        try:
+            if not async_op:
+                self._run(work, fn)
+            else:
+                caller = torch.cuda.current_stream(dev)
+                side = self._side.get(dev)
+                if side is None:
+                    side = self._side[dev] = torch.cuda.Stream(device=dev)
+                side.wait_stream(caller)
+                with torch.cuda.stream(side):
+                    self._run(work, fn)
+                if work._error is None:
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                    work.event = ev
+                    work._keep = fn          # its closure holds every tensor the side stream uses
+            work._cc = self._comm.cuda
+            if self._lane is None and work._cc is not None and work._error is None:
+                self._lane_dev, self._lane_cc = work._cc.dev, work._cc
+                self._lane = work._cc.torch_all_reduce(self._comm)
+        finally:
+            if not on_worker:
+                with self._cv:
+                    self._running = False
+                    self._cv.notify_all()
+        return work
+
+    def _take_turn(self, what):
+        """Wait (bounded by the group timeout) until nothing queued or running is ahead of us,
+        then hold the group."""
+        with self._cv:
+            if self._closed:
+                raise PycclError(f"{what}: the process group is shut down")
+            deadline = time.monotonic() + self._timeout
+            while self._pending or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(f"{what}: the operations queued before it on this group did not finish "
+                                  f"within the group timeout of {self._timeout:.0f}s")
+                self._cv.wait(min(left, 1.0))
+            self._running = True
 
     def _work_loop(self):
         while True:
@@ -922,7 +1175,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def _allreduce_flat(self, flat, red, may_modify):
         buf = red.to_work(flat, may_modify)
         if red.gather_fold is not None:
-            stack = torch.empty((self._size, buf.numel()), dtype=buf.dtype)
+            stack = torch.empty((self._size, buf.numel()), dtype=buf.dtype, device=buf.device)
             self._comm.all_gather(_bytes(stack), _bytes(buf))
             buf.copy_(red.gather_fold(stack))
         else:
@@ -931,6 +1184,25 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
     # ===== collectives =====================================================================
     def allreduce(self, tensors, opts=None):
+        lane = self._lane
+        if lane is not None and type(tensors) is list and len(tensors) == 1 and self._broken is None and \
+                not self._running and not self._pending:
+            # Fast lane: one small contiguous CUDA tensor, nothing queued (see the module doc).
+            t = tensors[0]
+            if type(opts) is _AllreduceOptions:
+                opname = _LANE_OPS.get(opts.reduceOp.op)
+                async_op = opts.asyncOp if _HAS_ASYNC_OP else True
+            else:
+                opname = "SUM" if opts is None else _LANE_OPS.get(getattr(opts, "op", opts))
+                async_op = True
+            if opname is not None and t.is_cuda:
+                try:
+                    r = lane(t, opname, async_op)
+                except PycclError as e:
+                    self._broken = f"{type(e).__name__}: {e}"
+                    raise
+                if r is not False:
+                    return _CudaWork("pyccl allreduce", tensors, self._lane_dev, self._lane_cc, r)
         if isinstance(opts, dist.ReduceOp) or opts is None:
             op, opts = (opts if opts is not None else dist.ReduceOp.SUM), None
         else:
@@ -945,14 +1217,15 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             flat, wb = _contig(t)
             self._allreduce_flat(flat, red, True)
             wb()
-        return self._submit("allreduce", run, tensors, opts)
+        return self._submit("allreduce", run, tensors, opts, dev=_cuda_dev(t))
 
     def _allreduce_sparse(self, tensors, op, opts):
         """Sparse COO all_reduce (SUM, like Gloo): gather every rank's indices and values, add them
         up and write the coalesced sum into the tensor in place."""
         t = tensors[0]
         if t.device.type != "cpu":
-            _cuda_unsupported(t, "allreduce")
+            raise InvalidArgument(f"allreduce: sparse tensors on {t.device} are not supported (sparse CPU "
+                                  f"tensors are)")
         if _op_kind(op) != _R.SUM:
             raise InvalidArgument(f"allreduce: sparse tensors reduce with SUM only, got {_OP_NAMES.get(_op_kind(op))}")
 
@@ -997,7 +1270,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             for items in groups.values():
                 red = items[0][1]
                 flats = [_contig(t)[0] for t, _ in items]
-                packed = torch.cat(flats) if flats else torch.empty(0)
+                packed = torch.cat(flats)
                 self._allreduce_flat(packed, red, True)
                 off = 0
                 for (t, _), f in zip(items, flats):
@@ -1008,7 +1281,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                         torch.view_as_real(t).copy_(src.view(torch.view_as_real(t).shape))
                     else:
                         t.copy_(src.view(t.shape))
-        return self._submit("allreduce_coalesced", run, tensors, opts)
+        return self._submit("allreduce_coalesced", run, tensors, opts, dev=_cuda_dev(tensors))
 
     def reduce(self, tensors, opts=None):
         tensors = _as_list(tensors)
@@ -1020,7 +1293,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             flat, wb = _contig(t)
             is_root = self._rank == root
             if red.gather_fold is not None:
-                stack = torch.empty((self._size, flat.numel()), dtype=flat.dtype) if is_root else None
+                stack = torch.empty((self._size, flat.numel()), dtype=flat.dtype, device=flat.device) \
+                    if is_root else None
                 self._comm.gather(_bytes(stack) if is_root else None, _bytes(flat), root=root)
                 if is_root:
                     flat.copy_(red.gather_fold(stack))
@@ -1031,7 +1305,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             if is_root:
                 red.from_work(buf, flat)
                 wb()
-        return self._submit("reduce", run, tensors, opts)
+        return self._submit("reduce", run, tensors, opts, dev=_cuda_dev(t))
 
     def broadcast(self, tensors, opts=None):
         tensors = _as_list(tensors)
@@ -1046,7 +1320,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             self._comm.broadcast(_bytes(flat), root=root)
             if self._rank != root:
                 wb()
-        return self._submit("broadcast", run, tensors, opts)
+        return self._submit("broadcast", run, tensors, opts, dev=_cuda_dev(t))
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         outs = [list(o) for o in output_tensors]
@@ -1062,7 +1336,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
         def run(work):
             self._gather_into_list(outs[0], t)
-        return self._submit("allgather", run, outs, opts)
+        return self._submit("allgather", run, outs, opts, dev=_cuda_dev(t, outs))
 
     def _gather_into_list(self, out_list, t):
         flat, _ = _contig(t)
@@ -1072,11 +1346,11 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             raise InvalidArgument(f"allgather: output tensor {self._rank} holds {sizes[self._rank]} bytes "
                                   f"but this rank's input holds {n}")
         if all(s == n for s in sizes):
-            packed = torch.empty(n * self._size, dtype=torch.uint8)
+            packed = torch.empty(n * self._size, dtype=torch.uint8, device=flat.device)
             self._comm.all_gather(packed, _bytes(flat))
         else:
             # Uneven sizes (NCCL allows them): every rank sends its input to everyone.
-            packed = torch.empty(sum(sizes), dtype=torch.uint8)
+            packed = torch.empty(sum(sizes), dtype=torch.uint8, device=flat.device)
             mine = _bytes(flat).repeat(self._size)
             self._comm.all_to_all(packed, mine, out_splits=sizes, in_splits=[n] * self._size)
         off = 0
@@ -1107,7 +1381,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             flats = [_bytes(_contig(i)[0]) for i in ins]
             mine = torch.cat(flats) if flats else torch.empty(0, dtype=torch.uint8)
             per = mine.numel()
-            packed = torch.empty(per * self._size, dtype=torch.uint8)
+            packed = torch.empty(per * self._size, dtype=torch.uint8, device=mine.device)
             self._comm.all_gather(packed, mine)
             for r in range(self._size):
                 off = r * per
@@ -1115,7 +1389,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                     n = f.numel()
                     _copy_bytes_into(outs[r][k], packed[off:off + n])
                     off += n
-        return self._submit("allgather_coalesced", run, outs, opts)
+        return self._submit("allgather_coalesced", run, outs, opts, dev=_cuda_dev(ins, outs))
 
     def all_gather_single(self, output, input, opts=None):
         _check(output, "all_gather_single: output")
@@ -1129,7 +1403,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
         def run(work):
             self._all_gather_tensor(output, input)
-        return self._submit("all_gather_into_tensor", run, [output], opts)
+        return self._submit("all_gather_into_tensor", run, [output], opts, dev=_cuda_dev(output, input))
 
     _allgather_base = all_gather_single
 
@@ -1153,7 +1427,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             flats = [_bytes(_contig(i)[0]) for i in inputs]
             mine = torch.cat(flats) if flats else torch.empty(0, dtype=torch.uint8)
             per = mine.numel()
-            packed = torch.empty(per * self._size, dtype=torch.uint8)
+            packed = torch.empty(per * self._size, dtype=torch.uint8, device=mine.device)
             self._comm.all_gather(packed, mine)
             views = packed.view(self._size, per) if per else None
             off = 0
@@ -1162,7 +1436,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 if views is not None:
                     _copy_bytes_into(o, views[:, off:off + n].reshape(-1))
                 off += n
-        return self._submit("all_gather_into_tensor_coalesced", run, outputs, opts)
+        return self._submit("all_gather_into_tensor_coalesced", run, outputs, opts,
+                            dev=_cuda_dev(outputs, inputs))
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -1185,12 +1460,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         def run(work):
             flat, _ = _contig(t)
             n = _nbytes(flat)
-            packed = torch.empty(n * self._size, dtype=torch.uint8) if self._rank == root else None
+            packed = torch.empty(n * self._size, dtype=torch.uint8, device=flat.device) \
+                if self._rank == root else None
             self._comm.gather(packed, _bytes(flat), root=root)
             if self._rank == root:
                 for r, o in enumerate(outs[0]):
                     _copy_bytes_into(o, packed[r * n:(r + 1) * n])
-        return self._submit("gather", run, outs, opts)
+        return self._submit("gather", run, outs, opts, dev=_cuda_dev(t, outs))
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         outs = list(output_tensors)
@@ -1214,7 +1490,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 packed = torch.cat([_bytes(_contig(i)[0]) for i in ins[0]])
             self._comm.scatter(_bytes(flat), packed, root=root)
             wb()
-        return self._submit("scatter", run, outs, opts)
+        return self._submit("scatter", run, outs, opts, dev=_cuda_dev(t, ins))
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         outs = list(output_tensors)
@@ -1232,19 +1508,19 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         def run(work):
             flat_in = torch.cat([_contig(i)[0] for i in ins[0]])
             self._reduce_scatter_flat(t, flat_in, red, True)
-        return self._submit("reduce_scatter", run, outs, opts)
+        return self._submit("reduce_scatter", run, outs, opts, dev=_cuda_dev(t, ins))
 
     def _reduce_scatter_flat(self, output, flat_in, red, may_modify):
         fo, wbo = _contig(output)
         n = fo.numel()
         if red.gather_fold is not None:
-            stack = torch.empty((self._size, n), dtype=fo.dtype)
+            stack = torch.empty((self._size, n), dtype=fo.dtype, device=fo.device)
             self._comm.all_to_all(_bytes(stack), _bytes(flat_in))
             fo.copy_(red.gather_fold(stack))
             wbo()
             return
         bin_ = red.to_work(flat_in, may_modify)
-        bout = fo if red.work_dtype is None else torch.empty(n, dtype=red.work_dtype)
+        bout = fo if red.work_dtype is None else torch.empty(n, dtype=red.work_dtype, device=fo.device)
         self._comm.reduce_scatter(bout, bin_, op=red.pyccl_op)
         red.from_work(bout, fo)
         wbo()
@@ -1264,7 +1540,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         def run(work):
             fi, _ = _contig(input)
             self._reduce_scatter_flat(output, fi, red, False)
-        return self._submit("reduce_scatter_tensor", run, [output], opts)
+        return self._submit("reduce_scatter_tensor", run, [output], opts, dev=_cuda_dev(output, input))
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -1284,7 +1560,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         def run(work):
             for o, i, red in zip(outputs, inputs, reds):
                 self._reduce_scatter_flat(o, _contig(i)[0], red, False)
-        return self._submit("reduce_scatter_tensor_coalesced", run, outputs, opts)
+        return self._submit("reduce_scatter_tensor_coalesced", run, outputs, opts,
+                            dev=_cuda_dev(outputs, inputs))
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -1302,14 +1579,14 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             flats = [_bytes(_contig(i)[0]) for i in ins]
             packed_in = torch.cat(flats)
             out_sizes = [_nbytes(o) for o in outs]
-            packed_out = torch.empty(sum(out_sizes), dtype=torch.uint8)
+            packed_out = torch.empty(sum(out_sizes), dtype=torch.uint8, device=packed_in.device)
             self._comm.all_to_all(packed_out, packed_in, out_splits=out_sizes,
                                   in_splits=[f.numel() for f in flats])
             off = 0
             for o, s in zip(outs, out_sizes):
                 _copy_bytes_into(o, packed_out[off:off + s])
                 off += s
-        return self._submit("alltoall", run, outs, opts)
+        return self._submit("alltoall", run, outs, opts, dev=_cuda_dev(outs, ins))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         _check(output, "all_to_all_single: output")
@@ -1325,7 +1602,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             fi, _ = _contig(input)
             self._comm.all_to_all(_bytes(fo), _bytes(fi), out_splits=out_splits, in_splits=in_splits)
             wbo()
-        return self._submit("all_to_all_single", run, [output], opts)
+        return self._submit("all_to_all_single", run, [output], opts, dev=_cuda_dev(output, input))
 
     alltoall_base = all_to_all_single
 
@@ -1395,6 +1672,15 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def _p2p_send(self, t, peer, tag, name):
         work = _PycclWork(self._what(f"{name} to rank {peer}"), [t])
         flat, _ = _contig(t)
+        if flat.is_cuda:
+            # Staged (module doc): copy to pinned memory on the caller's stream; the engine
+            # sends once that copy has happened. t may be changed as soon as this returns.
+            host = torch.empty(_nbytes(flat), dtype=torch.uint8, pin_memory=True)
+            host.copy_(_bytes(flat), non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._p2p.send(host, peer, tag, work, ready)
+            return work
         self._p2p.send(_bytes(flat), peer, tag, work)   # in place: do not modify t before wait()
         return work
 
@@ -1402,8 +1688,36 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         src = "any rank" if peer is None else f"rank {peer}"
         work = _PycclWork(self._what(f"{name} from {src}"), [t])
         flat, wb = _contig(t)
+        if flat.is_cuda:
+            host, writeback = self._staged_recv(flat, wb, work)
+            self._p2p.recv(host, peer, tag, work, writeback)
+            return work
         self._p2p.recv(_bytes(flat), peer, tag, work, wb)
         return work
+
+    def _staged_recv(self, flat, wb, work):
+        """(pinned landing buffer, write-back) of a receive into CUDA tensor `flat`: the engine
+        thread copies the bytes to the GPU on a pyccl stream that waits for the caller's
+        stream as it is now, and hands the copy's event to the Work (wait() joins it)."""
+        dev = flat.get_device()
+        host = torch.empty(_nbytes(flat), dtype=torch.uint8, pin_memory=True)
+        posted = torch.cuda.Event()
+        posted.record()
+        dst = _bytes(flat)
+
+        def writeback():
+            with torch.cuda.device(dev):
+                s = self._p2p_streams.get(dev)
+                if s is None:
+                    s = self._p2p_streams[dev] = torch.cuda.Stream(device=dev)
+                s.wait_event(posted)
+                with torch.cuda.stream(s):
+                    dst.copy_(host, non_blocking=True)
+                    wb()
+                ev = torch.cuda.Event()
+                ev.record(s)
+            work._cuda_ready = (dev, ev)
+        return host, writeback
 
     def send(self, tensors, dstRank, tag=0):
         t = _single(tensors, "send")

@@ -6,7 +6,7 @@ works (two processes on one device still go through CUDA IPC). Data is integer-v
 every result is compared exactly with a torch CPU reference (float64 for sums).
 """
 import os
-import sys
+import signal
 import time
 
 import numpy as np
@@ -26,10 +26,7 @@ if NGPU < 1:
 import torch  # noqa: E402  (only on GPU machines)
 
 import pyccl  # noqa: E402
-from pyccl.errors import PeerFailure, PycclError  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from pyccl.errors import InvalidArgument, PeerFailure, PycclError  # noqa: E402
 
 SIZES = [0, 1, 7, 1000, 4099, 65539, 300_007, 2_000_003]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -376,31 +373,123 @@ def test_dead_peer_raises_peer_failure():
     assert "rank 1" in val[2], val
 
 
-def scenario_torch_distributed(rank, size, port):
+def _killed_during(rank, size, port, count):
+    """Rank 1 queues its part of an all_reduce behind 3 s of GPU sleep and is SIGKILLed while
+    rank 0's side is under way (its kernel spinning on rank 1's flags, or its host waiting in
+    the exchange); rank 0 must get PeerFailure/Timeout naming the op and rank 1, not hang."""
+    comm, server = _comm(rank, size, port)
+    _dev(comm)
+    x = torch.ones(count, device="cuda")
+    comm.all_reduce(x)
+    comm.cuda.synchronize("warm-up")
+    comm.barrier()
+    if rank == 1:
+        torch.cuda._sleep(3_000_000_000)
+        comm.all_reduce(x, async_op=True)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    t = time.monotonic()
+    try:
+        w = comm.all_reduce(x, async_op=True)
+        w.wait(timeout=60)
+        return ("finished", time.monotonic() - t)
+    except PycclError as e:
+        after = torch.ones(4, device="cuda") * 2          # this process's CUDA context still works
+        return (type(e).__name__, time.monotonic() - t, str(e), after.sum().item())
+
+
+def scenario_killed_during_oneshot(rank, size, port):
+    return _killed_during(rank, size, port, 1 << 14)
+
+
+def scenario_killed_during_twoshot(rank, size, port):
+    return _killed_during(rank, size, port, 8 << 20)
+
+
+@pytest.mark.parametrize("scenario", ["scenario_killed_during_oneshot", "scenario_killed_during_twoshot"])
+def test_peer_sigkilled_during_collective(scenario):
+    out = _run_spawned(scenario)
+    assert 0 in out, out
+    kind, val = out[0]
+    assert kind == "ok", val
+    assert val[0] in ("PeerFailure", "Timeout"), val
+    assert val[1] < 15, val
+    assert "rank 1" in val[2] and "all_reduce" in val[2], val
+    assert val[3] == 8.0, val
+
+
+def _torch_init(rank, size, port):
     import torch.distributed as dist
     import pyccl.torch_backend  # noqa: F401 - registers "pyccl"
-    import torch_cuda_shim
-    patched = torch_cuda_shim.apply()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", rank % torch.cuda.device_count())
-    try:
-        dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                                device_id=dev)
-        how = "device_id"
-    except Exception as e:  # noqa: BLE001 - report how it was initialised
-        how = f"without device_id ({type(e).__name__}: {e})"
-        dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port + 1}", rank=rank, world_size=size)
-    res = {"init": how, "shim": patched}
+    dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            device_id=dev)
+    return dist, dev
+
+
+def scenario_torch_distributed(rank, size, port):
+    dist, dev = _torch_init(rank, size, port)
+    res = {}
     t = torch.arange(1000, dtype=torch.float32, device=dev) + rank
     dist.all_reduce(t)
     res["all_reduce"] = torch.equal(t.cpu(), 2 * torch.arange(1000, dtype=torch.float32) + 1)
     t = torch.full((300_000,), float(rank + 1), device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.AVG)
     res["all_reduce_avg_large"] = bool((t == 1.5).all())
+    # fast lane: dtypes x ops x sizes, repeated calls on one tensor (both scratch slots, cached launch)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8):
+        for op, name in ((dist.ReduceOp.SUM, "sum"), (dist.ReduceOp.MAX, "max"), (dist.ReduceOp.PRODUCT, "prod"),
+                         (dist.ReduceOp.MIN, "min")):
+            for n in (1, 999, 65539):
+                base = (torch.arange(n, device=dev) % 5 + 1).to(dtype)
+                x = base * (rank + 1) if name != "prod" else base
+                want = {"sum": base * 3, "max": base * 2, "prod": base * base, "min": base}[name]
+                if name == "prod":
+                    want = base * base
+                dist.all_reduce(x, op=op)
+                res[f"lane {dtype} {name} n={n}"] = torch.equal(x, want)
+    x = torch.ones(4099, device=dev)
+    for _ in range(7):
+        dist.all_reduce(x)
+    res["lane repeated"] = bool((x == 128).all())
+    # mixing the lane with two-shot, copy-engine ops and another stream
+    big = torch.ones(5 << 20, device=dev)
+    small = torch.ones(100, device=dev)
+    ag_out = torch.empty(2 * 1000, device=dev)
+    s = torch.cuda.Stream()
+    dist.all_reduce(small)
+    dist.all_reduce(big)
+    dist.all_gather_into_tensor(ag_out, torch.full((1000,), float(rank), device=dev))
+    dist.all_reduce(small)
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)                    # a slow producer on another stream...
+        y = torch.full((3000,), float(rank + 1), device=dev)
+        dist.all_reduce(y)                               # ...is waited for
+        y2 = y * 2                                       # and the result is seen on that stream
+    dist.all_reduce(small)
+    torch.cuda.synchronize()
+    res["mixed"] = bool((big == 2).all() and (small == 8).all() and (ag_out[1000:] == 1).all()
+                        and (y2 == 6).all())
+    # async: lane and general path
+    x = torch.full((5000,), float(rank + 1), device=dev)
+    w = dist.all_reduce(x, async_op=True)
+    w.wait()
+    z = x + 0
+    fut = dist.all_reduce(torch.ones(10, device=dev), async_op=True).get_future()
+    res["async lane"] = bool((z == 3).all()) and bool((fut.wait()[0] == 2).all())
+    out = torch.empty(2 * 70_000, device=dev)
+    w = dist.all_gather_into_tensor(out, torch.full((70_000,), float(rank), device=dev), async_op=True)
+    w.wait(timeout=30)
+    res["async general"] = bool((out[:70_000] == 0).all() and (out[70_000:] == 1).all()) and w.is_completed()
     inp = torch.full((1000,), float(rank), device=dev, dtype=torch.bfloat16)
     out = torch.empty(2000, device=dev, dtype=torch.bfloat16)
     dist.all_gather_into_tensor(out, inp)
     res["all_gather"] = bool((out[:1000] == 0).all() and (out[1000:] == 1).all())
+    outs = [torch.empty(3, 5, device=dev) for _ in range(size)]
+    dist.all_gather(outs, torch.full((3, 5), float(rank + 10), device=dev))
+    res["all_gather list"] = all(bool((o == r + 10).all()) for r, o in enumerate(outs))
     rs_in = torch.arange(2000, dtype=torch.float32, device=dev)
     rs_out = torch.empty(1000, device=dev)
     dist.reduce_scatter_tensor(rs_out, rs_in)
@@ -410,22 +499,100 @@ def scenario_torch_distributed(rank, size, port):
     dist.all_to_all_single(b, a)
     want = torch.cat([torch.arange(4) + 4 * rank + 100 * s for s in range(size)])
     res["all_to_all"] = torch.equal(b.cpu(), want)
+    # all_to_all_single with uneven splits (MoE dispatch): rank r sends (r + 1) * (d + 2) rows to d
+    in_splits = [(rank + 1) * (d + 2) for d in range(size)]
+    out_splits = [(src + 1) * (rank + 2) for src in range(size)]
+    a = torch.cat([torch.full((in_splits[d], 3), 100.0 * rank + d) for d in range(size)]).to(dev)
+    b = torch.full((sum(out_splits), 3), -1.0, device=dev)
+    dist.all_to_all_single(b, a, output_split_sizes=out_splits, input_split_sizes=in_splits)
+    want = torch.cat([torch.full((out_splits[src], 3), 100.0 * src + rank) for src in range(size)])
+    res["all_to_all uneven"] = torch.equal(b.cpu(), want)
     c = torch.full((77,), float(rank), device=dev)
     dist.broadcast(c, src=1)
     res["broadcast"] = bool((c == 1).all())
-    w = dist.all_reduce(torch.ones(10, device=dev), async_op=True)
-    w.wait()
-    res["async_wait"] = True
+    band = torch.tensor([0b1100 | rank, 0b1010], dtype=torch.int32, device=dev)
+    dist.all_reduce(band, op=dist.ReduceOp.BAND)
+    res["bitwise (general path)"] = band.tolist() == [0b1100, 0b1010]
+    # point-to-point on CUDA tensors (staged through pinned host memory)
+    peer = 1 - rank
+    if rank == 0:
+        dist.send(torch.arange(1000, dtype=torch.float32, device=dev), dst=1, tag=3)
+        got = torch.empty(10, device=dev)
+        dist.recv(got, src=1, tag=4)
+        res["send/recv"] = bool((got == 7).all())
+    else:
+        got = torch.empty(1000, device=dev)
+        dist.recv(got, src=0, tag=3)
+        dist.send(torch.full((10,), 7.0, device=dev), dst=0, tag=4)
+        res["send/recv"] = torch.equal(got.cpu(), torch.arange(1000, dtype=torch.float32))
+    mine = torch.full((4096,), float(rank), device=dev)
+    theirs = torch.empty(4096, device=dev)
+    reqs = [dist.isend(mine, dst=peer), dist.irecv(theirs, src=peer)]
+    for r in reqs:
+        r.wait()
+    res["isend/irecv"] = bool((theirs * 1 == peer).all())
+    mine2 = torch.full((3, 7), float(rank + 5), device=dev)
+    theirs2 = torch.empty(3, 7, device=dev).t()            # non-contiguous target
+    ops = [dist.P2POp(dist.isend, mine2.t().contiguous(), peer), dist.P2POp(dist.irecv, theirs2, peer)]
+    for r in dist.batch_isend_irecv(ops):
+        r.wait()
+    res["batch_isend_irecv"] = bool((theirs2 == peer + 5).all())
     dist.barrier()
+    # a mismatched call (other sizes) raises on every rank, at the next call at the latest
+    x = torch.ones(100 * (rank + 1), device=dev)
+    err = None
+    try:
+        dist.all_reduce(x)
+        torch.cuda.synchronize()
+        dist.all_reduce(torch.ones(8, device=dev))
+    except PycclError as e:
+        err = e
+    res["mismatch raises"] = isinstance(err, InvalidArgument) and "rank" in str(err)
+    if not res["mismatch raises"]:
+        res["mismatch error"] = repr(err)
     dist.destroy_process_group()
     return res
 
 
 def test_torch_distributed_backend_on_cuda():
-    out = _run_spawned("scenario_torch_distributed")
+    out = _run_spawned("scenario_torch_distributed", timeout=300)
     for r in range(2):
         assert r in out, out
         kind, val = out[r]
         assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is False}
-        assert not bad, val
+        bad = {k: v for k, v in val.items() if v is not True}
+        assert not bad, bad
+
+
+def scenario_torch_peer_killed(rank, size, port):
+    dist, dev = _torch_init(rank, size, port)
+    x = torch.ones(1 << 12, device=dev)
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 1:
+        torch.cuda._sleep(3_000_000_000)
+        dist.all_reduce(x)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    t = time.monotonic()
+    try:
+        for _ in range(100):
+            dist.all_reduce(x)
+            torch.cuda.synchronize()                 # returns: the kernel gives up when rank 1 dies
+            time.sleep(0.1)
+        return ("finished", time.monotonic() - t)
+    except PycclError as e:
+        return (type(e).__name__, time.monotonic() - t, str(e), (torch.ones(4, device=dev) * 2).sum().item())
+
+
+def test_torch_peer_sigkilled_during_all_reduce():
+    out = _run_spawned("scenario_torch_peer_killed")
+    assert 0 in out, out
+    kind, val = out[0]
+    assert kind == "ok", val
+    assert val[0] in ("PeerFailure", "Timeout"), val
+    assert val[1] < 15, val
+    assert "rank 1" in val[2] and "all_reduce" in val[2], val
+    assert val[3] == 8.0, val

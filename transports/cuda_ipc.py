@@ -88,36 +88,69 @@ def allocation_of(ptr: int):
     return bufid, base, size
 
 
-_launch_kernel = None
+_launch = None
+
+
+def launcher():
+    """launch(function, grid, block, stream, params_address): cuLaunchKernel.
+
+    cupy's Cython binding ``cupy.cuda.driver.launchKernel`` takes plain integers and costs
+    well under a microsecond of Python; ctypes with argtypes (the fallback, or
+    PYCCL_CUDA_LAUNCH=ctypes) spends a few more on converting eleven arguments."""
+    global _launch
+    if _launch is None:
+        drv = None
+        if os.environ.get("PYCCL_CUDA_LAUNCH", "driver") != "ctypes":
+            drv = getattr(getattr(getattr(_cupy(), "cuda", None), "driver", None), "launchKernel", None)
+        if drv is not None:
+            def launch(fn, grid, block, stream, params):
+                drv(fn, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
+        else:
+            c = _driver().cuLaunchKernel
+            c.restype = ctypes.c_int
+            c.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+
+            def launch(fn, grid, block, stream, params):
+                rc = c(fn, grid, 1, 1, block, 1, 1, 0, stream, params, None)
+                if rc != 0:
+                    raise TransportError(f"cuda_ipc: cuLaunchKernel failed with CUDA driver error {rc}")
+        _launch = launch
+    return _launch
+
+
+class KernelParams:
+    """A kernel's parameter block, built once and kept: ``address`` is the ``void**`` that
+    cuLaunchKernel reads (the driver copies the values at launch, so the block can be changed
+    for the next launch right away). `types` in letters: u = 64-bit unsigned (pointers too),
+    i = 64-bit signed, s = 32-bit signed."""
+
+    _CT = {"u": ctypes.c_uint64, "i": ctypes.c_int64, "s": ctypes.c_int32}
+    __slots__ = ("vals", "arr", "address")
+
+    def __init__(self, types: str, args=None):
+        self.vals = [self._CT[t]() for t in types]
+        self.arr = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
+        self.address = ctypes.addressof(self.arr)
+        if args is not None:
+            self.set(args)
+
+    def set(self, args):
+        for v, a in zip(self.vals, args):
+            v.value = a
 
 
 class KernelLauncher:
-    """cuLaunchKernel through ctypes, with the parameter block allocated once.
-
-    cupy's ``Function.__call__`` spends ~10 us converting arguments; this spends ~2 us, which
-    is most of a small collective's host time. `types` is the kernel's parameter list in
-    letters: u = 64-bit unsigned (pointers too), i = 64-bit signed, s = 32-bit signed. Not
-    thread-safe: the communicator runs one collective at a time."""
-
-    _CT = {"u": ctypes.c_uint64, "i": ctypes.c_int64, "s": ctypes.c_int32}
+    """launcher(grid, block, stream, args): set the whole parameter block, then launch. Not
+    thread-safe (one parameter block): the communicator runs one collective at a time."""
 
     def __init__(self, function_ptr: int, types: str):
-        global _launch_kernel
-        if _launch_kernel is None:
-            fn = _driver().cuLaunchKernel
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-            _launch_kernel = fn
         self.fn = function_ptr
-        self.vals = [self._CT[t]() for t in types]
-        self.params = (ctypes.c_void_p * len(self.vals))(*[ctypes.addressof(v) for v in self.vals])
+        self.params = KernelParams(types)
+        self.launch = launcher()
 
     def __call__(self, grid: int, block: int, stream: int, args):
-        for v, a in zip(self.vals, args):
-            v.value = a
-        rc = _launch_kernel(self.fn, grid, 1, 1, block, 1, 1, 0, stream, self.params, None)
-        if rc != 0:
-            raise TransportError(f"cuda_ipc: cuLaunchKernel failed with CUDA driver error {rc}")
+        self.params.set(args)
+        self.launch(self.fn, grid, block, stream, self.params.address)
 
 
 class IpcRegistry:
