@@ -152,23 +152,26 @@ def probe(pyg, comm, dev, rank):
         out[f"{op} 16MiB synced, direct"] = synced_us(f_direct)
         out[f"{op} 16MiB synced, torch"] = synced_us(f_torch)
     out["describe(tensor)"] = host_us(lambda: describe(t, "x"))
-    prof = cProfile.Profile()
-    for _ in range(50):
-        comm.all_reduce(t)
-    torch.cuda.synchronize()
-    dist.barrier()
-    if rank == 0:
-        prof.enable()
-    for _ in range(2000):
-        dist.all_reduce(t, group=pyg)
-    if rank == 0:
-        prof.disable()
-    torch.cuda.synchronize()
     text = ""
-    if rank == 0:
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
-        text = buf.getvalue()
+    for label, fn, k in (("32 KiB all_reduce through torch (fast lane)", lambda: dist.all_reduce(t, group=pyg), 2000),
+                         ("16 MiB all_reduce through torch (general path)",
+                          make_op("all_reduce", 16 * MB, pyg, dev, n)[0], 300)):
+        prof = cProfile.Profile()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        if rank == 0:
+            prof.enable()
+        for _ in range(k):
+            fn()
+        if rank == 0:
+            prof.disable()
+        torch.cuda.synchronize()
+        if rank == 0:
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+            text += f"--- profile, {label}, {k} calls on rank 0 ---\n" + buf.getvalue()
     return out, text
 
 
@@ -228,7 +231,7 @@ def main():
             print("host time per call, 32 KiB all-reduce:")
             for k, v in layers.items():
                 print(f"  {k:40s} {v:8.1f} us")
-            print(prof[:6000])
+            print(prof[:12000])
 
     ar_sizes = [8 * KB, 32 * KB, 128 * KB, 256 * KB, 1 * MB, 2 * MB, 4 * MB, 8 * MB, 16 * MB, 64 * MB, 256 * MB,
                 1 * GB]
@@ -260,12 +263,16 @@ def main():
                 cc.twoshot_mode = saved[0]
             if size <= cc.small_cap and size > cc.oneshot_max:
                 cc.oneshot_max = cc.small_cap
+                cc.forget_prepared()
                 row["pyccl_1shot_us"] = timed(fn, iters)
                 cc.oneshot_max = saved[1]
+                cc.forget_prepared()
             if size <= 16 * MB and size > 1024 and size <= cc.oneshot_max:
                 cc.oneshot_max = 0
+                cc.forget_prepared()
                 row["pyccl_2shot_us"] = timed(fn, iters)
                 cc.oneshot_max = saved[1]
+                cc.forget_prepared()
         if op == "reduce_scatter" and cc is not None and args.variants == "1":
             saved = cc.twoshot_mode
             cc.twoshot_mode = "ce"

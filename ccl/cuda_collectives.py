@@ -261,6 +261,7 @@ class CudaCollectives:
         self._epoch = 0
         self._names = [None] * 4096          # epoch & 4095 -> what (str, or (name, seq) for fast calls)
         self._prepared = {}                  # (in, out, count, dtype, op, sig) -> _Prepared one-shot launch
+        self._lane_caches = []               # the torch fast lanes' caches (forget_prepared clears them)
         self._tail = None          # the stream our latest collective's end is ordered on
         self._last = None          # event at the end of the latest collective on pyccl's stream
         self._mail_seq = 0
@@ -696,6 +697,7 @@ class CudaCollectives:
                   torch.int64: "int64"}
         ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
         cache = {}
+        self._lane_caches.append(cache)
         words = self.status.words
         dev = self.dev
         names = self._names
@@ -750,6 +752,13 @@ class CudaCollectives:
             cache[key] = p
             return p
         return lane
+
+    def forget_prepared(self):
+        """Drop every prepared launch and fast-lane decision (after changing a knob such as
+        oneshot_max at run time, on every rank alike)."""
+        self._prepared.clear()
+        for c in self._lane_caches:
+            c.clear()
 
     def _after(self, tail, stream):
         """`stream` waits for everything queued so far on `tail` (our previous collective)."""
