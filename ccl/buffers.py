@@ -61,10 +61,12 @@ def as_buffer(obj, what: str, writable: bool = False) -> Buffer:
     """Describe `obj` without copying; `what` names it in errors (e.g. 'all_reduce: x')."""
     if isinstance(obj, Buffer):
         return obj
-    if is_cuda(obj):                    # GPU memory: described (not copied) by cuda_buffers.py
+    if type(obj) is np.ndarray:         # the common case first: latency of small calls
+        arr = obj
+    elif is_cuda(obj):                  # GPU memory: described (not copied) by cuda_buffers.py
         from .cuda_buffers import describe
         return describe(obj, what, writable)
-    if _is_torch_tensor(obj):
+    elif _is_torch_tensor(obj):
         arr = _torch_to_numpy(obj, what)
     elif isinstance(obj, np.ndarray):
         arr = obj
