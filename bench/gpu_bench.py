@@ -152,6 +152,11 @@ def probe(pyg, comm, dev, rank):
         out[f"{op} 16MiB synced, direct"] = synced_us(f_direct)
         out[f"{op} 16MiB synced, torch"] = synced_us(f_torch)
     out["describe(tensor)"] = host_us(lambda: describe(t, "x"))
+    t16 = torch.ones(4 * MB, device=dev)
+    out["16MiB pyg.allreduce([t], opts) (no dist layer)"] = host_us(lambda: pyg.allreduce([t16], _opts()), 300)
+    out["16MiB comm.all_reduce"] = host_us(lambda: comm.all_reduce(t16), 300)
+    out["_submit_cuda of an empty body"] = host_us(lambda: pyg._submit_cuda("probe", lambda w: None, [t16], False,
+                                                                            dev.index), 1000)
     text = ""
     for label, fn, k in (("32 KiB all_reduce through torch (fast lane)", lambda: dist.all_reduce(t, group=pyg), 2000),
                          ("16 MiB all_reduce through torch (general path)",

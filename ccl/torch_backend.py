@@ -400,6 +400,66 @@ class _CudaWork(dist._Work):
         return f"<pyccl CUDA Work {self.what}{' FAILED' if self._error else ''}>"
 
 
+class _SyncDone(dist._Work):
+    """The Work that synchronous collectives on CUDA tensors return when they succeeded: one
+    shared, completed object (making a torch Work costs several microseconds, as much as the
+    whole enqueue of a small all-reduce). torch's synchronous calls only ``wait()`` on it; its
+    ``result()``/``get_future()`` value is an empty list (the call's tensors are the caller's,
+    and stream order already holds for them)."""
+
+    what = "pyccl synchronous CUDA collective"
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+    def is_success(self):
+        return True
+
+    def exception(self):
+        return None
+
+    def get_future(self):
+        fut = torch.futures.Future()
+        fut.set_result([])
+        return fut
+
+    def result(self):
+        return []
+
+    def source_rank(self):
+        return -1
+
+    def _source_rank(self):
+        return -1
+
+    def synchronize(self):
+        pass
+
+    def block_current_stream(self):
+        pass
+
+    def __repr__(self):
+        return "<pyccl CUDA Work (synchronous, done)>"
+
+
+_SYNC_DONE = _SyncDone()
+
+
+class _Outcome:
+    """What _run reports into for a synchronous CUDA call (a torch Work is made only if it
+    failed)."""
+    __slots__ = ("_error", "what")
+
+    def __init__(self, what):
+        self.what, self._error = what, None
+
+    def _finish(self, error=None, source=None):
+        self._error = error
+
+
 # ---- tensor helpers --------------------------------------------------------------------------------
 def _check(t, what):
     if not isinstance(t, torch.Tensor):
@@ -1059,13 +1119,17 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         async_op: the body runs with a side stream as the current stream (which first waits
         for the caller's), and the Work's wait() joins it back."""
         what = self._what(name)
-        work = _CudaWork(what, result, dev)
+        work = _Outcome(what) if not async_op else _CudaWork(what, result, dev)
         on_worker = threading.current_thread() is self._worker
         if not on_worker:
             self._take_turn(what)
         try:
             if not async_op:
                 self._run(work, fn)
+                if work._error is not None:
+                    failed = _CudaWork(what, result, dev)
+                    failed._error = work._error
+                    work = failed
             else:
                 caller = torch.cuda.current_stream(dev)
                 side = self._side.get(dev)
@@ -1079,15 +1143,18 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                     ev.record(side)
                     work.event = ev
                     work._keep = fn          # its closure holds every tensor the side stream uses
-            work._cc = self._comm.cuda
-            if self._lane is None and work._cc is not None and work._error is None:
-                self._lane_dev, self._lane_cc = work._cc.dev, work._cc
-                self._lane = work._cc.torch_all_reduce(self._comm)
+            cc = self._comm.cuda
+            if self._lane is None and cc is not None and work._error is None:
+                self._lane_dev, self._lane_cc = cc.dev, cc
+                self._lane = cc.torch_all_reduce(self._comm)
         finally:
             if not on_worker:
                 with self._cv:
                     self._running = False
                     self._cv.notify_all()
+        if isinstance(work, _Outcome):
+            return _SYNC_DONE
+        work._cc = cc
         return work
 
     def _take_turn(self, what):
@@ -1202,6 +1269,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                     self._broken = f"{type(e).__name__}: {e}"
                     raise
                 if r is not False:
+                    if r is None:
+                        return _SYNC_DONE
                     return _CudaWork("pyccl allreduce", tensors, self._lane_dev, self._lane_cc, r)
         if isinstance(opts, dist.ReduceOp) or opts is None:
             op, opts = (opts if opts is not None else dist.ReduceOp.SUM), None
