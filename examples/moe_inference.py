@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import parallel as par  # noqa: E402
+import parallel as par
 
 
 def parse(argv=None):
@@ -234,8 +234,9 @@ def generate(a, W, ranks, world, moe_fn, device, rt=None, prof=None, label=None)
     return [torch.cat(o, 1) for o in out], logits, times
 
 
-def reference(a, world, dense=False, device=torch.device("cpu")):
+def reference(a, world, dense=False, device=None):
     """Single-process results: tokens [B, T], logits [B, V], splits log."""
+    device = torch.device("cpu") if device is None else device
     W = weights(a, range(a.experts), device)
     log = []
     if dense:
@@ -286,6 +287,7 @@ def run(a, rt: par.Runtime) -> dict | None:
     splits = [[everyone[r]["splits"][c][0] for r in range(rt.world)] for c in range(len(log))]
     return {"tokens": torch.cat([e["tokens"] for e in everyone]), "logits": torch.cat([e["logits"] for e in everyone]),
             "splits": splits, "timing": [e["timing"] for e in everyone], "times": all_times,
+            "generated": a.batch * a.new_tokens * len(all_times),
             "layout": {"world": rt.world, "backend": a.backend, "device": rt.device.type}}
 
 

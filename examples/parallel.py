@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 try:                                   # registers the "pyccl" backend with torch.distributed
-    import pyccl  # noqa: F401
+    import pyccl
 except ImportError:                    # gloo/nccl still work without pyccl installed
     pyccl = None
 
@@ -43,13 +43,9 @@ def common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 class Runtime:
     """Where this process is: rank, world size, device; ``dist`` is initialised when world > 1."""
 
-    def __init__(self, rank=0, world=1, local_rank=0, device=torch.device("cpu"), backend=None):
+    def __init__(self, rank=0, world=1, local_rank=0, device=None, backend=None):
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.device, self.backend = device, backend
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1 or dist.is_initialized()
+        self.device, self.backend = device or torch.device("cpu"), backend
 
     def sync(self):
         if self.device.type == "cuda":
@@ -93,6 +89,7 @@ def init(backend: str, device: str, threads: int = 1, timeout_s: float = 300.0) 
     if store is not None:
         kw.update(store=store, rank=rank, world_size=world)
     dist.init_process_group(**kw)
+    dist.barrier()       # every rank is up (and NCCL's communicator exists) before the first p2p batch
     return rt
 
 
@@ -185,7 +182,7 @@ class Profiler:
 
 
 class _Timed:
-    __slots__ = ("p", "kind", "t0")
+    __slots__ = ("kind", "p", "t0")
 
     def __init__(self, p, kind):
         self.p, self.kind = p, kind

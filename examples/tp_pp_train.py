@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import parallel as par  # noqa: E402
+import parallel as par
 
 # The training text: the opening of "Alice's Adventures in Wonderland" (Lewis Carroll, 1865;
 # public domain). A character-level model learns its letter statistics within a few steps.
@@ -148,7 +148,7 @@ def train(a, rt: par.Runtime) -> dict | None:
         raise SystemExit(f"world size {rt.world} is not a multiple of tp*pp = {tp * pp}")
     dp = rt.world // (tp * pp)
     tp_rank, dp_rank, pp_rank = rt.rank % tp, rt.rank // tp % dp, rt.rank // (tp * dp)
-    rank_of = lambda t, d, p: t + tp * (d + dp * p)  # noqa: E731
+    rank_of = lambda t, d, p: t + tp * (d + dp * p)
     if a.batch % (dp * a.micro_batches):
         raise SystemExit(f"--batch {a.batch} must divide by dp*micro-batches = {dp * a.micro_batches}")
     mb = a.batch // (dp * a.micro_batches)
@@ -249,7 +249,9 @@ def train(a, rt: par.Runtime) -> dict | None:
         return None
     if report:
         print(report, flush=True)
-    return assemble(everyone, dict(world=rt.world, tp=tp, pp=pp, dp=dp, backend=a.backend))
+    res = assemble(everyone, dict(world=rt.world, tp=tp, pp=pp, dp=dp, backend=a.backend))
+    res["tokens_per_step"] = tokens_per_step
+    return res
 
 
 def assemble(everyone, layout) -> dict:

@@ -22,8 +22,8 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
-import moe_inference  # noqa: E402
-import tp_pp_train  # noqa: E402
+import moe_inference
+import tp_pp_train
 
 RANKS = 4
 SMALL = ["--steps", "12", "--warmup", "1"]          # the rest: the examples' small defaults
@@ -41,7 +41,7 @@ def launch(script, args, tmp_path, launcher="pyccl", timeout=60):
            if not k.startswith(("PYCCL_", "TORCHELASTIC_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYCCL_TIMEOUT="60")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout, torch.load(out)
 
