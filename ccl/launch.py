@@ -3,8 +3,11 @@
 The launcher hosts the rendezvous store (bound to --master-addr, 127.0.0.1 by default),
 makes a fresh random job secret, and starts every rank as `python prog.py args…` (or
 `python -m module args…`) with PYCCL_RANK, PYCCL_SIZE, PYCCL_LOCAL_RANK, PYCCL_LOCAL_SIZE,
-PYCCL_STORE_ADDR and PYCCL_JOB_SECRET set. It does not set torchrun's RANK/WORLD_SIZE/
-MASTER_* so that pyccl.env.detect() cannot mistake one launcher for the other.
+PYCCL_STORE_ADDR and PYCCL_JOB_SECRET set, and torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a free port for the torch store that rank 0's
+``init_process_group`` opens), so that ``dist.init_process_group("pyccl")`` works with no
+arguments, as under torchrun. pyccl.env.detect() reads PYCCL_* first, so the two cannot be
+mistaken for each other.
 
 Ranks' stdout and stderr pass through unchanged. When a rank fails, the launcher names it
 and its exit code on stderr, gives the others --grace seconds to finish, then SIGTERM, then
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"   # children are local: reach it on loopback
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cmd = [sys.executable] + (["-m", args.module] if args.module else []) + program
+    torch_port = _free_port(host)
 
     state = {"signal": None}
     children = []
@@ -120,10 +124,10 @@ def main(argv=None) -> int:
     try:
         for rank in range(args.nproc):
             env = dict(os.environ)
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-                env.pop(k, None)                    # an outer torchrun must not leak into detection
             env.update(PYCCL_RANK=str(rank), PYCCL_SIZE=str(args.nproc), PYCCL_LOCAL_RANK=str(rank),
-                       PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=addr, PYCCL_JOB_SECRET=secret.hex())
+                       PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=addr, PYCCL_JOB_SECRET=secret.hex(),
+                       RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR=host, MASTER_PORT=str(torch_port))
             try:
                 children.append(subprocess.Popen(cmd, env=env))
             except OSError as e:
@@ -135,6 +139,15 @@ def main(argv=None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         server.close()
+
+
+def _free_port(host: str) -> int:
+    """A port nobody listens on now, for torch's own store (torchrun --standalone does alike)."""
+    import socket
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _code(rc: int) -> int:

@@ -241,7 +241,9 @@ RENDEZVOUS = textwrap.dedent("""
     info = env.detect()
     assert info.launcher == "pyccl.launch", info
     assert info.size == 3 and info.local_size == 3 and info.local_rank == info.rank, info
-    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    # torchrun's variables too (an outer RANK=5/WORLD_SIZE=9 is replaced), for init_process_group
+    assert os.environ["RANK"] == str(info.rank) and os.environ["WORLD_SIZE"] == str(info.size)
+    assert os.environ["LOCAL_RANK"] == str(info.rank) and int(os.environ["MASTER_PORT"]) > 0
     store = env.open_store(info, timeout=20)
     store.set(f"hello/{info.rank}", str(os.getpid()).encode())
     store.wait([f"hello/{r}" for r in range(info.size)])
@@ -265,6 +267,23 @@ def test_launch_three_ranks_rendezvous(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank"))
     assert lines == [f"rank {i} of 3 sees 3 pids args=['-n', '7', '--flag']" for i in range(3)]
+
+
+def test_launch_runs_torch_init_process_group_without_arguments(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch, torch.distributed as dist, pyccl
+        dist.init_process_group("pyccl")
+        t = torch.full((5,), float(dist.get_rank() + 1))
+        dist.all_reduce(t)
+        os.write(1, f"rank {dist.get_rank()}/{dist.get_world_size()} sum {t[0].item():g}\\n".encode())
+        dist.destroy_process_group()
+    """))
+    r = _run_launcher(["-n", "2", str(script)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("rank")) == \
+        ["rank 0/2 sum 3", "rank 1/2 sum 3"]
 
 
 def test_launch_module(tmp_path):

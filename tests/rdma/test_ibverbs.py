@@ -342,11 +342,15 @@ def rank_die_mid_collective(comm, victim):
     try:
         for _ in range(1000):
             comm.all_reduce(x)
-    except (PeerFailure, TransportError) as e:
-        return f"{type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}"
-    except pyccl.errors.Timeout as e:
-        return f"Timeout after {time.monotonic() - t0:.1f}s: {e}"
-    return "no error"
+    except (PeerFailure, TransportError, pyccl.errors.Timeout) as e:
+        text = f"{type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}"
+    else:
+        return "no error"
+    new = comm.shrink(timeout=10)           # the survivors go on over ibverbs
+    y = np.full(1001, comm.rank + 1.0)
+    new.all_reduce(y)
+    new.close()
+    return f"{text} | shrunk to {new.size}: {y[0]:g} {y[-1]:g}"
 
 
 @needs_rdma
@@ -372,6 +376,8 @@ def test_peer_killed_mid_collective(groups, nranks):
         # the rank next to the victim names it; others may name the neighbour that gave up
         assert "rank" in text, answers
     assert any(f"rank {victim}" in t for t in answers.values()), answers
+    survivors_sum = sum(r + 1 for r in range(nranks) if r != victim)
+    assert all(t.endswith(f"| shrunk to {nranks - 1}: {survivors_sum} {survivors_sum}") for t in answers.values()), answers
     assert all(float(t.split(" after ")[1].split("s")[0]) < 30 for t in answers.values()), answers
 
 
