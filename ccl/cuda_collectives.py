@@ -48,6 +48,11 @@ Environment (defaults):
   PYCCL_CUDA_SCRATCH       268435456  largest scratch region per peer (bytes); bigger messages go in rounds
   PYCCL_CUDA_RS_CE_MIN     67108864 reduce-scatter: per-rank segments (bytes) from which copy engines push
   PYCCL_CUDA_SYNC          0        1: block the host after every call and raise its error there
+  PYCCL_CUDA_LAUNCH        driver   'driver': cupy's Cython cuLaunchKernel binding; 'ctypes': through ctypes
+
+Fast lane (torch backend): ``torch_all_reduce`` returns the function that
+``ProcessGroupPyccl.allreduce`` calls first for small CUDA tensors: one prepared one-shot
+launch on the caller's stream per call (see its docstring).
 """
 import logging
 import os
