@@ -112,7 +112,8 @@ static void copy_out(void *dst, const void *src, size_t n, int nt) {
  * stores at 14-27 GB/s in both, but data written that way is slower for the peer to read
  * (from memory, not from a cache).  Timing the stores alone misleads (streaming stores look
  * cheap to issue), so each communicator times whole calls per (op, size class) with either
- * kind, uses the cheaper, and tries the other every 16th call of that class (op_begin/op_end).
+ * kind (calls 2-7 of a class alternate; the first, which pays for first touches, is not timed),
+ * then uses the cheaper and tries the other every 16th call (choose_kind/op_end).
  * All ranks make the same calls, so they explore on the same calls.  PYCCL_SHM_STREAM=0/1
  * forces one kind.  Only speed depends on the choice, never the bytes written. */
 #define SHARE_MIN 16384          /* smaller writes: always plain */
@@ -513,9 +514,11 @@ static void choose_kind(pyccl_coll *c, int what, uint64_t bytes) {
     const int cls = (what - 1) * KIND_SIZES + size_cls;
     const uint64_t *cost = c->kind_cost[cls];
     const uint64_t n = ++c->kind_calls[cls];
+    if (n == 1)
+        return; /* the first call of a class pays for first touches: plain, not timed */
     int kind = cost[1] && cost[1] < cost[0];
-    if (!cost[0] || !cost[1])
-        kind = !cost[0] ? 0 : 1;
+    if (n < 8)
+        kind = (int)(n & 1); /* calls 2..7 alternate, so both kinds have a fair start */
     else if (n % 16 == 0)
         kind = !kind;
     c->kind_cls = cls;
@@ -557,7 +560,7 @@ static int op_end(pyccl_coll *c, int rc) {
     if (!rc) {
         const uint64_t per_kib = (ticks() - c->kind_t0) * 1024 / (c->sig_bytes ? c->sig_bytes : 1);
         uint64_t *avg = &c->kind_cost[c->kind_cls][call_kind];
-        *avg = *avg ? (*avg * 3 + per_kib) / 4 : per_kib;
+        *avg = *avg ? (*avg + per_kib) / 2 : per_kib;
         const uint64_t *both = c->kind_cost[c->kind_cls];
         if (both[0] && both[1])
             share_hint = both[1] < both[0];
