@@ -114,10 +114,14 @@ static void copy_out(void *dst, const void *src, size_t n, int nt) {
  * cheap to issue), so each communicator times whole calls per (op, size class) with either
  * kind (calls 2-7 of a class alternate; the first, which pays for first touches, is not timed),
  * then uses the cheaper and tries the other every 16th call (choose_kind/op_end).
- * All ranks make the same calls, so they explore on the same calls.  PYCCL_SHM_STREAM=0/1
- * forces one kind.  Only speed depends on the choice, never the bytes written. */
+ * All ranks make the same calls, so they explore on the same calls.  Measured over many runs
+ * here (2 ranks, 1-16 MiB): while plain stores are fast, "measure" cost 10-50% against plain
+ * (the exploring calls, and whole-call times are noisy: they include waiting for the peer);
+ * while they are slow it gained ~25% at best.  So plain is the default and the measuring is
+ * opt-in: PYCCL_SHM_STREAM=auto (1: always streaming).  Only speed depends on the choice,
+ * never the bytes written. */
 #define SHARE_MIN 16384          /* smaller writes: always plain */
-static int share_forced = -1;     /* PYCCL_SHM_STREAM: -1 measure, 0 plain, 1 streaming */
+static int share_forced = 0;      /* PYCCL_SHM_STREAM: 0 plain (default), 1 streaming, -1 measure */
 static int share_hint;            /* the kind the collectives found cheaper last (ring sends) */
 static __thread int call_kind;    /* the kind of the call in progress on this thread */
 
