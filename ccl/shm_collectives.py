@@ -36,11 +36,11 @@ turns this path off, the executor then runs every collective over the transports
 ``PYCCL_SHM_NT_BYTES`` (8 MiB; 0: never).
 
 Stores into the shared areas (the copies the peers read, the reduced parts, the ring slots):
-``PYCCL_SHM_STREAM`` (per process) 0 (default) plain, 1 streaming (non-temporal), ``auto``
-timed per (op, size) and the cheaper used (native/shm.c, choose_kind). On this VM a plain store
-to a line the peer just read swung between ~40 and ~2.5 GB/s with the host's placement of the
-vCPUs, streaming stores stayed at 14-27 GB/s; whole collectives still ran best with plain
-stores most of the time, so plain is the default.
+``PYCCL_SHM_STREAM`` (per process) ``auto`` (default): both kinds timed per (op, size) and the
+cheaper used (native/shm.c, choose_kind); 0 plain, 1 streaming (non-temporal). On this VM a
+plain store to a line the peer just read swung between ~40 and ~2.5 GB/s with the host's
+placement of the vCPUs, streaming stores stayed at 14-27 GB/s; collectives with plain stores ran
+3-5x slower in the slow minutes, with streaming stores up to 2x slower in the fast ones.
 """
 import logging
 import os
@@ -172,8 +172,8 @@ class ShmCollectives:
             return
         self.enabled = True
         c = self._c
-        stream = os.environ.get("PYCCL_SHM_STREAM", "0").strip().lower()
-        lib.pyccl_share_force({"1": 1, "auto": -1}.get(stream, 0))
+        stream = os.environ.get("PYCCL_SHM_STREAM", "auto").strip().lower()
+        lib.pyccl_share_force({"0": 0, "1": 1}.get(stream, -1))
         log.info("%s rank %d: shm collectives on (half %d B, part %d B, one-shot <= %d B)",
                  tag, rank, c.half_bytes, c.part_bytes, c.small_bytes)
 

@@ -114,14 +114,13 @@ static void copy_out(void *dst, const void *src, size_t n, int nt) {
  * cheap to issue), so each communicator times whole calls per (op, size class) with either
  * kind (calls 2-7 of a class alternate; the first, which pays for first touches, is not timed),
  * then uses the cheaper and tries the other every 16th call (choose_kind/op_end).
- * All ranks make the same calls, so they explore on the same calls.  Measured over many runs
- * here (2 ranks, 1-16 MiB): while plain stores are fast, "measure" cost 10-50% against plain
- * (the exploring calls, and whole-call times are noisy: they include waiting for the peer);
- * while they are slow it gained ~25% at best.  So plain is the default and the measuring is
- * opt-in: PYCCL_SHM_STREAM=auto (1: always streaming).  Only speed depends on the choice,
+ * All ranks make the same calls, so they explore on the same calls.  Measured here (2 ranks,
+ * 1-128 MiB, bench/collectives.py): while plain stores were slow, plain-only collectives ran
+ * 3-5x slower than streaming or measured ones; while they were fast, streaming-only ran up to 2x
+ * slower than plain.  PYCCL_SHM_STREAM=0/1 forces one kind.  Only speed depends on the choice,
  * never the bytes written. */
 #define SHARE_MIN 16384          /* smaller writes: always plain */
-static int share_forced = 0;      /* PYCCL_SHM_STREAM: 0 plain (default), 1 streaming, -1 measure */
+static int share_forced = -1;     /* PYCCL_SHM_STREAM: -1 measure (default), 0 plain, 1 streaming */
 static int share_hint;            /* the kind the collectives found cheaper last (ring sends) */
 static __thread int call_kind;    /* the kind of the call in progress on this thread */
 
@@ -499,6 +498,17 @@ static void publish(pyccl_coll *c, uint64_t g) {
         futex_wake_all(&me->wake);
 }
 
+/* A kind's cost in a class: the least of its last KIND_KEEP call times (0: none yet).  The
+ * least, not an average: a call's time also holds the wait for a late peer, which only adds. */
+static uint64_t kind_cost(pyccl_coll *c, int cls, int kind) {
+    const uint64_t n = c->kind_timed[cls][kind] < KIND_KEEP ? c->kind_timed[cls][kind] : KIND_KEEP;
+    uint64_t best = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (!best || c->kind_time[cls][kind][i] < best)
+            best = c->kind_time[cls][kind][i];
+    return best;
+}
+
 /* Pick the kind of shared stores for a call of `bytes` (op code `what`): forced, or the cheaper
  * as timed for its (op, size class), or, every 16th call of a class or while one kind has no
  * time yet, the other one. */
@@ -516,7 +526,7 @@ static void choose_kind(pyccl_coll *c, int what, uint64_t bytes) {
     for (uint64_t b = bytes / KIND_MIN_BYTES; b >= 4 && size_cls < KIND_SIZES - 1; b /= 4)
         size_cls++;
     const int cls = (what - 1) * KIND_SIZES + size_cls;
-    const uint64_t *cost = c->kind_cost[cls];
+    const uint64_t cost[2] = {kind_cost(c, cls, 0), kind_cost(c, cls, 1)};
     const uint64_t n = ++c->kind_calls[cls];
     if (n == 1)
         return; /* the first call of a class pays for first touches: plain, not timed */
@@ -563,11 +573,11 @@ static int op_end(pyccl_coll *c, int rc) {
         return rc;
     if (!rc) {
         const uint64_t per_kib = (ticks() - c->kind_t0) * 1024 / (c->sig_bytes ? c->sig_bytes : 1);
-        uint64_t *avg = &c->kind_cost[c->kind_cls][call_kind];
-        *avg = *avg ? (*avg + per_kib) / 2 : per_kib;
-        const uint64_t *both = c->kind_cost[c->kind_cls];
-        if (both[0] && both[1])
-            share_hint = both[1] < both[0];
+        const int cls = c->kind_cls;
+        c->kind_time[cls][call_kind][c->kind_timed[cls][call_kind]++ % KIND_KEEP] = per_kib ? per_kib : 1;
+        const uint64_t plain = kind_cost(c, cls, 0), stream = kind_cost(c, cls, 1);
+        if (plain && stream)
+            share_hint = stream < plain;
     }
     call_kind = 0;
     c->kind_cls = -1;

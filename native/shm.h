@@ -74,11 +74,13 @@ typedef struct pyccl_coll {
     uint64_t prev_bytes; /* and its previous one */
     uint32_t prev_what;
     uint64_t ncall;      /* calls so far (the same on every rank) */
-    /* kind of stores into shared areas (shm.c, choose_kind): per (op, size class) the
-     * average time per KiB of calls made with plain [0] / streaming [1] stores */
+    /* kind of stores into shared areas (shm.c, choose_kind): per (op, size class) the times
+     * per KiB of the last KIND_KEEP calls made with plain [0] / streaming [1] stores */
 #define KIND_OPS 6
 #define KIND_SIZES 6
-    uint64_t kind_cost[KIND_OPS * KIND_SIZES][2];
+#define KIND_KEEP 4
+    uint64_t kind_time[KIND_OPS * KIND_SIZES][2][KIND_KEEP];
+    uint64_t kind_timed[KIND_OPS * KIND_SIZES][2];
     uint64_t kind_calls[KIND_OPS * KIND_SIZES];
     int kind_cls;        /* class of the call in progress, -1: not timed */
     uint64_t kind_t0;
