@@ -14,33 +14,50 @@ import time
 DEFAULT_ENTRIES = 64
 
 
+_SIG_KEYS = ("dtype", "count", "root", "redop")
+# entry layout: a list, cheap to make on every call; snapshot() turns it into a dict
+SEQ, OP, SIG, STATE, QUEUED, STARTED, ENDED, WHERE, ERROR = range(9)
+
+
 class FlightRecorder:
     def __init__(self, tag: str, rank: int, size: int, entries: int = DEFAULT_ENTRIES):
         self.tag, self.rank, self.size = tag, rank, size
         self.entries = collections.deque(maxlen=entries)
 
-    def record(self, seq: int, op: str, sig: dict) -> dict:
-        entry = {"seq": seq, "op": op, **sig, "state": "queued", "queued": time.time(),
-                 "started": None, "ended": None, "where": ""}
+    def record(self, seq: int, op: str, sig) -> list:
+        """sig: a dict, or the tuple (dtype, count, root, redop)."""
+        entry = [seq, op, sig, "queued", time.time(), None, None, "", None]
         self.entries.append(entry)
         return entry
 
     @staticmethod
     def start(entry):
-        entry["state"] = "running"
-        entry["started"] = time.time()
+        entry[STATE] = "running"
+        entry[STARTED] = time.time()
 
     @staticmethod
     def finish(entry, error=None, where=""):
-        entry["ended"] = time.time()
-        entry["state"] = "done" if error is None else "failed"
+        entry[ENDED] = time.time()
+        entry[STATE] = "done" if error is None else "failed"
         if error is not None:
-            entry["error"] = f"{type(error).__name__}: {error}"
-            entry["where"] = where
+            entry[ERROR] = f"{type(error).__name__}: {error}"
+            entry[WHERE] = where
+
+    @staticmethod
+    def as_dict(entry) -> dict:
+        sig = entry[SIG]
+        d = {"seq": entry[SEQ], "op": entry[OP],
+             **(sig if isinstance(sig, dict) else dict(zip(_SIG_KEYS, sig))),
+             "state": entry[STATE], "queued": entry[QUEUED], "started": entry[STARTED],
+             "ended": entry[ENDED], "where": entry[WHERE]}
+        if entry[ERROR] is not None:
+            d["error"] = entry[ERROR]
+        return d
 
     def snapshot(self) -> dict:
         return {"comm": self.tag, "rank": self.rank, "size": self.size, "pid": os.getpid(),
-                "host": os.uname().nodename, "dumped": time.time(), "entries": list(self.entries)}
+                "host": os.uname().nodename, "dumped": time.time(),
+                "entries": [self.as_dict(e) for e in self.entries]}
 
     def dump(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)

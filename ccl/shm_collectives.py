@@ -45,7 +45,6 @@ placement of the vCPUs, streaming stores stayed at 14-27 GB/s; collectives with 
 import logging
 import os
 
-import numpy as np
 
 from .errors import PeerFailure, Timeout, TransportError
 from .reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
@@ -251,6 +250,12 @@ class ShmCollectives:
         rc = lib.pyccl_coll_all_reduce(c, p, p, n, _DTYPE_CODE[arr.dtype], opc, -1, self.timeout)
         if rc:
             self._fail(rc, what, "all_reduce")
+
+    def all_reduce_raw(self, arr, dtype_code, op_code) -> int:
+        """all_reduce in place with the codes already looked up (the communicator's short
+        path); returns the C core's code (0: done; else pass it to _fail)."""
+        p = _from_buffer(arr)
+        return lib.pyccl_coll_all_reduce(self._c, p, p, arr.size, dtype_code, op_code, -1, self.timeout)
 
     def reduce(self, arr, root, op, what):
         """In place at the root; other ranks' `arr` is left unchanged."""
