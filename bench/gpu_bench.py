@@ -8,8 +8,13 @@ caller's stream around every call (the call returns when the work is queued; tor
 stream wait for the collective, as pyccl does), warm-up first, then the median of many calls;
 the figure is the slowest rank's median. busbw follows nccl-tests: all_reduce size/t x
 2(n-1)/n; all_gather (size = output), all_to_all and reduce_scatter (size = input) size/t x
-(n-1)/n. Every pyccl result is checked against NCCL's once per size. Rank 0 prints one table
-and writes bench.json / table.md into --out.
+(n-1)/n. Every pyccl result is checked against NCCL's once per size: exactly on 2 ranks (a
+float32 sum of two numbers does not depend on the order), with torch.allclose(rtol=1e-5,
+atol=1e-6) on more (inputs in [0, 1); NCCL and pyccl add the ranks' values in different orders).
+Rank 0 prints one table and writes bench.json / table.md into --out.
+
+--large: only the sizes the targets name (all-reduce 8-256 KiB and >= 16 MiB, the rest >= 16 MiB).
+--variants 1: also pyccl's other paths (two-shot kernel/ce/pull; copies ce/push/pull).
 """
 import argparse
 import json
@@ -204,8 +209,11 @@ def check(op, nbytes, pyg, dev, n):
         torch.cuda.synchronize()
         outs.append(out.clone())
         del fn, out
-    # fp32 sums of two ranks are exact to the bit in both; compare exactly
-    return bool(torch.equal(outs[0], outs[1]))
+    # fp32 sums of two ranks are exact to the bit in both; compare exactly. More ranks: the order
+    # of the additions differs between NCCL and pyccl, so compare with a float tolerance.
+    if n <= 2 or op not in ("all_reduce", "reduce_scatter"):
+        return "exact" if torch.equal(outs[0], outs[1]) else "FAIL"
+    return "close" if torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6) else "FAIL"
 
 
 def main():
@@ -213,6 +221,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--variants", default="1", help="also time pyccl's other all-reduce variants (0/1)")
+    ap.add_argument("--large", action="store_true", help="only the sizes the targets name")
     args = ap.parse_args()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
@@ -246,6 +255,10 @@ def main():
         ar_sizes = [32 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
         big_sizes = [16 * MB, 64 * MB, 1 * GB]
         rs_sizes = [16 * MB, 64 * MB]
+    if args.large:
+        ar_sizes = [8 * KB, 32 * KB, 128 * KB, 256 * KB, 16 * MB, 64 * MB, 256 * MB, 1 * GB]
+        big_sizes = [16 * MB, 64 * MB, 256 * MB, 1 * GB]
+        rs_sizes = [64 * MB, 1 * GB]
     plan = [("all_reduce", s) for s in ar_sizes] + [("all_gather", s) for s in big_sizes] + \
         [("all_to_all", s) for s in big_sizes] + [("reduce_scatter", s) for s in rs_sizes]
 
@@ -263,8 +276,9 @@ def main():
         if op == "all_reduce" and cc is not None and args.variants == "1":
             saved = (cc.twoshot_mode, cc.oneshot_max)
             if size > cc.oneshot_max:
-                cc.twoshot_mode = "ce"
-                row["pyccl_ce_us"] = timed(fn, iters)
+                for m in ("kernel", "ce", "pull"):
+                    cc.twoshot_mode = m
+                    row[f"pyccl_{m}_us"] = timed(fn, iters)
                 cc.twoshot_mode = saved[0]
             if size <= cc.small_cap and size > cc.oneshot_max:
                 cc.oneshot_max = cc.small_cap
@@ -280,25 +294,39 @@ def main():
                 cc.forget_prepared()
         if op == "reduce_scatter" and cc is not None and args.variants == "1":
             saved = cc.twoshot_mode
-            cc.twoshot_mode = "ce"
-            row["pyccl_ce_us"] = timed(fn, iters)
+            for m in ("kernel", "ce", "pull"):
+                cc.twoshot_mode = m
+                row[f"pyccl_{m}_us"] = timed(fn, iters)
             cc.twoshot_mode = saved
-        if comm is not None and args.variants == "1" and size <= 64 * MB:
+        if op in ("all_gather", "all_to_all") and cc is not None and args.variants == "1":
+            saved = (cc.copy_mode, cc.copy_blocks)
+            for m in ("ce", "push", "pull"):
+                cc.copy_mode = m
+                row[f"pyccl_{m}_us"] = timed(fn, iters)
+            if size >= 256 * MB:
+                cc.copy_mode, cc.copy_blocks = "pull", 2 * cc.max_blocks
+                row["pyccl_pull2x_us"] = timed(fn, iters)
+                cc.copy_mode, cc.copy_blocks = "push", 2 * cc.max_blocks
+                row["pyccl_push2x_us"] = timed(fn, iters)
+            cc.copy_mode, cc.copy_blocks = saved
+        if comm is not None and args.variants == "1" and size <= 64 * MB and not args.large:
             row["pyccl_direct_us"] = timed(direct_op(op, size, comm, dev, n), iters)
         del fn
         torch.cuda.empty_cache()
         rows.append(row)
         if rank == 0:
             print(f"  {op:15s} {fmt_size(size):>8s}  nccl {t_nccl:10.1f} us  pyccl {t_py:10.1f} us  "
-                  f"busbw {row['nccl_busbw']:7.1f} / {row['pyccl_busbw']:7.1f} GB/s  check {'ok' if ok else 'FAIL'}"
+                  f"busbw {row['nccl_busbw']:7.1f} / {row['pyccl_busbw']:7.1f} GB/s  check {ok}"
                   + "".join(f"  {k[6:-3]} {v:.1f} us" for k, v in row.items() if k.startswith("pyccl_") and
                             k.endswith("_us") and k != "pyccl_us"), flush=True)
 
     if rank == 0:
         table = render(rows, n, setup_s)
+        paths = f"two-shot {cc._ts()} (reduce-scatter {cc._ts(False)}), copies {cc._cm()}" if cc is not None else ""
+        table += f"\npyccl defaults on {n} ranks: {paths}."
         print(table)
         meta = {"device": torch.cuda.get_device_name(dev), "gpus": n, "torch": torch.__version__,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version())), "setup_s": setup_s,
+                "nccl": ".".join(map(str, torch.cuda.nccl.version())), "setup_s": setup_s, "paths": paths,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("PYCCL_", "NCCL_"))}}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
@@ -309,17 +337,18 @@ def main():
     dist.destroy_process_group()
 
 
-def target(row):
+def target(row, n=2):
+    """Issue 7's targets on 2 ranks, issue 10's on more."""
     op, size = row["op"], row["bytes"]
     if op == "all_reduce" and size >= 64 * MB:
-        r = row["pyccl_busbw"] / row["nccl_busbw"]
-        return f"busbw x{r:.2f} (>= 1.00) {'MET' if r >= 1.0 else 'not met'}"
+        r, want = row["pyccl_busbw"] / row["nccl_busbw"], 1.0 if n <= 2 else 0.95
+        return f"busbw x{r:.2f} (>= {want:.2f}) {'MET' if r >= want else 'not met'}"
     if op == "all_reduce" and size <= 256 * KB:
         r = row["pyccl_us"] / row["nccl_us"]
         return f"time x{r:.2f} (<= 1.00) {'MET' if r <= 1.0 else 'not met'}"
-    if op in ("all_gather", "all_to_all") and size >= GB:
-        r = row["pyccl_busbw"] / row["nccl_busbw"]
-        return f"busbw x{r:.2f} (>= 1.15) {'MET' if r >= 1.15 else 'not met'}"
+    if op in ("all_gather", "all_to_all") and (size >= GB if n <= 2 else size >= 256 * MB):
+        r, want = row["pyccl_busbw"] / row["nccl_busbw"], 1.15 if n <= 2 else 1.0
+        return f"busbw x{r:.2f} (>= {want:.2f}) {'MET' if r >= want else 'not met'}"
     return ""
 
 
@@ -332,8 +361,10 @@ def render(rows, n, setup_s):
                         if k.startswith("pyccl_") and k.endswith("_us") and k != "pyccl_us")
         lines.append(f"| {r['op']} | {fmt_size(r['bytes'])} | {r['nccl_us']:.1f} | {r['pyccl_us']:.1f} | "
                      f"{r['nccl_busbw']:.1f} | {r['pyccl_busbw']:.1f} | {r['pyccl_busbw'] / r['nccl_busbw']:.2f} | "
-                     f"{'ok' if r['check'] else 'FAIL'} | {target(r)} | {var} |")
-    lines.append(f"\n{n} ranks; pyccl CUDA set-up (first call) {setup_s:.1f} s.")
+                     f"{r['check']} | {target(r, n)} | {var} |")
+    lines.append(f"\n{n} ranks; pyccl CUDA set-up (first call) {setup_s:.1f} s. check: 'exact' = bit-equal to "
+                 f"NCCL; 'close' = torch.allclose(rtol=1e-5, atol=1e-6) (sums over more than 2 ranks, whose "
+                 f"order differs from NCCL's).")
     return "\n".join(lines)
 
 

@@ -43,7 +43,22 @@ handle is exported once and opened once per peer (cached). Buffers must come fro
 Environment (defaults):
   PYCCL_CUDA_ONESHOT_MAX   4194304  largest all-reduce (bytes) done one-shot
   PYCCL_CUDA_ONESHOT_CAP   8388608  one-shot scratch per rank and slot (bytes; the limit of ONESHOT_MAX)
-  PYCCL_CUDA_TWOSHOT       kernel   two-shot all-reduce: 'kernel' (SM stores) or 'ce' (copy engines)
+  PYCCL_CUDA_TWOSHOT       auto     two-shot all-reduce and reduce-scatter: 'kernel' (SM stores into the
+                                    peers' scratch), 'ce' (copy engines), 'pull' (every rank reads its segment
+                                    from the peers' buffers with SM loads, no scratch) or 'auto' (2 ranks:
+                                    all-reduce 'kernel', reduce-scatter 'pull', measured fastest on
+                                    2 x H200; more ranks: PYCCL_CUDA_TWOSHOT_WIDE). 'kernel' takes copy
+                                    engines for reduce-scatter segments >= RS_CE_MIN.
+  PYCCL_CUDA_TWOSHOT_WIDE  kernel   what 'auto' picks on more than 2 ranks (kept at the old path until the
+                                    variants are measured on 4+ GPUs: bench/gpu_bench.py --variants 1)
+  PYCCL_CUDA_COPY          auto     copy collectives (all-gather, all-to-all, broadcast, gather, scatter):
+                                    'ce' (copy engines, one stream per peer), 'push' (one SM kernel stores
+                                    into the peers), 'pull' (all-gather and all-to-all: one SM kernel reads
+                                    from the peers' buffers; the others push) or 'auto' (2 ranks: 'ce';
+                                    more ranks: PYCCL_CUDA_COPY_WIDE). SM copies need 16-byte aligned
+                                    pieces; others take the copy engines.
+  PYCCL_CUDA_COPY_WIDE     ce       what 'auto' picks on more than 2 ranks (see TWOSHOT_WIDE)
+  PYCCL_CUDA_COPY_BLOCKS   0        thread blocks of the SM copy kernel (0: the GPU's SM count)
   PYCCL_CUDA_BLOCKS        0        max thread blocks of a kernel (0: the GPU's SM count, at most 256)
   PYCCL_CUDA_SCRATCH       268435456  largest scratch region per peer (bytes); bigger messages go in rounds
   PYCCL_CUDA_RS_CE_MIN     67108864 reduce-scatter: per-rank segments (bytes) from which copy engines push
@@ -71,7 +86,7 @@ log = logging.getLogger("pyccl")
 
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
-FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16
+FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAXB * MAXR * 2   # see the .cu
 THREADS = 512
 MAIL_WORDS = 5 + 3 * MAXR      # sig, 2 x (buffer id, offset), 3 x size integers
 _CU = os.path.join(os.path.dirname(__file__), "cuda_kernels.cu")
@@ -85,7 +100,10 @@ _WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (
 
 #: parameter letters of each kernel (see cuda_ipc.KernelLauncher)
 _PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ssuuuus",
-           "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus"}
+           "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus",
+           "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s"}
+_TWOSHOT_MODES = ("auto", "kernel", "ce", "pull")
+_COPY_MODES = ("auto", "ce", "push", "pull")
 
 
 def _env_int(name, default):
@@ -256,9 +274,11 @@ class CudaCollectives:
             raise InvalidArgument(f"CUDA collectives: the ranks of {comm.tag} are on {len(hosts)} hosts; GPU "
                                   f"buffers across hosts are not supported yet (copy to CPU)")
         self.oneshot_max = _env_int("PYCCL_CUDA_ONESHOT_MAX", 4 << 20)
-        self.twoshot_mode = os.environ.get("PYCCL_CUDA_TWOSHOT", "kernel").strip().lower()
-        if self.twoshot_mode not in ("kernel", "ce"):
-            raise InvalidArgument(f"PYCCL_CUDA_TWOSHOT={self.twoshot_mode!r}: use 'kernel' or 'ce'")
+        self.twoshot_mode = self._mode_env("PYCCL_CUDA_TWOSHOT", "auto", _TWOSHOT_MODES)
+        self.twoshot_wide = self._mode_env("PYCCL_CUDA_TWOSHOT_WIDE", "kernel", _TWOSHOT_MODES[1:])
+        self.copy_mode = self._mode_env("PYCCL_CUDA_COPY", "auto", _COPY_MODES)
+        self.copy_wide = self._mode_env("PYCCL_CUDA_COPY_WIDE", "ce", _COPY_MODES[1:])
+        self.copy_blocks = _env_int("PYCCL_CUDA_COPY_BLOCKS", 0)
         self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
         self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
         self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
@@ -312,6 +332,28 @@ class CudaCollectives:
                  comm.tag, self.rank, self.dev, self.max_blocks, self.oneshot_max, self.twoshot_mode)
 
     # ---- set-up helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _mode_env(name, default, allowed):
+        v = os.environ.get(name, default).strip().lower()
+        if v not in allowed:
+            raise InvalidArgument(f"{name}={v!r}: use one of {', '.join(allowed)}")
+        return v
+
+    def _ts(self, allreduce=True):
+        """The two-shot flavour in force for an all-reduce (else a reduce-scatter): 'kernel', 'ce'
+        or 'pull' ('auto' resolved by rank count)."""
+        m = self.twoshot_mode
+        if m == "auto":
+            m = ("kernel" if allreduce else "pull") if self.size <= 2 else self.twoshot_wide
+        return m
+
+    def _cm(self):
+        """The copy flavour in force: 'ce', 'push' or 'pull'."""
+        m = self.copy_mode
+        if m == "auto":
+            m = "ce" if self.size <= 2 else self.copy_wide
+        return m
+
     def _share(self, name, ptrs, rows):
         """Publish our allocations `ptrs`, map every peer's, and write them into tab rows."""
         ids = [self.registry.export(p) for p in ptrs]
@@ -353,8 +395,8 @@ class CudaCollectives:
         fn = self._mods.get(key)
         if fn is None:
             ctype = _CTYPE[dtype]
-            names = [f"{k}<{ctype}, {opcode}, {v}>" for k in ("oneshot", "twoshot", "reduce_n")
-                     for v in sorted({1, n})]
+            kinds = ("oneshot", "twoshot", "reduce_n", "twoshot_pull")
+            names = [f"{k}<{ctype}, {opcode}, {v}>" for k in kinds for v in sorted({1, n})]
             with open(_CU) as f:
                 code = f.read()
             options = ["-std=c++17"]
@@ -363,12 +405,13 @@ class CudaCollectives:
                 options.append("-I" + os.path.join(cuda_path, "include"))
             with self._device:
                 mod = self.cupy.RawModule(code=code, options=tuple(options), name_expressions=names)
-                for k in ("oneshot", "twoshot", "reduce_n"):
+                for k in kinds:
                     for v in sorted({1, n}):
                         self._mods[(k, dtype, opcode, v)] = self._launcher(
                             k, mod.get_function(f"{k}<{ctype}, {opcode}, {v}>"))
                 if "barrier" not in self._mods:
                     self._mods["barrier"] = self._launcher("barrier", mod.get_function("barrier"))
+                    self._mods["copy_n"] = self._launcher("copy_n", mod.get_function("copy_n"))
             fn = self._mods[key]
         return fn
 
@@ -387,6 +430,23 @@ class CudaCollectives:
             self._kernel("oneshot", "float32", 0, 1)
             fn = self._mods["barrier"]
         return fn
+
+    def _sm_copies(self, copies):
+        """Run (lane, dst, src, nbytes) copies with one SM kernel on pyccl's stream; False (nothing
+        done) when they do not fit it (more than MAXR pieces, or a piece not 16-byte aligned)."""
+        copies = [c for c in copies if c[3] > 0 and c[1] != c[2]]
+        if not copies:
+            return True
+        if len(copies) > MAXR or any(c[3] >= 16 and (c[1] % 16 or c[2] % 16) for c in copies):
+            return False
+        self._barrier_fn()
+        fn = self._mods["copy_n"]
+        packs = sum(c[3] // 16 for c in copies)
+        grid = int(max(1, min(self.copy_blocks or self.max_blocks, -(-packs // THREADS))))
+        pad = [0] * (MAXR - len(copies))
+        fn(grid, self.stream, ([c[1] for c in copies] + pad + [c[2] for c in copies] + pad +
+                               [c[3] for c in copies] + pad + [len(copies)]))
+        return True
 
     # ---- stream helpers ----------------------------------------------------------------------
     def _begin(self, caller):
@@ -783,9 +843,12 @@ class CudaCollectives:
         """All-reduce (allgather=True: in place, inp == out, `count` elements) or reduce-scatter
         (inp holds size x count, out count), in rounds that fit the scratch."""
         size, rank = self.size, self.rank
+        mode = self._ts(allgather)
         if allgather and peers is None:
             peers, _ = self._mail(what, sig, [out])
             peers = peers[0]
+        if mode == "pull" and size > 1:
+            return self._twoshot_pull(what, sig, inp, out, count, itemsize, dtype, op, allgather, peers)
         n = 16 // itemsize
         avg = size if op is AVG else 0
         opcode = self._opcode(dtype, op)
@@ -812,7 +875,7 @@ class CudaCollectives:
                 my_out = out + start * itemsize
                 dst = [0] * size
             vec = self._vec(itemsize, base_in, my_out, stride * itemsize, *[d for d in dst if d])
-            ce = self.twoshot_mode == "ce" or (not allgather and chunk * itemsize >= self.rs_ce_min)
+            ce = mode == "ce" or (not allgather and chunk * itemsize >= self.rs_ce_min)
             if ce and size > 1:
                 self._twoshot_ce(what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode,
                                  avg, vec)
@@ -824,6 +887,29 @@ class CudaCollectives:
                                        *dst, *[0] * (MAXR - size), rank, size, epoch, sig, self.status.ptr,
                                        self._timeout_ns, avg))
             start += chunk
+
+    def _twoshot_pull(self, what, sig, inp, out, count, itemsize, dtype, op, allgather, peers):
+        """Two-shot by SM loads from the peers' buffers (kernel twoshot_pull): no scratch, no
+        rounds, one launch. All-reduce: in place, `peers` = every rank's buffer. Reduce-scatter:
+        every rank publishes its input (size x count) through the mailbox."""
+        size, rank = self.size, self.rank
+        if allgather:
+            seg = -(-count // size)
+            seg = -(-seg // (16 // itemsize)) * (16 // itemsize)
+            bases, total, my_out = list(peers), count, inp + rank * seg * itemsize
+        else:
+            got, _ = self._mail(what, sig, [inp])
+            seg, bases, total, my_out = count, list(got[0]), 1 << 62, out
+        if any(b == 0 for b in bases):
+            raise PycclError(f"{what}: a peer published no buffer for the pull two-shot")
+        vec = self._vec(itemsize, my_out, seg * itemsize, *bases)
+        opcode = self._opcode(dtype, op)
+        fn = self._kernel("twoshot_pull", dtype, opcode, vec)
+        epoch = self._next_epoch(what)
+        grid = self._blocks(seg // vec)
+        fn(grid, self.stream, (seg, seg, total, my_out, self.tab, *bases, *[0] * (MAXR - size), rank, size,
+                               1 if allgather else 0, epoch, sig, self.status.ptr, self._timeout_ns,
+                               size if op is AVG else 0))
 
     def _twoshot_ce(self, what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode, avg, vec):
         size, rank = self.size, self.rank
@@ -855,14 +941,23 @@ class CudaCollectives:
             self._twoshot_body(what, sig, i.ptr, o.ptr, o.size, o.itemsize, out.dtype, op, allgather=False)
             return self._end(caller, join)
 
-    def _copy_collective(self, what, caller, join, sig, ptrs, extra, plan):
-        """Copy-engine collective: exchange buffer names, barrier, copies, barrier."""
-        peers, table = self._mail(what, sig, ptrs, extra)
-        copies = plan(peers, table)
+    def _copy_collective(self, what, caller, join, sig, ptrs, extra, plan, pull=None, src=0):
+        """Copy collective: exchange buffer names, barrier, copies, barrier. `plan(peers, table)`
+        gives the pushes (lane, dst, src, nbytes); `pull(peers, table)`, where given, the same
+        data as reads from the peers' buffers (`src`, this rank's input, is published as the
+        second buffer). The copies run on copy engines or in one SM kernel (see _cm)."""
+        mode = self._cm()
+        if mode == "pull" and pull is not None:
+            peers, table = self._mail(what, sig, list(ptrs) + [src], extra)
+            copies = pull(peers, table)
+        else:
+            peers, table = self._mail(what, sig, ptrs, extra)
+            copies = plan(peers, table)
         self._begin(caller)
         if self.size > 1:
             self._barrier(what, sig, 4)
-        self._copies(copies)
+        if mode == "ce" or not self._sm_copies(copies):
+            self._copies(copies)
         if self.size > 1:
             self._barrier(what, sig, 5)
         return self._end(caller, join)
@@ -878,7 +973,10 @@ class CudaCollectives:
 
             def plan(peers, _):
                 return [(r, peers[0][r] + me * nb, i.ptr, nb) for r in range(self.size)]
-            return self._copy_collective(what, caller, join, sig, [o.ptr], (), plan)
+
+            def pull(peers, _):
+                return [(r, o.ptr + r * nb, peers[1][r], nb) for r in range(self.size)]
+            return self._copy_collective(what, caller, join, sig, [o.ptr], (), plan, pull, i.ptr)
 
     def broadcast(self, what, caller, join, sig, buf, root):
         self.raise_if_failed(what)
@@ -921,7 +1019,17 @@ class CudaCollectives:
                     copies.append((r, peers[0][r] + their_displ * item, i.ptr + int(in_displ[r]) * item,
                                    in_splits[r] * item))
                 return copies
-            return self._copy_collective(what, caller, join, sig, [o.ptr], extra, plan)
+
+            def pull(peers, table):
+                plan(peers, table)                   # the same checks
+                copies = []
+                for r in range(size):
+                    their_in = table[r][2 * size:3 * size]
+                    their_displ = int(sum(int(x) for x in their_in[:me]))
+                    copies.append((r, o.ptr + int(out_displ[r]) * item, peers[1][r] + their_displ * item,
+                                   int(their_in[me]) * item))
+                return copies
+            return self._copy_collective(what, caller, join, sig, [o.ptr], extra, plan, pull, i.ptr)
 
     def gather(self, what, caller, join, sig, out, inp, root):
         self.raise_if_failed(what)

@@ -5,6 +5,7 @@
 //   [OFF_FA]      [MAXB][MAXR][epoch, sig]                         two-shot, after the push
 //   [OFF_FE]      [MAXB][MAXR][epoch, sig]                         two-shot, at the end
 //   [OFF_BAR]     [MAXR][epoch, sig]                               stream barrier
+//   [OFF_FS]      [MAXB][MAXR][epoch, sig]                         pull two-shot, at the start
 // A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
 // release store) and *polls* its own (acquire loads), so a dead peer only ever means a
 // flag that does not move. Epochs grow by one per use on every rank alike; a wait is over
@@ -28,6 +29,7 @@ typedef long long i64;
 #define OFF_FA (2 * MAXB * MAXR * 2)
 #define OFF_FE (OFF_FA + MAXB * MAXR * 2)
 #define OFF_BAR (OFF_FE + MAXB * MAXR * 2)
+#define OFF_FS (OFF_BAR + MAXR * 2 + 16)
 
 __device__ __forceinline__ u64 gtime() {
   u64 t;
@@ -363,6 +365,197 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
     const u64* f = (const u64*)tab[rank] + OFF_FE + (blockIdx.x * MAXR + threadIdx.x) * 2;
     wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 3);
   }
+}
+
+// ---- pull two-shot: every rank reads its segment from the peers' buffers (no scratch) -----------
+// b[r] = rank r's buffer as mapped here (b[rank]: ours). Segment q of every buffer starts at
+// b[.] + q * stride and holds len(q) = clamp(total - q*stride, 0, seg_len) elements.
+// (S) each block says "my input is ready" (start flags) and waits for the same block of every
+// peer. (A) reduce segment `rank` from every buffer, in rank order (the same order as the push
+// kernel, so results are bit-identical), into `out`. gather (all-reduce, in place: out is our
+// own segment): (F) signal, wait for the same block of every peer to have reduced its segment,
+// (B) copy segment q of rank q into our buffer for every peer q. (E) closing flags: a rank's
+// buffer may be read by its peers until they signal. Blocks own the same slice of every
+// segment, so each block only waits for the same block of its peers. Reads of peer memory are
+// L1-bypassing 16-byte loads, U packs per thread in flight from every source at once.
+template <typename T, int OP, int N>
+__global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64 total, T* out, const u64* tab,
+                                                   u64 b0, u64 b1, u64 b2, u64 b3, u64 b4, u64 b5, u64 b6,
+                                                   u64 b7, int rank, int nranks, int gather, u64 epoch, u64 sig,
+                                                   i64* status, u64 timeout_ns, int avg_n) {
+  typedef Pack<T, N> P;
+  constexpr int U = 2, UA = 1;     // packs per thread in flight per source: gather, reduce
+  __shared__ int fail;
+  if (threadIdx.x == 0) fail = 0;
+  const u64 bb[MAXR] = {b0, b1, b2, b3, b4, b5, b6, b7};
+  const i64 npk_seg = seg_len / N;
+  i64 p0, p1;
+  share(npk_seg, p0, p1);
+  const bool last = blockIdx.x == gridDim.x - 1;
+  const int bd = blockDim.x;
+  // (S)
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + OFF_FS, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + OFF_FS + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
+  }
+  __syncthreads();
+  if (fail) return;
+  // (A)
+  {
+    i64 len = total - rank * stride;
+    len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+    const i64 npk = len / N;
+    const i64 q1 = p1 < npk ? p1 : npk;
+    for (i64 i = p0 + threadIdx.x; i < q1; i += (i64)UA * bd) {
+      P v[UA][MAXR];
+#pragma unroll
+      for (int u = 0; u < UA; u++) {
+        const i64 k = i + (i64)u * bd;
+        if (k < q1) {
+#pragma unroll
+          for (int r = 0; r < MAXR; r++)
+            if (r < nranks) v[u][r] = ldcg(reinterpret_cast<const P*>((const T*)bb[r] + rank * stride) + k);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UA; u++) {
+        const i64 k = i + (i64)u * bd;
+        if (k < q1) {
+          typename Acc<T>::A acc[N];
+#pragma unroll
+          for (int r = 0; r < MAXR; r++)
+            if (r < nranks) fold<T, OP, N>(acc, v[u][r], r == 0);
+          reinterpret_cast<P*>(out)[k] = finish_pack<T, N>(acc, avg_n);
+        }
+      }
+    }
+    if (last)
+      for (i64 e = npk * N + threadIdx.x; e < len; e += bd) {
+        typename Acc<T>::A acc[1];
+        for (int r = 0; r < nranks; r++) {
+          Pack<T, 1> v;
+          v.v[0] = ldcg(reinterpret_cast<const Pack<T, 1>*>((const T*)bb[r] + rank * stride) + e).v[0];
+          fold<T, OP, 1>(acc, v, r == 0);
+        }
+        out[e] = finish<T>(acc[0], avg_n);
+      }
+  }
+  if (gather) {
+    // (F)
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      for (int r = 0; r < nranks; r++)
+        if (r != rank) signal((u64*)tab[r] + OFF_FA, blockIdx.x, rank, epoch, sig);
+    }
+    if (threadIdx.x < nranks && threadIdx.x != rank) {
+      const u64* f = (const u64*)tab[rank] + OFF_FA + (blockIdx.x * MAXR + threadIdx.x) * 2;
+      if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
+    }
+    __syncthreads();
+    if (fail) return;
+    // (B): U packs from every peer in flight at once
+    T* own = (T*)bb[rank];
+    for (i64 i = p0 + threadIdx.x; i < p1; i += (i64)U * bd) {
+      P v[U][MAXR];
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const i64 k = i + (i64)u * bd;
+#pragma unroll
+        for (int r = 0; r < MAXR; r++) {
+          if (r >= nranks || r == rank) continue;
+          i64 len = total - r * stride;
+          len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+          if (k < p1 && k < len / N) v[u][r] = ldcg(reinterpret_cast<const P*>((const T*)bb[r] + r * stride) + k);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const i64 k = i + (i64)u * bd;
+#pragma unroll
+        for (int r = 0; r < MAXR; r++) {
+          if (r >= nranks || r == rank) continue;
+          i64 len = total - r * stride;
+          len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+          if (k < p1 && k < len / N) reinterpret_cast<P*>(own + r * stride)[k] = v[u][r];
+        }
+      }
+    }
+    if (last)
+      for (int r = 0; r < nranks; r++) {
+        if (r == rank) continue;
+        i64 len = total - r * stride;
+        len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+        for (i64 e = (len / N) * N + threadIdx.x; e < len; e += bd)
+          own[r * stride + e] = ldcg(reinterpret_cast<const Pack<T, 1>*>((const T*)bb[r] + r * stride) + e).v[0];
+      }
+  }
+  // (E)
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + OFF_FE, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + OFF_FE + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 3);
+  }
+}
+
+// ---- SM copies (copy collectives on more than two GPUs) ---------------------------------------
+// Up to MAXR copies (d[c] <- s[c], n[c] bytes), pushes (remote d) or pulls (remote s). The
+// 16-byte packs of all copies form one range that the grid splits evenly; U loads per thread
+// are in flight before their stores. The caller guarantees d[c] and s[c] are 16-byte aligned
+// when n[c] >= 16; the n[c] % 16 tail bytes go byte by byte (last block).
+extern "C" __global__ void __launch_bounds__(512) copy_n(u64 d0, u64 d1, u64 d2, u64 d3, u64 d4, u64 d5, u64 d6,
+                                                        u64 d7, u64 s0, u64 s1, u64 s2, u64 s3, u64 s4, u64 s5,
+                                                        u64 s6, u64 s7, u64 n0, u64 n1, u64 n2, u64 n3, u64 n4,
+                                                        u64 n5, u64 n6, u64 n7, int ncopies) {
+  constexpr int U = 4;
+  const u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  const u64 ss[MAXR] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  const u64 nn[MAXR] = {n0, n1, n2, n3, n4, n5, n6, n7};
+  i64 tot = 0;
+#pragma unroll
+  for (int c = 0; c < MAXR; c++)
+    if (c < ncopies) tot += (i64)(nn[c] >> 4);
+  i64 p0, p1;
+  share(tot, p0, p1);
+  const int bd = blockDim.x;
+  i64 off = 0;
+#pragma unroll
+  for (int c = 0; c < MAXR; c++) {
+    if (c >= ncopies) break;
+    const i64 np = (i64)(nn[c] >> 4);
+    i64 a = p0 > off ? p0 : off, b = p1 < off + np ? p1 : off + np;
+    if (a < b) {
+      const uint4* src = reinterpret_cast<const uint4*>(ss[c]);
+      uint4* dst = reinterpret_cast<uint4*>(dd[c]);
+      for (i64 i = a - off + threadIdx.x; i < b - off; i += (i64)U * bd) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+          if (i + (i64)u * bd < b - off) v[u] = __ldcg(src + i + (i64)u * bd);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+          if (i + (i64)u * bd < b - off) dst[i + (i64)u * bd] = v[u];
+      }
+    }
+    off += np;
+  }
+  if (blockIdx.x == gridDim.x - 1)
+    for (int c = 0; c < ncopies && c < MAXR; c++) {
+      const u64 full = nn[c] & ~(u64)15;
+      for (u64 e = full + threadIdx.x; e < nn[c]; e += bd)
+        reinterpret_cast<unsigned char*>(dd[c])[e] = reinterpret_cast<const unsigned char*>(ss[c])[e];
+    }
 }
 
 // ---- plain local reduction of up to MAXR sources (copy-engine two-shot) -----------------------

@@ -78,10 +78,12 @@ def _reference(xs, op, dtype):
     return out
 
 
-def _setup(comm, mode=None, oneshot_max=None, scratch=None):
+def _setup(comm, mode=None, oneshot_max=None, scratch=None, copy=None):
     _dev(comm)
     comm.all_reduce(torch.zeros(1, device="cuda"))        # creates comm.cuda
     cc = comm.cuda
+    cc.twoshot_mode = "auto" if mode is None else mode     # the groups are reused: set every knob
+    cc.copy_mode = "auto" if copy is None else copy
     if mode is not None:
         cc.twoshot_mode = mode
     if oneshot_max is not None:
@@ -108,8 +110,8 @@ def rank_all_reduce(comm, dtype, op, sizes, mode, oneshot_max=None, scratch=None
     return bad
 
 
-def rank_cupy_collectives(comm, n):
-    _setup(comm)
+def rank_cupy_collectives(comm, n, mode=None, copy=None):
+    _setup(comm, mode, copy=copy)
     size, rank = comm.size, comm.rank
     bad = []
     base = np.arange(n * size, dtype=np.float32)
@@ -163,8 +165,8 @@ def rank_cupy_collectives(comm, n):
     return bad
 
 
-def rank_uneven_all_to_all(comm):
-    _setup(comm)
+def rank_uneven_all_to_all(comm, copy=None):
+    _setup(comm, copy=copy)
     size, rank = comm.size, comm.rank
     # rank r sends (r + 1) * (d + 2) elements to rank d
     in_splits = [(rank + 1) * (d + 2) for d in range(size)]
@@ -227,7 +229,7 @@ def g2(groups):
     return groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
 
 
-@pytest.mark.parametrize("mode", ["kernel", "ce"])
+@pytest.mark.parametrize("mode", ["kernel", "ce", "pull"])
 def test_all_reduce_float32_sizes_and_paths(g2, mode):
     for bad in g2.run(rank_all_reduce, "float32", "SUM", SIZES, mode):
         assert not bad, bad
@@ -252,7 +254,7 @@ def test_all_reduce_bool_min_max(g2):
             assert not bad, (op, bad)
 
 
-@pytest.mark.parametrize("mode", ["kernel", "ce"])
+@pytest.mark.parametrize("mode", ["kernel", "ce", "pull"])
 def test_all_reduce_in_rounds(g2, mode):
     """Messages bigger than the scratch go in rounds (scratch forced down to 1 MiB)."""
     for bad in g2.run(rank_all_reduce, "float32", "SUM", [3_000_001], mode, None, 1 << 20):
@@ -272,6 +274,41 @@ def test_other_collectives_cupy(g2, n):
 
 def test_uneven_all_to_all(g2):
     assert all(g2.run(rank_uneven_all_to_all))
+
+
+@pytest.mark.parametrize("mode,copy", [("pull", "pull"), ("kernel", "push")])
+def test_sm_copy_and_pull_paths_on_2_ranks(g2, mode, copy):
+    """The paths picked on more than 2 ranks, forced on 2 (pull two-shot, SM copy kernel)."""
+    for n in (1, 1001, 262147):
+        for bad in g2.run(rank_cupy_collectives, n, mode, copy):
+            assert not bad, (n, bad)
+    assert all(g2.run(rank_uneven_all_to_all, copy))
+    for bad in g2.run(rank_all_reduce, "bfloat16", "AVG", [3, 4099, 300_007], mode, 0):
+        assert not bad, bad
+
+
+@pytest.fixture(scope="module")
+def g4(groups):
+    if NGPU < 2:
+        pytest.skip(f"4-rank GPU tests need at least 2 GPUs ({NGPU} here)")
+    return groups(4, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
+
+
+@pytest.mark.parametrize("mode,copy", [(None, None), ("pull", "pull"), ("kernel", "ce"), ("ce", "push")])
+def test_four_ranks(g4, mode, copy):
+    """4 ranks (on 2 or 3 GPUs, two ranks share a GPU: correctness only): the defaults and every
+    path (pull two-shot and SM pulls, push kernel and copy engines, ce two-shot and SM pushes),
+    all collectives."""
+    if NGPU < 4 and mode is not None and mode != "pull":
+        pytest.skip("the other 4-rank paths run on 4 GPUs only (ranks sharing a GPU time-slice)")
+    for bad in g4.run(rank_all_reduce, "float32", "SUM", SIZES, mode):
+        assert not bad, bad
+    for bad in g4.run(rank_all_reduce, "bfloat16", "MAX", [4099, 300_007, 2_000_003], mode, 0):
+        assert not bad, bad
+    for n in (1, 1001, 262147):
+        for bad in g4.run(rank_cupy_collectives, n, mode, copy):
+            assert not bad, (n, bad)
+    assert all(g4.run(rank_uneven_all_to_all, copy))
 
 
 def test_stream_semantics(g2):
