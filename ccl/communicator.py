@@ -629,6 +629,8 @@ class Communicator:
             self._broken = "aborted by comm.abort()"
         if self.cuda is not None:
             self.cuda.abort()
+        if self.local is not None:
+            self.local.abort()
         for c in self.conns.values():
             c.close()
 

@@ -62,7 +62,7 @@ from pyccl.transports.shm import Segment, clean_leftovers, pid_namespace, segmen
 
 log = logging.getLogger("pyccl")
 
-_TIMEOUT, _PEER_DEAD, _PEER_ABORT, _SIZE_MISMATCH = 1, 2, 3, 4   # native/shm.h
+_TIMEOUT, _PEER_DEAD, _PEER_ABORT, _SIZE_MISMATCH, _ABORTED = 1, 2, 3, 4, 7   # native/shm.h
 DEFAULT_SMALL_BYTES = 64 << 10
 DEFAULT_CHUNK_BYTES = 512 << 10
 DEFAULT_NT_BYTES = 8 << 20
@@ -211,6 +211,8 @@ class ShmCollectives:
         c = self._c
         r, step = c.err_rank, c.err_step
         where = f"shm {opname} step {step}" if step >= 0 else f"shm {opname} (before its first step)"
+        if rc == _ABORTED:
+            raise PeerFailure(f"{what}: comm.abort() was called on rank {self.rank} while it was in {where}")
         if rc == _PEER_DEAD:
             raise PeerFailure(f"{what}: rank {r} (pid {lib.pyccl_coll_pid(c, r)}) died; rank {self.rank} "
                               f"was waiting for it in {where}")
@@ -231,6 +233,11 @@ class ShmCollectives:
                           f"ranks {behind or [r]} have not arrived (rank {r} is at step counter "
                           f"{c.err_have}, needed {target})")
         raise TransportError(f"{what}: shm {opname} failed with code {rc}")
+
+    def abort(self):
+        """comm.abort(): every wait of this rank (any thread) and of the peers ends now."""
+        if self._c is not None:
+            lib.pyccl_coll_abort(self._c)
 
     def _check(self, what):
         if self._c is None:

@@ -349,7 +349,12 @@ static void abort_with(pyccl_coll *c, int code) {
             futex_wake_all(&LINE_OF(c, r)->wake);
 }
 
-void pyccl_coll_abort(pyccl_coll *c) { abort_with(c, 0); }
+/* comm.abort(): the peers see the segment failed; this rank's own waits (another thread may be
+ * blocked in one) end within a futex period with PYCCL_SHM_ABORTED. */
+void pyccl_coll_abort(pyccl_coll *c) {
+    STORE_REL(&c->aborted_here, 1);
+    abort_with(c, 0);
+}
 
 static int fail(pyccl_coll *c, int code, int r, uint64_t target) {
     c->err_code = code;
@@ -427,6 +432,11 @@ static int wait_one(pyccl_coll *c, int r, uint64_t target) {
     for (;;) {
         if (LOAD_ACQ(cnt) >= target)
             return check_sig(c, r, target);
+        if (LOAD_RLX(&c->aborted_here)) {
+            c->err_code = PYCCL_SHM_ABORTED;
+            c->err_rank = c->rank;
+            return PYCCL_SHM_ABORTED;
+        }
         uint32_t ab = LOAD_RLX(abort_by);
         if (ab && (ab & 0xffffffu) != (uint32_t)c->rank + 1) {
             if (LOAD_ACQ(cnt) >= target) /* it may have aborted after serving us */

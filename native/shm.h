@@ -26,6 +26,7 @@
 #define PYCCL_SHM_PEER_ABORT 3     /* another rank gave up (timeout/death it saw) */
 #define PYCCL_SHM_SIZE_MISMATCH 4  /* the peer's message length / call differs */
 #define PYCCL_SHM_OUT_OF_STEP 5    /* ring: message numbers disagree */
+#define PYCCL_SHM_ABORTED 7        /* this rank aborted the communicator (pyccl_coll_abort) */
 
 /* ---- segments ------------------------------------------------------------------------- */
 
@@ -83,6 +84,7 @@ typedef struct pyccl_coll {
     uint64_t kind_timed[KIND_OPS * KIND_SIZES][2];
     uint64_t kind_calls[KIND_OPS * KIND_SIZES];
     int kind_cls;        /* class of the call in progress, -1: not timed */
+    int aborted_here;    /* set by pyccl_coll_abort (any thread): this rank's waits end */
     uint64_t kind_t0;
 } pyccl_coll;
 

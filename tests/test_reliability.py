@@ -198,3 +198,30 @@ def rank_shrink_exclude(comm):
     out = ("member", new.rank, new.size, float(x[0]))
     new.close()
     return out
+
+
+def rank_abort_pending(comm):
+    """Rank 0 queues an all_reduce rank 1 never joins, then aborts: the work ends at once."""
+    import time
+    if comm.rank != 0:
+        return None
+    work = comm.all_reduce(np.ones(1 << 16, np.float32), async_op=True)
+    time.sleep(0.5)
+    t = time.monotonic()
+    comm.abort()
+    try:
+        work.wait()
+    except pyccl.PeerFailure as e:
+        return type(e).__name__, time.monotonic() - t, str(e)
+    return "no error", time.monotonic() - t, ""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_abort_unblocks_pending_work(groups, transport):
+    g = groups(2, env={"PYCCL_TIMEOUT": "30", "PYCCL_TRANSPORT": transport})
+    results = g.run(rank_abort_pending)
+    g.broken = True                          # rank 0's communicator is aborted by design
+    kind, took, text = results[0]
+    assert kind == "PeerFailure", results
+    assert took < 5, results                 # not the 30 s timeout
+    assert "all_reduce #" in text, text
