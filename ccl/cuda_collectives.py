@@ -41,7 +41,7 @@ handle is exported once and opened once per peer (cached). Buffers must come fro
 (torch's caching allocator, cupy's pool) — not from ``expandable_segments``.
 
 Environment (defaults):
-  PYCCL_CUDA_ONESHOT_MAX   4194304  largest all-reduce (bytes) done one-shot
+  PYCCL_CUDA_ONESHOT_MAX   8388608 on 2 ranks, 4194304 on more: largest all-reduce (bytes) done one-shot
   PYCCL_CUDA_ONESHOT_CAP   8388608  one-shot scratch per rank and slot (bytes; the limit of ONESHOT_MAX)
   PYCCL_CUDA_TWOSHOT       auto     two-shot all-reduce and reduce-scatter: 'kernel' (SM stores into the
                                     peers' scratch), 'ce' (copy engines), 'pull' (every rank reads its segment
@@ -273,7 +273,9 @@ class CudaCollectives:
         if len(hosts) != 1:
             raise InvalidArgument(f"CUDA collectives: the ranks of {comm.tag} are on {len(hosts)} hosts; GPU "
                                   f"buffers across hosts are not supported yet (copy to CPU)")
-        self.oneshot_max = _env_int("PYCCL_CUDA_ONESHOT_MAX", 4 << 20)
+        # 2 ranks: one-shot to 8 MiB (bench/RESULTS.md: forced one-shot 46 us at 8 MiB against the
+        # two-shot's 73 and NCCL's 50); more ranks read (n-1) copies, so 4 MiB
+        self.oneshot_max = _env_int("PYCCL_CUDA_ONESHOT_MAX", (8 << 20) if self.size == 2 else (4 << 20))
         self.twoshot_mode = self._mode_env("PYCCL_CUDA_TWOSHOT", "auto", _TWOSHOT_MODES)
         self.twoshot_wide = self._mode_env("PYCCL_CUDA_TWOSHOT_WIDE", "kernel", _TWOSHOT_MODES[1:])
         self.copy_mode = self._mode_env("PYCCL_CUDA_COPY", "auto", _COPY_MODES)
