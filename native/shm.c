@@ -143,6 +143,18 @@ static void put_shared(void *dst, const void *src, size_t n) {
     copy_out(dst, src, n, n >= SHARE_MIN && call_kind);
 }
 
+/* This rank's own block of an all_gather/all_to_all output: streamed like the peers' blocks
+ * (nt) unless it overlaps the input (then memmove).  Measured, all_to_all 16 MiB on 2 ranks,
+ * runs alternated: 1484-1625 us streamed against 1616-1738 us with memmove. */
+static void move_own(char *dst, const char *src, size_t n, int nt) {
+    if (dst == src)
+        return;
+    if (dst + n <= src || src + n <= dst)
+        copy_out(dst, src, n, nt);
+    else
+        memmove(dst, src, n);
+}
+
 /* ---- segments ------------------------------------------------------------------------- */
 
 void *pyccl_shm_map(const char *name, size_t *size, int create, int *err) {
@@ -774,8 +786,7 @@ static int coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nb
         put_shared(half_of(c, me, g), in + k, L);
         publish(c, g);
         char *own = out + (size_t)me * nbytes + k;
-        if (own != in + k)
-            memmove(own, in + k, L);
+        move_own(own, in + k, L, nt);
         for (int i = 1; i < P; i++) {
             int r = (me + i) % P;
             TRY(wait_one(c, r, g));
@@ -825,8 +836,7 @@ static int coll_all_to_all(pyccl_coll *c, void *out_, const void *in_, size_t nb
                 put_shared(mine + (size_t)j * L, in + (size_t)j * nbytes + k, L);
         publish(c, g);
         char *own = out + (size_t)me * nbytes + k;
-        if (own != in + (size_t)me * nbytes + k)
-            memmove(own, in + (size_t)me * nbytes + k, L);
+        move_own(own, in + (size_t)me * nbytes + k, L, nt);
         for (int i = 1; i < P; i++) {
             int r = (me + i) % P;
             TRY(wait_one(c, r, g));
