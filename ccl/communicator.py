@@ -23,6 +23,7 @@ from .buffers import as_buffer, same_dtype
 from .dtypes import AVG, MAX, MIN, PROD, SUM, as_op, bfloat16, check_op_dtype, dtype_name
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .executor import Executor
+from .process import pid_alive
 from .recorder import QUEUED, STARTED, STATE, FlightRecorder
 from .reduce import _DTYPE_CODE, divide_into
 from .store import PrefixStore
@@ -620,7 +621,7 @@ class Communicator:
         me = self.peer_info[self.rank]
         return [r for r, i in enumerate(self.peer_info)
                 if r != self.rank and i["host"] == me["host"] and i.get("pidns") == me.get("pidns")
-                and not _pid_alive(i["pid"])]
+                and not pid_alive(i["pid"])]
 
     # ---- teardown ----
     def abort(self):
@@ -660,16 +661,6 @@ class Communicator:
 
     def __repr__(self):
         return f"<pyccl.Communicator {self.tag} rank {self.rank}/{self.size} via {self.transport_name}>"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _sig(buf, root=-1, op=None) -> dict:

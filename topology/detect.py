@@ -10,6 +10,8 @@ import json
 import os
 import socket
 
+from pyccl.process import pid_namespace
+
 _SYS_NET = "/sys/class/net"
 _SYS_IB = "/sys/class/infiniband"
 
@@ -125,14 +127,6 @@ def transports() -> dict:
         ok, why = cls.available()
         out[name] = "available" if ok else f"unavailable: {why}"
     return out
-
-
-def pid_namespace() -> int:
-    """Inode of this process's pid namespace: pids of two processes compare only when equal."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
 
 
 def local_info(rank: int = 0, with_gpus=None) -> dict:

@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from ..errors import InvalidArgument, PeerFailure, Timeout, TransportError
+from ..process import pid_alive
 from .base import Transport
 
 #: CUpointer_attribute values (cuda.h).
@@ -259,20 +260,11 @@ class PeerWatch:
     """Is a peer process (same host) still alive? Only trusted for pids visible at set-up."""
 
     def __init__(self, pids: dict):
-        self.pids = {r: p for r, p in pids.items() if p and self._alive(p)}
-
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            return state not in (b"Z", b"X")
-        except (OSError, IndexError):
-            return False
+        self.pids = {r: p for r, p in pids.items() if p and pid_alive(p)}
 
     def dead(self):
         """[(rank, pid)] of the watched peers that exited."""
-        return [(r, p) for r, p in self.pids.items() if not self._alive(p)]
+        return [(r, p) for r, p in self.pids.items() if not pid_alive(p)]
 
 
 class HostMailbox:

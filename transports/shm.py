@@ -27,6 +27,7 @@ from collections import deque
 
 from ..dtypes import as_op
 from ..errors import PeerFailure, Timeout, TransportError
+from ..process import pid_namespace
 from ..reduce import _DTYPE_CODE, _OP_CODE
 from .base import Connection, Request, Transport
 
@@ -54,14 +55,6 @@ def _env_int(name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise TransportError(f"{name}={text!r} is not an integer") from None
-
-
-def pid_namespace() -> int:
-    """Inode of this process's pid namespace: peers' pids mean something only when equal."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
 
 
 def segment_name(tag: str, kind: str) -> str:
