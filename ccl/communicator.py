@@ -20,12 +20,12 @@ import numpy as np
 
 from . import env as _env
 from .buffers import as_buffer, same_dtype
-from .dtypes import AVG, MAX, MIN, PROD, SUM, as_op, bfloat16, check_op_dtype, dtype_name
+from .dtypes import AVG, SUM, as_op, check_op_dtype, dtype_name
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .executor import Executor
 from .process import pid_alive
-from .recorder import QUEUED, STARTED, STATE, FlightRecorder
-from .reduce import _DTYPE_CODE, divide_into
+from .recorder import FlightRecorder
+from .reduce import _DTYPE_CODE, _OP_BY_ID, divide_into
 from .store import PrefixStore
 from pyccl.topology import direct, ring as ring_plans
 from pyccl.topology.cost import transport_costs
@@ -35,12 +35,9 @@ from .tuner import choose
 
 log = logging.getLogger("pyccl")
 
-# all_reduce's short path: ops by identity, dtypes every op reduces natively (not bool)
-_FAST_OPS = {id(o): c for o, c in ((SUM, 0), (PROD, 1), (MIN, 2), (MAX, 3), (AVG, 0))}
-_FAST_DTYPES = {np.dtype(n): (_DTYPE_CODE[np.dtype(n)], dtype_name(np.dtype(n))) for n in
-                ("float16", "float32", "float64", "int8", "uint8", "int32", "int64")}
-if bfloat16 is not None:
-    _FAST_DTYPES[np.dtype(bfloat16)] = (_DTYPE_CODE[np.dtype(bfloat16)], "bfloat16")
+# all_reduce's short path takes the dtypes every op reduces natively (bool takes MIN/MAX only):
+# dtype -> (C core code, name for the flight recorder); ops by identity through _OP_BY_ID
+_FAST_DTYPES = {dt: (code, dtype_name(dt)) for dt, code in _DTYPE_CODE.items() if dt != np.bool_}
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -199,7 +196,7 @@ class Communicator:
         self._check_usable(what)
         self._seq += 1
         op = what
-        what = f"{what} #{self._seq} on {self.tag} (rank {self.rank}/{self.size})"
+        what = self._what(op, self._seq)
         entry = self.recorder.record(self._seq, op, sig or {})
         if self.check and sig is not None:
             fn = self._checked(fn, op, sig)
@@ -258,7 +255,7 @@ class Communicator:
         _submit's bookkeeping (order, flight recorder, errors) but none of its generality:
         Python's share of an 8-byte all_reduce is most of its time (README, Measured).
         Returns False when the call is not of that kind (the general path runs it)."""
-        code = _FAST_OPS.get(id(op))
+        code = _OP_BY_ID.get(id(op))
         dt = _FAST_DTYPES.get(x.dtype)
         if code is None or dt is None or not x.size or not x.flags.c_contiguous or not x.flags.writeable:
             return False
@@ -270,7 +267,7 @@ class Communicator:
             seq = self._seq
             entry = self.recorder.record(seq, "all_reduce", (dt[1], x.size, -1, op.name))
             with self._lock:
-                entry[STATE], entry[STARTED] = "running", entry[QUEUED]
+                self.recorder.start(entry)
                 rc = local.all_reduce_raw(x, dt[0], code)
                 if rc:
                     try:

@@ -253,8 +253,7 @@ class ShmCollectives:
         opc = _OP_BY_ID.get(id(op))
         if opc is None:
             opc = _OP_CODE[as_op(op)]
-        p = _from_buffer(arr)
-        rc = lib.pyccl_coll_all_reduce(c, p, p, n, _DTYPE_CODE[arr.dtype], opc, -1, self.timeout)
+        rc = self.all_reduce_raw(arr, _DTYPE_CODE[arr.dtype], opc)
         if rc:
             self._fail(rc, what, "all_reduce")
 
