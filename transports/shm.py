@@ -194,27 +194,28 @@ class ShmConnection(Connection):
         return m
 
     def _send_some(self) -> bool:
-        q, moved = self.sendq, False
-        while q:
-            m = q[0]
-            s = lib.pyccl_ring_send(self._sring, m.ptr, m.nbytes, m.slot, m.no)
-            if s == m.slot:
-                break
-            moved = True
-            m.slot = s
-            if s < m.nslots:
-                break
-            m.done = True
-            q.popleft()
-        return moved
+        return self._advance(self.sendq, self._send_one)
 
     def _recv_some(self) -> bool:
-        q, moved = self.recvq, False
+        return self._advance(self.recvq, self._recv_one)
+
+    def _send_one(self, m) -> int:
+        return lib.pyccl_ring_send(self._sring, m.ptr, m.nbytes, m.slot, m.no)
+
+    def _recv_one(self, m) -> int:
+        s = lib.pyccl_ring_recv(self._rring, m.ptr, m.red, m.nbytes, m.slot, m.no, m.dtype, m.op)
+        if s < 0:
+            self._bad_message(m, -s)
+        return s
+
+    @staticmethod
+    def _advance(q, step) -> bool:
+        """Move the messages at the head of q on (step(m): the slot m has reached) until one
+        stalls; finished ones leave the queue. Whether anything moved."""
+        moved = False
         while q:
             m = q[0]
-            s = lib.pyccl_ring_recv(self._rring, m.ptr, m.red, m.nbytes, m.slot, m.no, m.dtype, m.op)
-            if s < 0:
-                self._bad_message(m, -s)
+            s = step(m)
             if s == m.slot:
                 break
             moved = True
