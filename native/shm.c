@@ -138,9 +138,12 @@ static uint64_t ticks(void) {
 }
 #endif
 
+/* Stream a write of n bytes into a shared area?  The current call's kind, for big writes. */
+static int stream_shared(size_t n) { return n >= SHARE_MIN && call_kind; }
+
 /* dst (shared) = src, with the current call's kind of stores. */
 static void put_shared(void *dst, const void *src, size_t n) {
-    copy_out(dst, src, n, n >= SHARE_MIN && call_kind);
+    copy_out(dst, src, n, stream_shared(n));
 }
 
 /* This rank's own block of an all_gather/all_to_all output: streamed like the peers' blocks
@@ -640,8 +643,7 @@ static void reduce_to_both(char *res, char *out, const void *const *src, int n, 
                            int dtype, int op) {
     static __thread char tmp[BLOCK_BYTES] __attribute__((aligned(64)));
     const size_t item = itemsize(dtype), per = BLOCK_BYTES / item;
-    const size_t nbytes = count * item;
-    const int kind = nbytes >= SHARE_MIN && call_kind;
+    const int kind = stream_shared(count * item); /* for the whole result, as put_shared */
     const void *s[MAX_LOCAL_SRC];
     for (size_t k = 0; k < count; k += per) {
         const size_t L = min_sz(per, count - k);
