@@ -12,6 +12,15 @@ REDUCE_DTYPES = ["float16", "bfloat16", "float32", "float64", "int8", "uint8", "
 OPS = ["sum", "prod", "min", "max", "avg"]
 
 
+def reduce_cases(ops):
+    """(dtype, op) pairs to check: every reduce dtype with every op, bool with min/max only."""
+    for dtype in REDUCE_DTYPES + ["bool"]:
+        for op in ops:
+            if dtype == "bool" and op not in ("min", "max"):
+                continue
+            yield dtype, op
+
+
 def make(rank, count, dtype, op="sum", salt=0):
     """Input of `rank`: small values so sums and products stay exact enough in every dtype."""
     rng = np.random.default_rng([rank, count, salt, len(dtype), ord(dtype[0]), ord(dtype[-1])])

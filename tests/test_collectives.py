@@ -6,7 +6,7 @@ import pytest
 
 import pyccl
 from pyccl.dtypes import DTYPES
-from reference import OPS, REDUCE_DTYPES, make, mismatch, reduce_ref
+from reference import OPS, make, mismatch, reduce_cases, reduce_ref
 
 SIZES = [0, 1, 7, 1031]
 RANKS = [2, 3, 4]
@@ -15,18 +15,10 @@ SETTINGS = {"default": {}, "tiny-chunks": {"PYCCL_CHUNK_BYTES": "64", "PYCCL_TCP
 pytestmark = pytest.mark.timeout(300)
 
 
-def _cases(ops):
-    for dtype in REDUCE_DTYPES + ["bool"]:
-        for op in ops:
-            if dtype == "bool" and op not in ("min", "max"):
-                continue
-            yield dtype, op
-
-
 # ---- rank-side checks: each returns a list of failure strings ------------------------------------
 def rank_all_reduce(comm, sizes):
     bad = []
-    for dtype, op in _cases(OPS):
+    for dtype, op in reduce_cases(OPS):
         for n in sizes:
             x = make(comm.rank, n, dtype, op)
             comm.all_reduce(x, op=getattr(pyccl, op.upper()))
@@ -38,7 +30,7 @@ def rank_all_reduce(comm, sizes):
 
 def rank_reduce(comm, sizes):
     bad = []
-    for dtype, op in _cases(OPS):
+    for dtype, op in reduce_cases(OPS):
         for n in sizes:
             root = (n + len(dtype)) % comm.size
             x = make(comm.rank, n, dtype, op)
@@ -55,7 +47,7 @@ def rank_reduce(comm, sizes):
 
 def rank_reduce_scatter(comm, sizes):
     bad = []
-    for dtype, op in _cases(OPS):
+    for dtype, op in reduce_cases(OPS):
         for n in sizes:
             inp = make(comm.rank, n * comm.size, dtype, op)
             out = np.zeros(n, DTYPES[dtype])

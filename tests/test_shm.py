@@ -24,7 +24,7 @@ import pyccl
 from pyccl.dtypes import DTYPES, ReduceOp
 from pyccl.errors import PeerFailure, Timeout, TransportError
 from pyccl.reduce import divide_numpy, reduce_numpy
-from reference import OPS, REDUCE_DTYPES, make, mismatch
+from reference import OPS, make, mismatch, reduce_cases
 from ranks import RankGroup
 
 shm = pytest.importorskip("pyccl.transports.shm")
@@ -45,14 +45,6 @@ EXEC = {"PYCCL_TRANSPORT": "shm", "PYCCL_SHM_COLLECTIVES": "0", "PYCCL_CHUNK_BYT
         "PYCCL_SHM_SLOT_BYTES": "256", "PYCCL_SHM_SLOTS": "3"}
 #: around each dtype's one-shot threshold (1024 B) and over several pipeline steps
 FAST_SIZES = [0, 1, 2, 7, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 9973, 40009]
-
-
-def _cases(ops):
-    for dtype in REDUCE_DTYPES + ["bool"]:
-        for op in ops:
-            if dtype == "bool" and op not in ("min", "max"):
-                continue
-            yield dtype, op
 
 
 def _bits(x):
@@ -227,7 +219,7 @@ def run_threads(size, fn, timeout=30.0, env=None):
 def _thread_all_reduce(coll):
     bad = []
     P, r = coll.size, coll.rank
-    for dtype, op in _cases(["sum", "prod", "min", "max"]):
+    for dtype, op in reduce_cases(["sum", "prod", "min", "max"]):
         for n in FAST_SIZES:
             ins = [make(q, n, dtype, op) for q in range(P)]
             x = ins[r].copy()
@@ -356,7 +348,7 @@ def test_executor_size_mismatch_is_transport_error():
 def rank_fast_all_reduce(comm, sizes):
     assert comm.local is not None and comm.local.enabled and comm.local.wants("all_reduce", 8)
     bad, P, r = [], comm.size, comm.rank
-    for dtype, op in _cases(OPS):
+    for dtype, op in reduce_cases(OPS):
         for n in sizes:
             ins = [make(q, n, dtype, op) for q in range(P)]
             x = ins[r].copy()
@@ -378,7 +370,7 @@ def rank_fast_all_reduce(comm, sizes):
 
 def rank_fast_reduce_scatter(comm, sizes):
     bad, P, r = [], comm.size, comm.rank
-    for dtype, op in _cases(OPS):
+    for dtype, op in reduce_cases(OPS):
         for n in sizes:
             full = [make(q, n * P, dtype, op) for q in range(P)]
             parts = [f[r * n:(r + 1) * n] for f in full]
