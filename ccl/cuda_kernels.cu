@@ -106,6 +106,23 @@ __device__ __forceinline__ void signal(u64* region, int b, int me, u64 epoch, u6
   st_release(f, epoch);
 }
 
+// Every block tells the same block of every peer that it reached flag region `off` in this
+// epoch, then waits for theirs (thread r waits for peer r). False in a thread whose wait
+// failed (timeout, abort, mismatched call: see wait_flag; `where` names the step).
+__device__ __forceinline__ bool exchange_flags(const u64* tab, i64 off, int rank, int nranks, u64 epoch,
+                                               u64 sig, i64* status, u64 timeout_ns, int where) {
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int r = 0; r < nranks; r++)
+      if (r != rank) signal((u64*)tab[r] + off, blockIdx.x, rank, epoch, sig);
+  }
+  if (threadIdx.x < nranks && threadIdx.x != rank) {
+    const u64* f = (const u64*)tab[rank] + off + (blockIdx.x * MAXR + threadIdx.x) * 2;
+    return wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, where);
+  }
+  return true;
+}
+
 // ---- element types ----------------------------------------------------------------------------
 template <typename T> struct Acc {
   typedef T A;
@@ -233,15 +250,7 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
     }
   __syncthreads();
   const i64 flag_off = OFF_ONESHOT + (i64)slot * MAXB * MAXR * 2;
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + flag_off, blockIdx.x, rank, epoch, sig);
-  }
-  if (threadIdx.x < nranks && threadIdx.x != rank) {
-    const u64* f = (const u64*)tab[rank] + flag_off + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 1)) fail = 1;
-  }
+  if (!exchange_flags(tab, flag_off, rank, nranks, epoch, sig, status, timeout_ns, 1)) fail = 1;
   __syncthreads();
   if (fail) return;
   const char* mine = (const char*)tab[MAXR + rank] + slot_off;
@@ -305,15 +314,7 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
       for (i64 e = npk * N + threadIdx.x; e < len; e += blockDim.x) reinterpret_cast<T*>(dst)[e] = src[e];
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + OFF_FA, blockIdx.x, rank, epoch, sig);
-  }
-  if (threadIdx.x < nranks && threadIdx.x != rank) {
-    const u64* f = (const u64*)tab[rank] + OFF_FA + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
-  }
+  if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
   __syncthreads();
   if (fail) return;
   // (B)
@@ -356,15 +357,7 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
   }
   // (C)
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + OFF_FE, blockIdx.x, rank, epoch, sig);
-  }
-  if (threadIdx.x < nranks && threadIdx.x != rank) {
-    const u64* f = (const u64*)tab[rank] + OFF_FE + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 3);
-  }
+  exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3);
 }
 
 // ---- pull two-shot: every rank reads its segment from the peers' buffers (no scratch) -----------
@@ -395,15 +388,7 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
   const int bd = blockDim.x;
   // (S)
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + OFF_FS, blockIdx.x, rank, epoch, sig);
-  }
-  if (threadIdx.x < nranks && threadIdx.x != rank) {
-    const u64* f = (const u64*)tab[rank] + OFF_FS + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
-  }
+  if (!exchange_flags(tab, OFF_FS, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
   __syncthreads();
   if (fail) return;
   // (A)
@@ -449,15 +434,7 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
   if (gather) {
     // (F)
     __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      for (int r = 0; r < nranks; r++)
-        if (r != rank) signal((u64*)tab[r] + OFF_FA, blockIdx.x, rank, epoch, sig);
-    }
-    if (threadIdx.x < nranks && threadIdx.x != rank) {
-      const u64* f = (const u64*)tab[rank] + OFF_FA + (blockIdx.x * MAXR + threadIdx.x) * 2;
-      if (!wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 2)) fail = 1;
-    }
+    if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
     __syncthreads();
     if (fail) return;
     // (B): U packs from every peer in flight at once
@@ -498,15 +475,7 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
   }
   // (E)
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + OFF_FE, blockIdx.x, rank, epoch, sig);
-  }
-  if (threadIdx.x < nranks && threadIdx.x != rank) {
-    const u64* f = (const u64*)tab[rank] + OFF_FE + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, 3);
-  }
+  exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3);
 }
 
 // ---- SM copies (copy collectives on more than two GPUs) ---------------------------------------
