@@ -604,13 +604,15 @@ class Communicator:
         """Wait until every rank not known dead has checked in (or `window` passes)."""
         keys = [f"{key}/here/{r}" for r in range(self.size)]
         deadline = time.monotonic() + window
+        views = {}                                   # rank -> what it reported (read once)
         while True:
-            present = [r for r, ok in enumerate(self.store.check(keys)) if ok]
-            views = [json.loads(self.store.get(keys[r], timeout=self.timeout)) for r in present]
-            dead = {r for v in views for r in v["dead"]} | set(self._dead_local_peers())
-            out = {r for v in views for r in v["exclude"]}
-            if set(range(self.size)) - dead <= set(present) or time.monotonic() > deadline:
-                return [r for r in present if r not in out and r not in dead]
+            for r, ok in enumerate(self.store.check(keys)):
+                if ok and r not in views:
+                    views[r] = json.loads(self.store.get(keys[r], timeout=self.timeout))
+            dead = {d for v in views.values() for d in v["dead"]} | set(self._dead_local_peers())
+            out = {x for v in views.values() for x in v["exclude"]}
+            if set(range(self.size)) - dead <= views.keys() or time.monotonic() > deadline:
+                return [r for r in sorted(views) if r not in out and r not in dead]
             time.sleep(0.01)
 
     def _dead_local_peers(self) -> list:
