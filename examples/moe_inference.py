@@ -275,10 +275,7 @@ def run(a, rt: par.Runtime) -> dict | None:
 
     mine = {"tokens": tokens[0].cpu(), "logits": logits[0].cpu(), "splits": log, "timing": prof.summary(),
             "times": all_times}
-    everyone = [mine]
-    if rt.world > 1:
-        everyone = [None] * rt.world
-        dist.all_gather_object(everyone, mine)
+    everyone = par.gather_objects(rt, mine)
     report = prof.report(f"rank {rt.rank}") if a.profile else ""
     if rt.rank != 0:
         return None

@@ -106,6 +106,15 @@ def _torch_store_via_pyccl(pstore, info, timeout_s):
     return ts
 
 
+def gather_objects(rt: Runtime, obj) -> list:
+    """Every rank's `obj`, in rank order (all_gather_object; just [obj] in one process)."""
+    if rt.world == 1:
+        return [obj]
+    everyone = [None] * rt.world
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def finish(rt: Runtime):
     if dist.is_initialized():
         dist.barrier()                  # nobody leaves while a peer still needs its connections

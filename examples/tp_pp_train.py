@@ -240,10 +240,7 @@ def train(a, rt: par.Runtime) -> dict | None:
     mine = {"coords": (tp_rank, dp_rank, pp_rank),
             "params": {n: (getattr(p, "tp_dim", None), p.detach().cpu()) for n, p in stage.named_parameters()},
             "losses": losses if logger else None, "timing": prof.summary()}
-    everyone = [mine]
-    if rt.world > 1:
-        everyone = [None] * rt.world
-        dist.all_gather_object(everyone, mine)
+    everyone = par.gather_objects(rt, mine)
     report = prof.report(f"rank {rt.rank} (tp {tp_rank} pp {pp_rank} dp {dp_rank})") if a.profile else ""
     if rt.rank != 0:
         return None
