@@ -148,6 +148,7 @@ from functools import reduce as _fold
 import torch
 import torch.distributed as dist
 
+from .buffers import torch_numpy
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout, TransportError
 from .store import PrefixStore, TorchStoreAdapter
 
@@ -835,7 +836,7 @@ class _P2PEngine:
         conn = self.conns[op.peer]
         req = conn.isend(memoryview(op.hdr))
         if op.data.numel():
-            req = conn.isend(memoryview(op.data.numpy()))
+            req = conn.isend(memoryview(torch_numpy(op.data)))
         op.req = req
         self.sends.append(op)
 
@@ -891,7 +892,7 @@ class _P2PEngine:
                 if m.nbytes == 0:
                     self._complete_recv(op, m.peer)
                     return
-                op.req = self.conns[m.peer].irecv(memoryview(op.view.numpy()))
+                op.req = self.conns[m.peer].irecv(memoryview(torch_numpy(op.view)))
                 op.src = m.peer
                 self.inflight_recv.append(op)
                 return
@@ -902,7 +903,7 @@ class _P2PEngine:
     def _drain(self, m):
         """Receive a message's payload into a fresh buffer."""
         m.buf = torch.empty(m.nbytes, dtype=torch.uint8)
-        m.req = self.conns[m.peer].irecv(memoryview(m.buf.numpy())) if m.nbytes else None
+        m.req = self.conns[m.peer].irecv(memoryview(torch_numpy(m.buf))) if m.nbytes else None
         if m.req is not None:
             self.draining.append(m)
 

@@ -7,6 +7,7 @@ numpy/torch reference instead. The 2-rank processes rendezvous through tcp://, t
 through file://, the 4-rank ones through env:// (MASTER_ADDR/PORT); torchrun has its own test.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -756,6 +757,15 @@ def rank_p2p_mismatch(ctx):
     return bad
 
 
+TORCH_TIMEOUT_RE = " (Timed out|closed|timeout) "     # torch's DistributedTest (test_barrier_timeout_*)
+
+
+def _torch_words(what, e, bad):
+    """A timeout's message carries torch's words, which its tests and users' log searches match."""
+    if e is not None and not re.search(TORCH_TIMEOUT_RE, str(e)):
+        bad.append(f"{what}: message does not match {TORCH_TIMEOUT_RE!r}: {e}")
+
+
 def rank_timeouts(ctx):
     bad = []
     me = ctx.rank
@@ -768,6 +778,7 @@ def rank_timeouts(ctx):
         e = expect_error(lambda: w.wait(timedelta(seconds=0.3)))
         if e is None or time.monotonic() - t0 > 1.5:
             bad.append(f"work.wait(timeout) did not time out: {e!r}")
+        _torch_words("work.wait(timeout)", e, bad)
     dist.barrier(group=ctx.pyccl)
     if me == 1:
         dist.send(torch.ones(3), 0, group=g)
@@ -782,6 +793,7 @@ def rank_timeouts(ctx):
         took = time.monotonic() - t0
         if e is None or "2s" not in str(e) or not 1.5 < took < 6:
             bad.append(f"recv timeout: {e!r} after {took:.1f}s")
+        _torch_words("recv timeout", e, bad)
     # group timeout on a collective only rank 0 enters
     if me == 0:
         t0 = time.monotonic()
@@ -789,11 +801,25 @@ def rank_timeouts(ctx):
         took = time.monotonic() - t0
         if e is None or "timed out" not in str(e) or not 1.5 < took < 8:
             bad.append(f"collective timeout: {e!r} after {took:.1f}s")
+        _torch_words("collective timeout", e, bad)
+    dist.barrier(group=ctx.pyccl)
+    # torch's test_barrier_timeout_full_group: a barrier only rank 0 enters, on a fresh group
+    g2 = dist.new_group(backend="pyccl", timeout=timedelta(seconds=1))
+    if me == 0:
+        t0 = time.monotonic()
+        e = expect_error(lambda: dist.barrier(group=g2))
+        if e is None or not 0.8 < time.monotonic() - t0 < 8:
+            bad.append(f"barrier timeout: {e!r}")
+        _torch_words("barrier timeout", e, bad)
+    dist.barrier(group=ctx.pyccl)
+    dist.destroy_process_group(g2)
+    if me == 0:
         # monitored barrier that the other ranks never enter: rank 0 names them all
         e = expect_error(lambda: g.monitored_barrier(timedelta(seconds=1), wait_all_ranks=True))
         want = ", ".join(str(r) for r in range(1, ctx.size))
         if e is None or f"Ranks {want} failed to pass monitoredBarrier" not in str(e):
             bad.append(f"monitored_barrier: {e!r}")
+        _torch_words("monitored_barrier", e, bad)
     dist.barrier(group=ctx.pyccl)
     dist.destroy_process_group(g)
     return bad
@@ -888,7 +914,109 @@ def rank_fsdp(ctx):
     return bad
 
 
+def _resizable(name, tensors, bad):
+    """FSDP frees and re-grows parameter storage with resize_: it must still work after pyccl
+    touched the tensors (torch 2.13's Tensor.numpy() would have pinned their storage)."""
+    for k, t in enumerate(tensors):
+        keep = t.clone()
+        n = t.untyped_storage().nbytes()
+        try:
+            t.untyped_storage().resize_(0)
+            t.untyped_storage().resize_(n)
+            t.copy_(keep)
+            shape = t.shape
+            t.resize_(t.numel() + 5)
+            t.resize_(shape)
+        except RuntimeError as e:
+            bad.append(f"{name}: tensor {k} cannot be resized after the call: {e}")
+
+
+def rank_resize_after_every_call(ctx):
+    bad = []
+    me, n = ctx.rank, ctx.size
+    peer_to, peer_from = (me + 1) % n, (me - 1) % n
+
+    def fresh(k=6, dtype=torch.float32):
+        return torch.arange(k, dtype=dtype) + me
+
+    cases = []
+    t = fresh()
+    dist.all_reduce(t)
+    cases.append(("all_reduce", [t]))
+    t = fresh(dtype=torch.bfloat16)
+    dist.all_reduce(t)
+    cases.append(("all_reduce bfloat16", [t]))
+    t = fresh()
+    dist.all_reduce(t, async_op=True).wait()
+    cases.append(("all_reduce async", [t]))
+    ts = [fresh(), fresh(3)]
+    dist.all_reduce_coalesced(ts)
+    cases.append(("all_reduce_coalesced", ts))
+    t = fresh()
+    dist.reduce(t, 0)
+    cases.append(("reduce", [t]))
+    t = fresh()
+    dist.broadcast(t, 0)
+    cases.append(("broadcast", [t]))
+    i, outs = fresh(), [torch.empty(6) for _ in range(n)]
+    dist.all_gather(outs, i)
+    cases.append(("all_gather", [i] + outs))
+    i, o = fresh(), torch.empty(6 * n)
+    dist.all_gather_into_tensor(o, i)
+    cases.append(("all_gather_into_tensor", [i, o]))
+    o, ins = torch.empty(6), [fresh() for _ in range(n)]
+    dist.reduce_scatter(o, ins)
+    cases.append(("reduce_scatter", [o] + ins))
+    o, i = torch.empty(6), fresh(6 * n)
+    dist.reduce_scatter_tensor(o, i)
+    cases.append(("reduce_scatter_tensor", [o, i]))
+    o, i = torch.empty(2 * n), fresh(2 * n)
+    dist.all_to_all_single(o, i)
+    cases.append(("all_to_all_single", [o, i]))
+    outs, ins = [torch.empty(2) for _ in range(n)], [fresh(2) for _ in range(n)]
+    dist.all_to_all(outs, ins)
+    cases.append(("all_to_all", outs + ins))
+    i = fresh()
+    outs = [torch.empty(6) for _ in range(n)] if me == 0 else None
+    dist.gather(i, outs, dst=0)
+    cases.append(("gather", [i] + (outs or [])))
+    o = torch.empty(6)
+    ins = [fresh() for _ in range(n)] if me == 0 else None
+    dist.scatter(o, ins, src=0)
+    cases.append(("scatter", [o] + (ins or [])))
+    s, r = fresh(), torch.empty(6)
+    ws = [dist.isend(s, peer_to), dist.irecv(r, peer_from)]
+    for w in ws:
+        w.wait()
+    cases.append(("isend/irecv", [s, r]))
+    s, r = fresh(), torch.empty(6)
+    for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, s, peer_to), dist.P2POp(dist.irecv, r, peer_from)]):
+        w.wait()
+    cases.append(("batch_isend_irecv", [s, r]))
+    if me == 0:
+        s = fresh()
+        dist.send(s, 1)
+        cases.append(("send", [s]))
+    elif me == 1:
+        r = torch.empty(6)
+        dist.recv(r, 0)
+        cases.append(("recv", [r]))
+    dist.barrier()
+    for name, ts in cases:
+        _resizable(name, ts, bad)
+    t = fresh()                                  # and the group still works on a re-grown tensor
+    dist.all_reduce(t)
+    want = sum(torch.arange(6, dtype=torch.float32) + r for r in range(n))
+    if not torch.equal(t, want):
+        bad.append(f"all_reduce after the resizes: {t.tolist()} != {want.tolist()}")
+    return bad
+
+
 # ---- tests ---------------------------------------------------------------------------------------
+def test_storage_stays_resizable_after_every_call(tr):
+    _ok(tr.run(rank_resize_after_every_call))
+
+
 def test_all_reduce_every_dtype_and_op(tr):
     _ok(tr.run(rank_allreduce))
 
