@@ -1,4 +1,4 @@
-// pyccl GPU kernels (compiled at first use by NVRTC through cupy.RawModule; see cuda_collectives.py).
+// pyccl GPU kernels (compiled at first use by NVRTC through cupy.RawModule; see ccl/cuda_collectives/).
 //
 // Every rank's "flag buffer" (IPC-mapped into its peers) holds, in 64-bit words:
 //   [OFF_ONESHOT] [2 slots][MAXB blocks][MAXR ranks][epoch, sig]   one-shot all-reduce

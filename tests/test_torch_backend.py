@@ -155,7 +155,7 @@ def gloo_allows(dtype, op):
 
 
 def pyccl_allows(dtype, op):
-    """What the pyccl backend reduces beyond Gloo (see ccl/torch_backend.py)."""
+    """What the pyccl backend reduces beyond Gloo (see ccl/torch_backend/)."""
     if dtype.is_complex:
         return op in (R.SUM, R.AVG)
     if dtype == torch.bool:

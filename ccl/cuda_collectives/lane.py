@@ -1,0 +1,90 @@
+"""The torch backend's fast lane: one prepared one-shot all-reduce launch per call, with
+no torch Work, Future or flight-recorder entry (see ``torch_all_reduce``)."""
+from ..dtypes import AVG, MAX, MIN, PROD, SUM
+from .kernels import THREADS
+from .submit import _signature
+
+
+class TorchLaneMixin:
+    """``torch_all_reduce`` and the caches it keeps."""
+
+    def torch_all_reduce(self, comm):
+        """The fast lane of the torch backend: ``lane(tensor, op, async_op)`` enqueues a one-shot
+        all-reduce of a contiguous CUDA tensor on this GPU and returns None (synchronous: on
+        the caller's current stream, which therefore sees the result) or the end event on
+        pyccl's stream (async_op), or returns False when the call does not fit the lane
+        (too big, dtype or op without a native kernel, another device, the communicator busy):
+        the caller then takes the general path. Everything that does not change between calls
+        with the same (pointer, count, dtype, op) is computed once and cached; per call the
+        host reads the error word, bumps the epoch and launches one kernel."""
+        import torch
+        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+            (lambda d: torch.cuda.current_stream(d).cuda_stream)
+        get_device = torch._C._cuda_getDevice
+        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                  torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
+                  torch.int64: "int64"}
+        ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+        cache = {}
+        self._lane_caches.append(cache)
+        words = self.status.words
+        dev = self.dev
+        names = self._names
+        base_sig = {}
+
+        def lane(t, opname, async_op):
+            key = (t.data_ptr(), t.numel(), t.dtype, opname)
+            p = cache.get(key)
+            if p is None:
+                p = prepare(t, key, opname)
+            if p is False or get_device() != dev or not t.is_contiguous() or comm._inflight:
+                return False
+            if self._closed or words[1] or self._abort_reason is not None:
+                comm._seq += 1
+                self.raise_if_failed(f"all_reduce #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
+            if comm._broken is not None or comm._closed:
+                return False                     # the general path raises the right error
+            caller = get_stream(dev)
+            comm._seq += 1
+            e = self._epoch = self._epoch + 1
+            names[e & 4095] = ("all_reduce", comm._seq)
+            p.epoch.value = e
+            if async_op:
+                self._begin(caller)
+                p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
+                return self._end(caller, False)
+            tail = self._tail
+            if tail != caller:
+                if tail is not None:
+                    self._after(tail, caller)
+                self._tail = caller
+            self._last = None
+            p.launch(p.fn, p.grid, THREADS, caller, p.address)
+            return None
+
+        def prepare(t, key, opname):
+            p = False
+            dtype = dtypes.get(t.dtype)
+            op = ops.get(opname)
+            nbytes = t.numel() * t.element_size()
+            if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
+                    0 < nbytes <= self.oneshot_max and t.is_contiguous():
+                sig = base_sig.get((dtype, op))
+                if sig is None:
+                    sig = base_sig[(dtype, op)] = _signature("all_reduce", {"dtype": dtype, "root": -1,
+                                                                             "redop": op.name, "count": 0})
+                with self._device:
+                    p = self._prepare_oneshot(key[0], key[0], key[1], t.element_size(), dtype, op,
+                                              sig | (key[1] & 0xFFFFFFFF))
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = p
+            return p
+        return lane
+
+    def forget_prepared(self):
+        """Drop every prepared launch and fast-lane decision (after changing a knob such as
+        oneshot_max at run time, on every rank alike)."""
+        self._prepared.clear()
+        for c in self._lane_caches:
+            c.clear()

@@ -1,0 +1,190 @@
+"""All-reduce, reduce and reduce-scatter on CUDA buffers: one-shot (small; one launch, no
+barrier), two-shot by SM stores into the peers' scratch ('kernel'), by copy engines ('ce')
+or by SM loads from the peers' buffers ('pull'), in rounds that fit the scratch."""
+from ..dtypes import AVG
+from ..errors import PycclError
+from .kernels import _PARAMS, MAXR, THREADS, _Prepared
+
+
+class ReductionsMixin:
+    """The reducing collectives of CudaCollectives."""
+
+    # Each takes (what, caller stream, join, signature, *the communicator's arguments) and
+    # returns the event that marks its end on pyccl's stream.
+    def all_reduce(self, what, caller, join, sig, buf, op):
+        self.raise_if_failed(what)
+        v = buf.array
+        with self._device:
+            if v.size == 0:
+                return self._empty(caller, join)
+            if v.nbytes <= self.oneshot_max:
+                return self._oneshot(what, caller, join, sig, v, buf.dtype, op)
+            return self._twoshot(what, caller, join, sig, v.ptr, v.ptr, v.size, v.itemsize, buf.dtype, op,
+                                 allgather=True)
+
+    def reduce(self, what, caller, join, sig, buf, root, op):
+        self.raise_if_failed(what)
+        v = buf.array
+        with self._device:
+            if v.size == 0:
+                return self._empty(caller, join)
+            if self.rank == root:
+                ptr = v.ptr
+            else:                               # non-roots keep their buffer: reduce a copy
+                ptr = self._tmp(v.nbytes)
+            self._begin(caller)
+            if ptr != v.ptr:
+                self.rt.memcpyAsync(ptr, v.ptr, v.nbytes, 4, self.stream)
+            tmp_view = type(v)(ptr, v.size, v.itemsize, v.device, v.kind, None)
+            if v.nbytes <= self.oneshot_max:
+                self._oneshot_body(what, sig, tmp_view, buf.dtype, op)
+            else:
+                self._twoshot_body(what, sig, ptr, ptr, v.size, v.itemsize, buf.dtype, op, allgather=True)
+            return self._end(caller, join)
+
+    def _oneshot(self, what, caller, join, sig, v, dtype, op):
+        if join and self._tail == caller:
+            # A synchronous one-shot whose predecessor already ends on the caller's stream:
+            # launch it right there (same order, two events fewer per call).
+            self._oneshot_body(what, sig, v, dtype, op, caller)
+            self._last = None
+            return None
+        self._begin(caller)
+        self._oneshot_body(what, sig, v, dtype, op)
+        return self._end(caller, join)
+
+    def _oneshot_body(self, what, sig, v, dtype, op, stream=None):
+        p = self._prepare_oneshot(v.ptr, v.ptr, v.size, v.itemsize, dtype, op, sig)
+        e = self._next_epoch(what)
+        p.epoch.value = e
+        p.launch(p.fn, p.grid, THREADS, self.stream if stream is None else stream, p.address)
+
+    def _prepare_oneshot(self, inp, out, count, itemsize, dtype, op, sig):
+        """The one-shot launch of (in, out, count, dtype, op), kernel parameters filled in
+        once; a call then only writes the epoch and launches."""
+        key = (inp, out, count, dtype, op, sig)
+        p = self._prepared.get(key)
+        if p is None:
+            n = 16 // itemsize if inp % 16 == 0 and out % 16 == 0 else 1
+            opcode = self._opcode(dtype, op)
+            fn = self._mods.get(("oneshot", dtype, opcode, n)) or self._kernel("oneshot", dtype, opcode, n)
+            grid = min(self.max_blocks, -(-(count // n) // THREADS)) or 1
+            avg = self.size if op is AVG else 0
+            p = _Prepared(fn.ptr, grid, _PARAMS["oneshot"],
+                          (inp, out, count, self.tab, self.small_cap, self.rank, self.size, 0, sig,
+                           self.status.ptr, self._timeout_ns, avg), 7)
+            if len(self._prepared) >= 1024:
+                self._prepared.clear()
+            self._prepared[key] = p
+        return p
+
+    def _twoshot(self, what, caller, join, sig, inp, out, count, itemsize, dtype, op, allgather):
+        peers = None
+        if allgather:
+            peers, _ = self._mail(what, sig, [out])
+            peers = peers[0]
+        self._begin(caller)
+        self._twoshot_body(what, sig, inp, out, count, itemsize, dtype, op, allgather, peers)
+        return self._end(caller, join)
+
+    def _twoshot_body(self, what, sig, inp, out, count, itemsize, dtype, op, allgather, peers=None):
+        """All-reduce (allgather=True: in place, inp == out, `count` elements) or reduce-scatter
+        (inp holds size x count, out count), in rounds that fit the scratch."""
+        size, rank = self.size, self.rank
+        mode = self._ts(allgather)
+        if allgather and peers is None:
+            peers, _ = self._mail(what, sig, [out])
+            peers = peers[0]
+        if mode == "pull" and size > 1:
+            return self._twoshot_pull(what, sig, inp, out, count, itemsize, dtype, op, allgather, peers)
+        n = 16 // itemsize
+        avg = size if op is AVG else 0
+        opcode = self._opcode(dtype, op)
+        if allgather:
+            seg = -(-count // size)
+            seg = -(-seg // n) * n
+        else:
+            seg = count
+        per_round = max(n, (self.scratch_max // itemsize) // n * n)
+        self._ensure_big(min(seg, per_round) * itemsize)
+        per_round = min(per_round, self.big_cap // itemsize // n * n)
+        start = 0
+        while start < seg:
+            chunk = min(per_round, seg - start)
+            if allgather:
+                # Round k takes elements [start, start + chunk) of every segment.
+                stride, total = seg, count - start
+                base_in = inp + start * itemsize
+                my_out = inp + (rank * seg + start) * itemsize
+                dst = [(peers[r] + (rank * seg + start) * itemsize) if r != rank else 0 for r in range(size)]
+            else:
+                stride, total = seg, 1 << 62
+                base_in = inp + start * itemsize
+                my_out = out + start * itemsize
+                dst = [0] * size
+            vec = self._vec(itemsize, base_in, my_out, stride * itemsize, *[d for d in dst if d])
+            ce = mode == "ce" or (not allgather and chunk * itemsize >= self.rs_ce_min)
+            if ce and size > 1:
+                self._twoshot_ce(what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode,
+                                 avg, vec)
+            else:
+                fn = self._kernel("twoshot", dtype, opcode, vec)
+                epoch = self._next_epoch(what)
+                grid = self._blocks(chunk // vec)
+                fn(grid, self.stream, (base_in, stride, chunk, total, my_out, self.tab, self.big_cap,
+                                       *dst, *[0] * (MAXR - size), rank, size, epoch, sig, self.status.ptr,
+                                       self._timeout_ns, avg))
+            start += chunk
+
+    def _twoshot_pull(self, what, sig, inp, out, count, itemsize, dtype, op, allgather, peers):
+        """Two-shot by SM loads from the peers' buffers (kernel twoshot_pull): no scratch, no
+        rounds, one launch. All-reduce: in place, `peers` = every rank's buffer. Reduce-scatter:
+        every rank publishes its input (size x count) through the mailbox."""
+        size, rank = self.size, self.rank
+        if allgather:
+            seg = -(-count // size)
+            seg = -(-seg // (16 // itemsize)) * (16 // itemsize)
+            bases, total, my_out = list(peers), count, inp + rank * seg * itemsize
+        else:
+            got, _ = self._mail(what, sig, [inp])
+            seg, bases, total, my_out = count, list(got[0]), 1 << 62, out
+        if any(b == 0 for b in bases):
+            raise PycclError(f"{what}: a peer published no buffer for the pull two-shot")
+        vec = self._vec(itemsize, my_out, seg * itemsize, *bases)
+        opcode = self._opcode(dtype, op)
+        fn = self._kernel("twoshot_pull", dtype, opcode, vec)
+        epoch = self._next_epoch(what)
+        grid = self._blocks(seg // vec)
+        fn(grid, self.stream, (seg, seg, total, my_out, self.tab, *bases, *[0] * (MAXR - size), rank, size,
+                               1 if allgather else 0, epoch, sig, self.status.ptr, self._timeout_ns,
+                               size if op is AVG else 0))
+
+    def _twoshot_ce(self, what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode, avg, vec):
+        size, rank = self.size, self.rank
+
+        def seg_len(r):
+            return max(0, min(total - r * stride, chunk))
+        big = [int(self.tab_host[2 * MAXR + r]) for r in range(size)]
+        pushes = [(r, big[r] + rank * self.big_cap, base_in + r * stride * itemsize, seg_len(r) * itemsize)
+                  for r in range(size) if r != rank]
+        self._copies(pushes)
+        self._barrier(what, sig, 4)
+        mine = seg_len(rank)
+        srcs = [(base_in + rank * stride * itemsize) if r == rank else (big[rank] + r * self.big_cap)
+                for r in range(size)]
+        fn = self._kernel("reduce_n", dtype, opcode, vec)
+        grid = self._blocks(mine // vec, cap=4 * self.max_blocks)
+        fn(grid, self.stream, (my_out, mine, *srcs, *[0] * (MAXR - size), size, avg))
+        if any(dst):
+            self._copies([(r, dst[r], my_out, mine * itemsize) for r in range(size) if r != rank and dst[r]])
+        self._barrier(what, sig, 5)
+
+    def reduce_scatter(self, what, caller, join, sig, out, inp, op):
+        self.raise_if_failed(what)
+        o, i = out.array, inp.array
+        with self._device:
+            if o.size == 0:
+                return self._empty(caller, join)
+            self._begin(caller)
+            self._twoshot_body(what, sig, i.ptr, o.ptr, o.size, o.itemsize, out.dtype, op, allgather=False)
+            return self._end(caller, join)

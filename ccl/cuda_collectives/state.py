@@ -1,0 +1,363 @@
+"""The per-communicator GPU state: IPC-mapped scratch and flags, the table of peer pointers,
+streams and events, the epoch counter, the per-call host mailbox, the watchdog, and the errors
+the kernels leave in host memory (raised on the next call)."""
+import logging
+import os
+import struct
+import threading
+import time
+
+import numpy as np
+
+from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
+from .kernels import FLAG_WORDS, MAXB, MAXR
+
+log = logging.getLogger("pyccl")
+
+MAIL_WORDS = 5 + 3 * MAXR      # sig, 2 x (buffer id, offset), 3 x size integers
+_WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (waiting for the peer's segment)",
+          3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies"}
+
+_TWOSHOT_MODES = ("auto", "kernel", "ce", "pull")
+_COPY_MODES = ("auto", "ce", "push", "pull")
+
+
+def _env_int(name, default):
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
+
+
+class CudaState:
+    """IPC-mapped scratch and flags, streams, mailbox and the watchdog of one communicator."""
+
+    def __init__(self, comm, device: int):
+        from pyccl.transports import cuda_ipc
+        self.ipc = cuda_ipc
+        self.cupy = cupy = cuda_ipc._cupy()
+        self.rt = rt = cupy.cuda.runtime
+        self.comm = comm
+        self.rank, self.size, self.dev = comm.rank, comm.size, int(device)
+        self.timeout = comm.timeout
+        self._timeout_ns = int(self.timeout * 1e9)
+        self.tag = comm.tag
+        if self.size > MAXR:
+            raise InvalidArgument(f"CUDA collectives: {self.size} ranks; the GPU path takes at most {MAXR} "
+                                  f"ranks of one host")
+        hosts = {i.get("host") for i in comm.peer_info}
+        if len(hosts) != 1:
+            raise InvalidArgument(f"CUDA collectives: the ranks of {comm.tag} are on {len(hosts)} hosts; GPU "
+                                  f"buffers across hosts are not supported yet (copy to CPU)")
+        # 2 ranks: one-shot to 8 MiB (bench/RESULTS.md: forced one-shot 46 us at 8 MiB against the
+        # two-shot's 73 and NCCL's 50); more ranks read (n-1) copies, so 4 MiB
+        self.oneshot_max = _env_int("PYCCL_CUDA_ONESHOT_MAX", (8 << 20) if self.size == 2 else (4 << 20))
+        self.twoshot_mode = self._mode_env("PYCCL_CUDA_TWOSHOT", "auto", _TWOSHOT_MODES)
+        self.twoshot_wide = self._mode_env("PYCCL_CUDA_TWOSHOT_WIDE", "kernel", _TWOSHOT_MODES[1:])
+        self.copy_mode = self._mode_env("PYCCL_CUDA_COPY", "auto", _COPY_MODES)
+        self.copy_wide = self._mode_env("PYCCL_CUDA_COPY_WIDE", "ce", _COPY_MODES[1:])
+        self.copy_blocks = _env_int("PYCCL_CUDA_COPY_BLOCKS", 0)
+        self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
+        self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
+        self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
+        self._device = cupy.cuda.Device(self.dev)
+        self._epoch = 0
+        self._names = [None] * 4096          # epoch & 4095 -> what (str, or (name, seq) for fast calls)
+        self._prepared = {}                  # (in, out, count, dtype, op, sig) -> _Prepared one-shot launch
+        self._lane_caches = []               # the torch fast lanes' caches (forget_prepared clears them)
+        self._tail = None          # the stream our latest collective's end is ordered on
+        self._last = None          # event at the end of the latest collective on pyccl's stream
+        self._mail_seq = 0
+        self._abort_reason = None
+        self._closed = False
+        self._mods = {}
+        self._lock = threading.Lock()
+        with self._device:
+            sms = rt.deviceGetAttribute(16, self.dev)          # cudaDevAttrMultiProcessorCount
+            blocks = _env_int("PYCCL_CUDA_BLOCKS", 0)
+            self.max_blocks = max(1, min(MAXB, blocks or sms, sms))
+            self.stream_obj = cupy.cuda.Stream(non_blocking=True)
+            self.stream = self.stream_obj.ptr
+            self.side = [cupy.cuda.Stream(non_blocking=True) for _ in range(self.size)]
+            self._ev = [rt.eventCreateWithFlags(2) for _ in range(64)]    # cudaEventDisableTiming
+            self._ev_i = 0
+            self._ready = rt.eventCreateWithFlags(2)
+            self._ready2 = rt.eventCreateWithFlags(2)
+            self._fork = rt.eventCreateWithFlags(2)
+            self._joins = [rt.eventCreateWithFlags(2) for _ in range(self.size)]
+            self.status = cuda_ipc.HostStatus()
+            self.flags = rt.malloc(FLAG_WORDS * 8)
+            rt.memset(self.flags, 0, FLAG_WORDS * 8)
+            self.small_cap = max(_env_int("PYCCL_CUDA_ONESHOT_CAP", 8 << 20), self.oneshot_max, 4096)
+            self.small_cap = (self.small_cap + 255) & ~255
+            self.small = rt.malloc(2 * self.size * self.small_cap)
+            self.big = 0
+            self.big_cap = 0
+            self._big_gen = 0
+            self.tab = rt.malloc(3 * MAXR * 8)
+            self.tab_host = np.zeros(3 * MAXR, dtype=np.uint64)
+            self.registry = cuda_ipc.IpcRegistry(self.rank, comm.store, self.timeout)
+            self.registry.before_close = self._drain
+            self._payload = np.zeros(MAIL_WORDS, dtype=np.int64)
+            self.mailbox = cuda_ipc.HostMailbox(self.rank, self.size, comm.store, comm.tag, self.timeout, MAIL_WORDS)
+            self._share("base", [self.flags, self.small], [0, 1])
+        self.watch = cuda_ipc.PeerWatch({r: i.get("pid") for r, i in enumerate(comm.peer_info) if r != self.rank})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watchdog, daemon=True,
+                                        name=f"pyccl-cuda-watch-{comm.tag}-r{self.rank}")
+        self._thread.start()
+        log.info("%s rank %d: CUDA collectives on cuda:%d (%d blocks max, one-shot <= %d B, two-shot %s)",
+                 comm.tag, self.rank, self.dev, self.max_blocks, self.oneshot_max, self.twoshot_mode)
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _mode_env(name, default, allowed):
+        v = os.environ.get(name, default).strip().lower()
+        if v not in allowed:
+            raise InvalidArgument(f"{name}={v!r}: use one of {', '.join(allowed)}")
+        return v
+
+    def _ts(self, allreduce=True):
+        """The two-shot flavour in force for an all-reduce (else a reduce-scatter): 'kernel', 'ce'
+        or 'pull' ('auto' resolved by rank count)."""
+        m = self.twoshot_mode
+        if m == "auto":
+            m = ("kernel" if allreduce else "pull") if self.size <= 2 else self.twoshot_wide
+        return m
+
+    def _cm(self):
+        """The copy flavour in force: 'ce', 'push' or 'pull'."""
+        m = self.copy_mode
+        if m == "auto":
+            m = "ce" if self.size <= 2 else self.copy_wide
+        return m
+
+    def _share(self, name, ptrs, rows):
+        """Publish our allocations `ptrs`, map every peer's, and write them into tab rows."""
+        ids = [self.registry.export(p) for p in ptrs]
+        self.comm.store.set(f"cuda/scratch/{name}/{self.rank}",
+                            struct.pack(f"<{2 * len(ids)}Q", *[v for pair in ids for v in pair]))
+        for r in range(self.size):
+            for k, row in enumerate(rows):
+                if r == self.rank:
+                    self.tab_host[row * MAXR + r] = ptrs[k]
+            if r == self.rank:
+                continue
+            raw = self.comm.store.get(f"cuda/scratch/{name}/{r}", timeout=self.timeout)
+            vals = struct.unpack(f"<{2 * len(ptrs)}Q", raw)
+            for k, row in enumerate(rows):
+                self.tab_host[row * MAXR + r] = self.registry.peer_ptr(r, vals[2 * k], vals[2 * k + 1])
+        self.rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)   # host to device
+
+    def _ensure_big(self, need: int):
+        """Two-shot scratch of at least `need` bytes per source region (collective: every rank
+        asks for the same size at the same call)."""
+        if need <= self.big_cap:
+            return
+        cap = 1 << 20
+        while cap < need:
+            cap <<= 1
+        cap = min(cap, self.scratch_max)
+        rt = self.rt
+        rt.streamSynchronize(self.stream)       # our kernels are done with the old one; peers too
+        self.raise_if_failed("growing the CUDA scratch")
+        if self.big:
+            rt.free(self.big)
+        self.big = rt.malloc(self.size * cap)
+        self.big_cap = cap
+        self._big_gen += 1
+        self._share(f"big{self._big_gen}", [self.big], [2])
+
+    # ---- stream helpers ----------------------------------------------------------------------
+    def _begin(self, caller):
+        """pyccl's stream waits for the caller's stream (and for our previous collective, when
+        that one ran on another caller stream)."""
+        rt = self.rt
+        rt.eventRecord(self._ready, caller)
+        rt.streamWaitEvent(self.stream, self._ready, 0)
+        tail = self._tail
+        if tail is not None and tail != caller and tail != self.stream:
+            rt.eventRecord(self._ready2, tail)
+            rt.streamWaitEvent(self.stream, self._ready2, 0)
+
+    def _end(self, caller, join):
+        ev = self._ev[self._ev_i % len(self._ev)]
+        self._ev_i += 1
+        self.rt.eventRecord(ev, self.stream)
+        if join:
+            self.rt.streamWaitEvent(caller, ev, 0)
+        self._last = ev
+        self._tail = caller if join else self.stream
+        return ev
+
+    def _last_event(self):
+        """An event after our latest collective (recorded now if it ran on a caller's stream)."""
+        if self._last is None and self._tail is not None:
+            ev = self._ev[self._ev_i % len(self._ev)]
+            self._ev_i += 1
+            self.rt.eventRecord(ev, self._tail)
+            self._last = ev
+        return self._last
+
+    def _next_epoch(self, what):
+        e = self._epoch = self._epoch + 1
+        self._names[e & 4095] = what
+        return e
+
+    def _what_of(self, epoch):
+        w = self._names[epoch & 4095] if epoch > self._epoch - 4096 else None
+        if isinstance(w, tuple):
+            return f"{w[0]} #{w[1]} on {self.tag} (rank {self.rank}/{self.size})"
+        return w or "an earlier collective"
+
+    def _barrier(self, what, sig, where):
+        epoch = self._next_epoch(what)
+        self._barrier_fn()(1, self.stream, (self.tab, self.rank, self.size, epoch, sig, self.status.ptr,
+                                            self._timeout_ns, where))
+
+    # ---- mailbox -----------------------------------------------------------------------------
+    def _mail(self, what, sig, ptrs, extra=()):
+        """Tell every peer which allocations (and extra integers) this call uses; returns
+        ([size] lists of peer pointers per published buffer, [size, len(extra)] extras)."""
+        self._mail_seq += 1
+        seq = self._mail_seq
+        payload = self._payload
+        payload[:] = 0
+        payload[0] = sig
+        for k, p in enumerate(ptrs):
+            if p:
+                bufid, off = self.registry.export(p)
+                payload[1 + 2 * k], payload[2 + 2 * k] = bufid, off
+        if len(extra):
+            payload[5:5 + len(extra)] = extra
+        self.mailbox.post(seq, payload)
+        table = self.mailbox.collect(seq, lambda: self._check_peers(what))
+        for r in range(self.size):
+            if table[r, 0] != sig:
+                raise InvalidArgument(f"{what}: rank {r} called a different collective, dtype, count, op or root "
+                                      f"than rank {self.rank} (CUDA exchange #{seq}); every rank must make the "
+                                      f"same call")
+        peers = []
+        for k in range(len(ptrs)):
+            row = []
+            for r in range(self.size):
+                bufid, off = int(table[r, 1 + 2 * k]), int(table[r, 2 + 2 * k])
+                if r == self.rank:
+                    row.append(ptrs[k])
+                elif bufid:
+                    row.append(self.registry.peer_ptr(r, bufid, off))
+                else:
+                    row.append(0)
+            peers.append(row)
+        return peers, table[:, 5:]
+
+    def _drain(self):
+        self.rt.streamSynchronize(self.stream)
+
+    # ---- health ------------------------------------------------------------------------------
+    def _check_peers(self, what):
+        dead = self.watch.dead()
+        if dead:
+            self._abort_reason = ", ".join(f"rank {r} (pid {p}) exited" for r, p in dead)
+            self.status.abort()
+            raise PeerFailure(f"{what}: {self._abort_reason}")
+
+    def raise_if_failed(self, what):
+        if self._closed:
+            raise PycclError(f"{what}: the CUDA state of {self.tag} is closed")
+        if self.status.words[1] == 0:
+            if self._abort_reason is not None:
+                raise PeerFailure(f"{what}: {self._abort_reason}")
+            return
+        code, epoch, peer, where = self.status.describe()
+        op = self._what_of(epoch)
+        place = _WHERE.get(where, f"step {where}")
+        if code == 3:
+            raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}) found rank {peer} making a "
+                                  f"different call (other op, dtype, count or root) in the {place}")
+        if code == 1:
+            raise Timeout(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}) waited {self.timeout:.0f}s for rank "
+                          f"{peer} in the {place} (epoch {epoch})")
+        reason = self._abort_reason or "aborted"
+        raise PeerFailure(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}) stopped waiting for rank {peer} in "
+                          f"the {place}: {reason}")
+
+    def synchronize(self, what, event=None, timeout=None):
+        """Block the host until `event` (default: the last call) is done, at most `timeout`
+        (default: the communicator's) seconds; raise the collective's error if it had one."""
+        ev = event if event is not None else self._last_event()
+        if ev is None:
+            self.raise_if_failed(what)
+            return
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        pause = 0.00002
+        while self.rt.eventQuery(ev) != 0:
+            if self.status.words[1] != 0 or self._abort_reason is not None:
+                break
+            if time.monotonic() > deadline:
+                self.raise_if_failed(what)
+                raise Timeout(f"{what}: not finished on cuda:{self.dev} within {limit:g}s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+        self.raise_if_failed(what)
+
+    def _watchdog(self):
+        while not self._stop.wait(0.05):
+            if self._abort_reason is None:
+                dead = self.watch.dead()
+                if dead:
+                    self._abort_reason = ", ".join(f"rank {r} (pid {p}) exited" for r, p in dead)
+                    log.error("pyccl %s rank %d: %s; aborting pending CUDA collectives", self.tag, self.rank,
+                              self._abort_reason)
+                    self.status.abort()
+            st = self.status
+            if st.words is not None and st.words[1] != 0 and st.words[0] == 0:
+                st.abort()                        # one failure: let every later kernel give up at once
+
+    def abort(self):
+        if self._abort_reason is None:
+            self._abort_reason = "the communicator was aborted"
+        if self.status.words is not None:
+            self.status.abort()
+
+    def close(self):
+        if self._closed:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        rt = self.rt
+        try:
+            with self._device:
+                try:
+                    self.synchronize("close")
+                except PycclError:
+                    pass
+                self.registry.close()
+                for p in (self.flags, self.small, self.big, self.tab):
+                    if p:
+                        rt.free(p)
+                for ev in self._ev + self._joins + [self._ready, self._ready2, self._fork]:
+                    rt.eventDestroy(ev)
+        finally:
+            self.mailbox.close()
+            self.status.close()
+            self._closed = True
+
+    def _tmp(self, nbytes):
+        cur = getattr(self, "_tmp_buf", None)
+        if cur is None or cur[1] < nbytes:
+            if cur is not None:
+                self.rt.streamSynchronize(self.stream)
+                self.rt.free(cur[0])
+            cur = self._tmp_buf = (self.rt.malloc(max(nbytes, 1 << 20)), max(nbytes, 1 << 20))
+        return cur[0]
+
+    def _empty(self, caller, join):
+        self._begin(caller)
+        return self._end(caller, join)
+
+    def _after(self, tail, stream):
+        """`stream` waits for everything queued so far on `tail` (our previous collective)."""
+        self.rt.eventRecord(self._ready2, tail)
+        self.rt.streamWaitEvent(stream, self._ready2, 0)
