@@ -8,7 +8,8 @@
 //   [OFF_FS]      [MAXB][MAXR][epoch, sig]                         pull two-shot, at the start
 // A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
 // release store) and *polls* its own (acquire loads), so a dead peer only ever means a
-// flag that does not move. Epochs grow by one per use on every rank alike; a wait is over
+// flag that does not move. Epochs grow by one per use on every rank alike (kept on the device,
+// see epoch_begin); a wait is over
 // when the flag reaches the epoch. The sig (op, dtype, count, root) must match, else the
 // call was mismatched. Every wait is bounded: after timeout_ns, or when the host sets
 // status[0] (abort), the kernel writes the reason into status (host-mapped memory) and
@@ -123,6 +124,31 @@ __device__ __forceinline__ bool exchange_flags(const u64* tab, i64 off, int rank
   return true;
 }
 
+// ---- the epoch, kept on the device ------------------------------------------------------------
+// ectr[0] is the epoch of this rank's latest collective, ectr[1] counts the blocks of the
+// running kernel that are done. Every kernel that synchronises with its peers takes ectr (not
+// an epoch value): all its blocks read ectr[0] + 1 at the start, and the last block to finish
+// publishes it. So a kernel replayed from a CUDA graph gets a new epoch on every replay, as an
+// eagerly launched one does, and the host needs no per-call state. Kernels of one rank run one
+// after another (one stream order), so the next kernel reads the published value.
+__device__ __forceinline__ u64 epoch_begin(const u64* ectr) {
+  __shared__ u64 e;
+  if (threadIdx.x == 0) e = *(volatile const u64*)ectr + 1;
+  __syncthreads();
+  return e;
+}
+__device__ __forceinline__ void epoch_end(u64* ectr, u64 epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(ectr + 1, 1ULL) == (u64)(gridDim.x - 1)) {
+      ectr[1] = 0;
+      __threadfence();
+      *(volatile u64*)ectr = epoch;
+    }
+  }
+}
+
 // ---- element types ----------------------------------------------------------------------------
 template <typename T> struct Acc {
   typedef T A;
@@ -217,13 +243,14 @@ __device__ __forceinline__ void share(i64 npk, i64& p0, i64& p1) {
 // is needed: a rank reuses slot s (epoch e + 2k) only after the collective of epoch e + 1
 // (whatever it was) waited for every peer to reach e + 1, i.e. to have finished epoch e
 // (each rank runs its collectives one after another on the GPU). The slot comes from the
-// epoch so that the host changes one kernel parameter per call (cuda_collectives._Prepared).
+// epoch, which the kernel reads on the device, so a call changes no kernel parameter.
 template <typename T, int OP, int N>
 __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, const u64* tab, i64 cap_bytes,
-                                              int rank, int nranks, u64 epoch, u64 sig, i64* status,
+                                              int rank, int nranks, u64* ectr, u64 sig, i64* status,
                                               u64 timeout_ns, int avg_n) {
   typedef Pack<T, N> P;
   __shared__ int fail;
+  const u64 epoch = epoch_begin(ectr);
   const int slot = (int)(epoch & 1);
   if (threadIdx.x == 0) fail = 0;
   const i64 npk = count / N;
@@ -252,7 +279,10 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
   const i64 flag_off = OFF_ONESHOT + (i64)slot * MAXB * MAXR * 2;
   if (!exchange_flags(tab, flag_off, rank, nranks, epoch, sig, status, timeout_ns, 1)) fail = 1;
   __syncthreads();
-  if (fail) return;
+  if (fail) {
+    epoch_end(ectr, epoch);
+    return;
+  }
   const char* mine = (const char*)tab[MAXR + rank] + slot_off;
   for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x) {
     typename Acc<T>::A acc[N];
@@ -275,6 +305,7 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
       }
       out[e] = finish<T>(acc[0], avg_n);
     }
+  epoch_end(ectr, epoch);
 }
 
 // ---- two-shot: reduce-scatter (+ all-gather) in one kernel -----------------------------------
@@ -288,10 +319,11 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
 template <typename T, int OP, int N>
 __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_len, i64 total, T* out,
                                               const u64* tab, i64 cap_bytes, u64 d0, u64 d1, u64 d2, u64 d3,
-                                              u64 d4, u64 d5, u64 d6, u64 d7, int rank, int nranks, u64 epoch,
+                                              u64 d4, u64 d5, u64 d6, u64 d7, int rank, int nranks, u64* ectr,
                                               u64 sig, i64* status, u64 timeout_ns, int avg_n) {
   typedef Pack<T, N> P;
   __shared__ int fail;
+  const u64 epoch = epoch_begin(ectr);
   if (threadIdx.x == 0) fail = 0;
   const u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
   const i64 npk_seg = seg_len / N;
@@ -316,7 +348,10 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
   __syncthreads();
   if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
   __syncthreads();
-  if (fail) return;
+  if (fail) {
+    epoch_end(ectr, epoch);
+    return;
+  }
   // (B)
   {
     i64 len = total - rank * stride;
@@ -358,6 +393,7 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
   // (C)
   __syncthreads();
   exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3);
+  epoch_end(ectr, epoch);
 }
 
 // ---- pull two-shot: every rank reads its segment from the peers' buffers (no scratch) -----------
@@ -374,11 +410,12 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
 template <typename T, int OP, int N>
 __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64 total, T* out, const u64* tab,
                                                    u64 b0, u64 b1, u64 b2, u64 b3, u64 b4, u64 b5, u64 b6,
-                                                   u64 b7, int rank, int nranks, int gather, u64 epoch, u64 sig,
+                                                   u64 b7, int rank, int nranks, int gather, u64* ectr, u64 sig,
                                                    i64* status, u64 timeout_ns, int avg_n) {
   typedef Pack<T, N> P;
   constexpr int U = 2, UA = 1;     // packs per thread in flight per source: gather, reduce
   __shared__ int fail;
+  const u64 epoch = epoch_begin(ectr);
   if (threadIdx.x == 0) fail = 0;
   const u64 bb[MAXR] = {b0, b1, b2, b3, b4, b5, b6, b7};
   const i64 npk_seg = seg_len / N;
@@ -390,7 +427,10 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
   __syncthreads();
   if (!exchange_flags(tab, OFF_FS, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
   __syncthreads();
-  if (fail) return;
+  if (fail) {
+    epoch_end(ectr, epoch);
+    return;
+  }
   // (A)
   {
     i64 len = total - rank * stride;
@@ -436,7 +476,10 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
     __syncthreads();
     if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 2)) fail = 1;
     __syncthreads();
-    if (fail) return;
+    if (fail) {
+      epoch_end(ectr, epoch);
+      return;
+    }
     // (B): U packs from every peer in flight at once
     T* own = (T*)bb[rank];
     for (i64 i = p0 + threadIdx.x; i < p1; i += (i64)U * bd) {
@@ -476,6 +519,7 @@ __global__ void __launch_bounds__(512) twoshot_pull(i64 stride, i64 seg_len, i64
   // (E)
   __syncthreads();
   exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3);
+  epoch_end(ectr, epoch);
 }
 
 // ---- SM copies (copy collectives on more than two GPUs) ---------------------------------------
@@ -552,12 +596,14 @@ __global__ void __launch_bounds__(512) reduce_n(T* out, i64 count, u64 s0, u64 s
 }
 
 // ---- stream barrier across the ranks (orders copy-engine work between processes) --------------
-extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64 epoch, u64 sig, i64* status,
+extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64* ectr, u64 sig, i64* status,
                                    u64 timeout_ns, int where) {
   const int t = threadIdx.x;
+  const u64 epoch = epoch_begin(ectr);
   if (t < nranks && t != rank) {
     __threadfence_system();
     signal((u64*)tab[t] + OFF_BAR, 0, rank, epoch, sig);
     wait_flag((const u64*)tab[rank] + OFF_BAR + t * 2, epoch, sig, status, timeout_ns, t, where);
   }
+  epoch_end(ectr, epoch);
 }

@@ -633,3 +633,96 @@ def test_torch_peer_sigkilled_during_all_reduce():
     assert val[1] < 15, val
     assert "rank 1" in val[2] and "all_reduce" in val[2], val
     assert val[3] == 8.0, val
+
+
+# ---- CUDA-graph capture ---------------------------------------------------------------------------
+def _graph_cases(dist, dev, rank, size):
+    """(name, set inputs for replay k, the call, the expected output for replay k, the output)."""
+    S = size * (size + 1) // 2                     # sum over ranks of (rank + 1)
+    small, big = 4099, 3 << 20                      # one-shot (fast lane); two-shot (12 MiB)
+    cases = []
+    for name, n in (("all_reduce one-shot", small), ("all_reduce two-shot", big)):
+        ar = (torch.arange(n, device=dev) % 97).float()
+        x = torch.empty(n, device=dev)
+        cases.append((name, lambda k, x=x, ar=ar: x.copy_(ar * (rank + 1) + k),
+                      lambda x=x: dist.all_reduce(x), lambda k, ar=ar: ar * S + size * k, x))
+    n = 1031
+    ar = (torch.arange(n * size, device=dev) % 89).float()
+    inp, out = torch.empty(n, device=dev), torch.empty(n * size, device=dev)
+    cases.append(("all_gather_into_tensor", lambda k: inp.copy_(ar[:n] * (rank + 1) + k),
+                  lambda: dist.all_gather_into_tensor(out, inp),
+                  lambda k: torch.cat([ar[:n] * (r + 1) + k for r in range(size)]), out))
+    inp2, out2 = torch.empty(n * size, device=dev), torch.empty(n, device=dev)
+    cases.append(("reduce_scatter_tensor", lambda k: inp2.copy_(ar * (rank + 1) + k),
+                  lambda: dist.reduce_scatter_tensor(out2, inp2),
+                  lambda k: ar[rank * n:(rank + 1) * n] * S + size * k, out2))
+    b = torch.empty(n, device=dev)
+    cases.append(("broadcast", lambda k: b.copy_(ar[:n] + k) if rank == 0 else b.fill_(-1),
+                  lambda: dist.broadcast(b, 0), lambda k: ar[:n] + k, b))
+    inp3, out3 = torch.empty(n * size, device=dev), torch.empty(n * size, device=dev)
+    cases.append(("all_to_all_single", lambda k: inp3.copy_(ar * (rank + 1) + k),
+                  lambda: dist.all_to_all_single(out3, inp3),
+                  lambda k: torch.cat([ar[rank * n:(rank + 1) * n] * (r + 1) + k for r in range(size)]), out3))
+    return cases
+
+
+def scenario_cuda_graph_capture(rank, size, port, replays=100):
+    dist, dev = _torch_init(rank, size, port)
+    res = {}
+    graphs = {}
+    for name, prep, call, want, out in _graph_cases(dist, dev, rank, size):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):              # warm-up on a side stream, as torch asks
+            for k in range(3):
+                prep(k)
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        res[f"{name}: eager warm-up"] = torch.equal(out, want(2))
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                call()
+        except Exception as e:  # noqa: BLE001 - reported as the result
+            res[f"{name}: capture"] = f"{type(e).__name__}: {e}"
+            continue
+        wrong = []
+        for k in range(replays):                     # new input values before every replay
+            prep(1000 + k)
+            g.replay()
+            if not torch.equal(out, want(1000 + k)):
+                wrong.append(k)
+        res[f"{name}: {replays} replays"] = not wrong or f"wrong after replays {wrong[:10]}"
+        prep(7)                                      # eager again after the replays (epochs agree)
+        call()
+        res[f"{name}: eager after replays"] = torch.equal(out, want(7))
+        graphs[name] = g
+    # a replay whose peer replays another call: the kernels find the mismatch, and the next
+    # host call on the group raises it
+    x = torch.ones(4096 if rank == 0 else 4092, device=dev)     # (the kernel is compiled already)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dist.all_reduce(x)
+    g.replay()
+    torch.cuda.synchronize()
+    try:
+        dist.all_reduce(torch.ones(16, device=dev))
+        torch.cuda.synchronize()
+        res["replay error surfaces on the next call"] = "no error raised"
+    except PycclError as e:
+        res["replay error surfaces on the next call"] = isinstance(e, InvalidArgument) and \
+            "different call" in str(e) or repr(e)
+    return res
+
+
+def test_cuda_graph_capture_and_replay():
+    """Every collective the torch backend runs on CUDA: captured in a CUDA graph after a warm-up
+    on a side stream, replayed 100 times with new inputs, compared with the expected result."""
+    out = _run_spawned("scenario_cuda_graph_capture", timeout=300)
+    for r in range(2):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        bad = {k: v for k, v in val.items() if v is not True}
+        assert not bad, bad

@@ -1,7 +1,9 @@
 """Kernels and their launch: compiling ccl/cuda_kernels.cu once per (kind, dtype, op, vector
 width) with NVRTC through ``cupy.RawModule``, the parameter block of each kernel
 (``_PARAMS``, see cuda_ipc.KernelParams), prepared launches whose only per-call change is the
-epoch, the barrier kernel and the SM copy kernel."""
+epoch, the barrier kernel and the SM copy kernel. The kernels read the epoch from a counter in
+device memory (``CudaState.ectr``, see epoch_begin in the .cu), so a prepared launch changes no
+parameter between calls and a launch captured in a CUDA graph replays correctly."""
 import os
 
 from ..dtypes import AVG, MAX, MIN, PROD, SUM
@@ -39,14 +41,13 @@ class _Kernel:
 
 
 class _Prepared:
-    """One launch of a kernel with fixed arguments except one (the epoch), kept between calls."""
-    __slots__ = ("fn", "grid", "params", "epoch", "address", "launch")
+    """One launch of a kernel with fixed arguments, kept between calls (the epoch is on the device)."""
+    __slots__ = ("fn", "grid", "params", "address", "launch")
 
-    def __init__(self, fn, grid, types, args, epoch_index):
+    def __init__(self, fn, grid, types, args):
         from pyccl.transports import cuda_ipc
         self.fn, self.grid = fn, grid
         self.params = cuda_ipc.KernelParams(types, args)
-        self.epoch = self.params.vals[epoch_index]
         self.address = self.params.address
         self.launch = cuda_ipc.launcher()
 

@@ -16,7 +16,8 @@ class TorchLaneMixin:
         (too big, dtype or op without a native kernel, another device, the communicator busy):
         the caller then takes the general path. Everything that does not change between calls
         with the same (pointer, count, dtype, op) is computed once and cached; per call the
-        host reads the error word, bumps the epoch and launches one kernel."""
+        host reads the error word, counts the call (for error messages) and launches one kernel;
+the epoch advances on the device (capture-safe)."""
         import torch
         get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
             (lambda d: torch.cuda.current_stream(d).cuda_stream)
@@ -48,14 +49,13 @@ class TorchLaneMixin:
             comm._seq += 1
             e = self._epoch = self._epoch + 1
             names[e & 4095] = ("all_reduce", comm._seq)
-            p.epoch.value = e
             if async_op:
                 self._begin(caller)
                 p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
                 return self._end(caller, False)
             tail = self._tail
             if tail != caller:
-                if tail is not None:
+                if tail is not None and not self._capturing(caller):
                     self._after(tail, caller)
                 self._tail = caller
             self._last = None

@@ -55,13 +55,12 @@ class ReductionsMixin:
 
     def _oneshot_body(self, what, sig, v, dtype, op, stream=None):
         p = self._prepare_oneshot(v.ptr, v.ptr, v.size, v.itemsize, dtype, op, sig)
-        e = self._next_epoch(what)
-        p.epoch.value = e
+        self._next_epoch(what)
         p.launch(p.fn, p.grid, THREADS, self.stream if stream is None else stream, p.address)
 
     def _prepare_oneshot(self, inp, out, count, itemsize, dtype, op, sig):
         """The one-shot launch of (in, out, count, dtype, op), kernel parameters filled in
-        once; a call then only writes the epoch and launches."""
+        once; a call then only launches it."""
         key = (inp, out, count, dtype, op, sig)
         p = self._prepared.get(key)
         if p is None:
@@ -71,8 +70,8 @@ class ReductionsMixin:
             grid = min(self.max_blocks, -(-(count // n) // THREADS)) or 1
             avg = self.size if op is AVG else 0
             p = _Prepared(fn.ptr, grid, _PARAMS["oneshot"],
-                          (inp, out, count, self.tab, self.small_cap, self.rank, self.size, 0, sig,
-                           self.status.ptr, self._timeout_ns, avg), 7)
+                          (inp, out, count, self.tab, self.small_cap, self.rank, self.size, self.ectr, sig,
+                           self.status.ptr, self._timeout_ns, avg))
             if len(self._prepared) >= 1024:
                 self._prepared.clear()
             self._prepared[key] = p
@@ -129,10 +128,10 @@ class ReductionsMixin:
                                  avg, vec)
             else:
                 fn = self._kernel("twoshot", dtype, opcode, vec)
-                epoch = self._next_epoch(what)
+                self._next_epoch(what)
                 grid = self._blocks(chunk // vec)
                 fn(grid, self.stream, (base_in, stride, chunk, total, my_out, self.tab, self.big_cap,
-                                       *dst, *[0] * (MAXR - size), rank, size, epoch, sig, self.status.ptr,
+                                       *dst, *[0] * (MAXR - size), rank, size, self.ectr, sig, self.status.ptr,
                                        self._timeout_ns, avg))
             start += chunk
 
@@ -153,10 +152,10 @@ class ReductionsMixin:
         vec = self._vec(itemsize, my_out, seg * itemsize, *bases)
         opcode = self._opcode(dtype, op)
         fn = self._kernel("twoshot_pull", dtype, opcode, vec)
-        epoch = self._next_epoch(what)
+        self._next_epoch(what)
         grid = self._blocks(seg // vec)
         fn(grid, self.stream, (seg, seg, total, my_out, self.tab, *bases, *[0] * (MAXR - size), rank, size,
-                               1 if allgather else 0, epoch, sig, self.status.ptr, self._timeout_ns,
+                               1 if allgather else 0, self.ectr, sig, self.status.ptr, self._timeout_ns,
                                size if op is AVG else 0))
 
     def _twoshot_ce(self, what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode, avg, vec):

@@ -88,6 +88,10 @@ class CudaState:
             self.status = cuda_ipc.HostStatus()
             self.flags = rt.malloc(FLAG_WORDS * 8)
             rt.memset(self.flags, 0, FLAG_WORDS * 8)
+            # the epoch of our latest collective and the running kernel's done-block count,
+            # advanced by the kernels themselves (epoch_begin/epoch_end in the .cu)
+            self.ectr = rt.malloc(16)
+            rt.memset(self.ectr, 0, 16)
             self.small_cap = max(_env_int("PYCCL_CUDA_ONESHOT_CAP", 8 << 20), self.oneshot_max, 4096)
             self.small_cap = (self.small_cap + 255) & ~255
             self.small = rt.malloc(2 * self.size * self.small_cap)
@@ -176,7 +180,7 @@ class CudaState:
         rt.eventRecord(self._ready, caller)
         rt.streamWaitEvent(self.stream, self._ready, 0)
         tail = self._tail
-        if tail is not None and tail != caller and tail != self.stream:
+        if tail is not None and tail != caller and tail != self.stream and not self._capturing(caller):
             rt.eventRecord(self._ready2, tail)
             rt.streamWaitEvent(self.stream, self._ready2, 0)
 
@@ -186,9 +190,20 @@ class CudaState:
         self.rt.eventRecord(ev, self.stream)
         if join:
             self.rt.streamWaitEvent(caller, ev, 0)
-        self._last = ev
+        # an event recorded into a CUDA graph capture is no host-queryable event afterwards
+        self._last = ev if not self._capturing(caller) else None
         self._tail = caller if join else self.stream
         return ev
+
+    def _capturing(self, stream):
+        """Whether `stream` is being captured into a CUDA graph. Then its collective must not
+        wait for work outside the capture (a capture cannot depend on it; torch.cuda.graph
+        synchronises the device before it captures, so that order holds anyway)."""
+        try:
+            return self.rt.streamIsCapturing(stream) != 0
+        except AttributeError:                   # older cupy: ask torch about its current stream
+            import torch
+            return torch.cuda.is_current_stream_capturing()
 
     def _last_event(self):
         """An event after our latest collective (recorded now if it ran on a caller's stream)."""
@@ -205,14 +220,16 @@ class CudaState:
         return e
 
     def _what_of(self, epoch):
+        if epoch > self._epoch:          # the device counts replays of captured collectives too
+            return "a collective replayed from a CUDA graph (or one after it)"
         w = self._names[epoch & 4095] if epoch > self._epoch - 4096 else None
         if isinstance(w, tuple):
             return f"{w[0]} #{w[1]} on {self.tag} (rank {self.rank}/{self.size})"
         return w or "an earlier collective"
 
     def _barrier(self, what, sig, where):
-        epoch = self._next_epoch(what)
-        self._barrier_fn()(1, self.stream, (self.tab, self.rank, self.size, epoch, sig, self.status.ptr,
+        self._next_epoch(what)
+        self._barrier_fn()(1, self.stream, (self.tab, self.rank, self.size, self.ectr, sig, self.status.ptr,
                                             self._timeout_ns, where))
 
     # ---- mailbox -----------------------------------------------------------------------------
@@ -334,7 +351,7 @@ class CudaState:
                 except PycclError:
                     pass
                 self.registry.close()
-                for p in (self.flags, self.small, self.big, self.tab):
+                for p in (self.flags, self.ectr, self.small, self.big, self.tab):
                     if p:
                         rt.free(p)
                 for ev in self._ev + self._joins + [self._ready, self._ready2, self._fork]:
