@@ -45,6 +45,13 @@ the host until done (at most s seconds) and raises the collective's error, if an
 NCCL). The host never waits for the GPU, except in that bounded wait and when
 ``PYCCL_CUDA_SYNC=1`` (every call blocks until done and raises at once: for debugging).
 
+CUDA graphs: every kernel that synchronises with the peers reads its epoch from a counter in
+device memory and the last of its blocks advances it, so a captured collective replays with a
+fresh epoch each time and the host keeps no per-call state a replay would skip. A call on a
+stream being captured does not wait for pyccl's earlier work outside the capture, and keeps no
+captured event as its host-visible end. The host mailbox exchange (below) happens at capture
+time only; replays reuse the peers' buffers named then (the graph's buffers are fixed).
+
 User buffers: collectives that write into a peer's buffer (all-gather, all-to-all,
 broadcast, gather, scatter, two-shot all-reduce) tell their peers which allocation to use
 through a small host mailbox (one exchange per call, /dev/shm); each allocation's IPC

@@ -142,6 +142,16 @@ CUDA tensors (ranks of one host, one GPU each; ccl/cuda_collectives/ does the wo
   device-side buffer pool per peer; the staged path keeps them all and costs two PCIe copies,
   which is small next to a pipeline stage's compute. A one-host IPC path is future work.
 * Sparse CUDA tensors are not supported (InvalidArgument).
+* CUDA graphs: every synchronous collective on CUDA tensors can be captured
+  (``with torch.cuda.graph(g): dist.all_reduce(t)``) after a warm-up on a side stream (torch's
+  recipe: the warm-up compiles the kernels, grows the scratch and maps the peers' buffers), and
+  replayed with new values in the same tensors. Each replay synchronises the GPUs again on the
+  device (the epoch is a counter in device memory), with no host work; a replay's error
+  (mismatched peer, timeout, dead peer) is raised by the next host call on the group. Every rank
+  must capture and replay the same collectives in the same order, as with NCCL. Tensors
+  allocated inside the capture are not supported (their IPC export would run during capture).
+* CPU tensors are viewed through DLPack, not ``Tensor.numpy()`` (which in torch 2.13 marks the
+  storage non-resizable for good): ``resize_`` still works after any call (FSDP relies on it).
 """
 from __future__ import annotations
 
