@@ -20,6 +20,7 @@ import numpy as np
 
 from . import env as _env
 from .buffers import as_buffer, same_dtype
+from .cuda_buffers import is_cuda
 from .dtypes import AVG, SUM, as_op, check_op_dtype, dtype_name
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .executor import Executor
@@ -474,6 +475,8 @@ class Communicator:
         o = as_buffer(out, "all_to_all: output", writable=True)
         i = as_buffer(inp, "all_to_all: input")
         same_dtype(o, i, "all_to_all")
+        if is_cuda(in_splits) or is_cuda(out_splits):      # counts on the GPU: no device-to-host copy
+            return self._cuda("all_to_all_dev", async_op, _sig(i), o, i, out_splits, in_splits)
         in_splits = self._splits_of(in_splits, i.count, "input", "in_splits")
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
         if o.device != "cpu" or i.device != "cpu":

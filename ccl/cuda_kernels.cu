@@ -6,6 +6,8 @@
 //   [OFF_FE]      [MAXB][MAXR][epoch, sig]                         two-shot, at the end
 //   [OFF_BAR]     [MAXR][epoch, sig]                               stream barrier
 //   [OFF_FS]      [MAXB][MAXR][epoch, sig]                         pull two-shot, at the start
+//   [OFF_SPL]     [2 slots][MAXR ranks][MAXR + 2]                  all-to-all with device splits:
+//                 each rank's row (what it sends to every rank, its input and output capacity)
 // A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
 // release store) and *polls* its own (acquire loads), so a dead peer only ever means a
 // flag that does not move. Epochs grow by one per use on every rank alike (kept on the device,
@@ -31,6 +33,8 @@ typedef long long i64;
 #define OFF_FE (OFF_FA + MAXB * MAXR * 2)
 #define OFF_BAR (OFF_FE + MAXB * MAXR * 2)
 #define OFF_FS (OFF_BAR + MAXR * 2 + 16)
+#define OFF_SPL (OFF_FS + MAXB * MAXR * 2)
+#define SPL_ROW (MAXR + 2)
 
 __device__ __forceinline__ u64 gtime() {
   u64 t;
@@ -605,5 +609,95 @@ extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64* ec
     signal((u64*)tab[t] + OFF_BAR, 0, rank, epoch, sig);
     wait_flag((const u64*)tab[rank] + OFF_BAR + t * 2, epoch, sig, status, timeout_ns, t, where);
   }
+  epoch_end(ectr, epoch);
+}
+
+// ---- all-to-all whose split sizes are in device memory (MoE dispatch without a host sync) ------
+// in_splits[r] (int64 elements, this GPU): what this rank sends to rank r; out_splits (or 0):
+// what it expects from every rank, checked. (R) every block writes this rank's row (splits, input
+// and output capacity) into slot epoch & 1 of every rank's table (OFF_SPL), then signals; after
+// the wait every rank holds every row, so each computes the same offsets and finds the same
+// inconsistency, if any (then every rank reports a mismatch and no byte moves). Two slots: a
+// rank's table slot is rewritten two collectives later, when every peer is past reading it (the
+// same argument as the one-shot's scratch slots). (C) each rank pushes its piece for rank r to
+// out[r] (rank r's output as mapped here) at the sum of what lower ranks send to r. (E) closing
+// flags: the output is complete on return, and buffers and table may be reused.
+extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, const i64* in_splits, const i64* out_splits,
+                                                           i64 in_cap, i64 out_cap, i64 item, const u64* tab,
+                                                           u64 o0, u64 o1, u64 o2, u64 o3, u64 o4, u64 o5, u64 o6,
+                                                           u64 o7, int rank, int nranks, u64* ectr, u64 sig,
+                                                           i64* status, u64 timeout_ns) {
+  __shared__ int fail;
+  __shared__ i64 src_off[MAXR], dst_off[MAXR], cnt[MAXR];
+  const u64 epoch = epoch_begin(ectr);
+  const u64 oo[MAXR] = {o0, o1, o2, o3, o4, o5, o6, o7};
+  const i64 slot_off = OFF_SPL + (i64)(epoch & 1) * MAXR * SPL_ROW;
+  if (threadIdx.x == 0) {
+    fail = 0;
+    for (int t = 0; t < nranks; t++) {
+      i64* row = (i64*)tab[t] + slot_off + rank * SPL_ROW;
+      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + j, (u64)in_splits[j]);
+      st_relaxed((u64*)row + MAXR, (u64)in_cap);
+      st_relaxed((u64*)row + MAXR + 1, (u64)out_cap);
+    }
+  }
+  __syncthreads();
+  if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 6)) fail = 1;
+  __syncthreads();
+  if (threadIdx.x == 0 && !fail) {
+    const i64* T = (const i64*)tab[rank] + slot_off;          // T[q * SPL_ROW + r]: q sends to r
+    int bad = -1;
+    for (int q = 0; q < nranks && bad < 0; q++) {
+      i64 sent = 0, got = 0;
+      for (int r = 0; r < nranks; r++) {
+        const i64 v = (i64)ld_relaxed((const u64*)T + q * SPL_ROW + r);
+        if (v < 0) bad = q;
+        sent += v;
+        got += (i64)ld_relaxed((const u64*)T + r * SPL_ROW + q);
+      }
+      if (sent > (i64)ld_relaxed((const u64*)T + q * SPL_ROW + MAXR) ||
+          got > (i64)ld_relaxed((const u64*)T + q * SPL_ROW + MAXR + 1))
+        bad = q;                                                // q sends more than it has or gets more than fits
+    }
+    if (bad < 0 && out_splits)
+      for (int q = 0; q < nranks; q++)
+        if ((i64)ld_relaxed((const u64*)T + q * SPL_ROW + rank) != out_splits[q]) bad = q;
+    if (bad >= 0) {
+      report(status, 3, epoch, bad, 6);
+      fail = 1;
+    } else {
+      i64 so = 0;
+      for (int r = 0; r < nranks; r++) {
+        i64 d = 0;
+        for (int q = 0; q < rank; q++) d += (i64)ld_relaxed((const u64*)T + q * SPL_ROW + r);
+        cnt[r] = (i64)ld_relaxed((const u64*)T + rank * SPL_ROW + r) * item;
+        src_off[r] = so * item;
+        dst_off[r] = d * item;
+        so += cnt[r] / item;
+      }
+    }
+  }
+  __syncthreads();
+  if (!fail) {
+    for (int r = 0; r < nranks; r++) {
+      const char* src = in + src_off[r];
+      char* dst = (char*)oo[r] + dst_off[r];
+      const i64 n = cnt[r];
+      i64 p0, p1;
+      if ((((u64)src | (u64)dst) & 15) == 0) {
+        const i64 npk = n / 16;
+        share(npk, p0, p1);
+        for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x)
+          reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+        if (blockIdx.x == gridDim.x - 1)
+          for (i64 e = npk * 16 + threadIdx.x; e < n; e += blockDim.x) dst[e] = src[e];
+      } else {
+        share(n, p0, p1);
+        for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x) dst[i] = src[i];
+      }
+    }
+  }
+  __syncthreads();
+  exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 7);
   epoch_end(ectr, epoch);
 }

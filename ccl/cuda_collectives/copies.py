@@ -4,6 +4,7 @@ one stream per peer, or one SM kernel that pushes or pulls), and a closing barri
 import numpy as np
 
 from ..errors import InvalidArgument
+from .kernels import MAXR
 
 
 class CopiesMixin:
@@ -146,3 +147,47 @@ class CopiesMixin:
                 src = inp.array.ptr
                 return [(r, peers[0][r], src + r * nb, nb) for r in range(self.size)]
             return self._copy_collective(what, caller, join, sig, [o.ptr], (), plan)
+
+    def all_to_all_dev(self, what, caller, join, sig, out, inp, out_splits, in_splits):
+        """all_to_all whose split sizes (int64 element counts, one per rank) are CUDA tensors on
+        this GPU (MoE: the router counts on the GPU): one kernel reads them, exchanges them
+        through the peers' flag memory and pushes the pieces, so the host never waits for the
+        GPU. `out_splits` may be None (the output then only has to be large enough); given, it
+        is checked against what the peers send. The output's bytes past what arrives are left
+        as they were. The peers' output buffers are named through the mailbox (host, at call
+        time; once per capture under a CUDA graph)."""
+        import torch
+        self.raise_if_failed(what)
+        o, i = out.array, inp.array
+        ins = self._split_tensor(in_splits, what, "in_splits")
+        outs = self._split_tensor(out_splits, what, "out_splits") if out_splits is not None else None
+        with self._device:
+            peers, _ = self._mail(what, sig, [o.ptr])
+            self._begin(caller)
+            self._barrier_fn()
+            fn = self._mods["alltoallv"]
+            self._next_epoch(what)
+            outp = [int(p) for p in peers[0]] + [0] * (MAXR - self.size)
+            fn(min(self.max_blocks, 32), self.stream,
+               (i.ptr, ins.data_ptr(), outs.data_ptr() if outs is not None else 0, i.size, o.size, i.itemsize,
+                self.tab, *outp, self.rank, self.size, self.ectr, sig, self.status.ptr, self._timeout_ns))
+            # the split tensors must not be recycled by torch before pyccl's stream has read them
+            # (under capture they belong to the graph's pool and live as long as the graph)
+            if not self._capturing(caller):
+                stream = torch.cuda.ExternalStream(self.stream, device=torch.device("cuda", self.dev))
+                for t in (ins, outs):
+                    if t is not None:
+                        t.record_stream(stream)
+            return self._end(caller, join)
+
+    def _split_tensor(self, t, what, name):
+        import torch
+        if not isinstance(t, torch.Tensor) or not t.is_cuda or t.get_device() != self.dev:
+            raise InvalidArgument(f"{what}: {name} must be a CUDA tensor on cuda:{self.dev} (or a list), got "
+                                  f"{type(t).__name__}{' on ' + str(t.device) if isinstance(t, torch.Tensor) else ''}")
+        if t.numel() != self.size or t.dim() != 1:
+            raise InvalidArgument(f"{what}: {name} must hold {self.size} counts (one per rank), got shape "
+                                  f"{tuple(t.shape)}")
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            t = t.to(torch.int64).contiguous()        # on the device, stream-ordered: no host sync
+        return t

@@ -11,7 +11,8 @@ from ..errors import PycclError
 
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
-FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAXB * MAXR * 2   # see the .cu
+FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAXB * MAXR * 2 + \
+    2 * MAXR * (MAXR + 2)                                      # see the .cu (OFF_SPL: split tables)
 THREADS = 512
 _CU = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cuda_kernels.cu")
 
@@ -23,7 +24,8 @@ _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
 #: parameter letters of each kernel (see cuda_ipc.KernelLauncher)
 _PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ssuuuus",
            "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus",
-           "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s"}
+           "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s",
+           "alltoallv": "uuuiiiu" + "u" * MAXR + "ssuuuu"}
 
 
 class _Kernel:
@@ -77,6 +79,7 @@ class KernelsMixin:
                 if "barrier" not in self._mods:
                     self._mods["barrier"] = self._launcher("barrier", mod.get_function("barrier"))
                     self._mods["copy_n"] = self._launcher("copy_n", mod.get_function("copy_n"))
+                    self._mods["alltoallv"] = self._launcher("alltoallv", mod.get_function("alltoallv"))
             fn = self._mods[key]
         return fn
 

@@ -16,7 +16,9 @@ log = logging.getLogger("pyccl")
 
 MAIL_WORDS = 5 + 3 * MAXR      # sig, 2 x (buffer id, offset), 3 x size integers
 _WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (waiting for the peer's segment)",
-          3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies"}
+          3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies",
+          6: "all-to-all with device splits (exchanging the split sizes)",
+          7: "all-to-all with device splits (closing)"}
 
 _TWOSHOT_MODES = ("auto", "kernel", "ce", "pull")
 _COPY_MODES = ("auto", "ce", "push", "pull")
@@ -289,6 +291,10 @@ class CudaState:
         code, epoch, peer, where = self.status.describe()
         op = self._what_of(epoch)
         place = _WHERE.get(where, f"step {where}")
+        if code == 3 and where == 6:
+            raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}): the device split sizes "
+                                  f"disagree at rank {peer}: it sends more than its input holds, a negative count, "
+                                  f"more than a receiver's output holds, or not what out_splits expects")
         if code == 3:
             raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}) found rank {peer} making a "
                                   f"different call (other op, dtype, count or root) in the {place}")

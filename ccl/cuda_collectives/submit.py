@@ -74,7 +74,7 @@ _SIGS = {}
 def _signature(name, sig) -> int:
     """63 bits every rank must agree on: op, dtype, root, reduction and count (all_to_all's
     counts may differ per rank; its splits are checked pairwise instead)."""
-    count = 0 if name == "all_to_all" else int(sig.get("count", 0))
+    count = 0 if name.startswith("all_to_all") else int(sig.get("count", 0))
     key = (name, sig.get("dtype"), sig.get("root"), sig.get("redop"))
     head = _SIGS.get(key)
     if head is None:

@@ -161,7 +161,25 @@ from .reductions import _Reduction
 from .registration import _autoload, _create, register
 from .works import _CudaWork, _PycclWork, _SyncDone
 
-__all__ = ["BACKEND_NAME", "DEFAULT_TIMEOUT_S", "P2P_TRANSPORT", "ProcessGroupPyccl", "register", "_autoload",
+
+
+def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+    """``dist.all_to_all_single`` on a pyccl group whose split sizes may be CUDA tensors (rows
+    of dim 0 per rank), as an MoE router computes them: the counts stay on the GPU (torch's own
+    call turns them into Python ints, a device-to-host sync). Lists go to torch's call."""
+    import torch
+    import torch.distributed as dist
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if not isinstance(input_split_sizes, torch.Tensor) and not isinstance(output_split_sizes, torch.Tensor):
+        return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
+                                      async_op=async_op)
+    if not isinstance(pg, ProcessGroupPyccl):
+        from ..errors import InvalidArgument
+        raise InvalidArgument(f"all_to_all_single with device split sizes needs a pyccl group, got {type(pg).__name__}")
+    return pg.all_to_all_single_dev(output, input, output_split_sizes, input_split_sizes, async_op)
+
+
+__all__ = ["all_to_all_single", "BACKEND_NAME", "DEFAULT_TIMEOUT_S", "P2P_TRANSPORT", "ProcessGroupPyccl", "register", "_autoload",
            "_create", "_CudaWork", "_PycclWork", "_P2PEngine", "_Reduction", "_SyncDone"]
 
 register()

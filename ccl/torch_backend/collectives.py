@@ -459,6 +459,33 @@ class CollectivesMixin:
 
     alltoall_base = all_to_all_single
 
+    def all_to_all_single_dev(self, output, input, output_split_sizes, input_split_sizes, async_op=False):
+        """all_to_all_single whose split sizes (rows of dim 0, one per rank) are CUDA tensors,
+        e.g. an MoE router's counts: no device-to-host copy (see ``pyccl.torch_backend.
+        all_to_all_single``). `output_split_sizes` may be None: the output then only has to be
+        large enough (rows past what arrives are left as they were)."""
+        _check(output, "all_to_all_single: output")
+        _check(input, "all_to_all_single: input")
+        if not (output.is_cuda and input.is_cuda and output.is_contiguous() and input.is_contiguous()):
+            raise InvalidArgument("all_to_all_single with device splits: output and input must be contiguous "
+                                  "CUDA tensors")
+        if output.dtype != input.dtype:
+            raise InvalidArgument(f"all_to_all_single: output dtype {output.dtype} differs from input "
+                                  f"dtype {input.dtype}")
+        rows_in = input.shape[0] if input.dim() else 1
+        rows_out = output.shape[0] if output.dim() else 1
+        row_bytes = (_nbytes(input) // rows_in) if rows_in else 0
+        if rows_out and _nbytes(output) // rows_out != row_bytes and rows_in:
+            raise InvalidArgument("all_to_all_single: output and input rows differ in size")
+        # rows -> bytes on the GPU, on the caller's stream (the collective is ordered after it)
+        in_b = input_split_sizes.to(torch.int64) * row_bytes
+        out_b = output_split_sizes.to(torch.int64) * row_bytes if output_split_sizes is not None else None
+
+        def run(work):
+            self._comm.all_to_all(_bytes(output), _bytes(input), out_splits=out_b, in_splits=in_b)
+        work = self._submit("all_to_all_single", run, [output], None, async_op=async_op, dev=_cuda_dev(output))
+        return work if async_op else None
+
     def _splits(self, t, splits, name):
         """Split sizes (rows of dim 0) -> byte counts per rank."""
         rows = t.shape[0] if t.dim() else 1
