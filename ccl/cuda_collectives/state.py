@@ -204,7 +204,10 @@ class CudaState:
         try:
             return self.rt.streamIsCapturing(stream) != 0
         except AttributeError:                   # older cupy: ask torch about its current stream
-            import torch
+            try:
+                import torch
+            except ImportError:
+                return False
             return torch.cuda.is_current_stream_capturing()
 
     def _last_event(self):
