@@ -6,8 +6,9 @@
 //   [OFF_FE]      [MAXB][MAXR][epoch, sig]                         two-shot, at the end
 //   [OFF_BAR]     [MAXR][epoch, sig]                               stream barrier
 //   [OFF_FS]      [MAXB][MAXR][epoch, sig]                         pull two-shot, at the start
-//   [OFF_SPL]     [2 slots][MAXR ranks][MAXR + 2]                  all-to-all with device splits:
-//                 each rank's row (what it sends to every rank, its input and output capacity)
+//   [OFF_SPL]     [2 slots][MAXR ranks][SPL_ROW]                   all-to-all with device splits:
+//                 each rank's row (what it sends to every rank, its input and output capacity,
+//                 what it expects from every rank and whether it said so)
 // A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
 // release store) and *polls* its own (acquire loads), so a dead peer only ever means a
 // flag that does not move. Epochs grow by one per use on every rank alike (kept on the device,
@@ -34,7 +35,7 @@ typedef long long i64;
 #define OFF_BAR (OFF_FE + MAXB * MAXR * 2)
 #define OFF_FS (OFF_BAR + MAXR * 2 + 16)
 #define OFF_SPL (OFF_FS + MAXB * MAXR * 2)
-#define SPL_ROW (MAXR + 2)
+#define SPL_ROW (2 * MAXR + 3)
 
 __device__ __forceinline__ u64 gtime() {
   u64 t;
@@ -615,7 +616,7 @@ extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64* ec
 // ---- all-to-all whose split sizes are in device memory (MoE dispatch without a host sync) ------
 // in_splits[r] (int64 elements, this GPU): what this rank sends to rank r; out_splits (or 0):
 // what it expects from every rank, checked. (R) every block writes this rank's row (splits, input
-// and output capacity) into slot epoch & 1 of every rank's table (OFF_SPL), then signals; after
+// and output capacity, out_splits) into slot epoch & 1 of every rank's table (OFF_SPL), then signals; after
 // the wait every rank holds every row, so each computes the same offsets and finds the same
 // inconsistency, if any (then every rank reports a mismatch and no byte moves). Two slots: a
 // rank's table slot is rewritten two collectives later, when every peer is past reading it (the
@@ -639,6 +640,8 @@ extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, cons
       for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + j, (u64)in_splits[j]);
       st_relaxed((u64*)row + MAXR, (u64)in_cap);
       st_relaxed((u64*)row + MAXR + 1, (u64)out_cap);
+      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + MAXR + 2 + j, out_splits ? (u64)out_splits[j] : 0);
+      st_relaxed((u64*)row + 2 * MAXR + 2, out_splits ? 1 : 0);
     }
   }
   __syncthreads();
@@ -659,9 +662,11 @@ extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, cons
           got > (i64)ld_relaxed((const u64*)T + q * SPL_ROW + MAXR + 1))
         bad = q;                                                // q sends more than it has or gets more than fits
     }
-    if (bad < 0 && out_splits)
-      for (int q = 0; q < nranks; q++)
-        if ((i64)ld_relaxed((const u64*)T + q * SPL_ROW + rank) != out_splits[q]) bad = q;
+    for (int r = 0; r < nranks && bad < 0; r++)              // every rank checks every expectation
+      if (ld_relaxed((const u64*)T + r * SPL_ROW + 2 * MAXR + 2))
+        for (int q = 0; q < nranks; q++)
+          if (ld_relaxed((const u64*)T + q * SPL_ROW + r) != ld_relaxed((const u64*)T + r * SPL_ROW + MAXR + 2 + q))
+            bad = r;
     if (bad >= 0) {
       report(status, 3, epoch, bad, 6);
       fail = 1;

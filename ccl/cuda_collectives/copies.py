@@ -154,7 +154,9 @@ class CopiesMixin:
         this GPU (MoE: the router counts on the GPU): one kernel reads them, exchanges them
         through the peers' flag memory and pushes the pieces, so the host never waits for the
         GPU. `out_splits` may be None (the output then only has to be large enough); given, it
-        is checked against what the peers send. The output's bytes past what arrives are left
+        is checked against what the peers send. The kernel puts every rank's counts, capacities
+        and expectations in every rank's table, so a disagreement is found by every rank alike
+        (each raises InvalidArgument on its next call) and then no byte moves. The output's bytes past what arrives are left
         as they were. The peers' output buffers are named through the mailbox (host, at call
         time; once per capture under a CUDA graph)."""
         import torch

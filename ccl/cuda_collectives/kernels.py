@@ -12,7 +12,7 @@ from ..errors import PycclError
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
 FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAXB * MAXR * 2 + \
-    2 * MAXR * (MAXR + 2)                                      # see the .cu (OFF_SPL: split tables)
+    2 * MAXR * (2 * MAXR + 3)                                  # see the .cu (OFF_SPL: split tables)
 THREADS = 512
 _CU = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cuda_kernels.cu")
 
