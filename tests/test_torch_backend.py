@@ -1012,7 +1012,24 @@ def rank_resize_after_every_call(ctx):
     return bad
 
 
+def rank_all_to_all_tensor_splits(ctx):
+    """pyccl.torch_backend.all_to_all_single takes split sizes as tensors (on CPU: read as ints)."""
+    from pyccl.torch_backend import all_to_all_single
+    me, n = ctx.rank, ctx.size
+    send = torch.tensor([(me + r) % 3 for r in range(n)])
+    recv = torch.tensor([(q + me) % 3 for q in range(n)])
+    inp = torch.arange(int(send.sum()) * 2, dtype=torch.float32).view(-1, 2) + 100 * me
+    out, ref = torch.empty(int(recv.sum()), 2), torch.empty(int(recv.sum()), 2)
+    all_to_all_single(out, inp, recv, send)
+    dist.all_to_all_single(ref, inp, recv.tolist(), send.tolist(), group=ctx.gloo)
+    return [] if torch.equal(out, ref) else [f"tensor splits: {out.tolist()} != {ref.tolist()}"]
+
+
 # ---- tests ---------------------------------------------------------------------------------------
+def test_all_to_all_single_with_tensor_splits(tr):
+    _ok(tr.run(rank_all_to_all_tensor_splits))
+
+
 def test_storage_stays_resizable_after_every_call(tr):
     _ok(tr.run(rank_resize_after_every_call))
 

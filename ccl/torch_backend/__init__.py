@@ -163,6 +163,11 @@ from .works import _CudaWork, _PycclWork, _SyncDone
 
 
 
+def _as_ints(splits):
+    import torch
+    return splits.tolist() if isinstance(splits, torch.Tensor) else splits
+
+
 def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
     """``dist.all_to_all_single`` on a pyccl group whose split sizes may be CUDA tensors (rows
     of dim 0 per rank), as an MoE router computes them: the counts stay on the GPU (torch's own
@@ -170,6 +175,9 @@ def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=
     import torch
     import torch.distributed as dist
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if not output.is_cuda:                       # CPU counts cost nothing to read
+        output_split_sizes = _as_ints(output_split_sizes)
+        input_split_sizes = _as_ints(input_split_sizes)
     if not isinstance(input_split_sizes, torch.Tensor) and not isinstance(output_split_sizes, torch.Tensor):
         return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
                                       async_op=async_op)
