@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 
+from . import callsig
 from . import env as _env
 from .buffers import as_buffer, same_dtype
 from .dtypes import AVG, SUM, as_op, check_op_dtype, dtype_name
@@ -98,6 +99,7 @@ class Communicator:
         self.store = PrefixStore(store, f"pyccl/{self.tag}")
         self._secret = secret or self._agree_secret(info)
         self._seq = 0
+        self._call = 0               # signature of the call executing now (ccl/callsig.py)
         self._splits = 0
         self._shrinks = 0
         self._plans = {}
@@ -198,14 +200,16 @@ class Communicator:
         op = what
         what = self._what(op, self._seq)
         entry = self.recorder.record(self._seq, op, sig or {})
+        call = callsig.pack(op, sig.get("dtype"), sig.get("count"), sig.get("root", -1), sig.get("redop")) \
+            if sig is not None else 0
         if self.check and sig is not None:
             fn = self._checked(fn, op, sig)
         with self._submit_lock:
             if not async_op and self._inflight == 0:
-                return self._execute(what, fn, entry)
+                return self._execute(what, fn, entry, call)
             work = Work(what, self)
             self._inflight += 1
-            self._queue.put((work, fn, entry))
+            self._queue.put((work, fn, entry, call))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
                                                 daemon=True)
@@ -215,10 +219,11 @@ class Communicator:
         work.wait()
         return work.result
 
-    def _execute(self, what, fn, entry):
+    def _execute(self, what, fn, entry, call=0):
         with self._lock:
             if self._broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
+            self._call = call            # what _run's messages carry (ccl/callsig.py)
             self.recorder.start(entry)
             try:
                 result = fn(what)
@@ -313,7 +318,7 @@ class Communicator:
 
         def run(what):
             table = np.empty(mine.size * self.size, np.int64)
-            self._run(what + " [PYCCL_CHECK]", plan, {"in": mine, "out": table})
+            self._run(what + " [PYCCL_CHECK]", plan, {"in": mine, "out": table}, call=0)
             rows = table.reshape(self.size, mine.size)
             fields = ("op", "dtype", "count", "root", "redop")
             for r in range(self.size):
@@ -332,9 +337,9 @@ class Communicator:
             item = self._queue.get()
             if item is None:
                 return
-            work, fn, entry = item
+            work, fn, entry, call = item
             try:
-                work.result = self._execute(work.what, fn, entry)
+                work.result = self._execute(work.what, fn, entry, call)
                 work._finish()
             except BaseException as e:  # handed to the caller through Work.wait()
                 work._finish(e)
@@ -364,12 +369,14 @@ class Communicator:
         """The shared-memory collectives if they run this call (then no plan is tuned), else None."""
         return self.local if self.local is not None and self.local.wants(op, nbytes) else None
 
-    def _run(self, what, plan, bufs, op=None):
+    def _run(self, what, plan, bufs, op=None, call=None):
+        """Run a plan; its messages carry `call` (default: the call being executed)."""
+        call = self._call if call is None else call
         if isinstance(plan, tuple):
             plan, chunk = plan
-            self.executor.run(plan, bufs, op, what, chunk)
+            self.executor.run(plan, bufs, op, what, chunk, call)
         else:
-            self.executor.run(plan, bufs, op, what)
+            self.executor.run(plan, bufs, op, what, None, call)
 
     # ---- validation helpers ----------------------------------------------------------------
     def _root(self, root, what):
