@@ -118,7 +118,7 @@ class Communicator:
         intra = "tcp" if self.transport_name == "tcp" else "shm"
         self.topology = Topology.from_host_ids([i["host"] for i in self.peer_info], intra=intra, inter="tcp")
         self.ring = list(self.topology.ring_order())
-        self._costs = transport_costs()
+        self._costs = transport_costs(measured=self._measured_costs())
         self._fixed_chunk = self.chunk_bytes if os.environ.get("PYCCL_CHUNK_BYTES") else None
         self._transports = []
         self.conns = self._connect()
@@ -154,8 +154,16 @@ class Communicator:
     def _exchange_info(self) -> list:
         from pyccl.topology.detect import local_info
         me = local_info(self.rank)
+        if self.rank == 0:
+            from . import tune
+            me["tune"] = tune.load()           # rank 0's calibration prices the plans of every rank
         self.store.set(f"info/{self.rank}", json.dumps(me).encode())
         return [json.loads(v) for v in self._wait_ranks("info")]
+
+    def _measured_costs(self) -> dict:
+        """Rank 0's calibrated transport costs (python -m pyccl.tune), the same on every rank."""
+        from . import tune
+        return tune.measured_costs(self.peer_info[0].get("tune") or {})
 
     def _bind_host(self) -> str:
         return _env.socket_interface_address(getattr(self._root_store, "host", None))
