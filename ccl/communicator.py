@@ -4,7 +4,7 @@ Collectives run in the order they are called (like a CUDA stream in NCCL). A
 synchronous call runs on the caller's thread when nothing is queued, which keeps
 small-message latency low; `async_op=True` queues the call on the communicator's
 progress thread and returns a `Work` at once. After an error (peer failure, timeout,
-size mismatch seen on the wire) the communicator is broken: later calls raise at once
+call or size mismatch seen on the wire) the communicator is broken: later calls raise at once
 instead of hanging on a peer that has given up.
 """
 import json
@@ -99,7 +99,7 @@ class Communicator:
         self.store = PrefixStore(store, f"pyccl/{self.tag}")
         self._secret = secret or self._agree_secret(info)
         self._seq = 0
-        self._call = 0               # signature of the call executing now (ccl/callsig.py)
+        self._call = None            # (op, sig) of the call executing now (see _run)
         self._splits = 0
         self._shrinks = 0
         self._plans = {}
@@ -208,8 +208,7 @@ class Communicator:
         op = what
         what = self._what(op, self._seq)
         entry = self.recorder.record(self._seq, op, sig or {})
-        call = callsig.pack(op, sig.get("dtype"), sig.get("count"), sig.get("root", -1), sig.get("redop")) \
-            if sig is not None else 0
+        call = (op, sig) if sig is not None else None      # packed by _run, only where a plan runs
         if self.check and sig is not None:
             fn = self._checked(fn, op, sig)
         with self._submit_lock:
@@ -227,11 +226,11 @@ class Communicator:
         work.wait()
         return work.result
 
-    def _execute(self, what, fn, entry, call=0):
+    def _execute(self, what, fn, entry, call=None):
         with self._lock:
             if self._broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
-            self._call = call            # what _run's messages carry (ccl/callsig.py)
+            self._call = call            # (op, sig) of this call: what _run's messages carry
             self.recorder.start(entry)
             try:
                 result = fn(what)
@@ -378,8 +377,12 @@ class Communicator:
         return self.local if self.local is not None and self.local.wants(op, nbytes) else None
 
     def _run(self, what, plan, bufs, op=None, call=None):
-        """Run a plan; its messages carry `call` (default: the call being executed)."""
-        call = self._call if call is None else call
+        """Run a plan; its messages carry `call` (default: the call being executed, ccl/callsig.py)."""
+        if call is None:
+            op_sig = self._call
+            call = 0 if op_sig is None else callsig.pack(
+                op_sig[0], op_sig[1].get("dtype"), op_sig[1].get("count"), op_sig[1].get("root", -1),
+                op_sig[1].get("redop"))
         if isinstance(plan, tuple):
             plan, chunk = plan
             self.executor.run(plan, bufs, op, what, chunk, call)
