@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """nccl-tests style all_gather benchmark; see bench/collectives.py for the options."""
 import os
 import sys

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """nccl-tests style all_to_all benchmark; see bench/collectives.py for the options."""
 import os
 import sys

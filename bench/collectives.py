@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """nccl-tests style benchmark of pyccl's collectives, optionally beside Gloo and MPI.
 
     python -m pyccl.launch -n 4 bench/allreduce.py -b 8 -e 128M
@@ -240,6 +241,8 @@ def main(default_op="all_reduce", argv=None):
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw busbw against size for each library (PNG)")
     args = p.parse_args(argv)
+    if args.plot:
+        check_plot()
 
     import pyccl
     comm = pyccl.init()
@@ -250,6 +253,11 @@ def main(default_op="all_reduce", argv=None):
             if name == "gloo":
                 libs.append(Gloo(comm))
             elif name == "mpi":
+                why = mpi_missing()
+                if why:
+                    if rank == 0:
+                        print(f"# mpi left out: {why}", flush=True)
+                    continue
                 libs += [Mpi(comm, in_place=False), Mpi(comm, in_place=True)]
             else:
                 raise RuntimeError(f"unknown library {name}")
@@ -304,6 +312,30 @@ def main(default_op="all_reduce", argv=None):
     if bad and rank == 0:
         print(f"# {bad} wrong elements", file=sys.stderr)
     return 1 if bad else 0
+
+
+def check_plot():
+    """--plot needs matplotlib: say so before the benchmark runs, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit('--plot needs matplotlib, which is not installed: pip install "pyccl[plot]" '
+                 '(or pip install matplotlib), or leave out --plot')
+
+
+def mpi_missing():
+    """Why MPI cannot run beside pyccl in this job ('' if it can): MPI's ranks must be started
+    by mpirun/mpiexec, one MPI process per pyccl rank."""
+    from pyccl.env import detect
+    launcher = detect().launcher
+    if launcher not in ("openmpi", "mpich"):
+        return (f"MPI needs its ranks started by mpirun/mpiexec, this job was started by {launcher}; "
+                f"run e.g. mpirun -n 2 python {sys.argv[0]} --compare gloo,mpi")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return 'mpi4py is not installed: pip install "pyccl[mpi]"'
+    return ""
 
 
 def print_ratios(rows):

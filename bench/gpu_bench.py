@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """pyccl vs NCCL on the GPUs of one host, both through torch.distributed, in the same run.
 
     python3 -m torch.distributed.run --nproc_per_node=2 bench/gpu_bench.py [--quick] [--out DIR]

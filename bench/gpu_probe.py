@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Diagnostics for the GPU path (not part of the table): free-running vs synchronised timing of
 pyccl's all-reduce and all-gather at medium sizes, per variant, to tell host-bound from GPU-bound.
 

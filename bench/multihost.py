@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """pyccl vs Gloo across "hosts" made of network namespaces (root needed).
 
     python bench/multihost.py --hosts 2 --ranks-per-host 2 -- -b 1M -e 64M -f 4

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Reduction kernel speed: the C core (pyccl._native) vs its numpy twin, against memcpy.
 
     python bench/reduce_kernels.py [--sizes 1M,16M,128M] [--dtypes float32,bfloat16] [--json]

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """nccl-tests style reduce_scatter benchmark; see bench/collectives.py for the options."""
 import os
 import sys

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """One markdown table from bench/collectives.py --json files: pyccl beside Gloo and MPI (the
 better of MPI's in-place and out-of-place at each size), with issue 3's targets marked.
 

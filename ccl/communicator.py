@@ -4,7 +4,7 @@ Collectives run in the order they are called (like a CUDA stream in NCCL). A
 synchronous call runs on the caller's thread when nothing is queued, which keeps
 small-message latency low; `async_op=True` queues the call on the communicator's
 progress thread and returns a `Work` at once. After an error (peer failure, timeout,
-size mismatch seen on the wire) the communicator is broken: later calls raise at once
+call or size mismatch seen on the wire) the communicator is broken: later calls raise at once
 instead of hanging on a peer that has given up.
 """
 import json
@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 
+from . import callsig
 from . import env as _env
 from .buffers import as_buffer, same_dtype
 from .cuda_buffers import is_cuda
@@ -99,6 +100,7 @@ class Communicator:
         self.store = PrefixStore(store, f"pyccl/{self.tag}")
         self._secret = secret or self._agree_secret(info)
         self._seq = 0
+        self._call = None            # (op, sig) of the call executing now (see _run)
         self._splits = 0
         self._shrinks = 0
         self._plans = {}
@@ -117,7 +119,7 @@ class Communicator:
         intra = "tcp" if self.transport_name == "tcp" else "shm"
         self.topology = Topology.from_host_ids([i["host"] for i in self.peer_info], intra=intra, inter="tcp")
         self.ring = list(self.topology.ring_order())
-        self._costs = transport_costs()
+        self._costs = transport_costs(measured=self._measured_costs())
         self._fixed_chunk = self.chunk_bytes if os.environ.get("PYCCL_CHUNK_BYTES") else None
         self._transports = []
         self.conns = self._connect()
@@ -153,8 +155,16 @@ class Communicator:
     def _exchange_info(self) -> list:
         from pyccl.topology.detect import local_info
         me = local_info(self.rank)
+        if self.rank == 0:
+            from . import tune
+            me["tune"] = tune.load()           # rank 0's calibration prices the plans of every rank
         self.store.set(f"info/{self.rank}", json.dumps(me).encode())
         return [json.loads(v) for v in self._wait_ranks("info")]
+
+    def _measured_costs(self) -> dict:
+        """Rank 0's calibrated transport costs (python -m pyccl.tune), the same on every rank."""
+        from . import tune
+        return tune.measured_costs(self.peer_info[0].get("tune") or {})
 
     def _bind_host(self) -> str:
         return _env.socket_interface_address(getattr(self._root_store, "host", None))
@@ -199,14 +209,15 @@ class Communicator:
         op = what
         what = self._what(op, self._seq)
         entry = self.recorder.record(self._seq, op, sig or {})
+        call = (op, sig) if sig is not None else None      # packed by _run, only where a plan runs
         if self.check and sig is not None:
             fn = self._checked(fn, op, sig)
         with self._submit_lock:
             if not async_op and self._inflight == 0:
-                return self._execute(what, fn, entry)
+                return self._execute(what, fn, entry, call)
             work = Work(what, self)
             self._inflight += 1
-            self._queue.put((work, fn, entry))
+            self._queue.put((work, fn, entry, call))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
                                                 daemon=True)
@@ -216,10 +227,11 @@ class Communicator:
         work.wait()
         return work.result
 
-    def _execute(self, what, fn, entry):
+    def _execute(self, what, fn, entry, call=None):
         with self._lock:
             if self._broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self._broken})")
+            self._call = call            # (op, sig) of this call: what _run's messages carry
             self.recorder.start(entry)
             try:
                 result = fn(what)
@@ -314,7 +326,7 @@ class Communicator:
 
         def run(what):
             table = np.empty(mine.size * self.size, np.int64)
-            self._run(what + " [PYCCL_CHECK]", plan, {"in": mine, "out": table})
+            self._run(what + " [PYCCL_CHECK]", plan, {"in": mine, "out": table}, call=0)
             rows = table.reshape(self.size, mine.size)
             fields = ("op", "dtype", "count", "root", "redop")
             for r in range(self.size):
@@ -333,9 +345,9 @@ class Communicator:
             item = self._queue.get()
             if item is None:
                 return
-            work, fn, entry = item
+            work, fn, entry, call = item
             try:
-                work.result = self._execute(work.what, fn, entry)
+                work.result = self._execute(work.what, fn, entry, call)
                 work._finish()
             except BaseException as e:  # handed to the caller through Work.wait()
                 work._finish(e)
@@ -365,12 +377,18 @@ class Communicator:
         """The shared-memory collectives if they run this call (then no plan is tuned), else None."""
         return self.local if self.local is not None and self.local.wants(op, nbytes) else None
 
-    def _run(self, what, plan, bufs, op=None):
+    def _run(self, what, plan, bufs, op=None, call=None):
+        """Run a plan; its messages carry `call` (default: the call being executed, ccl/callsig.py)."""
+        if call is None:
+            op_sig = self._call
+            call = 0 if op_sig is None else callsig.pack(
+                op_sig[0], op_sig[1].get("dtype"), op_sig[1].get("count"), op_sig[1].get("root", -1),
+                op_sig[1].get("redop"))
         if isinstance(plan, tuple):
             plan, chunk = plan
-            self.executor.run(plan, bufs, op, what, chunk)
+            self.executor.run(plan, bufs, op, what, chunk, call)
         else:
-            self.executor.run(plan, bufs, op, what)
+            self.executor.run(plan, bufs, op, what, None, call)
 
     # ---- validation helpers ----------------------------------------------------------------
     def _root(self, root, what):

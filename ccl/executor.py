@@ -55,12 +55,14 @@ class Executor:
             self._scratch[key] = arr
         return arr[:n]
 
-    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None) -> None:
+    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None, call: int = 0) -> None:
         """Execute `plan` on `bufs` ({"in","out","tmp"} -> flat numpy arrays).
 
         `op` is the ReduceOp for reducing plans; `what` names the call in errors; chunk_bytes
-        (the tuner's) overrides the communicator's default. Atomic plans (whose ops read
-        unions of regions written earlier) are never cut into chunks."""
+        (the tuner's) overrides the communicator's default; `call` (ccl/callsig.py) travels
+        with every message, so a peer that runs a different call says which field differs.
+        Atomic plans (whose ops read unions of regions written earlier) are never cut into
+        chunks."""
         arrays = dict(bufs)
         ref = arrays.get("out") if arrays.get("out") is not None else arrays.get("in")
         item = ref.itemsize if ref is not None else 1
@@ -99,7 +101,7 @@ class Executor:
                     self._drive(conns, lambda: s[0].done, f"send of {s[1]}[{s[2]}:{s[3]}]")
 
         def post_send(peer, reg):
-            req = self.conns[peer].isend(mv(reg))
+            req = self.conns[peer].isend(mv(reg), call)
             if not req.done:
                 sends.append((req, canon(reg), reg.start, reg.stop))
 
@@ -122,12 +124,12 @@ class Executor:
                         dst = chunk_of(o.dst, c, n)
                         protect(dst)
                         if kind in (RECV, RECV_COPY_SEND):
-                            req = self.conns[o.recv_peer].irecv(mv(dst))
+                            req = self.conns[o.recv_peer].irecv(mv(dst), call)
                             active.append(_Recv(o, req, dst, None, None))
                         else:
                             src = chunk_of(o.src, c, n)
                             scratch = self._scratch_for(oi, arrays[dst.buf].dtype, dst.length)
-                            req = self.conns[o.recv_peer].irecv(memoryview(scratch.view(np.uint8)))
+                            req = self.conns[o.recv_peer].irecv(memoryview(scratch.view(np.uint8)), call)
                             active.append(_Recv(o, req, dst, src, scratch))
                 while active:
                     self._drive(conns, lambda: any(a.req.done for a in active),

@@ -46,6 +46,7 @@ import logging
 import os
 
 
+from . import callsig
 from .errors import PeerFailure, Timeout, TransportError
 from .reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
 from .dtypes import as_op
@@ -99,19 +100,33 @@ _OPNAMES = {1: "all_reduce", 2: "reduce", 3: "reduce_scatter", 4: "all_gather", 
              6: "all_to_all", 7: "barrier"}
 _DTYPE_NAMES = {code: str(dt) for dt, code in _DTYPE_CODE.items()}
 _REDOP_NAMES = {code: op.name for op, code in _OP_CODE.items() if op.name != "AVG"}
+_ITEMSIZE = {code: dt.itemsize for dt, code in _DTYPE_CODE.items()}
 
 
-def _describe(sig, nbytes) -> str:
-    """A call signature (native/shm.h: what | op+1 << 4 | dtype+1 << 8 | root+1 << 16) in words."""
+def _fields(sig, nbytes) -> dict:
+    """A call signature (native/shm.h: what | op+1 << 4 | dtype+1 << 8 | root+1 << 16, and the
+    bytes per rank) as ccl/callsig.py's fields; count in elements where the dtype is known,
+    else in bytes."""
     what, op, dtype, root = sig & 15, (sig >> 4 & 15) - 1, (sig >> 8 & 255) - 1, (sig >> 16) - 1
-    parts = [f"{nbytes} bytes"]
+    f = {"collective": _OPNAMES.get(what, f"collective {what}"), "op": None, "dtype": None,
+         "root": root if root >= 0 else None, "count": nbytes}
     if dtype >= 0:
-        parts.append(_DTYPE_NAMES.get(dtype, f"dtype {dtype}"))
+        f["dtype"] = _DTYPE_NAMES.get(dtype, f"dtype {dtype}")
+        f["count"] = nbytes // _ITEMSIZE.get(dtype, 1)
     if op >= 0:
-        parts.append(_REDOP_NAMES.get(op, f"op {op}"))
-    if root >= 0:
-        parts.append(f"root {root}")
-    return f"{_OPNAMES.get(what, f'op {what}')} ({', '.join(parts)})"
+        f["op"] = _REDOP_NAMES.get(op, f"op {op}")
+    return f
+
+
+def _mismatch(peer, peer_sig, peer_bytes, sig, nbytes) -> str:
+    """callsig.mismatch() for two shm call signatures; counts of dtype-less calls are bytes."""
+    theirs, mine = _fields(peer_sig, peer_bytes), _fields(sig, nbytes)
+    unit = "bytes" if theirs["dtype"] is None and mine["dtype"] is None else ""
+    if (theirs["dtype"] is None) != (mine["dtype"] is None):    # different collectives: bytes
+        theirs["count"], mine["count"] = peer_bytes, nbytes
+        theirs["dtype"] = mine["dtype"] = None
+        unit = "bytes"
+    return callsig.mismatch(peer, theirs, mine, unit)
 
 
 def reduce_in_order(inputs, op):
@@ -217,10 +232,9 @@ class ShmCollectives:
             raise PeerFailure(f"{what}: rank {r} (pid {lib.pyccl_coll_pid(c, r)}) died; rank {self.rank} "
                               f"was waiting for it in {where}")
         if rc == _SIZE_MISMATCH:
-            raise TransportError(f"{what}: size mismatch with rank {r}: it called {_describe(c.err_peer_what, c.err_peer_bytes)}, "
-                                 f"this rank {_describe(c.sig_what, c.sig_bytes)} (same counts on every rank?)")
+            raise TransportError(f"{what}: " + _mismatch(r, c.err_peer_what, c.err_peer_bytes, c.sig_what, c.sig_bytes))
         if rc == _PEER_ABORT:
-            why = {_SIZE_MISMATCH: "found a size mismatch between the ranks' calls",
+            why = {_SIZE_MISMATCH: "found a call mismatch between the ranks' calls",
                    _TIMEOUT: "timed out", _PEER_DEAD: "saw a rank die"}.get(c.err_cause, "failed")
             cls = TransportError if c.err_cause == _SIZE_MISMATCH else PeerFailure
             raise cls(f"{what}: rank {r} {why} and gave up the shared-memory collectives of "

@@ -76,10 +76,11 @@ int pyccl_coll_barrier(pyccl_coll *c, double timeout);
 size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots);
 void pyccl_ring_format(void *ring, uint64_t slot_bytes, uint32_t nslots);
 uint64_t pyccl_ring_slot_bytes(void *ring);
-int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot, uint32_t msg_no);
+int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot, uint32_t msg_no,
+                        uint64_t call);
 int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
-                        uint32_t msg_no, int dtype, int op);
-int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no);
+                        uint32_t msg_no, uint64_t call, int dtype, int op);
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no, uint64_t *call);
 void pyccl_ring_close(void *ring, int receiver, uint32_t how);
 int pyccl_ring_peer_closed(void *ring, int receiver);
 """

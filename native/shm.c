@@ -882,7 +882,7 @@ int pyccl_coll_barrier(pyccl_coll *c, double timeout) {
  *   line 0  geometry (written once by the receiver)
  *   line 1  head: slots written by the sender (only the sender writes it)
  *   line 2  tail: slots consumed by the receiver (only the receiver writes it)
- *   meta    nslots x {message length, message number, bytes in this slot} (sender-written)
+ *   meta    nslots x {message length, message number, bytes in this slot, call} (sender-written)
  *   data    nslots x slot_bytes, page aligned */
 typedef struct {
     uint64_t magic, slot_bytes, data_off;
@@ -898,6 +898,7 @@ typedef struct {
     uint64_t msg_len;
     uint32_t msg_no;
     uint32_t nbytes;
+    uint64_t call;       /* the collective call the message belongs to (ccl/callsig.py); 0: unchecked */
 } slot_meta;
 
 #define GEOM(r) ((ring_geom *)(r))
@@ -925,7 +926,7 @@ uint64_t pyccl_ring_slot_bytes(void *ring) {
 static uint64_t msg_slots(uint64_t len, uint64_t sb) { return len ? (len + sb - 1) / sb : 1; }
 
 int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot,
-                        uint32_t msg_no) {
+                        uint32_t msg_no, uint64_t call) {
     const uint64_t sb = GEOM(ring)->slot_bytes;
     const uint32_t ns = GEOM(ring)->nslots;
     const uint64_t total = msg_slots(len, sb);
@@ -946,6 +947,7 @@ int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot
         META(ring)[i].msg_len = len;
         META(ring)[i].msg_no = msg_no;
         META(ring)[i].nbytes = (uint32_t)nb;
+        META(ring)[i].call = call;
         STORE_REL(&SENDER(ring)->v, ++head);
         slot++;
     }
@@ -954,7 +956,7 @@ int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot
 }
 
 int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
-                        uint32_t msg_no, int dtype, int op) {
+                        uint32_t msg_no, uint64_t call, int dtype, int op) {
     const uint64_t sb = GEOM(ring)->slot_bytes;
     const uint32_t ns = GEOM(ring)->nslots;
     const uint64_t total = msg_slots(len, sb);
@@ -970,6 +972,8 @@ int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, ui
         const slot_meta m = META(ring)[i];
         if (m.msg_no != msg_no)
             return -PYCCL_SHM_OUT_OF_STEP;
+        if (call && m.call && m.call != call)
+            return -PYCCL_SHM_CALL_MISMATCH;
         if (m.msg_len != len)
             return -PYCCL_SHM_SIZE_MISMATCH;
         const uint64_t off = slot * sb;
@@ -986,13 +990,14 @@ int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, ui
     return (int64_t)slot;
 }
 
-int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no) {
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no, uint64_t *call) {
     uint64_t tail = LOAD_RLX(&RECEIVER(ring)->v);
     if (tail == LOAD_ACQ(&SENDER(ring)->v))
         return 0;
     const slot_meta *m = &META(ring)[tail % GEOM(ring)->nslots];
     *len = m->msg_len;
     *msg_no = m->msg_no;
+    *call = m->call;
     return 1;
 }
 

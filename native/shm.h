@@ -26,6 +26,7 @@
 #define PYCCL_SHM_PEER_ABORT 3     /* another rank gave up (timeout/death it saw) */
 #define PYCCL_SHM_SIZE_MISMATCH 4  /* the peer's message length / call differs */
 #define PYCCL_SHM_OUT_OF_STEP 5    /* ring: message numbers disagree */
+#define PYCCL_SHM_CALL_MISMATCH 8  /* ring: the message belongs to a different call (callsig) */
 #define PYCCL_SHM_ABORTED 7        /* this rank aborted the communicator (pyccl_coll_abort) */
 
 /* ---- segments ------------------------------------------------------------------------- */
@@ -157,19 +158,21 @@ size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots);
 void pyccl_ring_format(void *ring, uint64_t slot_bytes, uint32_t nslots);
 uint64_t pyccl_ring_slot_bytes(void *ring);
 
-/* Sender: copy slots `slot`.. of a `len`-byte message numbered `msg_no` into free slots.
+/* Sender: copy slots `slot`.. of a `len`-byte message numbered `msg_no` of collective call
+ * `call` (ccl/callsig.py; 0: unchecked) into free slots.
  * A message takes max(1, ceil(len / slot_bytes)) slots.  Returns the next slot index
  * (== the total when the message is fully sent); never blocks. */
 int64_t pyccl_ring_send(void *ring, const void *src, uint64_t len, uint64_t slot,
-                        uint32_t msg_no);
+                        uint32_t msg_no, uint64_t call);
 /* Receiver: take slots `slot`.. of the message the receiver expects (len, msg_no) out of the
  * ring.  red == NULL: copy into dst.  Else dst = red (op) slot, element-wise in `dtype`.
- * Returns the next slot index, or -PYCCL_SHM_SIZE_MISMATCH / -PYCCL_SHM_OUT_OF_STEP (nothing
+ * Returns the next slot index, or -PYCCL_SHM_SIZE_MISMATCH / -PYCCL_SHM_OUT_OF_STEP /
+ * -PYCCL_SHM_CALL_MISMATCH (both calls non-zero and different) (nothing
  * consumed; pyccl_ring_peek tells what arrived). */
 int64_t pyccl_ring_recv(void *ring, void *dst, const void *red, uint64_t len, uint64_t slot,
-                        uint32_t msg_no, int dtype, int op);
-/* The message length and number in the next unread slot; returns 0 if none is there. */
-int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no);
+                        uint32_t msg_no, uint64_t call, int dtype, int op);
+/* The message length, number and call in the next unread slot; returns 0 if none is there. */
+int pyccl_ring_peek(void *ring, uint64_t *len, uint32_t *msg_no, uint64_t *call);
 /* Mark this end closed (receiver=1: the receiving end) with `how` (1: closed, 2: failed);
  * pyccl_ring_peer_closed returns the other end's mark (0: open). */
 void pyccl_ring_close(void *ring, int receiver, uint32_t how);

@@ -38,7 +38,7 @@ def test_tcp_connection_rejects_garbage(junk, expect):
     try:
         _drive(conn, req)
         # only a well-formed header of exactly the expected size may complete
-        magic, seq, n = _HDR.unpack(junk[:_HDR.size])
+        magic, seq, n, _call = _HDR.unpack(junk[:_HDR.size])
         assert magic == _MAGIC and seq == 0 and n == expect
     except (TransportError, PeerFailure) as e:
         assert "rank 7" in str(e)
@@ -53,7 +53,7 @@ def test_tcp_header_fields_are_bounded(length, seq):
     a, b = socket.socketpair()
     conn = TCPConnection(3, [a], stripe_min=1 << 30)
     req = conn.irecv(memoryview(np.zeros(16, np.uint8)))
-    b.sendall(_HDR.pack(_MAGIC, seq, length) + b"\0" * 16)
+    b.sendall(_HDR.pack(_MAGIC, seq, length, 0) + b"\0" * 16)
     STATS["tcp_frames"] += 1
     try:
         _drive(conn, req)

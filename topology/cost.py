@@ -7,9 +7,11 @@ Each transport is three numbers (LinkCost):
   gamma  seconds per byte reduced (1 / reduction bandwidth where that transport's data
          lives: CPU for shm/tcp/ibverbs, GPU for cuda_ipc); also charged for local copies
 
-Defaults (DEFAULTS) are deliberately round numbers for a Python executor; override them
-per transport in the environment (identical on every rank, or ranks may choose
-differently):
+Defaults (DEFAULTS) are round numbers for a Python executor. `python -m pyccl.tune` measures
+them on a host and writes a profile (ccl/tune.py; ~/.cache/pyccl/tune-<host>.json, or
+PYCCL_TUNE_PROFILE) that transport_costs() loads over the defaults; a communicator uses rank
+0's profile on every rank. Override single numbers per transport in the environment
+(identical on every rank, or ranks may choose differently):
   PYCCL_ALPHA_<T>      alpha in microseconds          e.g. PYCCL_ALPHA_TCP=40
   PYCCL_BW_<T>         bandwidth in GB/s (1e9 B/s)    e.g. PYCCL_BW_IBVERBS=24
   PYCCL_REDUCE_BW_<T>  reduction bandwidth in GB/s    e.g. PYCCL_REDUCE_BW_SHM=8
@@ -62,10 +64,17 @@ DEFAULTS = {
 
 
 def transport_costs(env=None, measured: Optional[dict] = None) -> dict:
-    """{transport: LinkCost}: measured values (if given) over DEFAULTS, then PYCCL_* overrides."""
+    """{transport: LinkCost}: measured values over DEFAULTS, then PYCCL_* overrides.
+
+    measured: {transport: LinkCost}; {} means none (the defaults); None loads the profile
+    (pyccl.tune.load) when env is the process environment (None) or names PYCCL_TUNE_PROFILE,
+    so that an explicit env dict stays a pure input (tests, the plan CLI's what-ifs)."""
+    if measured is None:
+        from pyccl import tune
+        measured = tune.measured_costs(tune.load(env)) if env is None or "PYCCL_TUNE_PROFILE" in env else {}
     env = os.environ if env is None else env
     out = dict(DEFAULTS)
-    out.update(measured or {})
+    out.update(measured)
     for name, c in list(out.items()):
         key = name.upper()
         alpha, beta, gamma = c.alpha, c.beta, c.gamma

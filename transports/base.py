@@ -39,10 +39,14 @@ class Connection:
 
     peer: int
 
-    def isend(self, data: memoryview) -> Request:
+    def isend(self, data: memoryview, call: int = 0) -> Request:
+        """`call`: the collective call the message belongs to (ccl/callsig.py), carried in the
+        message header where the transport has one (tcp, shm); 0 = not checked."""
         raise NotImplementedError
 
-    def irecv(self, data: memoryview) -> Request:
+    def irecv(self, data: memoryview, call: int = 0) -> Request:
+        """A message whose sender's `call` differs (both non-zero) fails with a call mismatch
+        naming the field that differs."""
         raise NotImplementedError
 
     def progress(self) -> bool:

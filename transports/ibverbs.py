@@ -628,7 +628,7 @@ class IbvConnection(Connection):
         self.heard = time.monotonic()
 
     # ---- the interface -------------------------------------------------------------------
-    def isend(self, data: memoryview) -> Request:
+    def isend(self, data: memoryview, call: int = 0) -> Request:   # call: not carried here (yet)
         self._check()
         m = _Msg(self.send_seq, data, data.nbytes <= self.eager_max)
         self.send_seq += 1
@@ -648,7 +648,7 @@ class IbvConnection(Connection):
             self._post_sends()
         return m
 
-    def irecv(self, data: memoryview) -> Request:
+    def irecv(self, data: memoryview, call: int = 0) -> Request:
         self._check()
         if data.readonly:
             raise InvalidArgument(f"{self.tag}: receive buffer from rank {self.peer} is read-only")

@@ -25,6 +25,7 @@ import secrets
 import time
 from collections import deque
 
+from ..callsig import mismatch_of
 from ..dtypes import as_op
 from ..errors import PeerFailure, Timeout, TransportError
 from ..process import pid_namespace
@@ -43,7 +44,7 @@ log = logging.getLogger("pyccl")
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^pyccl-(\d+)-(\d+)-")
 _HDR_BYTES = 4096                   # segment header page; rings follow
-_SIZE_MISMATCH, _OUT_OF_STEP = 4, 5  # native/shm.h codes (negated by the ring calls)
+_SIZE_MISMATCH, _OUT_OF_STEP, _CALL_MISMATCH = 4, 5, 8  # native/shm.h codes (negated by the ring calls)
 
 
 # ---- segments (shared with ccl/shm_collectives.py) ---------------------------------------------
@@ -127,7 +128,7 @@ class Segment:
 class _Msg(Request):
     """One posted message: `slot` slots of `nslots` moved so far."""
 
-    __slots__ = ("ptr", "red", "slot", "nslots", "no", "dtype", "op", "keep")
+    __slots__ = ("ptr", "red", "slot", "nslots", "no", "dtype", "op", "keep", "call")
 
 
 class ShmConnection(Connection):
@@ -151,11 +152,12 @@ class ShmConnection(Connection):
     def _ptr(buf, nbytes):
         return ffi.from_buffer(buf) if nbytes else ffi.NULL
 
-    def isend(self, data) -> Request:
+    def isend(self, data, call: int = 0) -> Request:
         n = data.nbytes
         m = _Msg(n)
         m.ptr = self._ptr(data, n)
         m.keep = data
+        m.call = call
         m.slot, m.nslots = 0, max(1, -(-n // self._sslot))
         m.no = self.send_no & 0xFFFFFFFF
         self.send_no += 1
@@ -164,10 +166,10 @@ class ShmConnection(Connection):
             self._send_some()          # start copying at once: lower latency
         return m
 
-    def irecv(self, data) -> Request:
-        return self._post_recv(data, ffi.NULL, data.nbytes, 0, 0)
+    def irecv(self, data, call: int = 0) -> Request:
+        return self._post_recv(data, ffi.NULL, data.nbytes, 0, 0, call)
 
-    def irecv_reduce(self, dst, src, op) -> Request:
+    def irecv_reduce(self, dst, src, op, call: int = 0) -> Request:
         """Receive a message of dst.nbytes and store ``dst = src (op) message`` element-wise.
 
         dst, src: C-contiguous numpy arrays of one dtype and size (dst may be src); op: a
@@ -177,12 +179,13 @@ class ShmConnection(Connection):
             raise TransportError(f"irecv_reduce from rank {self.peer}: dst {dst.dtype}[{dst.size}] and "
                                  f"src {src.dtype}[{src.size}] differ")
         m = self._post_recv(dst, self._ptr(src, src.nbytes), dst.nbytes, _DTYPE_CODE[dst.dtype],
-                            _OP_CODE[as_op(op)])
+                            _OP_CODE[as_op(op)], call)
         m.keep = (dst, src)
         return m
 
-    def _post_recv(self, buf, red, n, dtype, op) -> Request:
+    def _post_recv(self, buf, red, n, dtype, op, call) -> Request:
         m = _Msg(n)
+        m.call = call
         m.ptr = self._ptr(buf, n)
         m.red = red
         m.keep = buf
@@ -200,10 +203,10 @@ class ShmConnection(Connection):
         return self._advance(self.recvq, self._recv_one)
 
     def _send_one(self, m) -> int:
-        return lib.pyccl_ring_send(self._sring, m.ptr, m.nbytes, m.slot, m.no)
+        return lib.pyccl_ring_send(self._sring, m.ptr, m.nbytes, m.slot, m.no, m.call)
 
     def _recv_one(self, m) -> int:
-        s = lib.pyccl_ring_recv(self._rring, m.ptr, m.red, m.nbytes, m.slot, m.no, m.dtype, m.op)
+        s = lib.pyccl_ring_recv(self._rring, m.ptr, m.red, m.nbytes, m.slot, m.no, m.call, m.dtype, m.op)
         if s < 0:
             self._bad_message(m, -s)
         return s
@@ -236,12 +239,16 @@ class ShmConnection(Connection):
                 lib.pyccl_ring_close(c._rring, 1, 2)
 
     def _bad_message(self, m, code):
-        ln, no = ffi.new("uint64_t *"), ffi.new("uint32_t *")
-        lib.pyccl_ring_peek(self._rring, ln, no)
+        ln, no, call = ffi.new("uint64_t *"), ffi.new("uint32_t *"), ffi.new("uint64_t *")
+        lib.pyccl_ring_peek(self._rring, ln, no, call)
         self._fail_group()
+        if code == _CALL_MISMATCH:
+            raise TransportError(mismatch_of(self.peer, call[0], m.call))
         if code == _SIZE_MISMATCH:
+            hint = ("the calls agree, so the plans differ: same PYCCL_ALGO and PYCCL_CHUNK_BYTES on every rank?"
+                    if m.call and call[0] == m.call else "same counts on every rank?")
             raise TransportError(f"size mismatch with rank {self.peer}: it sent {ln[0]} bytes, this "
-                                 f"rank expected {m.nbytes} (same counts on every rank?)")
+                                 f"rank expected {m.nbytes} ({hint})")
         raise TransportError(f"rank {self.peer} is out of step: its message #{no[0]} arrived where "
                              f"#{m.no} was expected (ranks called different collectives?)")
 

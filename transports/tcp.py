@@ -3,8 +3,9 @@
 Each peer gets `PYCCL_TCP_SOCKETS` sockets ("lanes"). A message of at least
 `PYCCL_TCP_STRIPE_MIN` bytes is cut into one part per lane; smaller ones go on lane 0.
 Both ends cut the same way because both know the length they expect; every part
-carries a 16-byte header (magic, message number, length) so a peer that sends a
-different size or falls out of step is caught with a clear error, not silent garbage.
+carries a 24-byte header (magic, message number, length, call signature of ccl/callsig.py) so a
+peer that makes a different call, sends a different size or falls out of step is caught with
+a clear error naming what differs, not silent garbage.
 
 Connection set-up: every rank listens on one socket, publishes host:port in the store,
 connects to lower ranks and accepts from higher ones. The acceptor sends a nonce and
@@ -21,11 +22,12 @@ import struct
 import time
 from collections import deque
 
+from ..callsig import mismatch_of
 from ..errors import PeerFailure, Timeout, TransportError
 from .base import Connection, Request, Transport
 
 _MAGIC = 0x50434331            # "PCC1"
-_HDR = struct.Struct("<IIQ")   # magic, message number (mod 2**32), part length
+_HDR = struct.Struct("<IIQQ")  # magic, message number (mod 2**32), part length, call (callsig)
 _HELLO = struct.Struct("<IIII")  # magic, from rank, to rank, lane
 _NONCE = 32
 _MAC = 32
@@ -43,6 +45,13 @@ def _mac(secret: bytes, nonce: bytes, hello: bytes, tag: str) -> bytes:
     return hmac.new(secret, nonce + hello + tag.encode(), hashlib.sha256).digest()
 
 
+def _size_hint(theirs: int, mine: int) -> str:
+    """Why sizes may differ when the calls agree: the plans differ (a setting differs)."""
+    if theirs and theirs == mine:
+        return "the calls agree, so the plans differ: same PYCCL_ALGO and PYCCL_CHUNK_BYTES on every rank?"
+    return "same counts on every rank?"
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -57,13 +66,14 @@ class _Part(Request):
     """One lane's share of a message. Send side: `views` for sendmsg (header, payload).
     Receive side: the header is read into `hdr` first, then the payload into `view`."""
 
-    __slots__ = ("views", "view", "hdr", "hgot", "got", "msg", "seq")
+    __slots__ = ("views", "view", "hdr", "hgot", "got", "msg", "seq", "call")
 
-    def __init__(self, view, seq, msg):
+    def __init__(self, view, seq, msg, call):
         super().__init__(len(view))
         self.view = view
         self.msg = msg
         self.seq = seq
+        self.call = call
         self.views = None
         self.hdr = None
         self.hgot = 0
@@ -93,23 +103,23 @@ class TCPConnection(Connection):
         self.recv_seq = 0
         self.closed = False
 
-    def _split(self, data: memoryview, seq: int) -> tuple:
+    def _split(self, data: memoryview, seq: int, call: int) -> tuple:
         n = len(data)
         k = len(self.socks) if n >= self.stripe_min else 1
         msg = _Message(n, k)
-        return msg, [_Part(data[n * i // k:n * (i + 1) // k], seq, msg) for i in range(k)]
+        return msg, [_Part(data[n * i // k:n * (i + 1) // k], seq, msg, call) for i in range(k)]
 
-    def isend(self, data: memoryview) -> Request:
-        msg, parts = self._split(data, self.send_seq)
+    def isend(self, data: memoryview, call: int = 0) -> Request:
+        msg, parts = self._split(data, self.send_seq, call)
         self.send_seq += 1
         for lane, part in enumerate(parts):
-            hdr = _HDR.pack(_MAGIC, part.seq & 0xFFFFFFFF, part.nbytes)
+            hdr = _HDR.pack(_MAGIC, part.seq & 0xFFFFFFFF, part.nbytes, call)
             part.views = [memoryview(hdr), part.view] if part.nbytes else [memoryview(hdr)]
             self.sendq[lane].append(part)
         return msg
 
-    def irecv(self, data: memoryview) -> Request:
-        msg, parts = self._split(data, self.recv_seq)
+    def irecv(self, data: memoryview, call: int = 0) -> Request:
+        msg, parts = self._split(data, self.recv_seq, call)
         self.recv_seq += 1
         for lane, part in enumerate(parts):
             part.hdr = bytearray(_HDR.size)
@@ -182,15 +192,17 @@ class TCPConnection(Connection):
         return moved
 
     def _check_header(self, part: _Part, lane: int) -> None:
-        magic, seq, length = _HDR.unpack(part.hdr)
+        magic, seq, length, call = _HDR.unpack(part.hdr)
         if magic != _MAGIC:
             raise TransportError(f"garbage from rank {self.peer} on lane {lane} (bad magic {magic:#x})")
         if seq != part.seq & 0xFFFFFFFF:
             raise TransportError(f"rank {self.peer} is out of step: its message #{seq} arrived "
                                  f"where #{part.seq} was expected (ranks called different collectives?)")
+        if call and part.call and call != part.call:
+            raise TransportError(mismatch_of(self.peer, call, part.call))
         if length != part.nbytes:
             raise TransportError(f"size mismatch with rank {self.peer}: it sent {length} bytes, "
-                                 f"this rank expected {part.nbytes} (same counts on every rank?)")
+                                 f"this rank expected {part.nbytes} ({_size_hint(call, part.call)})")
         part.hdr = None
 
     @staticmethod
