@@ -79,7 +79,12 @@ class Executor:
             chunk_elems = max(chunk_elems, max_region(plan))
         stages = plan.stages
         counts, total, peers = self._layout(plan, chunk_elems)
-        conns = [self.conns[p] for p in peers]
+        # open every connection this plan needs at once (lazy: ccl/bootstrap.py, transports/select.py)
+        ensure = getattr(self.conns, "ensure", None)
+        try:
+            conns = ensure(peers) if ensure is not None else [self.conns[p] for p in peers]
+        except (PeerFailure, TransportError, Timeout) as e:
+            raise type(e)(f"rank {self.rank} in {what}, opening connections: {e}") from None
         sends = []                     # (request, canonical buf, start, stop)
 
         def canon(reg):
@@ -195,11 +200,16 @@ class Executor:
                 where = describe() if callable(describe) else describe
                 raise Timeout(f"rank {self.rank} timed out after {self.timeout:.0f}s in {where}")
             naps += 1
-            self._idle_wait(conns, min(0.01, 0.00005 * naps))
+            self._idle_wait(conns, min(0.01, 0.00005 * naps), self.conns)
 
     @staticmethod
-    def _idle_wait(conns, seconds: float) -> None:
+    def _idle_wait(conns, seconds: float, lazy=None) -> None:
+        """Sleep until a connection can move; meanwhile answer peers that are opening a
+        connection to this rank (lazy connections: their handshake must not wait on us)."""
         rd, wr = [], []
+        if lazy is not None and hasattr(lazy, "poll"):
+            lazy.poll()
+            rd += lazy.wait_fds()
         for conn in conns:
             h = conn.wait_handles()
             if h is None:

@@ -6,29 +6,20 @@ Both ends cut the same way because both know the length they expect; every part
 carries a 16-byte header (magic, message number, length) so a peer that sends a
 different size or falls out of step is caught with a clear error, not silent garbage.
 
-Connection set-up: every rank listens on one socket, publishes host:port in the store,
-connects to lower ranks and accepts from higher ones. The acceptor sends a nonce and
-the connector answers HMAC-SHA256(secret, nonce + hello): no secret on the wire, no
-stranger gets a connection.
+Connection set-up (ccl/bootstrap.py): opened the first time a plan or call needs the peer,
+through the process's one listener; the lower rank dials, both ends prove they know the job
+secret (HMAC-SHA256 over fresh nonces both ways), no store request.
 """
-import hashlib
-import hmac
 import os
-import secrets
-import select
-import socket
 import struct
 import time
 from collections import deque
 
-from ..errors import PeerFailure, Timeout, TransportError
+from ..errors import PeerFailure, TransportError
 from .base import Connection, Request, Transport
 
 _MAGIC = 0x50434331            # "PCC1"
 _HDR = struct.Struct("<IIQ")   # magic, message number (mod 2**32), part length
-_HELLO = struct.Struct("<IIII")  # magic, from rank, to rank, lane
-_NONCE = 32
-_MAC = 32
 
 
 def _lanes() -> int:
@@ -37,20 +28,6 @@ def _lanes() -> int:
 
 def _stripe_min() -> int:
     return int(os.environ.get("PYCCL_TCP_STRIPE_MIN", str(1 << 18)))
-
-
-def _mac(secret: bytes, nonce: bytes, hello: bytes, tag: str) -> bytes:
-    return hmac.new(secret, nonce + hello + tag.encode(), hashlib.sha256).digest()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError("closed during handshake")
-        buf += part
-    return bytes(buf)
 
 
 class _Part(Request):
@@ -225,95 +202,31 @@ class TCPTransport(Transport):
         return True
 
     def connect(self, ctx, peers: list) -> dict:
+        """Connections to `peers`, opened now: the lower rank of each pair dials the higher
+        one's listener (its address came with the bootstrap records), `lanes` sockets each;
+        no store request. Waits answer other peers' dials, so no pair waits on itself."""
+        from ..bootstrap import KIND_TCP, check_fds, link
+        from .select import check_alive
         lanes = _lanes()
-        listener = socket.create_server((ctx.bind_host, 0), backlog=max(128, len(peers) * lanes * 2))
-        try:
-            host, port = listener.getsockname()[:2]
-            ctx.store.set(f"tcp/{ctx.rank}", f"{host}:{port}:{lanes}".encode())
-            socks = {p: [None] * lanes for p in peers}
-            deadline = time.monotonic() + ctx.timeout
-            for p in peers:
-                if p < ctx.rank:
-                    addr = ctx.store.get(f"tcp/{p}", timeout=ctx.timeout).decode()
-                    phost, pport, plane = addr.rsplit(":", 2)
-                    if int(plane) != lanes:
-                        raise TransportError(f"rank {p} uses {plane} TCP sockets per peer, rank "
-                                             f"{ctx.rank} uses {lanes}: set PYCCL_TCP_SOCKETS alike")
-                    for lane in range(lanes):
-                        socks[p][lane] = self._dial(ctx, p, phost, int(pport), lane, deadline)
-            self._accept_all(ctx, listener, socks, [p for p in peers if p > ctx.rank], lanes, deadline)
-        finally:
-            listener.close()
-        return {p: TCPConnection(p, socks[p], _stripe_min()) for p in peers}
+        for p in peers:
+            theirs = ctx.info[p].get("tcp_lanes", lanes)
+            if theirs != lanes:
+                raise TransportError(f"rank {p} uses {theirs} TCP sockets per peer, rank "
+                                     f"{ctx.rank} uses {lanes}: set PYCCL_TCP_SOCKETS alike")
+        check_fds(len(peers) * lanes, f"{ctx.comm_tag}: rank {ctx.rank} opening TCP connections to "
+                                      f"{len(peers)} peer(s) x {lanes} lanes")
+        up = [p for p in peers if p > ctx.rank]
+        down = [p for p in peers if p < ctx.rank]
+        dials = [(p, ctx.info[p]["addr"], KIND_TCP, lane, 0) for p in up for lane in range(lanes)]
+        accepts = [(p, KIND_TCP, lane, 0) for p in down for lane in range(lanes)]
 
-    @staticmethod
-    def _tune(sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _dial(self, ctx, peer, host, port, lane, deadline) -> socket.socket:
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except OSError as e:
-                last = e
-                time.sleep(0.05)
-        else:
-            raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} could not connect to rank {peer} at "
-                          f"{host}:{port} within {ctx.timeout:.0f}s ({last})")
-        try:
-            self._tune(sock)
-            nonce = _recv_exact(sock, _NONCE)
-            hello = _HELLO.pack(_MAGIC, ctx.rank, peer, lane)
-            sock.sendall(hello + _mac(ctx.secret, nonce, hello, ctx.comm_tag))
-            if _recv_exact(sock, 1) != b"\x01":
-                raise TransportError("rejected")
-        except (OSError, ConnectionError, TransportError) as e:
-            sock.close()
-            raise TransportError(f"{ctx.comm_tag}: rank {peer} at {host}:{port} refused rank "
-                                 f"{ctx.rank}'s handshake ({e}); same job secret on both?") from None
-        return sock
-
-    def _accept_all(self, ctx, listener, socks, higher, lanes, deadline) -> None:
-        missing = {(p, lane) for p in higher for lane in range(lanes)}
-        listener.setblocking(False)
-        while missing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                ranks = sorted({p for p, _ in missing})
-                raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for "
-                              f"connections from ranks {ranks} that never came")
-            ready, _, _ = select.select([listener], [], [], min(left, 0.5))
-            if not ready:
-                continue
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            who = self._greet(ctx, sock)
-            if who is None or who not in missing:
-                sock.close()
-                continue
-            missing.discard(who)
-            socks[who[0]][who[1]] = sock
-
-    def _greet(self, ctx, sock):
-        """Challenge a new connection; (peer, lane) if it proves the secret, else None."""
-        try:
-            sock.setblocking(True)
-            sock.settimeout(5.0)
-            self._tune(sock)
-            nonce = secrets.token_bytes(_NONCE)
-            sock.sendall(nonce)
-            data = _recv_exact(sock, _HELLO.size + _MAC)
-            hello, mac = data[:_HELLO.size], data[_HELLO.size:]
-            magic, src, dst, lane = _HELLO.unpack(hello)
-            if magic != _MAGIC or dst != ctx.rank or not hmac.compare_digest(
-                    mac, _mac(ctx.secret, nonce, hello, ctx.comm_tag)):
-                return None
-            sock.sendall(b"\x01")
-            sock.settimeout(None)
-            return src, lane
-        except (OSError, ConnectionError, struct.error):
-            return None
+        def describe(waiting):
+            return (f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for TCP connections "
+                    f"with ranks {waiting} that never came")
+        socks = link(ctx.listener, ctx.comm_tag, ctx.rank, dials, accepts, time.monotonic() + ctx.timeout,
+                     describe, lambda waiting: check_alive(ctx, waiting))
+        out = {}
+        for p in peers:
+            end = "d" if p > ctx.rank else "a"
+            out[p] = TCPConnection(p, [socks[(p, KIND_TCP, lane, 0, end)] for lane in range(lanes)], _stripe_min())
+        return out
