@@ -199,6 +199,21 @@ class Listener:
         self._pending = []            # _Accept still in their handshake
         self._ready = {}              # key -> proven socket, until taken
         self._lock = threading.Lock()
+        # Handshakes are answered by this thread, so a peer opening a connection to this rank
+        # never waits for the rank to call into pyccl (it may be computing, or idle).
+        self._thread = threading.Thread(target=self._serve, name="pyccl-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                fds = self.fds()
+                select.select(fds, [], [], 0.5)
+                self.poll()
+            except (OSError, ValueError):
+                if self.sock.fileno() < 0:
+                    return
+                time.sleep(0.05)          # a socket closed under select: look again
 
     def fds(self) -> list:
         with self._lock:
@@ -267,11 +282,12 @@ def listener_for(host: str, secret: bytes) -> Listener:
 
 
 def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, deadline: float,
-         describe, alive=None) -> dict:
+         describe, alive=None, cancelled=None) -> dict:
     """Open authenticated connections: `dials` [(peer, addr, kind, lane, step)] and `accepts`
     [(peer, kind, lane, step)], all at once. Returns {(peer, kind, lane, step, "d"|"a"): socket}
     (non-blocking). `describe(peers)` words a Timeout; `alive(peers)` may raise PeerFailure
-    for peers found dead while waiting (checked about once a second)."""
+    for peers found dead while waiting (checked about once a second); `cancelled()` true
+    (the communicator was aborted) ends the wait with PeerFailure."""
     d = digest(tag)
     out, pending = {}, []
     try:
@@ -301,6 +317,9 @@ def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, de
             waiting = sorted({n[0] for n, _ in pending} | {n[0] for n in want.values()})
             if now > deadline:
                 raise Timeout(describe(waiting))
+            if cancelled is not None and cancelled():
+                raise PeerFailure(f"{tag}: rank {rank} stopped waiting for connections with ranks "
+                                  f"{waiting}: the communicator was aborted")
             if alive is not None and now > next_check:
                 alive(waiting)
                 next_check = now + 1.0

@@ -167,7 +167,7 @@ class Communicator:
         from pyccl.transports.select import Connections
         ctx = SetupContext(self.rank, self.size, self._members, self.store, self._secret, self.tag,
                            self.timeout, self._bind_host(), {r: i for r, i in enumerate(self.peer_info)},
-                           self._listener)
+                           self._listener, lambda: self._broken is not None)
         conns = Connections(ctx, self.transport_name)
         self._transports = conns.transports
         return conns

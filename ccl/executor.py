@@ -200,16 +200,11 @@ class Executor:
                 where = describe() if callable(describe) else describe
                 raise Timeout(f"rank {self.rank} timed out after {self.timeout:.0f}s in {where}")
             naps += 1
-            self._idle_wait(conns, min(0.01, 0.00005 * naps), self.conns)
+            self._idle_wait(conns, min(0.01, 0.00005 * naps))
 
     @staticmethod
-    def _idle_wait(conns, seconds: float, lazy=None) -> None:
-        """Sleep until a connection can move; meanwhile answer peers that are opening a
-        connection to this rank (lazy connections: their handshake must not wait on us)."""
+    def _idle_wait(conns, seconds: float) -> None:
         rd, wr = [], []
-        if lazy is not None and hasattr(lazy, "poll"):
-            lazy.poll()
-            rd += lazy.wait_fds()
         for conn in conns:
             h = conn.wait_handles()
             if h is None:

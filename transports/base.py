@@ -33,6 +33,7 @@ class SetupContext:
     bind_host: str = "127.0.0.1"
     info: dict = field(default_factory=dict)   # topology facts per rank (host id, addr, ...)
     listener: object = None                    # this process's bootstrap Listener (ccl/bootstrap.py)
+    cancelled: object = None                   # callable: True once the communicator is aborted
 
 
 class Connection:

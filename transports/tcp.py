@@ -224,7 +224,7 @@ class TCPTransport(Transport):
             return (f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for TCP connections "
                     f"with ranks {waiting} that never came")
         socks = link(ctx.listener, ctx.comm_tag, ctx.rank, dials, accepts, time.monotonic() + ctx.timeout,
-                     describe, lambda waiting: check_alive(ctx, waiting))
+                     describe, lambda waiting: check_alive(ctx, waiting), ctx.cancelled)
         out = {}
         for p in peers:
             end = "d" if p > ctx.rank else "a"
