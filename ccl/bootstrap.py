@@ -209,7 +209,7 @@ class Listener:
             try:
                 fds = self.fds()
                 select.select(fds, [], [], 0.5)
-                self.poll()
+                self.poll(accept=True)
             except (OSError, ValueError):
                 if self.sock.fileno() < 0:
                     return
@@ -219,10 +219,11 @@ class Listener:
         with self._lock:
             return [self.sock] + [a.sock for a in self._pending]
 
-    def poll(self) -> None:
-        """Accept what has arrived and move every handshake on; never blocks."""
+    def poll(self, accept=False) -> None:
+        """Move every handshake on (and accept what has arrived: only the listener's thread
+        does, so it watches every pending socket); never blocks."""
         with self._lock:
-            while len(self._pending) < MAX_PARKED:
+            while accept and len(self._pending) < MAX_PARKED:
                 try:
                     sock, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
@@ -299,7 +300,6 @@ def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, de
         want = {(d, kind, peer, rank, lane, step): (peer, kind, lane, step, "a") for peer, kind, lane, step in accepts}
         next_check = time.monotonic() + 1.0
         while True:
-            listener.poll()
             for key in list(want):
                 sock = listener.take(key)
                 if sock is not None:
@@ -323,8 +323,9 @@ def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, de
             if alive is not None and now > next_check:
                 alive(waiting)
                 next_check = now + 1.0
-            rd = listener.fds() + [dial.sock for _, dial in pending]
-            select.select(rd, [], [], min(0.05, max(0.0, deadline - now)))
+            # accepted connections arrive through the listener's thread: look again soon
+            rd = [dial.sock for _, dial in pending]
+            select.select(rd, [], [], min(0.002 if want else 0.05, max(0.0, deadline - now)))
     except BaseException:
         for _, dial in pending:
             dial.close()
@@ -343,8 +344,7 @@ def _swap(listener, send_sock, data: bytes, recv_sock, deadline, who, limit) -> 
         left = deadline - time.monotonic()
         if left <= 0:
             raise Timeout(f"{who}: timed out exchanging bootstrap records")
-        r, w, _ = select.select(rd + listener.fds(), wr, [], min(left, 0.05))
-        listener.poll()
+        r, w, _ = select.select(rd, wr, [], min(left, 0.05))
         if send_sock in w:
             try:
                 n = send_sock.send(out[:1 << 20])
