@@ -121,4 +121,4 @@ def test_fd_limit_gives_a_clear_transport_error(tmp_path):
     """, 4, "--grace", "1", timeout=120)
     lines = [line for line in r.stdout.splitlines() if line.startswith("TE ")]
     assert lines, r.stdout + r.stderr
-    assert "needs 6 more file descriptors" in lines[0] and "ulimit -n" in lines[0], lines[0]
+    assert "needs 3 more file descriptors" in lines[0] and "ulimit -n" in lines[0], lines[0]

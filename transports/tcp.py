@@ -1,6 +1,8 @@
 """TCP transport: non-blocking sockets, several per peer for large messages.
 
-Each peer gets `PYCCL_TCP_SOCKETS` sockets ("lanes"). A message of at least
+Each peer gets up to `PYCCL_TCP_SOCKETS` sockets ("lanes"): lane 0 when the connection opens,
+the others when the first message big enough to be striped is posted (so a barrier's or a
+small all-reduce's peers cost one fd each). A message of at least
 `PYCCL_TCP_STRIPE_MIN` bytes is cut into one part per lane; smaller ones go on lane 0.
 Both ends cut the same way because both know the length they expect; every part
 carries a 16-byte header (magic, message number, length) so a peer that sends a
@@ -58,11 +60,13 @@ class _Message(Request):
 class TCPConnection(Connection):
     """Messages to one peer over `len(socks)` sockets, each a FIFO of parts."""
 
-    def __init__(self, peer: int, socks: list, stripe_min: int):
+    def __init__(self, peer: int, socks: list, stripe_min: int, opener=None):
         self.peer = peer
-        self.socks = socks
+        self.socks = socks                     # None: a lane not opened yet (see _LaneOpener)
         for s in socks:
-            s.setblocking(False)
+            if s is not None:
+                s.setblocking(False)
+        self.opener = opener
         self.stripe_min = stripe_min
         self.sendq = [deque() for _ in socks]
         self.recvq = [deque() for _ in socks]
@@ -96,6 +100,13 @@ class TCPConnection(Connection):
     def progress(self) -> bool:
         moved = False
         for lane, sock in enumerate(self.socks):
+            if sock is None:
+                if not (self.sendq[lane] or self.recvq[lane]):
+                    continue
+                sock = self.socks[lane] = self.opener.poll(lane)
+                if sock is None:
+                    continue
+                moved = True
             if self.sendq[lane] and self._send_some(lane, sock):
                 moved = True
             if self.recvq[lane] and self._recv_some(lane, sock):
@@ -179,6 +190,8 @@ class TCPConnection(Connection):
             msg.done = True
 
     def wait_handles(self):
+        if None in self.socks and any(self.sendq[i] or self.recvq[i] for i, s in enumerate(self.socks) if s is None):
+            return None                        # a lane is being opened: poll
         rd = [s for lane, s in enumerate(self.socks) if self.recvq[lane]]
         wr = [s for lane, s in enumerate(self.socks) if self.sendq[lane]]
         return rd, wr
@@ -188,9 +201,42 @@ class TCPConnection(Connection):
             self.closed = True
             for s in self.socks:
                 try:
-                    s.close()
+                    if s is not None:
+                        s.close()
                 except OSError:
                     pass
+            if self.opener is not None:
+                self.opener.close()
+
+
+class _LaneOpener:
+    """Opens a connection's extra lanes (sockets 1..) without blocking, when a striped message
+    first needs them: the lower rank dials, the higher takes it from its listener."""
+
+    def __init__(self, ctx, peer):
+        self.ctx, self.peer = ctx, peer
+        self.dials = {}
+
+    def poll(self, lane):
+        from ..bootstrap import _HELLO, KIND_TCP, MAGIC, _Dial, check_fds, digest
+        ctx = self.ctx
+        if self.peer < ctx.rank:
+            return ctx.listener.take((digest(ctx.comm_tag), KIND_TCP, self.peer, ctx.rank, lane, 0))
+        dial = self.dials.get(lane)
+        if dial is None:
+            check_fds(1, f"{ctx.comm_tag}: rank {ctx.rank} opening TCP lane {lane} to rank {self.peer}")
+            hello = _HELLO.pack(MAGIC, KIND_TCP, ctx.rank, self.peer, lane, 0, digest(ctx.comm_tag))
+            dial = self.dials[lane] = _Dial(ctx.info[self.peer]["addr"], hello, ctx.listener.secret,
+                                            ctx.timeout, f"{ctx.comm_tag}: rank {self.peer}")
+        if not dial.step():
+            return None
+        del self.dials[lane]
+        return dial.sock
+
+    def close(self):
+        for d in self.dials.values():
+            d.close()
+        self.dials = {}
 
 
 class TCPTransport(Transport):
@@ -213,12 +259,12 @@ class TCPTransport(Transport):
             if theirs != lanes:
                 raise TransportError(f"rank {p} uses {theirs} TCP sockets per peer, rank "
                                      f"{ctx.rank} uses {lanes}: set PYCCL_TCP_SOCKETS alike")
-        check_fds(len(peers) * lanes, f"{ctx.comm_tag}: rank {ctx.rank} opening TCP connections to "
-                                      f"{len(peers)} peer(s) x {lanes} lanes")
+        check_fds(len(peers), f"{ctx.comm_tag}: rank {ctx.rank} opening TCP connections to {len(peers)} peer(s)")
         up = [p for p in peers if p > ctx.rank]
         down = [p for p in peers if p < ctx.rank]
-        dials = [(p, ctx.info[p]["addr"], KIND_TCP, lane, 0) for p in up for lane in range(lanes)]
-        accepts = [(p, KIND_TCP, lane, 0) for p in down for lane in range(lanes)]
+        # lane 0 now; the others when the first message large enough to be striped is posted
+        dials = [(p, ctx.info[p]["addr"], KIND_TCP, 0, 0) for p in up]
+        accepts = [(p, KIND_TCP, 0, 0) for p in down]
 
         def describe(waiting):
             return (f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for TCP connections "
@@ -228,5 +274,6 @@ class TCPTransport(Transport):
         out = {}
         for p in peers:
             end = "d" if p > ctx.rank else "a"
-            out[p] = TCPConnection(p, [socks[(p, KIND_TCP, lane, 0, end)] for lane in range(lanes)], _stripe_min())
+            out[p] = TCPConnection(p, [socks[(p, KIND_TCP, 0, 0, end)]] + [None] * (lanes - 1), _stripe_min(),
+                                   _LaneOpener(ctx, p) if lanes > 1 else None)
         return out
