@@ -23,6 +23,8 @@ Wire format (all integers little-endian)::
                C->S  HMAC(secret, "client" + nonce_s)(32) nonce_c(32)
                S->C  0x01 HMAC(secret, "server" + nonce_c + nonce_s)(32)   | 0x00, close
     request    op(u8) key_len(u32) value_len(u32) key(utf-8) value
+               (CHECK, WAIT, MGET carry their keys in value, each as u32 length + utf-8;
+               MGET answers u32 length + value for each key, or MISSING)
     reply      status(u8) len(u32) payload
 
 Counters made by ``add`` are stored as ASCII decimal (``b"3"``), like torch's stores, so
@@ -52,8 +54,8 @@ _REQ = struct.Struct("<BII")         # op, key length, value length
 _REP = struct.Struct("<BI")          # status, payload length
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
-SET, GET, ADD, CHECK, WAIT, DELETE = 1, 2, 3, 4, 5, 6
-_OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE))
+SET, GET, ADD, CHECK, WAIT, DELETE, MGET = 1, 2, 3, 4, 5, 6, 7
+_OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE, MGET))
 OK, MISSING, BAD = 0, 1, 2
 _MAX_SERVER_WAIT = 30.0      # one WAIT/GET request is parked at most this long
 _REPLY_MARGIN = 30.0         # how much longer than the server's wait a client waits for a reply
@@ -435,6 +437,14 @@ class StoreServer:
         if op == CHECK:                          # value: packed keys; reply: one 0/1 byte per key
             keys = _unpack_keys(value)
             return OK, bytes(int(k in d) for k in keys)
+        if op == MGET:                           # value: packed keys; reply: u32 length + value each
+            keys = _unpack_keys(value)
+            if not all(k in d for k in keys):
+                return MISSING, bytes(int(k in d) for k in keys)
+            out = b"".join(_U32.pack(len(d[k])) + d[k] for k in keys)
+            if len(out) > MAX_VALUE:
+                return BAD, b"values over the reply limit"
+            return OK, out
         # DELETE
         with self._lock:
             existed = d.pop(key, None) is not None
@@ -667,6 +677,22 @@ class TCPStore:
         _, out = self._call(DELETE, key)
         return out == b"\x01"
 
+    def multi_get(self, keys, timeout: float | None = None) -> list:
+        """The values of `keys`, once all are set: two requests (WAIT, MGET) whatever their number."""
+        keys = list(keys)
+        if not keys:
+            return []
+        self.wait(keys, timeout)
+        status, out = self._call(MGET, "", _pack_keys(keys))
+        if status != OK:
+            raise PycclError(f"pyccl store at {self.host}:{self.port}: keys deleted between WAIT and MGET")
+        vals, i = [], 0
+        for _ in keys:
+            (n,) = _U32.unpack_from(out, i)
+            vals.append(out[i + 4:i + 4 + n])
+            i += 4 + n
+        return vals
+
     def close(self) -> None:
         """Close this client's connections (the server keeps running)."""
         with self._lock:
@@ -683,6 +709,15 @@ def close_local_clients() -> None:
     """Close every TCPStore client of this process (used at exit, before waiting for the others)."""
     for client in list(_CLIENTS):
         client.close()
+
+
+def multi_get(store, keys, timeout: float | None = None) -> list:
+    """Values of `keys` from any store: two requests on pyccl's TCPStore (multi_get), one get
+    per key on stores without it (torch's)."""
+    fn = getattr(store, "multi_get", None)
+    if fn is not None:
+        return fn(keys, timeout)
+    return [store.get(k, timeout=timeout) for k in keys]
 
 
 class PrefixStore:
@@ -730,6 +765,16 @@ class PrefixStore:
 
     def delete(self, key: str) -> bool:
         return self.store.delete(self._k(key))
+
+    def multi_get(self, keys, timeout: float | None = None) -> list:
+        keys = list(keys)
+        try:
+            return multi_get(self.store, [self._k(k) for k in keys], timeout)
+        except Timeout as e:
+            msg = str(e)
+            for k in keys:
+                msg = msg.replace(repr(self._k(k)), repr(k))
+            raise Timeout(f"{msg} (under prefix {self.prefix!r})") from None
 
     def close(self) -> None:
         pass
