@@ -114,7 +114,7 @@ class Communicator:
         self._inflight = 0
         self._thread = None
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
-        self.peer_info = self._exchange_info()
+        self.peer_info = self._exchange_info(derived=_members is not None)
         self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
         intra = "tcp" if self.transport_name == "tcp" else "shm"
         self.topology = Topology.from_host_ids([i["host"] for i in self.peer_info], intra=intra, inter="tcp")
@@ -152,28 +152,32 @@ class Communicator:
                           f"{missing} to join (of {self.size}); did they start?") from None
         return [self.store.get(k, timeout=self.timeout) for k in keys]
 
-    def _exchange_info(self) -> list:
-        from pyccl.topology.detect import local_info
-        me = local_info(self.rank)
-        if self.rank == 0:
-            from . import tune
-            me["tune"] = tune.load()           # rank 0's calibration prices the plans of every rank
-        self.store.set(f"info/{self.rank}", json.dumps(me).encode())
-        return [json.loads(v) for v in self._wait_ranks("info")]
+    def _exchange_info(self, derived=False) -> list:
+        """Every rank's info (ccl/bootstrap.py): two store requests per rank, then an all-gather
+        among the ranks; none at all for a communicator of ranks this process already knows."""
+        from . import bootstrap
+        self._listener = None
+        infos, self._listener = bootstrap.exchange(
+            self.store, self._root_store, self.rank, self.size, self._members, self._secret, self.tag,
+            self.timeout, self._bind_host(), derived)
+        return infos
 
     def _measured_costs(self) -> dict:
         """Rank 0's calibrated transport costs (python -m pyccl.tune), the same on every rank."""
         from . import tune
-        return tune.measured_costs(self.peer_info[0].get("tune") or {})
+        return tune.measured_costs(next((p["tune"] for p in self.peer_info if p.get("tune")), {}))
 
     def _bind_host(self) -> str:
         return _env.socket_interface_address(getattr(self._root_store, "host", None))
 
-    def _connect(self) -> dict:
-        from pyccl.transports.select import connect_all
+    def _connect(self):
+        """{peer: Connection}, each opened when a plan or call first needs it (shm: at once)."""
+        from pyccl.transports.select import Connections
         ctx = SetupContext(self.rank, self.size, self._members, self.store, self._secret, self.tag,
-                           self.timeout, self._bind_host(), {r: i for r, i in enumerate(self.peer_info)})
-        conns, self._transports = connect_all(ctx, self.transport_name)
+                           self.timeout, self._bind_host(), {r: i for r, i in enumerate(self.peer_info)},
+                           self._listener, lambda: self._broken is not None)
+        conns = Connections(ctx, self.transport_name)
+        self._transports = conns.transports
         return conns
 
     def _local_collectives(self):

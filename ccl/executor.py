@@ -81,7 +81,12 @@ class Executor:
             chunk_elems = max(chunk_elems, max_region(plan))
         stages = plan.stages
         counts, total, peers = self._layout(plan, chunk_elems)
-        conns = [self.conns[p] for p in peers]
+        # open every connection this plan needs at once (lazy: ccl/bootstrap.py, transports/select.py)
+        ensure = getattr(self.conns, "ensure", None)
+        try:
+            conns = ensure(peers) if ensure is not None else [self.conns[p] for p in peers]
+        except (PeerFailure, TransportError, Timeout) as e:
+            raise type(e)(f"rank {self.rank} in {what}, opening connections: {e}") from None
         sends = []                     # (request, canonical buf, start, stop)
 
         def canon(reg):

@@ -12,6 +12,8 @@ to leave listening on a cluster network:
   client answers ``HMAC-SHA256(secret, nonce)``; the server answers with its own proof over
   the client's nonce, so a client never trusts a store that does not know the secret either.
   A connection that does not finish the handshake within ``handshake_timeout`` is closed.
+* One thread serves every client (an event loop over ``selectors``): a rank costs the
+  server one socket and a few hundred bytes, so tens of thousands of ranks can rendezvous.
 * Nothing waits forever: every client call is bounded by a timeout and says what it waited
   for (the keys still missing, or the host:port it could not reach).
 
@@ -21,13 +23,17 @@ Wire format (all integers little-endian)::
                C->S  HMAC(secret, "client" + nonce_s)(32) nonce_c(32)
                S->C  0x01 HMAC(secret, "server" + nonce_c + nonce_s)(32)   | 0x00, close
     request    op(u8) key_len(u32) value_len(u32) key(utf-8) value
+               (CHECK, WAIT, MGET carry their keys in value, each as u32 length + utf-8;
+               MGET answers u32 length + value for each key, or MISSING)
     reply      status(u8) len(u32) payload
 
 Counters made by ``add`` are stored as ASCII decimal (``b"3"``), like torch's stores, so
 ``get`` on a counter reads the same whichever store is underneath.
 """
 import hashlib
+import heapq
 import hmac
+import selectors
 import secrets as _secrets
 import socket
 import struct
@@ -48,12 +54,14 @@ _REQ = struct.Struct("<BII")         # op, key length, value length
 _REP = struct.Struct("<BI")          # status, payload length
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
-SET, GET, ADD, CHECK, WAIT, DELETE = 1, 2, 3, 4, 5, 6
-_OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE))
+SET, GET, ADD, CHECK, WAIT, DELETE, MGET = 1, 2, 3, 4, 5, 6, 7
+_OPS = frozenset((SET, GET, ADD, CHECK, WAIT, DELETE, MGET))
 OK, MISSING, BAD = 0, 1, 2
-_MAX_SERVER_WAIT = 30.0      # one WAIT/GET request blocks the server thread at most this long
+_MAX_SERVER_WAIT = 30.0      # one WAIT/GET request is parked at most this long
 _REPLY_MARGIN = 30.0         # how much longer than the server's wait a client waits for a reply
 _CLIENTS = weakref.WeakSet()  # every live TCPStore of this process (see close_local_clients)
+#: Requests and connections made by this process's TCPStore clients (bench/startup.py, tests).
+STATS = {"requests": 0, "connections": 0}
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -111,12 +119,32 @@ def _family(host: str):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-class StoreServer:
-    """The store itself: listens on (host, port), one daemon thread per client.
+class _Client:
+    """One connection's state in the server's event loop."""
 
-    `address` is the (host, port) actually bound (port 0 picks a free one). The server lives
-    until `close()` or process exit; it never raises into its threads' callers, it only drops
-    connections that misbehave.
+    __slots__ = ("sock", "state", "need", "buf", "out", "deadline", "nonce", "op", "klen", "vlen",
+                 "key", "value", "parked", "close_after")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.state = "hello"           # hello -> idle -> header -> body -> (parked) -> idle ...
+        self.need = _MAC + _NONCE
+        self.buf = bytearray()
+        self.out = bytearray()
+        self.deadline = None
+        self.parked = None             # (deadline, keys) while a GET/WAIT waits for keys
+        self.close_after = False
+
+
+class StoreServer:
+    """The store itself: listens on (host, port) and serves every client from one thread.
+
+    One event loop (``selectors``) holds every connection as a small state machine, so
+    thousands of ranks cost a socket each, not a thread each; a GET or WAIT for a key not
+    yet set is parked and answered when the key comes (or its wait runs out), never
+    blocking the others. `address` is the (host, port) actually bound (port 0 picks a free
+    one). The server lives until `close()` or process exit; it only drops connections that
+    misbehave (bad proof, bad frame, silent too long in the handshake or mid-frame).
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, secret: bytes = b"", *,
@@ -127,16 +155,26 @@ class StoreServer:
         self.handshake_timeout = float(handshake_timeout)
         self.frame_timeout = float(frame_timeout)
         self._data = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()          # _data and _clients, for peek()/connections
         self._closed = False
-        self._clients = set()
-        self._clients_lock = threading.Lock()
+        self._clients = {}                     # socket -> _Client
+        self._waiters = {}                     # key -> set of parked _Client
+        self._timers = []                      # heap of (deadline, seq, client)
+        self._seq = 0
+        self.requests = 0                      # requests served (bench/startup.py)
+        self.handshakes = 0
         try:
-            self._sock = socket.create_server((host, int(port)), family=_family(host), backlog=1024)
+            self._sock = socket.create_server((host, int(port)), family=_family(host), backlog=4096)
         except OSError as e:
             raise OSError(e.errno, f"pyccl store: cannot listen on {host}:{port}: {e.strerror}") from None
+        self._sock.setblocking(False)
         self.address = tuple(self._sock.getsockname()[:2])
-        self._thread = threading.Thread(target=self._accept, name=f"pyccl-store:{self.address[1]}", daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name=f"pyccl-store:{self.address[1]}", daemon=True)
         self._thread.start()
 
     def __repr__(self):
@@ -148,139 +186,292 @@ class StoreServer:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- connections ---------------------------------------------------------------
+    # ---- the event loop ------------------------------------------------------------------
+    def _loop(self):
+        try:
+            while not self._closed:
+                timeout = None
+                if self._timers:
+                    timeout = max(0.0, min(self._timers[0][0] - time.monotonic(), 1.0))
+                for key, events in self._sel.select(timeout):
+                    sock = key.fileobj
+                    if sock is self._sock:
+                        self._accept()
+                    elif sock is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        c = self._clients.get(sock)
+                        if c is None:
+                            continue
+                        if events & selectors.EVENT_WRITE:
+                            self._flush(c)
+                        if events & selectors.EVENT_READ and sock in self._clients:
+                            self._readable(c)
+                self._expire()
+        finally:
+            for c in list(self._clients.values()):
+                self._drop(c)
+            for s in (self._sock, self._wake_r, self._wake_w):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+            self._sel.close()
+
     def _accept(self):
-        while not self._closed:
+        while True:
             try:
                 sock, _ = self._sock.accept()
-            except OSError:
-                if self._closed:
-                    return
-                time.sleep(0.01)        # e.g. EMFILE: keep serving the connections we have
-                continue
-            with self._clients_lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._clients.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="pyccl-store-client", daemon=True).start()
-
-    def _handshake(self, sock) -> bool:
-        sock.settimeout(self.handshake_timeout)
-        nonce_s = _secrets.token_bytes(_NONCE)
-        sock.sendall(MAGIC + nonce_s)
-        answer = _recv_exact(sock, _MAC + _NONCE)
-        if not hmac.compare_digest(answer[:_MAC], _mac(self._secret, b"client", nonce_s)):
-            try:
-                sock.sendall(b"\x00")
-            except OSError:
-                pass
-            return False
-        sock.sendall(b"\x01" + _mac(self._secret, b"server", answer[_MAC:], nonce_s))
-        return True
-
-    def _serve(self, sock):
-        try:
-            if not self._handshake(sock):
+            except (BlockingIOError, InterruptedError):
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while not self._closed:
-                sock.settimeout(None)            # an authenticated client may idle between calls...
-                first = _recv_exact(sock, 1)
-                sock.settimeout(self.frame_timeout)  # ...but not in the middle of a frame
-                op, klen, vlen = _REQ.unpack(first + _recv_exact(sock, _REQ.size - 1))
-                if op not in _OPS or klen > MAX_KEY or vlen > MAX_VALUE:
-                    return                       # hostile or broken: drop this client only
-                key = _recv_exact(sock, klen).decode("utf-8") if klen else ""
-                value = _recv_exact(sock, vlen) if vlen else b""
-                status, out = self._handle(op, key, value)
-                sock.sendall(_REP.pack(status, len(out)) + out)
-        except (OSError, ConnectionError, ValueError, struct.error):
-            pass                                 # garbage, EOF, timeout: this connection ends here
-        finally:
-            with self._clients_lock:
-                self._clients.discard(sock)
-            try:
-                sock.close()
             except OSError:
+                return                          # e.g. EMFILE: keep serving the connections we have
+            sock.setblocking(False)
+            c = _Client(sock)
+            c.nonce = _secrets.token_bytes(_NONCE)
+            c.out += MAGIC + c.nonce
+            self._timer(c, self.handshake_timeout)
+            with self._lock:
+                self._clients[sock] = c
+            self._sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, None)
+            self._flush(c)
+
+    def _timer(self, c, seconds):
+        c.deadline = time.monotonic() + seconds
+        self._seq += 1
+        heapq.heappush(self._timers, (c.deadline, self._seq, c))
+
+    def _expire(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            deadline, _, c = heapq.heappop(self._timers)
+            if c.deadline != deadline or c.sock not in self._clients:
+                continue                        # a stale timer: the client moved on
+            c.deadline = None
+            if c.parked is not None:            # a GET/WAIT ran out: answer 'missing'
+                self._answer(c)
+            else:                               # silent in the handshake or mid-frame
+                self._drop(c)
+
+    def _drop(self, c):
+        with self._lock:
+            if self._clients.pop(c.sock, None) is None:
+                return
+        if c.parked is not None:
+            for k in c.parked[1]:
+                w = self._waiters.get(k)
+                if w is not None:
+                    w.discard(c)
+                    if not w:
+                        del self._waiters[k]
+            c.parked = None
+        try:
+            self._sel.unregister(c.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    def _send(self, c, data):
+        c.out += data
+        self._flush(c)
+
+    def _flush(self, c):
+        if c.out:
+            try:
+                n = c.sock.send(c.out)
+                del c.out[:n]
+            except (BlockingIOError, InterruptedError):
                 pass
+            except OSError:
+                self._drop(c)
+                return
+        if c.sock not in self._clients:
+            return
+        if not c.out and c.close_after:
+            self._drop(c)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        try:
+            self._sel.modify(c.sock, want, None)
+        except (KeyError, ValueError, OSError):
+            self._drop(c)
+
+    def _readable(self, c):
+        """Read what the state needs (never more: the next frame stays in the socket)."""
+        while c.sock in self._clients and c.parked is None and not c.close_after:
+            want = c.need - len(c.buf)
+            try:
+                data = c.sock.recv(min(want, 1 << 20))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(c)
+                return
+            if not data:
+                self._drop(c)
+                return
+            c.buf += data
+            if len(c.buf) < c.need:
+                continue
+            try:
+                self._advance(c)
+            except (ValueError, struct.error, UnicodeDecodeError):
+                self._drop(c)                   # hostile or broken: drop this client only
+                return
+
+    def _advance(self, c):
+        buf, c.buf = bytes(c.buf), bytearray()
+        if c.state == "hello":
+            if not hmac.compare_digest(buf[:_MAC], _mac(self._secret, b"client", c.nonce)):
+                c.close_after = True
+                self._send(c, b"\x00")
+                return
+            self.handshakes += 1
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._send(c, b"\x01" + _mac(self._secret, b"server", buf[_MAC:], c.nonce))
+            self._idle(c)
+        elif c.state == "idle":                 # first byte of a frame: the clock starts
+            c.buf += buf
+            c.state, c.need = "header", _REQ.size
+            self._timer(c, self.frame_timeout)
+            if len(c.buf) >= c.need:
+                self._advance(c)
+        elif c.state == "header":
+            c.op, c.klen, c.vlen = _REQ.unpack(buf)
+            if c.op not in _OPS or c.klen > MAX_KEY or c.vlen > MAX_VALUE:
+                raise ValueError("bad frame")
+            if c.klen + c.vlen == 0:
+                self._request(c, "", b"")
+            else:
+                c.state, c.need = "body", c.klen + c.vlen
+        else:                                   # body
+            self._request(c, buf[:c.klen].decode("utf-8"), buf[c.klen:])
+
+    def _idle(self, c):
+        c.state, c.need, c.deadline = "idle", 1, None
+
+    def _request(self, c, key, value):
+        self.requests += 1
+        c.key, c.value = key, value
+        self._idle(c)
+        op = c.op
+        if op in (GET, WAIT):
+            if op == GET:
+                ms = _U32.unpack(value)[0] if value else 0
+                keys = [key]
+            else:
+                if len(value) < 4:
+                    raise ValueError("short WAIT")
+                ms = _U32.unpack_from(value)[0]
+                keys = _unpack_keys(value[4:])
+            d = self._data
+            if ms and not all(k in d for k in keys):
+                c.parked = (None, keys)
+                for k in keys:
+                    self._waiters.setdefault(k, set()).add(c)
+                self._timer(c, min(ms / 1000, _MAX_SERVER_WAIT))
+                return
+            c.parked = (None, keys)
+            self._answer(c)
+            return
+        status, out = self._handle(op, key, value)
+        self._send(c, _REP.pack(status, len(out)) + out)
+
+    def _answer(self, c):
+        """Reply to a parked (or immediate) GET/WAIT with what is there now."""
+        keys = c.parked[1]
+        for k in keys:
+            w = self._waiters.get(k)
+            if w is not None:
+                w.discard(c)
+                if not w:
+                    del self._waiters[k]
+        c.parked = None
+        c.deadline = None
+        d = self._data
+        if c.op == GET:
+            k = keys[0]
+            status, out = (OK, d[k]) if k in d else (MISSING, b"")
+        else:
+            present = bytes(int(k in d) for k in keys)
+            status, out = (OK if all(present) else MISSING), present
+        self._send(c, _REP.pack(status, len(out)) + out)
+
+    def _wake(self, key):
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return
+        d = self._data
+        for c in list(waiters):
+            if c.parked is not None and all(k in d for k in c.parked[1]):
+                self._answer(c)
 
     # ---- the key-value operations --------------------------------------------------
     def _handle(self, op, key, value):
-        """One request; ValueError (malformed body) drops the connection."""
+        """SET, ADD, CHECK, DELETE (GET and WAIT: _request); ValueError drops the connection."""
         d = self._data
         if op == SET:
-            with self._cond:
+            with self._lock:
                 d[key] = value
-                self._cond.notify_all()
+            self._wake(key)
             return OK, b""
-        if op == GET:                            # value: u32 ms to wait for the key
-            ms = _U32.unpack(value)[0] if value else 0
-            with self._cond:
-                self._cond.wait_for(lambda: key in d or self._closed, timeout=min(ms / 1000, _MAX_SERVER_WAIT))
-                return (OK, d[key]) if key in d else (MISSING, b"")
         if op == ADD:                            # value: i64 amount; reply: i64 new value
             (amount,) = _I64.unpack(value)
-            with self._cond:
-                old = d.get(key, b"0")
-                try:
-                    now = int(old.decode("ascii")) + amount
-                except (UnicodeDecodeError, ValueError):
-                    return BAD, b"value is not an integer counter"
-                if not -(1 << 63) <= now < (1 << 63):
-                    return BAD, b"counter overflow"
+            old = d.get(key, b"0")
+            try:
+                now = int(old.decode("ascii")) + amount
+            except (UnicodeDecodeError, ValueError):
+                return BAD, b"value is not an integer counter"
+            if not -(1 << 63) <= now < (1 << 63):
+                return BAD, b"counter overflow"
+            with self._lock:
                 d[key] = str(now).encode("ascii")
-                self._cond.notify_all()
+            self._wake(key)
             return OK, _I64.pack(now)
         if op == CHECK:                          # value: packed keys; reply: one 0/1 byte per key
             keys = _unpack_keys(value)
-            with self._cond:
-                return OK, bytes(int(k in d) for k in keys)
-        if op == WAIT:                           # value: u32 ms + packed keys; reply: 0/1 per key
-            if len(value) < 4:
-                raise ValueError("short WAIT")
-            ms = _U32.unpack_from(value)[0]
-            keys = _unpack_keys(value[4:])
-            with self._cond:
-                self._cond.wait_for(lambda: all(k in d for k in keys) or self._closed,
-                                    timeout=min(ms / 1000, _MAX_SERVER_WAIT))
-                present = bytes(int(k in d) for k in keys)
-            return (OK if all(present) else MISSING), present
+            return OK, bytes(int(k in d) for k in keys)
+        if op == MGET:                           # value: packed keys; reply: u32 length + value each
+            keys = _unpack_keys(value)
+            if not all(k in d for k in keys):
+                return MISSING, bytes(int(k in d) for k in keys)
+            out = b"".join(_U32.pack(len(d[k])) + d[k] for k in keys)
+            if len(out) > MAX_VALUE:
+                return BAD, b"values over the reply limit"
+            return OK, out
         # DELETE
-        with self._cond:
+        with self._lock:
             existed = d.pop(key, None) is not None
         return OK, bytes([existed])
 
     @property
     def connections(self) -> int:
         """How many client connections are open right now (ours and other processes')."""
-        with self._clients_lock:
+        with self._lock:
             return len(self._clients)
 
     def peek(self, key: str):
         """The value of `key` read in-process (no connection), or None: for the host's own checks."""
-        with self._cond:
+        with self._lock:
             return self._data.get(key)
 
     def close(self):
-        """Stop listening and drop every client; blocked waits wake up and return 'missing'."""
+        """Stop listening and drop every client (parked waits end with the connection)."""
         if self._closed:
             return
         self._closed = True
-        with self._cond:
-            self._cond.notify_all()
-        for fn in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._sock.close):
-            try:
-                fn()                              # shutdown wakes a thread blocked in accept()
-            except OSError:
-                pass
-        with self._clients_lock:
-            clients = list(self._clients)
-        for c in clients:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
 
 class TCPStore:
@@ -353,6 +544,7 @@ class TCPStore:
                 raise
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            STATS["connections"] += 1
             return sock
 
     def _read_hello(self, sock) -> bytes:
@@ -407,6 +599,7 @@ class TCPStore:
         if len(value) > MAX_VALUE:
             raise InvalidArgument(f"store value for {key!r} is {len(value)} bytes, over the {MAX_VALUE}-byte limit")
         sock = self._checkout()
+        STATS["requests"] += 1
         try:
             sock.settimeout(reply_timeout if reply_timeout is not None else _REPLY_MARGIN)
             sock.sendall(_REQ.pack(op, len(k), len(value)) + k + value)
@@ -484,6 +677,22 @@ class TCPStore:
         _, out = self._call(DELETE, key)
         return out == b"\x01"
 
+    def multi_get(self, keys, timeout: float | None = None) -> list:
+        """The values of `keys`, once all are set: two requests (WAIT, MGET) whatever their number."""
+        keys = list(keys)
+        if not keys:
+            return []
+        self.wait(keys, timeout)
+        status, out = self._call(MGET, "", _pack_keys(keys))
+        if status != OK:
+            raise PycclError(f"pyccl store at {self.host}:{self.port}: keys deleted between WAIT and MGET")
+        vals, i = [], 0
+        for _ in keys:
+            (n,) = _U32.unpack_from(out, i)
+            vals.append(out[i + 4:i + 4 + n])
+            i += 4 + n
+        return vals
+
     def close(self) -> None:
         """Close this client's connections (the server keeps running)."""
         with self._lock:
@@ -500,6 +709,15 @@ def close_local_clients() -> None:
     """Close every TCPStore client of this process (used at exit, before waiting for the others)."""
     for client in list(_CLIENTS):
         client.close()
+
+
+def multi_get(store, keys, timeout: float | None = None) -> list:
+    """Values of `keys` from any store: two requests on pyccl's TCPStore (multi_get), one get
+    per key on stores without it (torch's)."""
+    fn = getattr(store, "multi_get", None)
+    if fn is not None:
+        return fn(keys, timeout)
+    return [store.get(k, timeout=timeout) for k in keys]
 
 
 class PrefixStore:
@@ -547,6 +765,16 @@ class PrefixStore:
 
     def delete(self, key: str) -> bool:
         return self.store.delete(self._k(key))
+
+    def multi_get(self, keys, timeout: float | None = None) -> list:
+        keys = list(keys)
+        try:
+            return multi_get(self.store, [self._k(k) for k in keys], timeout)
+        except Timeout as e:
+            msg = str(e)
+            for k in keys:
+                msg = msg.replace(repr(self._k(k)), repr(k))
+            raise Timeout(f"{msg} (under prefix {self.prefix!r})") from None
 
     def close(self) -> None:
         pass

@@ -420,3 +420,16 @@ def test_torch_store_adapter():
     p = PrefixStore(s, "pfx")
     p.set("k", b"v")
     assert ts.get("pfx/k") == b"v"
+
+
+def test_multi_get_is_two_requests(client):
+    from pyccl import store as store_mod
+    for i in range(50):
+        client.set(f"m/{i}", bytes([i]) * i)
+    before = store_mod.STATS["requests"]
+    assert client.multi_get([f"m/{i}" for i in range(50)]) == [bytes([i]) * i for i in range(50)]
+    assert store_mod.STATS["requests"] - before == 2
+    p = PrefixStore(client, "m")
+    assert p.multi_get(["3", "7"]) == [b"\x03" * 3, b"\x07" * 7]
+    with pytest.raises(Timeout, match="'absent'"):
+        p.multi_get(["3", "absent"], timeout=0.3)

@@ -1,7 +1,7 @@
 """The interface every transport implements, as small as Gloo's pair.
 
-A `Transport` opens one `Connection` per peer while a communicator is set up (the
-addresses travel through the bootstrap store). A `Connection` moves messages to and
+A `Transport` opens a `Connection` to a peer when a plan or point-to-point call first needs
+it (transports/select.py `Connections`; the addresses came with the bootstrap records). A `Connection` moves messages to and
 from one peer in FIFO order: `isend`/`irecv` post a message and return a `Request`;
 `progress()` moves bytes without blocking. The executor drives `progress()` on every
 connection and never learns which transport it talks to.
@@ -31,7 +31,9 @@ class SetupContext:
     comm_tag: str          # names the communicator in handshakes and errors
     timeout: float
     bind_host: str = "127.0.0.1"
-    info: dict = field(default_factory=dict)   # topology facts per rank (host id, ...)
+    info: dict = field(default_factory=dict)   # topology facts per rank (host id, addr, ...)
+    listener: object = None                    # this process's bootstrap Listener (ccl/bootstrap.py)
+    cancelled: object = None                   # callable: True once the communicator is aborted
 
 
 class Connection:
@@ -75,7 +77,9 @@ class Transport:
         raise NotImplementedError
 
     def connect(self, ctx: SetupContext, peers: list) -> dict:
-        """Open connections to `peers` (communicator ranks); returns {peer: Connection}."""
+        """Open connections to `peers` (communicator ranks); returns {peer: Connection}.
+        Called again with other peers as plans need them; the peer calls it for this rank
+        at about the same time (both need the pair)."""
         raise NotImplementedError
 
     def close(self) -> None:

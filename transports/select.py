@@ -1,10 +1,21 @@
-"""Which transport carries each pair of ranks, and opening all of them.
+"""Which transport carries each pair of ranks, and opening connections when first needed.
 
 The rule (DESIGN.md): same host and both on GPU -> cuda_ipc; same host -> shm;
 RDMA device present -> ibverbs; else tcp. `PYCCL_TRANSPORT` (or the communicator's
 `transport=`) forces one for every pair; "auto" applies the rule.
+
+Connections are opened lazily (`Connections`): the first plan or point-to-point call that
+needs a peer opens it, every peer of a plan at once. Shared memory stays eager: its rings are
+mapped at set-up, cost no file descriptor per peer, and its set-up is collective among the
+ranks of one host. Everything else (tcp, ibverbs) opens on first use; TCP needs no store
+request for it (addresses came with the bootstrap records, ccl/bootstrap.py).
 """
-from ..errors import InvalidArgument
+import os
+import socket
+from collections.abc import Mapping
+
+from ..errors import InvalidArgument, PeerFailure, TransportError
+from ..process import pid_alive, pid_namespace
 from .base import SetupContext
 from .tcp import TCPTransport
 
@@ -30,34 +41,145 @@ def _load_builtin():
         register("ibverbs", IbvTransport)
 
 
+EAGER = ("shm", "cuda_ipc")       # set up for every same-host peer at once: no fd per peer
+
+
+class Connections(Mapping):
+    """{peer: Connection} of one communicator, opening each on first use.
+
+    `ensure(peers)` opens every missing one of `peers` at once (a plan's peers), so the
+    handshakes of one plan overlap; `conns[p]` opens one. Iterating shows the open ones only.
+    Both ends of a pair open it when a plan or call first needs it; for TCP the lower rank
+    dials and the higher one accepts, and every wait keeps answering other peers' dials
+    (`poll`), so two ranks never wait on each other."""
+
+    def __init__(self, ctx: SetupContext, choice: str):
+        _load_builtin()
+        self.ctx = ctx
+        self._open = {}
+        self._by_name = {}                     # transport name -> Transport
+        self._pick = {}
+        if choice != "auto":
+            if choice not in TRANSPORTS:
+                raise InvalidArgument(f"unknown transport {choice!r}; known: auto, {', '.join(sorted(TRANSPORTS))}")
+            t = TRANSPORTS[choice]()
+            ok, why = t.available()
+            if not ok:
+                raise InvalidArgument(f"transport {choice!r} forced by PYCCL_TRANSPORT is unavailable: {why}")
+            self._by_name[choice] = t
+            self._forced = choice
+        else:
+            self._forced = None
+            for name, cls in TRANSPORTS.items():
+                t = cls()
+                if t.available()[0]:
+                    self._by_name[name] = t
+        eager = {}
+        for name in EAGER:
+            if name in self._by_name and (self._forced in (None, name)):
+                peers = [p for p in range(ctx.size) if p != ctx.rank and self.transport_of(p) == name]
+                if peers:
+                    eager[name] = peers
+        for name, peers in eager.items():
+            try:
+                self._open.update(self._by_name[name].connect(ctx, peers))
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def transports(self) -> list:
+        return list(self._by_name.values())
+
+    def transport_of(self, peer: int) -> str:
+        """The transport that carries `peer` (the same answer on both ends: can_connect is symmetric)."""
+        name = self._pick.get(peer)
+        if name is None:
+            if self._forced:
+                name = self._forced
+            else:
+                me, other = self.ctx.info[self.ctx.rank], self.ctx.info[peer]
+                name = next((n for n, t in self._by_name.items() if t.can_connect(me, other)), None)
+                if name is None:
+                    raise TransportError(f"{self.ctx.comm_tag}: no transport joins rank {self.ctx.rank} "
+                                         f"and rank {peer}")
+            self._pick[peer] = name
+        return name
+
+    def __getitem__(self, peer):
+        conn = self._open.get(peer)
+        if conn is None:
+            conn = self.ensure([peer])[0]
+        return conn
+
+    def __iter__(self):
+        return iter(list(self._open))
+
+    def __len__(self):
+        return len(self._open)
+
+    def __contains__(self, peer):
+        return peer in self._open
+
+    def ensure(self, peers) -> list:
+        """The connections to `peers` (in order), opening the missing ones together."""
+        missing = [p for p in peers if p not in self._open]
+        if missing:
+            groups = {}
+            for p in dict.fromkeys(missing):
+                if not 0 <= p < self.ctx.size or p == self.ctx.rank:
+                    raise InvalidArgument(f"{self.ctx.comm_tag}: no connection from rank {self.ctx.rank} "
+                                          f"to rank {p}")
+                groups.setdefault(self.transport_of(p), []).append(p)
+            for name, group in groups.items():
+                self._open.update(self._by_name[name].connect(self.ctx, group))
+        return [self._open[p] for p in peers]
+
+    def open_all(self) -> dict:
+        """Open a connection to every peer (for engines that listen to everybody); the dict."""
+        self.ensure([p for p in range(self.ctx.size) if p != self.ctx.rank])
+        return dict(self._open)
+
+    def poll(self) -> None:
+        """Answer peers' handshakes that arrived while this rank waits on something else."""
+        lst = self.ctx.listener
+        if lst is not None:
+            lst.poll()
+
+    def wait_fds(self) -> list:
+        lst = self.ctx.listener
+        return lst.fds() if lst is not None else []
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open = {}
+        for t in self._by_name.values():
+            t.close()
+
+
+def check_alive(ctx: SetupContext, peers) -> None:
+    """PeerFailure for a peer found dead while waiting for it to connect: a process of this
+    host (same pid namespace) that has exited, or a remote listener that refuses connections."""
+    me = ctx.info.get(ctx.rank, {})
+    for p in peers:
+        info = ctx.info.get(p, {})
+        if info.get("host") == me.get("host") and info.get("pidns") == pid_namespace() and info.get("pid"):
+            if not pid_alive(info["pid"]):
+                raise PeerFailure(f"{ctx.comm_tag}: rank {p} is gone (its process {info['pid']} exited) "
+                                  f"while rank {ctx.rank} waited for it to connect")
+        elif info.get("addr"):
+            host, _, port = info["addr"].rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            except ConnectionRefusedError:
+                raise PeerFailure(f"{ctx.comm_tag}: rank {p} is gone (its listener {info['addr']} refuses "
+                                  f"connections) while rank {ctx.rank} waited for it to connect") from None
+            except OSError:
+                pass
+
+
 def connect_all(ctx: SetupContext, choice: str):
     """Open a connection to every other rank; returns ({peer: Connection}, [transports])."""
-    _load_builtin()
-    peers = [p for p in range(ctx.size) if p != ctx.rank]
-    if choice != "auto":
-        if choice not in TRANSPORTS:
-            raise InvalidArgument(f"unknown transport {choice!r}; known: auto, {', '.join(sorted(TRANSPORTS))}")
-        transport = TRANSPORTS[choice]()
-        ok, why = transport.available()
-        if not ok:
-            raise InvalidArgument(f"transport {choice!r} forced by PYCCL_TRANSPORT is unavailable: {why}")
-        return transport.connect(ctx, peers), [transport]
-    me = ctx.info[ctx.rank]
-    chosen = {}
-    for name, cls in TRANSPORTS.items():
-        t = cls()
-        if not t.available()[0]:
-            continue
-        mine = [p for p in peers if p not in chosen and t.can_connect(me, ctx.info[p])]
-        # Every rank must make the same choice for a pair: can_connect is symmetric by contract.
-        for p in mine:
-            chosen[p] = (name, t)
-    conns, used = {}, []
-    for name, cls in TRANSPORTS.items():
-        group = [p for p, (n, _) in chosen.items() if n == name]
-        if not group:
-            continue
-        t = next(t for p, (n, t) in chosen.items() if n == name)
-        conns.update(t.connect(ctx, group))
-        used.append(t)
-    return conns, used
+    conns = Connections(ctx, choice)
+    return conns.open_all(), conns.transports

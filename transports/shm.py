@@ -348,8 +348,9 @@ class ShmTransport(Transport):
                 {"name": mine.name, "peers": peers, "ring_bytes": ring_bytes, "pid": os.getpid(),
                  "pidns": pidns}).encode())
             conns = {}
+            infos = self._peer_infos(ctx, peers)
             for p in peers:
-                info = self._peer_info(ctx, p)
+                info = infos[p]
                 seg = self._attach(ctx, p, info)
                 send_ring = seg.base + _HDR_BYTES + info["peers"].index(ctx.rank) * info["ring_bytes"]
                 recv_ring = mine.base + _HDR_BYTES + peers.index(p) * ring_bytes
@@ -374,16 +375,24 @@ class ShmTransport(Transport):
         return conns
 
     @staticmethod
-    def _peer_info(ctx, p) -> dict:
+    def _peer_infos(ctx, peers) -> dict:
+        """Every peer's ring description, in two store requests (multi_get) however many peers."""
+        from ..store import multi_get
+        keys = [f"shm/ring/{p}" for p in peers]
         try:
-            info = json.loads(ctx.store.get(f"shm/ring/{p}", timeout=ctx.timeout))
+            raw = multi_get(ctx.store, keys, timeout=ctx.timeout)
         except Timeout:
-            raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for rank {p} "
-                          f"to publish its shared-memory rings") from None
-        if ctx.rank not in info["peers"]:
-            raise TransportError(f"{ctx.comm_tag}: rank {p} made no shared-memory ring for rank "
-                                 f"{ctx.rank} (ranks disagree on which transport joins them)")
-        return info
+            missing = [p for p, ok in zip(peers, ctx.store.check(keys)) if not ok]
+            raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for ranks {missing} "
+                          f"to publish their shared-memory rings") from None
+        out = {}
+        for p, value in zip(peers, raw):
+            info = json.loads(value)
+            if ctx.rank not in info["peers"]:
+                raise TransportError(f"{ctx.comm_tag}: rank {p} made no shared-memory ring for rank "
+                                     f"{ctx.rank} (ranks disagree on which transport joins them)")
+            out[p] = info
+        return out
 
     def _attach(self, ctx, p, info) -> Segment:
         try:

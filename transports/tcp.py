@@ -1,36 +1,29 @@
 """TCP transport: non-blocking sockets, several per peer for large messages.
 
-Each peer gets `PYCCL_TCP_SOCKETS` sockets ("lanes"). A message of at least
+Each peer gets up to `PYCCL_TCP_SOCKETS` sockets ("lanes"): lane 0 when the connection opens,
+the others when the first message big enough to be striped is posted (so a barrier's or a
+small all-reduce's peers cost one fd each). A message of at least
 `PYCCL_TCP_STRIPE_MIN` bytes is cut into one part per lane; smaller ones go on lane 0.
 Both ends cut the same way because both know the length they expect; every part
 carries a 24-byte header (magic, message number, length, call signature of ccl/callsig.py) so a
 peer that makes a different call, sends a different size or falls out of step is caught with
 a clear error naming what differs, not silent garbage.
 
-Connection set-up: every rank listens on one socket, publishes host:port in the store,
-connects to lower ranks and accepts from higher ones. The acceptor sends a nonce and
-the connector answers HMAC-SHA256(secret, nonce + hello): no secret on the wire, no
-stranger gets a connection.
+Connection set-up (ccl/bootstrap.py): opened the first time a plan or call needs the peer,
+through the process's one listener; the lower rank dials, both ends prove they know the job
+secret (HMAC-SHA256 over fresh nonces both ways), no store request.
 """
-import hashlib
-import hmac
 import os
-import secrets
-import select
-import socket
 import struct
 import time
 from collections import deque
 
 from ..callsig import mismatch_of
-from ..errors import PeerFailure, Timeout, TransportError
+from ..errors import PeerFailure, TransportError
 from .base import Connection, Request, Transport
 
 _MAGIC = 0x50434331            # "PCC1"
 _HDR = struct.Struct("<IIQQ")  # magic, message number (mod 2**32), part length, call (callsig)
-_HELLO = struct.Struct("<IIII")  # magic, from rank, to rank, lane
-_NONCE = 32
-_MAC = 32
 
 
 def _lanes() -> int:
@@ -41,25 +34,11 @@ def _stripe_min() -> int:
     return int(os.environ.get("PYCCL_TCP_STRIPE_MIN", str(1 << 18)))
 
 
-def _mac(secret: bytes, nonce: bytes, hello: bytes, tag: str) -> bytes:
-    return hmac.new(secret, nonce + hello + tag.encode(), hashlib.sha256).digest()
-
-
 def _size_hint(theirs: int, mine: int) -> str:
     """Why sizes may differ when the calls agree: the plans differ (a setting differs)."""
     if theirs and theirs == mine:
         return "the calls agree, so the plans differ: same PYCCL_ALGO and PYCCL_CHUNK_BYTES on every rank?"
     return "same counts on every rank?"
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError("closed during handshake")
-        buf += part
-    return bytes(buf)
 
 
 class _Part(Request):
@@ -91,11 +70,13 @@ class _Message(Request):
 class TCPConnection(Connection):
     """Messages to one peer over `len(socks)` sockets, each a FIFO of parts."""
 
-    def __init__(self, peer: int, socks: list, stripe_min: int):
+    def __init__(self, peer: int, socks: list, stripe_min: int, opener=None):
         self.peer = peer
-        self.socks = socks
+        self.socks = socks                     # None: a lane not opened yet (see _LaneOpener)
         for s in socks:
-            s.setblocking(False)
+            if s is not None:
+                s.setblocking(False)
+        self.opener = opener
         self.stripe_min = stripe_min
         self.sendq = [deque() for _ in socks]
         self.recvq = [deque() for _ in socks]
@@ -129,6 +110,13 @@ class TCPConnection(Connection):
     def progress(self) -> bool:
         moved = False
         for lane, sock in enumerate(self.socks):
+            if sock is None:
+                if not (self.sendq[lane] or self.recvq[lane]):
+                    continue
+                sock = self.socks[lane] = self.opener.poll(lane)
+                if sock is None:
+                    continue
+                moved = True
             if self.sendq[lane] and self._send_some(lane, sock):
                 moved = True
             if self.recvq[lane] and self._recv_some(lane, sock):
@@ -214,6 +202,8 @@ class TCPConnection(Connection):
             msg.done = True
 
     def wait_handles(self):
+        if None in self.socks and any(self.sendq[i] or self.recvq[i] for i, s in enumerate(self.socks) if s is None):
+            return None                        # a lane is being opened: poll
         rd = [s for lane, s in enumerate(self.socks) if self.recvq[lane]]
         wr = [s for lane, s in enumerate(self.socks) if self.sendq[lane]]
         return rd, wr
@@ -223,9 +213,42 @@ class TCPConnection(Connection):
             self.closed = True
             for s in self.socks:
                 try:
-                    s.close()
+                    if s is not None:
+                        s.close()
                 except OSError:
                     pass
+            if self.opener is not None:
+                self.opener.close()
+
+
+class _LaneOpener:
+    """Opens a connection's extra lanes (sockets 1..) without blocking, when a striped message
+    first needs them: the lower rank dials, the higher takes it from its listener."""
+
+    def __init__(self, ctx, peer):
+        self.ctx, self.peer = ctx, peer
+        self.dials = {}
+
+    def poll(self, lane):
+        from ..bootstrap import _HELLO, KIND_TCP, MAGIC, _Dial, check_fds, digest
+        ctx = self.ctx
+        if self.peer < ctx.rank:
+            return ctx.listener.take((digest(ctx.comm_tag), KIND_TCP, self.peer, ctx.rank, lane, 0))
+        dial = self.dials.get(lane)
+        if dial is None:
+            check_fds(1, f"{ctx.comm_tag}: rank {ctx.rank} opening TCP lane {lane} to rank {self.peer}")
+            hello = _HELLO.pack(MAGIC, KIND_TCP, ctx.rank, self.peer, lane, 0, digest(ctx.comm_tag))
+            dial = self.dials[lane] = _Dial(ctx.info[self.peer]["addr"], hello, ctx.listener.secret,
+                                            ctx.timeout, f"{ctx.comm_tag}: rank {self.peer}")
+        if not dial.step():
+            return None
+        del self.dials[lane]
+        return dial.sock
+
+    def close(self):
+        for d in self.dials.values():
+            d.close()
+        self.dials = {}
 
 
 class TCPTransport(Transport):
@@ -237,95 +260,32 @@ class TCPTransport(Transport):
         return True
 
     def connect(self, ctx, peers: list) -> dict:
+        """Connections to `peers`, opened now: the lower rank of each pair dials the higher
+        one's listener (its address came with the bootstrap records), `lanes` sockets each;
+        no store request. Waits answer other peers' dials, so no pair waits on itself."""
+        from ..bootstrap import KIND_TCP, check_fds, link
+        from .select import check_alive
         lanes = _lanes()
-        listener = socket.create_server((ctx.bind_host, 0), backlog=max(128, len(peers) * lanes * 2))
-        try:
-            host, port = listener.getsockname()[:2]
-            ctx.store.set(f"tcp/{ctx.rank}", f"{host}:{port}:{lanes}".encode())
-            socks = {p: [None] * lanes for p in peers}
-            deadline = time.monotonic() + ctx.timeout
-            for p in peers:
-                if p < ctx.rank:
-                    addr = ctx.store.get(f"tcp/{p}", timeout=ctx.timeout).decode()
-                    phost, pport, plane = addr.rsplit(":", 2)
-                    if int(plane) != lanes:
-                        raise TransportError(f"rank {p} uses {plane} TCP sockets per peer, rank "
-                                             f"{ctx.rank} uses {lanes}: set PYCCL_TCP_SOCKETS alike")
-                    for lane in range(lanes):
-                        socks[p][lane] = self._dial(ctx, p, phost, int(pport), lane, deadline)
-            self._accept_all(ctx, listener, socks, [p for p in peers if p > ctx.rank], lanes, deadline)
-        finally:
-            listener.close()
-        return {p: TCPConnection(p, socks[p], _stripe_min()) for p in peers}
+        for p in peers:
+            theirs = ctx.info[p].get("tcp_lanes", lanes)
+            if theirs != lanes:
+                raise TransportError(f"rank {p} uses {theirs} TCP sockets per peer, rank "
+                                     f"{ctx.rank} uses {lanes}: set PYCCL_TCP_SOCKETS alike")
+        check_fds(len(peers), f"{ctx.comm_tag}: rank {ctx.rank} opening TCP connections to {len(peers)} peer(s)")
+        up = [p for p in peers if p > ctx.rank]
+        down = [p for p in peers if p < ctx.rank]
+        # lane 0 now; the others when the first message large enough to be striped is posted
+        dials = [(p, ctx.info[p]["addr"], KIND_TCP, 0, 0) for p in up]
+        accepts = [(p, KIND_TCP, 0, 0) for p in down]
 
-    @staticmethod
-    def _tune(sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _dial(self, ctx, peer, host, port, lane, deadline) -> socket.socket:
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except OSError as e:
-                last = e
-                time.sleep(0.05)
-        else:
-            raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} could not connect to rank {peer} at "
-                          f"{host}:{port} within {ctx.timeout:.0f}s ({last})")
-        try:
-            self._tune(sock)
-            nonce = _recv_exact(sock, _NONCE)
-            hello = _HELLO.pack(_MAGIC, ctx.rank, peer, lane)
-            sock.sendall(hello + _mac(ctx.secret, nonce, hello, ctx.comm_tag))
-            if _recv_exact(sock, 1) != b"\x01":
-                raise TransportError("rejected")
-        except (OSError, ConnectionError, TransportError) as e:
-            sock.close()
-            raise TransportError(f"{ctx.comm_tag}: rank {peer} at {host}:{port} refused rank "
-                                 f"{ctx.rank}'s handshake ({e}); same job secret on both?") from None
-        return sock
-
-    def _accept_all(self, ctx, listener, socks, higher, lanes, deadline) -> None:
-        missing = {(p, lane) for p in higher for lane in range(lanes)}
-        listener.setblocking(False)
-        while missing:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                ranks = sorted({p for p, _ in missing})
-                raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for "
-                              f"connections from ranks {ranks} that never came")
-            ready, _, _ = select.select([listener], [], [], min(left, 0.5))
-            if not ready:
-                continue
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            who = self._greet(ctx, sock)
-            if who is None or who not in missing:
-                sock.close()
-                continue
-            missing.discard(who)
-            socks[who[0]][who[1]] = sock
-
-    def _greet(self, ctx, sock):
-        """Challenge a new connection; (peer, lane) if it proves the secret, else None."""
-        try:
-            sock.setblocking(True)
-            sock.settimeout(5.0)
-            self._tune(sock)
-            nonce = secrets.token_bytes(_NONCE)
-            sock.sendall(nonce)
-            data = _recv_exact(sock, _HELLO.size + _MAC)
-            hello, mac = data[:_HELLO.size], data[_HELLO.size:]
-            magic, src, dst, lane = _HELLO.unpack(hello)
-            if magic != _MAGIC or dst != ctx.rank or not hmac.compare_digest(
-                    mac, _mac(ctx.secret, nonce, hello, ctx.comm_tag)):
-                return None
-            sock.sendall(b"\x01")
-            sock.settimeout(None)
-            return src, lane
-        except (OSError, ConnectionError, struct.error):
-            return None
+        def describe(waiting):
+            return (f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for TCP connections "
+                    f"with ranks {waiting} that never came")
+        socks = link(ctx.listener, ctx.comm_tag, ctx.rank, dials, accepts, time.monotonic() + ctx.timeout,
+                     describe, lambda waiting: check_alive(ctx, waiting), ctx.cancelled)
+        out = {}
+        for p in peers:
+            end = "d" if p > ctx.rank else "a"
+            out[p] = TCPConnection(p, [socks[(p, KIND_TCP, 0, 0, end)]] + [None] * (lanes - 1), _stripe_min(),
+                                   _LaneOpener(ctx, p) if lanes > 1 else None)
+        return out

@@ -49,7 +49,8 @@ class _P2PEngine:
     def __init__(self, comm, rank, timeout_s, name):
         self.comm, self.rank, self.timeout = comm, rank, timeout_s
         self.name = name
-        self.conns = dict(comm.conns)           # peer -> Connection; only this thread uses them
+        # peer -> Connection, all opened now (connections are lazy otherwise); only this thread uses them
+        self.conns = comm.conns.open_all() if hasattr(comm.conns, "open_all") else dict(comm.conns)
         self.dead = {}                          # peer -> error text
         self._lock = threading.Lock()
         self._incoming = collections.deque()
