@@ -35,6 +35,12 @@ log = logging.getLogger("pyccl")
 
 #: tie-break order
 ALGOS = ("ring", "tree", "hierarchical", "halving_doubling", "composed")
+#: composed (node-local C engine calls around rail plans) is taken when within this factor of
+#: the cheapest flat plan: the model prices its local phases like the executor's shm messages,
+#: but they are single C calls; measured on 2 and 3 namespace hosts x 2 ranks, composed ran
+#: 0-12% (2 hosts) and up to 30% (3 hosts) faster than hierarchical at 1-64 MiB where the
+#: model saw a tie (bench/RESULTS.md, "Across hosts, CPU").
+COMPOSED_MARGIN = 1.10
 #: chunk sizes the tuner tries (bytes)
 CHUNK_CANDIDATES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
 
@@ -120,6 +126,10 @@ def _choose(op, nbytes, topo, costs_items, chunk_bytes, forced) -> Choice:
     allowed = _forced(forced, op, topo)
     cands = candidates(op, nbytes, topo, costs, chunk_bytes, allowed)
     best = min(c[0] for c in cands)
+    composed = [c for c in cands if c[1] == "composed"]
+    if composed and min(c[0] for c in composed) <= best * COMPOSED_MARGIN:
+        best = min(c[0] for c in composed)
+        cands = composed
     t, algo, ch, inter = next(c for c in cands if c[0] <= best * (1 + 1e-9))
     choice = Choice(algo, ch, _channels(op, algo, topo), inter, t)
     if log.isEnabledFor(logging.INFO):
