@@ -31,7 +31,7 @@ from .reduce import _DTYPE_CODE, _OP_BY_ID, divide_into
 from .store import PrefixStore
 from pyccl.topology import direct, ring as ring_plans
 from pyccl.topology.cost import transport_costs
-from pyccl.topology.graph import Topology, build_plan
+from pyccl.topology.graph import Topology, applicable, build_plan
 from pyccl.transports.base import SetupContext
 from .tuner import choose
 
@@ -125,6 +125,7 @@ class Communicator:
         self.conns = self._connect()
         self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
         self.local = self._local_collectives()
+        self._hier = None   # multi-host: the composed collectives (ccl/hierarchy.py), made on first use
         # the short path of all_reduce (_all_reduce_shm); PYCCL_CHECK needs the general one
         self._fast = self.local is not None and self.local.enabled and not self.check
         self.cuda = None    # GPU fast paths (ccl/cuda_collectives.py), set up by the first CUDA call
@@ -377,9 +378,21 @@ class Communicator:
             hit = self._plans[key] = (plan, c.chunk_bytes)
         return hit
 
-    def _local_for(self, op, nbytes):
-        """The shared-memory collectives if they run this call (then no plan is tuned), else None."""
-        return self.local if self.local is not None and self.local.wants(op, nbytes) else None
+    def _engine_for(self, op, nbytes):
+        """The engine that runs this call whole, else None (then a flat plan is tuned): on one
+        host the shared-memory collectives; across hosts the composition of ccl/hierarchy.py
+        when the tuner picks it ("composed": node-local engine, rail plans, node-local engine)."""
+        if self.local is not None:
+            return self.local if self.local.wants(op, nbytes) else None
+        if self.topology.nhosts < 2 or not applicable(op, "composed", self.topology):
+            return None
+        if op != "barrier" and choose(op, nbytes, self.topology, self._costs,
+                                      chunk_bytes=self._fixed_chunk).algo != "composed":
+            return None
+        if self._hier is None:
+            from .hierarchy import Hierarchy
+            self._hier = Hierarchy(self)
+        return self._hier
 
     def _run(self, what, plan, bufs, op=None, call=None):
         """Run a plan; its messages carry `call` (default: the call being executed, ccl/callsig.py)."""
@@ -417,7 +430,7 @@ class Communicator:
         buf, op = self._reduce_args(x, op, "all_reduce")
         if buf.device != "cpu":
             return self._cuda("all_reduce", async_op, _sig(buf, -1, op), buf, op)
-        local = self._local_for("all_reduce", buf.nbytes)
+        local = self._engine_for("all_reduce", buf.nbytes)
         plan = None if local else self._tuned("all_reduce", buf.count, buf.itemsize, buf.nbytes)
 
         def fn(what):
@@ -433,7 +446,7 @@ class Communicator:
         root = self._root(root, "reduce")
         if buf.device != "cpu":
             return self._cuda("reduce", async_op, _sig(buf, root, op), buf, root, op)
-        local = self._local_for("reduce", buf.nbytes)
+        local = self._engine_for("reduce", buf.nbytes)
         plan = None if local else self._tuned("reduce", buf.count, buf.itemsize, buf.nbytes, root)
 
         def fn(what):
@@ -450,8 +463,9 @@ class Communicator:
         root = self._root(root, "broadcast")
         if buf.device != "cpu":
             return self._cuda("broadcast", async_op, _sig(buf, root), buf, root)
-        if self._local_for("broadcast", buf.nbytes):
-            return self._submit("broadcast", lambda what: self.local.broadcast(buf.array, root, what), async_op,
+        local = self._engine_for("broadcast", buf.nbytes)
+        if local is not None:
+            return self._submit("broadcast", lambda what: local.broadcast(buf.array, root, what), async_op,
                                 _sig(buf, root))
         plan = self._tuned("broadcast", buf.count, buf.itemsize, buf.nbytes, root)
         return self._submit("broadcast", lambda what: self._run(what, plan, {"out": buf.array}), async_op,
@@ -466,8 +480,9 @@ class Communicator:
                                   f"{self.size} x input {i.count} = {i.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("all_gather", async_op, _sig(i), o, i)
-        if self._local_for("all_gather", o.nbytes):
-            return self._submit("all_gather", lambda what: self.local.all_gather(o.array, i.array, what), async_op,
+        local = self._engine_for("all_gather", o.nbytes)
+        if local is not None:
+            return self._submit("all_gather", lambda what: local.all_gather(o.array, i.array, what), async_op,
                                 _sig(i))
         plan = self._tuned("all_gather", i.count, i.itemsize, o.nbytes)
         return self._submit("all_gather", lambda what: self._run(what, plan, {"in": i.array, "out": o.array}),
@@ -482,7 +497,7 @@ class Communicator:
                                   f"{self.size} x output {o.count} = {o.count * self.size}")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("reduce_scatter", async_op, _sig(o, -1, op), o, i, op)
-        local = self._local_for("reduce_scatter", i.nbytes)
+        local = self._engine_for("reduce_scatter", i.nbytes)
         plan = None if local else self._tuned("reduce_scatter", o.count, o.itemsize, i.nbytes)
 
         def fn(what):
@@ -503,7 +518,7 @@ class Communicator:
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("all_to_all", async_op, _sig(i), o, i, out_splits, in_splits)
-        if len(set(in_splits + out_splits)) == 1 and self._local_for("all_to_all", i.nbytes):
+        if len(set(in_splits + out_splits)) == 1 and self.local is not None and self.local.wants("all_to_all", i.nbytes):
             return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op,
                                 _sig(i))
         plan = self._plan(("all_to_all", in_splits, out_splits),
@@ -576,8 +591,9 @@ class Communicator:
         return self._submit("recv", lambda what: self._run(what, plan, {"out": b.array}), async_op)
 
     def barrier(self, async_op=False):
-        if self.local is not None and self.local.wants("barrier", 0):
-            return self._submit("barrier", lambda what: self.local.barrier(what), async_op, {})
+        local = self._engine_for("barrier", 0)
+        if local is not None:
+            return self._submit("barrier", lambda what: local.barrier(what), async_op, {})
         plan = self._plan(("barrier",), lambda: direct.barrier(self.rank, self.size))
         return self._submit("barrier", lambda what: self._run(what, plan, {}), async_op, {})
 
@@ -656,6 +672,8 @@ class Communicator:
             self.cuda.abort()
         if self.local is not None:
             self.local.abort()
+        if self._hier is not None:
+            self._hier.abort()
         for c in self.conns.values():
             c.close()
 
@@ -669,6 +687,8 @@ class Communicator:
         self._closed = True
         if self.local is not None:
             self.local.close()
+        if self._hier is not None:
+            self._hier.close()
         if self.cuda is not None:
             self.cuda.close()
         for c in self.conns.values():

@@ -5,7 +5,8 @@
                       chunk_elems=choice.chunk_bytes // itemsize, inter=choice.inter)
 
 Every candidate (algorithm x chunk size, and for hierarchical all_reduce its inter-host
-algorithm) is costed with pyccl.topology.cost.predict; the cheapest wins, ties going to
+algorithm; across hosts also "composed": the node-local engine around a network plan per
+rail, topology/composed.py, run by ccl/hierarchy.py) is costed with pyccl.topology.cost.predict; the cheapest wins, ties going to
 the earlier of ALGOS and the smaller chunk. The choice is a pure function of its
 arguments (no clocks, no randomness, no platform-dependent maths), so ranks that pass
 the same topology, costs and environment choose alike, which they must: every rank has to
@@ -13,10 +14,12 @@ run the same plan. Transport costs measured at set-up must therefore be measured
 (e.g. by rank 0) and shared, not measured per rank.
 
 Environment:
-  PYCCL_ALGO   force an algorithm: ring | tree | hierarchical | halving_doubling | direct
-               (aliases double_tree, hd, ...); a comma list restricts the candidates
+  PYCCL_ALGO   force an algorithm: ring | tree | hierarchical | halving_doubling | direct |
+               composed (aliases double_tree, hd, ...); a comma list restricts the candidates
                (e.g. "tree,ring"). An algorithm that cannot build the op (halving_doubling
-               for broadcast, hierarchical on one host) is skipped with a warning.
+               for broadcast, hierarchical or composed on one host, composed on hosts with
+               unequal rank counts) is skipped with a warning. On one host the shm engine
+               runs the collectives whole and PYCCL_ALGO does not apply.
 The choice is logged at INFO on logging.getLogger("pyccl") (PYCCL_DEBUG=INFO), once per
 distinct (op, size, topology).
 """
@@ -31,13 +34,19 @@ from pyccl.topology.graph import APPLIES, INTER_ALGOS, Topology, applicable, can
 log = logging.getLogger("pyccl")
 
 #: tie-break order
-ALGOS = ("ring", "tree", "hierarchical", "halving_doubling")
+ALGOS = ("ring", "tree", "hierarchical", "halving_doubling", "composed")
+#: composed (node-local C engine calls around rail plans) is taken when within this factor of
+#: the cheapest flat plan: the model prices its local phases like the executor's shm messages,
+#: but they are single C calls; measured on 2 and 3 namespace hosts x 2 ranks, composed ran
+#: 0-12% (2 hosts) and up to 30% (3 hosts) faster than hierarchical at 1-64 MiB where the
+#: model saw a tie (bench/RESULTS.md, "Across hosts, CPU").
+COMPOSED_MARGIN = 1.10
 #: chunk sizes the tuner tries (bytes)
 CHUNK_CANDIDATES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
 
 
 class Choice(NamedTuple):
-    algo: str                 # ring | tree | hierarchical | halving_doubling | direct
+    algo: str                 # ring | tree | hierarchical | halving_doubling | direct | composed
     chunk_bytes: int          # the executor's chunk; also the builders' segment size
     channels: int             # independent pipelines the plan runs side by side (informational:
     #                           2 trees, or one per local slice for hierarchical; 1 otherwise)
@@ -48,7 +57,7 @@ class Choice(NamedTuple):
 def _channels(op, algo, topo):
     if algo == "tree" and op == "all_reduce":
         return 2
-    if algo == "hierarchical" and op in ("all_reduce", "all_gather", "reduce_scatter"):
+    if algo in ("hierarchical", "composed") and op in ("all_reduce", "all_gather", "reduce_scatter"):
         return topo.ranks_per_host
     return 1
 
@@ -117,6 +126,10 @@ def _choose(op, nbytes, topo, costs_items, chunk_bytes, forced) -> Choice:
     allowed = _forced(forced, op, topo)
     cands = candidates(op, nbytes, topo, costs, chunk_bytes, allowed)
     best = min(c[0] for c in cands)
+    composed = [c for c in cands if c[1] == "composed"]
+    if composed and min(c[0] for c in composed) <= best * COMPOSED_MARGIN:
+        best = min(c[0] for c in composed)
+        cands = composed
     t, algo, ch, inter = next(c for c in cands if c[0] <= best * (1 + 1e-9))
     choice = Choice(algo, ch, _channels(op, algo, topo), inter, t)
     if log.isEnabledFor(logging.INFO):

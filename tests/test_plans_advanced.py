@@ -428,7 +428,7 @@ def test_tuner_picks_by_size_and_scale():
 def test_pyccl_algo_forces(caplog):
     topo = Topology.uniform(4, 4)
     for value, want in [("ring", "ring"), ("tree", "tree"), ("double_tree", "tree"), ("HD", "halving_doubling"),
-                        ("hierarchical", "hierarchical"), ("tree,ring", None)]:
+                        ("hierarchical", "hierarchical"), ("composed", "composed"), ("tree,ring", None)]:
         c = tuner.choose("all_reduce", 8, topo, COSTS, env={"PYCCL_ALGO": value})
         if want:
             assert c.algo == want
@@ -436,7 +436,7 @@ def test_pyccl_algo_forces(caplog):
             assert c.algo in ("tree", "ring")
     with caplog.at_level(logging.WARNING, logger="pyccl"):
         c = tuner.choose("broadcast", 8, topo, COSTS, env={"PYCCL_ALGO": "halving_doubling"})
-    assert c.algo in ("ring", "tree", "hierarchical")
+    assert c.algo in ("ring", "tree", "hierarchical", "composed")
     assert "cannot build broadcast" in caplog.text
 
 

@@ -128,6 +128,9 @@ def predict(op: str, algo: str, nbytes: int, topo: Topology, costs: dict,
     n, H = topo.nranks, topo.nhosts
     if n == 1 or nbytes == 0:
         return 0.0
+    if algo == "composed":
+        from .composed import predict as composed_predict
+        return composed_predict(op, nbytes, topo, costs, chunk_bytes)
     chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
     ci, ce, cs = _links(topo, costs)
     S = float(nbytes)

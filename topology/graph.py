@@ -19,22 +19,23 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional, Sequence
 
-ALGOS = ("ring", "tree", "hierarchical", "halving_doubling", "direct")
+ALGOS = ("ring", "tree", "hierarchical", "halving_doubling", "direct", "composed")
 
 #: spellings accepted for algorithm names (PYCCL_ALGO, the CLI)
 ALIASES = {"double_tree": "tree", "dtree": "tree", "binary_tree": "tree", "btree": "tree",
            "hd": "halving_doubling", "rabenseifner": "halving_doubling",
            "recursive_halving_doubling": "halving_doubling",
            "hier": "hierarchical", "2d": "hierarchical", "ring": "ring", "tree": "tree",
-           "hierarchical": "hierarchical", "halving_doubling": "halving_doubling", "direct": "direct"}
+           "hierarchical": "hierarchical", "halving_doubling": "halving_doubling", "direct": "direct",
+           "composed": "composed"}
 
 #: which algorithm builds which collective
 APPLIES = {
-    "all_reduce": ("ring", "tree", "hierarchical", "halving_doubling"),
-    "reduce": ("ring", "tree", "hierarchical"),
-    "broadcast": ("ring", "tree", "hierarchical"),
-    "all_gather": ("ring", "hierarchical"),
-    "reduce_scatter": ("ring", "hierarchical"),
+    "all_reduce": ("ring", "tree", "hierarchical", "halving_doubling", "composed"),
+    "reduce": ("ring", "tree", "hierarchical", "composed"),
+    "broadcast": ("ring", "tree", "hierarchical", "composed"),
+    "all_gather": ("ring", "hierarchical", "composed"),
+    "reduce_scatter": ("ring", "hierarchical", "composed"),
     "all_to_all": ("direct",), "gather": ("direct",), "scatter": ("direct",),
 }
 
@@ -158,10 +159,14 @@ def ring_order(topo: Topology) -> Sequence:
 
 def applicable(op: str, algo: str, topo: Topology) -> bool:
     """Can `algo` build `op` on this topology? (hierarchical needs >1 host and >1 rank on a
-    host (else it is ring/tree by another name); its all_gather/reduce_scatter need the same number of ranks on every host)."""
+    host (else it is ring/tree by another name); its all_gather/reduce_scatter need the same number of ranks on every host;
+    composed: see composed.py)."""
     algo = canonical_algo(algo)
     if algo not in APPLIES.get(op, ()):
         return False
+    if algo == "composed":
+        from .composed import applicable as composed_applies
+        return composed_applies(op, topo)
     if algo == "hierarchical":
         if topo.nhosts < 2 or max(topo.local_sizes()) < 2:
             return False
@@ -183,6 +188,9 @@ def build_plan(op: str, algo: str, rank: int, topo: Topology, count: int, root: 
     algo = canonical_algo(algo)
     if algo not in APPLIES.get(op, ()):
         raise ValueError(f"{algo} does not build {op}; {op} is built by {', '.join(APPLIES.get(op, ())) or 'nothing here'}")
+    if algo == "composed":
+        raise ValueError("composed is not one plan: node-local engine calls around a rail plan "
+                         "(topology/composed.py describes it, ccl/hierarchy.py runs it)")
     order = topo.ring_order()
     if algo == "ring":
         fn = getattr(ring, op)

@@ -140,3 +140,15 @@ def chunk_of(region: Region, c: int, n: int) -> Region:
     """Chunk c of n of a region (near-equal cuts; both ends of a message cut alike)."""
     length = region.stop - region.start
     return Region(region.buf, region.start + length * c // n, region.start + length * (c + 1) // n)
+
+
+def relabel(plan: RankPlan, members) -> RankPlan:
+    """`plan`, built for a group numbered 0..len(members)-1, with every peer and the rank
+    renamed to members[i] (the group's ranks in a bigger communicator), so the bigger
+    communicator's executor and connections run it (e.g. one rail of a composed collective)."""
+    def op(o):
+        return o._replace(recv_peer=members[o.recv_peer] if o.recv_peer >= 0 else -1,
+                          send_peer=members[o.send_peer] if o.send_peer >= 0 else -1)
+    return RankPlan(plan.op, plan.algo, members[plan.rank], len(members),
+                    [[op(o) for o in stage] for stage in plan.stages], plan.tmp_elems, plan.reduces,
+                    plan.atomic)

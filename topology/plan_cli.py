@@ -48,6 +48,8 @@ def verify(op, algo, topo, count, root=0, chunk_elems=None, inter=None, chunked=
     from .simulate import plan_hazards, simulate, simulate_chunked
     n = topo.nranks
     algo = canonical_algo(algo)
+    if algo == "composed":
+        return _verify_composed(op, topo, count, root, chunk_elems, chunked, out)
     t0 = time.perf_counter()
     order = topo.ring_order()
     if algo == "ring" and op in ("all_reduce", "all_gather", "reduce_scatter") and n > 2048:
@@ -79,6 +81,25 @@ def verify(op, algo, topo, count, root=0, chunk_elems=None, inter=None, chunked=
         out(f"verified {op}/{algo} on {topo.describe()}: count {count}, {nops} ops, "
             f"{name} simulation {time.perf_counter() - t1:.1f}s (build {t_build:.1f}s)")
     return {"ops": nops, "ranks": n}
+
+
+def _verify_composed(op, topo, count, root, chunk_elems, chunked, out) -> dict:
+    """composed = node-local engine calls (the shm C collectives, proven by tests/test_shm.py)
+    around one flat plan per rail: verify the rail plans of every algorithm the tuner may
+    pick for the rail (H hosts x 1 rank)."""
+    from .composed import _RAIL_ALGOS, phases
+    rail = Topology.uniform(topo.nhosts, 1, topo.inter, topo.inter)
+    done = {}
+    for p in phases(op, 1 << 20, topo, {}):
+        if p.scope != "rail" or p.op == "barrier":
+            continue
+        for a in _RAIL_ALGOS[p.op]:
+            if applicable(p.op, a, rail):
+                done[(p.op, a)] = verify(p.op, a, rail, count, root % topo.nhosts, chunk_elems,
+                                         chunked=chunked, out=out)
+    out(f"verified composed {op} on {topo.describe()}: the rail plans above; local phases run on "
+        f"the node-local engine")
+    return {"ops": sum(d.get("ops", 0) for d in done.values()), "ranks": topo.nranks}
 
 
 def _verify_rotational(op, order, n, out):
@@ -152,7 +173,7 @@ def cost_table(op, topo, costs, highlight=None, out=print):
     from pyccl.tuner import table
     sizes = [1 << k for k in range(3, 31)]
     rows = table(op, topo, costs, sizes)
-    algos = [a for a in ("ring", "tree", "hierarchical", "halving_doubling") if any(a in r[1] for r in rows)]
+    algos = [a for a in ("ring", "tree", "hierarchical", "halving_doubling", "composed") if any(a in r[1] for r in rows)]
     out(f"predicted {op} time on {topo.describe()} (cost model; * = --algo, tuner's pick on the right)")
     head = f"{'size':>10} " + " ".join(f"{('*' if a == highlight else '') + a:>17}" for a in algos) + "   tuner"
     out(head)
@@ -170,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--intra", default="shm", help="transport inside a host (cost model): shm, cuda_ipc")
     ap.add_argument("--inter", default="tcp", help="transport between hosts (cost model): tcp, ibverbs")
     ap.add_argument("--op", default="all_reduce", choices=sorted(k for k, v in APPLIES.items() if v != ("direct",)))
-    ap.add_argument("--algo", default=None, help="ring, tree/double_tree, hierarchical, halving_doubling "
+    ap.add_argument("--algo", default=None, help="ring, tree/double_tree, hierarchical, halving_doubling, composed "
                                                   "(default: the tuner's pick for --bytes)")
     ap.add_argument("--inter-algo", default=None, help="hierarchical all_reduce between hosts: tree, ring, halving_doubling")
     ap.add_argument("--root", type=int, default=0)
@@ -196,21 +217,27 @@ def main(argv=None) -> int:
     if not applicable(a.op, algo, topo):
         print(f"{algo} does not build {a.op} on {topo.describe()}", file=sys.stderr)
         return 2
+    if algo == "composed":
+        from .composed import describe
+        print(describe(a.op, a.bytes, topo, costs, a.chunk_bytes))
     if algo == "hierarchical" and a.op == "all_reduce" and inter is None:
         inter = cost.best_inter(a.bytes / topo.ranks_per_host, topo, costs, a.chunk_bytes or cost.DEFAULT_CHUNK_BYTES)
     chunk_elems = (a.chunk_bytes // 8) if a.chunk_bytes else None
-    if a.describe is not None:
+    if a.describe is not None and algo != "composed":
         from .graph import build_plan
         print(build_plan(a.op, algo, a.describe, topo, a.count, a.root, chunk_elems, inter).describe())
     if a.verify:
         verify(a.op, algo, topo, a.count, a.root, chunk_elems, inter)
     if a.cost:
         cost_table(a.op, topo, costs, highlight=algo)
-    if a.draw:
+    if a.draw and algo == "composed":
+        print("--draw: composed has no single plan to draw; draw the rail's plan with --hosts H "
+              "--ranks-per-host 1", file=sys.stderr)
+    elif a.draw:
         from .draw import draw_plan
         path = draw_plan(a.op, algo, topo, a.draw, costs=costs, inter=inter, root=a.root)
         print(f"wrote {path}")
-    if not (a.verify or a.cost or a.draw or a.describe is not None):
+    if not (a.verify or a.cost or a.draw or a.describe is not None or algo == "composed"):
         ap.print_usage()
     return 0
 
