@@ -55,12 +55,15 @@ class Executor:
             self._scratch[key] = arr
         return arr[:n]
 
-    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None) -> None:
+    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None, stager=None) -> None:
         """Execute `plan` on `bufs` ({"in","out","tmp"} -> flat numpy arrays).
 
         `op` is the ReduceOp for reducing plans; `what` names the call in errors; chunk_bytes
         (the tuner's) overrides the communicator's default. Atomic plans (whose ops read
-        unions of regions written earlier) are never cut into chunks."""
+        unions of regions written earlier) are never cut into chunks. `stager` (ccl/staging.py:
+        the buffers are pinned copies of device memory) is told the chunk layout and called
+        before and after every pass, to copy in what the pass reads and copy out what it
+        finalised."""
         arrays = dict(bufs)
         ref = arrays.get("out") if arrays.get("out") is not None else arrays.get("in")
         item = ref.itemsize if ref is not None else 1
@@ -81,6 +84,8 @@ class Executor:
         counts, total, peers = self._layout(plan, chunk_elems)
         conns = [self.conns[p] for p in peers]
         sends = []                     # (request, canonical buf, start, stop)
+        if stager is not None:
+            stager.start(plan, counts, total, alias, chunk_elems)
 
         def canon(reg):
             return alias.get(reg.buf, reg.buf)
@@ -104,6 +109,8 @@ class Executor:
                 sends.append((req, canon(reg), reg.start, reg.stop))
 
         for c in range(total):
+            if stager is not None:
+                stager.before(c)
             for si, stage in enumerate(stages):
                 active = []
                 for oi, o in enumerate(stage):
@@ -144,6 +151,8 @@ class Executor:
                     active = still
                 if len(sends) > 64:
                     sends = [s for s in sends if not s[0].done]
+            if stager is not None:
+                stager.after(c)
         if sends:
             self._drive(conns, lambda: all(s[0].done for s in sends),
                         lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
