@@ -33,7 +33,7 @@ for m in $MODES; do
       # every rank its own PYCCL_HOST_ID: host<RANK / 2>
       timeout -k 5 120 $TORCHRUN --nproc-per-node 4 --no-python bash -c \
         "PYCCL_HOST_ID=host\$((RANK / ${PER_HOST:-2})) exec python3 $args --device cuda --check --quiet" 2>&1 \
-        | grep -v "^\[rank\|OMP_NUM\|^\*\*\*" | tail -8 || FAILED=$((FAILED + 1))
+        | grep -v "OMP_NUM\|^\*\*\*\|^\s*$" | tail -${EXAMPLE_TAIL:-12} || FAILED=$((FAILED + 1))
     done ;;
   esac
 done
