@@ -368,11 +368,12 @@ class Communicator:
 
     def _tuned(self, op, count, itemsize, nbytes, root=0):
         """(plan, chunk_bytes) for a tuned op: the tuner picks the algorithm from the cost model
-        (PYCCL_ALGO forces one), the builder makes this rank's plan; cached per shape."""
+        (PYCCL_ALGO forces one) among those that are one plan, the builder makes this rank's
+        plan; cached per shape."""
         key = (op, count, itemsize, root)
         hit = self._plans.get(key)
         if hit is None:
-            c = choose(op, nbytes, self.topology, self._costs, chunk_bytes=self._fixed_chunk)
+            c = choose(op, nbytes, self.topology, self._costs, chunk_bytes=self._fixed_chunk, flat=True)
             plan = build_plan(op, c.algo, self.rank, self.topology, count, root,
                               chunk_elems=max(1, c.chunk_bytes // itemsize), inter=c.inter)
             hit = self._plans[key] = (plan, c.chunk_bytes)

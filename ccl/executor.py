@@ -55,14 +55,16 @@ class Executor:
             self._scratch[key] = arr
         return arr[:n]
 
-    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None, call: int = 0) -> None:
+    def run(self, plan, bufs: dict, op, what: str, chunk_bytes=None, call: int = 0, stager=None) -> None:
         """Execute `plan` on `bufs` ({"in","out","tmp"} -> flat numpy arrays).
 
         `op` is the ReduceOp for reducing plans; `what` names the call in errors; chunk_bytes
         (the tuner's) overrides the communicator's default; `call` (ccl/callsig.py) travels
         with every message, so a peer that runs a different call says which field differs.
         Atomic plans (whose ops read unions of regions written earlier) are never cut into
-        chunks."""
+        chunks. `stager` (ccl/staging.py: the buffers are pinned copies of device memory) is
+        told the chunk layout and called before and after every pass, to copy in what the pass
+        reads and copy out what it finalised."""
         arrays = dict(bufs)
         ref = arrays.get("out") if arrays.get("out") is not None else arrays.get("in")
         item = ref.itemsize if ref is not None else 1
@@ -88,6 +90,8 @@ class Executor:
         except (PeerFailure, TransportError, Timeout) as e:
             raise type(e)(f"rank {self.rank} in {what}, opening connections: {e}") from None
         sends = []                     # (request, canonical buf, start, stop)
+        if stager is not None:
+            stager.start(plan, counts, total, alias, chunk_elems)
 
         def canon(reg):
             return alias.get(reg.buf, reg.buf)
@@ -111,6 +115,8 @@ class Executor:
                 sends.append((req, canon(reg), reg.start, reg.stop))
 
         for c in range(total):
+            if stager is not None:
+                stager.before(c)
             for si, stage in enumerate(stages):
                 active = []
                 for oi, o in enumerate(stage):
@@ -151,6 +157,8 @@ class Executor:
                     active = still
                 if len(sends) > 64:
                     sends = [s for s in sends if not s[0].done]
+            if stager is not None:
+                stager.after(c)
         if sends:
             self._drive(conns, lambda: all(s[0].done for s in sends),
                         lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")

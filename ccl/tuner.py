@@ -103,20 +103,22 @@ def candidates(op: str, nbytes: int, topo: Topology, costs: dict, chunk_bytes=No
 
 
 def choose(op: str, nbytes: int, topology: Topology, transport_costs: Optional[dict] = None, *,
-           chunk_bytes: Optional[int] = None, env=None) -> Choice:
+           chunk_bytes: Optional[int] = None, env=None, flat: bool = False) -> Choice:
     """The cheapest algorithm for `op` on `nbytes` (see cost.py for how sizes are counted).
 
+    flat: only algorithms that are one plan for the executor (not "composed"; the staged CUDA
+    path of ccl/staging.py runs plans only).
     chunk_bytes: fix the chunk (e.g. the user set PYCCL_CHUNK_BYTES) instead of tuning it.
     transport_costs: {transport: LinkCost}; default cost.transport_costs() (defaults + env)."""
     env = os.environ if env is None else env
     costs = transport_costs if transport_costs is not None else cost.transport_costs(env)
     forced = env.get("PYCCL_ALGO", "")
     return _choose(op, int(nbytes), topology, tuple(sorted(costs.items())),
-                   int(chunk_bytes) if chunk_bytes else None, forced.strip().lower())
+                   int(chunk_bytes) if chunk_bytes else None, forced.strip().lower(), flat)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(op, nbytes, topo, costs_items, chunk_bytes, forced) -> Choice:
+def _choose(op, nbytes, topo, costs_items, chunk_bytes, forced, flat=False) -> Choice:
     costs = dict(costs_items)
     default_chunk = chunk_bytes or cost.DEFAULT_CHUNK_BYTES
     if op not in APPLIES or APPLIES[op] == ("direct",):
@@ -124,7 +126,10 @@ def _choose(op, nbytes, topo, costs_items, chunk_bytes, forced) -> Choice:
     if topo.nranks == 1 or nbytes == 0:
         return Choice("ring", default_chunk, 1)
     allowed = _forced(forced, op, topo)
-    cands = candidates(op, nbytes, topo, costs, chunk_bytes, allowed)
+    if flat and allowed is not None:
+        allowed = tuple(a for a in allowed if a != "composed") or None
+    cands = [c for c in candidates(op, nbytes, topo, costs, chunk_bytes, allowed)
+             if not (flat and c[1] == "composed")]
     best = min(c[0] for c in cands)
     composed = [c for c in cands if c[1] == "composed"]
     if composed and min(c[0] for c in composed) <= best * COMPOSED_MARGIN:

@@ -77,7 +77,8 @@ def init(backend: str, device: str, threads: int = 1, timeout_s: float = 300.0) 
             store = _torch_store_via_pyccl(open_store(info), info, timeout_s)
     else:
         rank, world, local = 0, 1, 0
-    dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
+    # several ranks may share a GPU (ranks posing as hosts on a 1-GPU machine)
+    dev = torch.device("cuda", local % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     rt = Runtime(rank, world, local, dev, backend)

@@ -35,8 +35,10 @@ def serve(conn, obj):
             conn.send(("err", traceback.format_exc()))
 
 
-def _rank_main(rank, size, addr, secret, env, comm_kwargs, conn):
+def _rank_main(rank, size, addr, secret, env, comm_kwargs, ranks_per_host, conn):
     os.environ.update(env)
+    if ranks_per_host:                    # pose as several hosts: ranks_per_host ranks each
+        os.environ["PYCCL_HOST_ID"] = f"host{rank // ranks_per_host}"
     try:
         import pyccl
         store = TCPStore(addr[0], addr[1], secret, timeout=60)
@@ -113,12 +115,15 @@ class Ranks:
 
 
 class RankGroup(Ranks):
-    def __init__(self, size, env=None, timeout=120, **comm_kwargs):
+    def __init__(self, size, env=None, timeout=120, ranks_per_host=None, **comm_kwargs):
+        """ranks_per_host: each rank sets PYCCL_HOST_ID=host<rank // ranks_per_host> (ranks
+        posing as several hosts)."""
         secret = secrets.token_bytes(32)
         self.server = StoreServer("127.0.0.1", 0, secret)
         env = {"PYCCL_TIMEOUT": "60", **(env or {})}
         try:
-            super().__init__(size, timeout, _rank_main, (size, self.server.address, secret, env, comm_kwargs))
+            super().__init__(size, timeout, _rank_main, (size, self.server.address, secret, env, comm_kwargs,
+                                                         ranks_per_host))
         except BaseException:
             self.server.close()
             raise

@@ -366,6 +366,19 @@ class MRCache:
     def release(e: _Entry) -> None:
         e.users -= 1
 
+    def forget(self, e: _Entry) -> None:
+        """Release `e` and deregister it now: its memory is about to be freed (a later buffer
+        at the same address must not find the old registration)."""
+        _, lib = _native()
+        with self.lock:
+            e.users -= 1
+            e.dead = True
+            if e in self.entries and e.users == 0:
+                self.entries.remove(e)
+                self.bytes -= e.nbytes
+                lib.pv_dereg_mr(e.mr)
+                e.mr, e.keep = None, None
+
     def _register(self, view, addr, end, access) -> _Entry:
         ffi, lib = _native()
         region, owner = self._region(view, addr, end)

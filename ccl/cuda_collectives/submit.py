@@ -22,6 +22,9 @@ def submit(comm, name, async_op, sig, *args):
         raise InvalidArgument(f"{name}: buffers are on several GPUs {sorted(devs)}; one GPU per rank")
     dev = bufs[0].array.device
     cc = getattr(comm, "cuda", None)
+    if getattr(cc, "staged", False) or (cc is None and len({i.get("host") for i in comm.peer_info}) > 1):
+        from ..staging import submit as staged          # ranks on several hosts: ccl/staging.py
+        return staged(comm, name, async_op, sig, *args)
     if cc is None:
         comm._check_usable(name)
         from .engine import CudaCollectives

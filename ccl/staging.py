@@ -1,0 +1,611 @@
+"""Device memory across hosts: collectives on CUDA buffers staged through pinned host memory.
+
+When a communicator's ranks are on several hosts, cuda_collectives.submit sends every
+collective on CUDA buffers here. It runs the CPU path of the same communicator — the plan
+the tuner picks for host memory, walked by the executor over TCP or ibverbs — on pinned host
+copies of the buffers, and pipelines the copies between device and host with the network at
+the granularity of the executor's passes (its "for chunk c: for stage: for op" loop):
+
+    d2h stream   D2H of the ranges passes c+1, c+2, ... read first (a few MiB ahead)
+    host         executor pass c: sends, receives and reductions of chunk c of every region
+    h2d stream   H2D of the ranges whose last write was in pass c-1, c-2, ...
+
+Before the first pass, ``schedule()`` reads the plan once (cached on it): which element ranges
+of which buffer each pass reads before anything wrote them on the host (they must come from
+the device), and which pass writes each range for the last time (after it the range is
+final). The executor calls ``_Stager.before(c)`` and ``after(c)`` around pass c
+(``Executor.run(stager=...)``): before waits (bounded) for the D2H group that pass needs and
+tops the D2H queue up; after issues the H2D of what pass c finalised. So the staging costs
+one chunk of D2H before the first send and one chunk of H2D after the last receive; the
+rest hides behind the network. Every collective takes this path: all_reduce, broadcast,
+reduce, all_gather, reduce_scatter, all_to_all(v), gather, scatter. A plan whose regions
+must each move as one message (``plan.atomic``: halving-doubling, hierarchical all-gather)
+has a single pass, so it is staged whole (D2H all, network, H2D all).
+
+Where the reduction runs: on the CPU, inside the network phase (the plan's RECV_REDUCE
+steps on the pinned chunks), like the CPU path; reducing on the GPU would need every
+received chunk to cross PCIe twice more (H2D, kernel, D2H before it is sent on). What was
+measured is in bench/RESULTS.md ("Across hosts, GPU").
+
+Memory: one pinned arena per communicator (cudaHostAlloc), grown to the largest call (input,
+output, and for AVG a second copy of the output: the average is taken on the host while
+the sum may still be sent on) and reused; it is registered once with every ibverbs device
+the communicator's connections use (transports/ibverbs.MRCache), so the RDMA transfers of
+the executor find it in the memory-region cache; TCP needs no registration.
+
+GPUDirect RDMA (design only; it cannot be tried on these machines). With a NIC that can read
+and write GPU memory (nvidia-peermem, or dmabuf: cuMemGetHandleForAddressRange + ibv_reg_dmabuf_mr),
+the copies of this module disappear for the ibverbs transport: ``Staging._arena`` would hand
+the executor the device buffers themselves (registered through the same MRCache with a dmabuf
+fd instead of a host address), ``_Stager.before`` would become an event wait (the caller's
+stream reached the collective) and ``after`` a no-op; the reductions (RECV_REDUCE) then have to
+run on the GPU (a kernel per received chunk, launched on pyccl's stream, its completion
+polled like the D2H events here) because the CPU cannot read device memory at speed. Between
+hosts over TCP the staging stays: sockets need host memory.
+
+Streams (the contract of ccl/cuda_collectives.py): a collective reads its input only after
+the work already queued on the caller's current stream (an event recorded there at the call
+gates the copies), and everything queued afterwards on that stream sees its result:
+
+* synchronous: the host runs the network part (it blocks for it, like Gloo on CUDA tensors
+  and like every CPU collective: the host is the one that moves the bytes), then makes the
+  caller's stream wait for the copies back, without waiting for them itself;
+* ``async_op=True``: the whole collective runs on the communicator's progress thread and the
+  call returns at once; ``work.wait()`` waits for the network part (bounded) and makes the
+  then current stream wait for the copies back; ``work.wait(timeout)`` also blocks the host
+  until they are done; ``work.is_completed()`` polls.
+
+Errors are the CPU path's: a dead peer, a timeout, a mismatched call raise PeerFailure,
+Timeout or TransportError naming the op, the rank, the peer and the step, on every rank (the
+communicator breaks and tells its peers); a copy that does not finish within the
+communicator's timeout (the caller's stream never gets there) raises Timeout. They surface
+from the synchronous call or from ``work.wait()``.
+
+Not done yet: the ranks of one host (2 hosts x 2 ranks) stage and cross the host through the
+same plan (shm inside the host on CPU builds, TCP else) instead of a node-local phase on
+the CUDA IPC engine; that belongs to the hierarchical composition (ccl/hierarchy.py), whose
+network phase would take this stager.
+
+Environment (defaults):
+  PYCCL_STAGING_CHUNK   4194304  largest executor chunk (bytes) of a staged collective: the
+                                 unit of copy/network overlap (the tuner's chunk if smaller).
+                                 Measured on one H100, 2 ranks as 2 hosts over TCP: 1 MiB chunks
+                                 cost 10-15% of busbw at 64-256 MiB against 4 MiB (more executor
+                                 passes), 2 MiB 5-10%; the copies hide behind the network either way
+  PYCCL_STAGING_AHEAD   16777216 bytes of device-to-host copies queued ahead of the network
+"""
+import ctypes
+import logging
+import os
+import time
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .buffers import Buffer
+from .dtypes import AVG, DTYPES
+from .errors import InvalidArgument, PycclError, Timeout
+from .reduce import divide_into
+
+log = logging.getLogger("pyccl")
+
+_D2H, _H2D = 2, 1                  # cudaMemcpyKind
+_EVENTS = 64                       # D2H groups in flight at most (event ring)
+_ALIGN = 4096
+
+
+def _env_int(name, default):
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
+
+
+# ---- entry from cuda_collectives.submit --------------------------------------------------------
+def submit(comm, name, async_op, sig, *args):
+    """Run collective `name` on CUDA buffers of a communicator that spans hosts (see the
+    module doc). Called on the caller's thread, which fixes the caller's stream."""
+    view = next(a for a in args if isinstance(a, Buffer)).array
+    st = comm.cuda
+    if st is None:
+        comm._check_usable(name)
+        st = comm.cuda = Staging(comm, view.device)
+    elif st.dev != view.device:
+        raise InvalidArgument(f"{name}: buffer is on cuda:{view.device} but this communicator's rank {comm.rank} "
+                              f"works on cuda:{st.dev} (one GPU per rank and communicator)")
+    build = _OPS.get(name)
+    if build is None:
+        raise InvalidArgument(f"{name}: not implemented for CUDA buffers across hosts; use a CPU copy")
+    caller = view.caller_stream()
+    ready = st.record_ready(caller)
+    end = st.next_end()
+
+    def fn(what):
+        return st.run(what, build, ready, end, args)
+    if not async_op:
+        comm._submit(name, fn, False, sig)
+        st.rt.streamWaitEvent(caller, end, 0)
+        if st.sync_each:
+            st.synchronize(name, end)
+        return None
+    return StagedWork(comm._submit(name, fn, True, sig), st, view, end)
+
+
+class StagedWork:
+    """The Work of an async staged collective (semantics in the module doc)."""
+
+    def __init__(self, work, st, view, end):
+        self._work, self._st, self._view, self._end = work, st, view, end
+        self.what = work.what
+
+    def wait(self, timeout=None) -> bool:
+        self._work.wait(timeout)                  # the network part; raises its error
+        st = self._st
+        st.rt.streamWaitEvent(self._view.caller_stream(), self._end, 0)
+        if timeout is not None:
+            st.wait_event(self._end, self.what, "the copies back to the GPU", timeout)
+        return True
+
+    def is_completed(self) -> bool:
+        if not self._work.is_completed():
+            return False
+        return self._work.exception() is not None or self._st.rt.eventQuery(self._end) == 0
+
+    def exception(self):
+        return self._work.exception()
+
+    @property
+    def result(self):
+        return None
+
+
+# ---- what each collective stages ----------------------------------------------------------------
+class _Call(NamedTuple):
+    """One staged collective: the plan and chunk the communicator's CPU path would use for these
+    buffers, the device buffers by plan name (None: this rank has none), which of them are read
+    from the device and which written back, the reduction, and whether the result is averaged."""
+    plan: object
+    chunk: Optional[int]
+    views: dict
+    fetch: tuple
+    flush: tuple
+    op: object = None
+    avg: bool = False
+    inplace: bool = False              # "in" is "out" (all_reduce, reduce)
+
+
+def _all_reduce(comm, buf, op):
+    v = buf.array
+    plan, chunk = comm._tuned("all_reduce", v.size, v.itemsize, v.nbytes)
+    return _Call(plan, chunk, {"out": v}, ("out",), ("out",), op, op is AVG, True)
+
+
+def _reduce(comm, buf, root, op):
+    v = buf.array
+    plan, chunk = comm._tuned("reduce", v.size, v.itemsize, v.nbytes, root)
+    mine = comm.rank == root                                 # non-roots keep their buffer
+    return _Call(plan, chunk, {"out": v}, ("out",), ("out",) if mine else (), op, mine and op is AVG, True)
+
+
+def _broadcast(comm, buf, root):
+    v = buf.array
+    plan, chunk = comm._tuned("broadcast", v.size, v.itemsize, v.nbytes, root)
+    return _Call(plan, chunk, {"out": v}, ("out",), ("out",))
+
+
+def _all_gather(comm, out, inp):
+    o, i = out.array, inp.array
+    plan, chunk = comm._tuned("all_gather", i.size, i.itemsize, o.nbytes)
+    return _Call(plan, chunk, {"in": i, "out": o}, ("in",), ("out",))
+
+
+def _reduce_scatter(comm, out, inp, op):
+    o, i = out.array, inp.array
+    plan, chunk = comm._tuned("reduce_scatter", o.size, o.itemsize, i.nbytes)
+    return _Call(plan, chunk, {"in": i, "out": o}, ("in",), ("out",), op, op is AVG)
+
+
+def _all_to_all(comm, out, inp, out_splits, in_splits):
+    from pyccl.topology import direct
+    plan = comm._plan(("all_to_all", in_splits, out_splits),
+                      lambda: direct.all_to_all(comm.rank, comm.size, in_splits, out_splits))
+    return _Call(plan, None, {"in": inp.array, "out": out.array}, ("in",), ("out",))
+
+
+def _gather(comm, out, inp, root):
+    from pyccl.topology import direct
+    i = inp.array
+    plan = comm._plan(("gather", i.size, root), lambda: direct.gather(comm.rank, comm.size, i.size, root))
+    return _Call(plan, None, {"in": i, "out": out.array if out is not None else None}, ("in",), ("out",))
+
+
+def _scatter(comm, out, inp, root):
+    from pyccl.topology import direct
+    o = out.array
+    plan = comm._plan(("scatter", o.size, root), lambda: direct.scatter(comm.rank, comm.size, o.size, root))
+    return _Call(plan, None, {"out": o, "in": inp.array if inp is not None else None}, ("in",), ("out",))
+
+
+_OPS = {"all_reduce": _all_reduce, "reduce": _reduce, "broadcast": _broadcast, "all_gather": _all_gather,
+        "reduce_scatter": _reduce_scatter, "all_to_all": _all_to_all, "gather": _gather, "scatter": _scatter}
+
+
+# ---- the schedule: which ranges each pass needs from the device, which it finalises -------------
+class _Ranges:
+    """Disjoint, merged [start, stop) element ranges."""
+    __slots__ = ("iv",)
+
+    def __init__(self):
+        self.iv = []
+
+    def missing(self, a, b):
+        """The parts of [a, b) not covered."""
+        out = []
+        for s, e in self.iv:
+            if e <= a:
+                continue
+            if s >= b:
+                break
+            if s > a:
+                out.append((a, s))
+            a = max(a, e)
+            if a >= b:
+                return out
+        if a < b:
+            out.append((a, b))
+        return out
+
+    def add(self, a, b):
+        iv, merged = self.iv, []
+        i = 0
+        while i < len(iv) and iv[i][1] < a:
+            merged.append(iv[i])
+            i += 1
+        while i < len(iv) and iv[i][0] <= b:
+            a, b = min(a, iv[i][0]), max(b, iv[i][1])
+            i += 1
+        merged.append((a, b))
+        merged.extend(iv[i:])
+        self.iv = merged
+
+
+def schedule(plan, counts, total, alias, fetch, flush):
+    """(fetches, flushes): for every executor pass c, the element ranges (name, start, stop) to
+    copy device -> host before it (read before anything wrote them, in buffers named in `fetch`)
+    and those whose last write happens in it (buffers named in `flush`). `counts` and `total`
+    are the executor's chunk layout of `plan`; `alias` maps "in" to "out" when they are one
+    buffer. Reads of a stage see the writes of earlier stages; the ops of a stage are
+    independent (the plan contract, topology/plan.py)."""
+    from pyccl.topology.plan import COPY, RECV_REDUCE, RECV_REDUCE_SEND, SEND, chunk_of
+    reads_src = (SEND, COPY, RECV_REDUCE, RECV_REDUCE_SEND)
+    seen = {n: _Ranges() for n in fetch}
+    fetches = [[] for _ in range(total)]
+    writes = []
+    for c in range(total):
+        for si, stage in enumerate(plan.stages):
+            wrote = []
+            for oi, o in enumerate(stage):
+                n = counts[si][oi]
+                if c >= n:
+                    continue
+                if o.kind in reads_src:
+                    r = chunk_of(o.src, c, n)
+                    name = alias.get(r.buf, r.buf)
+                    if name in seen and r.stop > r.start:
+                        for a, b in seen[name].missing(r.start, r.stop):
+                            fetches[c].append((name, a, b))
+                            seen[name].add(a, b)
+                if o.kind != SEND and o.dst is not None:
+                    wrote.append(chunk_of(o.dst, c, n))
+            for r in wrote:
+                name = alias.get(r.buf, r.buf)
+                if r.stop <= r.start:
+                    continue
+                if name in seen:
+                    seen[name].add(r.start, r.stop)
+                if name in flush:
+                    writes.append((c, name, r.start, r.stop))
+    flushes = [[] for _ in range(total)]
+    painted = {n: _Ranges() for n in flush}
+    for c, name, a, b in reversed(writes):
+        for x, y in painted[name].missing(a, b):
+            flushes[c].append((name, x, y))
+            painted[name].add(x, y)
+    return fetches, [_merge(f) for f in flushes]
+
+
+def _merge(ranges):
+    """Adjacent ranges of one buffer as one (fewer, larger copies)."""
+    out = []
+    for name, a, b in sorted(ranges):
+        if out and out[-1][0] == name and out[-1][2] == a:
+            out[-1] = (name, out[-1][1], b)
+        else:
+            out.append((name, a, b))
+    return out
+
+
+def _groups(fetches, itemsize, group_bytes):
+    """The fetches cut into copy groups, each followed by one event the host waits for:
+    [(first pass that needs it, merged ranges, bytes)]. The first group is the first fetching
+    pass alone (the network waits for it); later groups double in size up to `group_bytes`."""
+    groups, cur, first, size, target = [], [], None, 0, 0
+    for c, f in enumerate(fetches):
+        if not f:
+            continue
+        if not cur:
+            first = c
+        cur.extend(f)
+        size += sum(b - a for _, a, b in f) * itemsize
+        if size >= target:
+            groups.append((first, _merge(cur), size))
+            target = min(group_bytes, 2 * max(size, target))
+            cur, size = [], 0
+    if cur:
+        groups.append((first, _merge(cur), size))
+    return groups
+
+
+# ---- per-communicator state ---------------------------------------------------------------------
+class _OnDevice:
+    """The CUDA runtime's current device set to `dev` for a while (restored after: a
+    synchronous call runs on the caller's thread)."""
+    __slots__ = ("rt", "dev", "prev")
+
+    def __init__(self, rt, dev):
+        self.rt, self.dev = rt, dev
+
+    def __enter__(self):
+        self.prev = self.rt.getDevice()
+        if self.prev != self.dev:
+            self.rt.setDevice(self.dev)
+
+    def __exit__(self, *exc):
+        if self.prev != self.dev:
+            self.rt.setDevice(self.prev)
+
+
+class Staging:
+    """Pinned arena, copy streams and events of one communicator that spans hosts (answers
+    what the torch backend and the communicator ask of comm.cuda)."""
+
+    staged = True
+
+    def __init__(self, comm, device: int, rt=None):
+        if rt is None:
+            from pyccl.transports import cuda_ipc
+            rt = cuda_ipc._cupy().cuda.runtime
+        self.rt = rt
+        self.comm = comm
+        self.dev = int(device)
+        self.rank, self.size, self.tag = comm.rank, comm.size, comm.tag
+        self.timeout = comm.timeout
+        self.chunk_cap = max(4096, _env_int("PYCCL_STAGING_CHUNK", 4 << 20))
+        self.ahead = max(1 << 20, _env_int("PYCCL_STAGING_AHEAD", 16 << 20))
+        self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
+        self._closed = False
+        with _OnDevice(self.rt, self.dev):
+            self.d2h = rt.streamCreateWithFlags(1)          # non-blocking: no legacy-stream sync
+            self.h2d = rt.streamCreateWithFlags(1)
+            self._fetched = [rt.eventCreateWithFlags(2) for _ in range(_EVENTS)]   # timing off
+            self._ends = [rt.eventCreateWithFlags(2) for _ in range(_EVENTS)]
+        self._end_i = 0
+        self._last_end = None
+        self._arena_ptr, self._arena_cap, self._arena = 0, 0, None
+        self._mrs = []                      # (MRCache, entry) of the arena per ibverbs device
+        log.info("%s rank %d: CUDA buffers across hosts staged through pinned memory on cuda:%d "
+                 "(chunk <= %d B, %d B ahead)", self.tag, self.rank, self.dev, self.chunk_cap, self.ahead)
+
+    # -- events --
+    def record_ready(self, caller):
+        """An event after the work queued so far on the caller's stream (one per call: the
+        copies of a queued async call must wait for exactly this point)."""
+        with _OnDevice(self.rt, self.dev):
+            ev = self.rt.eventCreateWithFlags(2)
+            self.rt.eventRecord(ev, caller)
+        return ev
+
+    def next_end(self):
+        """The event that will mark the end of the next call's copies back. A ring: when one is
+        recorded again by a later call, a late waiter waits for that later point of the same
+        stream, which is still correct."""
+        ev = self._ends[self._end_i % _EVENTS]
+        self._end_i += 1
+        return ev
+
+    def wait_event(self, ev, what, doing, timeout=None):
+        """Block the host until `ev` has happened, at most `timeout` (default: the
+        communicator's) seconds."""
+        rt = self.rt
+        if rt.eventQuery(ev) == 0:
+            return
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        pause = 0.00002
+        while rt.eventQuery(ev) != 0:
+            if time.monotonic() > deadline:
+                raise Timeout(f"{what}: rank {self.rank} waited {limit:g}s on cuda:{self.dev} for {doing} "
+                              f"(is the stream the collective was called on stuck?)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    # -- the pinned arena --
+    def _arena_for(self, sizes):
+        """{name: uint8 numpy view} of pinned host memory for the byte sizes asked (grown as
+        needed; the previous call's copies back are done with it: checked by run())."""
+        layout, off = {}, 0
+        for name, n in sizes.items():
+            layout[name] = (off, n)
+            off += -(-max(n, 1) // _ALIGN) * _ALIGN
+        if off > self._arena_cap:
+            self._free_arena()
+            cap = max(1 << 20, -(-off // (1 << 20)) * (1 << 20))
+            with _OnDevice(self.rt, self.dev):
+                self._arena_ptr = self.rt.hostAlloc(cap, 0)
+            self._arena_cap = cap
+            self._arena = np.frombuffer((ctypes.c_char * cap).from_address(self._arena_ptr), dtype=np.uint8)
+            self._register()
+        return {name: self._arena[o:o + n] for name, (o, n) in layout.items()}
+
+    def _register(self):
+        """Register the arena once with each ibverbs device the connections use (their
+        memory-region cache then finds every slice of it)."""
+        seen = set()
+        for conn in self.comm.conns.values():
+            cache = getattr(getattr(conn, "dev", None), "mrs", None)
+            if cache is None or id(cache) in seen:
+                continue
+            seen.add(id(cache))
+            from pyccl.transports.ibverbs import _ACCESS_FULL
+            self._mrs.append((cache, cache.acquire(memoryview(self._arena), _ACCESS_FULL)))
+
+    def _free_arena(self):
+        for cache, entry in self._mrs:
+            cache.forget(entry)
+        self._mrs = []
+        if self._arena_ptr:
+            self._arena = None
+            with _OnDevice(self.rt, self.dev):
+                self.rt.freeHost(self._arena_ptr)
+            self._arena_ptr, self._arena_cap = 0, 0
+
+    # -- one collective --
+    def run(self, what, build, ready, end, args):
+        """The body of one staged collective, run in call order (comm._submit)."""
+        rt, comm = self.rt, self.comm
+        with _OnDevice(rt, self.dev):
+            try:
+                call = build(comm, *args)
+                rt.streamWaitEvent(self.d2h, ready, 0)     # read the input after the caller's work,
+                rt.streamWaitEvent(self.h2d, ready, 0)     # write the output after it too
+            finally:
+                rt.eventDestroy(ready)
+            self.raise_if_failed(what)
+            if self._last_end is not None:      # the arena is free once the last copies back are done
+                self.wait_event(self._last_end, what, "the previous collective's copies back to the GPU")
+            views = {n: v for n, v in call.views.items() if v is not None}
+            dtype = DTYPES[next(a.dtype for a in args if isinstance(a, Buffer))]
+            sizes = {n: v.nbytes for n, v in views.items()}
+            avg = call.avg and "out" in call.flush
+            if avg:
+                sizes["avg"] = views["out"].nbytes
+            mem = self._arena_for(sizes)
+            host = {n: mem[n].view(dtype) for n in views}
+            bufs = dict(host)
+            if call.inplace:
+                bufs["in"] = bufs["out"]
+            chunk = call.chunk or comm.chunk_bytes
+            if comm._fixed_chunk is None:
+                chunk = min(chunk, self.chunk_cap)
+            stager = _Stager(self, what, views, host, mem["avg"].view(dtype) if avg else None,
+                             next(iter(views.values())).itemsize if views else 1, call.fetch, call.flush)
+            comm.executor.run(call.plan, bufs, call.op, what, chunk, stager=stager)
+            rt.eventRecord(end, self.h2d)
+            self._last_end = end
+        return None
+
+    # -- what comm.cuda answers (communicator, torch backend, tests) --
+    def raise_if_failed(self, what):
+        if self._closed:
+            raise PycclError(f"{what}: the staging state of {self.tag} is closed")
+
+    def synchronize(self, what, event=None, timeout=None):
+        ev = event if event is not None else self._last_end
+        if ev is not None:
+            with _OnDevice(self.rt, self.dev):
+                self.wait_event(ev, what, "the collective's copies back to the GPU", timeout)
+        self.raise_if_failed(what)
+
+    def torch_all_reduce(self, comm):
+        """The torch backend's small all-reduce lane does not apply across hosts."""
+        return lambda tensor, op, async_op: False
+
+    def abort(self):
+        pass                                    # the executor's connections are dropped by comm.abort()
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        rt = self.rt
+        with _OnDevice(self.rt, self.dev):
+            for s in (self.d2h, self.h2d):      # copies still queued read or write the arena
+                ev = rt.eventCreateWithFlags(2)
+                rt.eventRecord(ev, s)
+                try:
+                    self.wait_event(ev, "close", "queued copies")
+                except Timeout as e:
+                    log.error("pyccl %s: %s; leaking the pinned arena", self.tag, e)
+                    return
+                finally:
+                    rt.eventDestroy(ev)
+            self._free_arena()
+            for ev in self._fetched + self._ends:
+                rt.eventDestroy(ev)
+            for s in (self.d2h, self.h2d):
+                rt.streamDestroy(s)
+
+
+class _Stager:
+    """The copies of one staged collective, driven by the executor pass by pass."""
+
+    def __init__(self, st, what, views, host, avg, item, fetch, flush):
+        self.st, self.what = st, what
+        self.dev = {n: v.ptr for n, v in views.items()}
+        self.host = host
+        self.hptr = {n: a.__array_interface__["data"][0] for n, a in host.items()}
+        self.avg = avg
+        self.avg_ptr = avg.__array_interface__["data"][0] if avg is not None else 0
+        self.item = item
+        self.fetch = tuple(n for n in fetch if n in self.dev)
+        self.flush = tuple(n for n in flush if n in self.dev)
+
+    def start(self, plan, counts, total, alias, chunk_elems):
+        """Called by the executor with its chunk layout of the plan, before the first pass."""
+        cache = plan.__dict__.setdefault("_staging", {})
+        key = (chunk_elems, tuple(sorted(alias.items())), self.fetch, self.flush, self.item)
+        hit = cache.get(key)
+        if hit is None:
+            fetches, flushes = schedule(plan, counts, total, alias, self.fetch, self.flush)
+            hit = cache[key] = (_groups(fetches, self.item, max(1 << 20, self.st.ahead // 4)), flushes)
+        self.groups, self.flushes = hit
+        self.issued = self.waited = 0       # D2H groups queued / waited for by the host
+        self.queued = 0                     # bytes queued and not yet waited for
+        self._top_up(0)
+
+    def _top_up(self, c):
+        """Queue D2H groups until `ahead` bytes are in flight (always those pass c needs)."""
+        st, rt, item, groups = self.st, self.st.rt, self.item, self.groups
+        while self.issued < len(groups) and self.issued - self.waited < _EVENTS - 1:
+            first, ranges, nbytes = groups[self.issued]
+            if first > c and self.queued >= st.ahead:
+                break
+            for name, a, b in ranges:
+                rt.memcpyAsync(self.hptr[name] + a * item, self.dev[name] + a * item, (b - a) * item, _D2H, st.d2h)
+            rt.eventRecord(st._fetched[self.issued % _EVENTS], st.d2h)
+            self.issued += 1
+            self.queued += nbytes
+
+    def before(self, c):
+        """Before pass c: the host waits for the copies to host it reads."""
+        groups = self.groups
+        while self.waited < len(groups) and groups[self.waited][0] <= c:
+            if self.waited == self.issued:
+                self._top_up(c)
+            self.st.wait_event(self.st._fetched[self.waited % _EVENTS], self.what,
+                               f"the device-to-host copy before pass {c}")
+            self.queued -= groups[self.waited][2]
+            self.waited += 1
+
+    def after(self, c):
+        """After pass c: copy back what it finalised, queue more copies to host."""
+        st, rt, item = self.st, self.st.rt, self.item
+        for name, a, b in self.flushes[c]:
+            src = self.hptr[name]
+            if self.avg is not None and name == "out":        # AVG: the sum may still be sent on
+                part = self.avg[a:b]
+                part[...] = self.host["out"][a:b]
+                divide_into(part, st.size)
+                src = self.avg_ptr
+            rt.memcpyAsync(self.dev[name] + a * item, src + a * item, (b - a) * item, _H2D, st.h2d)
+        self._top_up(c + 1)

@@ -1,0 +1,360 @@
+"""CUDA tensors across hosts (ccl/staging.py), on a real GPU, ranks posing as hosts.
+
+Every rank sets PYCCL_HOST_ID (2 hosts x 1 rank, 2 hosts x 2 ranks), all on the GPUs there
+are (one GPU works: the ranks share it). Every collective through the Communicator and
+through torch.distributed, several dtypes and sizes (0, 1, primes, several MiB: many
+executor passes), sync and async, stream order, a killed peer, a mismatched call; results
+against a float64 reference. Skips, with the reason, without cupy or a CUDA GPU.
+"""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+try:
+    import cupy
+    NGPU = cupy.cuda.runtime.getDeviceCount()
+    WHY = "no CUDA device"
+except ImportError as e:
+    NGPU, WHY = 0, f"cupy is not installed (pip install 'pyccl[gpu]'): {e}"
+except Exception as e:  # noqa: BLE001 - no driver, no device: skip with the reason
+    NGPU, WHY = 0, f"CUDA is not usable here: {type(e).__name__}: {e}"
+if NGPU < 1:
+    pytest.skip(f"CUDA tests need a GPU and cupy: {WHY}", allow_module_level=True)
+
+import torch  # noqa: E402  (only on GPU machines)
+
+import pyccl  # noqa: E402
+from pyccl.errors import PycclError  # noqa: E402
+
+TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+         "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
+         "int64": torch.int64}
+SIZES = [0, 1, 7, 4099, 300_007, 2_000_003]
+
+
+def _dev(rank):
+    d = rank % torch.cuda.device_count()
+    torch.cuda.set_device(d)
+    cupy.cuda.Device(d).use()
+    return torch.device("cuda", d)
+
+
+def _data(dtype, n, rank, seed):
+    g = torch.Generator().manual_seed(seed * 131 + rank)
+    lo, hi = (0, 4) if dtype in ("uint8", "int8") else (-40, 41)
+    return torch.randint(lo, hi, (n,), generator=g).to(TORCH[dtype])
+
+
+def _ref(xs, op):
+    s = torch.stack([x.double() for x in xs])
+    r = {"SUM": s.sum(0), "MAX": s.amax(0), "MIN": s.amin(0), "AVG": s.sum(0) / len(xs)}[op]
+    if op == "AVG" and not xs[0].is_floating_point():
+        r = torch.trunc(r)
+    return r.to(xs[0].dtype)
+
+
+def _same(got, want):
+    return torch.equal(got.cpu(), want.cpu())
+
+
+# ---- rank functions (module level: they travel to the spawned ranks by name) -------------------
+def rank_every_op(comm, dtype, sizes, async_op):
+    dev = _dev(comm.rank)
+    size, rank = comm.size, comm.rank
+    bad = []
+
+    def done(w):
+        if w is not None:
+            w.wait()
+    for seed, n in enumerate(sizes):
+        xs = [_data(dtype, n, r, seed) for r in range(size)]
+        for op in ("SUM", "MAX", "AVG"):
+            if dtype in ("int8", "uint8") and op == "SUM":
+                continue
+            x = xs[rank].to(dev)
+            done(comm.all_reduce(x, op=getattr(pyccl, op), async_op=async_op))
+            if not _same(x, _ref(xs, op)):
+                bad.append(f"all_reduce {op} n={n}")
+        for root in range(size):
+            x = xs[rank].to(dev)
+            done(comm.broadcast(x, root=root, async_op=async_op))
+            if not _same(x, xs[root]):
+                bad.append(f"broadcast root={root} n={n}")
+        root = size - 1
+        x = xs[rank].to(dev)
+        done(comm.reduce(x, root=root, op=pyccl.MAX, async_op=async_op))
+        if not _same(x, _ref(xs, "MAX") if rank == root else xs[rank]):
+            bad.append(f"reduce n={n}")
+        out = torch.full((n * size,), 3, dtype=TORCH[dtype], device=dev)
+        done(comm.all_gather(out, xs[rank].to(dev), async_op=async_op))
+        if not _same(out, torch.cat(xs)):
+            bad.append(f"all_gather n={n}")
+        full = [torch.cat([x.roll(k) for k in range(size)]) for x in xs]
+        o = torch.zeros(n, dtype=TORCH[dtype], device=dev)
+        done(comm.reduce_scatter(o, full[rank].to(dev), op=pyccl.MAX, async_op=async_op))
+        if not _same(o, _ref(full, "MAX")[rank * n:(rank + 1) * n]):
+            bad.append(f"reduce_scatter n={n}")
+        b = torch.zeros(n * size, dtype=TORCH[dtype], device=dev)
+        done(comm.all_to_all(b, full[rank].to(dev), async_op=async_op))
+        if not _same(b, torch.cat([full[s][rank * n:(rank + 1) * n] for s in range(size)])):
+            bad.append(f"all_to_all n={n}")
+        g = torch.zeros(n * size, dtype=TORCH[dtype], device=dev) if rank == 0 else None
+        done(comm.gather(g, xs[rank].to(dev), root=0, async_op=async_op))
+        if rank == 0 and not _same(g, torch.cat(xs)):
+            bad.append(f"gather n={n}")
+        s_out = torch.zeros(n, dtype=TORCH[dtype], device=dev)
+        done(comm.scatter(s_out, torch.cat(xs).to(dev) if rank == 1 else None, root=1, async_op=async_op))
+        if not _same(s_out, xs[rank]):
+            bad.append(f"scatter n={n}")
+    # all_to_allv: rank r sends (r + 1) * (d + 2) elements to rank d
+    in_splits = [(rank + 1) * (d + 2) for d in range(size)]
+    out_splits = [(s + 1) * (rank + 2) for s in range(size)]
+    inp = torch.cat([torch.full((in_splits[d],), 100 * rank + d, dtype=torch.int64) for d in range(size)]).to(dev)
+    out = torch.full((sum(out_splits),), -1, dtype=torch.int64, device=dev)
+    done(comm.all_to_all(out, inp, out_splits=out_splits, in_splits=in_splits, async_op=async_op))
+    if not _same(out, torch.cat([torch.full((out_splits[s],), 100 * s + rank, dtype=torch.int64)
+                                 for s in range(size)])):
+        bad.append("all_to_allv")
+    comm.cuda.synchronize("test")
+    return bad
+
+
+def rank_streams(comm):
+    """The collective waits for the caller's stream; later work on that stream sees the result."""
+    dev = _dev(comm.rank)
+    want = sum(range(1, comm.size + 1))
+    s = torch.cuda.Stream()
+    x = torch.zeros(3 << 20, device=dev)
+    ok = {}
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)            # a slow producer...
+        x.fill_(comm.rank + 1)
+        comm.all_reduce(x)                       # ...is waited for
+        y = x * 2                                # and the result is seen on that stream
+    torch.cuda.synchronize()
+    ok["sync"] = bool((y == 2 * want).all())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(20_000_000)
+        x.fill_(comm.rank + 1)
+        w = comm.all_reduce(x, async_op=True)    # returns at once
+        w.wait()                                 # the stream waits for the copies back
+        z = x + 0
+    torch.cuda.synchronize()
+    ok["async"] = bool((z == want).all()) and w.is_completed()
+    w = comm.all_reduce(torch.ones(1000, device=dev), async_op=True)
+    ok["wait(timeout)"] = w.wait(timeout=30) and w.is_completed()
+    a, b = torch.full((5000,), 1.0, device=dev), torch.full((70_000,), 2.0, device=dev)
+    wa, wb = comm.all_reduce(a, async_op=True), comm.all_reduce(b, async_op=True)   # two queued
+    wb.wait()
+    wa.wait()
+    ok["queued"] = bool((a == comm.size).all() and (b == 2 * comm.size).all())
+    return ok
+
+
+def rank_mismatch(comm, big):
+    dev = _dev(comm.rank)
+    n = (3_000_000 if big else 1000) * (comm.rank + 1)
+    t = time.monotonic()
+    try:
+        comm.all_reduce(torch.ones(n, device=dev))
+        comm.all_reduce(torch.ones(8, device=dev))
+    except PycclError as e:
+        return type(e).__name__, str(e), time.monotonic() - t
+    return None
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+LAYOUTS = {"2x1": (2, 1), "2x2": (4, 2)}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def hosts(groups, request):
+    size, per = LAYOUTS[request.param]
+    return groups(size, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=per)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_every_op_sync(hosts, dtype):
+    for bad in hosts.run(rank_every_op, dtype, SIZES, False):
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64", "uint8", "int64"])
+def test_every_op_async(hosts, dtype):
+    for bad in hosts.run(rank_every_op, dtype, [0, 1, 4099, 300_007], True):
+        assert not bad, bad
+
+
+def test_stream_order(hosts):
+    for ok in hosts.run(rank_streams):
+        assert all(ok.values()), ok
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_mismatch_raises_on_every_rank(groups, big):
+    g = groups(2, env={"PYCCL_TIMEOUT": "20"}, ranks_per_host=1)
+    results = g.run(rank_mismatch, big)
+    g.broken = True
+    for r in results:
+        assert r is not None, "an all_reduce with different sizes on the two hosts finished"
+        kind, msg, took = r
+        assert took < 15, (took, msg)
+        assert "rank" in msg and "all_reduce" in msg, msg
+
+
+# ---- separate processes: a killed peer, torch.distributed --------------------------------------
+def _spawned(rank, size, per_host, port, scenario, q):
+    os.environ["PYCCL_TIMEOUT"] = "60"
+    os.environ["PYCCL_HOST_ID"] = f"host{rank // per_host}"
+    try:
+        q.put((rank, "ok", globals()[scenario](rank, size, port)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent test
+        import traceback
+        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _run_spawned(scenario, size, per_host, timeout=240):
+    import multiprocessing as mp
+    import socket
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_spawned, args=(r, size, per_host, port, scenario, q), daemon=True)
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    out = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < size and time.monotonic() < deadline:
+        try:
+            r, kind, val = q.get(timeout=1)
+            out[r] = (kind, val)
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
+            if all(not p.is_alive() for p in procs) and q.empty():
+                break
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    return out
+
+
+def scenario_killed(rank, size, port):
+    """The last rank dies (SIGKILL) in the middle of a big staged all_reduce; the others raise
+    PeerFailure (or Timeout) naming the op, in seconds."""
+    from pyccl.store import StoreServer, TCPStore
+    secret = b"k" * 32
+    server = StoreServer("127.0.0.1", port, secret) if rank == 0 else None  # noqa: F841 - kept alive
+    comm = pyccl.Communicator(rank, size, store=TCPStore("127.0.0.1", port, secret, timeout=60), secret=secret)
+    dev = _dev(rank)
+    x = torch.ones(16 << 20, device=dev)
+    comm.all_reduce(x)
+    comm.barrier()
+    if rank == size - 1:
+        w = comm.all_reduce(x, async_op=True)
+        time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGKILL)
+        w.wait()
+    t = time.monotonic()
+    try:
+        for _ in range(3):
+            comm.all_reduce(x)
+        return ("finished", time.monotonic() - t)
+    except PycclError as e:
+        return (type(e).__name__, time.monotonic() - t, str(e), (torch.ones(4, device=dev) * 2).sum().item())
+
+
+@pytest.mark.parametrize("size,per_host", [(2, 1), (4, 2)])
+def test_killed_peer_raises(size, per_host):
+    out = _run_spawned("scenario_killed", size, per_host)
+    for r in range(size - 1):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        assert val[0] in ("PeerFailure", "Timeout", "TransportError"), val
+        assert val[1] < 20, val
+        assert "all_reduce" in val[2], val
+        assert val[3] == 8.0, val
+
+
+def scenario_torch(rank, size, port):
+    import torch.distributed as dist
+    import pyccl.torch_backend  # noqa: F401 - registers "pyccl"
+    dev = _dev(rank)
+    dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            device_id=dev)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.int32):
+        for n in (0, 1, 4099, 1_000_003):
+            base = (torch.arange(n, device=dev) % 7).to(dtype)
+            x = base * (rank + 1)
+            dist.all_reduce(x)
+            res[f"all_reduce {dtype} n={n}"] = torch.equal(x, base * sum(range(1, size + 1)))
+            x = base * (rank + 1)
+            w = dist.all_reduce(x, op=dist.ReduceOp.MAX, async_op=True)
+            w.wait()
+            res[f"all_reduce async {dtype} n={n}"] = torch.equal(x + 0, base * size)
+    x = torch.full((300_000,), float(rank + 1), device=dev)
+    dist.all_reduce(x, op=dist.ReduceOp.AVG)
+    res["avg"] = bool((x == (size + 1) / 2).all())
+    band = torch.tensor([0b1100 | rank, 0b1010], dtype=torch.int32, device=dev)
+    dist.all_reduce(band, op=dist.ReduceOp.BAND)
+    res["band"] = band.tolist() == [0b1100, 0b1010]
+    out = torch.empty(size * 70_001, device=dev)
+    w = dist.all_gather_into_tensor(out, torch.full((70_001,), float(rank), device=dev), async_op=True)
+    w.wait(timeout=30)
+    res["all_gather_into_tensor"] = all(bool((out[r * 70_001:(r + 1) * 70_001] == r).all()) for r in range(size))
+    outs = [torch.empty(3, 5, device=dev) for _ in range(size)]
+    dist.all_gather(outs, torch.full((3, 5), float(rank + 10), device=dev))
+    res["all_gather list"] = all(bool((o == r + 10).all()) for r, o in enumerate(outs))
+    rs_in = torch.arange(size * 1000, dtype=torch.float32, device=dev)
+    rs_out = torch.empty(1000, device=dev)
+    dist.reduce_scatter_tensor(rs_out, rs_in)
+    res["reduce_scatter"] = torch.equal(rs_out.cpu(), size * (torch.arange(1000, dtype=torch.float32) + 1000 * rank))
+    a = torch.arange(4 * size, dtype=torch.int64, device=dev) + 100 * rank
+    b = torch.empty(4 * size, dtype=torch.int64, device=dev)
+    dist.all_to_all_single(b, a)
+    res["all_to_all"] = torch.equal(b.cpu(), torch.cat([torch.arange(4) + 4 * rank + 100 * s for s in range(size)]))
+    in_splits = [(rank + 1) * (d + 2) for d in range(size)]
+    out_splits = [(s + 1) * (rank + 2) for s in range(size)]
+    a = torch.cat([torch.full((in_splits[d], 3), 100.0 * rank + d) for d in range(size)]).to(dev)
+    b = torch.full((sum(out_splits), 3), -1.0, device=dev)
+    dist.all_to_all_single(b, a, output_split_sizes=out_splits, input_split_sizes=in_splits)
+    res["all_to_all uneven"] = torch.equal(b.cpu(), torch.cat([torch.full((out_splits[s], 3), 100.0 * s + rank)
+                                                               for s in range(size)]))
+    c = torch.full((77,), float(rank), device=dev)
+    dist.broadcast(c, src=size - 1)
+    res["broadcast"] = bool((c == size - 1).all())
+    r_ = torch.full((1001,), float(rank + 1), device=dev)
+    dist.reduce(r_, dst=0)
+    res["reduce"] = bool((r_ == (sum(range(1, size + 1)) if rank == 0 else rank + 1)).all())
+    gl = [torch.empty(5, device=dev) for _ in range(size)] if rank == 0 else None
+    dist.gather(torch.full((5,), float(rank), device=dev), gl, dst=0)
+    res["gather"] = rank != 0 or all(bool((g == i).all()) for i, g in enumerate(gl))
+    so = torch.empty(6, device=dev)
+    dist.scatter(so, [torch.full((6,), float(i * 3), device=dev) for i in range(size)] if rank == 0 else None, src=0)
+    res["scatter"] = bool((so == rank * 3).all())
+    peer = rank ^ 1
+    mine, theirs = torch.full((4096,), float(rank), device=dev), torch.empty(4096, device=dev)
+    for q in [dist.isend(mine, dst=peer), dist.irecv(theirs, src=peer)]:
+        q.wait()
+    res["isend/irecv"] = bool((theirs * 1 == peer).all())
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
+@pytest.mark.parametrize("size,per_host", [(2, 1), (4, 2)])
+def test_torch_distributed_across_hosts(size, per_host):
+    out = _run_spawned("scenario_torch", size, per_host, timeout=300)
+    for r in range(size):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        bad = {k: v for k, v in val.items() if v is not True}
+        assert not bad, bad
