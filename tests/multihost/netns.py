@@ -6,6 +6,7 @@ of host i run under `ip netns exec` with PYCCL_HOST_ID=host<i>, so pyccl treats 
 one machine (shared memory inside) and the others as remote (TCP over the veths).
 Everything is removed on exit, also when a test fails.
 """
+import itertools
 import os
 import secrets
 import shutil
@@ -30,12 +31,17 @@ def available():
     return True, ""
 
 
+_INSTANCES = itertools.count()
+
+
 class Hosts:
     """`with Hosts(3) as h: h.run(script, ranks_per_host=2, env=...)`"""
 
     def __init__(self, nhosts: int, net: int = 77):
         self.n = nhosts
-        self.tag = f"{os.getpid() % 10000}"
+        # unique per instance: deleting a namespace frees its veths asynchronously, so the next
+        # Hosts of this process must not reuse the names
+        self.tag = f"{os.getpid() % 10000}{next(_INSTANCES) % 100}"
         self.net = net
         self.bridge = f"pbr{self.tag}"
         self.names = [f"pyccl-h{i}-{self.tag}" for i in range(nhosts)]
@@ -62,7 +68,8 @@ class Hosts:
         return self
 
     def __exit__(self, *exc):
-        for ns in self.names:
+        for i, ns in enumerate(self.names):
+            _ip("link", "del", f"ph{i}o{self.tag}", check=False)
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
 
