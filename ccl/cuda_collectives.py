@@ -81,6 +81,7 @@ import numpy as np
 from .buffers import Buffer
 from .dtypes import AVG, MAX, MIN, PROD, SUM
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
+from .reproducible import takes
 
 log = logging.getLogger("pyccl")
 
@@ -805,6 +806,8 @@ class CudaCollectives:
             dtype = dtypes.get(t.dtype)
             op = ops.get(opname)
             nbytes = t.numel() * t.element_size()
+            if comm.reproducible and takes(dtype, op):
+                dtype = None                     # reproducible mode: the general path (ccl/reproducible.py)
             if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
                     0 < nbytes <= self.oneshot_max and t.is_contiguous():
                 sig = base_sig.get((dtype, op))

@@ -385,3 +385,64 @@ void pyccl_copy(void *dst, const void *src, size_t nbytes) {
     if (nbytes)
         memcpy(dst, src, nbytes);
 }
+
+/* ---- reproducible mode: the rank-ordered wide sum (reduce.h, ccl/reproducible.py) -------- */
+
+#define SUMROWS_BLOCK 1024
+
+/* One block of `m` <= SUMROWS_BLOCK elements: acc = row 0, acc += row r for r = 1..nrows-1 (in
+ * that order for every element: vectorizing over elements never reorders a row's additions),
+ * acc /= divisor, then round once.  WIDE is float for 16-bit types, double otherwise. */
+#define SUMROWS(T, WIDE, LOAD, STORE)                                           \
+    do {                                                                        \
+        const T *s_ = (const T *)src;                                           \
+        T *d_ = (T *)dst;                                                       \
+        WIDE acc[SUMROWS_BLOCK];                                                \
+        const WIDE div = (WIDE)divisor;                                         \
+        for (size_t b0 = 0; b0 < n; b0 += SUMROWS_BLOCK) {                      \
+            size_t m = n - b0 < SUMROWS_BLOCK ? n - b0 : SUMROWS_BLOCK;         \
+            const T *r0 = s_ + b0;                                              \
+            for (size_t j = 0; j < m; j++)                                      \
+                acc[j] = LOAD(r0[j]);                                           \
+            for (size_t r = 1; r < nrows; r++) {                                \
+                const T *rr = s_ + r * stride + b0;                             \
+                for (size_t j = 0; j < m; j++)                                  \
+                    acc[j] += LOAD(rr[j]);                                      \
+            }                                                                   \
+            if (divisor > 1)                                                    \
+                for (size_t j = 0; j < m; j++)                                  \
+                    acc[j] /= div;                                              \
+            for (size_t j = 0; j < m; j++)                                      \
+                d_[b0 + j] = STORE(acc[j]);                                     \
+        }                                                                       \
+    } while (0)
+
+typedef union {
+    double f;
+    uint64_t u;
+} pyccl_f64bits;
+
+#define ID(x) (x)
+/* canonical quiet NaNs: positive sign, only the top mantissa bit */
+PYCCL_INLINE uint16_t sr_f16(float a) { return a != a ? (uint16_t)0x7e00u : f2h(a); }
+PYCCL_INLINE uint16_t sr_bf16(float a) { return a != a ? (uint16_t)0x7fc0u : f2b(a); }
+PYCCL_INLINE float sr_f32(double a) { return a != a ? u2f(0x7fc00000u) : (float)a; }
+PYCCL_INLINE double sr_f64(double a) {
+    pyccl_f64bits v;
+    v.u = 0x7ff8000000000000ull;
+    return a != a ? v.f : a;
+}
+
+PYCCL_CLONES
+void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+                    int64_t divisor) {
+    if (n == 0 || nrows == 0)
+        return;
+    switch (dtype) {
+    case PYCCL_FLOAT16: SUMROWS(uint16_t, float, h2f, sr_f16); return;
+    case PYCCL_BFLOAT16: SUMROWS(uint16_t, float, b2f, sr_bf16); return;
+    case PYCCL_FLOAT32: SUMROWS(float, double, (double), sr_f32); return;
+    case PYCCL_FLOAT64: SUMROWS(double, double, ID, sr_f64); return;
+    default: return;
+    }
+}
