@@ -106,13 +106,34 @@ def sum_rows_torch(out, rows, divisor=1):
 
 
 # ---- CPU: one submitted call, the engines the communicator would pick for each step ------------
-def _scratch(comm, key, nbytes, dtype):
-    """A cached scratch array (page faults of fresh memory would cost more than the copies)."""
+_SUM_WIDE, _AVG_WIDE = 4, 5          # native/reduce.h: op codes of the shm collectives' wide sum
+
+
+def _shm(comm, opname, arr, op, what, call):
+    """One host with the shm C collectives: they reduce every rank's part in rank order anyway,
+    so the wide sum runs inside them (op code SUM_WIDE/AVG_WIDE): no extra copy. True if taken."""
+    local = comm._local_for(opname, arr.nbytes)
+    if local is None or not USE_NATIVE:
+        return False
+    local._check(what)
+    if arr.size:
+        rc = call(local, _DTYPE_CODE[arr.dtype], _AVG_WIDE if op is AVG else _SUM_WIDE)
+        if rc:
+            local._fail(rc, what, opname)
+    return True
+
+
+def _scratch(comm, key, nbytes, dtype, like=None):
+    """A cached scratch array (page faults of fresh memory would cost more than the copies),
+    holding a copy of `like` if given."""
     cache = comm.__dict__.setdefault("_repro_scratch", {})
     buf = cache.get(key)
     if buf is None or buf.nbytes < nbytes:
         buf = cache[key] = np.empty(max(nbytes, 64), np.uint8)
-    return buf[:nbytes].view(dtype)
+    out = buf[:nbytes].view(dtype)
+    if like is not None:
+        out[:] = like
+    return out
 
 
 def _all_to_all(comm, out, inp, what):
@@ -136,7 +157,8 @@ def _all_gather(comm, out, inp, what):
 def _reduce_scatter_cpu(comm, out, inp, op, what):
     """out = ordered sum of block `rank` of every rank's inp (inp: size x out.size)."""
     n = out.size
-    if n == 0:
+    if n == 0 or _shm(comm, "reduce_scatter", out, op, what, lambda local, dt, code: _lib.pyccl_coll_reduce_scatter(
+            local._c, _from_buffer(out), _from_buffer(inp), n, dt, code, local.timeout)):
         return
     rows = _scratch(comm, "rows", inp.nbytes, inp.dtype)
     if comm.size > 1:
@@ -146,10 +168,15 @@ def _reduce_scatter_cpu(comm, out, inp, op, what):
     sum_rows(out, rows.reshape(comm.size, n), comm.size if op is AVG else 1)
 
 
-def _all_reduce_cpu(comm, x, op, what):
+def _all_reduce_cpu(comm, x, op, what, root=-1):
+    """In place; with root >= 0 only the root's x changes (reduce)."""
     n, size = x.size, comm.size
-    if n == 0:
+    if n == 0 or _shm(comm, "all_reduce" if root < 0 else "reduce", x, op, what,
+                      lambda local, dt, code: _lib.pyccl_coll_all_reduce(
+                          local._c, _from_buffer(x), _from_buffer(x), n, dt, code, root, local.timeout)):
         return
+    if root >= 0 and comm.rank != root:
+        x = _scratch(comm, "reduce", x.nbytes, x.dtype, x)
     shard = -(-n // size)
     if n == shard * size:
         src = x
@@ -243,10 +270,7 @@ def reduce(comm, buf, root, op, async_op):
         return _Done("reduce") if async_op else None
 
     def fn(what):
-        x = buf.array if comm.rank == root else _scratch(comm, "reduce", buf.nbytes, buf.array.dtype)
-        if x is not buf.array:
-            x[:] = buf.array
-        _all_reduce_cpu(comm, x, op, what)
+        _all_reduce_cpu(comm, buf.array, op, what, root)
     return comm._submit("reduce", fn, async_op, _sig(buf, root, op))
 
 

@@ -18,6 +18,7 @@
  */
 #include "reduce.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -390,22 +391,22 @@ void pyccl_copy(void *dst, const void *src, size_t nbytes) {
 
 #define SUMROWS_BLOCK 1024
 
-/* One block of `m` <= SUMROWS_BLOCK elements: acc = row 0, acc += row r for r = 1..nrows-1 (in
- * that order for every element: vectorizing over elements never reorders a row's additions),
- * acc /= divisor, then round once.  WIDE is float for 16-bit types, double otherwise. */
+/* One block of `m` <= SUMROWS_BLOCK elements at a time: acc = row 0, acc += row r for
+ * r = 1..nrows-1 (in that order for every element: vectorizing over elements never reorders a
+ * row's additions), acc /= divisor, then round once.  WIDE is float for the 16-bit types,
+ * double otherwise.  Each block reads every row before it writes dst, so dst may be src[0]. */
 #define SUMROWS(T, WIDE, LOAD, STORE)                                           \
     do {                                                                        \
-        const T *s_ = (const T *)src;                                           \
         T *d_ = (T *)dst;                                                       \
         WIDE acc[SUMROWS_BLOCK];                                                \
         const WIDE div = (WIDE)divisor;                                         \
         for (size_t b0 = 0; b0 < n; b0 += SUMROWS_BLOCK) {                      \
             size_t m = n - b0 < SUMROWS_BLOCK ? n - b0 : SUMROWS_BLOCK;         \
-            const T *r0 = s_ + b0;                                              \
+            const T *r0 = (const T *)src[0] + b0;                               \
             for (size_t j = 0; j < m; j++)                                      \
                 acc[j] = LOAD(r0[j]);                                           \
             for (size_t r = 1; r < nrows; r++) {                                \
-                const T *rr = s_ + r * stride + b0;                             \
+                const T *rr = (const T *)src[r] + b0;                           \
                 for (size_t j = 0; j < m; j++)                                  \
                     acc[j] += LOAD(rr[j]);                                      \
             }                                                                   \
@@ -423,7 +424,7 @@ typedef union {
 } pyccl_f64bits;
 
 #define ID(x) (x)
-/* canonical quiet NaNs: positive sign, only the top mantissa bit */
+/* round once; a NaN becomes the canonical quiet NaN (positive, only the top mantissa bit) */
 PYCCL_INLINE uint16_t sr_f16(float a) { return a != a ? (uint16_t)0x7e00u : f2h(a); }
 PYCCL_INLINE uint16_t sr_bf16(float a) { return a != a ? (uint16_t)0x7fc0u : f2b(a); }
 PYCCL_INLINE float sr_f32(double a) { return a != a ? u2f(0x7fc00000u) : (float)a; }
@@ -434,7 +435,7 @@ PYCCL_INLINE double sr_f64(double a) {
 }
 
 PYCCL_CLONES
-void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+void pyccl_sum_ptrs(void *dst, const void *const *src, size_t nrows, size_t n, int dtype,
                     int64_t divisor) {
     if (n == 0 || nrows == 0)
         return;
@@ -445,4 +446,18 @@ void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, siz
     case PYCCL_FLOAT64: SUMROWS(double, double, ID, sr_f64); return;
     default: return;
     }
+}
+
+void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+                    int64_t divisor) {
+    const void *ptrs[64];
+    const void **p = nrows <= 64 ? ptrs : (const void **)malloc(nrows * sizeof(void *));
+    if (p == NULL)
+        return;
+    const size_t item = dtype == PYCCL_FLOAT32 ? 4 : dtype == PYCCL_FLOAT64 ? 8 : 2;
+    for (size_t r = 0; r < nrows; r++)
+        p[r] = (const char *)src + r * stride * item;
+    pyccl_sum_ptrs(dst, p, nrows, n, dtype, divisor);
+    if (p != ptrs)
+        free((void *)p);
 }
