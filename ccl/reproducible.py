@@ -24,15 +24,19 @@ How (chosen because it reuses what every engine already does fast, and needs not
 the plans): ``all_reduce = all_to_all + ordered sum + all_gather``. The all_to_all hands rank
 r every rank's contribution to shard r (a ``size x shard`` scratch, row i from rank i); rank
 r adds the rows in rank order in the wide type and rounds once (native/reduce.c
-``pyccl_sum_rows``, or :func:`sum_rows_numpy`, its twin); the all_gather spreads the shards.
-The two data-movement collectives go through whatever the communicator uses for them (the shm
-C collectives on one host, executor plans over shm/TCP/ibverbs, CUDA copy engines), and
-moving bytes is exact, so the result cannot depend on the engine. reduce_scatter is the
-first two steps; reduce is an all_reduce (of a copy on the non-roots). The alternative, an
+``pyccl_sum_ptrs``, or :func:`sum_rows_numpy`, its twin); the all_gather spreads the shards.
+The two data-movement collectives go through whatever the communicator uses for them
+(executor plans over shm/TCP/ibverbs, CUDA copy engines), and moving bytes is exact, so the
+result cannot depend on the engine. On one host the shm C collectives already gather every
+rank's part of a slice and reduce it in rank order, so there the wide sum runs inside them
+(op codes SUM_WIDE/AVG_WIDE of native/shm.c's reduce_in_order): no extra copy, and about the
+default mode's speed. reduce_scatter is the first two steps; reduce is an all_reduce (of a
+scratch copy on the non-roots; the shm path leaves them alone). The alternative, an
 order-independent exact accumulator (Demmel-Nguyen binned sums), would let plans keep their
-trees but carries 3-6 words per element through every step and needs its own kernels on
-every engine; the canonical order costs one extra copy of the data instead (bench/RESULTS.md,
-"Reproducible mode").
+trees but carries 3-6 words per element through every step and needs its own kernels on every
+engine, CUDA included; the canonical order costs at most one extra pass over the data
+(bench/RESULTS.md, "Reproducible mode"). The scratch (about twice the largest message) is
+kept by the communicator.
 
 On CUDA buffers the same steps run stream-ordered on the caller's stream (torch tensors:
 torch ops; cupy arrays: cupy ops), one element-wise add per row in the same wide type, so
@@ -75,7 +79,8 @@ def sum_rows_numpy(out, rows, divisor=1, xp=np):
 
 
 def sum_rows(out, rows, divisor=1):
-    """rows: C-contiguous (N, n) numpy array.  sum_rows_numpy with the C core when it is built (same bytes; tests check it)."""
+    """rows: C-contiguous (N, n) numpy array.  sum_rows_numpy with the C core when it is built
+    (same bytes; tests check it)."""
     if out.size == 0:
         return out
     if not USE_NATIVE:
