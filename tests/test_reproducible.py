@@ -302,7 +302,7 @@ def rank_cuda_vs_cpu(comm, sizes):
         import cupy
     except ImportError:
         cupy = None
-    if cupy is not None:                      # cupy arrays take the same path (cupy ops)
+    if cupy is not None:                      # cupy arrays: summed by torch ops on cupy's stream
         for n in sizes:
             x = adversarial(comm.rank, n, "float32")
             c = cupy.asarray(x)
@@ -319,8 +319,7 @@ def rank_cuda_vs_cpu(comm, sizes):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_cuda_kernel_equals_numpy(dtype):
-    """The ordered wide sum on the GPU (torch ops; cupy ops where cupy takes the dtype) gives
-    the numpy twin's bytes."""
+    """The ordered wide sum on the GPU (torch ops) gives the numpy twin's bytes."""
     import torch
     for nrows in (1, 2, 3, 4, 7):
         for n in (1, 5, 1031, 65537):
@@ -331,11 +330,6 @@ def test_cuda_kernel_equals_numpy(dtype):
                 t = torch.empty(n, dtype=getattr(torch, dtype), device="cuda")
                 R.sum_rows_torch(t, _to_torch(rows).cuda(), div)
                 assert _torch_bytes(t.cpu()) == want.tobytes(), (dtype, nrows, n, div, "torch cuda")
-                if dtype != "bfloat16":
-                    cupy = pytest.importorskip("cupy")
-                    c = cupy.empty(n, DTYPES[dtype])
-                    R.sum_rows_numpy(c, cupy.asarray(rows), div, cupy)
-                    assert cupy.asnumpy(c).tobytes() == want.tobytes(), (dtype, nrows, n, div, "cupy")
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
