@@ -64,8 +64,9 @@ class Library:
 class Pyccl(Library):
     name = "pyccl"
 
-    def __init__(self, comm):
+    def __init__(self, comm, name=None):
         self.comm = comm
+        self.name = name or self.name
 
     def prepare(self, op, send, recv, root):
         c = self.comm
@@ -237,7 +238,8 @@ def main(default_op="all_reduce", argv=None):
     p.add_argument("--rounds", type=int, default=3,
                    help="split the iterations of each size into this many rounds, the libraries "
                         "taking turns, so that a slow minute of a noisy machine hits all alike")
-    p.add_argument("--compare", default="", help="comma list of gloo,mpi to run beside pyccl")
+    p.add_argument("--compare", default="", help="comma list of gloo,mpi,reproducible to run beside pyccl "
+                   "(reproducible: pyccl with PYCCL_REPRODUCIBLE=1 semantics, a second communicator)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="draw busbw against size for each library (PNG)")
     args = p.parse_args(argv)
@@ -252,6 +254,8 @@ def main(default_op="all_reduce", argv=None):
         try:
             if name == "gloo":
                 libs.append(Gloo(comm))
+            elif name == "reproducible":      # a second communicator in reproducible mode
+                libs.append(Pyccl(pyccl.init(reproducible=True), "pyccl-repro"))
             elif name == "mpi":
                 why = mpi_missing()
                 if why:
@@ -308,6 +312,9 @@ def main(default_op="all_reduce", argv=None):
         if args.plot:
             plot(rows, args.plot, f"{args.op}, {n} ranks")
     bad = sum(r["wrong"] for r in rows)
+    for lib in libs[1:]:
+        if isinstance(lib, Pyccl):
+            lib.comm.close()
     comm.close()
     if bad and rank == 0:
         print(f"# {bad} wrong elements", file=sys.stderr)

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import callsig
 from . import env as _env
+from . import reproducible as _repro
 from .buffers import as_buffer, same_dtype
 from .cuda_buffers import is_cuda
 from .dtypes import AVG, SUM, as_op, check_op_dtype, dtype_name
@@ -78,7 +79,7 @@ class Communicator:
     """A group of ranks that run collectives together (see DESIGN.md for the API)."""
 
     def __init__(self, rank=None, size=None, store=None, timeout=None, *, secret=None,
-                 transport=None, _members=None, _tag=None):
+                 transport=None, reproducible=None, _members=None, _tag=None):
         info = None
         if rank is None or size is None or store is None:
             info = _env.detect()
@@ -114,6 +115,8 @@ class Communicator:
         self._inflight = 0
         self._thread = None
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+        # reproducible mode (ccl/reproducible.py): float SUM/AVG give the same bytes on any engine
+        self.reproducible = bool(_env.env_int("PYCCL_REPRODUCIBLE", 0) if reproducible is None else reproducible)
         self.peer_info = self._exchange_info(derived=_members is not None)
         self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
         intra = "tcp" if self.transport_name == "tcp" else "shm"
@@ -127,7 +130,7 @@ class Communicator:
         self.local = self._local_collectives()
         self._hier = None   # multi-host: the composed collectives (ccl/hierarchy.py), made on first use
         # the short path of all_reduce (_all_reduce_shm); PYCCL_CHECK needs the general one
-        self._fast = self.local is not None and self.local.enabled and not self.check
+        self._fast = self.local is not None and self.local.enabled and not self.check and not self.reproducible
         self.cuda = None    # GPU fast paths (ccl/cuda_collectives.py), set up by the first CUDA call
         log.info("%s rank %d/%d up: transport %s, %d peers", self.tag, self.rank, self.size,
                  self.transport_name, len(self.conns))
@@ -429,6 +432,8 @@ class Communicator:
         if self._fast and not async_op and type(x) is np.ndarray and self._all_reduce_shm(x, op):
             return None
         buf, op = self._reduce_args(x, op, "all_reduce")
+        if self.reproducible and _repro.takes(buf.dtype, op):
+            return _repro.all_reduce(self, buf, op, async_op)
         if buf.device != "cpu":
             return self._cuda("all_reduce", async_op, _sig(buf, -1, op), buf, op)
         local = self._engine_for("all_reduce", buf.nbytes)
@@ -445,6 +450,8 @@ class Communicator:
     def reduce(self, x, root=0, op=SUM, async_op=False):
         buf, op = self._reduce_args(x, op, "reduce")
         root = self._root(root, "reduce")
+        if self.reproducible and _repro.takes(buf.dtype, op):
+            return _repro.reduce(self, buf, root, op, async_op)
         if buf.device != "cpu":
             return self._cuda("reduce", async_op, _sig(buf, root, op), buf, root, op)
         local = self._engine_for("reduce", buf.nbytes)
@@ -496,6 +503,8 @@ class Communicator:
         if i.count != o.count * self.size:
             raise InvalidArgument(f"reduce_scatter: input holds {i.count} elements, expected size "
                                   f"{self.size} x output {o.count} = {o.count * self.size}")
+        if self.reproducible and _repro.takes(o.dtype, op) and o.device == i.device:
+            return _repro.reduce_scatter(self, o, i, op, async_op)
         if o.device != "cpu" or i.device != "cpu":
             return self._cuda("reduce_scatter", async_op, _sig(o, -1, op), o, i, op)
         local = self._engine_for("reduce_scatter", i.nbytes)
@@ -613,7 +622,7 @@ class Communicator:
         ranks = [r for _, r in members]
         tag = f"{self.tag}.s{self._splits}c{mine[0]}"
         return Communicator(ranks.index(self.rank), len(ranks), self._root_store, self.timeout,
-                            secret=self._secret, transport=self.transport_name,
+                            secret=self._secret, transport=self.transport_name, reproducible=self.reproducible,
                             _members=[self._members[r] for r in ranks], _tag=tag)
 
     def shrink(self, exclude=(), timeout=None):
@@ -639,7 +648,7 @@ class Communicator:
                               f"the new communicator before this rank called (after {window:.0f}s)")
         log.info("%s rank %d: shrink -> %d ranks %s", self.tag, self.rank, len(members), members)
         return Communicator(members.index(self.rank), len(members), self._root_store, self.timeout,
-                            secret=self._secret, transport=self.transport_name,
+                            secret=self._secret, transport=self.transport_name, reproducible=self.reproducible,
                             _members=[self._members[r] for r in members], _tag=f"{self.tag}.{key}")
 
     def _decide_members(self, key, window) -> list:

@@ -26,6 +26,8 @@ CDEF = """
 void pyccl_reduce(void *dst, const void *a, const void *b, size_t n, int dtype, int op);
 void pyccl_divide(void *x, size_t n, int dtype, int64_t divisor);
 void pyccl_copy(void *dst, const void *src, size_t nbytes);
+void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+                    int64_t divisor);
 """
 
 # Shared memory (native/shm.h): segments, node-local collectives, slot rings.

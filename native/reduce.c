@@ -18,6 +18,7 @@
  */
 #include "reduce.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -384,4 +385,162 @@ void pyccl_divide(void *x, size_t n, int dtype, int64_t divisor) {
 void pyccl_copy(void *dst, const void *src, size_t nbytes) {
     if (nbytes)
         memcpy(dst, src, nbytes);
+}
+
+/* ---- reproducible mode: the rank-ordered wide sum (reduce.h, ccl/reproducible.py) -------- */
+
+#define SUMROWS_BLOCK 64
+
+/* One block of `m` <= SUMROWS_BLOCK elements at a time: acc = row 0, acc += row r for
+ * r = 1..nrows-1 (in that order for every element: vectorizing over elements never reorders a
+ * row's additions), acc /= divisor, then round once.  WIDE is float for the 16-bit types,
+ * double otherwise.  Each block reads every row before it writes dst, so dst may be src[0]. */
+#define SUMROWS(T, WIDE, LOAD, STORE)                                           \
+    do {                                                                        \
+        T *d_ = (T *)dst;                                                       \
+        WIDE acc[SUMROWS_BLOCK];                                                \
+        const WIDE div = (WIDE)divisor;                                         \
+        for (size_t b0 = start; b0 < n; b0 += SUMROWS_BLOCK) {                  \
+            size_t m = n - b0 < SUMROWS_BLOCK ? n - b0 : SUMROWS_BLOCK;         \
+            const T *r0 = (const T *)src[0] + b0;                               \
+            for (size_t j = 0; j < m; j++)                                      \
+                acc[j] = LOAD(r0[j]);                                           \
+            for (size_t r = 1; r < nrows; r++) {                                \
+                const T *rr = (const T *)src[r] + b0;                           \
+                for (size_t j = 0; j < m; j++)                                  \
+                    acc[j] += LOAD(rr[j]);                                      \
+            }                                                                   \
+            if (divisor > 1)                                                    \
+                for (size_t j = 0; j < m; j++)                                  \
+                    acc[j] /= div;                                              \
+            for (size_t j = 0; j < m; j++)                                      \
+                d_[b0 + j] = STORE(acc[j]);                                     \
+        }                                                                       \
+    } while (0)
+
+typedef union {
+    double f;
+    uint64_t u;
+} pyccl_f64bits;
+
+#define ID(x) (x)
+/* round once; a NaN becomes the canonical quiet NaN (positive, only the top mantissa bit) */
+PYCCL_INLINE uint16_t sr_f16(float a) { return a != a ? (uint16_t)0x7e00u : f2h(a); }
+PYCCL_INLINE uint16_t sr_bf16(float a) { return a != a ? (uint16_t)0x7fc0u : f2b(a); }
+PYCCL_INLINE float sr_f32(double a) { return a != a ? u2f(0x7fc00000u) : (float)a; }
+PYCCL_INLINE double sr_f64(double a) {
+    pyccl_f64bits v;
+    v.u = 0x7ff8000000000000ull;
+    return a != a ? v.f : a;
+}
+
+#ifdef PYCCL_X86_SIMD
+/* The 16-bit wide sums in AVX2 + F16C registers, 8 (float16) or 16 (bfloat16) elements per
+ * step, every row added in rank order in float32: the same bits as SUMROWS (F16C and bf_round
+ * round to nearest-even like f2h and f2b; NaN lanes are then set to the canonical NaN).
+ * Return how many leading elements they did. */
+X86_TARGET static size_t f16_sum_x86(uint16_t *d, const void *const *src, size_t nrows, size_t n,
+                                     int64_t divisor) {
+    size_t i = 0;
+    const __m256 vd = _mm256_set1_ps((float)divisor);
+    const __m128i canon = _mm_set1_epi16(0x7e00);
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = _mm256_cvtph_ps(LOADH((const uint16_t *)src[0] + i));
+        for (size_t r = 1; r < nrows; r++)
+            acc = _mm256_add_ps(acc, _mm256_cvtph_ps(LOADH((const uint16_t *)src[r] + i)));
+        if (divisor > 1)
+            acc = _mm256_div_ps(acc, vd);
+        __m256i m = _mm256_castps_si256(_mm256_cmp_ps(acc, acc, _CMP_UNORD_Q));
+        __m128i m16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        __m128i h = _mm256_cvtps_ph(acc, _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(d + i), _mm_blendv_epi8(h, canon, m16));
+    }
+    return i;
+}
+
+X86_TARGET static size_t bf16_sum_x86(uint16_t *d, const void *const *src, size_t nrows, size_t n,
+                                      int64_t divisor) {
+    size_t i = 0;
+    const __m256 vd = _mm256_set1_ps((float)divisor);
+    const __m256i canon = _mm256_set1_epi32(0x7fc0);
+    for (; i + 16 <= n; i += 16) {
+        __m256i v = LOADB((const uint16_t *)src[0] + i);
+        __m256 lo = bf_lo(v), hi = bf_hi(v);
+        for (size_t r = 1; r < nrows; r++) {
+            v = LOADB((const uint16_t *)src[r] + i);
+            lo = _mm256_add_ps(lo, bf_lo(v));
+            hi = _mm256_add_ps(hi, bf_hi(v));
+        }
+        if (divisor > 1) {
+            lo = _mm256_div_ps(lo, vd);
+            hi = _mm256_div_ps(hi, vd);
+        }
+        __m256i rl = _mm256_blendv_epi8(bf_round(lo), canon, _mm256_castps_si256(_mm256_cmp_ps(lo, lo, _CMP_UNORD_Q)));
+        __m256i rh = _mm256_blendv_epi8(bf_round(hi), canon, _mm256_castps_si256(_mm256_cmp_ps(hi, hi, _CMP_UNORD_Q)));
+        _mm256_storeu_si256((__m256i *)(d + i), _mm256_packus_epi32(rl, rh));
+    }
+    return i;
+}
+
+/* float32 rows in float64 registers, 8 elements per step (vcvtps2pd is exact; vcvtpd2ps rounds
+ * with the default mode, nearest-even, as C's (float)). */
+X86_TARGET static size_t f32_sum_x86(float *d, const void *const *src, size_t nrows, size_t n,
+                                     int64_t divisor) {
+    size_t i = 0;
+    const __m256d vd = _mm256_set1_pd((double)divisor);
+    const __m256 canon = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+    for (; i + 8 <= n; i += 8) {
+        const float *r0 = (const float *)src[0] + i;
+        __m256d lo = _mm256_cvtps_pd(_mm_loadu_ps(r0)), hi = _mm256_cvtps_pd(_mm_loadu_ps(r0 + 4));
+        for (size_t r = 1; r < nrows; r++) {
+            const float *rr = (const float *)src[r] + i;
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm_loadu_ps(rr)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm_loadu_ps(rr + 4)));
+        }
+        if (divisor > 1) {
+            lo = _mm256_div_pd(lo, vd);
+            hi = _mm256_div_pd(hi, vd);
+        }
+        __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+        _mm256_storeu_ps(d + i, _mm256_blendv_ps(f, canon, _mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    }
+    return i;
+}
+#endif
+
+PYCCL_CLONES
+void pyccl_sum_ptrs(void *dst, const void *const *src, size_t nrows, size_t n, int dtype,
+                    int64_t divisor) {
+    size_t start = 0; /* elements already done by the SIMD loops */
+    if (n == 0 || nrows == 0)
+        return;
+#ifdef PYCCL_X86_SIMD
+    if (dtype == PYCCL_FLOAT16 && have_avx2_f16c())
+        start = f16_sum_x86((uint16_t *)dst, src, nrows, n, divisor);
+    else if (dtype == PYCCL_BFLOAT16 && have_avx2_f16c())
+        start = bf16_sum_x86((uint16_t *)dst, src, nrows, n, divisor);
+    else if (dtype == PYCCL_FLOAT32 && have_avx2_f16c())
+        start = f32_sum_x86((float *)dst, src, nrows, n, divisor);
+#endif
+    switch (dtype) {
+    case PYCCL_FLOAT16: SUMROWS(uint16_t, float, h2f, sr_f16); return;
+    case PYCCL_BFLOAT16: SUMROWS(uint16_t, float, b2f, sr_bf16); return;
+    case PYCCL_FLOAT32: SUMROWS(float, double, (double), sr_f32); return;
+    case PYCCL_FLOAT64: SUMROWS(double, double, ID, sr_f64); return;
+    default: return;
+    }
+}
+
+void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+                    int64_t divisor) {
+    const void *ptrs[64];
+    const void **p = nrows <= 64 ? ptrs : (const void **)malloc(nrows * sizeof(void *));
+    if (p == NULL)
+        return;
+    const size_t item = dtype == PYCCL_FLOAT32 ? 4 : dtype == PYCCL_FLOAT64 ? 8 : 2;
+    for (size_t r = 0; r < nrows; r++)
+        p[r] = (const char *)src + r * stride * item;
+    pyccl_sum_ptrs(dst, p, nrows, n, dtype, divisor);
+    if (p != ptrs)
+        free((void *)p);
 }

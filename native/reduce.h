@@ -45,4 +45,22 @@ void pyccl_divide(void *x, size_t n, int dtype, int64_t divisor);
 /* memcpy, for the executor's pipeline copies (releases the GIL through cffi). */
 void pyccl_copy(void *dst, const void *src, size_t nbytes);
 
+/* Reproducible mode (ccl/reproducible.py): dst[i] = round((src[0][i] + src[1][i] + ... +
+ * src[nrows-1][i]) / divisor).  The additions run left to right in rank order in a wider type
+ * (float32 for float16/bfloat16, float64 for float32 and float64), the division (only when
+ * divisor > 1) in that type too, then one rounding to nearest-even; a NaN result is written as
+ * the canonical quiet NaN (0x7e00, 0x7fc0, 0x7fc00000, 0x7ff8000000000000) so the bytes do not
+ * depend on which NaN came first.  float16, bfloat16, float32, float64 only.  dst may be
+ * src[0], no other overlap. */
+void pyccl_sum_ptrs(void *dst, const void *const *src, size_t nrows, size_t n, int dtype,
+                    int64_t divisor);
+/* The same over rows src + r * stride elements. */
+void pyccl_sum_rows(void *dst, const void *src, size_t nrows, size_t stride, size_t n, int dtype,
+                    int64_t divisor);
+
+/* Op codes the node-local (shm) collectives take besides the four above: SUM and AVG by
+ * pyccl_sum_ptrs over every rank's part in rank order (reproducible mode). */
+#define PYCCL_SUM_WIDE 4
+#define PYCCL_AVG_WIDE 5
+
 #endif

@@ -621,6 +621,10 @@ static int op_end(pyccl_coll *c, int rc) {
  * the numpy twin).  dst may alias any src only if it is src[0]. */
 static void reduce_in_order(void *dst, const void *const *src, int n, size_t count, int dtype,
                             int op) {
+    if (op >= PYCCL_SUM_WIDE) { /* reproducible mode: one wide pass, rank order, one rounding */
+        pyccl_sum_ptrs(dst, src, (size_t)n, count, dtype, op == PYCCL_AVG_WIDE ? n : 1);
+        return;
+    }
     if (n == 1) {
         if (dst != src[0])
             memcpy(dst, src[0], count * itemsize(dtype));

@@ -1,6 +1,7 @@
 """The torch backend's fast lane: one prepared one-shot all-reduce launch per call, with
 no torch Work, Future or flight-recorder entry (see ``torch_all_reduce``)."""
 from ..dtypes import AVG, MAX, MIN, PROD, SUM
+from ..reproducible import takes
 from .kernels import THREADS
 from .submit import _signature
 
@@ -67,6 +68,8 @@ the epoch advances on the device (capture-safe)."""
             dtype = dtypes.get(t.dtype)
             op = ops.get(opname)
             nbytes = t.numel() * t.element_size()
+            if comm.reproducible and takes(dtype, op):
+                dtype = None                     # reproducible mode: the general path (ccl/reproducible.py)
             if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
                     0 < nbytes <= self.oneshot_max and t.is_contiguous():
                 sig = base_sig.get((dtype, op))
