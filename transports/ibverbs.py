@@ -4,10 +4,16 @@ What it builds (after NCCL's net-IB design: eager slots for small messages, zero
 for large ones):
 
 * **Discovery.** Devices and ports come from ``/sys/class/infiniband`` (no library needed to
-  look); the first ACTIVE port wins unless ``PYCCL_IB_HCA=dev[:port][,dev2...]`` names one.
-  On RoCE the GID is chosen like NCCL does: RoCE v2 with an IPv4-mapped address first, then
-  RoCE v2 global IPv6, then anything non-zero (``PYCCL_IB_GID_INDEX`` overrides).  InfiniBand
-  ports are addressed by LID.  ``describe()`` prints what was found and why it was (not) usable.
+  look); ``PYCCL_IB_HCA=dev[:port][,dev2...]`` restricts them (like ``NCCL_IB_HCA``).  The
+  port is the one whose RoCE GID table holds the IPv4 address this rank uses toward the
+  rendezvous store (the address of the NIC that carries the route there, the one the TCP
+  transport listens on; ``PYCCL_SOCKET_IFNAME`` moves both), so a host with soft-RoCE on
+  ``lo`` and on its NIC, or several NICs, picks the NIC its peers are reached through; without
+  such a GID (InfiniBand, IPv6-only) the first ACTIVE port wins.  On RoCE the GID is chosen
+  like NCCL does: that address as RoCE v2 (IPv4-mapped), else RoCE v2 IPv4-mapped, then RoCE
+  v2 global IPv6, then anything non-zero (``PYCCL_IB_GID_INDEX`` overrides, like
+  ``NCCL_IB_GID_INDEX``).  InfiniBand ports are addressed by LID.  ``describe()`` prints what
+  was found and why it was (not) usable.
 * **Connections.** Per peer: one completion queue (with a completion channel, so an idle
   executor can ``select()`` on it) and ``PYCCL_IB_QPS`` RC queue pairs.  QP numbers, PSNs,
   GID/LID, MTU and the address + rkey of the peer's control ring travel through the bootstrap
@@ -222,20 +228,30 @@ def _wanted() -> list:
 _CHOSEN = {}
 
 
-def choose_port():
+def _mapped(ip: str) -> bytes:
+    """The IPv4-mapped GID of an IPv4 address (b'' for anything else)."""
+    import ipaddress
+    try:
+        return b"\0" * 10 + b"\xff\xff" + ipaddress.IPv4Address(ip).packed
+    except ValueError:
+        return b""
+
+
+def choose_port(local_ip: str = ""):
     """(port dict, gid index or -1 for LID addressing, reason) — port None when unusable.
-    Cached for 5 s per (PYCCL_IB_HCA, PYCCL_IB_GID_INDEX): a GID table is 1,024 sysfs files
-    and set-up asks several times."""
-    key = (os.environ.get("PYCCL_IB_HCA", ""), os.environ.get("PYCCL_IB_GID_INDEX", ""))
+    `local_ip`: this rank's address toward its peers (the store's route); the port whose GID
+    table holds it wins.  Cached for 5 s per (PYCCL_IB_HCA, PYCCL_IB_GID_INDEX, local_ip): a
+    GID table is 1,024 sysfs files and set-up asks several times."""
+    key = (os.environ.get("PYCCL_IB_HCA", ""), os.environ.get("PYCCL_IB_GID_INDEX", ""), local_ip or "")
     hit = _CHOSEN.get(key)
     if hit is not None and time.monotonic() - hit[0] < 5.0:
         return hit[1]
-    result = _choose_port()
+    result = _choose_port(local_ip or "")
     _CHOSEN[key] = (time.monotonic(), result)
     return result
 
 
-def _choose_port():
+def _choose_port(local_ip: str):
     found = ports()
     if not found:
         if not os.path.isdir(SYSFS):
@@ -252,15 +268,21 @@ def _choose_port():
     if not active:
         return None, -1, "no ACTIVE RDMA port: " + ", ".join(
             f"{p['device']}:{p['port']} is {p['state'] or 'unknown'}" for p in cands)
-    port = active[0]
+    mine = _mapped(local_ip)
+    routed = [(p, g) for p in active for g in p["gids"] if mine and g[1] == mine]
+    if routed:                          # the NIC that carries the route to the peers
+        port, best = min(routed, key=lambda pg: (_gid_rank(pg[1][1], pg[1][2]), pg[1][0]))
+    else:
+        port, best = active[0], None
     forced = os.environ.get("PYCCL_IB_GID_INDEX", "").strip()
-    if port["link_layer"].lower() != "ethernet" and not forced:
-        return port, -1, ""
     if forced:
         return port, _env_int("PYCCL_IB_GID_INDEX", 0, 0, 1 << 16), ""
-    if not port["gids"]:
-        return None, -1, f"{port['device']}:{port['port']} (RoCE) has no GID: give its netdev an IP address"
-    best = min(port["gids"], key=lambda g: (_gid_rank(g[1], g[2]), g[0]))
+    if port["link_layer"].lower() != "ethernet":
+        return port, -1, ""
+    if best is None:
+        if not port["gids"]:
+            return None, -1, f"{port['device']}:{port['port']} (RoCE) has no GID: give its netdev an IP address"
+        best = min(port["gids"], key=lambda g: (_gid_rank(g[1], g[2]), g[0]))
     return port, best[0], ""
 
 
@@ -308,11 +330,12 @@ def available() -> tuple:
     return True, ""
 
 
-def describe() -> str:
-    """Human-readable summary for `python -m pyccl.topology` / pyccl.doctor."""
+def describe(local_ip: str = "") -> str:
+    """Human-readable summary for `python -m pyccl.topology` / pyccl.doctor; `<-` marks the
+    port and GID a rank whose address toward its peers is `local_ip` would use."""
     ok, why = available()
     lines = [f"ibverbs: {'available' if ok else 'unavailable: ' + why}"]
-    port, gidx, _ = choose_port()
+    port, gidx, _ = choose_port(local_ip)
     for p in ports():
         mark = "*" if port is not None and p["device"] == port["device"] and p["port"] == port["port"] else " "
         lines.append(f" {mark} {p['device']}:{p['port']} {p['state']} {p['link_layer']}")
@@ -463,8 +486,8 @@ class _Device:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls):
-        port, gidx, why = choose_port()
+    def get(cls, local_ip: str = ""):
+        port, gidx, why = choose_port(local_ip)
         if port is None:
             raise TransportError(why)
         key = (port["device"], port["port"], gidx)
@@ -1027,7 +1050,7 @@ class IbvTransport(Transport):
             bool(_link_layers(me.get("rdma")) & _link_layers(peer.get("rdma")))
 
     def connect(self, ctx, peers: list) -> dict:
-        dev = _Device.get()
+        dev = _Device.get(ctx.bind_host)         # the port holding our address toward the peers
         nqp = _env_int("PYCCL_IB_QPS", 2, 1, 64)
         depth = _env_int("PYCCL_IB_DEPTH", 32, 2, 256)
         # ACK timeout 4.096 us * 2**16 = 0.27 s, 6 retries: a dead peer is known in ~2 s.

@@ -7,8 +7,9 @@
 #   tests/rdma/rxe-vm.sh bash bench/rdma.sh
 #
 # What it does (see ../../shared/notes/soft-roce.md for what was seen working):
-#  1. installs what is missing: qemu-system-x86, linux-image-amd64, rdma-core, ibverbs-utils,
-#     perftest, libibverbs-dev (apt, as root) and virtme-ng (pip), and builds pyccl._verbs;
+#  1. installs what is missing (vm-prepare.sh): qemu-system-x86, linux-image-amd64, rdma-core,
+#     ibverbs-utils, perftest, python3-pyverbs, libibverbs-dev (apt, as root) and virtme-ng
+#     (pip), and builds pyccl._verbs;
 #  2. boots the newest /boot/vmlinuz-* with `vng --disable-kvm` (KVM aborts or hangs on these
 #     hosts): the guest sees the host's filesystem read-only, same paths, same Python;
 #  3. inside, as root: tmpfs on /tmp, modprobe rdma_rxe, `lo` up (127.0.0.1) and
@@ -33,29 +34,9 @@ cd "$ROOT"
 [ $# -gt 0 ] || set -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest -p no:benchmark \
     --durations=10 tests/rdma
 
-say() { echo "rxe-vm: $*" >&2; }
-
-# ---- 1. what the VM needs -------------------------------------------------------------------
-PKGS="qemu-system-x86 linux-image-amd64 rdma-core ibverbs-utils ibverbs-providers perftest libibverbs-dev iproute2 kmod busybox-static"
-missing=""
-for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" != 0 ]; then say "missing packages:$missing (run as root or install them)"; exit 2; fi
-    say "installing$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
-PY="$(python3 -c 'import sys; print(sys.executable)')"
-command -v vng >/dev/null 2>&1 || "$PY" -m pip install -q virtme-ng
-VNG="$(command -v vng)"
-"$PY" -c 'import pyccl._verbs' 2>/dev/null || "$PY" native/build_verbs.py >/dev/null
-"$PY" -c 'import pyccl, pyccl._verbs' || { say "pyccl is not importable: pip install -e . first"; exit 2; }
-
-KERNEL="$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)"
-[ -n "$KERNEL" ] || { say "no kernel in /boot (apt-get install linux-image-amd64)"; exit 2; }
-KVER="${KERNEL#/boot/vmlinuz-}"
-[ -d "/lib/modules/$KVER" ] || { say "no /lib/modules/$KVER for $KERNEL"; exit 2; }
+# ---- 1. what the VM needs (vm-prepare.sh: apt packages, virtme-ng, pyccl._verbs, the kernel) -----
+VM_SAY=rxe-vm
+source "$ROOT/tests/rdma/vm-prepare.sh"
 
 # ---- 2. the guest's script --------------------------------------------------------------------
 WORK="$ROOT/build/rxe-vm"

@@ -84,6 +84,23 @@ def test_forced_but_unavailable_says_why():
         connect_all(ctx, "ibverbs")
 
 
+@pytest.mark.timeout(120)
+def test_topology_cli_readable_and_json():
+    """`python -m pyccl.topology` is readable text naming where the RDMA facts came from and
+    what ibverbs would use; `--json` keeps the raw facts (plus rdma_ports) for scripts."""
+    import json
+    r = subprocess.run([sys.executable, "-m", "pyccl.topology", "--peer", "127.0.0.1"], capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RDMA ports (read with " in r.stdout and "transports:" in r.stdout, r.stdout
+    assert ("ibverbs would use" in r.stdout) or not OK, r.stdout
+    r = subprocess.run([sys.executable, "-m", "pyccl.topology", "--json"], capture_output=True, text=True, timeout=100)
+    info = json.loads(r.stdout)
+    assert {"host", "rdma", "net", "transports", "rdma_ports"} <= set(info), sorted(info)
+    assert info["rdma_ports"]["source"] in ("pyverbs", "sysfs")
+    assert [p["name"] for p in info["rdma"]] == sorted({p["device"] for p in info["rdma_ports"]["ports"]})
+
+
 def _devs(*ports):
     return [{"name": f"d{i}", "ports": [{"port": 1, "state": st, "link_layer": ll, "rate": "", "netdevs": []}]}
             for i, (st, ll) in enumerate(ports)]

@@ -1,0 +1,74 @@
+"""One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK`.
+
+Rank 1 prints `RESULT {...}`: lat_us (half an 8-byte ping-pong's round trip), p2p_MBps per
+size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's post to
+the last one's end, after a warm-up), allreduce_us per size; each {median, min, max} over ROUNDS.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import pyccl
+
+
+def stats(v):
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+def main(rounds, quick):
+    comm = pyccl.init()
+    r, peer = comm.rank, 1 - comm.rank
+    lat, bw, ar = [], {}, {}
+    sizes = [1 << 16, 1 << 20, 4 << 20]
+    ar_sizes = [8, 1 << 16, 1 << 20, 4 << 20]
+    small = np.zeros(1, np.float64)
+    bufs = {s: np.ones(s, np.uint8) for s in sizes}
+    pp = 50 if quick else 200
+    for _ in range(rounds):
+        for warm in (True, False):              # ping-pong of 8 bytes
+            n = 10 if warm else pp
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                if r == 0:
+                    comm.send(small, peer)
+                    comm.recv(small, peer)
+                else:
+                    comm.recv(small, peer)
+                    comm.send(small, peer)
+            if not warm:
+                lat.append((time.perf_counter() - t0) / n / 2 * 1e6)
+        for s in sizes:                        # bandwidth, one direction
+            x = bufs[s]
+            reps = max(4, min(64, (32 << 20) // s // (4 if quick else 1)))
+            for warm in (True, False):
+                k = 2 if warm else reps
+                comm.barrier()
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    comm.send(x, peer) if r == 0 else comm.recv(x, peer)
+                if not warm:
+                    bw.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
+        for s in ar_sizes:                     # all_reduce of float32
+            x = np.ones(max(1, s // 4), np.float32)
+            reps = 20 if s <= 1 << 16 else 5
+            comm.all_reduce(x)
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                comm.all_reduce(x)
+            ar.setdefault(s, []).append((time.perf_counter() - t0) / reps * 1e6)
+    if r == 1:
+        res = {"transport": comm.transport_name, "lat_us": stats(lat),
+               "p2p_MBps": {str(s): stats(v) for s, v in bw.items()},
+               "allreduce_us": {str(s): stats(v) for s, v in ar.items()}, "rank": r}
+        os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
+    comm.close()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2] == "1")
