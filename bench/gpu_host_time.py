@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Host time per call of pyccl's CUDA collectives through torch.distributed, on repeated buffers,
 and the time of a captured all-reduce replay.
 

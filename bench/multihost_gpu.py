@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """all_reduce of CUDA tensors across (emulated) hosts: pyccl staged vs NCCL socket vs Gloo vs
 pyccl on CPU tensors, in the same processes, interleaved.
 

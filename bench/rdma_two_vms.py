@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """RDMA across two VMs: perftest beside pyccl over ibverbs and over TCP, on one virtual link.
 
     tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick]

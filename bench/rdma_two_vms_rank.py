@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK`.
 
 Rank 1 prints `RESULT {...}`: lat_us (half an 8-byte ping-pong's round trip), p2p_MBps per

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Start-up cost of a communicator: set-up time, CPU seconds, fds and store requests per rank.
 
     PYCCL_TRANSPORT=tcp python bench/startup.py --sizes 8,16,32,64 [--repeat 3] [--json out.json]

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """A model of communicator set-up at 1k, 16k and 100k ranks, from the real code paths.
 
     python bench/startup_model.py [--clients 4000] [--check /tmp/branch.jsonl]

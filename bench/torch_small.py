@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Small-call latency of dist.all_reduce on CPU tensors through the "pyccl" backend.
 
     python bench/torch_small.py [--ranks 2] [--bytes 8] [--iters 20000]

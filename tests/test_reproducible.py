@@ -130,7 +130,7 @@ def differences(results, exp):
 # ---- rank groups: one host (shm or TCP) or several emulated hosts -----------------------------------
 def _host_rank_main(rank, size, addr, secret, env, comm_kwargs, hosts, conn):
     os.environ["PYCCL_HOST_ID"] = hosts[rank]
-    _rank_main(rank, size, addr, secret, env, comm_kwargs, conn)
+    _rank_main(rank, size, addr, secret, env, comm_kwargs, 0, conn)
 
 
 class HostGroup(Ranks):
