@@ -382,12 +382,16 @@ class Communicator:
             hit = self._plans[key] = (plan, c.chunk_bytes)
         return hit
 
+    def _local_for(self, op, nbytes):
+        """The shared-memory collectives if they run this call whole (one host), else None."""
+        return self.local if self.local is not None and self.local.wants(op, nbytes) else None
+
     def _engine_for(self, op, nbytes):
         """The engine that runs this call whole, else None (then a flat plan is tuned): on one
         host the shared-memory collectives; across hosts the composition of ccl/hierarchy.py
         when the tuner picks it ("composed": node-local engine, rail plans, node-local engine)."""
         if self.local is not None:
-            return self.local if self.local.wants(op, nbytes) else None
+            return self._local_for(op, nbytes)
         if self.topology.nhosts < 2 or not applicable(op, "composed", self.topology):
             return None
         if op != "barrier" and choose(op, nbytes, self.topology, self._costs,
