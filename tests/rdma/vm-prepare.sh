@@ -17,8 +17,11 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 PY="$(python3 -c 'import sys; print(sys.executable)')"
+# pip's script folder first on PATH: under pyenv a freshly installed `vng` has no shim until
+# `pyenv rehash`, and vng itself runs `virtme-run` through PATH.
+export PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 command -v vng >/dev/null 2>&1 || "$PY" -m pip install -q virtme-ng
-VNG="$(command -v vng || echo "$(dirname "$PY")/vng")"
+VNG="$(command -v vng || true)"
 [ -x "$VNG" ] || { say "virtme-ng (vng) is not installed"; exit 2; }
 "$PY" -c 'import pyccl._verbs' 2>/dev/null || "$PY" native/build_verbs.py >/dev/null
 "$PY" -c 'import pyccl, pyccl._verbs' || { say "pyccl is not importable: pip install -e . first"; exit 2; }
