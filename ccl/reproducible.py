@@ -39,7 +39,7 @@ engine, CUDA included; the canonical order costs at most one extra pass over the
 kept by the communicator.
 
 On CUDA buffers the same steps run stream-ordered on the caller's stream, the sum as torch ops
-(cupy arrays too, through DLPack), one element-wise add per row in the same wide type, so GPU
+(cupy arrays as torch views through DLPack, on cupy's stream), one element-wise add per row in the same wide type, so GPU
 results equal CPU results bit for bit (tests/test_reproducible.py, run on an H200).
 """
 import numpy as np
@@ -218,45 +218,50 @@ class _Done:
         return None
 
 
-def _cuda_ops(obj):
-    """(flat view, zeros(n), sum_rows) for a torch tensor or a cupy array. cupy arrays are summed
-    by the torch twin too (zero-copy through DLPack, on cupy's current stream): cupy's own
-    element-wise ops did not give the numpy twin's bytes for float32 AVG on an H200."""
-    if type(obj).__module__.startswith("torch"):
-        import torch
-        return obj.view(-1), (lambda n: torch.zeros(n, dtype=obj.dtype, device=obj.device)), sum_rows_torch
+def _on_callers_stream(fn, *objs):
+    """fn(*torch tensors) on the caller's stream. A cupy array is viewed as a torch tensor
+    (zero-copy, DLPack) and fn runs with cupy's current stream as torch's current stream, so the
+    sum, the scratch and pyccl's own exchanges all see torch tensors on one stream, whatever the
+    caller used. (Summing torch views of cupy arrays while the scratch stayed cupy-allocated gave
+    float32 results that differed from the CPU's now and then on an H100/H200; cupy's own
+    element-wise ops did not give the numpy twin's bytes for float32 AVG.)"""
+    if type(objs[0]).__module__.startswith("torch"):
+        return fn(*objs)
     import cupy
     try:
         import torch
     except ImportError:
         raise InvalidArgument("reproducible mode on cupy arrays needs torch (its sum runs as torch ops)") from None
-
-    def summer(out, rows, divisor):
-        stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
-        with torch.cuda.stream(stream):
-            sum_rows_torch(torch.from_dlpack(out), torch.from_dlpack(rows), divisor)
-    return obj.reshape(-1), (lambda n: cupy.zeros(n, dtype=obj.dtype)), summer
+    dev = objs[0].device.id
+    stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr, device=torch.device("cuda", dev))
+    with torch.cuda.device(dev), torch.cuda.stream(stream):
+        return fn(*(torch.from_dlpack(o) for o in objs))
 
 
-def _reduce_scatter_cuda(comm, out, inp, op, zeros, summer):
+def _zeros(like, n):
+    import torch
+    return torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def _reduce_scatter_cuda(comm, out, inp, op):
     rows = inp
     if comm.size > 1:
-        rows = zeros(inp.shape[0])
+        rows = _zeros(inp, inp.shape[0])
         comm.all_to_all(rows, inp)
-    summer(out, rows.reshape(comm.size, -1), comm.size if op is AVG else 1)
+    sum_rows_torch(out, rows.view(comm.size, -1), comm.size if op is AVG else 1)
 
 
-def _all_reduce_cuda(comm, obj, op):
-    flat, zeros, summer = _cuda_ops(obj)
+def _all_reduce_cuda(comm, t, op):
+    flat = t.view(-1)
     n, size = flat.shape[0], comm.size
     if n == 0:
         return
     shard = -(-n // size)
-    src = flat if n == shard * size else zeros(shard * size)
+    src = flat if n == shard * size else _zeros(flat, shard * size)
     if src is not flat:
         src[:n] = flat
-    mine = zeros(shard)
-    _reduce_scatter_cuda(comm, mine, src, op, zeros, summer)
+    mine = _zeros(flat, shard)
+    _reduce_scatter_cuda(comm, mine, src, op)
     if size == 1:
         flat[:] = mine
         return
@@ -268,7 +273,7 @@ def _all_reduce_cuda(comm, obj, op):
 # ---- entry points from the communicator (its buffers already validated) -----------------------
 def all_reduce(comm, buf, op, async_op):
     if buf.device != "cpu":
-        _all_reduce_cuda(comm, buf.obj, op)
+        _on_callers_stream(lambda t: _all_reduce_cuda(comm, t, op), buf.obj)
         return _Done("all_reduce") if async_op else None
 
     def fn(what):
@@ -279,10 +284,8 @@ def all_reduce(comm, buf, op, async_op):
 def reduce(comm, buf, root, op, async_op):
     """all_reduce at the root; the other ranks reduce a copy and keep their input."""
     if buf.device != "cpu":
-        obj = buf.obj
-        if comm.rank != root:
-            obj = obj.clone() if type(obj).__module__.startswith("torch") else obj.copy()
-        _all_reduce_cuda(comm, obj, op)
+        _on_callers_stream(lambda t: _all_reduce_cuda(comm, t if comm.rank == root else t.clone(), op),
+                           buf.obj)
         return _Done("reduce") if async_op else None
 
     def fn(what):
@@ -292,10 +295,10 @@ def reduce(comm, buf, root, op, async_op):
 
 def reduce_scatter(comm, out, inp, op, async_op):
     if out.device != "cpu":
-        o, zeros, summer = _cuda_ops(out.obj)
-        i = _cuda_ops(inp.obj)[0]
-        if o.shape[0]:
-            _reduce_scatter_cuda(comm, o, i, op, zeros, summer)
+        def fn(o, i):
+            if o.numel():
+                _reduce_scatter_cuda(comm, o.view(-1), i.view(-1), op)
+        _on_callers_stream(fn, out.obj, inp.obj)
         return _Done("reduce_scatter") if async_op else None
 
     def fn(what):
