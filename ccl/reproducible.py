@@ -201,21 +201,10 @@ def _all_reduce_cpu(comm, x, op, what, root=-1):
 
 
 # ---- CUDA: the public collectives, stream-ordered on the caller's stream ----------------------
-class _Done:
-    """What an async_op call returns on CUDA: the work is already queued on the caller's stream
-    (the synchronous calls below ordered it there), so waiting is a no-op."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def wait(self, timeout=None):
-        return True
-
-    def is_completed(self):
-        return True
-
-    def exception(self):
-        return None
+def _enqueued(what):
+    """The Work of an async_op call: everything is already queued on the caller's stream."""
+    from .cuda_collectives.submit import Enqueued      # not at the top: that package imports this one
+    return Enqueued(None, what)
 
 
 def _on_callers_stream(fn, *objs):
@@ -274,7 +263,7 @@ def _all_reduce_cuda(comm, t, op):
 def all_reduce(comm, buf, op, async_op):
     if buf.device != "cpu":
         _on_callers_stream(lambda t: _all_reduce_cuda(comm, t, op), buf.obj)
-        return _Done("all_reduce") if async_op else None
+        return _enqueued("all_reduce") if async_op else None
 
     def fn(what):
         _all_reduce_cpu(comm, buf.array, op, what)
@@ -286,7 +275,7 @@ def reduce(comm, buf, root, op, async_op):
     if buf.device != "cpu":
         _on_callers_stream(lambda t: _all_reduce_cuda(comm, t if comm.rank == root else t.clone(), op),
                            buf.obj)
-        return _Done("reduce") if async_op else None
+        return _enqueued("reduce") if async_op else None
 
     def fn(what):
         _all_reduce_cpu(comm, buf.array, op, what, root)
@@ -299,7 +288,7 @@ def reduce_scatter(comm, out, inp, op, async_op):
             if o.numel():
                 _reduce_scatter_cuda(comm, o.view(-1), i.view(-1), op)
         _on_callers_stream(fn, out.obj, inp.obj)
-        return _Done("reduce_scatter") if async_op else None
+        return _enqueued("reduce_scatter") if async_op else None
 
     def fn(what):
         _reduce_scatter_cpu(comm, out.array, inp.array, op, what)

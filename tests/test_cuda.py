@@ -27,6 +27,7 @@ import torch  # noqa: E402  (only on GPU machines)
 
 import pyccl  # noqa: E402
 from pyccl.errors import InvalidArgument, PeerFailure, PycclError  # noqa: E402
+from spawned import run_spawned  # noqa: E402
 
 SIZES = [0, 1, 7, 1000, 4099, 65539, 300_007, 2_000_003]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -334,42 +335,9 @@ def test_mailbox_segment_is_unlinked_after_setup(g2):
 
 
 # ---- separate processes: peer death, torch.distributed -----------------------------------------
-def _spawned(rank, size, port, scenario, q):
-    os.environ["PYCCL_TIMEOUT"] = "60"
-    os.environ["PYCCL_TRANSPORT"] = "tcp"
-    try:
-        result = globals()[scenario](rank, size, port)
-        q.put((rank, "ok", result))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent test
-        import traceback
-        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
 def _run_spawned(scenario, size=2, timeout=180):
-    import multiprocessing as mp
-    import socket
-    ctx = mp.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, size, port, scenario, q), daemon=True) for r in range(size)]
-    for p in procs:
-        p.start()
-    out = {}
-    deadline = time.monotonic() + timeout
-    while len(out) < size and time.monotonic() < deadline:
-        try:
-            r, kind, val = q.get(timeout=1)
-            out[r] = (kind, val)
-        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
-            if all(not p.is_alive() for p in procs) and q.empty():
-                break
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    return out
+    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
+    return run_spawned(__name__, scenario, size, [env] * size, timeout)
 
 
 def _comm(rank, size, port):

@@ -28,6 +28,7 @@ import torch  # noqa: E402  (only on GPU machines)
 
 import pyccl  # noqa: E402
 from pyccl.errors import PycclError  # noqa: E402
+from spawned import run_spawned  # noqa: E402
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
          "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
@@ -206,42 +207,9 @@ def test_mismatch_raises_on_every_rank(groups, big):
 
 
 # ---- separate processes: a killed peer, torch.distributed --------------------------------------
-def _spawned(rank, size, per_host, port, scenario, q):
-    os.environ["PYCCL_TIMEOUT"] = "60"
-    os.environ["PYCCL_HOST_ID"] = f"host{rank // per_host}"
-    try:
-        q.put((rank, "ok", globals()[scenario](rank, size, port)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent test
-        import traceback
-        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
 def _run_spawned(scenario, size, per_host, timeout=240):
-    import multiprocessing as mp
-    import socket
-    ctx = mp.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, size, per_host, port, scenario, q), daemon=True)
-             for r in range(size)]
-    for p in procs:
-        p.start()
-    out = {}
-    deadline = time.monotonic() + timeout
-    while len(out) < size and time.monotonic() < deadline:
-        try:
-            r, kind, val = q.get(timeout=1)
-            out[r] = (kind, val)
-        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
-            if all(not p.is_alive() for p in procs) and q.empty():
-                break
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    return out
+    envs = [{"PYCCL_TIMEOUT": "60", "PYCCL_HOST_ID": f"host{r // per_host}"} for r in range(size)]
+    return run_spawned(__name__, scenario, size, envs, timeout)
 
 
 def scenario_killed(rank, size, port):

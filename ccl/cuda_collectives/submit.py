@@ -44,7 +44,7 @@ def submit(comm, name, async_op, sig, *args):
     if async_op and comm._inflight == 0:
         # Nothing queued before it: enqueue right here (it never blocks the host) instead of
         # handing it to the communicator's thread; the caller's stream is not made to wait.
-        return CudaWork(_Enqueued(comm._submit(name, fn, False, sig), name), cc, bufs[0].array)
+        return CudaWork(Enqueued(comm._submit(name, fn, False, sig), name), cc, bufs[0].array)
     work = comm._submit(name, fn, async_op, sig)
     if async_op:
         return CudaWork(work, cc, bufs[0].array)
@@ -53,9 +53,9 @@ def submit(comm, name, async_op, sig, *args):
     return None
 
 
-class _Enqueued:
-    """The host side of a collective that was enqueued inline: already done (its error, if
-    any, was raised by the call itself)."""
+class Enqueued:
+    """The host side of a collective that was enqueued inline on the caller's stream: already
+    done for the host (its error, if any, was raised by the call itself), so waiting is a no-op."""
     __slots__ = ("result", "what")
 
     def __init__(self, event, what):
