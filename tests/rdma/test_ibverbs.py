@@ -249,6 +249,8 @@ def test_every_collective(groups, nranks, setting):
 
 
 def rank_transport_used(comm):
+    """The transport chosen for every peer (connections open lazily: open them all first)."""
+    comm.conns.open_all()
     return sorted({type(c).__name__ for c in comm.conns.values()})
 
 
@@ -287,10 +289,10 @@ def test_auto_selects_ibverbs_between_hosts(tmp_path):
 
 def rank_mr_cache(comm):
     """Registrations are reused for slices and repeated calls, and die with their array."""
+    x = np.arange(1 << 16, dtype=np.float32)
+    comm.all_reduce(x)                      # opens the connections this plan needs
     conn = next(iter(comm.conns.values()))
     cache = conn.dev.mrs
-    x = np.arange(1 << 16, dtype=np.float32)
-    comm.all_reduce(x)
     misses = cache.misses
     for _ in range(3):
         comm.all_reduce(x)

@@ -23,6 +23,8 @@ def _say(obj) -> None:
 
 
 def _conn_kinds(comm) -> dict:
+    """The transport class joining every peer (connections open lazily: open them all first)."""
+    comm.conns.open_all()
     return {str(p): type(c).__name__ for p, c in comm.conns.items()}
 
 
