@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK`.
 
-Rank 1 prints `RESULT {...}`: lat_us (half an 8-byte ping-pong's round trip), p2p_MBps per
+Every rank prints `RESULT {...}`; rank 1's has lat_us (half an 8-byte ping-pong's round trip), p2p_MBps per
 size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's post to
 the last one's end, after a warm-up), allreduce_us per size; each {median, min, max} over ROUNDS.
 """
@@ -63,11 +63,12 @@ def main(rounds, quick):
             for _ in range(reps):
                 comm.all_reduce(x)
             ar.setdefault(s, []).append((time.perf_counter() - t0) / reps * 1e6)
-    if r == 1:
-        res = {"transport": comm.transport_name, "lat_us": stats(lat),
-               "p2p_MBps": {str(s): stats(v) for s, v in bw.items()},
-               "allreduce_us": {str(s): stats(v) for s, v in ar.items()}, "rank": r}
-        os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
+    res = {"rank": r}                          # every rank reports (twovm.Job.failed wants all)
+    if r == 1:                                 # the receiver's clock is the one that counts
+        res.update({"transport": comm.transport_name, "lat_us": stats(lat),
+                    "p2p_MBps": {str(s): stats(v) for s, v in bw.items()},
+                    "allreduce_us": {str(s): stats(v) for s, v in ar.items()}})
+    os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
     comm.close()
 
 
