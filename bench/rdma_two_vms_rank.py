@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK`.
 
-Every rank prints `RESULT {...}`; rank 1's has lat_us (half an 8-byte ping-pong's round trip), p2p_MBps per
-size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's post to
-the last one's end, after a warm-up), allreduce_us per size; each {median, min, max} over ROUNDS.
+Every rank prints `RESULT {...}`; rank 1's has lat_us (half an 8-byte ping-pong's round trip),
+p2p_MBps per size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's
+post to the last one's end, after a warm-up), p2p_async_MBps (the same, all posted at once with
+async_op=True), allreduce_us per size; each {median, min, max} over ROUNDS.
 """
 import json
 import os
@@ -23,7 +24,7 @@ def stats(v):
 def main(rounds, quick):
     comm = pyccl.init()
     r, peer = comm.rank, 1 - comm.rank
-    lat, bw, ar = [], {}, {}
+    lat, bw, bw_async, ar = [], {}, {}, {}
     sizes = [1 << 16, 1 << 20, 4 << 20]
     ar_sizes = [8, 1 << 16, 1 << 20, 4 << 20]
     small = np.zeros(1, np.float64)
@@ -54,6 +55,16 @@ def main(rounds, quick):
                     comm.send(x, peer) if r == 0 else comm.recv(x, peer)
                 if not warm:
                     bw.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
+            for warm in (True, False):         # the same, all posted at once (async_op=True),
+                k = 2 if warm else reps        # as perftest keeps many writes outstanding
+                comm.barrier()
+                t0 = time.perf_counter()
+                works = [comm.send(x, peer, async_op=True) if r == 0 else comm.recv(x, peer, async_op=True)
+                         for _ in range(k)]
+                for w in works:
+                    w.wait()
+                if not warm:
+                    bw_async.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
         for s in ar_sizes:                     # all_reduce of float32
             x = np.ones(max(1, s // 4), np.float32)
             reps = 20 if s <= 1 << 16 else 5
@@ -67,6 +78,7 @@ def main(rounds, quick):
     if r == 1:                                 # the receiver's clock is the one that counts
         res.update({"transport": comm.transport_name, "lat_us": stats(lat),
                     "p2p_MBps": {str(s): stats(v) for s, v in bw.items()},
+                    "p2p_async_MBps": {str(s): stats(v) for s, v in bw_async.items()},
                     "allreduce_us": {str(s): stats(v) for s, v in ar.items()}})
     os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
     comm.close()
