@@ -198,6 +198,7 @@ class Listener:
         self.secret = secret
         self._pending = []            # _Accept still in their handshake
         self._ready = {}              # key -> proven socket, until taken
+        self._wakers = set()          # write ends of the pipes link() callers sleep on
         self._lock = threading.Lock()
         # Handshakes are answered by this thread, so a peer opening a connection to this rank
         # never waits for the rank to call into pyccl (it may be computing, or idle).
@@ -251,11 +252,36 @@ class Listener:
                     if old is not None:
                         old.close()
                     self._ready[key] = a.sock
+                    self._wake()
                 elif now - a.since > HANDSHAKE_TIMEOUT:
                     a.sock.close()
                 else:
                     still.append(a)
             self._pending = still
+
+    def _wake(self) -> None:
+        for w in self._wakers:
+            try:
+                os.write(w, b"!")
+            except OSError:           # full (a wake-up is already waiting) or closed
+                pass
+
+    def watch(self) -> tuple:
+        """A pipe (read end, write end) that gets a byte whenever a connection is proven, so a
+        caller waiting for accepts sleeps in select() instead of polling (with hundreds of ranks
+        on a few cores, a 2 ms poll per waiting rank is most of their set-up CPU)."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        with self._lock:
+            self._wakers.add(w)
+        return r, w
+
+    def unwatch(self, pipe: tuple) -> None:
+        with self._lock:
+            self._wakers.discard(pipe[1])
+        for fd in pipe:
+            os.close(fd)
 
     def take(self, key):
         with self._lock:
@@ -291,6 +317,7 @@ def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, de
     (the communicator was aborted) ends the wait with PeerFailure."""
     d = digest(tag)
     out, pending = {}, []
+    waker = listener.watch() if accepts else None    # before the first take(): no wake-up lost
     try:
         for peer, addr, kind, lane, step in dials:
             hello = _HELLO.pack(MAGIC, kind, rank, peer, lane, step, d)
@@ -323,15 +350,20 @@ def link(listener: Listener, tag: str, rank: int, dials: list, accepts: list, de
             if alive is not None and now > next_check:
                 alive(waiting)
                 next_check = now + 1.0
-            # accepted connections arrive through the listener's thread: look again soon
-            rd = [dial.sock for _, dial in pending]
-            select.select(rd, [], [], min(0.002 if want else 0.05, max(0.0, deadline - now)))
+            # accepted connections arrive through the listener's thread, which writes to `waker`
+            rd = [dial.sock for _, dial in pending] + ([waker[0]] if want else [])
+            ready, _, _ = select.select(rd, [], [], min(0.05, max(0.0, deadline - now)))
+            if waker is not None and waker[0] in ready:
+                os.read(waker[0], 4096)
     except BaseException:
         for _, dial in pending:
             dial.close()
         for sock in out.values():
             sock.close()
         raise
+    finally:
+        if waker is not None:
+            listener.unwatch(waker)
 
 
 def _swap(listener, send_sock, data: bytes, recv_sock, deadline, who, limit) -> bytes:
