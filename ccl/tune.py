@@ -14,7 +14,11 @@ engine's numbers:
 
 for each transport that two processes of one host can use: shm (the slot rings; the
 shared-memory collectives are switched off for the probe) and tcp (over loopback; between
-hosts the wire is usually slower: measure there, or set PYCCL_BW_TCP). Each figure is the
+hosts the wire is usually slower: measure there, or set PYCCL_BW_TCP). And `shm_engine`, the
+shared-memory C collectives that run the node-local phases of a composed multi-host
+collective: one call per phase, so its alpha is a whole 8-byte all_reduce (a few us, where the
+slot rings pay ~20 us per message from Python), and at 4 MiB t = alpha + 2 (2 MiB) beta +
+(2 MiB) gamma (reduce-scatter, then all-gather). Each figure is the
 median of --iters timed calls; --repeat runs take the median of the runs.
 
 The profile is JSON, cached per host under ~/.cache/pyccl/tune-<hostname>.json
@@ -40,7 +44,8 @@ import numpy as np
 
 log = logging.getLogger("pyccl")
 
-PROBE_TRANSPORTS = ("shm", "tcp")
+PROBE_TRANSPORTS = ("shm", "tcp", "shm_engine")
+ENGINE = "shm_engine"            # the node-local C collectives, probed over shm with them on
 SMALL, LARGE, CHUNK = 8, 4 << 20, 1 << 20
 FIELDS = ("alpha_us", "bw_gbs", "reduce_gbs")
 
@@ -130,6 +135,14 @@ def fit(t_small: float, t_large: float, gamma_gbs: float) -> dict:
     return {"alpha_us": alpha * 1e6, "bw_gbs": 1.0 / beta / 1e9, "reduce_gbs": gamma_gbs}
 
 
+def fit_engine(t_small: float, t_large: float, gamma_gbs: float) -> dict:
+    """alpha and bandwidth of the node-local engine from its 2-rank all_reduce times: one call
+    each, alpha = t(8 B); t(4 MiB) = alpha + 2 b beta + b gamma with b = 2 MiB."""
+    b = LARGE / 2
+    beta = max((t_large - t_small - b / (gamma_gbs * 1e9)) / (2 * b), 1e-12)
+    return {"alpha_us": t_small * 1e6, "bw_gbs": 1.0 / beta / 1e9, "reduce_gbs": gamma_gbs}
+
+
 def _worker(args) -> int:
     """One rank of the probe (started by pyccl.launch with the transport forced)."""
     import pyccl
@@ -147,8 +160,11 @@ def probe(transport: str, iters: int, timeout: float = 120) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "probe.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYCCL_ALGO", "PYCCL_CHUNK_BYTES"))}
-        env.update(PYCCL_TRANSPORT=transport, PYCCL_SHM_COLLECTIVES="0", PYCCL_ALGO="ring",
-                   PYCCL_CHUNK_BYTES=str(CHUNK), PYCCL_TUNE_PROFILE="off")
+        if transport == ENGINE:
+            env.update(PYCCL_TRANSPORT="shm", PYCCL_SHM_COLLECTIVES="1", PYCCL_TUNE_PROFILE="off")
+        else:
+            env.update(PYCCL_TRANSPORT=transport, PYCCL_SHM_COLLECTIVES="0", PYCCL_ALGO="ring",
+                       PYCCL_CHUNK_BYTES=str(CHUNK), PYCCL_TUNE_PROFILE="off")
         cmd = [sys.executable, "-m", "pyccl.launch", "-n", "2", "-m", "pyccl.tune", "--worker",
                "--out", out, "--iters", str(iters)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -166,7 +182,7 @@ def calibrate(iters=30, repeat=3, transports=PROBE_TRANSPORTS) -> dict:
         for _ in range(repeat):
             g = reduce_gbs()
             p = probe(name, iters)
-            fits.append(fit(p["t_small"], p["t_large"], g))
+            fits.append((fit_engine if name == ENGINE else fit)(p["t_small"], p["t_large"], g))
             runs.setdefault(name, []).append(dict(p, reduce_gbs=g))
         out[name] = {k: float(np.median([f[k] for f in fits])) for k in FIELDS}
         out[name]["spread"] = {k: [min(f[k] for f in fits), max(f[k] for f in fits)] for k in FIELDS}

@@ -45,6 +45,26 @@ def test_fit_recovers_the_model():
     assert f["alpha_us"] == pytest.approx(20.0) and f["bw_gbs"] == pytest.approx(2.0)
 
 
+def test_fit_engine_recovers_the_model():
+    alpha, beta, gamma = 4e-6, 1 / 6e9, 1 / 8e9
+    b = tune.LARGE / 2
+    f = tune.fit_engine(alpha, alpha + 2 * b * beta + b * gamma, 8.0)
+    assert f["alpha_us"] == pytest.approx(4.0) and f["bw_gbs"] == pytest.approx(6.0)
+
+
+def test_composed_local_phases_are_priced_on_the_engine():
+    """A composed collective's node-local phases cost the engine's alpha, not the slot rings'."""
+    from pyccl.topology import composed
+    from pyccl.topology.graph import Topology
+    topo = Topology.uniform(2, 2, "shm", "tcp")
+    costs = dict(cost.DEFAULTS, shm=cost.LinkCost.of(25.0, 6.0, 8.0), shm_engine=cost.LinkCost.of(3.0, 6.0, 8.0))
+    local = [p for p in composed.phases("all_reduce", 8, topo, costs) if p.scope == "local"]
+    assert len(local) == 2 and all(p.seconds < 4e-6 for p in local), local
+    del costs["shm_engine"]                   # without the entry: the intra transport, as before
+    local = [p for p in composed.phases("all_reduce", 8, topo, costs) if p.scope == "local"]
+    assert all(p.seconds >= 25e-6 for p in local), local
+
+
 def test_tune_cli_measures_and_writes_a_profile(tmp_path):
     out = tmp_path / "prof.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCCL_")}
@@ -52,10 +72,10 @@ def test_tune_cli_measures_and_writes_a_profile(tmp_path):
                        env=env, capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    for name in ("shm", "tcp"):
+    for name in ("shm", "tcp", "shm_engine"):
         v = data["transports"][name]
         assert v["alpha_us"] > 0 and v["bw_gbs"] > 0 and v["reduce_gbs"] > 0, v
-    assert tune.load({"PYCCL_TUNE_PROFILE": str(out)}).keys() == {"shm", "tcp"}
+    assert tune.load({"PYCCL_TUNE_PROFILE": str(out)}).keys() == {"shm", "tcp", "shm_engine"}
     show = subprocess.run([sys.executable, "-m", "pyccl.tune", "--show"], env=dict(env, PYCCL_TUNE_PROFILE=str(out)),
                           capture_output=True, text=True, timeout=60).stdout
     assert "(loaded)" in show and "measured" in show

@@ -8,7 +8,9 @@ time, for the tuner (which compares their sum with the flat plans) and for
 `python -m pyccl.plan --algo composed`.
 
 Costs: a local phase is one engine call, alpha + the bytes each rank moves x beta (+ gamma
-for what it reduces or copies) of the intra-host transport; the rail phase is the best
+for what it reduces or copies) of the node-local engine (the `shm_engine` entry of the costs,
+measured by pyccl.tune: one C call, not the per-message alpha of the slot rings; other intra
+transports are costed as themselves); the rail phase is the best
 flat plan for a topology of H hosts x 1 rank, with the inter-host bandwidth divided among
 the L rails that leave a host at once (broadcast and reduce use one rail: undivided).
 """
@@ -44,9 +46,10 @@ def _fmt(n):
 
 def phases(op: str, nbytes: int, topo: Topology, costs: dict, chunk_bytes=None) -> list:
     """The phases of composed `op` of nbytes on topo, each with its predicted seconds."""
-    from .cost import _cost_of, predict
+    from .cost import SHM_ENGINE, _cost_of, predict
     H, L = topo.nhosts, topo.ranks_per_host
-    ci, ce = _cost_of(costs, topo.intra), _cost_of(costs, topo.inter)
+    engine = SHM_ENGINE if topo.intra == "shm" and SHM_ENGINE in costs else topo.intra
+    ci, ce = _cost_of(costs, engine), _cost_of(costs, topo.inter)
     rail_topo = Topology.uniform(H, 1, topo.inter, topo.inter)
     S = int(nbytes)
 
