@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """RDMA across two VMs: perftest beside pyccl over ibverbs and over TCP, on one virtual link.
 
-    tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick]
+    tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick] [--env PYCCL_IB_QPS=1]
 
 Runs in VM a of tests/rdma/two-vm.sh (VM b serves through its agent); writes
 $RXE_VM_OUT/rdma-two-vms.json and prints the table of bench/RESULTS.md ("RDMA across two VMs").
@@ -127,10 +127,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the pyccl ranks in both VMs (e.g. PYCCL_IB_QPS=1)")
     a = ap.parse_args()
     from pyccl.transports import ibverbs as ib
     _, gidx, _ = ib.choose_port(twovm.A_IP)
-    res = {"gid_index": gidx, "rounds": a.rounds}
+    extra = dict(kv.split("=", 1) for kv in a.env)
+    res = {"gid_index": gidx, "rounds": a.rounds, "env": extra}
     sizes = [1 << 16, 1 << 20, 4 << 20]
     iters = 100 if a.quick else 200
     res["ib_write_bw"] = {}
@@ -148,7 +151,7 @@ def main():
     print(f"raw TCP: {res['tcp_raw_MBps']} MB/s", flush=True)
     for t in ("ibverbs", "tcp"):
         job = twovm.across([RANK, str(a.rounds), "1" if a.quick else "0"], 1,
-                           {"PYCCL_TRANSPORT": t, "PYCCL_TIMEOUT": "200"}, timeout=500)
+                           dict(extra, PYCCL_TRANSPORT=t, PYCCL_TIMEOUT="200"), timeout=500)
         if job.failed():
             print(job.failed(), file=sys.stderr)
             res[t] = None
