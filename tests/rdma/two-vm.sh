@@ -4,7 +4,7 @@
 #
 #   tests/rdma/two-vm.sh                         # python -m pytest tests/rdma/test_two_vms.py in VM a
 #   tests/rdma/two-vm.sh python -m pytest -q tests/rdma/test_two_vms.py -k mismatch
-#   tests/rdma/two-vm.sh bash bench/rdma_two_vms.sh    # the measurements of bench/RESULTS.md
+#   tests/rdma/two-vm.sh python bench/rdma_two_vms.py --rounds 3   # bench/RESULTS.md "RDMA across two VMs"
 #
 # What it does:
 #  1. vm-prepare.sh: installs qemu, a Debian kernel, rdma-core, perftest, python3-pyverbs,
