@@ -178,16 +178,13 @@ def table(res) -> str:
     ibv, tcp = res.get("ibverbs") or {}, res.get("tcp") or {}
     for s, st in res["ib_write_bw"].items():
         s = int(s)
-        p = (ibv.get("p2p_MBps") or {}).get(str(s))
-        q = (tcp.get("p2p_MBps") or {}).get(str(s))
-        ratio = f"{p['median'] / st['median'] * 100:.0f} %" if p and st else "n/a"
-        lines.append(f"| send/recv bandwidth MB/s | {s >> 10} KiB | {_fmt(st)} | {_fmt(p)} | {_fmt(q)} | "
-                     f"{_fmt(res['tcp_raw_MBps']) if s == 1 << 20 else ''} | {ratio} |")
-        p = (ibv.get("p2p_async_MBps") or {}).get(str(s))
-        q = (tcp.get("p2p_async_MBps") or {}).get(str(s))
-        ratio = f"{p['median'] / st['median'] * 100:.0f} %" if p and st else "n/a"
-        lines.append(f"| send/recv all posted at once (async_op) MB/s | {s >> 10} KiB | {_fmt(st)} | {_fmt(p)} | "
-                     f"{_fmt(q)} | | {ratio} |")
+        for key, label, raw in (("p2p_MBps", "send/recv bandwidth MB/s", s == 1 << 20),
+                                ("p2p_async_MBps", "send/recv all posted at once (async_op) MB/s", False)):
+            p = (ibv.get(key) or {}).get(str(s))
+            q = (tcp.get(key) or {}).get(str(s))
+            ratio = f"{p['median'] / st['median'] * 100:.0f} %" if p and st else "n/a"
+            lines.append(f"| {label} | {s >> 10} KiB | {_fmt(st)} | {_fmt(p)} | {_fmt(q)} | "
+                         f"{_fmt(res['tcp_raw_MBps']) if raw else ''} | {ratio} |")
     lat = res.get("ib_write_lat_us")
     p, q = ibv.get("lat_us"), tcp.get("lat_us")
     ratio = f"{p['median'] / lat['median']:.2f}x" if p and lat else "n/a"

@@ -47,24 +47,18 @@ def main(rounds, quick):
         for s in sizes:                        # bandwidth, one direction
             x = bufs[s]
             reps = max(4, min(64, (32 << 20) // s // (4 if quick else 1)))
-            for warm in (True, False):
-                k = 2 if warm else reps
-                comm.barrier()
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    comm.send(x, peer) if r == 0 else comm.recv(x, peer)
-                if not warm:
-                    bw.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
-            for warm in (True, False):         # the same, all posted at once (async_op=True),
-                k = 2 if warm else reps        # as perftest keeps many writes outstanding
-                comm.barrier()
-                t0 = time.perf_counter()
-                works = [comm.send(x, peer, async_op=True) if r == 0 else comm.recv(x, peer, async_op=True)
-                         for _ in range(k)]
-                for w in works:
-                    w.wait()
-                if not warm:
-                    bw_async.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
+            # one after another, then all posted at once (as perftest keeps many writes in flight)
+            for out, at_once in ((bw, False), (bw_async, True)):
+                for warm in (True, False):
+                    k = 2 if warm else reps
+                    comm.barrier()
+                    t0 = time.perf_counter()
+                    works = [comm.send(x, peer, async_op=at_once) if r == 0 else
+                             comm.recv(x, peer, async_op=at_once) for _ in range(k)]
+                    for w in works if at_once else ():
+                        w.wait()
+                    if not warm:
+                        out.setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
         for s in ar_sizes:                     # all_reduce of float32
             x = np.ones(max(1, s // 4), np.float32)
             reps = 20 if s <= 1 << 16 else 5

@@ -42,10 +42,11 @@ import time
 
 import numpy as np
 
+from pyccl.topology.cost import SHM_ENGINE as ENGINE   # the node-local C collectives' cost entry
+
 log = logging.getLogger("pyccl")
 
-PROBE_TRANSPORTS = ("shm", "tcp", "shm_engine")
-ENGINE = "shm_engine"            # the node-local C collectives, probed over shm with them on
+PROBE_TRANSPORTS = ("shm", "tcp", ENGINE)    # ENGINE: probed over shm with the C collectives on
 SMALL, LARGE, CHUNK = 8, 4 << 20, 1 << 20
 FIELDS = ("alpha_us", "bw_gbs", "reduce_gbs")
 
@@ -160,11 +161,12 @@ def probe(transport: str, iters: int, timeout: float = 120) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "probe.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYCCL_ALGO", "PYCCL_CHUNK_BYTES"))}
+        env["PYCCL_TUNE_PROFILE"] = "off"
         if transport == ENGINE:
-            env.update(PYCCL_TRANSPORT="shm", PYCCL_SHM_COLLECTIVES="1", PYCCL_TUNE_PROFILE="off")
+            env.update(PYCCL_TRANSPORT="shm", PYCCL_SHM_COLLECTIVES="1")
         else:
             env.update(PYCCL_TRANSPORT=transport, PYCCL_SHM_COLLECTIVES="0", PYCCL_ALGO="ring",
-                       PYCCL_CHUNK_BYTES=str(CHUNK), PYCCL_TUNE_PROFILE="off")
+                       PYCCL_CHUNK_BYTES=str(CHUNK))
         cmd = [sys.executable, "-m", "pyccl.launch", "-n", "2", "-m", "pyccl.tune", "--worker",
                "--out", out, "--iters", str(iters)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
