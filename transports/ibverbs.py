@@ -15,7 +15,7 @@ for large ones):
   ``NCCL_IB_GID_INDEX``).  InfiniBand ports are addressed by LID.  ``describe()`` prints what
   was found and why it was (not) usable.
 * **Connections.** Per peer: one completion queue (with a completion channel, so an idle
-  executor can ``select()`` on it) and ``PYCCL_IB_QPS`` RC queue pairs.  QP numbers, PSNs,
+  executor can ``select()`` on it) and ``PYCCL_IB_QPS`` RC queue pairs (4 by default).  QP numbers, PSNs,
   GID/LID, MTU and the address + rkey of the peer's control ring travel through the bootstrap
   store (``ib/<from>-><to>``); both sides reach RTS before either says ``ready``.
 * **Small messages: eager slots with credits.** A message of at most ``PYCCL_IB_EAGER_BYTES``
@@ -1051,7 +1051,10 @@ class IbvTransport(Transport):
 
     def connect(self, ctx, peers: list) -> dict:
         dev = _Device.get(ctx.bind_host)         # the port holding our address toward the peers
-        nqp = _env_int("PYCCL_IB_QPS", 2, 1, 64)
+        # 4 QPs: across two soft-RoCE VMs a 1-4 MiB message striped over 4 QPs reached 94-98 %
+        # of ib_write_bw, over 2 QPs 73-83 %, over 1 QP 60-62 % (bench/RESULTS.md, issue 18).
+        # Messages under PYCCL_IB_STRIPE_MIN use one QP whatever the count.
+        nqp = _env_int("PYCCL_IB_QPS", 4, 1, 64)
         depth = _env_int("PYCCL_IB_DEPTH", 32, 2, 256)
         # ACK timeout 4.096 us * 2**16 = 0.27 s, 6 retries: a dead peer is known in ~2 s.
         # Retry count 7 is refused: rdma_rxe (and some NICs) read it as "retry forever".
