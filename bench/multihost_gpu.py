@@ -4,6 +4,9 @@ pyccl on CPU tensors, in the same processes, interleaved.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       torchrun --standalone --nproc-per-node 2 bench/multihost_gpu.py [--reps 5] [--sizes 1M,16M,64M,256M]
+    # 2 hosts x 2 ranks: pyccl composed (local CUDA phases + staged rail, ccl/cuda_hierarchy.py)
+    # against the flat staged path (PYCCL_CUDA_COMPOSED=0) in the same processes
+      torchrun --standalone --nproc-per-node 4 bench/multihost_gpu.py --ranks-per-host 2
 
 Every rank poses as its own host (PYCCL_HOST_ID, NCCL_HOSTID = host<rank>; NCCL_IB_DISABLE=1),
 so all of them run over TCP loopback: NCCL its socket transport, pyccl its TCP transport with
@@ -20,7 +23,13 @@ import sys
 import time
 
 RANK = int(os.environ.get("RANK", "0"))
-os.environ["PYCCL_HOST_ID"] = os.environ["NCCL_HOSTID"] = f"host{RANK}"
+PER_HOST = int(os.environ.get("PER_HOST", "1"))       # pyccl ranks per emulated host (--ranks-per-host)
+for _i, _arg in enumerate(sys.argv):
+    if _arg == "--ranks-per-host":
+        PER_HOST = int(sys.argv[_i + 1])
+os.environ["PYCCL_HOST_ID"] = f"host{RANK // PER_HOST}"
+# NCCL refuses two ranks of one host on one GPU ("Duplicate GPU"): it always sees one rank per host
+os.environ["NCCL_HOSTID"] = f"host{RANK}"
 os.environ.setdefault("NCCL_IB_DISABLE", "1")
 
 import torch  # noqa: E402
@@ -63,6 +72,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunks", default="", help="extra PYCCL_STAGING_CHUNK values for the staged path, e.g. 4M")
     p.add_argument("--skip", default="", help="comma list of columns to leave out")
+    p.add_argument("--ranks-per-host", type=int, default=PER_HOST,
+                   help="pyccl ranks per emulated host (NCCL still sees every rank as its own host)")
     a = p.parse_args()
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", RANK))
@@ -76,8 +87,19 @@ def main():
 
     def on(group):
         return lambda t: dist.all_reduce(t, group=group)
+
+    def flat(t):                      # the one-phase staged path, even with several ranks per host
+        os.environ["PYCCL_CUDA_COMPOSED"] = "0"
+        try:
+            dist.all_reduce(t, group=pyc)
+        finally:
+            del os.environ["PYCCL_CUDA_COMPOSED"]
     cols = {"pyccl CUDA (staged)": (on(pyc), "cuda"), "NCCL socket": (on(None), "cuda"),
             "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
+    if PER_HOST > 1:
+        cols = {"pyccl CUDA composed": (on(pyc), "cuda"), "pyccl CUDA flat staged": (flat, "cuda"),
+                "NCCL socket (every rank a host)": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"),
+                "pyccl CPU tensors": (on(pyc), "cpu")}
     chunks = [_size(c) for c in a.chunks.split(",") if c]
     comm = _communicator(pyc, dev)
     for c in chunks:
@@ -106,7 +128,8 @@ def main():
                 res[(name, s)].append(_time(col[0], x, iters, gloo))
     if RANK == 0:
         factor = 2 * (world - 1) / world
-        print(f"\nall_reduce float32, {world} ranks, each its own host, TCP loopback; "
+        layout = "each its own host" if PER_HOST == 1 else f"{PER_HOST} per host (pyccl, Gloo)"
+        print(f"\nall_reduce float32, {world} ranks, {layout}, TCP loopback between hosts; "
               f"{torch.cuda.get_device_name(dev)} x {torch.cuda.device_count()}; torch {torch.__version__}, "
               f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}; {a.reps} reps (median [min-max])\n")
         print("| size | " + " | ".join(cols) + " |")
@@ -129,6 +152,12 @@ def main():
                 cpu = m.get("pyccl CPU tensors")
                 print(f"  {s >> 20} MiB: busbw x{m[ref] / m['pyccl CUDA (staged)']:.2f} vs NCCL"
                       + (f", x{cpu / m['pyccl CUDA (staged)']:.2f} vs pyccl CPU" if cpu else ""))
+        if "pyccl CUDA composed" in cols:
+            print("\nratios (median time): composed / flat staged, composed / pyccl CPU tensors")
+            for s in sizes:
+                m = {n: statistics.median(res[(n, s)]) for n in cols}
+                print(f"  {s >> 20} MiB: x{m['pyccl CUDA flat staged'] / m['pyccl CUDA composed']:.2f} vs flat, "
+                      f"x{m['pyccl CPU tensors'] / m['pyccl CUDA composed']:.2f} vs CPU tensors")
         _reduce_probe(dev)
     dist.barrier(group=gloo)
     dist.destroy_process_group()

@@ -222,7 +222,14 @@ def _on_callers_stream(fn, *objs):
     except ImportError:
         raise InvalidArgument("reproducible mode on cupy arrays needs torch (its sum runs as torch ops)") from None
     dev = objs[0].device.id
-    stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr, device=torch.device("cuda", dev))
+    ptr = cupy.cuda.get_current_stream().ptr
+    # cupy's default current stream is the legacy null stream (ptr 0); torch.cuda.ExternalStream(0)
+    # is not that stream (seen on an H100, torch 2.11: its cuda_stream was another handle, so a
+    # cupy-side synchronize did not wait for the sum). Take torch's own default stream for it.
+    if ptr == 0:
+        stream = torch.cuda.default_stream(dev)
+    else:
+        stream = torch.cuda.ExternalStream(ptr, device=torch.device("cuda", dev))
     with torch.cuda.device(dev), torch.cuda.stream(stream):
         return fn(*(torch.from_dlpack(o) for o in objs))
 

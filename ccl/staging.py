@@ -117,6 +117,9 @@ def submit(comm, name, async_op, sig, *args):
     if build is None:
         raise InvalidArgument(f"{name}: not implemented for CUDA buffers across hosts; use a CPU copy")
     caller = view.caller_stream()
+    from . import cuda_hierarchy
+    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):                 # several ranks per host: ccl/cuda_hierarchy.py
+        return st.composed_call(name, async_op, sig, caller, view, args)
     ready = st.record_ready(caller)
     end = st.next_end()
 
@@ -129,6 +132,38 @@ def submit(comm, name, async_op, sig, *args):
             st.synchronize(name, end)
         return None
     return StagedWork(comm._submit(name, fn, True, sig), st, view, end)
+
+
+class ComposedWork:
+    """The Work of an async composed collective: the host part runs on the communicator's
+    thread; waiting makes the then current stream wait for the end of the last local phase."""
+
+    def __init__(self, work, local, view):
+        self._work, self._local, self._view = work, local, view
+        self.what = work.what
+
+    def wait(self, timeout=None) -> bool:
+        self._work.wait(timeout)
+        end = self._work.result
+        if end is not None:
+            self._local.rt.streamWaitEvent(self._view.caller_stream(), end, 0)
+            if timeout is not None:
+                self._local.synchronize(self.what, end, timeout)
+        self._local.raise_if_failed(self.what)
+        return True
+
+    def is_completed(self) -> bool:
+        if not self._work.is_completed():
+            return False
+        end = self._work.result
+        return self._work.exception() is not None or end is None or self._local.rt.eventQuery(end) == 0
+
+    def exception(self):
+        return self._work.exception()
+
+    @property
+    def result(self):
+        return None
 
 
 class StagedWork:
@@ -393,6 +428,8 @@ class Staging:
         self._last_end = None
         self._arena_ptr, self._arena_cap, self._arena = 0, 0, None
         self._mrs = []                      # (MRCache, entry) of the arena per ibverbs device
+        self.composed = None                # several ranks per host: ccl/cuda_hierarchy.CudaComposed
+        self.composed_min = None            # smallest composed message (bytes), decided on first use
         log.info("%s rank %d: CUDA buffers across hosts staged through pinned memory on cuda:%d "
                  "(chunk <= %d B, %d B ahead)", self.tag, self.rank, self.dev, self.chunk_cap, self.ahead)
 
@@ -504,13 +541,37 @@ class Staging:
             self._last_end = end
         return None
 
+    # -- several ranks per host: the composition of ccl/cuda_hierarchy.py --
+    def composed_call(self, name, async_op, sig, caller, view, args):
+        """Submit one composed collective (node-local CUDA phases around a staged rail phase)."""
+        if self.composed is None:
+            from .cuda_hierarchy import CudaComposed
+            self.composed = CudaComposed(self)
+        comp = self.composed
+        ends = []
+
+        def fn(what):
+            ends.append(comp.run(name, what, caller, args))
+            return ends[-1]
+        if not async_op:
+            end = self.comm._submit(name, fn, False, sig)
+            self.rt.streamWaitEvent(caller, end, 0)
+            if self.sync_each:
+                comp.local.synchronize(name, end)
+            return None
+        return ComposedWork(self.comm._submit(name, fn, True, sig), comp.local, view)
+
     # -- what comm.cuda answers (communicator, torch backend, tests) --
     def raise_if_failed(self, what):
         if self._closed:
             raise PycclError(f"{what}: the staging state of {self.tag} is closed")
+        if self.composed is not None:
+            self.composed.local.raise_if_failed(what)
 
     def synchronize(self, what, event=None, timeout=None):
         ev = event if event is not None else self._last_end
+        if event is None and self.composed is not None:     # the last local phase, too
+            self.composed.local.synchronize(what, None, timeout)
         if ev is not None:
             with _OnDevice(self.rt, self.dev):
                 self.wait_event(ev, what, "the collective's copies back to the GPU", timeout)
@@ -521,12 +582,16 @@ class Staging:
         return lambda tensor, op, async_op: False
 
     def abort(self):
-        pass                                    # the executor's connections are dropped by comm.abort()
+        # the executor's connections are dropped by comm.abort(); the local CUDA engine's waits stop here
+        if self.composed is not None:
+            self.composed.abort()
 
     def close(self):
         if self._closed:
             return
         self._closed = True
+        if self.composed is not None:
+            self.composed.close()
         rt = self.rt
         with _OnDevice(self.rt, self.dev):
             for s in (self.d2h, self.h2d):      # copies still queued read or write the arena

@@ -1,4 +1,4 @@
-"""CUDA tensors across hosts (ccl/staging.py), on a real GPU, ranks posing as hosts.
+"""CUDA tensors across hosts (ccl/staging.py, ccl/cuda_hierarchy.py), on a real GPU, ranks posing as hosts.
 
 Every rank sets PYCCL_HOST_ID (2 hosts x 1 rank, 2 hosts x 2 ranks), all on the GPUs there
 are (one GPU works: the ranks share it). Every collective through the Communicator and
@@ -155,6 +155,67 @@ def rank_streams(comm):
     return ok
 
 
+def rank_composed(comm, dtype):
+    """all_reduce and broadcast on 2 hosts x 2 ranks take ccl/cuda_hierarchy.py (local CUDA phase,
+    staged rail, local CUDA phase): every op, counts with and without a tail (n % 2), each root."""
+    dev = _dev(comm.rank)
+    size, rank = comm.size, comm.rank
+    bad = []
+    for seed, n in enumerate([2, 3, 8, 4098, 4099, 1_000_000, 2_000_003]):
+        xs = [_data(dtype, n, r, seed) for r in range(size)]
+        if dtype in ("float32", "float64"):
+            xs = [(x % 3 + 1) for x in xs]                  # PROD stays exact
+        for op in ("SUM", "AVG", "MIN", "PROD"):
+            if op == "PROD" and dtype not in ("float32", "float64"):
+                continue
+            x = xs[rank].to(dev)
+            comm.all_reduce(x, op=getattr(pyccl, op))
+            want = torch.stack([v.double() for v in xs]).prod(0).to(xs[0].dtype) if op == "PROD" else _ref(xs, op)
+            if not _same(x, want):
+                bad.append(f"all_reduce {op} n={n}")
+        for root in range(size):
+            x = xs[rank].to(dev)
+            w = comm.broadcast(x, root=root, async_op=bool(root % 2))
+            if w is not None:
+                w.wait()
+            if not _same(x, xs[root]):
+                bad.append(f"broadcast root={root} n={n}")
+    comm.cuda.synchronize("test")
+    return getattr(comm.cuda, "composed", None) is not None, bad
+
+
+def rank_composed_min(comm):
+    """With ranks of a host sharing a GPU, small messages stay on the flat staged path."""
+    dev = _dev(comm.rank)
+    x = torch.ones(1 << 18, device=dev)
+    comm.all_reduce(x)
+    small_flat = comm.cuda.composed is None and bool((x == comm.size).all())
+    shares = torch.cuda.device_count() < 2          # _dev: ranks 0 and 1 (host 0) on one GPU
+    return small_flat, comm.cuda.composed_min, shares
+
+
+def rank_peer_gives_up(comm):
+    """One rank's communicator is aborted while its peers call all_reduce: every other rank
+    raises in seconds (the host peer through the CUDA mailbox's abort word, the rail peer
+    through the closed connection), not after the 60 s timeout."""
+    dev = _dev(comm.rank)
+    x = torch.ones(4 << 20, device=dev)
+    comm.all_reduce(x)
+    comm.cuda.synchronize("warm-up")
+    comm.barrier()
+    if comm.rank == 1:
+        comm.abort()
+        return None
+    t = time.monotonic()
+    try:
+        for _ in range(3):
+            comm.all_reduce(x)
+        comm.cuda.synchronize("after")
+    except PycclError as e:
+        return type(e).__name__, str(e), time.monotonic() - t
+    return ("finished", "", time.monotonic() - t)
+
+
 def rank_mismatch(comm, big):
     dev = _dev(comm.rank)
     n = (3_000_000 if big else 1000) * (comm.rank + 1)
@@ -194,9 +255,42 @@ def test_stream_order(hosts):
         assert all(ok.values()), ok
 
 
+COMPOSED_ALWAYS = {"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0"}
+
+
+def test_composed_min_on_a_shared_gpu(groups):
+    from pyccl.cuda_hierarchy import SHARED_GPU_MIN
+    g = groups(4, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=2)
+    for small_flat, least, shares in g.run(rank_composed_min):
+        assert small_flat
+        assert least == (SHARED_GPU_MIN if shares else 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64"])
+def test_composed_with_several_ranks_per_host(groups, dtype):
+    g = groups(4, env=COMPOSED_ALWAYS, ranks_per_host=2)
+    for used, bad in g.run(rank_composed, dtype):
+        assert used, "2 hosts x 2 ranks did not take the composed path (ccl/cuda_hierarchy.py)"
+        assert not bad, bad
+
+
+def test_composed_peer_gives_up(groups):
+    g = groups(4, env=COMPOSED_ALWAYS, ranks_per_host=2)
+    results = g.run(rank_peer_gives_up)
+    g.broken = True
+    for r, res in enumerate(results):
+        if r == 1:
+            continue
+        kind, msg, took = res
+        assert kind in ("PeerFailure", "TransportError"), (r, kind, msg)
+        assert took < 20, (r, took, msg)
+        assert "all_reduce" in msg, (r, msg)
+
+
 @pytest.mark.parametrize("big", [False, True])
-def test_mismatch_raises_on_every_rank(groups, big):
-    g = groups(2, env={"PYCCL_TIMEOUT": "20"}, ranks_per_host=1)
+@pytest.mark.parametrize("size,per_host", [(2, 1), (4, 2)])
+def test_mismatch_raises_on_every_rank(groups, big, size, per_host):
+    g = groups(size, env={"PYCCL_TIMEOUT": "20", "PYCCL_CUDA_COMPOSED_MIN": "0"}, ranks_per_host=per_host)
     results = g.run(rank_mismatch, big)
     g.broken = True
     for r in results:

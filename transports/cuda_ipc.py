@@ -268,15 +268,18 @@ class PeerWatch:
 
 
 class HostMailbox:
-    """Per-rank slots in one /dev/shm segment: [2 phases][size ranks][1 + WORDS int64].
+    """Per-rank slots in one /dev/shm segment: [2 phases][size ranks][1 + WORDS int64], then
+    one abort word per rank.
 
     Word 0 of a slot is the exchange's sequence number, written last; the rest is the payload.
     A rank posts exchange k into phase k % 2 and reads the peers' phase k % 2; no rank can
-    post k + 2 before every peer has read k (it needs their k + 1 first), so two phases do."""
+    post k + 2 before every peer has read k (it needs their k + 1 first), so two phases do.
+    A rank whose communicator breaks sets its abort word (``mark_aborted``): its peers'
+    watchdogs read them (``aborted_peers``) and stop waiting for it, though its process lives."""
 
     def __init__(self, rank: int, size: int, store, tag: str, timeout: float, words: int):
         self.rank, self.size, self.timeout, self.words = rank, size, timeout, words
-        nbytes = 2 * size * (1 + words) * 8
+        nbytes = (2 * size * (1 + words) + size) * 8
         if rank == 0:
             name = f"pyccl-cuda-{os.getpid()}-{secrets.token_hex(6)}"
             fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -304,7 +307,9 @@ class HostMailbox:
                 time.sleep(0.001)
                 opened = store.add("cuda/mailbox_opened", 0)
             os.unlink(f"/dev/shm/{name}")      # nothing left in /dev/shm, even after a crash
-        self.view = np.frombuffer(self.mm, dtype=np.int64).reshape(2, size, 1 + words)
+        slots = 2 * size * (1 + words)
+        self.view = np.frombuffer(self.mm, dtype=np.int64, count=slots).reshape(2, size, 1 + words)
+        self.aborts = np.frombuffer(self.mm, dtype=np.int64, count=size, offset=slots * 8)
         self.words_mv = memoryview(self.mm).cast("q")       # cheap scalar reads of the sequence words
         self.stride = 1 + words
 
@@ -344,9 +349,19 @@ class HostMailbox:
                 if spins > 2000:
                     time.sleep(0.0001 if now - start < 0.1 else 0.001)
 
+    def mark_aborted(self):
+        if self.mm is not None:
+            self.aborts[self.rank] = 1
+
+    def aborted_peers(self) -> list:
+        if self.mm is None:
+            return []
+        return [r for r in range(self.size) if r != self.rank and self.aborts[r]]
+
     def close(self):
         if self.mm is not None:
             self.view = None
+            self.aborts = None
             self.words_mv.release()
             try:
                 self.mm.close()

@@ -277,10 +277,19 @@ class CudaState:
         self.rt.streamSynchronize(self.stream)
 
     # ---- health ------------------------------------------------------------------------------
-    def _check_peers(self, what):
+    def _peers_gone(self):
+        """Why peers will not come (exited processes, peers whose communicator gave up), or None."""
         dead = self.watch.dead()
-        if dead:
-            self._abort_reason = ", ".join(f"rank {r} (pid {p}) exited" for r, p in dead)
+        gave_up = self.mailbox.aborted_peers() if not dead else []
+        if not dead and not gave_up:
+            return None
+        return ", ".join([f"rank {r} (pid {p}) exited" for r, p in dead] +
+                         [f"rank {r} gave up (its communicator failed or was aborted)" for r in gave_up])
+
+    def _check_peers(self, what):
+        why = self._peers_gone()
+        if why:
+            self._abort_reason = why
             self.status.abort()
             raise PeerFailure(f"{what}: {self._abort_reason}")
 
@@ -331,9 +340,9 @@ class CudaState:
     def _watchdog(self):
         while not self._stop.wait(0.05):
             if self._abort_reason is None:
-                dead = self.watch.dead()
-                if dead:
-                    self._abort_reason = ", ".join(f"rank {r} (pid {p}) exited" for r, p in dead)
+                why = self._peers_gone()
+                if why:
+                    self._abort_reason = why
                     log.error("pyccl %s rank %d: %s; aborting pending CUDA collectives", self.tag, self.rank,
                               self._abort_reason)
                     self.status.abort()
@@ -346,6 +355,7 @@ class CudaState:
             self._abort_reason = "the communicator was aborted"
         if self.status.words is not None:
             self.status.abort()
+        self.mailbox.mark_aborted()             # the peers' watchdogs stop waiting for us
 
     def close(self):
         if self._closed:
