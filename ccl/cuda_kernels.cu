@@ -317,15 +317,18 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
 // Segment r of the input starts at in + r * stride and holds len(r) = clamp(total - r*stride,
 // 0, seg_len) elements. (A) push segment r to rank r's two-shot scratch (region of the
 // sender); signal; wait. (B) reduce my segment from my input and the scratch, in rank order,
-// into `out`, and (all-reduce) also into each peer's copy: d[r] = where my segment goes on
-// rank r (0: reduce-scatter, nothing to send). (C) closing flags, so that scratch and peer
-// buffers may be reused by the next collective. Blocks own the same slice of every segment,
-// so each block only waits for the same block of its peers.
+// into `out`, and (all-reduce) also to each peer: d[r] = where my segment goes on rank r (0:
+// reduce-scatter, nothing to send), the gather half of rank r's two-shot scratch (region of the
+// sender), so no rank needs to know its peers' buffers. (C) closing flags, so that scratch and
+// peer buffers may be reused by the next collective. (D) all-reduce (`gather` = the gather half
+// of my scratch): copy every peer's reduced segment from there into my buffer (in place: the
+// input's segment q). Blocks own the same slice of every segment, so each block only waits for
+// the same block of its peers, and after (C) block b's slice of every region has arrived.
 template <typename T, int OP, int N>
 __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_len, i64 total, T* out,
                                               const u64* tab, i64 cap_bytes, u64 d0, u64 d1, u64 d2, u64 d3,
-                                              u64 d4, u64 d5, u64 d6, u64 d7, int rank, int nranks, u64* ectr,
-                                              u64 sig, i64* status, u64 timeout_ns, int avg_n) {
+                                              u64 d4, u64 d5, u64 d6, u64 d7, u64 gather, int rank, int nranks,
+                                              u64* ectr, u64 sig, i64* status, u64 timeout_ns, int avg_n) {
   typedef Pack<T, N> P;
   __shared__ int fail;
   const u64 epoch = epoch_begin(ectr);
@@ -397,7 +400,26 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
   }
   // (C)
   __syncthreads();
-  exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3);
+  if (!exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 3)) fail = 1;
+  __syncthreads();
+  // (D)
+  if (gather && !fail) {
+#pragma unroll
+    for (int q = 0; q < MAXR; q++) {
+      if (q >= nranks || q == rank) continue;
+      i64 len = total - q * stride;
+      len = len < 0 ? 0 : (len > seg_len ? seg_len : len);
+      const i64 npk = len / N;
+      const char* src = (const char*)gather + (i64)q * cap_bytes;
+      T* dst = const_cast<T*>(in) + q * stride;
+      const i64 q1 = p1 < npk ? p1 : npk;
+      for (i64 i = p0 + threadIdx.x; i < q1; i += blockDim.x)
+        reinterpret_cast<P*>(dst)[i] = ldcg(reinterpret_cast<const P*>(src) + i);
+      if (last)
+        for (i64 e = npk * N + threadIdx.x; e < len; e += blockDim.x)
+          dst[e] = ldcg(reinterpret_cast<const Pack<T, 1>*>(src) + e).v[0];
+    }
+  }
   epoch_end(ectr, epoch);
 }
 

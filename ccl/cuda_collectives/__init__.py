@@ -23,7 +23,8 @@ data never leaves the GPUs: each rank maps its peers' memory through CUDA IPC
   - *one-shot all-reduce* (messages up to ``PYCCL_CUDA_ONESHOT_MAX``): every rank pushes its
     buffer into every peer's scratch and reduces all copies locally. One launch, no barrier.
   - *two-shot all-reduce* (larger): reduce-scatter then all-gather in one kernel: push
-    segment r to rank r, reduce the own segment, store the result into every peer's buffer.
+    segment r to rank r's scratch, reduce the own segment, store the result into every peer's
+    scratch (its gather half), then copy the peers' segments from there into the own buffer.
   - *reduce-scatter*: the first half of the two-shot.
 
 Ordering between processes uses flags in device memory (epoch + signature words, written
@@ -53,10 +54,14 @@ captured event as its host-visible end. The host mailbox exchange (below) happen
 time only; replays reuse the peers' buffers named then (the graph's buffers are fixed).
 
 User buffers: collectives that write into a peer's buffer (all-gather, all-to-all,
-broadcast, gather, scatter, two-shot all-reduce) tell their peers which allocation to use
-through a small host mailbox (one exchange per call, /dev/shm); each allocation's IPC
+broadcast, gather, scatter, the 'ce' and 'pull' two-shots) tell their peers which allocation
+to use through a small host mailbox (one exchange per call, /dev/shm); each allocation's IPC
 handle is exported once and opened once per peer (cached). Buffers must come from cudaMalloc
-(torch's caching allocator, cupy's pool) — not from ``expandable_segments``.
+(torch's caching allocator, cupy's pool) — not from ``expandable_segments``. The one-shot and
+the 'kernel' two-shot all-reduce (and reduce) need no peer buffer: they push into the peers'
+scratch (mapped once) and gather back through it, so they make no host exchange per call (only
+when the scratch grows); a mismatched call is then found by the kernels' flags and raised on
+the next call.
 
 Environment (defaults):
   PYCCL_CUDA_ONESHOT_MAX   8388608 on 2 ranks, 4194304 on more: largest all-reduce (bytes) done one-shot

@@ -22,7 +22,7 @@ _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", 
 _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
 
 #: parameter letters of each kernel (see cuda_ipc.KernelLauncher)
-_PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ssuuuus",
+_PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ussuuuus",
            "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus",
            "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s",
            "alltoallv": "uuuiiiu" + "u" * MAXR + "ssuuuu"}

@@ -11,7 +11,8 @@ class TorchLaneMixin:
 
     def torch_all_reduce(self, comm):
         """The fast lane of the torch backend: ``lane(tensor, op, async_op)`` enqueues a one-shot
-        all-reduce of a contiguous CUDA tensor on this GPU and returns None (synchronous: on
+        (or, once the scratch has grown to fit it, a 'kernel' two-shot) all-reduce of a
+        contiguous CUDA tensor on this GPU and returns None (synchronous: on
         the caller's current stream, which therefore sees the result) or the end event on
         pyccl's stream (async_op), or returns False when the call does not fit the lane
         (too big, dtype or op without a native kernel, another device, the communicator busy):
@@ -71,14 +72,17 @@ the epoch advances on the device (capture-safe)."""
             if comm.reproducible and takes(dtype, op):
                 dtype = None                     # reproducible mode: the general path (ccl/reproducible.py)
             if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
-                    0 < nbytes <= self.oneshot_max and t.is_contiguous():
+                    0 < nbytes and t.is_contiguous():
                 sig = base_sig.get((dtype, op))
                 if sig is None:
                     sig = base_sig[(dtype, op)] = _signature("all_reduce", {"dtype": dtype, "root": -1,
                                                                              "redop": op.name, "count": 0})
+                sig |= key[1] & 0xFFFFFFFF
                 with self._device:
-                    p = self._prepare_oneshot(key[0], key[0], key[1], t.element_size(), dtype, op,
-                                              sig | (key[1] & 0xFFFFFFFF))
+                    if nbytes <= self.oneshot_max:
+                        p = self._prepare_oneshot(key[0], key[0], key[1], t.element_size(), dtype, op, sig)
+                    else:           # a two-shot that fits the scratch grown by an earlier call
+                        p = self._prepare_twoshot(key[0], key[1], t.element_size(), dtype, op, sig) or False
             if len(cache) >= 1024:
                 cache.clear()
             cache[key] = p

@@ -77,9 +77,38 @@ class ReductionsMixin:
             self._prepared[key] = p
         return p
 
+    def _prepare_twoshot(self, ptr, count, itemsize, dtype, op, sig):
+        """The in-place 'kernel' two-shot all-reduce of (ptr, count, dtype, op) as one prepared
+        launch, or None when it would not be one: another two-shot flavour, or a message whose
+        segments do not fit the scratch as it is (growing it is collective, so that is left to
+        the general path). The scratch pointers are in the launch: growing it forgets these."""
+        key = ("twoshot", ptr, count, dtype, op, sig)
+        p = self._prepared.get(key)
+        if p is None:
+            size, rank = self.size, self.rank
+            n = 16 // itemsize
+            seg = -(-count // size)
+            seg = -(-seg // n) * n                # as _twoshot_body's one round
+            if self._ts(True) != "kernel" or size < 2 or seg * itemsize > self.big_cap:
+                return None
+            half = size * self.big_cap
+            dst = [(int(self.tab_host[2 * MAXR + r]) + half + rank * self.big_cap) if r != rank else 0
+                   for r in range(size)]
+            my_out = ptr + rank * seg * itemsize
+            vec = self._vec(itemsize, ptr, my_out, seg * itemsize, *[d for d in dst if d])
+            fn = self._kernel("twoshot", dtype, self._opcode(dtype, op), vec)
+            p = _Prepared(fn.ptr, self._blocks(seg // vec), _PARAMS["twoshot"],
+                          (ptr, seg, seg, count, my_out, self.tab, self.big_cap, *dst, *[0] * (MAXR - size),
+                           self.big + half, rank, size, self.ectr, sig, self.status.ptr, self._timeout_ns,
+                           size if op is AVG else 0))
+            if len(self._prepared) >= 1024:
+                self._prepared.clear()
+            self._prepared[key] = p
+        return p
+
     def _twoshot(self, what, caller, join, sig, inp, out, count, itemsize, dtype, op, allgather):
         peers = None
-        if allgather:
+        if allgather and self._ts(allgather) != "kernel":     # 'kernel' gathers through the scratch
             peers, _ = self._mail(what, sig, [out])
             peers = peers[0]
         self._begin(caller)
@@ -91,7 +120,7 @@ class ReductionsMixin:
         (inp holds size x count, out count), in rounds that fit the scratch."""
         size, rank = self.size, self.rank
         mode = self._ts(allgather)
-        if allgather and peers is None:
+        if allgather and peers is None and mode != "kernel":
             peers, _ = self._mail(what, sig, [out])
             peers = peers[0]
         if mode == "pull" and size > 1:
@@ -105,24 +134,38 @@ class ReductionsMixin:
         else:
             seg = count
         per_round = max(n, (self.scratch_max // itemsize) // n * n)
-        self._ensure_big(min(seg, per_round) * itemsize)
+        need = min(seg, per_round) * itemsize
+        if need > self.big_cap and size > 1:
+            # Growing the scratch is collective (every rank maps the new one): first check through
+            # the mailbox that every rank makes this very call, so that a mismatched call raises
+            # here instead of growing to different sizes. Calls that fit skip every host exchange.
+            self._mail(what, sig, [])
+        self._ensure_big(need)
         per_round = min(per_round, self.big_cap // itemsize // n * n)
         start = 0
         while start < seg:
             chunk = min(per_round, seg - start)
+            gather = 0
             if allgather:
                 # Round k takes elements [start, start + chunk) of every segment.
                 stride, total = seg, count - start
                 base_in = inp + start * itemsize
                 my_out = inp + (rank * seg + start) * itemsize
-                dst = [(peers[r] + (rank * seg + start) * itemsize) if r != rank else 0 for r in range(size)]
+                ce = mode == "ce"
+                if ce:
+                    dst = [(peers[r] + (rank * seg + start) * itemsize) if r != rank else 0 for r in range(size)]
+                else:                     # the gather half of every peer's scratch: no buffer exchange
+                    half = size * self.big_cap
+                    dst = [(int(self.tab_host[2 * MAXR + r]) + half + rank * self.big_cap) if r != rank else 0
+                           for r in range(size)]
+                    gather = self.big + half
             else:
                 stride, total = seg, 1 << 62
                 base_in = inp + start * itemsize
                 my_out = out + start * itemsize
                 dst = [0] * size
+                ce = chunk * itemsize >= self.rs_ce_min or mode == "ce"
             vec = self._vec(itemsize, base_in, my_out, stride * itemsize, *[d for d in dst if d])
-            ce = mode == "ce" or (not allgather and chunk * itemsize >= self.rs_ce_min)
             if ce and size > 1:
                 self._twoshot_ce(what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode,
                                  avg, vec)
@@ -131,8 +174,8 @@ class ReductionsMixin:
                 self._next_epoch(what)
                 grid = self._blocks(chunk // vec)
                 fn(grid, self.stream, (base_in, stride, chunk, total, my_out, self.tab, self.big_cap,
-                                       *dst, *[0] * (MAXR - size), rank, size, self.ectr, sig, self.status.ptr,
-                                       self._timeout_ns, avg))
+                                       *dst, *[0] * (MAXR - size), gather, rank, size, self.ectr, sig,
+                                       self.status.ptr, self._timeout_ns, avg))
             start += chunk
 
     def _twoshot_pull(self, what, sig, inp, out, count, itemsize, dtype, op, allgather, peers):

@@ -169,10 +169,12 @@ class CudaState:
         self.raise_if_failed("growing the CUDA scratch")
         if self.big:
             rt.free(self.big)
-        self.big = rt.malloc(self.size * cap)
+        # [push half: a region per sender][gather half: a region per sender] (the two-shot kernel)
+        self.big = rt.malloc(2 * self.size * cap)
         self.big_cap = cap
         self._big_gen += 1
         self._share(f"big{self._big_gen}", [self.big], [2])
+        self.forget_prepared()                  # prepared two-shot launches name the old scratch
 
     # ---- stream helpers ----------------------------------------------------------------------
     def _begin(self, caller):
