@@ -301,8 +301,8 @@ def test_mismatch_raises_on_every_rank(groups, big, size, per_host):
 
 
 # ---- separate processes: a killed peer, torch.distributed --------------------------------------
-def _run_spawned(scenario, size, per_host, timeout=240):
-    envs = [{"PYCCL_TIMEOUT": "60", "PYCCL_HOST_ID": f"host{r // per_host}"} for r in range(size)]
+def _run_spawned(scenario, size, per_host, timeout=240, env=None):
+    envs = [{"PYCCL_TIMEOUT": "60", "PYCCL_HOST_ID": f"host{r // per_host}", **(env or {})} for r in range(size)]
     return run_spawned(__name__, scenario, size, envs, timeout)
 
 
@@ -411,9 +411,10 @@ def scenario_torch(rank, size, port):
     return res
 
 
-@pytest.mark.parametrize("size,per_host", [(2, 1), (4, 2)])
-def test_torch_distributed_across_hosts(size, per_host):
-    out = _run_spawned("scenario_torch", size, per_host, timeout=300)
+@pytest.mark.parametrize("size,per_host,env", [(2, 1, {}), (4, 2, {}), (4, 2, {"PYCCL_CUDA_COMPOSED_MIN": "0"})],
+                         ids=["2x1", "2x2", "2x2-composed"])
+def test_torch_distributed_across_hosts(size, per_host, env):
+    out = _run_spawned("scenario_torch", size, per_host, timeout=300, env=env)
     for r in range(size):
         assert r in out, out
         kind, val = out[r]
