@@ -41,6 +41,7 @@ from .buffers import Buffer
 from .cuda_buffers import CudaView
 from .dtypes import AVG, SUM
 from .errors import PycclError
+from .hierarchy import Hierarchy, with_host_ranks
 
 OPS = ("all_reduce", "broadcast")
 
@@ -116,7 +117,6 @@ class CudaComposed:
 
     def __init__(self, staging):
         from .cuda_collectives import CudaCollectives
-        from .hierarchy import Hierarchy
         comm = staging.comm
         if comm._hier is None:
             comm._hier = Hierarchy(comm)
@@ -130,7 +130,7 @@ class CudaComposed:
             return fn(where, *args)
         except PycclError as e:
             if name.startswith("local"):
-                raise type(e)(f"{e} [local rank i of host {self.hier.h} is rank {self.hier.host}[i]]") from None
+                raise with_host_ranks(e, self.hier.h, self.hier.host) from None
             raise
 
     def _rail(self, what, caller_event, op_name, part, op=None, root=0):
@@ -163,13 +163,13 @@ class CudaComposed:
         m = q * L
         lop = SUM if op is AVG else op
         mine = _part(buf, j * q, q + (n - m if j == L - 1 else 0))      # the last rail takes the tail
+        tail = _part(buf, m, n - m)
         end = None
         if q:
             end = self._phase(what, 1, "local reduce_scatter", local.reduce_scatter, caller, False,
                               _sig("reduce_scatter", _part(buf, 0, q), redop=lop.name), _part(buf, j * q, q),
                               _part(buf, 0, m), lop)
         if n > m:
-            tail = _part(buf, m, n - m)
             end = self._phase(what, 1, "local reduce of the tail", local.reduce, caller, False,
                               _sig("reduce", tail, root=L - 1, redop=lop.name), tail, L - 1, lop)
         # The rail's first pass needs phase 1's result on the host anyway (its device-to-host
@@ -182,7 +182,6 @@ class CudaComposed:
             end = self._phase(what, 3, "local all_gather", local.all_gather, st.h2d, False,
                               _sig("all_gather", _part(buf, 0, q)), _part(buf, 0, m), _part(buf, j * q, q))
         if n > m:
-            tail = _part(buf, m, n - m)
             end = self._phase(what, 3, "local broadcast of the tail", local.broadcast, st.h2d, False,
                               _sig("broadcast", tail, root=L - 1), tail, L - 1)
         return end
@@ -191,7 +190,7 @@ class CudaComposed:
         h, local, st = self.hier, self.local, self.st
         if buf.array.size == 0:
             return local._empty(caller, False)
-        rh = self.st.comm.topology.hosts[root]
+        rh = st.comm.topology.hosts[root]
         lead = h.members[rh].index(root)
         after = caller
         if h.j == lead:

@@ -50,6 +50,12 @@ from .errors import PycclError
 from .plan_engine import PlanEngine
 
 
+def with_host_ranks(e, host_index, host_ranks):
+    """`e` again, its message followed by which communicator rank each local rank is (the
+    node-local engines number the ranks of a host 0..L-1)."""
+    return type(e)(f"{e} [local rank i of host {host_index} is rank {host_ranks}[i]]")
+
+
 class Hierarchy:
     """The composed collectives of one multi-host communicator (every host: L ranks)."""
 
@@ -106,7 +112,7 @@ class Hierarchy:
             return fn(*args, where)
         except PycclError as e:
             if name.startswith("local") and not isinstance(self._local, PlanEngine):
-                raise type(e)(f"{e} [local rank i of host {self.h} is rank {self.host}[i]]") from None
+                raise with_host_ranks(e, self.h, self.host) from None
             raise
 
     def _tmp(self, n, dtype):

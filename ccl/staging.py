@@ -118,7 +118,7 @@ def submit(comm, name, async_op, sig, *args):
         raise InvalidArgument(f"{name}: not implemented for CUDA buffers across hosts; use a CPU copy")
     caller = view.caller_stream()
     from . import cuda_hierarchy
-    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):                 # several ranks per host: ccl/cuda_hierarchy.py
+    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):     # several ranks per host: ccl/cuda_hierarchy.py
         return st.composed_call(name, async_op, sig, caller, view, args)
     ready = st.record_ready(caller)
     end = st.next_end()
@@ -548,11 +548,9 @@ class Staging:
             from .cuda_hierarchy import CudaComposed
             self.composed = CudaComposed(self)
         comp = self.composed
-        ends = []
 
         def fn(what):
-            ends.append(comp.run(name, what, caller, args))
-            return ends[-1]
+            return comp.run(name, what, caller, args)
         if not async_op:
             end = self.comm._submit(name, fn, False, sig)
             self.rt.streamWaitEvent(caller, end, 0)

@@ -77,6 +77,14 @@ class ReductionsMixin:
             self._prepared[key] = p
         return p
 
+    def _gather_targets(self):
+        """The 'kernel' two-shot's gather half: (where my reduced segment goes on each peer, 0
+        for me; the base of my own gather half). Region r of a scratch belongs to sender r."""
+        half = self.size * self.big_cap
+        dst = [(int(self.tab_host[2 * MAXR + r]) + half + self.rank * self.big_cap) if r != self.rank else 0
+               for r in range(self.size)]
+        return dst, self.big + half
+
     def _prepare_twoshot(self, ptr, count, itemsize, dtype, op, sig):
         """The in-place 'kernel' two-shot all-reduce of (ptr, count, dtype, op) as one prepared
         launch, or None when it would not be one: another two-shot flavour, or a message whose
@@ -91,15 +99,13 @@ class ReductionsMixin:
             seg = -(-seg // n) * n                # as _twoshot_body's one round
             if self._ts(True) != "kernel" or size < 2 or seg * itemsize > self.big_cap:
                 return None
-            half = size * self.big_cap
-            dst = [(int(self.tab_host[2 * MAXR + r]) + half + rank * self.big_cap) if r != rank else 0
-                   for r in range(size)]
+            dst, gather = self._gather_targets()
             my_out = ptr + rank * seg * itemsize
             vec = self._vec(itemsize, ptr, my_out, seg * itemsize, *[d for d in dst if d])
             fn = self._kernel("twoshot", dtype, self._opcode(dtype, op), vec)
             p = _Prepared(fn.ptr, self._blocks(seg // vec), _PARAMS["twoshot"],
                           (ptr, seg, seg, count, my_out, self.tab, self.big_cap, *dst, *[0] * (MAXR - size),
-                           self.big + half, rank, size, self.ectr, sig, self.status.ptr, self._timeout_ns,
+                           gather, rank, size, self.ectr, sig, self.status.ptr, self._timeout_ns,
                            size if op is AVG else 0))
             if len(self._prepared) >= 1024:
                 self._prepared.clear()
@@ -155,10 +161,7 @@ class ReductionsMixin:
                 if ce:
                     dst = [(peers[r] + (rank * seg + start) * itemsize) if r != rank else 0 for r in range(size)]
                 else:                     # the gather half of every peer's scratch: no buffer exchange
-                    half = size * self.big_cap
-                    dst = [(int(self.tab_host[2 * MAXR + r]) + half + rank * self.big_cap) if r != rank else 0
-                           for r in range(size)]
-                    gather = self.big + half
+                    dst, gather = self._gather_targets()
             else:
                 stride, total = seg, 1 << 62
                 base_in = inp + start * itemsize
