@@ -1,5 +1,6 @@
-"""The ibverbs transport on real verbs (soft-RoCE, rdma_rxe), run inside the VM that
-tests/rdma/rxe-vm.sh boots: every collective, dtypes and odd sizes on 2-4 ranks, striping over
+"""The ibverbs transport on real verbs (soft-RoCE, rdma_rxe), run inside a VM: CI runs it in VM a
+of tests/rdma/two-vm.sh (on rxe0 over `lo`, before the tests across the link), and
+tests/rdma/rxe-vm.sh boots a single VM for it alone: every collective, dtypes and odd sizes on 2-4 ranks, striping over
 several QPs, credit wrap-around with many small messages, size mismatches, the MR cache, and
 a peer killed mid-collective.  Outside the VM (no RDMA device) the RDMA tests skip with the
 transport's reason; the ABI check and the "unavailable" behaviour run everywhere.

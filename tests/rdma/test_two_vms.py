@@ -2,7 +2,7 @@
 with soft-RoCE on its own NIC (and a decoy rxe0 on `lo` that sorts first), run by
 tests/rdma/two-vm.sh; this file runs in VM a, VM b's ranks start through its agent.
 
-    tests/rdma/two-vm.sh                                   # all of it (CI)
+    tests/rdma/two-vm.sh                                   # all of tests/rdma (CI)
     tests/rdma/two-vm.sh python -m pytest -q tests/rdma/test_two_vms.py -k mismatch
 
 Outside that set-up every test skips.  pyverbs (Debian's python3-pyverbs, run by

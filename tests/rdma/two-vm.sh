@@ -2,7 +2,7 @@
 # RDMA between two kernels: boot two VMs under software emulation joined by a virtual Ethernet
 # link, soft-RoCE (rdma_rxe) on each VM's NIC, and run a command in VM a while VM b serves.
 #
-#   tests/rdma/two-vm.sh                         # python -m pytest tests/rdma/test_two_vms.py in VM a
+#   tests/rdma/two-vm.sh                         # python -m pytest tests/rdma in VM a (what CI runs)
 #   tests/rdma/two-vm.sh python -m pytest -q tests/rdma/test_two_vms.py -k mismatch
 #   tests/rdma/two-vm.sh python bench/rdma_two_vms.py --rounds 3   # bench/RESULTS.md "RDMA across two VMs"
 #
@@ -20,7 +20,7 @@
 # Both qemu processes run under `nice -n 10` with TWO_VM_CPUS vCPUs each.
 #
 # Environment: TWO_VM_BUDGET (seconds for the whole script, default 1200: both VMs are stopped
-# when it runs out), TWO_VM_CPUS (2), TWO_VM_MEM (2G). PYCCL_* and CI pass into the guests.
+# when it runs out), TWO_VM_CPUS (2), TWO_VM_MEM (3G). PYCCL_* and CI pass into the guests.
 # Exit status: the command's; 2 = could not prepare, 3 = no soft-RoCE in a guest, 4 = a VM
 # died or the budget ran out before the command finished, 5 = VM b's agent failed.
 set -euo pipefail
@@ -29,7 +29,7 @@ BUDGET="${TWO_VM_BUDGET:-1200}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 [ $# -gt 0 ] || set -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest -p no:benchmark \
-    --durations=10 tests/rdma/test_two_vms.py
+    --durations=15 tests/rdma
 VM_SAY=two-vm
 source "$ROOT/tests/rdma/vm-prepare.sh"
 
@@ -37,7 +37,7 @@ WORK="$ROOT/build/two-vm"
 rm -rf "$WORK"
 mkdir -p "$WORK/a" "$WORK/b" "$WORK/jobs"
 CPUS="${TWO_VM_CPUS:-2}"
-MEM="${TWO_VM_MEM:-2G}"
+MEM="${TWO_VM_MEM:-3G}"
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 40 ))
 [ "$LEFT" -gt 120 ] || { say "only ${LEFT}s of the ${BUDGET}s budget left after installing: not booting"; exit 4; }
 {
