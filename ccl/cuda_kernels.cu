@@ -635,6 +635,79 @@ extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64* ec
   epoch_end(ectr, epoch);
 }
 
+// ---- copy collectives through the peers' scratch (no peer buffer, no host exchange) ------------
+// all-gather, broadcast, all-to-all with equal pieces, gather and scatter in one launch, as the
+// 'kernel' two-shot moves its segments: (A) push piece s[r] (n[r] bytes) into region `rank` of
+// rank r's two-shot scratch (push half), and copy the own piece (own_src -> own_dst) locally;
+// (B) signal and wait for the same block of every peer; (C) copy region q of the own scratch
+// (m[q] bytes: what rank q pushed) to d[q]; (D) closing flags, so that the next collective may
+// push into the scratch again (the two-shot's rule: a rank pushes into a peer's scratch only
+// after that peer's previous collective closed). The piece rank r pushes to rank q has the size
+// rank q drains from r (the host derives both from the call, which the sig checks), and every
+// piece is cut into the same per-block slices, so block b only waits for block b of its peers.
+// No rank needs to know a peer's buffer: the host exchanges nothing per call.
+template <typename W>
+__device__ __forceinline__ void copy_span(char* d, const char* s, i64 a, i64 b) {
+  const i64 w = (i64)sizeof(W);
+  const i64 i1 = b / w;
+  for (i64 i = a / w + threadIdx.x; i < i1; i += blockDim.x)
+    reinterpret_cast<W*>(d)[i] = __ldcg(reinterpret_cast<const W*>(s) + i);
+  for (i64 e = i1 * w + threadIdx.x; e < b; e += blockDim.x)
+    reinterpret_cast<unsigned char*>(d)[e] = __ldcg(reinterpret_cast<const unsigned char*>(s) + e);
+}
+
+// This block's slice of an n-byte piece: 16-byte units split over the grid (share), the tail
+// bytes to the last block; the widest word both pointers allow.
+__device__ __forceinline__ void copy_slice(char* d, const char* s, i64 n) {
+  if (n <= 0 || d == s) return;
+  i64 p0, p1;
+  share(n >> 4, p0, p1);
+  const i64 a = p0 * 16;
+  const i64 b = blockIdx.x == gridDim.x - 1 ? n : p1 * 16;
+  if (a >= b) return;
+  const u64 al = (u64)d | (u64)s;
+  if ((al & 15) == 0) copy_span<uint4>(d, s, a, b);
+  else if ((al & 7) == 0) copy_span<unsigned long long>(d, s, a, b);
+  else if ((al & 3) == 0) copy_span<unsigned int>(d, s, a, b);
+  else copy_span<unsigned char>(d, s, a, b);
+}
+
+extern "C" __global__ void __launch_bounds__(512) staged(const u64* tab, i64 cap_bytes,
+    u64 s0, u64 s1, u64 s2, u64 s3, u64 s4, u64 s5, u64 s6, u64 s7,
+    i64 n0, i64 n1, i64 n2, i64 n3, i64 n4, i64 n5, i64 n6, i64 n7,
+    u64 d0, u64 d1, u64 d2, u64 d3, u64 d4, u64 d5, u64 d6, u64 d7,
+    i64 m0, i64 m1, i64 m2, i64 m3, i64 m4, i64 m5, i64 m6, i64 m7,
+    u64 own_dst, u64 own_src, i64 own_n, int rank, int nranks, u64* ectr, u64 sig, i64* status,
+    u64 timeout_ns) {
+  __shared__ int fail;
+  const u64 epoch = epoch_begin(ectr);
+  if (threadIdx.x == 0) fail = 0;
+  const u64 ss[MAXR] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  const i64 nn[MAXR] = {n0, n1, n2, n3, n4, n5, n6, n7};
+  const u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  const i64 mm[MAXR] = {m0, m1, m2, m3, m4, m5, m6, m7};
+  // (A)
+  for (int r = 0; r < nranks; r++)
+    if (r != rank) copy_slice((char*)tab[2 * MAXR + r] + (i64)rank * cap_bytes, (const char*)ss[r], nn[r]);
+  copy_slice((char*)own_dst, (const char*)own_src, own_n);
+  // (B)
+  __syncthreads();
+  if (!exchange_flags(tab, OFF_FA, rank, nranks, epoch, sig, status, timeout_ns, 8)) fail = 1;
+  __syncthreads();
+  if (fail) {
+    epoch_end(ectr, epoch);
+    return;
+  }
+  // (C)
+  const char* scratch = (const char*)tab[2 * MAXR + rank];
+  for (int q = 0; q < nranks; q++)
+    if (q != rank) copy_slice((char*)dd[q], scratch + (i64)q * cap_bytes, mm[q]);
+  // (D)
+  __syncthreads();
+  exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 9);
+  epoch_end(ectr, epoch);
+}
+
 // ---- all-to-all whose split sizes are in device memory (MoE dispatch without a host sync) ------
 // in_splits[r] (int64 elements, this GPU): what this rank sends to rank r; out_splits (or 0):
 // what it expects from every rank, checked. (R) every block writes this rank's row (splits, input

@@ -79,12 +79,13 @@ def _reference(xs, op, dtype):
     return out
 
 
-def _setup(comm, mode=None, oneshot_max=None, scratch=None, copy=None):
+def _setup(comm, mode=None, oneshot_max=None, scratch=None, copy=None, stage_max=16 << 20):
     _dev(comm)
     comm.all_reduce(torch.zeros(1, device="cuda"))        # creates comm.cuda
     cc = comm.cuda
     cc.twoshot_mode = "auto" if mode is None else mode     # the groups are reused: set every knob
     cc.copy_mode = "auto" if copy is None else copy
+    cc.stage_max = stage_max
     if mode is not None:
         cc.twoshot_mode = mode
     if oneshot_max is not None:
@@ -219,6 +220,90 @@ def rank_mismatch(comm, small):
     return None
 
 
+def rank_byte_collectives(comm, n, stage_max):
+    """The copy collectives on uint8 pieces of n bytes: odd n puts the pieces of the output (and
+    the scratch copies) on every alignment. stage_max 0: the mailbox path; else 'staged'."""
+    _setup(comm, stage_max=stage_max)
+    size, rank = comm.size, comm.rank
+    bad = []
+
+    def piece(r, salt):
+        return ((torch.arange(n, dtype=torch.int64) * (r + 3) + salt) % 251).to(torch.uint8)
+    out = torch.full((n * size,), 7, dtype=torch.uint8, device="cuda")
+    comm.all_gather(out, piece(rank, 1).cuda())
+    if not torch.equal(out.cpu(), torch.cat([piece(r, 1) for r in range(size)])):
+        bad.append(f"all_gather n={n}")
+    inp = torch.cat([piece(rank, 10 + d) for d in range(size)]).cuda()
+    out = torch.full((n * size,), 7, dtype=torch.uint8, device="cuda")
+    comm.all_to_all(out, inp)
+    if not torch.equal(out.cpu(), torch.cat([piece(s, 10 + rank) for s in range(size)])):
+        bad.append(f"all_to_all n={n}")
+    for root in range(size):
+        x = piece(rank, 20 + root).cuda()
+        comm.broadcast(x, root=root)
+        if not torch.equal(x.cpu(), piece(root, 20 + root)):
+            bad.append(f"broadcast root={root} n={n}")
+    root = size - 1
+    g = torch.full((n * size,), 7, dtype=torch.uint8, device="cuda") if rank == root else None
+    comm.gather(g, piece(rank, 30).cuda(), root=root)
+    if rank == root and not torch.equal(g.cpu(), torch.cat([piece(r, 30) for r in range(size)])):
+        bad.append(f"gather n={n}")
+    s_out = torch.full((n,), 7, dtype=torch.uint8, device="cuda")
+    src = torch.cat([piece(root, 40 + r) for r in range(size)]).cuda() if rank == root else None
+    comm.scatter(s_out, src, root=root)
+    if not torch.equal(s_out.cpu(), piece(root, 40 + rank)):
+        bad.append(f"scatter n={n}")
+    full = [torch.cat([piece(r, 50 + q) for q in range(size)]) for r in range(size)]
+    o = torch.zeros(n, dtype=torch.uint8, device="cuda")
+    comm.reduce_scatter(o, full[rank].cuda())
+    want = sum(f[rank * n:(rank + 1) * n].to(torch.int64) for f in full) % 256
+    if not torch.equal(o.cpu(), want.to(torch.uint8)):
+        bad.append(f"reduce_scatter n={n}")
+    comm.cuda.synchronize("test")
+    return bad
+
+
+def rank_staged_exchanges(comm, calls):
+    """How many host mailbox exchanges `calls` rounds of every copy collective (and a 2-rank
+    reduce-scatter) make on repeated 1 MiB buffers after one warm-up round, and whether every
+    round's result was right."""
+    cc = _setup(comm)
+    size, rank = comm.size, comm.rank
+    n = 1 << 18
+    inp = torch.full((n,), float(rank + 1), device="cuda")
+    gathered = torch.empty(n * size, device="cuda")
+    big_in = torch.arange(n * size, dtype=torch.float32, device="cuda") + 1000 * rank
+    ok = True
+    seq0 = None
+    for k in range(calls + 1):
+        if k == 1:
+            seq0 = cc._mail_seq
+        inp.fill_(float(rank + 1 + k))
+        comm.all_gather(gathered, inp)
+        ok &= bool(torch.equal(gathered.view(size, n)[:, 0].cpu(), torch.arange(1, size + 1.0) + k))
+        comm.all_to_all(gathered, big_in)
+        ok &= bool(gathered[0].item() == rank * n)
+        comm.broadcast(inp, root=0)
+        ok &= bool(inp[0].item() == 1 + k)
+        comm.reduce_scatter(inp, big_in)
+        ok &= bool(inp[0].item() == rank * n * size + 1000 * sum(range(size)))
+    torch.cuda.synchronize()
+    return cc._mail_seq - seq0, ok
+
+
+def rank_copy_mismatch(comm):
+    _setup(comm)
+    x = torch.ones(100 * (comm.rank + 1), device="cuda")
+    out = torch.empty(x.numel() * comm.size, device="cuda")
+    t = time.monotonic()
+    try:
+        w = comm.all_gather(out, x, async_op=True)
+        w.wait(timeout=30)
+    except PycclError as e:
+        return type(e).__name__, str(e), time.monotonic() - t
+    return None
+
+
 def rank_mailbox_segment(comm):
     _setup(comm)
     return [f for f in os.listdir("/dev/shm") if f.startswith("pyccl-cuda-")]
@@ -310,6 +395,32 @@ def test_four_ranks(g4, mode, copy):
         for bad in g4.run(rank_cupy_collectives, n, mode, copy):
             assert not bad, (n, bad)
     assert all(g4.run(rank_uneven_all_to_all, copy))
+
+
+@pytest.mark.parametrize("stage_max", [16 << 20, 0], ids=["staged", "mailbox"])
+@pytest.mark.parametrize("n", [1, 7, 4099, 65537])
+def test_copy_collectives_on_any_alignment(g2, n, stage_max):
+    for bad in g2.run(rank_byte_collectives, n, stage_max):
+        assert not bad, bad
+
+
+def test_staged_copies_make_no_host_exchange(g2):
+    """Issue 16 item 1: after a warm-up (which grows the scratch), all_gather, all_to_all,
+    broadcast and reduce-scatter up to PYCCL_CUDA_STAGE_MAX exchange nothing through the host."""
+    for exchanges, ok in g2.run(rank_staged_exchanges, 20):
+        assert ok
+        assert exchanges == 0, f"{exchanges} host mailbox exchanges in 20 rounds"
+
+
+def test_copy_mismatch_raises_on_every_rank(groups):
+    g = groups(2, env={"PYCCL_TIMEOUT": "20", "PYCCL_TRANSPORT": "tcp"})
+    results = g.run(rank_copy_mismatch)
+    g.broken = True
+    for r in results:
+        assert r is not None, "an all_gather with different sizes on the two ranks finished"
+        kind, msg, took = r
+        assert kind == "InvalidArgument" and took < 15, (kind, took, msg)
+        assert "different" in msg and "rank" in msg, msg
 
 
 def test_stream_semantics(g2):
@@ -557,6 +668,71 @@ def scenario_torch_distributed(rank, size, port):
         res["mismatch error"] = repr(err)
     dist.destroy_process_group()
     return res
+
+
+def scenario_torch_copy_lanes(rank, size, port):
+    """all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single and broadcast on the same
+    CUDA tensors call after call (sync and async): exact results, no host mailbox exchange and
+    no flight-recorder entry (the lane, not the general path) once the first round has run."""
+    dist, dev = _torch_init(rank, size, port)
+    pg = dist.distributed_c10d._get_default_group()
+    n = 4099                                  # odd: byte pieces on every alignment
+    x = torch.empty(n, device=dev)
+    ag = torch.empty(n * size, device=dev)
+    rs_in = torch.empty(n * size, dtype=torch.bfloat16, device=dev)
+    rs_out = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    a_in = torch.empty(n * size, device=dev)
+    a_out = torch.empty(n * size, device=dev)
+    ar = torch.arange(n * size, dtype=torch.float32)
+
+    def one_round(k):
+        bad = []
+        asy = k % 2 == 1
+        x.copy_(ar[:n] * (rank + 1) + k)
+        w = dist.all_gather_into_tensor(ag, x, async_op=asy)
+        if asy:
+            w.wait()
+        if not torch.equal(ag.cpu(), torch.cat([ar[:n] * (r + 1) + k for r in range(size)])):
+            bad.append(f"all_gather round {k}")
+        rs_in.copy_(ar % 7 + rank + k % 3)
+        dist.reduce_scatter_tensor(rs_out, rs_in)
+        want = sum(ar % 7 + r + k % 3 for r in range(size))[rank * n:(rank + 1) * n].to(torch.bfloat16)
+        if not torch.equal(rs_out.cpu(), want):
+            bad.append(f"reduce_scatter round {k}")
+        a_in.copy_(ar + 100000 * rank + k)
+        dist.all_to_all_single(a_out, a_in)
+        if not torch.equal(a_out.cpu(), torch.cat([ar[rank * n:(rank + 1) * n] + 100000 * s + k
+                                                   for s in range(size)])):
+            bad.append(f"all_to_all_single round {k}")
+        x.fill_(float(rank + k))
+        w = dist.broadcast(x, src=k % size, async_op=asy)
+        if asy:
+            w.wait()
+        if not bool((x == k % size + k).all()):
+            bad.append(f"broadcast round {k}")
+        return bad
+    bad = one_round(0)                        # creates the lanes (general path, grows the scratch)
+    comm = pg._comm
+    seq0, rec0 = comm.cuda._mail_seq, comm.recorder.entries[-1][0]
+    for k in range(1, 31):
+        bad += one_round(k)
+    torch.cuda.synchronize()
+    res = {"results": bad or True,
+           "no host exchange": comm.cuda._mail_seq == seq0 or f"{comm.cuda._mail_seq - seq0} exchanges",
+           "lane taken": comm.recorder.entries[-1][0] == rec0 or
+           f"general path: recorder at #{comm.recorder.entries[-1][0]} (was #{rec0})"}
+    dist.destroy_process_group()
+    return res
+
+
+def test_torch_copy_lanes():
+    out = _run_spawned("scenario_torch_copy_lanes", timeout=300)
+    for r in range(2):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        bad = {k: v for k, v in val.items() if v is not True}
+        assert not bad, bad
 
 
 def test_torch_distributed_backend_on_cuda():

@@ -53,9 +53,13 @@ stream being captured does not wait for pyccl's earlier work outside the capture
 captured event as its host-visible end. The host mailbox exchange (below) happens at capture
 time only; replays reuse the peers' buffers named then (the graph's buffers are fixed).
 
-User buffers: collectives that write into a peer's buffer (all-gather, all-to-all,
-broadcast, gather, scatter, the 'ce' and 'pull' two-shots) tell their peers which allocation
-to use through a small host mailbox (one exchange per call, /dev/shm); each allocation's IPC
+User buffers: the copy collectives (all-gather, all-to-all with equal pieces, broadcast,
+gather, scatter) with pieces up to PYCCL_CUDA_STAGE_MAX bytes push into the peers' scratch
+(mapped once) and copy out of their own in one kernel ('staged', copies.py), as NCCL copies
+through its own buffers when a user buffer is not registered: no host exchange per call. Larger
+pieces, uneven all-to-alls and the 'ce' and 'pull' two-shots write into (or read from) a peer's
+buffer and tell their peers which allocation to use through a small host mailbox (one exchange
+per call, /dev/shm); each allocation's IPC
 handle is exported once and opened once per peer (cached). Buffers must come from cudaMalloc
 (torch's caching allocator, cupy's pool) — not from ``expandable_segments``. The one-shot and
 the 'kernel' two-shot all-reduce (and reduce) need no peer buffer: they push into the peers'
@@ -69,8 +73,8 @@ Environment (defaults):
   PYCCL_CUDA_TWOSHOT       auto     two-shot all-reduce and reduce-scatter: 'kernel' (SM stores into the
                                     peers' scratch), 'ce' (copy engines), 'pull' (every rank reads its segment
                                     from the peers' buffers with SM loads, no scratch) or 'auto' (2 ranks:
-                                    all-reduce 'kernel', reduce-scatter 'pull', measured fastest on
-                                    2 x H200; more ranks: PYCCL_CUDA_TWOSHOT_WIDE). 'kernel' takes copy
+                                    all-reduce 'kernel', reduce-scatter 'kernel' up to STAGE_MAX, then
+                                    'pull', measured fastest on 2 x H200; more ranks: PYCCL_CUDA_TWOSHOT_WIDE). 'kernel' takes copy
                                     engines for reduce-scatter segments >= RS_CE_MIN.
   PYCCL_CUDA_TWOSHOT_WIDE  kernel   what 'auto' picks on more than 2 ranks (kept at the old path until the
                                     variants are measured on 4+ GPUs: bench/gpu_bench.py --variants 1)
@@ -78,9 +82,14 @@ Environment (defaults):
                                     'ce' (copy engines, one stream per peer), 'push' (one SM kernel stores
                                     into the peers), 'pull' (all-gather and all-to-all: one SM kernel reads
                                     from the peers' buffers; the others push) or 'auto' (2 ranks: 'ce';
-                                    more ranks: PYCCL_CUDA_COPY_WIDE). SM copies need 16-byte aligned
+                                    more ranks: PYCCL_CUDA_COPY_WIDE), above PYCCL_CUDA_STAGE_MAX (below it:
+                                    'staged'). SM copies need 16-byte aligned
                                     pieces; others take the copy engines.
   PYCCL_CUDA_COPY_WIDE     ce       what 'auto' picks on more than 2 ranks (see TWOSHOT_WIDE)
+  PYCCL_CUDA_STAGE_MAX     16777216 'auto': copy collectives whose pieces (bytes) fit take 'staged' (through the
+                                    peers' scratch, one kernel, no host exchange; costs one local copy more),
+                                    and so does a 2-rank reduce-scatter (the 'kernel' two-shot). PYCCL_CUDA_COPY=
+                                    staged forces it up to PYCCL_CUDA_SCRATCH.
   PYCCL_CUDA_COPY_BLOCKS   0        thread blocks of the SM copy kernel (0: the GPU's SM count)
   PYCCL_CUDA_BLOCKS        0        max thread blocks of a kernel (0: the GPU's SM count, at most 256)
   PYCCL_CUDA_SCRATCH       268435456  largest scratch region per peer (bytes); bigger messages go in rounds

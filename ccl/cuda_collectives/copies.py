@@ -1,10 +1,16 @@
-"""Copy collectives on CUDA buffers (all-gather, broadcast, all-to-all, gather, scatter): the
-peers' buffers are named through the mailbox, then a barrier kernel, the copies (copy engines,
-one stream per peer, or one SM kernel that pushes or pulls), and a closing barrier."""
+"""Copy collectives on CUDA buffers (all-gather, broadcast, all-to-all, gather, scatter).
+
+Pieces up to PYCCL_CUDA_STAGE_MAX bytes go through the peers' scratch in one kernel
+(``_staged``: push into the scratch, flags, copy out of the own scratch; the way NCCL copies
+through its own buffers when a user buffer is not registered): no rank needs a peer's buffer,
+so the host exchanges nothing per call and the call can be captured and replayed. Larger
+pieces skip that extra local copy: the peers' buffers are named through the mailbox (one host
+exchange per call), then a barrier kernel, the copies (copy engines, one stream per peer, or one
+SM kernel that pushes or pulls), and a closing barrier."""
 import numpy as np
 
 from ..errors import InvalidArgument
-from .kernels import MAXR
+from .kernels import _PARAMS, MAXR, THREADS, _Prepared
 
 
 class CopiesMixin:
@@ -29,6 +35,77 @@ class CopiesMixin:
         for lane in lanes:
             rt.eventRecord(self._joins[lane], self.side[lane].ptr)
             rt.streamWaitEvent(self.stream, self._joins[lane], 0)
+
+    def _takes_staged(self, piece):
+        """Whether a copy collective whose pieces hold `piece` bytes goes through the scratch:
+        PYCCL_CUDA_COPY=staged (up to the scratch's limit), or 'auto' up to PYCCL_CUDA_STAGE_MAX.
+        The same answer on every rank (it depends on the call and the environment only)."""
+        if self.size < 2 or piece <= 0:
+            return False
+        if self.copy_mode == "staged":
+            return piece <= self.scratch_max
+        return self.copy_mode == "auto" and piece <= self.stage_max
+
+    def _staged(self, what, caller, join, sig, piece, pushes, drains, own=(0, 0, 0)):
+        """One 'staged' kernel (ccl/cuda_kernels.cu): pushes {peer: (src, nbytes)} into region
+        `rank` of each peer's scratch, drains {peer: (dst, nbytes)} out of region `peer` of ours,
+        `own` = (dst, src, nbytes) copied locally. No host exchange, unless the scratch must grow
+        (collective: the mailbox first checks that every rank makes this call)."""
+        if piece > self.big_cap:
+            self._mail(what, sig, [])
+            self._ensure_big(piece)
+        p = self._prepare_staged(sig, piece, pushes, drains, own)
+        self._next_epoch(what)
+        if join and self._tail == caller:          # as _oneshot: launch on the caller's stream
+            p.launch(p.fn, p.grid, THREADS, caller, p.address)
+            self._last = None
+            return None
+        self._begin(caller)
+        p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
+        return self._end(caller, join)
+
+    def _pieces(self, name, out_ptr, in_ptr, nb, root=-1):
+        """What `name` moves through the scratch, as _staged takes it: (pushes, drains, own).
+        nb = the bytes of one piece (all_to_all: of each rank's piece); broadcast: out_ptr is
+        the buffer. Shared by the general path and the torch lane, so both launch the same."""
+        me = self.rank
+        others = [r for r in range(self.size) if r != me]
+        none = (0, 0, 0)
+        if name == "all_gather":
+            return ({r: (in_ptr, nb) for r in others}, {q: (out_ptr + q * nb, nb) for q in others},
+                    (out_ptr + me * nb, in_ptr, nb))
+        if name == "all_to_all":
+            return ({r: (in_ptr + r * nb, nb) for r in others}, {q: (out_ptr + q * nb, nb) for q in others},
+                    (out_ptr + me * nb, in_ptr + me * nb, nb))
+        if name == "broadcast":
+            return ({r: (out_ptr, nb) for r in others}, {}, none) if me == root else \
+                ({}, {root: (out_ptr, nb)}, none)
+        if name == "gather":
+            return ({}, {q: (out_ptr + q * nb, nb) for q in others}, (out_ptr + me * nb, in_ptr, nb)) \
+                if me == root else ({root: (in_ptr, nb)}, {}, none)
+        if name == "scatter":
+            return ({r: (in_ptr + r * nb, nb) for r in others}, {}, (out_ptr, in_ptr + me * nb, nb)) \
+                if me == root else ({}, {root: (out_ptr, nb)}, none)
+        raise ValueError(name)
+
+    def _prepare_staged(self, sig, piece, pushes, drains, own):
+        key = ("staged", sig, piece, tuple(sorted(pushes.items())), tuple(sorted(drains.items())), own)
+        p = self._prepared.get(key)
+        if p is None:
+            self._barrier_fn()                     # compiles the module that holds 'staged'
+            ps, pn, dd, dn = ([0] * MAXR for _ in range(4))
+            for r, (src, n) in pushes.items():
+                ps[r], pn[r] = src, n
+            for q, (dst, n) in drains.items():
+                dd[q], dn[q] = dst, n
+            fn = self._mods["staged"]
+            p = _Prepared(fn.ptr, self._blocks(-(-piece // 16)), _PARAMS["staged"],
+                          (self.tab, self.big_cap, *ps, *pn, *dd, *dn, *own, self.rank, self.size, self.ectr, sig,
+                           self.status.ptr, self._timeout_ns))
+            if len(self._prepared) >= 1024:
+                self._prepared.clear()
+            self._prepared[key] = p
+        return p
 
     def _copy_collective(self, what, caller, join, sig, ptrs, extra, plan, pull=None, src=0):
         """Copy collective: exchange buffer names, barrier, copies, barrier. `plan(peers, table)`
@@ -59,6 +136,8 @@ class CopiesMixin:
         with self._device:
             if nb == 0:
                 return self._empty(caller, join)
+            if self._takes_staged(nb):
+                return self._staged(what, caller, join, sig, nb, *self._pieces("all_gather", o.ptr, i.ptr, nb))
 
             def plan(peers, _):
                 return [(r, peers[0][r] + me * nb, i.ptr, nb) for r in range(self.size)]
@@ -73,6 +152,9 @@ class CopiesMixin:
         with self._device:
             if v.nbytes == 0:
                 return self._empty(caller, join)
+            nb = v.nbytes
+            if self._takes_staged(nb):
+                return self._staged(what, caller, join, sig, nb, *self._pieces("broadcast", v.ptr, 0, nb, root))
 
             def plan(peers, _):
                 if self.rank != root:
@@ -88,6 +170,12 @@ class CopiesMixin:
         out_displ = np.concatenate([[0], np.cumsum(out_splits)[:-1]]).astype(np.int64)
         in_displ = np.concatenate([[0], np.cumsum(in_splits)[:-1]]).astype(np.int64)
         with self._device:
+            k = in_splits[0]
+            if len(set(in_splits)) == 1 and len(set(out_splits)) == 1 and out_splits[0] == k and \
+                    self._takes_staged(k * item):
+                # equal pieces (all_to_all_single's default): the piece count joins the signature
+                return self._staged(what, caller, join, sig | (k & 0xFFFFFFFF), k * item,
+                                    *self._pieces("all_to_all", o.ptr, i.ptr, k * item))
             # No shortcut when this rank has nothing to send or receive: its peers' counts differ
             # and they exchange names through the mailbox (a skipped exchange put the mailbox out
             # of step; found by test_all_to_all_with_device_splits' host-split reference).
@@ -128,6 +216,9 @@ class CopiesMixin:
         with self._device:
             if nb == 0:
                 return self._empty(caller, join)
+            if self._takes_staged(nb):
+                o_ptr = out.array.ptr if me == root else 0
+                return self._staged(what, caller, join, sig, nb, *self._pieces("gather", o_ptr, i.ptr, nb, root))
             mine = [out.array.ptr] if (me == root and out is not None) else [0]
 
             def plan(peers, _):
@@ -141,6 +232,9 @@ class CopiesMixin:
         with self._device:
             if nb == 0:
                 return self._empty(caller, join)
+            if self._takes_staged(nb):
+                i_ptr = inp.array.ptr if me == root else 0
+                return self._staged(what, caller, join, sig, nb, *self._pieces("scatter", o.ptr, i_ptr, nb, root))
 
             def plan(peers, _):
                 if me != root:

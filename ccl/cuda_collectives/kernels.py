@@ -25,7 +25,8 @@ _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
 _PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ussuuuus",
            "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus",
            "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s",
-           "alltoallv": "uuuiiiu" + "u" * MAXR + "ssuuuu"}
+           "alltoallv": "uuuiiiu" + "u" * MAXR + "ssuuuu",
+           "staged": "ui" + ("u" * MAXR + "i" * MAXR) * 2 + "uui" + "ss" + "uuuu"}
 
 
 class _Kernel:
@@ -80,6 +81,7 @@ class KernelsMixin:
                     self._mods["barrier"] = self._launcher("barrier", mod.get_function("barrier"))
                     self._mods["copy_n"] = self._launcher("copy_n", mod.get_function("copy_n"))
                     self._mods["alltoallv"] = self._launcher("alltoallv", mod.get_function("alltoallv"))
+                    self._mods["staged"] = self._launcher("staged", mod.get_function("staged"))
             fn = self._mods[key]
         return fn
 

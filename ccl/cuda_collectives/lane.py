@@ -1,5 +1,7 @@
-"""The torch backend's fast lane: one prepared one-shot all-reduce launch per call, with
-no torch Work, Future or flight-recorder entry (see ``torch_all_reduce``)."""
+"""The torch backend's fast lanes: one prepared launch per call, with no torch Work, Future or
+flight-recorder entry: ``torch_all_reduce`` (one-shot or 'kernel' two-shot all-reduce) and
+``torch_copies`` (all_gather_into_tensor, all_to_all_single with equal pieces, broadcast and
+reduce_scatter_tensor through the peers' scratch)."""
 from ..dtypes import AVG, MAX, MIN, PROD, SUM
 from ..reproducible import takes
 from .kernels import THREADS
@@ -32,7 +34,6 @@ the epoch advances on the device (capture-safe)."""
         self._lane_caches.append(cache)
         words = self.status.words
         dev = self.dev
-        names = self._names
         base_sig = {}
 
         def lane(t, opname, async_op):
@@ -47,22 +48,7 @@ the epoch advances on the device (capture-safe)."""
                 self.raise_if_failed(f"all_reduce #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
             if comm._broken is not None or comm._closed:
                 return False                     # the general path raises the right error
-            caller = get_stream(dev)
-            comm._seq += 1
-            e = self._epoch = self._epoch + 1
-            names[e & 4095] = ("all_reduce", comm._seq)
-            if async_op:
-                self._begin(caller)
-                p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
-                return self._end(caller, False)
-            tail = self._tail
-            if tail != caller:
-                if tail is not None and not self._capturing(caller):
-                    self._after(tail, caller)
-                self._tail = caller
-            self._last = None
-            p.launch(p.fn, p.grid, THREADS, caller, p.address)
-            return None
+            return self._go(p, "all_reduce", comm, get_stream(dev), async_op)
 
         def prepare(t, key, opname):
             p = False
@@ -88,6 +74,92 @@ the epoch advances on the device (capture-safe)."""
             cache[key] = p
             return p
         return lane
+
+    def torch_copies(self, comm):
+        """The fast lane of the torch backend's other collectives: ``lane(name, out, inp, arg,
+        async_op)`` with name 'all_gather' (arg unused), 'all_to_all' (equal pieces), 'broadcast'
+        (out is the buffer, arg the root) or 'reduce_scatter' (arg the op name, as
+        torch_all_reduce takes it). Returns as torch_all_reduce's lane does: None (done, on the
+        caller's stream), the end event (async_op) or False (not for the lane: the general path
+        then runs it, with the same kernel, so ranks may differ in which path they take). Only
+        calls that make no host exchange take it: pieces up to PYCCL_CUDA_STAGE_MAX that fit
+        the scratch as it is (growing it is collective and left to the general path)."""
+        import torch
+        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+            (lambda d: torch.cuda.current_stream(d).cuda_stream)
+        get_device = torch._C._cuda_getDevice
+        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                  torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
+                  torch.int64: "int64"}
+        ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+        cache = {}
+        self._lane_caches.append(cache)
+        words = self.status.words
+        dev, size = self.dev, self.size
+
+        def lane(name, out, inp, arg, async_op):
+            key = (name, out.data_ptr(), inp.data_ptr(), out.numel(), inp.numel(), out.dtype, arg)
+            p = cache.get(key)
+            if p is None:
+                p = prepare(name, out, inp, arg, key)
+            if p is False or get_device() != dev or not out.is_contiguous() or not inp.is_contiguous() or \
+                    comm._inflight:
+                return False
+            if self._closed or words[1] or self._abort_reason is not None:
+                comm._seq += 1
+                self.raise_if_failed(f"{name} #{comm._seq} on {self.tag} (rank {self.rank}/{size})")
+            if comm._broken is not None or comm._closed:
+                return False
+            return self._go(p, name, comm, get_stream(dev), async_op)
+
+        def prepare(name, out, inp, arg, key):
+            p = None
+            ok = out.is_cuda and inp.is_cuda and out.get_device() == dev and inp.get_device() == dev and \
+                out.is_contiguous() and inp.is_contiguous()
+            nb = inp.numel() * inp.element_size()
+            if not ok or nb == 0 or size < 2:
+                pass
+            elif name == "reduce_scatter":
+                dtype, op = dtypes.get(out.dtype), ops.get(arg)
+                if dtype is not None and op is not None and not (comm.reproducible and takes(dtype, op)):
+                    n = out.numel()
+                    sig = _signature("reduce_scatter", {"dtype": dtype, "root": -1, "redop": op.name, "count": n})
+                    with self._device:
+                        p = self._prepare_rs(inp.data_ptr(), out.data_ptr(), n, out.element_size(), dtype, op, sig)
+            else:
+                root = arg if name == "broadcast" else -1
+                count = nb // size if name == "all_to_all" else nb
+                sig = _signature(name, {"dtype": "uint8", "root": root, "redop": None, "count": nb})
+                if name == "all_to_all":
+                    sig |= count & 0xFFFFFFFF
+                if self._takes_staged(count) and count <= self.big_cap:
+                    with self._device:
+                        p = self._prepare_staged(sig, count, *self._pieces(name, out.data_ptr(), inp.data_ptr(),
+                                                                           count, root))
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = p or False
+            return p or False
+        return lane
+
+    def _go(self, p, name, comm, caller, async_op):
+        """Launch prepared `p` as a call of the torch lane: synchronous on the caller's stream
+        (after our previous collective), or async on pyccl's stream (returns its end event)."""
+        comm._seq += 1
+        e = self._epoch = self._epoch + 1
+        self._names[e & 4095] = (name, comm._seq)
+        if async_op:
+            self._begin(caller)
+            p.launch(p.fn, p.grid, THREADS, self.stream, p.address)
+            return self._end(caller, False)
+        tail = self._tail
+        if tail != caller:
+            if tail is not None and not self._capturing(caller):
+                self._after(tail, caller)
+            self._tail = caller
+        self._last = None
+        p.launch(p.fn, p.grid, THREADS, caller, p.address)
+        return None
 
     def forget_prepared(self):
         """Drop every prepared launch and fast-lane decision (after changing a knob such as

@@ -112,6 +112,27 @@ class ReductionsMixin:
             self._prepared[key] = p
         return p
 
+    def _prepare_rs(self, inp, out, count, itemsize, dtype, op, sig):
+        """The 'kernel' reduce-scatter of (inp: size x count, out: count) as one prepared launch,
+        exactly as _twoshot_body launches it in one round, or None when that body would do
+        otherwise (another flavour, copy engines, a scratch too small: growing is collective)."""
+        key = ("rs", inp, out, count, dtype, op, sig)
+        p = self._prepared.get(key)
+        if p is None:
+            nb = count * itemsize
+            if self.size < 2 or self._ts(False, nb) != "kernel" or nb > self.big_cap or nb >= self.rs_ce_min:
+                return None
+            vec = self._vec(itemsize, inp, out, nb)
+            fn = self._kernel("twoshot", dtype, self._opcode(dtype, op), vec)
+            p = _Prepared(fn.ptr, self._blocks(count // vec), _PARAMS["twoshot"],
+                          (inp, count, count, 1 << 62, out, self.tab, self.big_cap, *[0] * MAXR, 0, self.rank,
+                           self.size, self.ectr, sig, self.status.ptr, self._timeout_ns,
+                           self.size if op is AVG else 0))
+            if len(self._prepared) >= 1024:
+                self._prepared.clear()
+            self._prepared[key] = p
+        return p
+
     def _twoshot(self, what, caller, join, sig, inp, out, count, itemsize, dtype, op, allgather):
         peers = None
         if allgather and self._ts(allgather) != "kernel":     # 'kernel' gathers through the scratch
@@ -125,7 +146,7 @@ class ReductionsMixin:
         """All-reduce (allgather=True: in place, inp == out, `count` elements) or reduce-scatter
         (inp holds size x count, out count), in rounds that fit the scratch."""
         size, rank = self.size, self.rank
-        mode = self._ts(allgather)
+        mode = self._ts(allgather, count * itemsize)
         if allgather and peers is None and mode != "kernel":
             peers, _ = self._mail(what, sig, [out])
             peers = peers[0]

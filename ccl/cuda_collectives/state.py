@@ -18,10 +18,11 @@ MAIL_WORDS = 5 + 3 * MAXR      # sig, 2 x (buffer id, offset), 3 x size integers
 _WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (waiting for the peer's segment)",
           3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies",
           6: "all-to-all with device splits (exchanging the split sizes)",
-          7: "all-to-all with device splits (closing)"}
+          7: "all-to-all with device splits (closing)", 8: "copy through the scratch (waiting for the peer's piece)",
+          9: "copy through the scratch (closing)"}
 
 _TWOSHOT_MODES = ("auto", "kernel", "ce", "pull")
-_COPY_MODES = ("auto", "ce", "push", "pull")
+_COPY_MODES = ("auto", "ce", "push", "pull", "staged")
 
 
 def _env_int(name, default):
@@ -59,6 +60,7 @@ class CudaState:
         self.copy_mode = self._mode_env("PYCCL_CUDA_COPY", "auto", _COPY_MODES)
         self.copy_wide = self._mode_env("PYCCL_CUDA_COPY_WIDE", "ce", _COPY_MODES[1:])
         self.copy_blocks = _env_int("PYCCL_CUDA_COPY_BLOCKS", 0)
+        self.stage_max = _env_int("PYCCL_CUDA_STAGE_MAX", 16 << 20)
         self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
         self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
         self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
@@ -123,18 +125,24 @@ class CudaState:
             raise InvalidArgument(f"{name}={v!r}: use one of {', '.join(allowed)}")
         return v
 
-    def _ts(self, allreduce=True):
-        """The two-shot flavour in force for an all-reduce (else a reduce-scatter): 'kernel', 'ce'
-        or 'pull' ('auto' resolved by rank count)."""
+    def _ts(self, allreduce=True, seg_bytes=0):
+        """The two-shot flavour in force for an all-reduce (else a reduce-scatter of `seg_bytes`
+        per rank): 'kernel', 'ce' or 'pull' ('auto' resolved by rank count; a 2-rank
+        reduce-scatter up to PYCCL_CUDA_STAGE_MAX takes 'kernel', which pushes into the peers'
+        scratch and so needs no host exchange per call, above it 'pull')."""
         m = self.twoshot_mode
         if m == "auto":
-            m = ("kernel" if allreduce else "pull") if self.size <= 2 else self.twoshot_wide
+            if self.size > 2:
+                m = self.twoshot_wide
+            else:
+                m = "kernel" if allreduce or seg_bytes <= self.stage_max else "pull"
         return m
 
     def _cm(self):
-        """The copy flavour in force: 'ce', 'push' or 'pull'."""
+        """The copy flavour in force where the pieces do not go through the scratch: 'ce',
+        'push' or 'pull'."""
         m = self.copy_mode
-        if m == "auto":
+        if m in ("auto", "staged"):
             m = "ce" if self.size <= 2 else self.copy_wide
         return m
 

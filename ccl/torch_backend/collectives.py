@@ -1,6 +1,8 @@
 """The collectives of ProcessGroupPyccl (a mixin of group.py): argument checks on the caller's
 thread, then a body that runs on the group's worker or inline (``self._submit``). CUDA
-all-reduces of one small tensor take the fast lane (``allreduce``'s first branch)."""
+all-reduces of one small tensor take the fast lane (``allreduce``'s first branch); after their
+checks, all_gather_into_tensor, reduce_scatter_tensor, broadcast and all_to_all_single (equal
+splits) of CUDA tensors try theirs (``_copy_fast``: one prepared launch, no Work on the worker)."""
 import collections
 import math
 
@@ -32,6 +34,23 @@ class CollectivesMixin:
         else:
             self._comm.all_reduce(buf, op=red.pyccl_op)
         red.from_work(buf, flat)
+
+    def _copy_fast(self, name, out, inp, arg, opts, result):
+        """The CUDA fast lane of the collectives other than all_reduce (cuda_collectives/lane.py
+        ``torch_copies``): a torch Work, or None when the call takes the general path."""
+        lane = self._copy_lane
+        if lane is None or self._broken is not None or self._running or self._pending or not out.is_cuda:
+            return None
+        try:
+            r = lane(name, out, inp, arg, getattr(opts, "asyncOp", True) if opts is not None else True)
+        except PycclError as e:
+            self._broken = f"{type(e).__name__}: {e}"
+            raise
+        if r is False:
+            return None
+        if r is None:
+            return _SYNC_DONE
+        return _CudaWork(f"pyccl {name}", result, self._lane_dev, self._lane_cc, r)
 
     # ===== collectives =====================================================================
     def allreduce(self, tensors, opts=None):
@@ -167,6 +186,10 @@ class CollectivesMixin:
             opts, root = None, self._root(opts, "broadcast")
         else:
             root = self._root(opts.rootRank if opts is not None else 0, "broadcast")
+            if self._copy_lane is not None and opts is not None:
+                w = self._copy_fast("broadcast", t, t, root, opts, tensors)
+                if w is not None:
+                    return w
 
         def run(work):
             flat, wb = _contig(t)
@@ -253,6 +276,10 @@ class CollectivesMixin:
         if output.numel() != input.numel() * self._size:
             raise InvalidArgument(f"all_gather_into_tensor: output holds {output.numel()} elements, expected "
                                   f"size {self._size} x input {input.numel()}")
+        if self._copy_lane is not None:
+            w = self._copy_fast("all_gather", output, input, None, opts, [output])
+            if w is not None:
+                return w
 
         def run(work):
             self._all_gather_tensor(output, input)
@@ -389,6 +416,11 @@ class CollectivesMixin:
                                   f"size {self._size} x output {output.numel()}")
         red = _Reduction(opts.reduceOp if opts is not None else dist.ReduceOp.SUM, output.dtype,
                          "reduce_scatter_tensor")
+        if self._copy_lane is not None and red.name in ("SUM", "PRODUCT", "MIN", "MAX", "AVG") and \
+                red.work_dtype is None and red.gather_fold is None and not red.flip:
+            w = self._copy_fast("reduce_scatter", output, input, red.pyccl_op, opts, [output])
+            if w is not None:
+                return w
 
         def run(work):
             fi, _ = _contig(input)
@@ -449,6 +481,10 @@ class CollectivesMixin:
                                   f"dtype {input.dtype}")
         in_splits = self._splits(input, input_split_sizes, "input")
         out_splits = self._splits(output, output_split_sizes, "output")
+        if self._copy_lane is not None and len(set(in_splits)) == 1 and in_splits == out_splits:
+            w = self._copy_fast("all_to_all", output, input, None, opts, [output])
+            if w is not None:
+                return w
 
         def run(work):
             fo, wbo = _contig(output)

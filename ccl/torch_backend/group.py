@@ -81,6 +81,7 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         self._broken = None
         self._closed = False
         self._lane = None             # fast lane of small CUDA all-reduces (set on first CUDA use)
+        self._copy_lane = None        # fast lane of the other CUDA collectives (set with _lane)
         self._side = {}               # device -> torch stream of async CUDA collectives
         self._p2p_streams = {}        # device -> torch stream of staged receives (engine thread)
 
@@ -200,6 +201,7 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
             if self._lane is None and cc is not None and work._error is None:
                 self._lane_dev, self._lane_cc = cc.dev, cc
                 self._lane = cc.torch_all_reduce(self._comm)
+                self._copy_lane = cc.torch_copies(self._comm) if hasattr(cc, "torch_copies") else None
         finally:
             if not on_worker:
                 with self._cv:
