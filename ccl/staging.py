@@ -61,10 +61,10 @@ communicator breaks and tells its peers); a copy that does not finish within the
 communicator's timeout (the caller's stream never gets there) raises Timeout. They surface
 from the synchronous call or from ``work.wait()``.
 
-Several ranks per host: all_reduce and broadcast run as node-local phases on the CUDA IPC
-engine around a staged rail phase (ccl/cuda_hierarchy.py, ``composed_call``); the other
-collectives (and small messages when ranks of a host share a GPU) stage whole through the
-communicator's plan as above.
+Several ranks per host: all_reduce, all_gather, reduce_scatter and broadcast run as node-local
+phases on the CUDA IPC engine around a staged rail phase (ccl/cuda_hierarchy.py,
+``composed_call``); the other collectives (and small messages when ranks of a host share a
+GPU) stage whole through the communicator's plan as above.
 
 Environment (defaults):
   PYCCL_STAGING_CHUNK   4194304  largest executor chunk (bytes) of a staged collective: the

@@ -1,10 +1,10 @@
 """CUDA tensors across hosts (ccl/staging.py, ccl/cuda_hierarchy.py), on a real GPU, ranks posing as hosts.
 
-Every rank sets PYCCL_HOST_ID (2 hosts x 1 rank, 2 hosts x 2 ranks), all on the GPUs there
-are (one GPU works: the ranks share it). Every collective through the Communicator and
-through torch.distributed, several dtypes and sizes (0, 1, primes, several MiB: many
-executor passes), sync and async, stream order, a killed peer, a mismatched call; results
-against a float64 reference. Skips, with the reason, without cupy or a CUDA GPU.
+Every rank sets PYCCL_HOST_ID (2 hosts x 1 rank, 2 or 3 hosts x 2 ranks, numbered host by host
+or not), all on the GPUs there are (one GPU works: the ranks share it). Every collective through
+the Communicator and through torch.distributed, several dtypes and sizes (0, 1, primes, several
+MiB: many executor passes), sync and async, in place, stream order, a killed peer, a mismatched
+call; results against a float64 reference. Skips, with the reason, without cupy or a CUDA GPU.
 """
 import os
 import signal
@@ -184,6 +184,88 @@ def rank_composed(comm, dtype):
     return getattr(comm.cuda, "composed", None) is not None, bad
 
 
+def _composed_epoch(comm):
+    """The epoch of the composed path's local CUDA engine (ccl/cuda_hierarchy.py): every kernel
+    its local phases launch advances it; the flat staged path never does. -1: not made yet."""
+    comp = getattr(getattr(comm, "cuda", None), "composed", None)
+    return -1 if comp is None else comp.local._epoch
+
+
+def _gather_scatter(comm, dtype, sizes):
+    """all_gather and reduce_scatter (SUM, AVG, MAX), sync and async, out of place and in place,
+    against a float64 reference in the communicator's rank order; each call with data must run
+    kernels on the composed path's local engine."""
+    dev = _dev(comm.rank)
+    size, rank = comm.size, comm.rank
+    bad = []
+
+    def check(ok, what, n, e):
+        if not ok:
+            bad.append(f"{what} n={n}")
+        if n and _composed_epoch(comm) <= e:
+            bad.append(f"{what} n={n}: not the composed path")
+    for seed, n in enumerate(sizes):
+        xs = [_data(dtype, n, r, seed) for r in range(size)]
+        mine = slice(rank * n, (rank + 1) * n)
+        e = _composed_epoch(comm)
+        out = torch.full((n * size,), 3, dtype=TORCH[dtype], device=dev)
+        w = comm.all_gather(out, xs[rank].to(dev), async_op=bool(seed % 2))
+        if w is not None:
+            w.wait()
+        check(_same(out, torch.cat(xs)), "all_gather", n, e)
+        e = _composed_epoch(comm)
+        out = torch.full((n * size,), 3, dtype=TORCH[dtype], device=dev)
+        out[mine] = xs[rank].to(dev)
+        comm.all_gather(out, out[mine])                     # in place: my block of the output
+        check(_same(out, torch.cat(xs)), "all_gather in place", n, e)
+        ins = [_data(dtype, n * size, r, seed + 1000) for r in range(size)]
+        for op in ("SUM", "AVG", "MAX"):
+            e = _composed_epoch(comm)
+            inp = ins[rank].to(dev, copy=True)
+            o = torch.full((n,), 5, dtype=TORCH[dtype], device=dev)
+            w = comm.reduce_scatter(o, inp, op=getattr(pyccl, op), async_op=op == "MAX")
+            if w is not None:
+                w.wait()
+            check(_same(o, _ref(ins, op)[mine]), f"reduce_scatter {op}", n, e)
+            if not _same(inp, ins[rank]):
+                bad.append(f"reduce_scatter {op} n={n} changed its input")
+        e = _composed_epoch(comm)
+        inp = ins[rank].to(dev, copy=True)
+        comm.reduce_scatter(inp[mine], inp, op=pyccl.AVG)  # in place: my block of the input
+        check(_same(inp[mine], _ref(ins, "AVG")[mine]), "reduce_scatter AVG in place", n, e)
+    comm.cuda.synchronize("test")
+    return bad
+
+
+def rank_composed_gather_scatter(comm, dtype, sizes):
+    bad = _gather_scatter(comm, dtype, sizes)
+    return comm.cuda.composed.rank_order, bad
+
+
+def rank_composed_min_gather_scatter(comm):
+    """PYCCL_CUDA_COMPOSED_MIN compares the call's largest buffer: all_gather's output,
+    reduce_scatter's input (`size` times its output)."""
+    dev = _dev(comm.rank)
+    comm.all_reduce(torch.ones(1 << 10, device=dev))     # decides composed_min (every rank alike)
+    least, size, res = comm.cuda.composed_min, comm.size, {}
+    n = max(1, -(-least // (4 * size)))          # float32 blocks: the fewest with size * n * 4 >= least
+    small = n - 1 if least else None
+    for name, count in (("at least", n), ("below", small)):
+        if count is None:
+            continue
+        e = _composed_epoch(comm)
+        out = torch.empty(count * size, device=dev)
+        comm.all_gather(out, torch.full((count,), float(comm.rank), device=dev))
+        ok = bool((out.view(size, count) == torch.arange(size, device=dev).float()[:, None]).all())
+        res[f"all_gather {name}"] = (ok, _composed_epoch(comm) > e)
+        e = _composed_epoch(comm)
+        o = torch.empty(count, device=dev)
+        comm.reduce_scatter(o, torch.ones(count * size, device=dev))
+        res[f"reduce_scatter {name}"] = (bool((o == size).all()), _composed_epoch(comm) > e)
+    comm.cuda.synchronize("test")
+    return least, res
+
+
 def rank_composed_min(comm):
     """With ranks of a host sharing a GPU, small messages stay on the flat staged path."""
     dev = _dev(comm.rank)
@@ -272,6 +354,35 @@ def test_composed_with_several_ranks_per_host(groups, dtype):
     for used, bad in g.run(rank_composed, dtype):
         assert used, "2 hosts x 2 ranks did not take the composed path (ccl/cuda_hierarchy.py)"
         assert not bad, bad
+
+
+GATHER_SCATTER_SIZES = [0, 1, 7, 4099, 300_007, 1_000_003]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int32"])
+def test_composed_all_gather_reduce_scatter(groups, dtype):
+    """2 hosts x 2 ranks, numbered host by host: the rail-major stage is a scratch buffer, copied
+    into (reduce_scatter) and out of (all_gather) the communicator's rank order."""
+    g = groups(4, env=COMPOSED_ALWAYS, ranks_per_host=2)
+    for rank_order, bad in g.run(rank_composed_gather_scatter, dtype, GATHER_SCATTER_SIZES):
+        assert rank_order is False
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_composed_all_gather_reduce_scatter_3_hosts(groups, dtype):
+    g = groups(6, env=COMPOSED_ALWAYS, ranks_per_host=2)
+    for rank_order, bad in g.run(rank_composed_gather_scatter, dtype, GATHER_SCATTER_SIZES[:-1]):
+        assert rank_order is False
+        assert not bad, bad
+
+
+def test_composed_min_gather_scatter(groups):
+    g = groups(4, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=2)
+    for least, res in g.run(rank_composed_min_gather_scatter):
+        for name, (ok, composed) in res.items():
+            assert ok, (name, res)
+            assert composed == name.endswith("at least"), (least, name, res)
 
 
 def test_composed_peer_gives_up(groups):
@@ -409,6 +520,39 @@ def scenario_torch(rank, size, port):
     dist.barrier()
     dist.destroy_process_group()
     return res
+
+
+def scenario_gather_scatter_layout(rank, size, port):
+    """all_gather and reduce_scatter composed on hosts whose ranks are not numbered host by host
+    (PYCCL_HOST_ID set per rank by the test)."""
+    from pyccl.store import StoreServer, TCPStore
+    secret = b"k" * 32
+    server = StoreServer("127.0.0.1", port, secret) if rank == 0 else None  # noqa: F841 - kept alive
+    comm = pyccl.Communicator(rank, size, store=TCPStore("127.0.0.1", port, secret, timeout=60), secret=secret)
+    bad = []
+    for dtype in ("float32", "int32"):
+        bad += [f"{dtype} {b}" for b in _gather_scatter(comm, dtype, [0, 1, 7, 4099, 300_007])]
+    res = {"members": comm.topology.members(), "rank_order": comm.cuda.composed.rank_order, "bad": bad}
+    comm.barrier()
+    return res
+
+
+@pytest.mark.parametrize("layout,members,rank_order", [("0101", [[0, 2], [1, 3]], True),
+                                                       ("0110", [[0, 3], [1, 2]], False)],
+                         ids=["round-robin", "mixed"])
+def test_composed_gather_scatter_host_layouts(layout, members, rank_order):
+    """Round robin (rank = local index x hosts + host): the rail-major order is the rank order,
+    so all_gather gathers straight into the output and reduce_scatter reduces from the input;
+    mixed: contiguous and single-block copies into and out of the stage."""
+    envs = [{"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0", "PYCCL_HOST_ID": f"host{h}"} for h in layout]
+    out = run_spawned(__name__, "scenario_gather_scatter_layout", len(layout), envs, 300)
+    for r in range(len(layout)):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        assert val["members"] == members, val
+        assert val["rank_order"] is rank_order, val
+        assert not val["bad"], val["bad"]
 
 
 @pytest.mark.parametrize("size,per_host,env", [(2, 1, {}), (4, 2, {}), (4, 2, {"PYCCL_CUDA_COMPOSED_MIN": "0"})],

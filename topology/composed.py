@@ -1,6 +1,7 @@
 """The composed multi-host collective as data: its phases and their predicted cost.
 
-A composed collective (run by ccl/hierarchy.py) is a node-local phase on each host's
+A composed collective (run by ccl/hierarchy.py; on CUDA buffers by ccl/cuda_hierarchy.py, whose
+local phases run on the CUDA IPC engine: --intra cuda_ipc) is a node-local phase on each host's
 engine (the shared-memory C collectives: one call, not a plan), a network phase on the
 rails (the ranks with one local index, one per host; a flat plan among H ranks), and a
 node-local phase again. `phases` lists them with the bytes they move and the cost model's
@@ -49,13 +50,14 @@ def phases(op: str, nbytes: int, topo: Topology, costs: dict, chunk_bytes=None) 
     from .cost import SHM_ENGINE, _cost_of, predict
     H, L = topo.nhosts, topo.ranks_per_host
     engine = SHM_ENGINE if topo.intra == "shm" and SHM_ENGINE in costs else topo.intra
+    label = "CUDA IPC engine" if topo.intra == "cuda_ipc" else "shm engine"
     ci, ce = _cost_of(costs, engine), _cost_of(costs, topo.inter)
     rail_topo = Topology.uniform(H, 1, topo.inter, topo.inter)
     S = int(nbytes)
 
     def local(name, b, reduces=False, copies=0.0):
         t = ci.alpha + b * (L - 1) / L * (ci.beta + (ci.gamma if reduces else 0.0)) + copies * b * ci.gamma
-        return Phase("local", name, b, "shm engine", t)
+        return Phase("local", name, b, label, t)
 
     def rail(name, b, shared=True):
         c = dict(costs)
