@@ -671,8 +671,8 @@ def scenario_torch_distributed(rank, size, port):
 
 
 def scenario_torch_copy_lanes(rank, size, port):
-    """all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single and broadcast on the same
-    CUDA tensors call after call (sync and async): exact results, no host mailbox exchange and
+    """all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single, broadcast (and
+    all_reduce) on the same CUDA tensors call after call (sync and async): exact results, no host mailbox exchange and
     no flight-recorder entry (the lane, not the general path) once the first round has run."""
     dist, dev = _torch_init(rank, size, port)
     pg = dist.distributed_c10d._get_default_group()
@@ -710,6 +710,9 @@ def scenario_torch_copy_lanes(rank, size, port):
             w.wait()
         if not bool((x == k % size + k).all()):
             bad.append(f"broadcast round {k}")
+        dist.all_reduce(x)
+        if not bool((x == size * (k % size + k)).all()):
+            bad.append(f"all_reduce round {k}")
         return bad
     bad = one_round(0)                        # creates the lanes (general path, grows the scratch)
     comm = pg._comm
@@ -725,8 +728,14 @@ def scenario_torch_copy_lanes(rank, size, port):
     return res
 
 
-def test_torch_copy_lanes():
-    out = _run_spawned("scenario_torch_copy_lanes", timeout=300)
+@pytest.mark.parametrize("alloc", ["default", "expandable_segments"])
+def test_torch_copy_lanes(alloc):
+    """Also with torch's expandable segments (cuMemCreate memory, which CUDA IPC cannot export):
+    the staged copies and the fast lanes never export a user buffer, so they work there too."""
+    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
+    if alloc != "default":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    out = run_spawned(__name__, "scenario_torch_copy_lanes", 2, [env] * 2, 300)
     for r in range(2):
         assert r in out, out
         kind, val = out[r]

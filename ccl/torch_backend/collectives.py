@@ -414,13 +414,15 @@ class CollectivesMixin:
         if input.numel() != output.numel() * self._size:
             raise InvalidArgument(f"reduce_scatter_tensor: input holds {input.numel()} elements, expected "
                                   f"size {self._size} x output {output.numel()}")
+        if self._copy_lane is not None:
+            # the lane's dtypes reduce natively: the op name is all it needs (PREMUL_SUM, bitwise: not here)
+            opname = _LANE_OPS.get(_op_kind(opts.reduceOp) if opts is not None else _R.SUM)
+            if opname is not None:
+                w = self._copy_fast("reduce_scatter", output, input, opname, opts, [output])
+                if w is not None:
+                    return w
         red = _Reduction(opts.reduceOp if opts is not None else dist.ReduceOp.SUM, output.dtype,
                          "reduce_scatter_tensor")
-        if self._copy_lane is not None and red.name in ("SUM", "PRODUCT", "MIN", "MAX", "AVG") and \
-                red.work_dtype is None and red.gather_fold is None and not red.flip:
-            w = self._copy_fast("reduce_scatter", output, input, red.pyccl_op, opts, [output])
-            if w is not None:
-                return w
 
         def run(work):
             fi, _ = _contig(input)
