@@ -7,6 +7,7 @@ The package, file by file:
 * ``collectives.py``    the group's collectives (all_reduce ... all_to_all, barrier);
 * ``point_to_point.py`` the group's send/recv/recv_anysource and monitored_barrier;
 * ``p2p_engine.py``     the point-to-point engine thread (eager sends, tags, any-source);
+* ``p2p_ipc.py``        its CUDA IPC path between the GPUs of one host;
 * ``works.py``          the Work objects torch gets back (CPU, CUDA, synchronous CUDA);
 * ``reductions.py``     how each (torch op, dtype) reduces on pyccl;
 * ``tensors.py``        tensor checks, flat contiguous views and write-backs;
@@ -131,16 +132,19 @@ CUDA tensors (ranks of one host, one GPU each; ccl/cuda_collectives/ does the wo
 * Everything else on CUDA goes through the general bodies above with device buffers (every
   temporary lives on the tensors' device): bitwise ops, int16/uint64/float8 reductions,
   uneven all_gather lists, ``all_to_all_single`` with uneven splits (MoE), coalesced calls.
-* Point-to-point on CUDA tensors is **staged through pinned host memory** over the same engine
-  (and the same semantics: eager sends, tags, any-source receives, across hosts too): a send
-  copies the tensor to pinned memory on the caller's stream and the engine sends it once that
-  copy is done (the host does not wait for it); a receive lands in pinned memory and is copied
-  to the tensor on a pyccl stream that first waits for the caller's stream as it was when the
-  receive was posted; ``wait()`` makes the current stream wait for that copy. Why not CUDA
-  IPC: the engine's guarantees (sends that never wait for the receiver, unexpected messages
-  buffered, any-source, tags, several hosts) would need a rendezvous protocol and a
-  device-side buffer pool per peer; the staged path keeps them all and costs two PCIe copies,
-  which is small next to a pipeline stage's compute. A one-host IPC path is future work.
+* Point-to-point on CUDA tensors runs on the same engine with the same semantics (eager sends,
+  tags, any-source receives). Between ranks of one host it goes **GPU to GPU through CUDA IPC**
+  (``p2p_ipc.py``; ``PYCCL_P2P_IPC=0`` turns it off): a send copies the tensor into a staging
+  block of pyccl's device memory on the caller's stream, and the engine announces the block
+  (tag, size, IPC allocation) once that copy is done; the receiver, once matched, copies from
+  the peer's block into its tensor and acknowledges, and the block is reused. Across hosts it is
+  **staged through pinned host memory**: a send copies the tensor to pinned memory on the
+  caller's stream and the engine sends it once that copy is done (the host does not wait for
+  it); a receive lands in pinned memory. Either way the copy into the receiving tensor runs on
+  a pyccl stream that first waits for the caller's stream as it was when the receive was
+  posted, ``wait()`` makes the current stream wait for that copy, and the sent tensor may be
+  changed as soon as ``isend`` returns (in stream order). ``group.p2p_stats()`` counts the
+  messages of each path.
 * Sparse CUDA tensors are not supported (InvalidArgument).
 * CUDA graphs: every synchronous collective on CUDA tensors can be captured
   (``with torch.cuda.graph(g): dist.all_reduce(t)``) after a warm-up on a side stream (torch's

@@ -1,12 +1,14 @@
 """Point-to-point calls of ProcessGroupPyccl (a mixin of group.py): send, recv, recv from any
-source, and Gloo's monitored_barrier, all on the p2p engine (p2p_engine.py). CUDA tensors are
-staged through pinned host memory (see "CUDA tensors" in the package doc)."""
+source, and Gloo's monitored_barrier, all on the p2p engine (p2p_engine.py). CUDA tensors go
+GPU to GPU through CUDA IPC to a rank of the same host (p2p_ipc.py; PYCCL_P2P_IPC=0: off) and
+are staged through pinned host memory otherwise (see "CUDA tensors" in the package doc)."""
 import time
 
 import torch
 
 from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
 
+from .p2p_ipc import CudaRecv
 from .tensors import _bytes, _contig, _nbytes, _single
 from .works import _PycclWork, _seconds
 
@@ -63,6 +65,15 @@ class PointToPointMixin:
         work = _PycclWork(self._what(f"{name} to rank {peer}"), [t])
         flat, _ = _contig(t)
         if flat.is_cuda:
+            ipc = self._p2p.ipc
+            if ipc is not None and peer != self._rank and flat.numel() and ipc.reaches(peer):
+                # Same host: copy into a staging block on the caller's stream; the engine
+                # announces it once that copy has happened, the peer copies it GPU to GPU.
+                staged = ipc.stage(flat)
+                if staged is not None:
+                    block, ready = staged
+                    self._p2p.send(None, peer, tag, work, ready, block=block)
+                    return work
             # Staged (module doc): copy to pinned memory on the caller's stream; the engine
             # sends once that copy has happened. t may be changed as soon as this returns.
             host = torch.empty(_nbytes(flat), dtype=torch.uint8, pin_memory=True)
@@ -79,35 +90,19 @@ class PointToPointMixin:
         work = _PycclWork(self._what(f"{name} from {src}"), [t])
         flat, wb = _contig(t)
         if flat.is_cuda:
-            host, writeback = self._staged_recv(flat, wb, work)
-            self._p2p.recv(host, peer, tag, work, writeback)
+            # The engine thread copies the bytes to the GPU (from a peer's GPU, or from pinned
+            # memory) on a pyccl stream that waits for the caller's stream as it is now, and
+            # hands the copy's event to the Work (wait() joins it).
+            target = CudaRecv(flat, wb, work, self._p2p_streams)
+            self._p2p.recv(None, peer, tag, work, target.writeback, target=target)
             return work
         self._p2p.recv(_bytes(flat), peer, tag, work, wb)
         return work
 
-    def _staged_recv(self, flat, wb, work):
-        """(pinned landing buffer, write-back) of a receive into CUDA tensor `flat`: the engine
-        thread copies the bytes to the GPU on a pyccl stream that waits for the caller's
-        stream as it is now, and hands the copy's event to the Work (wait() joins it)."""
-        dev = flat.get_device()
-        host = torch.empty(_nbytes(flat), dtype=torch.uint8, pin_memory=True)
-        posted = torch.cuda.Event()
-        posted.record()
-        dst = _bytes(flat)
-
-        def writeback():
-            with torch.cuda.device(dev):
-                s = self._p2p_streams.get(dev)
-                if s is None:
-                    s = self._p2p_streams[dev] = torch.cuda.Stream(device=dev)
-                s.wait_event(posted)
-                with torch.cuda.stream(s):
-                    dst.copy_(host, non_blocking=True)
-                    wb()
-                ev = torch.cuda.Event()
-                ev.record(s)
-            work._cuda_ready = (dev, ev)
-        return host, writeback
+    def p2p_stats(self):
+        """Counters of this group's point-to-point CUDA paths (p2p_engine._P2PEngine.stats):
+        e.g. ``ipc_sent``/``ipc_received``, the messages that went GPU to GPU."""
+        return self._p2p.stats()
 
     def send(self, tensors, dstRank, tag=0):
         t = _single(tensors, "send")
