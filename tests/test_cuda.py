@@ -671,8 +671,8 @@ def scenario_torch_distributed(rank, size, port):
 
 
 def scenario_torch_copy_lanes(rank, size, port):
-    """all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single, broadcast (and
-    all_reduce) on the same CUDA tensors call after call (sync and async): exact results, no host mailbox exchange and
+    """all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single, broadcast, all_reduce and
+    reduce on the same CUDA tensors call after call (sync and async): exact results, no host mailbox exchange and
     no flight-recorder entry (the lane, not the general path) once the first round has run."""
     dist, dev = _torch_init(rank, size, port)
     pg = dist.distributed_c10d._get_default_group()
@@ -711,8 +711,13 @@ def scenario_torch_copy_lanes(rank, size, port):
         if not bool((x == k % size + k).all()):
             bad.append(f"broadcast round {k}")
         dist.all_reduce(x)
-        if not bool((x == size * (k % size + k)).all()):
+        v = size * (k % size + k)
+        if not bool((x == v).all()):
             bad.append(f"all_reduce round {k}")
+        root = (k + 1) % size
+        dist.reduce(x, dst=root, op=dist.ReduceOp.MAX if k % 3 == 2 else dist.ReduceOp.SUM)
+        if not bool((x == (v * (1 if k % 3 == 2 else size) if rank == root else v)).all()):
+            bad.append(f"reduce round {k} (root {root})")
         return bad
     bad = one_round(0)                        # creates the lanes (general path, grows the scratch)
     comm = pg._comm

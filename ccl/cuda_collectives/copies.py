@@ -54,9 +54,14 @@ class CopiesMixin:
         if piece > self.big_cap:
             self._mail(what, sig, [])
             self._ensure_big(piece)
-        p = self._prepare_staged(sig, piece, pushes, drains, own)
+        return self._launch_prepared(self._prepare_staged(sig, piece, pushes, drains, own), what, caller, join)
+
+    def _launch_prepared(self, p, what, caller, join):
+        """One prepared launch as a collective of the general path: on the caller's stream when
+        it is synchronous and our previous collective already ends there (as _oneshot), else on
+        pyccl's stream after the caller's."""
         self._next_epoch(what)
-        if join and self._tail == caller:          # as _oneshot: launch on the caller's stream
+        if join and self._tail == caller:
             p.launch(p.fn, p.grid, THREADS, caller, p.address)
             self._last = None
             return None

@@ -1,7 +1,7 @@
 """The torch backend's fast lanes: one prepared launch per call, with no torch Work, Future or
 flight-recorder entry: ``torch_all_reduce`` (one-shot or 'kernel' two-shot all-reduce) and
 ``torch_copies`` (all_gather_into_tensor, all_to_all_single with equal pieces, broadcast and
-reduce_scatter_tensor through the peers' scratch)."""
+reduce_scatter_tensor through the peers' scratch, and one-shot reduces)."""
 from ..dtypes import AVG, MAX, MIN, PROD, SUM
 from ..reproducible import takes
 from .kernels import THREADS
@@ -78,8 +78,9 @@ the epoch advances on the device (capture-safe)."""
     def torch_copies(self, comm):
         """The fast lane of the torch backend's other collectives: ``lane(name, out, inp, arg,
         async_op)`` with name 'all_gather' (arg unused), 'all_to_all' (equal pieces), 'broadcast'
-        (out is the buffer, arg the root) or 'reduce_scatter' (arg the op name, as
-        torch_all_reduce takes it). Returns as torch_all_reduce's lane does: None (done, on the
+        (out is the buffer, arg the root), 'reduce_scatter' (arg the op name, as
+        torch_all_reduce takes it) or 'reduce' (out = inp = the buffer, arg (root, op name);
+        one-shot sizes). Returns as torch_all_reduce's lane does: None (done, on the
         caller's stream), the end event (async_op) or False (not for the lane: the general path
         then runs it, with the same kernel, so ranks may differ in which path they take). Only
         calls that make no host exchange take it: pieces up to PYCCL_CUDA_STAGE_MAX that fit
@@ -126,6 +127,16 @@ the epoch advances on the device (capture-safe)."""
                     sig = _signature("reduce_scatter", {"dtype": dtype, "root": -1, "redop": op.name, "count": n})
                     with self._device:
                         p = self._prepare_rs(inp.data_ptr(), out.data_ptr(), n, out.element_size(), dtype, op, sig)
+            elif name == "reduce":                 # one-shot sizes; non-roots reduce into pyccl's buffer
+                root, opname = arg
+                dtype, op = dtypes.get(out.dtype), ops.get(opname)
+                if dtype is not None and op is not None and not (comm.reproducible and takes(dtype, op)) and \
+                        nb <= self.oneshot_max:
+                    n = out.numel()
+                    sig = _signature("reduce", {"dtype": dtype, "root": root, "redop": op.name, "count": n})
+                    with self._device:
+                        dst = out.data_ptr() if self.rank == root else self._tmp(nb)
+                        p = self._prepare_oneshot(inp.data_ptr(), dst, n, out.element_size(), dtype, op, sig)
             else:
                 root = arg if name == "broadcast" else -1
                 count = nb // size if name == "all_to_all" else nb

@@ -394,8 +394,9 @@ class CudaState:
         cur = getattr(self, "_tmp_buf", None)
         if cur is None or cur[1] < nbytes:
             if cur is not None:
-                self.rt.streamSynchronize(self.stream)
+                self.rt.deviceSynchronize()         # lane launches run on the callers' streams
                 self.rt.free(cur[0])
+                self.forget_prepared()              # prepared reduces name the old buffer
             cur = self._tmp_buf = (self.rt.malloc(max(nbytes, 1 << 20)), max(nbytes, 1 << 20))
         return cur[0]
 

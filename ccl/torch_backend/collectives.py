@@ -1,8 +1,8 @@
 """The collectives of ProcessGroupPyccl (a mixin of group.py): argument checks on the caller's
 thread, then a body that runs on the group's worker or inline (``self._submit``). CUDA
 all-reduces of one small tensor take the fast lane (``allreduce``'s first branch); after their
-checks, all_gather_into_tensor, reduce_scatter_tensor, broadcast and all_to_all_single (equal
-splits) of CUDA tensors try theirs (``_copy_fast``: one prepared launch, no Work on the worker)."""
+checks, all_gather_into_tensor, reduce_scatter_tensor, broadcast, all_to_all_single (equal
+splits) and reduce of CUDA tensors try theirs (``_copy_fast``: one prepared launch, no Work on the worker)."""
 import collections
 import math
 
@@ -159,6 +159,12 @@ class CollectivesMixin:
         tensors = _as_list(tensors)
         t = _single(tensors, "reduce")
         root = self._root(opts.rootRank, "reduce")
+        if self._copy_lane is not None:
+            opname = _LANE_OPS.get(_op_kind(opts.reduceOp))
+            if opname is not None:
+                w = self._copy_fast("reduce", t, t, (root, opname), opts, tensors)
+                if w is not None:
+                    return w
         red = _Reduction(opts.reduceOp, t.dtype, "reduce")
 
         def run(work):
