@@ -46,3 +46,13 @@ def run_spawned(module, scenario, size, envs, timeout):
         if p.is_alive():
             p.kill()
     return out
+
+
+def assert_every_check_passed(out, size):
+    """Every rank of a spawned scenario returned ("ok", {check: True, ...}); names the rest."""
+    for r in range(size):
+        assert r in out, out
+        kind, val = out[r]
+        assert kind == "ok", val
+        bad = {k: v for k, v in val.items() if v is not True}
+        assert not bad, bad

@@ -12,22 +12,17 @@ import time
 import numpy as np
 import pytest
 
-try:
-    import cupy
-    NGPU = cupy.cuda.runtime.getDeviceCount()
-    WHY = "no CUDA device"
-except ImportError as e:
-    NGPU, WHY = 0, f"cupy is not installed (pip install 'pyccl[gpu]'): {e}"
-except Exception as e:  # noqa: BLE001 - no driver, no device: skip with the reason
-    NGPU, WHY = 0, f"CUDA is not usable here: {type(e).__name__}: {e}"
-if NGPU < 1:
-    pytest.skip(f"CUDA tests need a GPU and cupy: {WHY}", allow_module_level=True)
+from cuda_available import require_gpu
+
+NGPU = require_gpu()
+
+import cupy  # noqa: E402  (only on GPU machines)
 
 import torch  # noqa: E402  (only on GPU machines)
 
 import pyccl  # noqa: E402
 from pyccl.errors import InvalidArgument, PeerFailure, PycclError  # noqa: E402
-from spawned import run_spawned  # noqa: E402
+from spawned import assert_every_check_passed, run_spawned  # noqa: E402
 
 SIZES = [0, 1, 7, 1000, 4099, 65539, 300_007, 2_000_003]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -741,22 +736,12 @@ def test_torch_copy_lanes(alloc):
     if alloc != "default":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     out = run_spawned(__name__, "scenario_torch_copy_lanes", 2, [env] * 2, 300)
-    for r in range(2):
-        assert r in out, out
-        kind, val = out[r]
-        assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is not True}
-        assert not bad, bad
+    assert_every_check_passed(out, 2)
 
 
 def test_torch_distributed_backend_on_cuda():
     out = _run_spawned("scenario_torch_distributed", timeout=300)
-    for r in range(2):
-        assert r in out, out
-        kind, val = out[r]
-        assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is not True}
-        assert not bad, bad
+    assert_every_check_passed(out, 2)
 
 
 def scenario_torch_peer_killed(rank, size, port):
@@ -878,12 +863,7 @@ def test_cuda_graph_capture_and_replay():
     """Every collective the torch backend runs on CUDA: captured in a CUDA graph after a warm-up
     on a side stream, replayed 100 times with new inputs, compared with the expected result."""
     out = _run_spawned("scenario_cuda_graph_capture", timeout=300)
-    for r in range(2):
-        assert r in out, out
-        kind, val = out[r]
-        assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is not True}
-        assert not bad, bad
+    assert_every_check_passed(out, 2)
 
 
 # ---- all-to-all with the split sizes on the GPU ---------------------------------------------------
@@ -963,9 +943,4 @@ def test_all_to_all_with_device_splits():
     output larger than needed, int32 and int64 counts; compared with the host-split path; then
     captured in a CUDA graph and replayed 100 times with new split sizes and data."""
     out = _run_spawned("scenario_device_split_all_to_all", timeout=300)
-    for r in range(2):
-        assert r in out, out
-        kind, val = out[r]
-        assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is not True}
-        assert not bad, bad
+    assert_every_check_passed(out, 2)

@@ -13,22 +13,17 @@ import time
 import numpy as np
 import pytest
 
-try:
-    import cupy
-    NGPU = cupy.cuda.runtime.getDeviceCount()
-    WHY = "no CUDA device"
-except ImportError as e:
-    NGPU, WHY = 0, f"cupy is not installed (pip install 'pyccl[gpu]'): {e}"
-except Exception as e:  # noqa: BLE001 - no driver, no device: skip with the reason
-    NGPU, WHY = 0, f"CUDA is not usable here: {type(e).__name__}: {e}"
-if NGPU < 1:
-    pytest.skip(f"CUDA tests need a GPU and cupy: {WHY}", allow_module_level=True)
+from cuda_available import require_gpu
+
+NGPU = require_gpu()
+
+import cupy  # noqa: E402  (only on GPU machines)
 
 import torch  # noqa: E402  (only on GPU machines)
 
 import pyccl  # noqa: E402
 from pyccl.errors import PycclError  # noqa: E402
-from spawned import run_spawned  # noqa: E402
+from spawned import assert_every_check_passed, run_spawned  # noqa: E402
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
          "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
@@ -559,9 +554,4 @@ def test_composed_gather_scatter_host_layouts(layout, members, rank_order):
                          ids=["2x1", "2x2", "2x2-composed"])
 def test_torch_distributed_across_hosts(size, per_host, env):
     out = _run_spawned("scenario_torch", size, per_host, timeout=300, env=env)
-    for r in range(size):
-        assert r in out, out
-        kind, val = out[r]
-        assert kind == "ok", val
-        bad = {k: v for k, v in val.items() if v is not True}
-        assert not bad, bad
+    assert_every_check_passed(out, size)

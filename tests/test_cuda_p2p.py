@@ -13,16 +13,9 @@ from datetime import timedelta
 
 import pytest
 
-try:
-    import cupy
-    NGPU = cupy.cuda.runtime.getDeviceCount()
-    WHY = "no CUDA device"
-except ImportError as e:
-    NGPU, WHY = 0, f"cupy is not installed (pip install 'pyccl[gpu]'): {e}"
-except Exception as e:  # noqa: BLE001 - no driver, no device: skip with the reason
-    NGPU, WHY = 0, f"CUDA is not usable here: {type(e).__name__}: {e}"
-if NGPU < 1:
-    pytest.skip(f"CUDA tests need a GPU and cupy: {WHY}", allow_module_level=True)
+from cuda_available import require_gpu
+
+require_gpu()
 
 import torch  # noqa: E402  (only on GPU machines)
 

@@ -8,6 +8,19 @@ from .kernels import THREADS
 from .submit import _signature
 
 
+def _torch_maps():
+    """What the lanes read per call: torch's raw current-stream and current-device getters, and
+    the torch dtypes and op names with native kernels (as pyccl names them)."""
+    import torch
+    get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+        (lambda d: torch.cuda.current_stream(d).cuda_stream)
+    dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+              torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
+              torch.int64: "int64"}
+    ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+    return get_stream, torch._C._cuda_getDevice, dtypes, ops
+
+
 class TorchLaneMixin:
     """``torch_all_reduce`` and the caches it keeps."""
 
@@ -22,14 +35,7 @@ class TorchLaneMixin:
         with the same (pointer, count, dtype, op) is computed once and cached; per call the
         host reads the error word, counts the call (for error messages) and launches one kernel;
 the epoch advances on the device (capture-safe)."""
-        import torch
-        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
-            (lambda d: torch.cuda.current_stream(d).cuda_stream)
-        get_device = torch._C._cuda_getDevice
-        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                  torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
-                  torch.int64: "int64"}
-        ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+        get_stream, get_device, dtypes, ops = _torch_maps()
         cache = {}
         self._lane_caches.append(cache)
         words = self.status.words
@@ -85,14 +91,7 @@ the epoch advances on the device (capture-safe)."""
         then runs it, with the same kernel, so ranks may differ in which path they take). Only
         calls that make no host exchange take it: pieces up to PYCCL_CUDA_STAGE_MAX that fit
         the scratch as it is (growing it is collective and left to the general path)."""
-        import torch
-        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
-            (lambda d: torch.cuda.current_stream(d).cuda_stream)
-        get_device = torch._C._cuda_getDevice
-        dtypes = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                  torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32",
-                  torch.int64: "int64"}
-        ops = {"SUM": SUM, "PROD": PROD, "MIN": MIN, "MAX": MAX, "AVG": AVG}
+        get_stream, get_device, dtypes, ops = _torch_maps()
         cache = {}
         self._lane_caches.append(cache)
         words = self.status.words
