@@ -78,6 +78,17 @@ from .errors import PycclError
 from .hierarchy import Hierarchy, with_host_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+#: what is composed unless PYCCL_CUDA_COMPOSED_OPS (a comma-separated list out of OPS) says
+#: otherwise: the ops run on a GPU so far. all_gather and reduce_scatter (2026-12-06) were
+#: checked on a CPU emulation of this code only (CUDA replaced, the shm engine standing in for
+#: the CUDA IPC one); they take the composition once named there, as tests/test_cuda_multihost.py
+#: does, and join the default when those tests have passed on a GPU.
+DEFAULT_OPS = ("all_reduce", "broadcast")
+
+
+def composed_ops():
+    v = os.environ.get("PYCCL_CUDA_COMPOSED_OPS")
+    return DEFAULT_OPS if v is None else tuple(x.strip() for x in v.split(",") if x.strip())
 
 #: cudaDevAttrMaxPitch: the largest pitch (bytes) of a cudaMemcpy2DAsync
 _MAX_PITCH_ATTR = 11
@@ -95,7 +106,8 @@ def wanted(comm, name, nbytes, st) -> bool:
     """Whether `name` on CUDA buffers of `comm` takes the composition (else the flat staging).
     The same answer on every rank: it depends only on the call, the topology, the environment
     and the GPUs of all ranks (exchanged once)."""
-    if name not in OPS or os.environ.get("PYCCL_CUDA_COMPOSED", "1").strip() in ("0", ""):
+    if name not in OPS or name not in composed_ops() or \
+            os.environ.get("PYCCL_CUDA_COMPOSED", "1").strip() in ("0", ""):
         return False
     if getattr(comm, "reproducible", False) and name in ("all_reduce", "reduce_scatter"):
         return False

@@ -332,7 +332,9 @@ def test_stream_order(hosts):
         assert all(ok.values()), ok
 
 
-COMPOSED_ALWAYS = {"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0"}
+#: every op of ccl/cuda_hierarchy.OPS composed (all_gather and reduce_scatter are opt-in until run on a GPU)
+ALL_OPS = {"PYCCL_CUDA_COMPOSED_OPS": "all_reduce,broadcast,all_gather,reduce_scatter"}
+COMPOSED_ALWAYS = {"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0", **ALL_OPS}
 
 
 def test_composed_min_on_a_shared_gpu(groups):
@@ -373,7 +375,7 @@ def test_composed_all_gather_reduce_scatter_3_hosts(groups, dtype):
 
 
 def test_composed_min_gather_scatter(groups):
-    g = groups(4, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=2)
+    g = groups(4, env={"PYCCL_TIMEOUT": "60", **ALL_OPS}, ranks_per_host=2)
     for least, res in g.run(rank_composed_min_gather_scatter):
         for name, (ok, composed) in res.items():
             assert ok, (name, res)
@@ -539,7 +541,7 @@ def test_composed_gather_scatter_host_layouts(layout, members, rank_order):
     """Round robin (rank = local index x hosts + host): the rail-major order is the rank order,
     so all_gather gathers straight into the output and reduce_scatter reduces from the input;
     mixed: contiguous and single-block copies into and out of the stage."""
-    envs = [{"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0", "PYCCL_HOST_ID": f"host{h}"} for h in layout]
+    envs = [{**COMPOSED_ALWAYS, "PYCCL_HOST_ID": f"host{h}"} for h in layout]
     out = run_spawned(__name__, "scenario_gather_scatter_layout", len(layout), envs, 300)
     for r in range(len(layout)):
         assert r in out, out
@@ -550,7 +552,8 @@ def test_composed_gather_scatter_host_layouts(layout, members, rank_order):
         assert not val["bad"], val["bad"]
 
 
-@pytest.mark.parametrize("size,per_host,env", [(2, 1, {}), (4, 2, {}), (4, 2, {"PYCCL_CUDA_COMPOSED_MIN": "0"})],
+@pytest.mark.parametrize("size,per_host,env",
+                         [(2, 1, {}), (4, 2, {}), (4, 2, {"PYCCL_CUDA_COMPOSED_MIN": "0", **ALL_OPS})],
                          ids=["2x1", "2x2", "2x2-composed"])
 def test_torch_distributed_across_hosts(size, per_host, env):
     out = _run_spawned("scenario_torch", size, per_host, timeout=300, env=env)
