@@ -208,20 +208,20 @@ def scenario_p2p_peer_killed(rank, size, port):
     if rank != 0:
         time.sleep(5)
         return out
-    t = time.monotonic()
-    try:
-        dist.recv(y, 1, tag=5)
-        out["recv"] = ("finished", time.monotonic() - t, "")
-    except PycclError as e:
-        out["recv"] = (type(e).__name__, time.monotonic() - t, str(e))
-    t = time.monotonic()
-    try:
-        dist.send(x, 1, tag=6)
-        out["send"] = ("finished", time.monotonic() - t, "")
-    except PycclError as e:
-        out["send"] = (type(e).__name__, time.monotonic() - t, str(e))
+    out["recv"] = _outcome(lambda: dist.recv(y, 1, tag=5))
+    out["send"] = _outcome(lambda: dist.send(x, 1, tag=6))
     out["cuda still works"] = (torch.ones(4, device=dev) * 2).sum().item()
     return out
+
+
+def _outcome(call):
+    """(how it ended: "finished" or the PycclError's class name, seconds, message)."""
+    t = time.monotonic()
+    try:
+        call()
+        return "finished", time.monotonic() - t, ""
+    except PycclError as e:
+        return type(e).__name__, time.monotonic() - t, str(e)
 
 
 def scenario_p2p_timeout(rank, size, port):
@@ -230,12 +230,7 @@ def scenario_p2p_timeout(rank, size, port):
     g = dist.new_group(backend="pyccl", timeout=timedelta(seconds=2))
     out = None
     if rank == 0:
-        t = time.monotonic()
-        try:
-            dist.recv(torch.empty(1000, device=dev), 1, group=g, tag=3)
-            out = ("finished", time.monotonic() - t, "")
-        except PycclError as e:
-            out = (type(e).__name__, time.monotonic() - t, str(e))
+        out = _outcome(lambda: dist.recv(torch.empty(1000, device=dev), 1, group=g, tag=3))
     dist.barrier()
     return out
 
