@@ -107,9 +107,7 @@ class CopiesMixin:
             p = _Prepared(fn.ptr, self._blocks(-(-piece // 16)), _PARAMS["staged"],
                           (self.tab, self.big_cap, *ps, *pn, *dd, *dn, *own, self.rank, self.size, self.ectr, sig,
                            self.status.ptr, self._timeout_ns))
-            if len(self._prepared) >= 1024:
-                self._prepared.clear()
-            self._prepared[key] = p
+            self._remember(key, p)
         return p
 
     def _copy_collective(self, what, caller, join, sig, ptrs, extra, plan, pull=None, src=0):

@@ -85,6 +85,12 @@ class KernelsMixin:
             fn = self._mods[key]
         return fn
 
+    def _remember(self, key, p):
+        """Keep prepared launch `p` under `key` (at most 1024: then start over)."""
+        if len(self._prepared) >= 1024:
+            self._prepared.clear()
+        self._prepared[key] = p
+
     def _launcher(self, kind, function):
         """A launchable kernel: ``k(grid, stream_ptr, args)``; ``k.ptr`` is its CUfunction."""
         # RawModule.get_function gives a RawKernel; its .kernel is the loaded CUfunction wrapper.

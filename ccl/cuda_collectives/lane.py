@@ -38,7 +38,6 @@ the epoch advances on the device (capture-safe)."""
         get_stream, get_device, dtypes, ops = _torch_maps()
         cache = {}
         self._lane_caches.append(cache)
-        words = self.status.words
         dev = self.dev
         base_sig = {}
 
@@ -49,11 +48,6 @@ the epoch advances on the device (capture-safe)."""
                 p = prepare(t, key, opname)
             if p is False or get_device() != dev or not t.is_contiguous() or comm._inflight:
                 return False
-            if self._closed or words[1] or self._abort_reason is not None:
-                comm._seq += 1
-                self.raise_if_failed(f"all_reduce #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
-            if comm._broken is not None or comm._closed:
-                return False                     # the general path raises the right error
             return self._go(p, "all_reduce", comm, get_stream(dev), async_op)
 
         def prepare(t, key, opname):
@@ -94,7 +88,6 @@ the epoch advances on the device (capture-safe)."""
         get_stream, get_device, dtypes, ops = _torch_maps()
         cache = {}
         self._lane_caches.append(cache)
-        words = self.status.words
         dev, size = self.dev, self.size
 
         def lane(name, out, inp, arg, async_op):
@@ -104,11 +97,6 @@ the epoch advances on the device (capture-safe)."""
                 p = prepare(name, out, inp, arg, key)
             if p is False or get_device() != dev or not out.is_contiguous() or not inp.is_contiguous() or \
                     comm._inflight:
-                return False
-            if self._closed or words[1] or self._abort_reason is not None:
-                comm._seq += 1
-                self.raise_if_failed(f"{name} #{comm._seq} on {self.tag} (rank {self.rank}/{size})")
-            if comm._broken is not None or comm._closed:
                 return False
             return self._go(p, name, comm, get_stream(dev), async_op)
 
@@ -154,7 +142,15 @@ the epoch advances on the device (capture-safe)."""
 
     def _go(self, p, name, comm, caller, async_op):
         """Launch prepared `p` as a call of the torch lane: synchronous on the caller's stream
-        (after our previous collective), or async on pyccl's stream (returns its end event)."""
+        (after our previous collective), or async on pyccl's stream (returns its end event).
+        First the health check every lane makes: an error a kernel left (or a closed or aborted
+        state) raises here, counted as this call; a broken or closed communicator returns False,
+        so that the general path raises the right error."""
+        if self._closed or self.status.words[1] or self._abort_reason is not None:
+            comm._seq += 1
+            self.raise_if_failed(f"{name} #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
+        if comm._broken is not None or comm._closed:
+            return False
         comm._seq += 1
         e = self._epoch = self._epoch + 1
         self._names[e & 4095] = (name, comm._seq)

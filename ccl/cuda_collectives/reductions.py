@@ -68,9 +68,7 @@ class ReductionsMixin:
             p = _Prepared(fn.ptr, grid, _PARAMS["oneshot"],
                           (inp, out, count, self.tab, self.small_cap, self.rank, self.size, self.ectr, sig,
                            self.status.ptr, self._timeout_ns, avg))
-            if len(self._prepared) >= 1024:
-                self._prepared.clear()
-            self._prepared[key] = p
+            self._remember(key, p)
         return p
 
     def _gather_targets(self):
@@ -103,9 +101,7 @@ class ReductionsMixin:
                           (ptr, seg, seg, count, my_out, self.tab, self.big_cap, *dst, *[0] * (MAXR - size),
                            gather, rank, size, self.ectr, sig, self.status.ptr, self._timeout_ns,
                            size if op is AVG else 0))
-            if len(self._prepared) >= 1024:
-                self._prepared.clear()
-            self._prepared[key] = p
+            self._remember(key, p)
         return p
 
     def _prepare_rs(self, inp, out, count, itemsize, dtype, op, sig):
@@ -124,9 +120,7 @@ class ReductionsMixin:
                           (inp, count, count, 1 << 62, out, self.tab, self.big_cap, *[0] * MAXR, 0, self.rank,
                            self.size, self.ectr, sig, self.status.ptr, self._timeout_ns,
                            self.size if op is AVG else 0))
-            if len(self._prepared) >= 1024:
-                self._prepared.clear()
-            self._prepared[key] = p
+            self._remember(key, p)
         return p
 
     def _twoshot(self, what, caller, join, sig, inp, out, count, itemsize, dtype, op, allgather):
