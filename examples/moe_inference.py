@@ -13,6 +13,11 @@ of every MoE layer (expert parallelism). An MoE layer, on every rank:
  2. sort the token copies by expert and exchange the per-expert counts (all_to_all_single, equal
     splits), so every rank knows how many rows each peer sends it;
  3. dispatch: all_to_all_single of the sorted rows with *uneven* splits to the experts' owners;
+    with pyccl on CUDA and ``--splits device`` the split sizes stay CUDA tensors
+    (``pyccl.torch_backend.all_to_all_single``): the dispatch is queued with no device-to-host
+    copy in front of it, into an output sized for the most rows that can arrive; the host reads
+    the counts afterwards, only to group the rows by expert (torch's own call needs Python ints
+    first, a sync before every dispatch);
  4. each owned expert (an MLP) runs once on all its rows, from every source rank, in rank order;
  5. combine: the reverse all_to_all_single returns the rows; each token sums its k expert
     outputs times their weights locally, in slot order.
@@ -55,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--sim-ranks", type=int, default=1,
                    help="without a launcher: simulate this many ranks in one process (the exact reference)")
     p.add_argument("--dense", action="store_true", help="without a launcher: the dense (masking) reference")
+    p.add_argument("--splits", choices=("auto", "host", "device"), default="auto",
+                   help="all-to-all split sizes as Python ints (host) or CUDA tensors (device: pyccl on "
+                        "CUDA only); auto = host for now (device: not yet run on a GPU in this example)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)
@@ -93,8 +101,9 @@ def gate(W, l, a, h):
 class Exchange:
     """This rank's side of the two all-to-alls; ``ranks`` are the ranks this process computes."""
 
-    def __init__(self, rt: par.Runtime, prof: par.Profiler):
+    def __init__(self, rt: par.Runtime, prof: par.Profiler, device_splits=False):
         self.world, self.ranks, self.prof = rt.world, [rt.rank], prof
+        self.device_splits = device_splits
 
     def counts(self, cs):
         out = torch.empty_like(cs[0])
@@ -102,12 +111,20 @@ class Exchange:
             dist.all_to_all_single(out, cs[0])
         return [out.view(self.world, -1)]
 
-    def rows(self, what, bufs, in_splits, out_splits):
+    def rows(self, what, bufs, in_splits, out_splits, out_rows):
+        """in/out_splits: count tensors (rows per rank); out_rows: the most rows that can arrive."""
         buf = bufs[0]
-        out = buf.new_empty((sum(out_splits[0]), buf.shape[1]))
+        if not self.device_splits:
+            ins, outs = in_splits[0].tolist(), out_splits[0].tolist()      # device-to-host sync
+            out = buf.new_empty((sum(outs), buf.shape[1]))
+            with self.prof(f"all_to_all {what}"):
+                dist.all_to_all_single(out, buf, outs, ins)
+            return [out]
+        import pyccl.torch_backend as ccl_torch
+        out = buf.new_empty((out_rows[0], buf.shape[1]))
         with self.prof(f"all_to_all {what}"):
-            dist.all_to_all_single(out, buf, out_splits[0], in_splits[0])
-        return [out]
+            ccl_torch.all_to_all_single(out, buf, out_splits[0], in_splits[0])
+        return [out[:int(out_splits[0].sum())]]         # the host learns the count after queuing
 
 
 class SimExchange:
@@ -119,8 +136,8 @@ class SimExchange:
     def counts(self, cs):
         return [torch.stack([cs[src].view(self.world, -1)[dst] for src in self.ranks]) for dst in self.ranks]
 
-    def rows(self, what, bufs, in_splits, out_splits):
-        parts = [bufs[src].split(in_splits[src]) for src in self.ranks]
+    def rows(self, what, bufs, in_splits, out_splits, out_rows):
+        parts = [bufs[src].split(in_splits[src].tolist()) for src in self.ranks]
         return [torch.cat([parts[src][dst] for src in self.ranks]) for dst in self.ranks]
 
 
@@ -137,10 +154,11 @@ def moe(W, l, a, ex, hs, log):
         counts = torch.bincount(flat, minlength=a.experts)
         plans.append((top_w, order, counts, h[order // k]))
     recv_counts = ex.counts([p[2] for p in plans])                         # [source, local expert]
-    in_splits = [p[2].view(n_ranks, per_rank).sum(1).tolist() for p in plans]
-    out_splits = [rc.sum(1).tolist() for rc in recv_counts]
-    log.append(in_splits)
-    recv = ex.rows("dispatch", [p[3] for p in plans], in_splits, out_splits)
+    in_splits = [p[2].view(n_ranks, per_rank).sum(1) for p in plans]           # rows per destination
+    out_splits = [rc.sum(1) for rc in recv_counts]                              # rows per source
+    # every rank holds as many tokens as any other, so at most world x mine rows arrive
+    recv = ex.rows("dispatch", [p[3] for p in plans], in_splits, out_splits, [n_ranks * len(p[3]) for p in plans])
+    log.append([s.tolist() for s in in_splits])
 
     outs = []
     for rank, rows, rc in zip(ex.ranks, recv, recv_counts):
@@ -153,7 +171,7 @@ def moe(W, l, a, ex, hs, log):
         out = torch.empty_like(rows)
         out[perm] = done
         outs.append(out)
-    back = ex.rows("combine", outs, out_splits, in_splits)
+    back = ex.rows("combine", outs, out_splits, in_splits, [len(p[3]) for p in plans])
 
     ys = []
     for (top_w, order, _, _), b in zip(plans, back):
@@ -253,7 +271,10 @@ def run(a, rt: par.Runtime) -> dict | None:
     per = a.experts // rt.world
     W = weights(a, range(rt.rank * per, (rt.rank + 1) * per), rt.device)
     prof = par.Profiler(True, rt)          # all-to-all times are always measured (the share is printed)
-    ex = Exchange(rt, prof)
+    device_splits = a.splits == "device"
+    if device_splits and (a.backend != "pyccl" or rt.device.type != "cuda"):
+        raise SystemExit("--splits device needs --backend pyccl --device cuda")
+    ex = Exchange(rt, prof, device_splits)
     log = []
     if rt.rank == 0 and not a.quiet:
         print(f"[moe_inference] {a.backend} on {rt.device.type}: {rt.world} ranks x {per} experts "
