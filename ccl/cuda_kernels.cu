@@ -9,6 +9,8 @@
 //   [OFF_SPL]     [2 slots][MAXR ranks][SPL_ROW]                   all-to-all with device splits:
 //                 each rank's row (what it sends to every rank, its input and output capacity,
 //                 what it expects from every rank and whether it said so)
+//   [OFF_RP]      [MAXB][MAXR][value, sig]                         scratch all-to-all, round pushed
+//   [OFF_RC]      [MAXB][MAXR][value, sig]                         scratch all-to-all, round drained
 // A rank *writes* its flags into the peer's buffer (sig first, then the epoch with a
 // release store) and *polls* its own (acquire loads), so a dead peer only ever means a
 // flag that does not move. Epochs grow by one per use on every rank alike (kept on the device,
@@ -36,6 +38,8 @@ typedef long long i64;
 #define OFF_FS (OFF_BAR + MAXR * 2 + 16)
 #define OFF_SPL (OFF_FS + MAXB * MAXR * 2)
 #define SPL_ROW (2 * MAXR + 3)
+#define OFF_RP (OFF_SPL + 2 * MAXR * SPL_ROW)
+#define OFF_RC (OFF_RP + MAXB * MAXR * 2)
 
 __device__ __forceinline__ u64 gtime() {
   u64 t;
@@ -71,8 +75,11 @@ __device__ void report(i64* status, int code, u64 epoch, int peer, int where) {
 }
 
 // Wait until the flag pair at f reaches epoch; check its sig. False (and status set) on
-// timeout (1), abort (2) or mismatch (3).
-__device__ bool wait_flag(const u64* f, u64 epoch, u64 sig, i64* status, u64 timeout_ns, int peer, int where) {
+// timeout (1), abort (2) or mismatch (3). `shown`: the epoch the status names, when the flag
+// value is more than the epoch (round flags); 0: epoch itself.
+__device__ bool wait_flag(const u64* f, u64 epoch, u64 sig, i64* status, u64 timeout_ns, int peer, int where,
+                          u64 shown = 0) {
+  const u64 named = shown ? shown : epoch;
   u64 v = ld_acquire(f);
   if (v < epoch) {
     // The status words live in host memory: a read crosses PCIe (and, in a VM, the IOMMU),
@@ -86,11 +93,11 @@ __device__ bool wait_flag(const u64* f, u64 epoch, u64 sig, i64* status, u64 tim
         const u64 now = gtime();
         if (now >= next) {
           if (s[0] != 0 || s[1] != 0) {
-            report(status, 2, epoch, peer, where);
+            report(status, 2, named, peer, where);
             return false;
           }
           if (now - start > timeout_ns) {
-            report(status, 1, epoch, peer, where);
+            report(status, 1, named, peer, where);
             return false;
           }
           next = gtime() + 1000000;
@@ -100,7 +107,7 @@ __device__ bool wait_flag(const u64* f, u64 epoch, u64 sig, i64* status, u64 tim
   }
   // A peer already past this epoch checked our sig against its own; only compare at equality.
   if (v == epoch && ld_relaxed(f + 1) != sig) {
-    report(status, 3, epoch, peer, where);
+    report(status, 3, named, peer, where);
     return false;
   }
   return true;
@@ -115,18 +122,22 @@ __device__ __forceinline__ void signal(u64* region, int b, int me, u64 epoch, u6
 // Every block tells the same block of every peer that it reached flag region `off` in this
 // epoch, then waits for theirs (thread r waits for peer r). False in a thread whose wait
 // failed (timeout, abort, mismatched call: see wait_flag; `where` names the step).
-__device__ __forceinline__ bool exchange_flags(const u64* tab, i64 off, int rank, int nranks, u64 epoch,
-                                               u64 sig, i64* status, u64 timeout_ns, int where) {
+__device__ __forceinline__ bool exchange_flags_at(const u64* tab, i64 off, int rank, int nranks, u64 value,
+                                                  u64 shown, u64 sig, i64* status, u64 timeout_ns, int where) {
   if (threadIdx.x == 0) {
     __threadfence_system();
     for (int r = 0; r < nranks; r++)
-      if (r != rank) signal((u64*)tab[r] + off, blockIdx.x, rank, epoch, sig);
+      if (r != rank) signal((u64*)tab[r] + off, blockIdx.x, rank, value, sig);
   }
   if (threadIdx.x < nranks && threadIdx.x != rank) {
     const u64* f = (const u64*)tab[rank] + off + (blockIdx.x * MAXR + threadIdx.x) * 2;
-    return wait_flag(f, epoch, sig, status, timeout_ns, threadIdx.x, where);
+    return wait_flag(f, value, sig, status, timeout_ns, threadIdx.x, where, shown);
   }
   return true;
+}
+__device__ __forceinline__ bool exchange_flags(const u64* tab, i64 off, int rank, int nranks, u64 epoch,
+                                               u64 sig, i64* status, u64 timeout_ns, int where) {
+  return exchange_flags_at(tab, off, rank, nranks, epoch, 0, sig, status, timeout_ns, where);
 }
 
 // ---- the epoch, kept on the device ------------------------------------------------------------
@@ -656,20 +667,24 @@ __device__ __forceinline__ void copy_span(char* d, const char* s, i64 a, i64 b) 
     reinterpret_cast<unsigned char*>(d)[e] = __ldcg(reinterpret_cast<const unsigned char*>(s) + e);
 }
 
-// This block's slice of an n-byte piece: 16-byte units split over the grid (share), the tail
-// bytes to the last block; the widest word both pointers allow.
-__device__ __forceinline__ void copy_slice(char* d, const char* s, i64 n) {
-  if (n <= 0 || d == s) return;
-  i64 p0, p1;
-  share(n >> 4, p0, p1);
-  const i64 a = p0 * 16;
-  const i64 b = blockIdx.x == gridDim.x - 1 ? n : p1 * 16;
+// Bytes [a, b) of s to the same offsets of d, by this block's threads; the widest word both
+// pointers allow (a: a multiple of 16).
+__device__ __forceinline__ void copy_part(char* d, const char* s, i64 a, i64 b) {
   if (a >= b) return;
   const u64 al = (u64)d | (u64)s;
   if ((al & 15) == 0) copy_span<uint4>(d, s, a, b);
   else if ((al & 7) == 0) copy_span<unsigned long long>(d, s, a, b);
   else if ((al & 3) == 0) copy_span<unsigned int>(d, s, a, b);
   else copy_span<unsigned char>(d, s, a, b);
+}
+
+// This block's slice of an n-byte piece: 16-byte units split over the grid (share), the tail
+// bytes to the last block.
+__device__ __forceinline__ void copy_slice(char* d, const char* s, i64 n) {
+  if (n <= 0 || d == s) return;
+  i64 p0, p1;
+  share(n >> 4, p0, p1);
+  copy_part(d, s, p0 * 16, blockIdx.x == gridDim.x - 1 ? n : p1 * 16);
 }
 
 extern "C" __global__ void __launch_bounds__(512) staged(const u64* tab, i64 cap_bytes,
@@ -709,34 +724,32 @@ extern "C" __global__ void __launch_bounds__(512) staged(const u64* tab, i64 cap
 }
 
 // ---- all-to-all whose split sizes are in device memory (MoE dispatch without a host sync) ------
-// in_splits[r] (int64 elements, this GPU): what this rank sends to rank r; out_splits (or 0):
-// what it expects from every rank, checked. (R) every block writes this rank's row (splits, input
-// and output capacity, out_splits) into slot epoch & 1 of every rank's table (OFF_SPL), then signals; after
-// the wait every rank holds every row, so each computes the same offsets and finds the same
-// inconsistency, if any (then every rank reports a mismatch and no byte moves). Two slots: a
-// rank's table slot is rewritten two collectives later, when every peer is past reading it (the
-// same argument as the one-shot's scratch slots). (C) each rank pushes its piece for rank r to
-// out[r] (rank r's output as mapped here) at the sum of what lower ranks send to r. (E) closing
-// flags: the output is complete on return, and buffers and table may be reused.
-extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, const i64* in_splits, const i64* out_splits,
-                                                           i64 in_cap, i64 out_cap, i64 item, const u64* tab,
-                                                           u64 o0, u64 o1, u64 o2, u64 o3, u64 o4, u64 o5, u64 o6,
-                                                           u64 o7, int rank, int nranks, u64* ectr, u64 sig,
-                                                           i64* status, u64 timeout_ns) {
+// (R), shared by both kernels below: every block writes this rank's row (what it sends to every
+// rank, its input and output capacity, what it expects from every rank and whether it said so)
+// into slot epoch & 1 of every rank's table (OFF_SPL), then signals; after the wait every rank
+// holds every row, so each computes the same offsets and finds the same inconsistency, if any
+// (then every rank reports a mismatch and no byte moves). Two slots: a rank's table slot is
+// rewritten two collectives later, when every peer is past reading it (the same argument as the
+// one-shot's scratch slots). Thread 0 fills, in bytes: src_off[r] / cnt[r], my piece for rank r
+// in my input; dst_off[r], where it lands in r's output; rdst[q] / rcnt[q], where what q sends
+// me lands in my output and its size; and *rounds, the most chunk-byte rounds any piece needs.
+// ins / outs: the counts (elements) as given; has_outs: whether outs holds expectations.
+__device__ __forceinline__ bool split_table(const i64* ins, const i64* outs, int has_outs, i64 in_cap,
+                                            i64 out_cap, i64 item, const u64* tab, int rank, int nranks,
+                                            u64 epoch, u64 sig, i64* status, u64 timeout_ns, i64 chunk,
+                                            i64* src_off, i64* cnt, i64* dst_off, i64* rdst, i64* rcnt,
+                                            i64* rounds) {
   __shared__ int fail;
-  __shared__ i64 src_off[MAXR], dst_off[MAXR], cnt[MAXR];
-  const u64 epoch = epoch_begin(ectr);
-  const u64 oo[MAXR] = {o0, o1, o2, o3, o4, o5, o6, o7};
   const i64 slot_off = OFF_SPL + (i64)(epoch & 1) * MAXR * SPL_ROW;
   if (threadIdx.x == 0) {
     fail = 0;
     for (int t = 0; t < nranks; t++) {
       i64* row = (i64*)tab[t] + slot_off + rank * SPL_ROW;
-      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + j, (u64)in_splits[j]);
+      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + j, (u64)ins[j]);
       st_relaxed((u64*)row + MAXR, (u64)in_cap);
       st_relaxed((u64*)row + MAXR + 1, (u64)out_cap);
-      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + MAXR + 2 + j, out_splits ? (u64)out_splits[j] : 0);
-      st_relaxed((u64*)row + 2 * MAXR + 2, out_splits ? 1 : 0);
+      for (int j = 0; j < nranks; j++) st_relaxed((u64*)row + MAXR + 2 + j, has_outs ? (u64)outs[j] : 0);
+      st_relaxed((u64*)row + 2 * MAXR + 2, has_outs ? 1 : 0);
     }
   }
   __syncthreads();
@@ -766,38 +779,105 @@ extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, cons
       report(status, 3, epoch, bad, 6);
       fail = 1;
     } else {
-      i64 so = 0;
+      i64 so = 0, ro = 0, most = 0;
       for (int r = 0; r < nranks; r++) {
         i64 d = 0;
         for (int q = 0; q < rank; q++) d += (i64)ld_relaxed((const u64*)T + q * SPL_ROW + r);
         cnt[r] = (i64)ld_relaxed((const u64*)T + rank * SPL_ROW + r) * item;
-        src_off[r] = so * item;
+        src_off[r] = so;
         dst_off[r] = d * item;
-        so += cnt[r] / item;
+        so += cnt[r];
+        rcnt[r] = (i64)ld_relaxed((const u64*)T + r * SPL_ROW + rank) * item;
+        rdst[r] = ro;
+        ro += rcnt[r];
+        for (int q = 0; q < nranks; q++)                      // the same on every rank
+          if (q != r) {
+            const i64 v = (i64)ld_relaxed((const u64*)T + q * SPL_ROW + r) * item;
+            if (v > most) most = v;
+          }
       }
+      *rounds = chunk > 0 ? (most + chunk - 1) / chunk : 0;
     }
   }
   __syncthreads();
-  if (!fail) {
-    for (int r = 0; r < nranks; r++) {
-      const char* src = in + src_off[r];
-      char* dst = (char*)oo[r] + dst_off[r];
-      const i64 n = cnt[r];
-      i64 p0, p1;
-      if ((((u64)src | (u64)dst) & 15) == 0) {
-        const i64 npk = n / 16;
-        share(npk, p0, p1);
-        for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x)
-          reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
-        if (blockIdx.x == gridDim.x - 1)
-          for (i64 e = npk * 16 + threadIdx.x; e < n; e += blockDim.x) dst[e] = src[e];
-      } else {
-        share(n, p0, p1);
-        for (i64 i = p0 + threadIdx.x; i < p1; i += blockDim.x) dst[i] = src[i];
-      }
-    }
-  }
+  return !fail;
+}
+
+// The mailbox flavour: in_splits[r] (int64 elements, this GPU): what this rank sends to rank r;
+// out_splits (or 0): what it expects from every rank, checked. (R) above; (C) each rank pushes
+// its piece for rank r to out[r] (rank r's output as mapped here, named through the host
+// mailbox) at the sum of what lower ranks send to r. (E) closing flags: the output is complete
+// on return, and buffers and table may be reused.
+extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, const i64* in_splits, const i64* out_splits,
+                                                           i64 in_cap, i64 out_cap, i64 item, const u64* tab,
+                                                           u64 o0, u64 o1, u64 o2, u64 o3, u64 o4, u64 o5, u64 o6,
+                                                           u64 o7, int rank, int nranks, u64* ectr, u64 sig,
+                                                           i64* status, u64 timeout_ns) {
+  __shared__ i64 src_off[MAXR], dst_off[MAXR], cnt[MAXR], rdst[MAXR], rcnt[MAXR], rounds;
+  const u64 epoch = epoch_begin(ectr);
+  const u64 oo[MAXR] = {o0, o1, o2, o3, o4, o5, o6, o7};
+  if (split_table(in_splits, out_splits, out_splits != 0, in_cap, out_cap, item, tab, rank, nranks, epoch, sig,
+                  status, timeout_ns, 0, src_off, cnt, dst_off, rdst, rcnt, &rounds))
+    for (int r = 0; r < nranks; r++) copy_slice((char*)oo[r] + dst_off[r], in + src_off[r], cnt[r]);
   __syncthreads();
   exchange_flags(tab, OFF_FE, rank, nranks, epoch, sig, status, timeout_ns, 7);
+  epoch_end(ectr, epoch);
+}
+
+// The scratch flavour: no peer buffer, so no host exchange per call (and a capture needs none).
+// Split sizes from device memory (in_splits / out_splits, or 0) or, for host splits, from the
+// parameters h (what this rank sends) and e (what it expects, when has_e). (R) above; then the
+// pieces go in rounds of `chunk` bytes through the peers' two-shot scratch (region `rank` of
+// each, `region` bytes apart): push my round-t part of every piece into its receiver's scratch,
+// flags, copy what every peer pushed out of my scratch into my output, flags again (the peers
+// may then push round t+1). Every block owns the same span of every region in every round (not
+// a share of each round's length), so block b only ever waits for block b of its peers. The
+// round flags (OFF_RP, OFF_RC) carry epoch << 20 | round + 1: they grow across calls, and only
+// this kernel uses them. The own piece is copied straight from input to output.
+extern "C" __global__ void __launch_bounds__(512) alltoallv_staged(
+    const char* in, const i64* in_splits, const i64* out_splits, i64 in_cap, i64 out_cap, i64 item,
+    const u64* tab, char* out, i64 region, i64 h0, i64 h1, i64 h2, i64 h3, i64 h4, i64 h5, i64 h6, i64 h7,
+    i64 e0, i64 e1, i64 e2, i64 e3, i64 e4, i64 e5, i64 e6, i64 e7, int has_e, int rank, int nranks,
+    u64* ectr, u64 sig, i64* status, u64 timeout_ns) {
+  __shared__ i64 src_off[MAXR], dst_off[MAXR], cnt[MAXR], rdst[MAXR], rcnt[MAXR], rounds, ins[MAXR], outs[MAXR];
+  __shared__ int stop;
+  const u64 epoch = epoch_begin(ectr);
+  const i64 span = (region / gridDim.x) & ~15LL;            // this block's bytes of every region
+  const i64 chunk = span * gridDim.x;
+  if (threadIdx.x == 0) {
+    stop = 0;
+    const i64 hh[MAXR] = {h0, h1, h2, h3, h4, h5, h6, h7};
+    const i64 ee[MAXR] = {e0, e1, e2, e3, e4, e5, e6, e7};
+    for (int r = 0; r < nranks; r++) {
+      ins[r] = in_splits ? in_splits[r] : hh[r];
+      outs[r] = out_splits ? out_splits[r] : ee[r];
+    }
+  }
+  __syncthreads();
+  const bool ok = split_table(ins, outs, out_splits != 0 || has_e, in_cap, out_cap, item, tab, rank, nranks,
+                              epoch, sig, status, timeout_ns, chunk, src_off, cnt, dst_off, rdst, rcnt, &rounds);
+  if (ok) {
+    copy_slice(out + rdst[rank], in + src_off[rank], cnt[rank]);
+    const char* mine = (const char*)tab[2 * MAXR + rank];
+    const i64 a0 = (i64)blockIdx.x * span;
+    for (i64 t = 0; t < rounds; t++) {
+      const i64 lo = t * chunk, a = lo + a0, b = a + span;
+      for (int r = 0; r < nranks; r++)                        // piece bytes [a, b) -> region offset - lo
+        if (r != rank && a < cnt[r])
+          copy_part((char*)tab[2 * MAXR + r] + (i64)rank * region - lo, in + src_off[r], a, min(b, cnt[r]));
+      __syncthreads();
+      const u64 flag = (epoch << 20) | (u64)(t + 1);
+      if (!exchange_flags_at(tab, OFF_RP, rank, nranks, flag, epoch, sig, status, timeout_ns, 10)) stop = 1;
+      __syncthreads();
+      if (stop) break;
+      for (int q = 0; q < nranks; q++)
+        if (q != rank && a < rcnt[q])
+          copy_part(out + rdst[q], mine + (i64)q * region - lo, a, min(b, rcnt[q]));
+      __syncthreads();
+      if (!exchange_flags_at(tab, OFF_RC, rank, nranks, flag, epoch, sig, status, timeout_ns, 11)) stop = 1;
+      __syncthreads();
+      if (stop) break;
+    }
+  }
   epoch_end(ectr, epoch);
 }

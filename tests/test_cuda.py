@@ -74,12 +74,13 @@ def _reference(xs, op, dtype):
     return out
 
 
-def _setup(comm, mode=None, oneshot_max=None, scratch=None, copy=None, stage_max=16 << 20):
+def _setup(comm, mode=None, oneshot_max=None, scratch=None, copy=None, stage_max=16 << 20, a2av=None):
     _dev(comm)
     comm.all_reduce(torch.zeros(1, device="cuda"))        # creates comm.cuda
     cc = comm.cuda
     cc.twoshot_mode = "auto" if mode is None else mode     # the groups are reused: set every knob
     cc.copy_mode = "auto" if copy is None else copy
+    cc.a2av_mode = "mailbox" if a2av is None else a2av
     cc.stage_max = stage_max
     if mode is not None:
         cc.twoshot_mode = mode
@@ -162,17 +163,48 @@ def rank_cupy_collectives(comm, n, mode=None, copy=None):
     return bad
 
 
-def rank_uneven_all_to_all(comm, copy=None):
-    _setup(comm, copy=copy)
+def rank_uneven_all_to_all(comm, copy=None, a2av=None, scale=1, calls=1):
+    """Rank r sends (r + 1) * (d + 2) * scale int64s to rank d, `calls` times with new values;
+    (every result right, host mailbox exchanges after the first call)."""
+    cc = _setup(comm, copy=copy, a2av=a2av)
     size, rank = comm.size, comm.rank
-    # rank r sends (r + 1) * (d + 2) elements to rank d
-    in_splits = [(rank + 1) * (d + 2) for d in range(size)]
-    out_splits = [(s + 1) * (rank + 2) for s in range(size)]
-    inp = torch.cat([torch.full((in_splits[d],), 100 * rank + d, dtype=torch.int64) for d in range(size)]).cuda()
-    out = torch.full((sum(out_splits),), -1, dtype=torch.int64, device="cuda")
-    comm.all_to_all(out, inp, out_splits=out_splits, in_splits=in_splits)
-    want = torch.cat([torch.full((out_splits[s],), 100 * s + rank, dtype=torch.int64) for s in range(size)])
-    return torch.equal(out.cpu(), want)
+    in_splits = [(rank + 1) * (d + 2) * scale for d in range(size)]
+    out_splits = [(s + 1) * (rank + 2) * scale for s in range(size)]
+    out = torch.empty((sum(out_splits),), dtype=torch.int64, device="cuda")
+    ok, seq0 = True, None
+    for k in range(calls):
+        if k == 1:
+            seq0 = cc._mail_seq
+        inp = torch.cat([torch.arange(in_splits[d], dtype=torch.int64) * 7 + 100 * rank + d + 1000 * k
+                         for d in range(size)]).cuda()
+        out.fill_(-1)
+        comm.all_to_all(out, inp, out_splits=out_splits, in_splits=in_splits)
+        want = torch.cat([torch.arange(out_splits[s], dtype=torch.int64) * 7 + 100 * s + rank + 1000 * k
+                          for s in range(size)])
+        ok &= torch.equal(out.cpu(), want)
+    torch.cuda.synchronize()
+    return ok if calls == 1 else (ok, cc._mail_seq - seq0)
+
+
+def rank_uneven_mismatch(comm, a2av):
+    """Rank 0 expects one element more from rank 1 and one less from itself (its total is
+    right, so only the peers' counts can tell): every rank raises InvalidArgument."""
+    _setup(comm, a2av=a2av)
+    size, rank = comm.size, comm.rank
+    in_splits = [2 + d for d in range(size)]
+    out_splits = [2 + rank] * size
+    if rank == 0:
+        out_splits[0] -= 1
+        out_splits[1] += 1
+    inp = torch.zeros(sum(in_splits), device="cuda")
+    out = torch.zeros(sum(out_splits), device="cuda")
+    try:
+        comm.all_to_all(out, inp, out_splits=out_splits, in_splits=in_splits)
+        comm.all_reduce(torch.ones(4, device="cuda"))
+        comm.cuda.synchronize("test")
+        return "no error"
+    except InvalidArgument as e:
+        return "ok" if "disagree" in str(e) or "expects" in str(e) else repr(e)
 
 
 def rank_streams(comm):
@@ -357,6 +389,24 @@ def test_uneven_all_to_all(g2):
     assert all(g2.run(rank_uneven_all_to_all))
 
 
+@pytest.mark.parametrize("scale", [1, 1000, 300_001], ids=["small", "one-round", "many-rounds"])
+def test_uneven_all_to_all_through_the_scratch(g2, scale):
+    """PYCCL_CUDA_A2AV=staged: uneven pieces (up to ~14 MiB: several rounds of the 4 MiB
+    region, the last one partial) through the peers' scratch, 5 calls with new values, and no
+    host mailbox exchange after the first call (which makes the scratch)."""
+    for ok, exchanges in g2.run(rank_uneven_all_to_all, None, "staged", scale, 5):
+        assert ok
+        assert exchanges == 0, f"{exchanges} host mailbox exchanges in 4 calls"
+
+
+@pytest.mark.parametrize("a2av", ["mailbox", "staged"])
+def test_uneven_all_to_all_mismatch_raises_on_every_rank(groups, a2av):
+    g = groups(2, env={"PYCCL_TIMEOUT": "20", "PYCCL_TRANSPORT": "tcp"})
+    results = g.run(rank_uneven_mismatch, a2av)
+    g.broken = True
+    assert results == ["ok", "ok"], results
+
+
 @pytest.mark.parametrize("mode,copy", [("pull", "pull"), ("kernel", "push")])
 def test_sm_copy_and_pull_paths_on_2_ranks(g2, mode, copy):
     """The paths picked on more than 2 ranks, forced on 2 (pull two-shot, SM copy kernel)."""
@@ -441,8 +491,8 @@ def test_mailbox_segment_is_unlinked_after_setup(g2):
 
 
 # ---- separate processes: peer death, torch.distributed -----------------------------------------
-def _run_spawned(scenario, size=2, timeout=180):
-    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
+def _run_spawned(scenario, size=2, timeout=180, env=None):
+    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp", **(env or {})}
     return run_spawned(__name__, scenario, size, [env] * size, timeout)
 
 
@@ -884,21 +934,28 @@ def scenario_device_split_all_to_all(rank, size, port, replays=100):
     D = 3                                                           # row width (float32)
     cap = 40 * size + 5
 
-    def reference(m, inp):
-        send, recv = m[rank].tolist(), m[:, rank].tolist()
-        ref = torch.empty(sum(recv), D, device=dev)
-        dist.all_to_all_single(ref, inp[:sum(send)], recv, send)    # host splits: the existing path
-        return ref
+    def expected(m, make_input):
+        """What rank `rank` receives: from every source q, q's rows for it, in source order."""
+        parts = []
+        for q in range(size):
+            off = int(m[q, :rank].sum())
+            parts.append(make_input(q)[off:off + int(m[q, rank])])
+        return torch.cat(parts)
 
-    for k, m in enumerate(_split_patterns(size, 8, seed=11)):
+    pats = _split_patterns(size, 8, seed=11)
+    big = torch.randint(0, 600_000, (size, size), generator=torch.Generator().manual_seed(5))
+    pats.append(big)                                                # up to 7 MB a piece: 2 rounds of 4 MiB
+    for k, m in enumerate(pats):
         send, recv = m[rank], m[:, rank]
-        inp = (torch.arange(int(send.sum()) * D, device=dev, dtype=torch.float32) + 1000 * rank + k).view(-1, D)
-        out = torch.full((cap, D), -1.0, device=dev)
+
+        def make_input(q, k=k, m=m):
+            return (torch.arange(int(m[q].sum()) * D, device=dev, dtype=torch.float32) + 1000 * q + k).view(-1, D)
+        inp = make_input(rank)
+        out = torch.full((max(cap, int(recv.sum()) + 5), D), -1.0, device=dev)
         sizes_dtype = torch.int32 if k % 3 == 2 else torch.int64
         a2a(out, inp, recv.to(dev, sizes_dtype) if k % 2 else None, send.to(dev, sizes_dtype))
         got = int(recv.sum())
-        ref = reference(m, inp)
-        res[f"pattern {k}"] = torch.equal(out[:got], ref) and bool((out[got:] == -1).all())
+        res[f"pattern {k}"] = torch.equal(out[:got], expected(m, make_input)) and bool((out[got:] == -1).all())
     # captured once, replayed with new split sizes and new data before every replay
     pats = _split_patterns(size, replays, seed=12)
     inp = torch.empty(cap, D, device=dev)
@@ -915,11 +972,13 @@ def scenario_device_split_all_to_all(rank, size, port, replays=100):
         a2a(out, inp, None, splits)
     wrong = []
     for k, m in enumerate(pats):
+        def make_input(q, k=k):
+            return (torch.arange(cap * D, device=dev, dtype=torch.float32) + 7 * k + 1000 * q).view(cap, D)
         splits.copy_(m[rank])
-        inp.copy_((torch.arange(cap * D, device=dev, dtype=torch.float32) + 7 * k + 1000 * rank).view(cap, D))
+        inp.copy_(make_input(rank))
         g.replay()
         got = int(m[:, rank].sum())
-        if not torch.equal(out[:got], reference(m, inp)):
+        if not torch.equal(out[:got], expected(m, make_input)):
             wrong.append(k)
     res[f"captured, {replays} replays with new splits"] = not wrong or f"wrong at {wrong[:10]}"
     # out_splits that disagree with what the peers send: raised by the next call, on every rank
@@ -938,9 +997,11 @@ def scenario_device_split_all_to_all(rank, size, port, replays=100):
     return res
 
 
-def test_all_to_all_with_device_splits():
+@pytest.mark.parametrize("a2av", ["mailbox", "staged"])
+def test_all_to_all_with_device_splits(a2av):
     """MoE dispatch: split sizes in CUDA tensors (no device-to-host copy), uneven and empty pieces,
-    output larger than needed, int32 and int64 counts; compared with the host-split path; then
-    captured in a CUDA graph and replayed 100 times with new split sizes and data."""
-    out = _run_spawned("scenario_device_split_all_to_all", timeout=300)
+    up to 7 MB a piece, output larger than needed, int32 and int64 counts; compared with what the
+    sources hold; then captured in a CUDA graph and replayed 100 times with new split sizes and
+    data. Both flavours: peers' outputs named through the mailbox, or rounds through the scratch."""
+    out = _run_spawned("scenario_device_split_all_to_all", timeout=300, env={"PYCCL_CUDA_A2AV": a2av})
     assert_every_check_passed(out, 2)

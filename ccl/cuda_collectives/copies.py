@@ -12,6 +12,10 @@ import numpy as np
 from ..errors import InvalidArgument
 from .kernels import _PARAMS, MAXR, THREADS, _Prepared
 
+#: the least scratch region (bytes per sender) of the uneven all-to-all through the scratch: the
+#: bytes one round moves per pair of ranks
+A2AV_REGION = 4 << 20
+
 
 class CopiesMixin:
     """The copy collectives of CudaCollectives."""
@@ -179,6 +183,8 @@ class CopiesMixin:
                 # equal pieces (all_to_all_single's default): the piece count joins the signature
                 return self._staged(what, caller, join, sig | (k & 0xFFFFFFFF), k * item,
                                     *self._pieces("all_to_all", o.ptr, i.ptr, k * item))
+            if self.a2av_mode == "staged":
+                return self._alltoallv_staged(what, caller, join, sig, o, i, host=(in_splits, out_splits))
             # No shortcut when this rank has nothing to send or receive: its peers' counts differ
             # and they exchange names through the mailbox (a skipped exchange put the mailbox out
             # of step; found by test_all_to_all_with_device_splits' host-split reference).
@@ -253,14 +259,17 @@ class CopiesMixin:
         GPU. `out_splits` may be None (the output then only has to be large enough); given, it
         is checked against what the peers send. The kernel puts every rank's counts, capacities
         and expectations in every rank's table, so a disagreement is found by every rank alike
-        (each raises InvalidArgument on its next call) and then no byte moves. The output's bytes past what arrives are left
-        as they were. The peers' output buffers are named through the mailbox (host, at call
-        time; once per capture under a CUDA graph)."""
-        import torch
+        (each raises InvalidArgument on its next call) and then no byte moves. The output's bytes
+        past what arrives are left as they were. The peers' output buffers are named through the
+        mailbox (host, at call time; once per capture under a CUDA graph), or, with
+        PYCCL_CUDA_A2AV=staged, the pieces go through the scratch and the host exchanges nothing."""
         self.raise_if_failed(what)
         o, i = out.array, inp.array
         ins = self._split_tensor(in_splits, what, "in_splits")
         outs = self._split_tensor(out_splits, what, "out_splits") if out_splits is not None else None
+        if self.a2av_mode == "staged":
+            with self._device:
+                return self._alltoallv_staged(what, caller, join, sig, o, i, dev=(ins, outs))
         with self._device:
             peers, _ = self._mail(what, sig, [o.ptr])
             self._begin(caller)
@@ -271,14 +280,50 @@ class CopiesMixin:
             fn(min(self.max_blocks, 32), self.stream,
                (i.ptr, ins.data_ptr(), outs.data_ptr() if outs is not None else 0, i.size, o.size, i.itemsize,
                 self.tab, *outp, self.rank, self.size, self.ectr, sig, self.status.ptr, self._timeout_ns))
-            # the split tensors must not be recycled by torch before pyccl's stream has read them
-            # (under capture they belong to the graph's pool and live as long as the graph)
-            if not self._capturing(caller):
-                stream = torch.cuda.ExternalStream(self.stream, device=torch.device("cuda", self.dev))
-                for t in (ins, outs):
-                    if t is not None:
-                        t.record_stream(stream)
+            self._keep_splits(caller, ins, outs)
             return self._end(caller, join)
+
+    def _keep_splits(self, caller, *tensors):
+        """The split tensors must not be recycled by torch before pyccl's stream has read them
+        (under capture they belong to the graph's pool and live as long as the graph)."""
+        import torch
+        if not self._capturing(caller):
+            stream = torch.cuda.ExternalStream(self.stream, device=torch.device("cuda", self.dev))
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(stream)
+
+    def _alltoallv_staged(self, what, caller, join, sig, o, i, host=None, dev=None):
+        """Uneven all-to-all through the peers' scratch ('alltoallv_staged' in the .cu): split
+        sizes from the host (`host` = (in_splits, out_splits), element lists) or the device
+        (`dev` = (in tensor, out tensor or None)); the kernel exchanges them through the flag
+        memory and moves the pieces in rounds of the scratch's region size. No peer buffer, so
+        no host exchange per call, only once to make the scratch (PYCCL_CUDA_A2AV=staged)."""
+        sig ^= 1 << 62                       # not the mailbox flavour's call: a mix is a mismatch
+        region = min(A2AV_REGION, self.scratch_max)
+        if self.big_cap < region:
+            self._mail(what, sig, [])        # collective: every rank makes this call
+            self._ensure_big(region)
+        self._barrier_fn()                   # compiles the module
+        fn = self._mods["alltoallv_staged"]
+        pad = [0] * MAXR
+        if host is not None:
+            ins_ptr = outs_ptr = 0
+            h = list(host[0]) + pad[len(host[0]):]
+            e = list(host[1]) + pad[len(host[1]):]
+            has_e = 1
+        else:
+            ins, outs = dev
+            ins_ptr, outs_ptr = ins.data_ptr(), (outs.data_ptr() if outs is not None else 0)
+            h, e, has_e = pad, pad, 0
+        self._begin(caller)
+        self._next_epoch(what)
+        fn(min(self.max_blocks, 32), self.stream,
+           (i.ptr, ins_ptr, outs_ptr, i.size, o.size, i.itemsize, self.tab, o.ptr, self.big_cap, *h, *e, has_e,
+            self.rank, self.size, self.ectr, sig, self.status.ptr, self._timeout_ns))
+        if dev is not None:
+            self._keep_splits(caller, *dev)
+        return self._end(caller, join)
 
     def _split_tensor(self, t, what, name):
         import torch

@@ -12,7 +12,8 @@ from ..errors import PycclError
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
 FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAXB * MAXR * 2 + \
-    2 * MAXR * (2 * MAXR + 3)                                  # see the .cu (OFF_SPL: split tables)
+    2 * MAXR * (2 * MAXR + 3) + \
+    2 * (MAXB * MAXR * 2)                        # see the .cu (OFF_SPL: split tables; OFF_RP, OFF_RC: rounds)
 THREADS = 512
 _CU = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cuda_kernels.cu")
 
@@ -26,7 +27,8 @@ _PARAMS = {"oneshot": "uuiuissuuuus", "twoshot": "uiiiuui" + "u" * MAXR + "ussuu
            "reduce_n": "ui" + "u" * MAXR + "ss", "barrier": "ussuuuus",
            "twoshot_pull": "iiiuu" + "u" * MAXR + "sssuuuus", "copy_n": "u" * (3 * MAXR) + "s",
            "alltoallv": "uuuiiiu" + "u" * MAXR + "ssuuuu",
-           "staged": "ui" + ("u" * MAXR + "i" * MAXR) * 2 + "uui" + "ss" + "uuuu"}
+           "staged": "ui" + ("u" * MAXR + "i" * MAXR) * 2 + "uui" + "ss" + "uuuu",
+           "alltoallv_staged": "uuuiiiuui" + "i" * (2 * MAXR) + "sss" + "uuuu"}
 
 
 class _Kernel:
@@ -82,6 +84,8 @@ class KernelsMixin:
                     self._mods["copy_n"] = self._launcher("copy_n", mod.get_function("copy_n"))
                     self._mods["alltoallv"] = self._launcher("alltoallv", mod.get_function("alltoallv"))
                     self._mods["staged"] = self._launcher("staged", mod.get_function("staged"))
+                    self._mods["alltoallv_staged"] = self._launcher("alltoallv_staged",
+                                                                    mod.get_function("alltoallv_staged"))
             fn = self._mods[key]
         return fn
 

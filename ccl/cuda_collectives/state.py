@@ -19,10 +19,13 @@ _WHERE = {1: "one-shot all-reduce (waiting for the peer's data)", 2: "two-shot (
           3: "two-shot (closing)", 4: "barrier before the copies", 5: "barrier after the copies",
           6: "all-to-all with device splits (exchanging the split sizes)",
           7: "all-to-all with device splits (closing)", 8: "copy through the scratch (waiting for the peer's piece)",
-          9: "copy through the scratch (closing)"}
+          9: "copy through the scratch (closing)",
+          10: "uneven all-to-all through the scratch (waiting for the peer's round)",
+          11: "uneven all-to-all through the scratch (waiting for the peer to drain its round)"}
 
 _TWOSHOT_MODES = ("auto", "kernel", "ce", "pull")
 _COPY_MODES = ("auto", "ce", "push", "pull", "staged")
+_A2AV_MODES = ("mailbox", "staged")
 
 
 def _env_int(name, default):
@@ -60,6 +63,9 @@ class CudaState:
         self.copy_mode = self._mode_env("PYCCL_CUDA_COPY", "auto", _COPY_MODES)
         self.copy_wide = self._mode_env("PYCCL_CUDA_COPY_WIDE", "ce", _COPY_MODES[1:])
         self.copy_blocks = _env_int("PYCCL_CUDA_COPY_BLOCKS", 0)
+        # uneven all-to-all (host or device splits): the peers' outputs named through the
+        # mailbox per call, or rounds through the scratch with no host exchange
+        self.a2av_mode = self._mode_env("PYCCL_CUDA_A2AV", "mailbox", _A2AV_MODES)
         self.stage_max = _env_int("PYCCL_CUDA_STAGE_MAX", 16 << 20)
         self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
         self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
@@ -314,7 +320,7 @@ class CudaState:
         op = self._what_of(epoch)
         place = _WHERE.get(where, f"step {where}")
         if code == 3 and where == 6:
-            raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}): the device split sizes "
+            raise InvalidArgument(f"{what}: {op} (rank {self.rank}, cuda:{self.dev}): the split sizes "
                                   f"disagree at rank {peer}: it sends more than its input holds, a negative count, "
                                   f"more than a receiver's output holds, or not what out_splits expects")
         if code == 3:
