@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The TCP ceiling of the multi-host CPU benchmark: two network namespaces (tests/multihost/netns.py),
 one plain socket between them, each side sending N bytes while it receives N (sendall on a
 thread, recv_into here), as a 2-rank all-reduce's ring steps do. No pyccl: what the kernel's
