@@ -60,9 +60,9 @@ def parse(argv=None):
     p.add_argument("--sim-ranks", type=int, default=1,
                    help="without a launcher: simulate this many ranks in one process (the exact reference)")
     p.add_argument("--dense", action="store_true", help="without a launcher: the dense (masking) reference")
-    p.add_argument("--splits", choices=("auto", "host", "device"), default="auto",
-                   help="all-to-all split sizes as Python ints (host) or CUDA tensors (device: pyccl on "
-                        "CUDA only); auto = host for now (device: not yet run on a GPU in this example)")
+    p.add_argument("--splits", choices=("host", "device"), default="host",
+                   help="all-to-all split sizes as Python ints (host, the default) or CUDA tensors (device: "
+                        "pyccl on CUDA only; not yet run on a GPU in this example)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)
@@ -112,13 +112,13 @@ class Exchange:
         return [out.view(self.world, -1)]
 
     def rows(self, what, bufs, in_splits, out_splits, out_rows):
-        """in/out_splits: count tensors (rows per rank); out_rows: the most rows that can arrive."""
+        """in/out_splits: rows per rank (lists, or count tensors with device_splits); out_rows:
+        the most rows that can arrive."""
         buf = bufs[0]
         if not self.device_splits:
-            ins, outs = in_splits[0].tolist(), out_splits[0].tolist()      # device-to-host sync
-            out = buf.new_empty((sum(outs), buf.shape[1]))
+            out = buf.new_empty((sum(out_splits[0]), buf.shape[1]))
             with self.prof(f"all_to_all {what}"):
-                dist.all_to_all_single(out, buf, outs, ins)
+                dist.all_to_all_single(out, buf, out_splits[0], in_splits[0])
             return [out]
         import pyccl.torch_backend as ccl_torch
         out = buf.new_empty((out_rows[0], buf.shape[1]))
@@ -129,6 +129,7 @@ class Exchange:
 
 class SimExchange:
     """The same exchanges for ``world`` ranks computed in turn by one process (the reference)."""
+    device_splits = False
 
     def __init__(self, world):
         self.world, self.ranks = world, list(range(world))
@@ -137,7 +138,7 @@ class SimExchange:
         return [torch.stack([cs[src].view(self.world, -1)[dst] for src in self.ranks]) for dst in self.ranks]
 
     def rows(self, what, bufs, in_splits, out_splits, out_rows):
-        parts = [bufs[src].split(in_splits[src].tolist()) for src in self.ranks]
+        parts = [bufs[src].split(in_splits[src]) for src in self.ranks]
         return [torch.cat([parts[src][dst] for src in self.ranks]) for dst in self.ranks]
 
 
@@ -156,9 +157,11 @@ def moe(W, l, a, ex, hs, log):
     recv_counts = ex.counts([p[2] for p in plans])                         # [source, local expert]
     in_splits = [p[2].view(n_ranks, per_rank).sum(1) for p in plans]           # rows per destination
     out_splits = [rc.sum(1) for rc in recv_counts]                              # rows per source
+    if not ex.device_splits:            # Python ints, read once (the device-to-host copy before the dispatch)
+        in_splits, out_splits = [s.tolist() for s in in_splits], [s.tolist() for s in out_splits]
     # every rank holds as many tokens as any other, so at most world x mine rows arrive
     recv = ex.rows("dispatch", [p[3] for p in plans], in_splits, out_splits, [n_ranks * len(p[3]) for p in plans])
-    log.append([s.tolist() for s in in_splits])
+    log.append([s.tolist() if torch.is_tensor(s) else s for s in in_splits])
 
     outs = []
     for rank, rows, rc in zip(ex.ranks, recv, recv_counts):
