@@ -528,11 +528,16 @@ class Communicator:
         same_dtype(o, i, "all_to_all")
         if is_cuda(in_splits) or is_cuda(out_splits):      # counts on the GPU: no device-to-host copy
             return self._cuda("all_to_all_dev", async_op, _sig(i), o, i, out_splits, in_splits)
+        # Equal pieces take the engines' faster equal-split path only when no splits are given
+        # (MPI's Alltoall vs Alltoallv): a rank sees only its own splits, and equal ones on one
+        # rank say nothing about its peers', so deciding from them could split the ranks
+        # between two paths (a hang, found by test_uneven_all_to_all_p2p_barrier).
+        even = in_splits is None and out_splits is None
         in_splits = self._splits_of(in_splits, i.count, "input", "in_splits")
         out_splits = self._splits_of(out_splits, o.count, "output", "out_splits")
         if o.device != "cpu" or i.device != "cpu":
-            return self._cuda("all_to_all", async_op, _sig(i), o, i, out_splits, in_splits)
-        if len(set(in_splits + out_splits)) == 1 and self.local is not None and self.local.wants("all_to_all", i.nbytes):
+            return self._cuda("all_to_all", async_op, _sig(i), o, i, out_splits, in_splits, even)
+        if even and self.local is not None and self.local.wants("all_to_all", i.nbytes):
             return self._submit("all_to_all", lambda what: self.local.all_to_all(o.array, i.array, what), async_op,
                                 _sig(i))
         plan = self._plan(("all_to_all", in_splits, out_splits),

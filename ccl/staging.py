@@ -240,7 +240,8 @@ def _reduce_scatter(comm, out, inp, op):
     return _Call(plan, chunk, {"in": i, "out": o}, ("in",), ("out",), op, op is AVG)
 
 
-def _all_to_all(comm, out, inp, out_splits, in_splits):
+def _all_to_all(comm, out, inp, out_splits, in_splits, even=False):
+    """The direct plan moves any splits, equal (`even`: none were given) or not."""
     from pyccl.topology import direct
     plan = comm._plan(("all_to_all", in_splits, out_splits),
                       lambda: direct.all_to_all(comm.rank, comm.size, in_splits, out_splits))

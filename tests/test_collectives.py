@@ -98,16 +98,23 @@ def _splits(sender, s, n):
     return [(sender * 7 + j * 3 + n) % 5 for j in range(s)]
 
 
-def rank_all_to_all_uneven(comm, n):
+def _splits_even_on_rank_0(sender, s, n):
+    """Rank 0 sends and receives n + 1 everywhere; the other ranks' pieces differ. Each rank
+    sees only its own splits, so a shortcut for 'all pieces equal' chosen from them would send
+    rank 0 down another path than its peers."""
+    return [n + 1 if sender == 0 or j == 0 else n + 1 + sender + j for j in range(s)]
+
+
+def rank_all_to_all_uneven(comm, n, splits=_splits):
     s, r = comm.size, comm.rank
-    ins = _splits(r, s, n)
-    outs = [_splits(j, s, n)[r] for j in range(s)]
+    ins = splits(r, s, n)
+    outs = [splits(j, s, n)[r] for j in range(s)]
     src = make(r, sum(ins), "float32", salt=n)
     dst = np.full(sum(outs), -1, np.float32)
     comm.all_to_all(dst, src, out_splits=outs, in_splits=ins)
     pieces = []
     for j in range(s):
-        sj = _splits(j, s, n)
+        sj = splits(j, s, n)
         data = make(j, sum(sj), "float32", salt=n)
         pieces.append(data[sum(sj[:r]):sum(sj[:r]) + sj[r]])
     return [] if np.array_equal(dst, np.concatenate(pieces)) else [f"uneven all_to_all n={n}"]
@@ -209,6 +216,7 @@ def test_uneven_all_to_all_p2p_barrier(groups, nranks):
     g = groups(nranks)
     for n in (0, 1, 5, 17):
         assert not any(g.run(rank_all_to_all_uneven, n))
+        assert not any(g.run(rank_all_to_all_uneven, n, _splits_even_on_rank_0))
         assert not any(g.run(rank_send_recv_barrier, n))
 
 

@@ -163,13 +163,19 @@ def rank_cupy_collectives(comm, n, mode=None, copy=None):
     return bad
 
 
-def rank_uneven_all_to_all(comm, copy=None, a2av=None, scale=1, calls=1):
-    """Rank r sends (r + 1) * (d + 2) * scale int64s to rank d, `calls` times with new values;
-    (every result right, host mailbox exchanges after the first call)."""
+def _even_on_rank_0(src, dst, scale):
+    """Rank 0's own splits are all equal, its peers' are not (only the peers can tell)."""
+    return 512 * scale if 0 in (src, dst) else 512 * scale + src + dst
+
+
+def rank_uneven_all_to_all(comm, copy=None, a2av=None, scale=1, calls=1, count=None):
+    """Rank r sends count(r, d, scale) int64s to rank d (default (r + 1) * (d + 2) * scale),
+    `calls` times with new values; (every result right, host mailbox exchanges after the first call)."""
     cc = _setup(comm, copy=copy, a2av=a2av)
     size, rank = comm.size, comm.rank
-    in_splits = [(rank + 1) * (d + 2) * scale for d in range(size)]
-    out_splits = [(s + 1) * (rank + 2) * scale for s in range(size)]
+    count = count or (lambda s, d, k: (s + 1) * (d + 2) * k)
+    in_splits = [count(rank, d, scale) for d in range(size)]
+    out_splits = [count(s, rank, scale) for s in range(size)]
     out = torch.empty((sum(out_splits),), dtype=torch.int64, device="cuda")
     ok, seq0 = True, None
     for k in range(calls):
@@ -397,6 +403,16 @@ def test_uneven_all_to_all_through_the_scratch(g2, scale):
     for ok, exchanges in g2.run(rank_uneven_all_to_all, None, "staged", scale, 5):
         assert ok
         assert exchanges == 0, f"{exchanges} host mailbox exchanges in 4 calls"
+
+
+@pytest.mark.parametrize("a2av", ["mailbox", "staged"])
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_uneven_all_to_all_equal_on_one_rank_only(groups, nranks, a2av):
+    """Given splits that are equal on rank 0 but not on its peers take one path on every rank
+    (a shortcut chosen from one rank's own splits used to split them between two kernels)."""
+    g = groups(nranks, env={"PYCCL_TIMEOUT": "30"})
+    for scale in (1, 4000):
+        assert all(g.run(rank_uneven_all_to_all, None, a2av, scale, 1, _even_on_rank_0))
 
 
 @pytest.mark.parametrize("a2av", ["mailbox", "staged"])

@@ -482,23 +482,29 @@ def rank_alltoall(ctx):
             for o in outs:
                 if same(o, ref, dtype):
                     bad.append(f"all_to_all_single {dtype} n={n}: {same(o, ref, dtype)}")
-    # uneven splits (rows of a 2-d tensor); rank i sends (i + j) % 3 rows to rank j
-    def rows(i, j):
-        return (i + j) % 3
-
+    # uneven splits (rows of a 2-d tensor); rank i sends rows(i, j) rows to rank j: (i + j) % 3,
+    # and a layout where rank 0's own splits are all equal while its peers' are not
     cols = 4
-    x = torch.cat([torch.full((rows(ctx.rank, j), cols), float(100 * ctx.rank + j)) for j in range(s)])
-    in_splits = [rows(ctx.rank, j) for j in range(s)]
-    out_splits = [rows(j, ctx.rank) for j in range(s)]
-    results = []
-    for group in (ctx.pyccl, ctx.gloo):
-        o = torch.empty(sum(out_splits), cols)
-        dist.all_to_all_single(o, x, out_splits, in_splits, group=group)
-        results.append(o)
-    ref = torch.cat([torch.full((rows(j, ctx.rank), cols), float(100 * j + ctx.rank)) for j in range(s)])
-    for o in results:
-        if same(o, ref, torch.float32):
-            bad.append(f"all_to_all_single uneven: {same(o, ref, torch.float32)}")
+    for kind, rows in (("mod 3", lambda i, j: (i + j) % 3),
+                       ("even on rank 0", lambda i, j: 2 if 0 in (i, j) else 2 + i + j)):
+        x = torch.cat([torch.full((rows(ctx.rank, j), cols), float(100 * ctx.rank + j)) for j in range(s)])
+        in_splits = [rows(ctx.rank, j) for j in range(s)]
+        out_splits = [rows(j, ctx.rank) for j in range(s)]
+        results = []
+        for group in (ctx.pyccl, ctx.gloo):
+            o = torch.empty(sum(out_splits), cols)
+            dist.all_to_all_single(o, x, out_splits, in_splits, group=group)
+            results.append(o)
+        ref = torch.cat([torch.full((rows(j, ctx.rank), cols), float(100 * j + ctx.rank)) for j in range(s)])
+        for o in results:
+            if same(o, ref, torch.float32):
+                bad.append(f"all_to_all_single uneven ({kind}): {same(o, ref, torch.float32)}")
+        ins = [torch.full((rows(ctx.rank, j),), 100 * ctx.rank + j) for j in range(s)]
+        outs = [torch.empty(rows(j, ctx.rank), dtype=torch.int64) for j in range(s)]
+        dist.all_to_all(outs, ins, group=ctx.pyccl)
+        for j, o in enumerate(outs):
+            if not torch.equal(o, torch.full((rows(j, ctx.rank),), 100 * j + ctx.rank)):
+                bad.append(f"all_to_all list uneven ({kind}) from {j}: {o.tolist()}")
     # list form: even (vs Gloo) and uneven (NCCL-style)
     results = []
     for group in (ctx.pyccl, ctx.gloo):

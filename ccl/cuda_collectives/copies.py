@@ -169,7 +169,9 @@ class CopiesMixin:
                 return [(r, peers[0][r], v.ptr, v.nbytes) for r in range(self.size) if r != root]
             return self._copy_collective(what, caller, join, sig, [v.ptr], (), plan)
 
-    def all_to_all(self, what, caller, join, sig, out, inp, out_splits, in_splits):
+    def all_to_all(self, what, caller, join, sig, out, inp, out_splits, in_splits, even=False):
+        """`even`: the caller gave no splits, on every rank (see Communicator.all_to_all), so
+        the equal-piece kernel may run; given splits always take the uneven path."""
         self.raise_if_failed(what)
         o, i = out.array, inp.array
         item = i.itemsize
@@ -178,8 +180,7 @@ class CopiesMixin:
         in_displ = np.concatenate([[0], np.cumsum(in_splits)[:-1]]).astype(np.int64)
         with self._device:
             k = in_splits[0]
-            if len(set(in_splits)) == 1 and len(set(out_splits)) == 1 and out_splits[0] == k and \
-                    self._takes_staged(k * item):
+            if even and self._takes_staged(k * item):
                 # equal pieces (all_to_all_single's default): the piece count joins the signature
                 return self._staged(what, caller, join, sig | (k & 0xFFFFFFFF), k * item,
                                     *self._pieces("all_to_all", o.ptr, i.ptr, k * item))

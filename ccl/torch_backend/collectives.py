@@ -489,7 +489,10 @@ class CollectivesMixin:
                                   f"dtype {input.dtype}")
         in_splits = self._splits(input, input_split_sizes, "input")
         out_splits = self._splits(output, output_split_sizes, "output")
-        if self._copy_lane is not None and len(set(in_splits)) == 1 and in_splits == out_splits:
+        # Equal pieces go the equal-split way only when no split sizes were given: sizes that
+        # happen to be equal on this rank say nothing about the peers' (Communicator.all_to_all).
+        even = not input_split_sizes and not output_split_sizes
+        if self._copy_lane is not None and even:
             w = self._copy_fast("all_to_all", output, input, None, opts, [output])
             if w is not None:
                 return w
@@ -497,7 +500,10 @@ class CollectivesMixin:
         def run(work):
             fo, wbo = _contig(output)
             fi, _ = _contig(input)
-            self._comm.all_to_all(_bytes(fo), _bytes(fi), out_splits=out_splits, in_splits=in_splits)
+            if even:
+                self._comm.all_to_all(_bytes(fo), _bytes(fi))
+            else:
+                self._comm.all_to_all(_bytes(fo), _bytes(fi), out_splits=out_splits, in_splits=in_splits)
             wbo()
         return self._submit("all_to_all_single", run, [output], opts, dev=_cuda_dev(output, input))
 
