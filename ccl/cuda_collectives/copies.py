@@ -57,7 +57,7 @@ class CopiesMixin:
         (collective: the mailbox first checks that every rank makes this call)."""
         if piece > self.big_cap:
             self._mail(what, sig, [])
-            self._ensure_big(piece)
+            self._ensure_big(piece, what, caller)
         return self._launch_prepared(self._prepare_staged(sig, piece, pushes, drains, own), what, caller, join)
 
     def _launch_prepared(self, p, what, caller, join):
@@ -285,14 +285,20 @@ class CopiesMixin:
             return self._end(caller, join)
 
     def _keep_splits(self, caller, *tensors):
-        """The split tensors must not be recycled by torch before pyccl's stream has read them
-        (under capture they belong to the graph's pool and live as long as the graph)."""
+        """The split tensors must not be recycled by torch before pyccl's stream has read them.
+        Under capture record_stream does not apply, and a temporary (an int64 copy, the torch
+        backend's rows-to-bytes product) freed when the call returns would go back to the
+        graph's pool, where a later captured allocation could reuse it while the graph's copy
+        of this call (async_op: nothing orders the two) still reads it: captured calls keep
+        theirs as long as this communicator (a few counts per captured call)."""
         import torch
-        if not self._capturing(caller):
-            stream = torch.cuda.ExternalStream(self.stream, device=torch.device("cuda", self.dev))
-            for t in tensors:
-                if t is not None:
-                    t.record_stream(stream)
+        if self._capturing(caller):
+            self._captured_splits.extend(t for t in tensors if t is not None)
+            return
+        stream = torch.cuda.ExternalStream(self.stream, device=torch.device("cuda", self.dev))
+        for t in tensors:
+            if t is not None:
+                t.record_stream(stream)
 
     def _alltoallv_staged(self, what, caller, join, sig, o, i, host=None, dev=None):
         """Uneven all-to-all through the peers' scratch ('alltoallv_staged' in the .cu): split
@@ -304,7 +310,7 @@ class CopiesMixin:
         region = min(A2AV_REGION, self.scratch_max)
         if self.big_cap < region:
             self._mail(what, sig, [])        # collective: every rank makes this call
-            self._ensure_big(region)
+            self._ensure_big(region, what, caller)
         self._barrier_fn()                   # compiles the module
         fn = self._mods["alltoallv_staged"]
         pad = [0] * MAXR

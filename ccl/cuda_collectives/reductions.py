@@ -157,7 +157,7 @@ class ReductionsMixin:
             # the mailbox that every rank makes this very call, so that a mismatched call raises
             # here instead of growing to different sizes. Calls that fit skip every host exchange.
             self._mail(what, sig, [])
-        self._ensure_big(need)
+        self._ensure_big(need, what)
         per_round = min(per_round, self.big_cap // itemsize // n * n)
         start = 0
         while start < seg:

@@ -108,6 +108,7 @@ class CudaState:
             self.big = 0
             self.big_cap = 0
             self._big_gen = 0
+            self._captured_splits = []          # see copies._keep_splits
             self.tab = rt.malloc(3 * MAXR * 8)
             self.tab_host = np.zeros(3 * MAXR, dtype=np.uint64)
             self.registry = cuda_ipc.IpcRegistry(self.rank, comm.store, self.timeout)
@@ -169,11 +170,17 @@ class CudaState:
                 self.tab_host[row * MAXR + r] = self.registry.peer_ptr(r, vals[2 * k], vals[2 * k + 1])
         self.rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)   # host to device
 
-    def _ensure_big(self, need: int):
+    def _ensure_big(self, need: int, what: str = "", caller=None):
         """Two-shot scratch of at least `need` bytes per source region (collective: every rank
-        asks for the same size at the same call)."""
+        asks for the same size at the same call). Growing frees, allocates and synchronises,
+        none of which a CUDA-graph capture allows: a call that needs a larger scratch under
+        capture raises, on every rank (they all make the same call), and asks for a warm-up."""
         if need <= self.big_cap:
             return
+        if any(self._capturing(s) for s in (caller, self.stream) if s is not None):
+            raise InvalidArgument(f"{what}: needs a {need}-byte CUDA scratch region (has {self.big_cap}), which "
+                                  f"cannot be allocated while a CUDA graph is captured; run the same call once "
+                                  f"before capturing it (a warm-up, as torch.cuda.graph asks)")
         cap = 1 << 20
         while cap < need:
             cap <<= 1
