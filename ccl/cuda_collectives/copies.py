@@ -323,9 +323,15 @@ class CopiesMixin:
             ins, outs = dev
             ins_ptr, outs_ptr = ins.data_ptr(), (outs.data_ptr() if outs is not None else 0)
             h, e, has_e = pad, pad, 0
+        grid = min(self.max_blocks, 32)
+        # Every rank must cut the pieces into the same spans and rounds: they follow from the
+        # grid and the region, so both join the signature's count bits (all_to_all leaves them
+        # free) and ranks that differ (PYCCL_CUDA_BLOCKS, PYCCL_CUDA_SCRATCH, SM count) raise a
+        # call mismatch instead of hanging.
+        sig |= (grid << 24 | (self.big_cap >> 20) & 0xFFFFFF) & 0xFFFFFFFF
         self._begin(caller)
         self._next_epoch(what)
-        fn(min(self.max_blocks, 32), self.stream,
+        fn(grid, self.stream,
            (i.ptr, ins_ptr, outs_ptr, i.size, o.size, i.itemsize, self.tab, o.ptr, self.big_cap, *h, *e, has_e,
             self.rank, self.size, self.ectr, sig, self.status.ptr, self._timeout_ns))
         if dev is not None:
