@@ -523,6 +523,9 @@ class Communicator:
         return self._submit("reduce_scatter", fn, async_op, _sig(o, -1, op))
 
     def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op=False):
+        """Rank r's piece j of `inp` lands in rank j's piece r of `out`. Splits are element
+        counts per rank (lists, or CUDA int tensors for CUDA buffers); every rank passes them
+        or none does, as MPI's Alltoallv and Alltoall: None means equal pieces."""
         o = as_buffer(out, "all_to_all: output", writable=True)
         i = as_buffer(inp, "all_to_all: input")
         same_dtype(o, i, "all_to_all")
