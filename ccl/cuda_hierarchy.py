@@ -79,11 +79,9 @@ from .hierarchy import Hierarchy, with_host_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 #: what is composed unless PYCCL_CUDA_COMPOSED_OPS (a comma-separated list out of OPS) says
-#: otherwise: the ops run on a GPU so far. all_gather and reduce_scatter (2026-12-06) were
-#: checked on a CPU emulation of this code only (CUDA replaced, the shm engine standing in for
-#: the CUDA IPC one); they take the composition once named there, as tests/test_cuda_multihost.py
-#: does, and join the default when those tests have passed on a GPU.
-DEFAULT_OPS = ("all_reduce", "broadcast")
+#: otherwise: all four, since all_gather and reduce_scatter (the last two) passed
+#: tests/test_cuda_multihost.py on an H100 on 2026-12-07 (bench/RESULTS.md).
+DEFAULT_OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
 
 
 def composed_ops():

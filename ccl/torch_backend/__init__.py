@@ -134,7 +134,7 @@ CUDA tensors (ranks of one host, one GPU each; ccl/cuda_collectives/ does the wo
   uneven all_gather lists, ``all_to_all_single`` with uneven splits (MoE), coalesced calls.
 * Point-to-point on CUDA tensors runs on the same engine with the same semantics (eager sends,
   tags, any-source receives). Between ranks of one host it goes **GPU to GPU through CUDA IPC**
-  (``p2p_ipc.py``; opt-in with ``PYCCL_P2P_IPC=1`` until it has run on a GPU): a send copies the tensor into a staging
+  (``p2p_ipc.py``; ``PYCCL_P2P_IPC=0`` turns it off): a send copies the tensor into a staging
   block of pyccl's device memory on the caller's stream, and the engine announces the block
   (tag, size, IPC allocation) once that copy is done; the receiver, once matched, copies from
   the peer's block into its tensor and acknowledges, and the block is reused. Across hosts it is

@@ -94,7 +94,7 @@ class _P2PEngine:
         self.draining = []                      # _Msg whose payload is landing
         self.sends = []                         # _SendOp in flight
         self.staged = []                        # _SendOp waiting for a device copy (or behind one)
-        # CUDA IPC (p2p_ipc.py) with PYCCL_P2P_IPC=1; else None: every CUDA tensor goes through host memory
+        # CUDA IPC (p2p_ipc.py) unless PYCCL_P2P_IPC=0; else None: every CUDA tensor goes through host memory
         self.counters = collections.Counter()
         self.ipc = p2p_ipc.P2PIpc(comm, rank, timeout_s, self.counters) if p2p_ipc.enabled() else None
         self._ids = itertools.count(1)
@@ -124,7 +124,7 @@ class _P2PEngine:
         else:
             op.msgid = 0
             op.hdr = bytearray(_MSG_HDR.pack(_MSG_MAGIC, op.tag, _nbytes(flat_bytes), 0, 0, 0))
-            if ready is not None:
+            if ready is not None and _nbytes(flat_bytes):     # an empty message moves nothing
                 self.counters["staged_sent"] += 1
         self._submit(("send", op))
 

@@ -7,7 +7,7 @@ exported once per block through transports/cuda_ipc.IpcRegistry; the receive-sid
 counters). The engine only learns three more header kinds (IPC, ACK, FOR).
 
 The protocol (sender and receiver on the same ``host`` of ``comm.peer_info``, the sent tensor
-on a GPU, ``PYCCL_P2P_IPC=1``: opt-in until run on a GPU, see ``enabled``; across hosts, to itself, for CPU tensors and for 0 bytes
+on a GPU, unless ``PYCCL_P2P_IPC=0``, see ``enabled``; across hosts, to itself, for CPU tensors and for 0 bytes
 nothing changes):
 
 1. send (caller's thread): the tensor is copied into a block of this rank's staging pool
@@ -68,10 +68,10 @@ _MEMCPY_DEFAULT = 4             # cudaMemcpyDefault (unified addressing)
 
 
 def enabled() -> bool:
-    """``PYCCL_P2P_IPC=1`` turns this path on. Default 0 (CUDA tensors through host memory on one
-    host too) until tests/test_cuda_p2p.py has passed on a GPU: it was written and checked on
-    this CPU machine only (its CUDA parts replaced by /dev/shm files in a throwaway script)."""
-    return _env.env_int("PYCCL_P2P_IPC", 0) != 0
+    """On unless ``PYCCL_P2P_IPC=0`` (CUDA tensors then go through host memory on one host too).
+    On since tests/test_cuda_p2p.py and the pipeline example ran on an H100 (bench/RESULTS.md,
+    "Run on an H100, 2026-12-07")."""
+    return _env.env_int("PYCCL_P2P_IPC", 1) != 0
 
 
 def size_class(n: int) -> int:

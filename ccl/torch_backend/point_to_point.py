@@ -1,6 +1,6 @@
 """Point-to-point calls of ProcessGroupPyccl (a mixin of group.py): send, recv, recv from any
 source, and Gloo's monitored_barrier, all on the p2p engine (p2p_engine.py). CUDA tensors go
-GPU to GPU through CUDA IPC to a rank of the same host (p2p_ipc.py; PYCCL_P2P_IPC=1: on) and
+GPU to GPU through CUDA IPC to a rank of the same host (p2p_ipc.py; on unless PYCCL_P2P_IPC=0) and
 are staged through pinned host memory otherwise (see "CUDA tensors" in the package doc)."""
 import time
 
