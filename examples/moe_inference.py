@@ -62,7 +62,7 @@ def parse(argv=None):
     p.add_argument("--dense", action="store_true", help="without a launcher: the dense (masking) reference")
     p.add_argument("--splits", choices=("host", "device"), default="host",
                    help="all-to-all split sizes as Python ints (host, the default) or CUDA tensors (device: "
-                        "pyccl on CUDA only; not yet run on a GPU in this example)")
+                        "pyccl on CUDA only; EQUAL on an H100; timings in bench/RESULTS.md)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)

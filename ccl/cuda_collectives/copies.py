@@ -176,8 +176,6 @@ class CopiesMixin:
         o, i = out.array, inp.array
         item = i.itemsize
         size, me = self.size, self.rank
-        out_displ = np.concatenate([[0], np.cumsum(out_splits)[:-1]]).astype(np.int64)
-        in_displ = np.concatenate([[0], np.cumsum(in_splits)[:-1]]).astype(np.int64)
         with self._device:
             k = in_splits[0]
             if even and self._takes_staged(k * item):
@@ -189,6 +187,8 @@ class CopiesMixin:
             # No shortcut when this rank has nothing to send or receive: its peers' counts differ
             # and they exchange names through the mailbox (a skipped exchange put the mailbox out
             # of step; found by test_all_to_all_with_device_splits' host-split reference).
+            out_displ = np.concatenate([[0], np.cumsum(out_splits)[:-1]]).astype(np.int64)
+            in_displ = np.concatenate([[0], np.cumsum(in_splits)[:-1]]).astype(np.int64)
             extra = np.concatenate([out_displ, np.asarray(out_splits, dtype=np.int64),
                                     np.asarray(in_splits, dtype=np.int64)])
 
