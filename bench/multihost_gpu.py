@@ -4,13 +4,13 @@ pyccl on CPU tensors, in the same processes, interleaved.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       torchrun --standalone --nproc-per-node 2 bench/multihost_gpu.py [--reps 5] [--sizes 1M,16M,64M,256M]
-    # 2 hosts x 2 ranks: pyccl composed (local CUDA phases + staged rail, ccl/cuda_hierarchy.py)
+    # 2 hosts x 2 ranks: pyccl composed (local CUDA phases + staged rail, ccl/engines/cuda_composed.py)
     # against the flat staged path (PYCCL_CUDA_COMPOSED=0) in the same processes
       torchrun --standalone --nproc-per-node 4 bench/multihost_gpu.py --ranks-per-host 2
 
 Every rank poses as its own host (PYCCL_HOST_ID, NCCL_HOSTID = host<rank>; NCCL_IB_DISABLE=1),
 so all of them run over TCP loopback: NCCL its socket transport, pyccl its TCP transport with
-CUDA tensors staged through pinned memory (ccl/staging.py). Several ranks may share one GPU
+CUDA tensors staged through pinned memory (ccl/engines/staged.py). Several ranks may share one GPU
 (ranks use cuda:<local_rank % GPUs>). Time per call is the slowest rank's mean over a timed
 loop (host-synchronised: torch.cuda.synchronize() after the loop); busbw as nccl-tests
 (2(n-1)/n x bytes / time). Each cell: median of --reps runs [min-max]. --chunks also runs the

@@ -20,12 +20,12 @@ import numpy as np
 
 from . import callsig
 from . import env as _env
-from . import reproducible as _repro
+from .engines import reproducible as _repro
 from .buffers import as_buffer, same_dtype
 from .cuda_buffers import is_cuda
 from .dtypes import AVG, SUM, as_op, check_op_dtype, dtype_name
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
-from .executor import Executor
+from .engines.executor import Executor
 from .process import pid_alive
 from .recorder import FlightRecorder
 from .reduce import _DTYPE_CODE, _OP_BY_ID, divide_into
@@ -115,7 +115,7 @@ class Communicator:
         self._inflight = 0
         self._thread = None
         self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
-        # reproducible mode (ccl/reproducible.py): float SUM/AVG give the same bytes on any engine
+        # reproducible mode (ccl/engines/reproducible.py): float SUM/AVG give the same bytes on any engine
         self.reproducible = bool(_env.env_int("PYCCL_REPRODUCIBLE", 0) if reproducible is None else reproducible)
         self.peer_info = self._exchange_info(derived=_members is not None)
         self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
@@ -128,10 +128,10 @@ class Communicator:
         self.conns = self._connect()
         self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
         self.local = self._local_collectives()
-        self._hier = None   # multi-host: the composed collectives (ccl/hierarchy.py), made on first use
+        self._hier = None   # multi-host: the composed collectives (ccl/engines/composed.py), made on first use
         # the short path of all_reduce (_all_reduce_shm); PYCCL_CHECK needs the general one
         self._fast = self.local is not None and self.local.enabled and not self.check and not self.reproducible
-        self.cuda = None    # GPU fast paths (ccl/cuda_collectives.py), set up by the first CUDA call
+        self.cuda = None    # GPU fast paths (ccl/engines/cuda/), set up by the first CUDA call
         log.info("%s rank %d/%d up: transport %s, %d peers", self.tag, self.rank, self.size,
                  self.transport_name, len(self.conns))
 
@@ -191,14 +191,14 @@ class Communicator:
         if len({i["host"] for i in self.peer_info}) != 1:
             return None
         try:
-            from .shm_collectives import ShmCollectives
+            from .engines.shm import ShmCollectives
         except ImportError:
             return None
         return ShmCollectives(self.rank, self.size, self.store, self.tag, self.timeout)
 
     def _cuda(self, name, async_op, sig, *args):
-        """Collectives on CUDA buffers: ccl/cuda_collectives.py (stream-ordered, see there)."""
-        from .cuda_collectives import submit
+        """Collectives on CUDA buffers: ccl/engines/cuda/ (stream-ordered, see there)."""
+        from .engines.cuda import submit
         return submit(self, name, async_op, sig, *args)
 
     # ---- execution ----------------------------------------------------------------------
@@ -388,7 +388,7 @@ class Communicator:
 
     def _engine_for(self, op, nbytes):
         """The engine that runs this call whole, else None (then a flat plan is tuned): on one
-        host the shared-memory collectives; across hosts the composition of ccl/hierarchy.py
+        host the shared-memory collectives; across hosts the composition of ccl/engines/composed.py
         when the tuner picks it ("composed": node-local engine, rail plans, node-local engine)."""
         if self.local is not None:
             return self._local_for(op, nbytes)
@@ -398,7 +398,7 @@ class Communicator:
                                       chunk_bytes=self._fixed_chunk).algo != "composed":
             return None
         if self._hier is None:
-            from .hierarchy import Hierarchy
+            from .engines.composed import Hierarchy
             self._hier = Hierarchy(self)
         return self._hier
 

@@ -9,7 +9,7 @@ of theirs.
 
 Streams: a collective on a CUDA buffer is ordered after the work already queued on the
 *caller's current stream* (torch's ``torch.cuda.current_stream()`` for torch tensors, cupy's
-``cupy.cuda.get_current_stream()`` otherwise), see ccl/cuda_collectives/.
+``cupy.cuda.get_current_stream()`` otherwise), see ccl/engines/cuda/.
 """
 from .dtypes import DTYPES, dtype_name
 from .errors import InvalidArgument

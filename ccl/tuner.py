@@ -6,7 +6,7 @@
 
 Every candidate (algorithm x chunk size, and for hierarchical all_reduce its inter-host
 algorithm; across hosts also "composed": the node-local engine around a network plan per
-rail, topology/composed.py, run by ccl/hierarchy.py) is costed with pyccl.topology.cost.predict; the cheapest wins, ties going to
+rail, topology/composed.py, run by ccl/engines/composed.py) is costed with pyccl.topology.cost.predict; the cheapest wins, ties going to
 the earlier of ALGOS and the smaller chunk. The choice is a pure function of its
 arguments (no clocks, no randomness, no platform-dependent maths), so ranks that pass
 the same topology, costs and environment choose alike, which they must: every rank has to
@@ -107,7 +107,7 @@ def choose(op: str, nbytes: int, topology: Topology, transport_costs: Optional[d
     """The cheapest algorithm for `op` on `nbytes` (see cost.py for how sizes are counted).
 
     flat: only algorithms that are one plan for the executor (not "composed"; the staged CUDA
-    path of ccl/staging.py runs plans only).
+    path of ccl/engines/staged.py runs plans only).
     chunk_bytes: fix the chunk (e.g. the user set PYCCL_CHUNK_BYTES) instead of tuning it.
     transport_costs: {transport: LinkCost}; default cost.transport_costs() (defaults + env)."""
     env = os.environ if env is None else env

@@ -1,4 +1,4 @@
-"""GPU collectives (ccl/cuda_collectives/ over transports/cuda_ipc.py), on real GPUs.
+"""GPU collectives (ccl/engines/cuda/ over transports/cuda_ipc.py), on real GPUs.
 
 Skips, with the reason, without cupy or without a CUDA GPU (every CI machine). On the GPU
 machine `bench/gpu_suite.sh` runs it. Ranks use GPU rank % device count, so one GPU also

@@ -1,4 +1,4 @@
-"""CUDA tensors across hosts (ccl/staging.py, ccl/cuda_hierarchy.py), on a real GPU, ranks posing as hosts.
+"""CUDA tensors across hosts (ccl/engines/staged.py, ccl/engines/cuda_composed.py), on a real GPU, ranks posing as hosts.
 
 Every rank sets PYCCL_HOST_ID (2 hosts x 1 rank, 2 or 3 hosts x 2 ranks, numbered host by host
 or not), all on the GPUs there are (one GPU works: the ranks share it). Every collective through
@@ -151,7 +151,7 @@ def rank_streams(comm):
 
 
 def rank_composed(comm, dtype):
-    """all_reduce and broadcast on 2 hosts x 2 ranks take ccl/cuda_hierarchy.py (local CUDA phase,
+    """all_reduce and broadcast on 2 hosts x 2 ranks take ccl/engines/cuda_composed.py (local CUDA phase,
     staged rail, local CUDA phase): every op, counts with and without a tail (n % 2), each root."""
     dev = _dev(comm.rank)
     size, rank = comm.size, comm.rank
@@ -180,7 +180,7 @@ def rank_composed(comm, dtype):
 
 
 def _composed_epoch(comm):
-    """The epoch of the composed path's local CUDA engine (ccl/cuda_hierarchy.py): every kernel
+    """The epoch of the composed path's local CUDA engine (ccl/engines/cuda_composed.py): every kernel
     its local phases launch advances it; the flat staged path never does. -1: not made yet."""
     comp = getattr(getattr(comm, "cuda", None), "composed", None)
     return -1 if comp is None else comp.local._epoch
@@ -338,7 +338,7 @@ COMPOSED_ALWAYS = {"PYCCL_TIMEOUT": "60", "PYCCL_CUDA_COMPOSED_MIN": "0", **ALL_
 
 
 def test_composed_min_on_a_shared_gpu(groups):
-    from pyccl.cuda_hierarchy import SHARED_GPU_MIN
+    from pyccl.engines.cuda_composed import SHARED_GPU_MIN
     g = groups(4, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=2)
     for small_flat, least, shares in g.run(rank_composed_min):
         assert small_flat
@@ -349,7 +349,7 @@ def test_composed_min_on_a_shared_gpu(groups):
 def test_composed_with_several_ranks_per_host(groups, dtype):
     g = groups(4, env=COMPOSED_ALWAYS, ranks_per_host=2)
     for used, bad in g.run(rank_composed, dtype):
-        assert used, "2 hosts x 2 ranks did not take the composed path (ccl/cuda_hierarchy.py)"
+        assert used, "2 hosts x 2 ranks did not take the composed path (ccl/engines/cuda_composed.py)"
         assert not bad, bad
 
 

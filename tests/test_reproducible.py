@@ -1,4 +1,4 @@
-"""Reproducible mode (ccl/reproducible.py): float SUM/AVG give the same bytes whatever runs them.
+"""Reproducible mode (ccl/engines/reproducible.py): float SUM/AVG give the same bytes whatever runs them.
 
 The same adversarial inputs (cancellation, mixed magnitudes, subnormals, inf, nan, -0.0) go
 through all_reduce, reduce and reduce_scatter on real processes under every engine that can
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pyccl
-from pyccl import reproducible as R
+from pyccl.engines import reproducible as R
 from pyccl.dtypes import DTYPES
 from pyccl.store import StoreServer
 from ranks import Ranks, _rank_main

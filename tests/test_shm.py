@@ -1,5 +1,5 @@
 """Shared memory: the slot rings and ShmConnection (transports/shm.py), the node-local
-collectives (ccl/shm_collectives.py, native/shm.c) and their hygiene in /dev/shm.
+collectives (ccl/engines/shm.py, native/shm.c) and their hygiene in /dev/shm.
 
 In-process tests drive the C pieces directly (rings from one thread, collectives from one
 thread per rank); multi-process tests use real ranks: the executor over ShmConnection
@@ -30,7 +30,7 @@ from ranks import RankGroup
 shm = pytest.importorskip("pyccl.transports.shm")
 if not shm.NATIVE_SHM:
     pytest.skip("pyccl._native is not built with shared memory (pip install -e .)", allow_module_level=True)
-from pyccl.shm_collectives import ShmCollectives, layout, reduce_in_order  # noqa: E402
+from pyccl.engines.shm import ShmCollectives, layout, reduce_in_order  # noqa: E402
 from pyccl.transports.shm import Segment, ShmConnection, clean_leftovers, ffi, lib  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,4 +1,4 @@
-"""The staging schedule (ccl/staging.py) against a brute-force walk, for every plan builder.
+"""The staging schedule (ccl/engines/staged.py) against a brute-force walk, for every plan builder.
 
 The GPU side of staging runs in tests/test_cuda_multihost.py (GPU machines only). What can
 be proved without a GPU is the part that decides correctness: for each executor pass, which
@@ -10,8 +10,8 @@ back iff it is ever written, once, in the pass of its last write.
 """
 import pytest
 
-from pyccl.executor import Executor
-from pyccl.staging import _groups, schedule
+from pyccl.engines.executor import Executor
+from pyccl.engines.staged import _groups, schedule
 from pyccl.topology import direct
 from pyccl.topology.graph import APPLIES, Topology, applicable, build_plan
 from pyccl.topology.plan import COPY, RECV_REDUCE, RECV_REDUCE_SEND, SEND, chunk_of, max_region

@@ -1,6 +1,6 @@
 """The composed multi-host collective as data: its phases and their predicted cost.
 
-A composed collective (run by ccl/hierarchy.py; on CUDA buffers by ccl/cuda_hierarchy.py, whose
+A composed collective (run by ccl/engines/composed.py; on CUDA buffers by ccl/engines/cuda_composed.py, whose
 local phases run on the CUDA IPC engine: --intra cuda_ipc) is a node-local phase on each host's
 engine (the shared-memory C collectives: one call, not a plan), a network phase on the
 rails (the ranks with one local index, one per host; a flat plan among H ranks), and a

@@ -60,7 +60,7 @@ DEFAULTS = {
     "tcp": LinkCost.of(30.0, 1.25, 6.0),         # 10 GbE
     "ibverbs": LinkCost.of(6.0, 12.0, 6.0),      # 100 Gb/s RDMA
     "cuda_ipc": LinkCost.of(10.0, 150.0, 1000.0),  # NVLink, GPU reduce
-    # not a transport: the node-local shared-memory C collectives (ccl/shm_collectives.py), a
+    # not a transport: the node-local shared-memory C collectives (ccl/engines/shm.py), a
     # whole local phase of a composed collective in one call (pyccl.tune measures it)
     "shm_engine": LinkCost.of(4.0, 10.0, 6.0),
 }

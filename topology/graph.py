@@ -190,7 +190,7 @@ def build_plan(op: str, algo: str, rank: int, topo: Topology, count: int, root: 
         raise ValueError(f"{algo} does not build {op}; {op} is built by {', '.join(APPLIES.get(op, ())) or 'nothing here'}")
     if algo == "composed":
         raise ValueError("composed is not one plan: node-local engine calls around a rail plan "
-                         "(topology/composed.py describes it, ccl/hierarchy.py runs it)")
+                         "(topology/composed.py describes it, ccl/engines/composed.py runs it)")
     order = topo.ring_order()
     if algo == "ring":
         fn = getattr(ring, op)

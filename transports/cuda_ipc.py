@@ -1,6 +1,6 @@
 """CUDA IPC: GPU memory of the other ranks on this host, mapped into this process.
 
-This is the transport layer under the GPU fast paths (ccl/cuda_collectives/). It is not
+This is the transport layer under the GPU fast paths (ccl/engines/cuda/). It is not
 a byte-stream `Connection` for the executor: the executor walks host (numpy) buffers, while
 GPU collectives read and write the peers' memory directly, over NVLink or PCIe, with copy
 engines (``cudaMemcpyAsync`` between peer-mapped pointers) and with kernels that load and
@@ -374,7 +374,7 @@ class CudaIpcTransport(Transport):
     """Selection-side face of the CUDA path: same host and both ranks on a GPU.
 
     Collectives on CUDA buffers do not go through the executor's connections, so `connect`
-    opens none; the peer mappings are made by ccl/cuda_collectives/ on first use."""
+    opens none; the peer mappings are made by ccl/engines/cuda/ on first use."""
 
     name = "cuda_ipc"
 
@@ -393,5 +393,5 @@ class CudaIpcTransport(Transport):
         return me.get("host") == peer.get("host") and bool(me.get("gpu")) and bool(peer.get("gpu"))
 
     def connect(self, ctx, peers: list) -> dict:
-        raise PeerFailure("cuda_ipc carries CUDA buffers through ccl/cuda_collectives/, not executor "
+        raise PeerFailure("cuda_ipc carries CUDA buffers through ccl/engines/cuda/, not executor "
                           "connections")

@@ -47,7 +47,7 @@ _HDR_BYTES = 4096                   # segment header page; rings follow
 _SIZE_MISMATCH, _OUT_OF_STEP, _CALL_MISMATCH = 4, 5, 8  # native/shm.h codes (negated by the ring calls)
 
 
-# ---- segments (shared with ccl/shm_collectives.py) ---------------------------------------------
+# ---- segments (shared with ccl/engines/shm.py) ---------------------------------------------
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     if not text:

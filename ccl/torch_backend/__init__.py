@@ -77,7 +77,7 @@ Behaviour (written down where Gloo/NCCL differ)
   reason in the store and drops its connections, so the other ranks fail at once too
   (``PeerFailure`` naming the first error) instead of waiting for the timeout. The error
   surfaces from ``wait()`` (or the synchronous call). Gloo silently returns garbage in some of
-  these cases. (The shared-memory collectives of ccl/shm_collectives.py do not compare counts
+  these cases. (The shared-memory collectives of ccl/engines/shm.py do not compare counts
   yet; ``PYCCL_CHECK=1`` makes every collective compare its signature across ranks first.)
 * After such a failure, or a timeout, the group is *broken*: later collectives raise at once.
   Build a new group (``new_group``) or restart, as with NCCL.
@@ -102,7 +102,7 @@ Behaviour (written down where Gloo/NCCL differ)
 * A synchronous collective issued from a ``get_future().then(...)`` callback runs at once on the
   group's worker thread (queueing it would wait for itself); asynchronous ones queue as usual.
 
-CUDA tensors (ranks of one host, one GPU each; ccl/cuda_collectives/ does the work)
+CUDA tensors (ranks of one host, one GPU each; ccl/engines/cuda/ does the work)
 -------------------------------------------------------------------------------------
 * ``init_process_group("pyccl", device_id=torch.device("cuda", i))`` works (torch asks the
   group for its per-device backend: the group answers for every device itself), and so does

@@ -36,7 +36,7 @@ class CollectivesMixin:
         red.from_work(buf, flat)
 
     def _copy_fast(self, name, out, inp, arg, opts, result):
-        """The CUDA fast lane of the collectives other than all_reduce (cuda_collectives/lane.py
+        """The CUDA fast lane of the collectives other than all_reduce (engines/cuda/lane.py
         ``torch_copies``): a torch Work, or None when the call takes the general path."""
         lane = self._copy_lane
         if lane is None or self._broken is not None or self._running or self._pending or not out.is_cuda:

@@ -38,7 +38,7 @@ ring of blocking ``send`` then ``recv``, blocking sends received out of tag orde
 sent before the receive is posted); with the user's buffer the send would have to wait for the
 receive. (b) CUDA lets a process open another process's allocation only once (a second
 cudaIpcOpenMemHandle fails with "already mapped"); the CUDA collectives' registry
-(ccl/cuda_collectives/) opens the allocations of the user's tensors, and torch's caching
+(ccl/engines/cuda/) opens the allocations of the user's tensors, and torch's caching
 allocator puts many tensors in one allocation, so a second registry opening them for
 point-to-point would break one of the two. The pool's blocks are seen by no other registry.
 (c) memory that cannot be exported (torch's expandable segments) still goes over IPC. The cost

@@ -1,4 +1,4 @@
-"""Composed multi-host collectives (ccl/hierarchy.py): node-local shm engine, rail plans
+"""Composed multi-host collectives (ccl/engines/composed.py): node-local shm engine, rail plans
 over TCP, node-local engine, on real processes.
 
 Hosts are emulated two ways: PYCCL_HOST_ID per rank under `python -m pyccl.launch` (TCP

@@ -44,9 +44,9 @@ results equal CPU results bit for bit (tests/test_reproducible.py, run on an H20
 """
 import numpy as np
 
-from .dtypes import AVG, SUM
-from .errors import InvalidArgument
-from .reduce import _DTYPE_CODE, USE_NATIVE, _from_buffer, _lib
+from ..dtypes import AVG, SUM
+from ..errors import InvalidArgument
+from ..reduce import _DTYPE_CODE, USE_NATIVE, _from_buffer, _lib
 
 FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
 #: the wide type the rows are added in
@@ -203,7 +203,7 @@ def _all_reduce_cpu(comm, x, op, what, root=-1):
 # ---- CUDA: the public collectives, stream-ordered on the caller's stream ----------------------
 def _enqueued(what):
     """The Work of an async_op call: everything is already queued on the caller's stream."""
-    from .cuda_collectives.submit import Enqueued      # not at the top: that package imports this one
+    from .cuda.submit import Enqueued      # not at the top: that package imports this one
     return Enqueued(None, what)
 
 

@@ -1,6 +1,6 @@
 """Device memory across hosts: collectives on CUDA buffers staged through pinned host memory.
 
-When a communicator's ranks are on several hosts, cuda_collectives.submit sends every
+When a communicator's ranks are on several hosts, engines/cuda/submit.py sends every
 collective on CUDA buffers here. It runs the CPU path of the same communicator — the plan
 the tuner picks for host memory, walked by the executor over TCP or ibverbs — on pinned host
 copies of the buffers, and pipelines the copies between device and host with the network at
@@ -43,7 +43,7 @@ run on the GPU (a kernel per received chunk, launched on pyccl's stream, its com
 polled like the D2H events here) because the CPU cannot read device memory at speed. Between
 hosts over TCP the staging stays: sockets need host memory.
 
-Streams (the contract of ccl/cuda_collectives.py): a collective reads its input only after
+Streams (the contract of ccl/engines/cuda/): a collective reads its input only after
 the work already queued on the caller's current stream (an event recorded there at the call
 gates the copies), and everything queued afterwards on that stream sees its result:
 
@@ -62,7 +62,7 @@ communicator's timeout (the caller's stream never gets there) raises Timeout. Th
 from the synchronous call or from ``work.wait()``.
 
 Several ranks per host: all_reduce, all_gather, reduce_scatter and broadcast run as node-local
-phases on the CUDA IPC engine around a staged rail phase (ccl/cuda_hierarchy.py,
+phases on the CUDA IPC engine around a staged rail phase (ccl/engines/cuda_composed.py,
 ``composed_call``); the other collectives (and small messages when ranks of a host share a
 GPU) stage whole through the communicator's plan as above.
 
@@ -82,10 +82,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .buffers import Buffer
-from .dtypes import AVG, DTYPES
-from .errors import InvalidArgument, PycclError, Timeout
-from .reduce import divide_into
+from ..buffers import Buffer
+from ..dtypes import AVG, DTYPES
+from ..errors import InvalidArgument, PycclError, Timeout
+from ..reduce import divide_into
 
 log = logging.getLogger("pyccl")
 
@@ -101,7 +101,7 @@ def _env_int(name, default):
         raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
 
 
-# ---- entry from cuda_collectives.submit --------------------------------------------------------
+# ---- entry from engines/cuda/submit.py --------------------------------------------------------
 def submit(comm, name, async_op, sig, *args):
     """Run collective `name` on CUDA buffers of a communicator that spans hosts (see the
     module doc). Called on the caller's thread, which fixes the caller's stream."""
@@ -117,8 +117,8 @@ def submit(comm, name, async_op, sig, *args):
     if build is None:
         raise InvalidArgument(f"{name}: not implemented for CUDA buffers across hosts; use a CPU copy")
     caller = view.caller_stream()
-    from . import cuda_hierarchy
-    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):     # several ranks per host: ccl/cuda_hierarchy.py
+    from . import cuda_composed as cuda_hierarchy
+    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):     # several ranks per host: ccl/engines/cuda_composed.py
         return st.composed_call(name, async_op, sig, caller, view, args)
     ready = st.record_ready(caller)
     end = st.next_end()
@@ -542,11 +542,11 @@ class Staging:
             self._last_end = end
         return None
 
-    # -- several ranks per host: the composition of ccl/cuda_hierarchy.py --
+    # -- several ranks per host: the composition of ccl/engines/cuda_composed.py --
     def composed_call(self, name, async_op, sig, caller, view, args):
         """Submit one composed collective (node-local CUDA phases around a staged rail phase)."""
         if self.composed is None:
-            from .cuda_hierarchy import CudaComposed
+            from .cuda_composed import CudaComposed
             self.composed = CudaComposed(self)
         comp = self.composed
 

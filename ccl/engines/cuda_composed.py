@@ -1,17 +1,17 @@
-"""CUDA buffers across hosts with several ranks per host: the phases of ccl/hierarchy.py with
+"""CUDA buffers across hosts with several ranks per host: the phases of ccl/engines/composed.py with
 the GPU's own engine inside each host and the staged network between hosts.
 
 H hosts of L ranks; my host h, my local index j; my *rail* is the ranks with local index j, one
 per host. all_gather and reduce_scatter work on a *rail-major* stage of every rank's block
-(block of rank members[h][j] at position j * H + h, as ccl/hierarchy.py's ``_rail_major``), in
+(block of rank members[h][j] at position j * H + h, as ccl/engines/composed.py's ``_rail_major``), in
 which rail j's H blocks are contiguous (the rail phase's buffer) and the L rails follow each
 other (the local phase's buffer).
 
-  all_reduce     1. local reduce_scatter on the CUDA IPC engine (ccl/cuda_collectives) among
+  all_reduce     1. local reduce_scatter on the CUDA IPC engine (ccl/engines/cuda/) among
                     the ranks of my host, in place: my shard of the buffer then holds my host's
                     sum;
                  2. rail all_reduce of my shard, staged through pinned host memory
-                    (ccl/staging.py: device-to-host copies, the executor's passes and
+                    (ccl/engines/staged.py: device-to-host copies, the executor's passes and
                     host-to-device copies pipelined), every local rank on its own rail at once:
                     a host sends each byte of its sum across the network once, split over its
                     L ranks, instead of every rank staging and sending the whole buffer;
@@ -48,8 +48,8 @@ copies the result back (``_Call.avg``), so every element is divided once, on the
 the one-phase staged path (all_reduce, reduce_scatter).
 
 The other collectives (reduce, all_to_all(v), gather, scatter) stay staged whole through the
-communicator's CPU plan (ccl/staging.py); so do hosts with unequal rank counts, reproducible
-mode for the reducing collectives (ccl/reproducible.py fixes its own order),
+communicator's CPU plan (ccl/engines/staged.py); so do hosts with unequal rank counts, reproducible
+mode for the reducing collectives (ccl/engines/reproducible.py fixes its own order),
 ``PYCCL_CUDA_COMPOSED=0``, and messages under ``PYCCL_CUDA_COMPOSED_MIN`` bytes (default 0, or
 SHARED_GPU_MIN below when ranks of one host share a GPU; the message is the largest buffer of
 the call: all_gather's output, reduce_scatter's input).
@@ -71,11 +71,11 @@ import os
 
 from pyccl.topology.composed import applicable
 
-from .buffers import Buffer
-from .cuda_buffers import CudaView
-from .dtypes import AVG, SUM
-from .errors import PycclError
-from .hierarchy import Hierarchy, with_host_ranks
+from ..buffers import Buffer
+from ..cuda_buffers import CudaView
+from ..dtypes import AVG, SUM
+from ..errors import PycclError
+from .composed import Hierarchy, with_host_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 #: what is composed unless PYCCL_CUDA_COMPOSED_OPS (a comma-separated list out of OPS) says
@@ -126,7 +126,7 @@ def _composed_min(comm, dev) -> int:
         return int(env)
     from pyccl.transports import cuda_ipc
 
-    from .store import multi_get
+    from ..store import multi_get
     bus = cuda_ipc._cupy().cuda.runtime.deviceGetPCIBusId(dev)
     host = comm.peer_info[comm.rank].get("host")
     comm.store.set(f"cudagpu/{comm.rank}", f"{host}|{bus}".encode())
@@ -139,7 +139,7 @@ class _HostGroup:
     ranks 0..L-1; store keys and the mailbox segment under the host's own prefix)."""
 
     def __init__(self, comm, hier):
-        from .store import PrefixStore
+        from ..store import PrefixStore
         self.rank, self.size = hier.j, hier.L
         self.peer_info = [comm.peer_info[r] for r in hier.host]
         self.store = PrefixStore(comm.store, f"cudahost{hier.h}")
@@ -178,7 +178,7 @@ def _runs(pairs):
 
 
 def _sig(name, buf, **kw):
-    from .cuda_collectives import _signature
+    from .cuda import _signature
     return _signature(name, dict({"dtype": buf.dtype, "count": buf.array.size, "root": -1, "redop": None}, **kw))
 
 
@@ -186,7 +186,7 @@ class CudaComposed:
     """The composed collectives on CUDA buffers of one communicator (one per Staging)."""
 
     def __init__(self, staging):
-        from .cuda_collectives import CudaCollectives
+        from .cuda import CudaCollectives
         comm = staging.comm
         if comm._hier is None:
             comm._hier = Hierarchy(comm)
@@ -194,7 +194,7 @@ class CudaComposed:
         self.st = staging
         self.local = CudaCollectives(_HostGroup(comm, h), staging.dev)
         # the rail-major stage of all_gather / reduce_scatter: position j * H + h holds the block
-        # of rank members[h][j] (ccl/hierarchy.py's _rail_major)
+        # of rank members[h][j] (ccl/engines/composed.py's _rail_major)
         rail_major = [h.members[hh][jj] for jj in range(h.L) for hh in range(h.H)]
         self.rank_order = rail_major == list(range(len(rail_major)))
         self._to_ranks = _runs([(r, p) for p, r in enumerate(rail_major)])      # stage -> rank order
@@ -216,7 +216,7 @@ class CudaComposed:
         """The staged rail phase on `part` (in place; or from `inp` into `part`: all_gather,
         reduce_scatter), after `caller_event`; returns nothing: its copies back end on the
         staging's host-to-device stream."""
-        from .staging import _Call
+        from .staged import _Call
         st, rail = self.st, self.hier.rail
         v = part.array
         reducing = op_name in ("all_reduce", "reduce_scatter")

@@ -2,7 +2,7 @@
 flight-recorder entry: ``torch_all_reduce`` (one-shot or 'kernel' two-shot all-reduce) and
 ``torch_copies`` (all_gather_into_tensor, all_to_all_single with equal pieces, broadcast and
 reduce_scatter_tensor through the peers' scratch, and one-shot reduces)."""
-from ..dtypes import AVG, MAX, MIN, PROD, SUM
+from ...dtypes import AVG, MAX, MIN, PROD, SUM
 from ..reproducible import takes
 from .kernels import THREADS
 from .submit import _signature
@@ -56,7 +56,7 @@ the epoch advances on the device (capture-safe)."""
             op = ops.get(opname)
             nbytes = t.numel() * t.element_size()
             if comm.reproducible and takes(dtype, op):
-                dtype = None                     # reproducible mode: the general path (ccl/reproducible.py)
+                dtype = None                     # reproducible mode: the general path (ccl/engines/reproducible.py)
             if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
                     0 < nbytes and t.is_contiguous():
                 sig = base_sig.get((dtype, op))

@@ -15,8 +15,8 @@ import numpy as np
 from pyccl.topology.plan import max_region
 from pyccl.topology.plan import (COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND, chunk_of,
                                   nchunks)
-from .errors import PeerFailure, Timeout, TransportError
-from .reduce import reduce_into
+from ..errors import PeerFailure, Timeout, TransportError
+from ..reduce import reduce_into
 
 _EMPTY = np.empty(0, dtype=np.uint8)
 
@@ -62,7 +62,7 @@ class Executor:
         (the tuner's) overrides the communicator's default; `call` (ccl/callsig.py) travels
         with every message, so a peer that runs a different call says which field differs.
         Atomic plans (whose ops read unions of regions written earlier) are never cut into
-        chunks. `stager` (ccl/staging.py: the buffers are pinned copies of device memory) is
+        chunks. `stager` (ccl/engines/staged.py: the buffers are pinned copies of device memory) is
         told the chunk layout and called before and after every pass, to copy in what the pass
         reads and copy out what it finalised."""
         arrays = dict(bufs)

@@ -1,8 +1,8 @@
 """All-reduce, reduce and reduce-scatter on CUDA buffers: one-shot (small; one launch, no
 barrier), two-shot by SM stores into the peers' scratch ('kernel'), by copy engines ('ce')
 or by SM loads from the peers' buffers ('pull'), in rounds that fit the scratch."""
-from ..dtypes import AVG
-from ..errors import PycclError
+from ...dtypes import AVG
+from ...errors import PycclError
 from .kernels import _PARAMS, MAXR, THREADS, _Prepared
 
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
+from ...errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .kernels import FLAG_WORDS, MAXB, MAXR
 
 log = logging.getLogger("pyccl")

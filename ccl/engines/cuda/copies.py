@@ -9,7 +9,7 @@ exchange per call), then a barrier kernel, the copies (copy engines, one stream 
 SM kernel that pushes or pulls), and a closing barrier."""
 import numpy as np
 
-from ..errors import InvalidArgument
+from ...errors import InvalidArgument
 from .kernels import _PARAMS, MAXR, THREADS, _Prepared
 
 #: the least scratch region (bytes per sender) of the uneven all-to-all through the scratch: the
@@ -51,7 +51,7 @@ class CopiesMixin:
         return self.copy_mode == "auto" and piece <= self.stage_max
 
     def _staged(self, what, caller, join, sig, piece, pushes, drains, own=(0, 0, 0)):
-        """One 'staged' kernel (ccl/cuda_kernels.cu): pushes {peer: (src, nbytes)} into region
+        """One 'staged' kernel (ccl/engines/cuda/kernels.cu): pushes {peer: (src, nbytes)} into region
         `rank` of each peer's scratch, drains {peer: (dst, nbytes)} out of region `peer` of ours,
         `own` = (dst, src, nbytes) copied locally. No host exchange, unless the scratch must grow
         (collective: the mailbox first checks that every rank makes this call)."""

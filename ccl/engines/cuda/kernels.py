@@ -1,4 +1,4 @@
-"""Kernels and their launch: compiling ccl/cuda_kernels.cu once per (kind, dtype, op, vector
+"""Kernels and their launch: compiling ccl/engines/cuda/kernels.cu once per (kind, dtype, op, vector
 width) with NVRTC through ``cupy.RawModule``, the parameter block of each kernel
 (``_PARAMS``, see cuda_ipc.KernelParams), prepared launches whose only per-call change is the
 epoch, the barrier kernel and the SM copy kernel. The kernels read the epoch from a counter in
@@ -6,8 +6,8 @@ device memory (``CudaState.ectr``, see epoch_begin in the .cu), so a prepared la
 parameter between calls and a launch captured in a CUDA graph replays correctly."""
 import os
 
-from ..dtypes import AVG, MAX, MIN, PROD, SUM
-from ..errors import PycclError
+from ...dtypes import AVG, MAX, MIN, PROD, SUM
+from ...errors import PycclError
 
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
@@ -15,7 +15,7 @@ FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAX
     2 * MAXR * (2 * MAXR + 3) + \
     2 * (MAXB * MAXR * 2)                        # see the .cu (OFF_SPL: split tables; OFF_RP, OFF_RC: rounds)
 THREADS = 512
-_CU = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cuda_kernels.cu")
+_CU = os.path.join(os.path.dirname(__file__), "kernels.cu")
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
           "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long",

@@ -3,7 +3,7 @@
 Every multi-host collective here reads as three phases (DESIGN.md, "several hosts"):
 
   1. node-local phase on my host's engine: the shared-memory C collectives
-     (ccl/shm_collectives.py) among the ranks of my host;
+     (ccl/engines/shm.py) among the ranks of my host;
   2. network phase on my *rail*, the ranks with my local index, one per host: a plan from
      topology/ (ring, double binary tree, halving-doubling, picked by the tuner for the
      rail) run by the communicator's executor over TCP or ibverbs. All L rails run at once,
@@ -46,7 +46,7 @@ import numpy as np
 
 from pyccl.topology.graph import Topology
 
-from .errors import PycclError
+from ..errors import PycclError
 from .plan_engine import PlanEngine
 
 
@@ -86,11 +86,11 @@ class Hierarchy:
             eng = None
             if c.transport_name in ("auto", "shm"):
                 try:
-                    from .shm_collectives import ShmCollectives
+                    from .shm import ShmCollectives
                 except ImportError:
                     ShmCollectives = None
                 if ShmCollectives is not None:
-                    from .store import PrefixStore
+                    from ..store import PrefixStore
                     tag = f"{c.tag}.host{self.h}"
                     eng = ShmCollectives(self.j, self.L, PrefixStore(c.store, f"host{self.h}"), tag, c.timeout)
                     if not eng.enabled:

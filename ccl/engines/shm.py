@@ -46,13 +46,13 @@ import logging
 import os
 
 
-from . import callsig
-from .errors import PeerFailure, Timeout, TransportError
-from .reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
-from .dtypes import as_op
+from .. import callsig
+from ..errors import PeerFailure, Timeout, TransportError
+from ..reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
+from ..dtypes import as_op
 
 try:
-    from ._native import ffi, lib
+    from .._native import ffi, lib
 except ImportError:
     lib = None
 if lib is None or not hasattr(lib, "pyccl_coll_attach"):

@@ -3,8 +3,8 @@ communicator's ordered execution; ``CudaWork`` is the Work of an async one; ``_s
 the 63-bit word every rank of a call must agree on (checked by the kernels and the mailbox)."""
 import zlib
 
-from ..buffers import Buffer
-from ..errors import InvalidArgument
+from ...buffers import Buffer
+from ...errors import InvalidArgument
 
 
 # ---- entry from the communicator ---------------------------------------------------------------
@@ -23,7 +23,7 @@ def submit(comm, name, async_op, sig, *args):
     dev = bufs[0].array.device
     cc = getattr(comm, "cuda", None)
     if getattr(cc, "staged", False) or (cc is None and len({i.get("host") for i in comm.peer_info}) > 1):
-        from ..staging import submit as staged          # ranks on several hosts: ccl/staging.py
+        from ..staged import submit as staged          # ranks on several hosts: ccl/engines/staged.py
         return staged(comm, name, async_op, sig, *args)
     if cc is None:
         comm._check_usable(name)

@@ -1,6 +1,6 @@
 """Collectives among some of a communicator's ranks, run as plans on its executor.
 
-The network phase of a composed multi-host collective (ccl/hierarchy.py) runs on a *rail*:
+The network phase of a composed multi-host collective (ccl/engines/composed.py) runs on a *rail*:
 the ranks with one local index, one per host. A `PlanEngine` is such a group seen as an
 engine: the tuner picks the algorithm for the group's own topology, the builders in
 topology/ make the plan for positions 0..len(members)-1, and `relabel` renames the
@@ -15,7 +15,7 @@ from pyccl.topology import direct
 from pyccl.topology.graph import build_plan
 from pyccl.topology.plan import relabel
 
-from .tuner import choose
+from ..tuner import choose
 
 
 def _rail_env():

@@ -5,7 +5,7 @@ The package, file by file (the way Gloo splits a transport into context, pair, b
 * ``submit.py``    the entry from the communicator (``submit``), the async Work, call signatures;
 * ``engine.py``    ``CudaCollectives``, one per communicator, composed of the parts below;
 * ``state.py``     scratch, flags, streams and events, the per-call mailbox, health and errors;
-* ``kernels.py``   compiling ccl/cuda_kernels.cu, parameter blocks, launches, SM copies;
+* ``kernels.py``   compiling ccl/engines/cuda/kernels.cu, parameter blocks, launches, SM copies;
 * ``reductions.py`` all-reduce, reduce, reduce-scatter (one-shot, two-shot: kernel, copy engines, pull);
 * ``copies.py``    all-gather, broadcast, all-to-all, gather, scatter (copy engines or one SM kernel);
 * ``lane.py``      the torch backend's fast lane for small all-reduces.
@@ -18,7 +18,7 @@ data never leaves the GPUs: each rank maps its peers' memory through CUDA IPC
 * by **copy engines** — ``cudaMemcpyAsync`` from this rank's buffer into the peer's, one
   stream per peer so that several engines run at once — for all-gather, broadcast,
   all-to-all, gather, scatter, and the copy-engine variant of the two-shot all-reduce; or
-* by **kernels** (ccl/cuda_kernels.cu, compiled once per dtype and op by NVRTC through
+* by **kernels** (ccl/engines/cuda/kernels.cu, compiled once per dtype and op by NVRTC through
   ``cupy.RawModule`` and cached) that store into peer memory and reduce:
   - *one-shot all-reduce* (messages up to ``PYCCL_CUDA_ONESHOT_MAX``): every rank pushes its
     buffer into every peer's scratch and reduces all copies locally. One launch, no barrier.
