@@ -4,7 +4,7 @@
     comm = pyccl.init()                 # from pyccl.launch, torchrun, mpirun or Slurm
     comm.all_reduce(x, op=pyccl.SUM)    # numpy arrays, torch tensors (CPU/CUDA), cupy arrays
 """
-from .dtypes import AVG, MAX, MIN, PROD, SUM, ReduceOp, bfloat16
+from .dtypes import AVG, MAX, MIN, PROD, SUM, ReduceOp
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout, TransportError
 
 __version__ = "0.1.0"
@@ -14,14 +14,20 @@ def _configure_logging():
     """PYCCL_DEBUG=WARN|INFO|TRACE, like NCCL_DEBUG: level of the "pyccl" logger, to stderr."""
     import logging
     import os
-    level = os.environ.get("PYCCL_DEBUG", "").strip().upper()
+
+    from . import settings
+    level = (settings.get("PYCCL_DEBUG") or "").upper()
     if not level:
         return
     log = logging.getLogger("pyccl")
     log.setLevel({"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO}.get(level, logging.WARNING))
     if not log.handlers:
         h = logging.StreamHandler()
-        rank = os.environ.get("PYCCL_RANK", os.environ.get("RANK", "?"))
+        try:
+            rank = settings.get("PYCCL_RANK")
+        except InvalidArgument:           # a label only: pyccl.init() reports the bad value
+            rank = None
+        rank = os.environ.get("RANK", "?") if rank is None else rank
         h.setFormatter(logging.Formatter(f"pyccl[{os.getpid()}] rank {rank} %(levelname)s %(message)s"))
         log.addHandler(h)
 
@@ -39,6 +45,9 @@ def __getattr__(name):
     if name in ("Communicator", "Work", "init"):
         from . import communicator
         return getattr(communicator, name)
+    if name == "bfloat16":              # ml_dtypes takes 0.5 s to import: only when asked for
+        from .dtypes import load_bfloat16
+        return load_bfloat16()
     raise AttributeError(f"module 'pyccl' has no attribute {name!r}")
 
 

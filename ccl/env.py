@@ -25,8 +25,8 @@ the user, which anyone who can guess those can forge, so a warning says so. The 
 in rank 0's process, so rank 0 waits at exit (up to PYCCL_TIMEOUT) until every rank has joined
 and the others have disconnected: finishing first must not take the store away from them.
 
-Settings read here: PYCCL_TIMEOUT (seconds, default 300) bounds every setup wait;
-PYCCL_SOCKET_IFNAME picks the interface pyccl listens on (see socket_interface_address).
+The PYCCL_* variables read here (PYCCL_TIMEOUT, PYCCL_SOCKET_IFNAME, the launch ones) are
+declared, with their defaults, in pyccl.settings; every read goes through it.
 """
 import getpass
 import hashlib
@@ -39,6 +39,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import settings
 from .errors import InvalidArgument
 
 log = logging.getLogger("pyccl")
@@ -54,7 +55,7 @@ __all__ = [
     "socket_interface_address",
 ]
 
-DEFAULT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = settings.declared("PYCCL_TIMEOUT").default
 _SERVERS = {}      # (port, secret) -> StoreServer this process hosts for its job; alive for the process lifetime
 _HOSTED = {}       # (port, secret) -> (ranks expected to join, seconds to linger at exit)
 _JOINED = set()    # (host, port) of job stores this process has announced itself to
@@ -64,27 +65,33 @@ _MPI_LAUNCHERS = ("openmpi", "mpich")
 
 
 # ---- PYCCL_* settings ----------------------------------------------------------------------
+# Kept for callers written before pyccl.settings; new code calls settings.get(name), whose
+# declared default is the one documented.  A declared name parses by its declaration (so 4MiB
+# works for a byte count); `default` stands in when it is unset.
+_FLOAT = settings.Setting("", "float", None, "")
+_INT = settings.Setting("", "int", None, "")
+
+
+def _read(name, default, environ, plain):
+    value = (os.environ if environ is None else environ).get(name, "")
+    if not value.strip():
+        return default
+    return settings.parse(settings.declared(name) or plain, name, value.strip())
+
+
 def env_float(name: str, default: float, environ: Mapping | None = None) -> float:
     """`name` as a float, `default` when unset or empty; InvalidArgument naming it when malformed."""
-    value = (os.environ if environ is None else environ).get(name, "")
-    try:
-        return float(value) if value.strip() else float(default)
-    except ValueError:
-        raise InvalidArgument(f"{name}={value!r} is not a number") from None
+    return float(_read(name, default, environ, _FLOAT))
 
 
 def env_int(name: str, default: int, environ: Mapping | None = None) -> int:
     """`name` as an int (0x.. and 1_000 accepted), `default` when unset or empty."""
-    value = (os.environ if environ is None else environ).get(name, "")
-    try:
-        return int(value, 0) if value.strip() else int(default)
-    except ValueError:
-        raise InvalidArgument(f"{name}={value!r} is not an integer") from None
+    return int(_read(name, default, environ, _INT))
 
 
 def default_timeout(environ: Mapping | None = None) -> float:
     """PYCCL_TIMEOUT in seconds (default 300): how long any setup or collective may wait."""
-    t = env_float("PYCCL_TIMEOUT", DEFAULT_TIMEOUT, environ)
+    t = settings.get("PYCCL_TIMEOUT", environ)
     if not t > 0:
         raise InvalidArgument(f"PYCCL_TIMEOUT={t} must be a positive number of seconds")
     return t
@@ -128,16 +135,27 @@ def _int(e, name, default=None) -> int:
         raise InvalidArgument(f"{name}={v!r} is not an integer") from None
 
 
+def _setting(e, name, default=None) -> int:
+    """A launch variable of pyccl.launch from `e`; InvalidArgument when unset and required."""
+    v = settings.get(name, e)
+    if v is None:
+        if default is None:
+            raise InvalidArgument(f"{name} is not set")
+        return default
+    return v
+
+
 def _explicit_addr(e):
-    if e.get("PYCCL_STORE_ADDR", "").strip():
-        return parse_addr(e["PYCCL_STORE_ADDR"], "PYCCL_STORE_ADDR")
+    addr = settings.get("PYCCL_STORE_ADDR", e)
+    if addr:
+        return parse_addr(addr, "PYCCL_STORE_ADDR")
     if e.get("MASTER_ADDR", "").strip() and e.get("MASTER_PORT", "").strip():
         return e["MASTER_ADDR"].strip(), _int(e, "MASTER_PORT")
     return None, None
 
 
 def _secret(e) -> bytes | None:
-    text = e.get("PYCCL_JOB_SECRET", "").strip()
+    text = settings.get("PYCCL_JOB_SECRET", e)
     if not text:
         return None
     try:
@@ -220,14 +238,14 @@ def detect(environ: Mapping = os.environ) -> LaunchInfo:
     """
     e = environ
     secret = _secret(e)
-    if e.get("PYCCL_RANK", "").strip():
+    if settings.is_set("PYCCL_RANK", e):
         names = ("PYCCL_RANK", "PYCCL_SIZE", "PYCCL_LOCAL_RANK", "PYCCL_LOCAL_SIZE")
-        if not e.get("PYCCL_STORE_ADDR", "").strip():
+        if not settings.is_set("PYCCL_STORE_ADDR", e):
             raise InvalidArgument("PYCCL_RANK is set but PYCCL_STORE_ADDR is not; run under "
                                   "`python -m pyccl.launch` or set PYCCL_STORE_ADDR=host:port")
-        host, port = parse_addr(e["PYCCL_STORE_ADDR"], "PYCCL_STORE_ADDR")
-        info = LaunchInfo(_int(e, names[0]), _int(e, names[1]), _int(e, names[2], 0), _int(e, names[3], 1),
-                          "pyccl.launch", host, port, secret)
+        host, port = parse_addr(settings.get("PYCCL_STORE_ADDR", e), "PYCCL_STORE_ADDR")
+        info = LaunchInfo(_setting(e, names[0]), _setting(e, names[1]), _setting(e, names[2], 0),
+                          _setting(e, names[3], 1), "pyccl.launch", host, port, secret)
         return _check(info, names)
     if e.get("RANK", "").strip() and e.get("WORLD_SIZE", "").strip():
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -504,7 +522,7 @@ def socket_interface_address(store_host: str | None = None, environ: Mapping | N
     address, else the host name's, else loopback.
     """
     e = os.environ if environ is None else environ
-    spec = e.get("PYCCL_SOCKET_IFNAME", "").strip()
+    spec = settings.get("PYCCL_SOCKET_IFNAME", e) or ""
     if spec:
         addr = _from_ifname(spec)
         if addr:

@@ -17,14 +17,12 @@ Semantics, shared by both:
 - AVG is SUM here; :func:`divide_into` divides afterwards: floats by ``float(divisor)`` (in
   float32 for the 16-bit types), integers truncating toward zero like C and NCCL's ncclAvg.
 
-Environment: ``PYCCL_NATIVE=0`` forces the numpy twin even when the C core is built
-(default ``1``: use the C core when it imports).
+``PYCCL_NATIVE=0`` (pyccl.settings) forces the numpy twin even when the C core is built.
 """
-import os
-
 import numpy as np
 
-from .dtypes import DTYPES, ReduceOp, as_op
+from . import settings
+from .dtypes import DTYPES, ReduceOp, as_op, name_of, on_bfloat16
 from .errors import InvalidArgument
 
 try:
@@ -35,15 +33,27 @@ except ImportError:  # not built (e.g. running from a source tree without `pip i
 #: True when the C core ``pyccl._native`` is built and importable.
 NATIVE_AVAILABLE = _lib is not None
 #: True when reduce_into/divide_into use it (NATIVE_AVAILABLE and not ``PYCCL_NATIVE=0``).
-USE_NATIVE = NATIVE_AVAILABLE and os.environ.get("PYCCL_NATIVE", "1").strip() != "0"
+USE_NATIVE = NATIVE_AVAILABLE and settings.get("PYCCL_NATIVE")
 
 # Codes shared with native/reduce.h; tables built once so a call does two dict lookups.
 _F16, _BF16, _F32, _F64, _I8, _U8, _I32, _I64, _BOOL = range(9)
-_DTYPE_CODE = {
-    DTYPES["float16"]: _F16, DTYPES["bfloat16"]: _BF16, DTYPES["float32"]: _F32,
-    DTYPES["float64"]: _F64, DTYPES["int8"]: _I8, DTYPES["uint8"]: _U8,
-    DTYPES["int32"]: _I32, DTYPES["int64"]: _I64, DTYPES["bool"]: _BOOL,
-}
+#: dtype name -> C code (static: tables keyed by code or name need no numpy dtype)
+CODE_BY_NAME = {"float16": _F16, "bfloat16": _BF16, "float32": _F32, "float64": _F64, "int8": _I8,
+                "uint8": _U8, "int32": _I32, "int64": _I64, "bool": _BOOL}
+
+
+class _ByDtype(dict):
+    """numpy dtype -> C code. bfloat16's entry joins when ml_dtypes loads (pyccl.dtypes
+    imports it only when bfloat16 is first needed); `[dt]` of a bfloat16 dtype loads it."""
+
+    def __missing__(self, dt):
+        if name_of(dt) == "bfloat16":       # loads bfloat16, and on_bfloat16 below adds it here
+            return dict.__getitem__(self, dt)
+        raise KeyError(dt)
+
+
+_DTYPE_CODE = _ByDtype((DTYPES[name], code) for name, code in CODE_BY_NAME.items() if name != "bfloat16")
+on_bfloat16(lambda dt: _DTYPE_CODE.__setitem__(dt, _BF16))
 _SUM, _PROD, _MIN, _MAX = range(4)
 _OP_CODE = {ReduceOp.SUM: _SUM, ReduceOp.PROD: _PROD, ReduceOp.MIN: _MIN,
             ReduceOp.MAX: _MAX, ReduceOp.AVG: _SUM}
@@ -158,6 +168,8 @@ def reduce_into(dst, a, b, op):
 def _divide_code(x, divisor):
     dt = x.dtype
     code = _DTYPE_CODE.get(dt)
+    if code is None and name_of(dt) is not None:      # bfloat16, first met here: now loaded
+        code = _DTYPE_CODE[dt]
     if code is None:
         raise InvalidArgument(f"divide: dtype {dt} is not supported; pyccl reduces {', '.join(DTYPES)}")
     if code == _BOOL:

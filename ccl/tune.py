@@ -42,6 +42,7 @@ import time
 
 import numpy as np
 
+from pyccl import settings
 from pyccl.topology.cost import SHM_ENGINE as ENGINE   # the node-local C collectives' cost entry
 
 log = logging.getLogger("pyccl")
@@ -54,7 +55,7 @@ FIELDS = ("alpha_us", "bw_gbs", "reduce_gbs")
 def profile_path(env=None) -> str:
     """Where this host's profile lives ('' when profiles are off)."""
     env = os.environ if env is None else env
-    path = env.get("PYCCL_TUNE_PROFILE", "").strip()
+    path = settings.get("PYCCL_TUNE_PROFILE", env) or ""
     if path.lower() in ("off", "0", "none"):
         return ""
     if path:

@@ -13,13 +13,11 @@ the same topology, costs and environment choose alike, which they must: every ra
 run the same plan. Transport costs measured at set-up must therefore be measured once
 (e.g. by rank 0) and shared, not measured per rank.
 
-Environment:
-  PYCCL_ALGO   force an algorithm: ring | tree | hierarchical | halving_doubling | direct |
-               composed (aliases double_tree, hd, ...); a comma list restricts the candidates
-               (e.g. "tree,ring"). An algorithm that cannot build the op (halving_doubling
-               for broadcast, hierarchical or composed on one host, composed on hosts with
-               unequal rank counts) is skipped with a warning. On one host the shm engine
-               runs the collectives whole and PYCCL_ALGO does not apply.
+PYCCL_ALGO (declared in pyccl.settings) forces an algorithm or, as a comma list such as
+"tree,ring", restricts the candidates (aliases double_tree, hd, ... accepted). An algorithm
+that cannot build the op (halving_doubling for broadcast, hierarchical or composed on one
+host, composed on hosts with unequal rank counts) is skipped with a warning. On one host the
+shm engine runs the collectives whole and PYCCL_ALGO does not apply.
 The choice is logged at INFO on logging.getLogger("pyccl") (PYCCL_DEBUG=INFO), once per
 distinct (op, size, topology).
 """
@@ -28,6 +26,7 @@ import logging
 import os
 from typing import NamedTuple, Optional
 
+from pyccl import settings
 from pyccl.topology import cost
 from pyccl.topology.graph import APPLIES, INTER_ALGOS, Topology, applicable, canonical_algo
 
@@ -112,7 +111,7 @@ def choose(op: str, nbytes: int, topology: Topology, transport_costs: Optional[d
     transport_costs: {transport: LinkCost}; default cost.transport_costs() (defaults + env)."""
     env = os.environ if env is None else env
     costs = transport_costs if transport_costs is not None else cost.transport_costs(env)
-    forced = env.get("PYCCL_ALGO", "")
+    forced = settings.get("PYCCL_ALGO", env) or ""
     return _choose(op, int(nbytes), topology, tuple(sorted(costs.items())),
                    int(chunk_bytes) if chunk_bytes else None, forced.strip().lower(), flat)
 

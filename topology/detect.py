@@ -10,6 +10,7 @@ import json
 import os
 import socket
 
+from pyccl import settings
 from pyccl.process import pid_namespace
 
 _SYS_NET = "/sys/class/net"
@@ -26,8 +27,9 @@ def _read(path, default=""):
 
 def host_id() -> str:
     """Same string on every rank of one machine; PYCCL_HOST_ID overrides (tests pose as hosts)."""
-    if os.environ.get("PYCCL_HOST_ID"):
-        return os.environ["PYCCL_HOST_ID"]
+    forced = settings.get("PYCCL_HOST_ID")
+    if forced:
+        return forced
     return f"{socket.gethostname()}/{_read('/proc/sys/kernel/random/boot_id')}"
 
 
@@ -237,10 +239,10 @@ def _toward(peer: str) -> tuple:
     default route."""
     from pyccl.env import socket_interface_address
     if not peer:
-        for var in ("PYCCL_STORE_ADDR", "MASTER_ADDR"):
-            if os.environ.get(var, "").strip():
-                peer = os.environ[var].strip().rsplit(":", 1)[0] if var == "PYCCL_STORE_ADDR" else os.environ[var]
-                break
+        if settings.is_set("PYCCL_STORE_ADDR"):
+            peer = settings.get("PYCCL_STORE_ADDR").rsplit(":", 1)[0]
+        elif os.environ.get("MASTER_ADDR", "").strip():
+            peer = os.environ["MASTER_ADDR"]
     return peer, socket_interface_address(peer or None)
 
 

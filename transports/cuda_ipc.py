@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from .. import settings
 from ..errors import InvalidArgument, PeerFailure, Timeout, TransportError
 from ..process import pid_alive
 from .base import Transport
@@ -101,7 +102,7 @@ def launcher():
     global _launch
     if _launch is None:
         drv = None
-        if os.environ.get("PYCCL_CUDA_LAUNCH", "driver") != "ctypes":
+        if settings.get("PYCCL_CUDA_LAUNCH") != "ctypes":
             drv = getattr(getattr(getattr(_cupy(), "cuda", None), "driver", None), "launchKernel", None)
         if drv is not None:
             def launch(fn, grid, block, stream, params):

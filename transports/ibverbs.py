@@ -65,6 +65,7 @@ import time
 import weakref
 from collections import deque
 
+from .. import settings
 from ..errors import InvalidArgument, PeerFailure, TransportError
 from .base import Connection, Request, Transport
 
@@ -96,27 +97,6 @@ _CTS = struct.Struct("<QQIIII")   # addr, nbytes, rkey, seq, magic, seq again
 _CTS_BYTES = 32
 _MAGIC = 0x50434942               # "PCIB"
 _MAX_PART = 1 << 30
-
-
-def _env_int(name: str, default: int, lo: int = 0, hi: int = 1 << 62) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise InvalidArgument(f"{name}={text!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise InvalidArgument(f"{name}={v} is outside {lo}..{hi}")
-    return v
-
-
-def _env_float(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    try:
-        return float(text) if text else default
-    except ValueError:
-        raise InvalidArgument(f"{name}={text!r} is not a number") from None
 
 
 # ---- loading the native part --------------------------------------------------------------------
@@ -217,7 +197,7 @@ def ports() -> list:
 
 def _wanted() -> list:
     """PYCCL_IB_HCA as [(device, port or None)]; empty = any."""
-    text = os.environ.get("PYCCL_IB_HCA", "").strip()
+    text = settings.get("PYCCL_IB_HCA") or ""
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         dev, _, port = item.partition(":")
@@ -242,7 +222,7 @@ def choose_port(local_ip: str = ""):
     `local_ip`: this rank's address toward its peers (the store's route); the port whose GID
     table holds it wins.  Cached for 5 s per (PYCCL_IB_HCA, PYCCL_IB_GID_INDEX, local_ip): a
     GID table is 1,024 sysfs files and set-up asks several times."""
-    key = (os.environ.get("PYCCL_IB_HCA", ""), os.environ.get("PYCCL_IB_GID_INDEX", ""), local_ip or "")
+    key = (settings.get("PYCCL_IB_HCA"), settings.get("PYCCL_IB_GID_INDEX"), local_ip or "")
     hit = _CHOSEN.get(key)
     if hit is not None and time.monotonic() - hit[0] < 5.0:
         return hit[1]
@@ -262,7 +242,7 @@ def _choose_port(local_ip: str):
     cands = [p for p in found if not wanted or any(
         p["device"] == d and (n is None or p["port"] == n) for d, n in wanted)]
     if not cands:
-        return None, -1, (f"PYCCL_IB_HCA={os.environ.get('PYCCL_IB_HCA')} matches none of "
+        return None, -1, (f"PYCCL_IB_HCA={settings.get('PYCCL_IB_HCA')} matches none of "
                           + ", ".join(f"{p['device']}:{p['port']}" for p in found))
     active = [p for p in cands if p["active"]]
     if not active:
@@ -274,9 +254,9 @@ def _choose_port(local_ip: str):
         port, best = min(routed, key=lambda pg: (_gid_rank(pg[1][1], pg[1][2]), pg[1][0]))
     else:
         port, best = active[0], None
-    forced = os.environ.get("PYCCL_IB_GID_INDEX", "").strip()
-    if forced:
-        return port, _env_int("PYCCL_IB_GID_INDEX", 0, 0, 1 << 16), ""
+    forced = settings.get("PYCCL_IB_GID_INDEX")
+    if forced is not None:
+        return port, forced, ""
     if port["link_layer"].lower() != "ethernet":
         return port, -1, ""
     if best is None:
@@ -519,7 +499,7 @@ class _Device:
         self.gid = bytes(ffi.buffer(gid, 16)) if gidx >= 0 else bytes(16)
         if gidx >= 0 and not any(self.gid):
             raise TransportError(f"{self.name}: GID index {gidx} is empty (PYCCL_IB_GID_INDEX?)")
-        self.mrs = MRCache(self, _env_int("PYCCL_IB_MR_CACHE_MB", 1024, 1) << 20)
+        self.mrs = MRCache(self, settings.get("PYCCL_IB_MR_CACHE_MB") << 20)
         log.info("ibverbs: %s, %s, GID[%d] %s, MTU %d", self.name,
                  "RoCE" if self.ethernet else "InfiniBand", gidx,
                  _gid_text(self.gid) if gidx >= 0 else f"LID {self.lid}", _MTU_BYTES.get(self.mtu, 0))
@@ -569,10 +549,10 @@ class IbvConnection(Connection):
         self.ffi, self.lib = ffi, lib
         self.peer, self.dev, self.nqp, self.depth = peer, dev, nqp, depth
         self.tag, self.rank = tag, rank
-        self.stripe_min = _env_int("PYCCL_IB_STRIPE_MIN", 1 << 18, 1)
-        self.ping_s = _env_float("PYCCL_IB_PING_S", 1.0)
-        self.slots = _env_int("PYCCL_IB_SLOTS", 16, 1, 256)
-        self.eager_max = _env_int("PYCCL_IB_EAGER_BYTES", 1 << 16, 0, 1 << 26)
+        self.stripe_min = settings.get("PYCCL_IB_STRIPE_MIN")
+        self.ping_s = settings.get("PYCCL_IB_PING_S")
+        self.slots = settings.get("PYCCL_IB_SLOTS")
+        self.eager_max = settings.get("PYCCL_IB_EAGER_BYTES")
         s = self.slots
         self.sq_depth = 3 * depth + 2 * s + 8
         self.rq_depth = 3 * depth + 2 * s + 16
@@ -1054,12 +1034,12 @@ class IbvTransport(Transport):
         # 4 QPs: across two soft-RoCE VMs a 1-4 MiB message striped over 4 QPs reached 94-98 %
         # of ib_write_bw, over 2 QPs 73-83 %, over 1 QP 60-62 % (bench/RESULTS.md, issue 18).
         # Messages under PYCCL_IB_STRIPE_MIN use one QP whatever the count.
-        nqp = _env_int("PYCCL_IB_QPS", 4, 1, 64)
-        depth = _env_int("PYCCL_IB_DEPTH", 32, 2, 256)
+        nqp = settings.get("PYCCL_IB_QPS")
+        depth = settings.get("PYCCL_IB_DEPTH")
         # ACK timeout 4.096 us * 2**16 = 0.27 s, 6 retries: a dead peer is known in ~2 s.
         # Retry count 7 is refused: rdma_rxe (and some NICs) read it as "retry forever".
-        timeout_code = _env_int("PYCCL_IB_TIMEOUT", 16, 1, 31)
-        retry = _env_int("PYCCL_IB_RETRY", 6, 0, 6)
+        timeout_code = settings.get("PYCCL_IB_TIMEOUT")
+        retry = settings.get("PYCCL_IB_RETRY")
         conns = {}
         try:
             for p in peers:

@@ -25,6 +25,7 @@ import secrets
 import time
 from collections import deque
 
+from .. import settings
 from ..callsig import mismatch_of
 from ..dtypes import as_op
 from ..errors import PeerFailure, Timeout, TransportError
@@ -48,16 +49,6 @@ _SIZE_MISMATCH, _OUT_OF_STEP, _CALL_MISMATCH = 4, 5, 8  # native/shm.h codes (ne
 
 
 # ---- segments (shared with ccl/engines/shm.py) ---------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise TransportError(f"{name}={text!r} is not an integer") from None
-
-
 def segment_name(tag: str, kind: str) -> str:
     """``/pyccl-<uid>-<pid>-<tag>.<kind>-<random>``, safe characters only, under NAME_MAX."""
     safe = re.sub(r"[^A-Za-z0-9_.]", "_", f"{tag}.{kind}")[:120]
@@ -302,8 +293,8 @@ class ShmConnection(Connection):
 def ring_geometry(npeers: int) -> tuple:
     """(slot bytes, slots) per ring: `PYCCL_SHM_SLOT_BYTES` x `PYCCL_SHM_SLOTS`, slots shrunk
     when there are many peers so a rank's segment stays around 16 MiB."""
-    slots = max(2, _env_int("PYCCL_SHM_SLOTS", 8))
-    slot = _env_int("PYCCL_SHM_SLOT_BYTES", 0)
+    slots = max(2, settings.get("PYCCL_SHM_SLOTS"))
+    slot = settings.get("PYCCL_SHM_SLOT_BYTES")
     if slot <= 0:
         slot = 256 << 10
         while slot > (16 << 10) and slot * slots * npeers > (16 << 20):
@@ -376,11 +367,15 @@ class ShmTransport(Transport):
 
     @staticmethod
     def _peer_infos(ctx, peers) -> dict:
-        """Every peer's ring description, in two store requests (multi_get) however many peers."""
-        from ..store import multi_get
+        """Every peer's ring description, in two store requests (multi_get) however many peers
+        (one get per key on a store without multi_get, such as torch's)."""
         keys = [f"shm/ring/{p}" for p in peers]
+        fetch = getattr(ctx.store, "multi_get", None)
         try:
-            raw = multi_get(ctx.store, keys, timeout=ctx.timeout)
+            if fetch is not None:
+                raw = fetch(keys, ctx.timeout)
+            else:
+                raw = [ctx.store.get(k, timeout=ctx.timeout) for k in keys]
         except Timeout:
             missing = [p for p, ok in zip(peers, ctx.store.check(keys)) if not ok]
             raise Timeout(f"{ctx.comm_tag}: rank {ctx.rank} waited {ctx.timeout:.0f}s for ranks {missing} "

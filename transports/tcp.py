@@ -9,29 +9,30 @@ carries a 24-byte header (magic, message number, length, call signature of ccl/c
 peer that makes a different call, sends a different size or falls out of step is caught with
 a clear error naming what differs, not silent garbage.
 
-Connection set-up (ccl/bootstrap.py): opened the first time a plan or call needs the peer,
+Connection set-up (transports/tcp_dial.py): opened the first time a plan or call needs the peer,
 through the process's one listener; the lower rank dials, both ends prove they know the job
 secret (HMAC-SHA256 over fresh nonces both ways), no store request.
 """
-import os
 import struct
 import time
 from collections import deque
 
+from .. import settings
 from ..callsig import mismatch_of
 from ..errors import PeerFailure, TransportError
 from .base import Connection, Request, Transport
+from .tcp_dial import HELLO, KIND_TCP, MAGIC, Dial, check_alive, check_fds, digest, link
 
 _MAGIC = 0x50434331            # "PCC1"
 _HDR = struct.Struct("<IIQQ")  # magic, message number (mod 2**32), part length, call (callsig)
 
 
 def _lanes() -> int:
-    return max(1, int(os.environ.get("PYCCL_TCP_SOCKETS", "2")))
+    return max(1, settings.get("PYCCL_TCP_SOCKETS"))
 
 
 def _stripe_min() -> int:
-    return int(os.environ.get("PYCCL_TCP_STRIPE_MIN", str(1 << 18)))
+    return settings.get("PYCCL_TCP_STRIPE_MIN")
 
 
 def _size_hint(theirs: int, mine: int) -> str:
@@ -230,15 +231,14 @@ class _LaneOpener:
         self.dials = {}
 
     def poll(self, lane):
-        from ..bootstrap import _HELLO, KIND_TCP, MAGIC, _Dial, check_fds, digest
         ctx = self.ctx
         if self.peer < ctx.rank:
             return ctx.listener.take((digest(ctx.comm_tag), KIND_TCP, self.peer, ctx.rank, lane, 0))
         dial = self.dials.get(lane)
         if dial is None:
             check_fds(1, f"{ctx.comm_tag}: rank {ctx.rank} opening TCP lane {lane} to rank {self.peer}")
-            hello = _HELLO.pack(MAGIC, KIND_TCP, ctx.rank, self.peer, lane, 0, digest(ctx.comm_tag))
-            dial = self.dials[lane] = _Dial(ctx.info[self.peer]["addr"], hello, ctx.listener.secret,
+            hello = HELLO.pack(MAGIC, KIND_TCP, ctx.rank, self.peer, lane, 0, digest(ctx.comm_tag))
+            dial = self.dials[lane] = Dial(ctx.info[self.peer]["addr"], hello, ctx.listener.secret,
                                             ctx.timeout, f"{ctx.comm_tag}: rank {self.peer}")
         if not dial.step():
             return None
@@ -263,8 +263,6 @@ class TCPTransport(Transport):
         """Connections to `peers`, opened now: the lower rank of each pair dials the higher
         one's listener (its address came with the bootstrap records), `lanes` sockets each;
         no store request. Waits answer other peers' dials, so no pair waits on itself."""
-        from ..bootstrap import KIND_TCP, check_fds, link
-        from .select import check_alive
         lanes = _lanes()
         for p in peers:
             theirs = ctx.info[p].get("tcp_lanes", lanes)

@@ -4,7 +4,6 @@ caller's thread), and teardown; the calls themselves are in collectives.py and
 point_to_point.py."""
 import collections
 import logging
-import os
 import threading
 import time
 from datetime import timedelta
@@ -12,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .. import settings
 from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from ..store import PrefixStore, TorchStoreAdapter
 from .collectives import CollectivesMixin
@@ -71,7 +71,7 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         self._store = base
         self._comm = Communicator(self._rank, self._size, store=PrefixStore(base, "coll"), timeout=self._timeout)
         self._p2p_comm = Communicator(self._rank, self._size, store=PrefixStore(base, "p2p"), timeout=self._timeout,
-                                      transport=os.environ.get("PYCCL_TORCH_P2P_TRANSPORT") or P2P_TRANSPORT)
+                                      transport=settings.get("PYCCL_TORCH_P2P_TRANSPORT") or P2P_TRANSPORT)
         self._p2p = _P2PEngine(self._p2p_comm, self._rank, self._timeout, f"pyccl r{self._rank}/{self._size}")
         self._cv = threading.Condition()
         self._pending = collections.deque()
@@ -200,8 +200,8 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
             cc = self._comm.cuda
             if self._lane is None and cc is not None and work._error is None:
                 self._lane_dev, self._lane_cc = cc.dev, cc
-                self._lane = cc.torch_all_reduce(self._comm)
-                self._copy_lane = cc.torch_copies(self._comm) if hasattr(cc, "torch_copies") else None
+                self._lane = cc.torch_all_reduce()
+                self._copy_lane = cc.torch_copies() if hasattr(cc, "torch_copies") else None
         finally:
             if not on_worker:
                 with self._cv:

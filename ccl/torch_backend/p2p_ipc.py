@@ -53,7 +53,7 @@ import threading
 
 import torch
 
-from .. import env as _env
+from .. import settings
 from ..errors import PycclError, TransportError
 from ..store import PrefixStore
 from pyccl.transports import cuda_ipc
@@ -71,7 +71,7 @@ def enabled() -> bool:
     """On unless ``PYCCL_P2P_IPC=0`` (CUDA tensors then go through host memory on one host too).
     On since tests/test_cuda_p2p.py and the pipeline example ran on an H100 (bench/RESULTS.md,
     "Run on an H100, 2026-12-07")."""
-    return _env.env_int("PYCCL_P2P_IPC", 1) != 0
+    return settings.get("PYCCL_P2P_IPC")
 
 
 def size_class(n: int) -> int:
