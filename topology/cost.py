@@ -11,11 +11,8 @@ Defaults (DEFAULTS) are round numbers for a Python executor. `python -m pyccl.tu
 them on a host and writes a profile (ccl/tune.py; ~/.cache/pyccl/tune-<host>.json, or
 PYCCL_TUNE_PROFILE) that transport_costs() loads over the defaults; a communicator uses rank
 0's profile on every rank. Override single numbers per transport in the environment
-(identical on every rank, or ranks may choose differently):
-  PYCCL_ALPHA_<T>      alpha in microseconds          e.g. PYCCL_ALPHA_TCP=40
-  PYCCL_BW_<T>         bandwidth in GB/s (1e9 B/s)    e.g. PYCCL_BW_IBVERBS=24
-  PYCCL_REDUCE_BW_<T>  reduction bandwidth in GB/s    e.g. PYCCL_REDUCE_BW_SHM=8
-with <T> one of SHM, TCP, IBVERBS, CUDA_IPC.
+(identical on every rank, or ranks may choose differently): PYCCL_ALPHA_<T> (µs),
+PYCCL_BW_<T> and PYCCL_REDUCE_BW_<T> (GB/s), e.g. PYCCL_ALPHA_TCP=40, declared in pyccl.settings.
 
 Two ways to cost:
   predict(op, algo, nbytes, topo, costs, chunk_bytes)  closed forms below, O(1)-ish,
@@ -33,6 +30,8 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
+
+from pyccl import settings
 
 from . import tree
 from .graph import INTER_ALGOS, Topology, build_all, canonical_algo
@@ -83,12 +82,13 @@ def transport_costs(env=None, measured: Optional[dict] = None) -> dict:
     for name, c in list(out.items()):
         key = name.upper()
         alpha, beta, gamma = c.alpha, c.beta, c.gamma
-        if env.get(f"PYCCL_ALPHA_{key}"):
-            alpha = float(env[f"PYCCL_ALPHA_{key}"]) * 1e-6
-        if env.get(f"PYCCL_BW_{key}"):
-            beta = 1.0 / (float(env[f"PYCCL_BW_{key}"]) * 1e9)
-        if env.get(f"PYCCL_REDUCE_BW_{key}"):
-            gamma = 1.0 / (float(env[f"PYCCL_REDUCE_BW_{key}"]) * 1e9)
+        over = [settings.get(f"PYCCL_{what}_{key}", env) for what in ("ALPHA", "BW", "REDUCE_BW")]
+        if over[0] is not None:
+            alpha = over[0] * 1e-6
+        if over[1] is not None:
+            beta = 1.0 / (over[1] * 1e9)
+        if over[2] is not None:
+            gamma = 1.0 / (over[2] * 1e9)
         out[name] = LinkCost(alpha, beta, gamma)
     return out
 
