@@ -76,7 +76,7 @@ class Work:
 
 
 class Communicator:
-    """A group of ranks that run collectives together (see DESIGN.md for the API)."""
+    """A group of ranks that run collectives together (see README.md, "Use", for the API)."""
 
     def __init__(self, rank=None, size=None, store=None, timeout=None, *, secret=None,
                  transport=None, reproducible=None, _members=None, _tag=None):

@@ -38,7 +38,7 @@ ALGOS = ("ring", "tree", "hierarchical", "halving_doubling", "composed")
 #: the cheapest flat plan: the model prices its local phases like the executor's shm messages,
 #: but they are single C calls; measured on 2 and 3 namespace hosts x 2 ranks, composed ran
 #: 0-12% (2 hosts) and up to 30% (3 hosts) faster than hierarchical at 1-64 MiB where the
-#: model saw a tie (bench/RESULTS.md, "Across hosts, CPU").
+#: model saw a tie (bench/JOURNAL.md, 2026-12-05 "Across hosts, CPU").
 COMPOSED_MARGIN = 1.10
 #: chunk sizes the tuner tries (bytes)
 CHUNK_CANDIDATES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)

@@ -1032,7 +1032,7 @@ class IbvTransport(Transport):
     def connect(self, ctx, peers: list) -> dict:
         dev = _Device.get(ctx.bind_host)         # the port holding our address toward the peers
         # 4 QPs: across two soft-RoCE VMs a 1-4 MiB message striped over 4 QPs reached 94-98 %
-        # of ib_write_bw, over 2 QPs 73-83 %, over 1 QP 60-62 % (bench/RESULTS.md, issue 18).
+        # of ib_write_bw, over 2 QPs 73-83 %, over 1 QP 60-62 % (bench/JOURNAL.md, 2026-12-06 RDMA runs 2-5).
         # Messages under PYCCL_IB_STRIPE_MIN use one QP whatever the count.
         nqp = settings.get("PYCCL_IB_QPS")
         depth = settings.get("PYCCL_IB_DEPTH")

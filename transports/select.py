@@ -1,8 +1,9 @@
 """Which transport carries each pair of ranks, and opening connections when first needed.
 
-The rule (DESIGN.md): same host and both on GPU -> cuda_ipc; same host -> shm;
-RDMA device present -> ibverbs; else tcp. `PYCCL_TRANSPORT` (or the communicator's
-`transport=`) forces one for every pair; "auto" applies the rule.
+The rule (docs/ARCHITECTURE.md, "The flow of one collective", step 6): same host and both on
+GPU -> cuda_ipc; same host -> shm; RDMA device present -> ibverbs; else tcp.
+`PYCCL_TRANSPORT` (or the communicator's `transport=`) forces one for every pair; "auto"
+applies the rule.
 
 Connections are opened lazily (`Connections`): the first plan or point-to-point call that
 needs a peer opens it, every peer of a plan at once. Shared memory stays eager: its rings are

@@ -1,6 +1,7 @@
 """Collectives across hosts, composed of the node-local engine and the network.
 
-Every multi-host collective here reads as three phases (DESIGN.md, "several hosts"):
+Every multi-host collective here reads as three phases (docs/ARCHITECTURE.md, "A collective
+across several hosts"):
 
   1. node-local phase on my host's engine: the shared-memory C collectives
      (ccl/engines/shm.py) among the ranks of my host;

@@ -80,7 +80,7 @@ from .composed import Hierarchy, with_host_ranks
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 #: what is composed unless PYCCL_CUDA_COMPOSED_OPS (a comma-separated list out of OPS) says
 #: otherwise: all four, since all_gather and reduce_scatter (the last two) passed
-#: tests/test_cuda_multihost.py on an H100 on 2026-12-07 (bench/RESULTS.md).
+#: tests/test_cuda_multihost.py on an H100 on 2026-12-07 (bench/JOURNAL.md, 2026-12-07 "Run on an H100").
 DEFAULT_OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
 
 
@@ -96,7 +96,8 @@ _MAX_PITCH_ATTR = 11
 #: on a lent 1-GPU machine): there every local phase waits for kernels of other processes that
 #: time-slice the GPU (2-4.5 ms each), and the flat staged path, which makes no GPU kernel wait
 #: for another process, wins below this. Measured on one H100, 2 hosts x 2 ranks
-#: (bench/RESULTS.md): composed/flat busbw 0.08x at 1 MiB, 0.52x at 16 MiB, 1.36x at 64 MiB.
+#: (bench/JOURNAL.md, 2026-12-06 "several ranks per host", run 0): composed/flat busbw 0.08x at
+#: 1 MiB, 0.52x at 16 MiB, 1.36x at 64 MiB.
 SHARED_GPU_MIN = 32 << 20
 
 

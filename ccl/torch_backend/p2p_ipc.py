@@ -69,7 +69,7 @@ _MEMCPY_DEFAULT = 4             # cudaMemcpyDefault (unified addressing)
 
 def enabled() -> bool:
     """On unless ``PYCCL_P2P_IPC=0`` (CUDA tensors then go through host memory on one host too).
-    On since tests/test_cuda_p2p.py and the pipeline example ran on an H100 (bench/RESULTS.md,
+    On since tests/test_cuda_p2p.py and the pipeline example ran on an H100 (bench/JOURNAL.md,
     "Run on an H100, 2026-12-07")."""
     return settings.get("PYCCL_P2P_IPC")
 

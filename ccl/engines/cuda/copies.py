@@ -309,7 +309,7 @@ class CopiesMixin:
         Block b waits for block b of every peer, round after round: ranks sharing one GPU
         under MPS need all ranks x grid blocks resident at once (about 2 per SM at 64
         registers a thread), and without MPS each round waits for the peers' time slices (why
-        it is not the default: bench/RESULTS.md, the H100 run of 2026-12-07)."""
+        it is not the default: bench/JOURNAL.md, the H100 run of 2026-12-07)."""
         sig ^= 1 << 62                       # not the mailbox flavour's call: a mix is a mismatch
         region = min(A2AV_REGION, self.scratch_max)
         if self.big_cap < region:

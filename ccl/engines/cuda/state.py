@@ -55,7 +55,7 @@ class CudaState:
         if len(hosts) != 1:
             raise InvalidArgument(f"CUDA collectives: the ranks of {comm.tag} are on {len(hosts)} hosts; GPU "
                                   f"buffers across hosts are not supported yet (copy to CPU)")
-        # 2 ranks: one-shot to 8 MiB (bench/RESULTS.md: forced one-shot 46 us at 8 MiB against the
+        # 2 ranks: one-shot to 8 MiB (bench/JOURNAL.md, 2026-11-23: forced one-shot 46 us at 8 MiB against the
         # two-shot's 73 and NCCL's 50); more ranks read (n-1) copies, so 4 MiB
         self.oneshot_max = _env_int("PYCCL_CUDA_ONESHOT_MAX", (8 << 20) if self.size == 2 else (4 << 20))
         self.twoshot_mode = self._mode_env("PYCCL_CUDA_TWOSHOT", "auto", _TWOSHOT_MODES)
