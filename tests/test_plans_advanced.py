@@ -17,7 +17,7 @@ from pyccl import tuner
 from pyccl.topology import cost, halving_doubling as hd, hierarchical as hier, ring, tree
 from pyccl.topology.graph import Topology, applicable, build_all, build_plan, canonical_algo
 from pyccl.topology.plan import Region, RankPlan, recv_reduce_send
-from pyccl.topology.plan_cli import main as plan_main, verify
+from pyccl.plan import main as plan_main, verify
 from pyccl.topology.simulate import (PlanError, expand_chunks, plan_hazards, simulate, simulate_chunked,
                                      simulate_rotational)
 

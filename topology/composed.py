@@ -14,28 +14,11 @@ measured by pyccl.tune: one C call, not the per-message alpha of the slot rings;
 transports are costed as themselves); the rail phase is the best
 flat plan for a topology of H hosts x 1 rank, with the inter-host bandwidth divided among
 the L rails that leave a host at once (broadcast and reduce use one rail: undivided).
+The phases and their costs are computed in cost.py (`composed_phases`), applicability in
+graph.py (`composed_applicable`): both sit below this module, which imports them.
 """
-from typing import NamedTuple
-
-from .graph import Topology
-
-#: collectives composed (gather, scatter, all_to_all stay flat direct plans)
-OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
-_RAIL_ALGOS = {"all_reduce": ("ring", "tree", "halving_doubling"), "reduce_scatter": ("ring",),
-               "all_gather": ("ring",), "broadcast": ("ring", "tree"), "reduce": ("ring", "tree")}
-
-
-class Phase(NamedTuple):
-    scope: str          # "local" (every host at once) | "rail"
-    op: str
-    nbytes: int         # the phase's buffer, counted as cost.py counts sizes
-    algo: str           # local engine, or the rail's flat algorithm
-    seconds: float
-
-
-def applicable(op: str, topo: Topology) -> bool:
-    """Composed needs >1 host, the same number of ranks (>1) on every host."""
-    return op in OPS and topo.nhosts > 1 and topo.uniform_hosts and topo.ranks_per_host > 1
+from .cost import RAIL_ALGOS as _RAIL_ALGOS, Phase, composed_phases as phases  # noqa: F401
+from .graph import COMPOSED_OPS as OPS, composed_applicable as applicable  # noqa: F401
 
 
 def _fmt(n):
@@ -43,43 +26,6 @@ def _fmt(n):
         if n >= div:
             return f"{n / div:g} {unit}"
     return f"{n} B"
-
-
-def phases(op: str, nbytes: int, topo: Topology, costs: dict, chunk_bytes=None) -> list:
-    """The phases of composed `op` of nbytes on topo, each with its predicted seconds."""
-    from .cost import SHM_ENGINE, _cost_of, predict
-    H, L = topo.nhosts, topo.ranks_per_host
-    engine = SHM_ENGINE if topo.intra == "shm" and SHM_ENGINE in costs else topo.intra
-    label = "CUDA IPC engine" if topo.intra == "cuda_ipc" else "shm engine"
-    ci, ce = _cost_of(costs, engine), _cost_of(costs, topo.inter)
-    rail_topo = Topology.uniform(H, 1, topo.inter, topo.inter)
-    S = int(nbytes)
-
-    def local(name, b, reduces=False, copies=0.0):
-        t = ci.alpha + b * (L - 1) / L * (ci.beta + (ci.gamma if reduces else 0.0)) + copies * b * ci.gamma
-        return Phase("local", name, b, label, t)
-
-    def rail(name, b, shared=True):
-        c = dict(costs)
-        c[topo.inter] = ce.scaled(L) if shared else ce
-        best = min(((predict(name, a, b, rail_topo, c, chunk_bytes), a) for a in _RAIL_ALGOS[name]),
-                   key=lambda x: x[0])
-        return Phase("rail", name, b, best[1], best[0])
-
-    if op == "all_reduce":
-        return [local("reduce_scatter", S, True), rail("all_reduce", S // L), local("all_gather", S)]
-    if op == "reduce_scatter":
-        return [local("reduce_scatter", S, True, copies=1.0), rail("reduce_scatter", S // L)]
-    if op == "all_gather":
-        return [rail("all_gather", S // L), local("all_gather", S, copies=1.0)]
-    if op == "broadcast":
-        return [rail("broadcast", S, shared=False), local("broadcast", S)]
-    if op == "reduce":
-        return [local("reduce", S, True), rail("reduce", S, shared=False)]
-    if op == "barrier":
-        return [local("barrier", 0), Phase("rail", "barrier", 0, "dissemination",
-                                           max(1, (H - 1).bit_length()) * ce.alpha)]
-    raise ValueError(f"composed does not build {op}")
 
 
 def predict(op, nbytes, topo, costs, chunk_bytes=None) -> float:

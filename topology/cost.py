@@ -134,8 +134,7 @@ def predict(op: str, algo: str, nbytes: int, topo: Topology, costs: dict,
     if n == 1 or nbytes == 0:
         return 0.0
     if algo == "composed":
-        from .composed import predict as composed_predict
-        return composed_predict(op, nbytes, topo, costs, chunk_bytes)
+        return sum(p.seconds for p in composed_phases(op, nbytes, topo, costs, chunk_bytes))
     chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
     ci, ce, cs = _links(topo, costs)
     S = float(nbytes)
@@ -363,3 +362,54 @@ def walk_time(op: str, algo: str, nbytes: int, topo: Topology, costs: dict,
     count = elems // n if op in ("all_gather", "reduce_scatter") else elems
     plans = build_all(op, algo, topo, count, root=root, chunk_elems=max(1, chunk_bytes // itemsize), inter=inter)
     return walk(plans, topo, costs, itemsize, chunk_bytes, record=False).time
+
+
+# ---- the composed collective (topology/composed.py): its phases, costed -----------------------
+#: the flat algorithms a composed collective's rail phase may use, per op
+RAIL_ALGOS = {"all_reduce": ("ring", "tree", "halving_doubling"), "reduce_scatter": ("ring",),
+              "all_gather": ("ring",), "broadcast": ("ring", "tree"), "reduce": ("ring", "tree")}
+
+
+class Phase(NamedTuple):
+    scope: str          # "local" (every host at once) | "rail"
+    op: str
+    nbytes: int         # the phase's buffer, counted as predict() counts sizes
+    algo: str           # local engine, or the rail's flat algorithm
+    seconds: float
+
+
+def composed_phases(op: str, nbytes: int, topo: Topology, costs: dict, chunk_bytes=None) -> list:
+    """The phases of composed `op` of nbytes on topo, each with its predicted seconds
+    (topology/composed.py: the composed collective; its rail phase is a flat plan costed here)."""
+    H, L = topo.nhosts, topo.ranks_per_host
+    engine = SHM_ENGINE if topo.intra == "shm" and SHM_ENGINE in costs else topo.intra
+    label = "CUDA IPC engine" if topo.intra == "cuda_ipc" else "shm engine"
+    ci, ce = _cost_of(costs, engine), _cost_of(costs, topo.inter)
+    rail_topo = Topology.uniform(H, 1, topo.inter, topo.inter)
+    S = int(nbytes)
+
+    def local(name, b, reduces=False, copies=0.0):
+        t = ci.alpha + b * (L - 1) / L * (ci.beta + (ci.gamma if reduces else 0.0)) + copies * b * ci.gamma
+        return Phase("local", name, b, label, t)
+
+    def rail(name, b, shared=True):
+        c = dict(costs)
+        c[topo.inter] = ce.scaled(L) if shared else ce
+        best = min(((predict(name, a, b, rail_topo, c, chunk_bytes), a) for a in RAIL_ALGOS[name]),
+                   key=lambda x: x[0])
+        return Phase("rail", name, b, best[1], best[0])
+
+    if op == "all_reduce":
+        return [local("reduce_scatter", S, True), rail("all_reduce", S // L), local("all_gather", S)]
+    if op == "reduce_scatter":
+        return [local("reduce_scatter", S, True, copies=1.0), rail("reduce_scatter", S // L)]
+    if op == "all_gather":
+        return [rail("all_gather", S // L), local("all_gather", S, copies=1.0)]
+    if op == "broadcast":
+        return [rail("broadcast", S, shared=False), local("broadcast", S)]
+    if op == "reduce":
+        return [local("reduce", S, True), rail("reduce", S, shared=False)]
+    if op == "barrier":
+        return [local("barrier", 0), Phase("rail", "barrier", 0, "dissemination",
+                                           max(1, (H - 1).bit_length()) * ce.alpha)]
+    raise ValueError(f"composed does not build {op}")

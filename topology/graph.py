@@ -41,6 +41,8 @@ APPLIES = {
 
 #: inter-host algorithms of hierarchical all_reduce
 INTER_ALGOS = ("ring", "tree", "halving_doubling")
+#: collectives composed (gather, scatter, all_to_all stay flat direct plans); topology/composed.py
+COMPOSED_OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
 
 
 def canonical_algo(name: str) -> str:
@@ -165,14 +167,18 @@ def applicable(op: str, algo: str, topo: Topology) -> bool:
     if algo not in APPLIES.get(op, ()):
         return False
     if algo == "composed":
-        from .composed import applicable as composed_applies
-        return composed_applies(op, topo)
+        return composed_applicable(op, topo)
     if algo == "hierarchical":
         if topo.nhosts < 2 or max(topo.local_sizes()) < 2:
             return False
         if op in ("all_gather", "reduce_scatter") and not topo.uniform_hosts:
             return False
     return True
+
+
+def composed_applicable(op: str, topo: Topology) -> bool:
+    """Composed needs >1 host, the same number of ranks (>1) on every host."""
+    return op in COMPOSED_OPS and topo.nhosts > 1 and topo.uniform_hosts and topo.ranks_per_host > 1
 
 
 def build_plan(op: str, algo: str, rank: int, topo: Topology, count: int, root: int = 0,
