@@ -129,8 +129,8 @@ def probe(pyg, comm, dev, rank):
     out["dist.all_reduce pyccl"] = host_us(lambda: dist.all_reduce(t, group=pyg))
     out["Communicator.all_reduce"] = host_us(lambda: comm.all_reduce(t))
     cc = comm.cuda
-    from pyccl.cuda_buffers import describe
-    view = describe(t, "x").array
+    from pyccl.buffers import as_buffer
+    view = as_buffer(t, "x").array
     out["one-shot kernel enqueue (prepared)"] = host_us(lambda: cc._oneshot_body("probe", 1, view, "float32",
                                                                                    pyccl_sum()))
     lane = pyg._lane

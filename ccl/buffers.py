@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cuda_buffers import is_cuda
-from .dtypes import DTYPES, dtype_name
+from .cuda_buffers import cuda_view, is_cuda
+from .dtypes import DTYPES, NAMES, name_of
 from .errors import InvalidArgument
 
 
@@ -96,8 +96,8 @@ def as_buffer(obj, what: str, writable: bool = False) -> Buffer:
     if type(obj) is np.ndarray:         # the common case first: latency of small calls
         arr = obj
     elif is_cuda(obj):                  # GPU memory: described (not copied) by cuda_buffers.py
-        from .cuda_buffers import describe
-        return describe(obj, what, writable)
+        view, dtype, obj = cuda_view(obj, what, writable)
+        return Buffer(view, dtype, f"cuda:{view.device}", obj)
     elif _is_torch_tensor(obj):
         arr = _torch_to_numpy(obj, what)
     elif isinstance(obj, np.ndarray):
@@ -122,10 +122,10 @@ def as_buffer(obj, what: str, writable: bool = False) -> Buffer:
                               "pass np.ascontiguousarray(x)")
     if writable and not arr.flags.writeable:
         raise InvalidArgument(f"{what}: array is read-only but the op writes into it")
-    name = dtype_name(arr.dtype) if arr.dtype in DTYPES.values() else None
+    name = name_of(arr.dtype)
     if name is None:
         raise InvalidArgument(f"{what}: dtype {arr.dtype} is not supported; pyccl carries "
-                              f"{', '.join(DTYPES)}")
+                              f"{', '.join(NAMES)}")
     return Buffer(arr.reshape(-1), name, "cpu", obj)
 
 

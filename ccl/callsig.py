@@ -13,14 +13,15 @@ splits may differ per rank). 0 as a whole means "not checked" (send/recv, the to
 """
 import numpy as np
 
-from .reduce import _DTYPE_CODE
+from .dtypes import name_of
+from .reduce import CODE_BY_NAME
 
 #: collective codes, in the order of native/shm.h's PYCCL_COLL_* (1-based there and here)
 COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all",
                "barrier", "gather", "scatter")
 OPS = ("SUM", "PROD", "MIN", "MAX", "AVG")
 FIELDS = ("collective", "op", "dtype", "root", "count")
-_DTYPE_BY_CODE = {code: str(dt) for dt, code in _DTYPE_CODE.items()}
+_DTYPE_BY_CODE = {code: name for name, code in CODE_BY_NAME.items()}
 _M32 = 0xFFFFFFFF
 
 
@@ -30,10 +31,16 @@ def pack(collective: str, dtype=None, count=None, root=-1, redop=None) -> int:
         return 0
     c = COLLECTIVES.index(collective) + 1
     o = OPS.index(str(redop).upper()) + 1 if redop is not None else 0
-    d = _DTYPE_CODE.get(np.dtype(dtype), -1) + 1 if dtype is not None else 0
+    d = _dtype_code(dtype) + 1 if dtype is not None else 0
     r = (int(root) + 1) & 0xFFFF if root is not None and root >= 0 else 0
     n = (int(count) + 1) & _M32 if count is not None and count >= 0 and collective != "all_to_all" else 0
     return c | o << 4 | d << 8 | r << 16 | n << 32
+
+
+def _dtype_code(dtype) -> int:
+    """The C core's code of a dtype or its name (-1: not one pyccl carries)."""
+    code = CODE_BY_NAME.get(dtype) if isinstance(dtype, str) else None
+    return code if code is not None else CODE_BY_NAME.get(name_of(np.dtype(dtype)), -1)
 
 
 def unpack(call: int) -> dict:

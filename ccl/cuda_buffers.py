@@ -1,7 +1,7 @@
 """Describing GPU buffers: torch CUDA tensors, cupy arrays, anything with
 ``__cuda_array_interface__`` or a CUDA DLPack device.
 
-`as_buffer` (ccl/buffers.py) sends every CUDA object here. The result is a `Buffer` whose
+`as_buffer` (ccl/buffers.py) sends every CUDA object here and makes a `Buffer` whose
 ``array`` is a :class:`CudaView` (pointer, element count, item size, device, and how to find
 the caller's current stream), so the communicator's size and dtype checks work unchanged
 while the bytes stay on the GPU. Nothing here imports torch or cupy unless the object is one
@@ -11,7 +11,7 @@ Streams: a collective on a CUDA buffer is ordered after the work already queued 
 *caller's current stream* (torch's ``torch.cuda.current_stream()`` for torch tensors, cupy's
 ``cupy.cuda.get_current_stream()`` otherwise), see ccl/engines/cuda/.
 """
-from .dtypes import DTYPES, dtype_name
+from .dtypes import NAMES, name_of
 from .errors import InvalidArgument
 
 _DLPACK_CUDA = (2, 13)          # kDLCUDA, kDLCUDAManaged
@@ -89,9 +89,10 @@ def is_cuda(obj) -> bool:
     return False
 
 
-def describe(obj, what: str, writable: bool = False):
-    """A `Buffer` over `obj`'s device memory; raises InvalidArgument with the reason if unusable."""
-    from .buffers import Buffer
+def cuda_view(obj, what: str, writable: bool = False) -> tuple:
+    """(CudaView, dtype name, the object viewed) of `obj`'s device memory; InvalidArgument with
+    the reason if unusable. ccl/buffers.py wraps it in a Buffer (it imports this module, never
+    the reverse)."""
     mod = type(obj).__module__
     if mod.startswith("torch"):
         view, dtype = _torch_view(obj, what)
@@ -101,7 +102,7 @@ def describe(obj, what: str, writable: bool = False):
         view, dtype = _cai_view(obj, what)
     if writable and view.readonly:
         raise InvalidArgument(f"{what}: CUDA array is read-only but the op writes into it")
-    return Buffer(view, dtype, f"cuda:{view.device}", obj)
+    return view, dtype, obj
 
 
 def _torch_view(t, what):
@@ -111,7 +112,7 @@ def _torch_view(t, what):
     name = _torch_dtypes().get(t.dtype)
     if name is None:
         raise InvalidArgument(f"{what}: torch dtype {t.dtype} is not supported on CUDA; pyccl carries "
-                              f"{', '.join(DTYPES)}")
+                              f"{', '.join(NAMES)}")
     return CudaView(t.data_ptr(), t.numel(), t.element_size(), t.device.index, "torch", t), name
 
 
@@ -130,9 +131,9 @@ def _cai_view(obj, what):
         dt = np.dtype(cai["typestr"])
     except TypeError:
         raise InvalidArgument(f"{what}: CUDA array type {cai['typestr']!r} is not supported") from None
-    name = dtype_name(dt) if dt in DTYPES.values() else None
+    name = name_of(dt)
     if name is None:
-        raise InvalidArgument(f"{what}: dtype {dt} is not supported; pyccl carries {', '.join(DTYPES)}")
+        raise InvalidArgument(f"{what}: dtype {dt} is not supported; pyccl carries {', '.join(NAMES)}")
     shape = tuple(cai["shape"])
     count = 1
     for s in shape:
