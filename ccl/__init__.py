@@ -48,9 +48,6 @@ def __getattr__(name):
     if name == "bfloat16":              # ml_dtypes takes 0.5 s to import: only when asked for
         from .dtypes import load_bfloat16
         return load_bfloat16()
-    if name == "bfloat16":              # ml_dtypes takes 0.5 s to import: only when asked for
-        from .dtypes import load_bfloat16
-        return load_bfloat16()
     raise AttributeError(f"module 'pyccl' has no attribute {name!r}")
 
 
