@@ -1,0 +1,92 @@
+"""Which engine runs a call: the lowest price among the engines that can run it.
+
+Every engine answers `cost(call)`: its predicted seconds from the alpha-beta model of
+pyccl.topology.cost (the measured profile of `python -m pyccl.tune` where there is one), or
+None when it cannot run the call (another memory kind, op, placement, or a reproducible
+call it cannot make reproducible). The cheapest wins; ties go to the earlier engine of the
+registry's order, which lists the specialised engines before the general ones (the shm C
+collectives before a plan over the shm transport, the composed hierarchy before a flat plan
+across hosts). As in UCC's score map, the answer depends only on (op, memory kind, size,
+dtype, reduction, root, splits) and on data every rank shares (topology, costs, settings),
+so every rank chooses alike, which they must; it is cached per such key.
+
+PYCCL_ENGINE=<name> forces an engine wherever it can run the call (elsewhere the priced
+choice stands, with a warning once); PYCCL_ALGO forces the plan's algorithm inside the flat
+and composed engines (ccl/tuner.py). PYCCL_DEBUG=INFO logs each new choice with every
+engine's price.
+"""
+import functools
+import logging
+import os
+
+from ..errors import InvalidArgument
+
+log = logging.getLogger("pyccl")
+
+
+class Engines:
+    """The engines of one communicator, in tie-break order."""
+
+    def __init__(self, engines, forced=None):
+        self.engines = list(engines)
+        self.by_name = {e.name: e for e in self.engines}
+        self.forced = (forced if forced is not None else os.environ.get("PYCCL_ENGINE", "")).strip().lower()
+        if self.forced and self.forced not in self.by_name:
+            raise InvalidArgument(f"PYCCL_ENGINE={self.forced!r} names no engine of this communicator; "
+                                  f"engines: {', '.join(self.by_name)}")
+        self._chosen = {}
+
+    def choose(self, call):
+        key = (call.op, call.kind, call.nbytes, call.dtype, call.redop, call.root, call.even,
+               call.reproducible, type(call.in_splits))
+        engine = self._chosen.get(key)
+        if engine is None:
+            engine = self._chosen[key] = self.decide(call)
+        return engine
+
+    def prices(self, call) -> list:
+        """[(engine, seconds or None)] in registry order."""
+        return [(e, e.cost(call)) for e in self.engines]
+
+    def decide(self, call):
+        priced = self.prices(call)
+        able = [(t, i, e) for i, (e, t) in enumerate(priced) if t is not None]
+        if not able:
+            raise InvalidArgument(f"{call.op}: no engine of this communicator runs {call!r} "
+                                  f"(engines: {', '.join(e.name for e in self.engines)}; "
+                                  f"{_why_not(call, self.engines)})")
+        t, _, engine = min(able, key=lambda a: (a[0], a[1]))
+        reason = f"lowest predicted time {t * 1e6:.1f} us"
+        if self.forced:
+            forced = next((e for _, _, e in able if e.name == self.forced), None)
+            if forced is None:
+                _warn_once(f"PYCCL_ENGINE={self.forced} cannot run {call.op} on {call.kind} memory here; "
+                           f"using {engine.name}")
+            else:
+                engine, reason = forced, f"PYCCL_ENGINE={self.forced}"
+        if log.isEnabledFor(logging.INFO):
+            log.info("engine: %r -> %s (%s; %s)", call, engine.name, reason,
+                     ", ".join(f"{e.name} {'-' if p is None else f'{p * 1e6:.1f} us'}" for e, p in priced))
+        return engine
+
+    def abort(self):
+        for e in self.engines:
+            e.abort()
+
+    def close(self):
+        for e in reversed(self.engines):
+            e.close()
+
+
+def _why_not(call, engines) -> str:
+    if call.kind == "cuda" and call.op in ("send", "recv"):
+        return "CUDA buffers take send/recv through the torch backend (ccl/torch_backend/)"
+    kinds = sorted({k for e in engines for k in e.kinds})
+    if call.kind not in kinds:
+        return f"memory kind {call.kind} needs one of {kinds}"
+    return f"none of them runs {call.op} on {call.kind} memory with this placement"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg):
+    log.warning("%s", msg)

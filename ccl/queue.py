@@ -1,0 +1,182 @@
+"""Call order: the one queue of a communicator, and the Work of an asynchronous call.
+
+Collectives run in the order they are called (like a CUDA stream in NCCL). A synchronous
+call runs on the caller's thread when nothing is queued, which keeps small-message latency
+low; `async_op=True` queues it on the communicator's progress thread and returns a `Work` at
+once. After an error the queue is broken: later calls raise at once instead of hanging on a
+peer that has given up. The engines and the torch backend order their work through this
+object (`seq`, `inflight`, `broken`, `closed` are read by the CUDA fast lanes).
+"""
+import queue
+import threading
+
+from .engines.base import Enqueued
+from .errors import PeerFailure, PycclError, Timeout
+
+
+class Work:
+    """Handle of one queued collective, like torch's Work."""
+
+    def __init__(self, what: str, timeout=None):
+        self.what = what
+        self._timeout = timeout
+        self._done = threading.Event()
+        self._error = None
+        self.result = None
+
+    def _finish(self, error=None):
+        self._error = error
+        self._done.set()
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def exception(self):
+        return self._error
+
+    def wait(self, timeout=None) -> bool:
+        """Block until done (bounded by `timeout` or the communicator's); re-raise its error."""
+        limit = timeout if timeout is not None else (self._timeout * 2 + 5 if self._timeout else None)
+        if not self._done.wait(limit):
+            raise Timeout(f"{self.what} did not finish within {limit:.0f}s")
+        if self._error is not None:
+            raise self._error
+        return True
+
+
+class CallQueue:
+    """tag, rank, size: for messages; recorder: the flight recorder; on_failure(e, entry): the
+    communicator's reaction to a failed call (tell the peers, break, abort), returning the
+    exception to raise; check(call, what): PYCCL_CHECK's agreement, or None."""
+
+    def __init__(self, tag, rank, size, timeout, recorder, on_failure, check=None):
+        self.tag, self.rank, self.size, self.timeout = tag, rank, size, timeout
+        self.recorder = recorder
+        self.on_failure = on_failure
+        self.check = check
+        self.seq = 0
+        self.inflight = 0
+        self.broken = None            # the reason, once a call failed
+        self.closed = False
+        self._lock = threading.Lock()           # serialises execution
+        self._submit_lock = threading.Lock()
+        self._queue = queue.Queue()
+        self._thread = None
+
+    def what(self, op, seq) -> str:
+        return f"{op} #{seq} on {self.tag} (rank {self.rank}/{self.size})"
+
+    def usable(self, what):
+        if self.closed:
+            raise PycclError(f"{what}: communicator {self.tag} is closed")
+        if self.broken is not None:
+            raise PeerFailure(f"{what}: communicator {self.tag} is broken by an earlier error "
+                              f"({self.broken}); create a new one")
+
+    # ---- one call on its engine ----------------------------------------------------------
+    def submit(self, call, engine):
+        """Run `call` on `engine` in call order: now, or queued (async_op). Stream-ordered
+        engines bind the caller's stream first and shape what the caller gets back."""
+        if engine.composite:              # made of other calls, each submitted in order
+            self.usable(call.op)
+            return engine.run(call, call.op)
+        streamed = engine.stream_ordered
+        if not streamed:
+            return self.run(call.op, lambda what: engine.run(call, what), call.async_op, call.sig, call)
+        self.usable(call.op)
+        engine.begin(call)
+        if call.async_op and engine.enqueue_only and self.inflight == 0:
+            # nothing queued before it: enqueue right here (it never blocks the host) instead of
+            # handing it to the progress thread; the caller's stream is not made to wait
+            done = self.run(call.op, lambda what: engine.run(call, what), False, call.sig, call)
+            return engine.finish(call, Enqueued(done, call.op))
+        return engine.finish(call, self.run(call.op, lambda what: engine.run(call, what), call.async_op,
+                                            call.sig, call))
+
+    def run(self, op: str, fn, async_op: bool, sig=None, call=None):
+        """Run `fn(what)` in call order; sig (dtype, count, root, redop) feeds the flight
+        recorder and, with `call`, PYCCL_CHECK."""
+        self.usable(op)
+        self.seq += 1
+        what = self.what(op, self.seq)
+        entry = self.recorder.record(self.seq, op, sig or {})
+        if self.check is not None and call is not None and op not in ("send", "recv"):
+            fn = self._checked(fn, call)
+        with self._submit_lock:
+            if not async_op and self.inflight == 0:
+                return self._execute(what, fn, entry)
+            work = Work(what, self.timeout)
+            self.inflight += 1
+            self._queue.put((work, fn, entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
+                                                daemon=True)
+                self._thread.start()
+        if async_op:
+            return work
+        work.wait()
+        return work.result
+
+    def run_now(self, op: str, sig, fn):
+        """A synchronous call with none of run()'s generality, for the shortest engines: False
+        when anything is queued or the queue is unusable (then the caller takes run())."""
+        with self._submit_lock:
+            if self.inflight or self.closed or self.broken is not None:
+                return False
+            self.seq += 1
+            entry = self.recorder.record(self.seq, op, sig)
+            with self._lock:
+                self.recorder.start(entry)
+                try:
+                    fn(self.seq)
+                except Exception as e:  # noqa: BLE001 - re-raised after the bookkeeping
+                    raise self._fail(e, entry) from None
+                self.recorder.finish(entry)
+        return True
+
+    def _checked(self, fn, call):
+        def checked(what):
+            self.check(call, what)
+            return fn(what)
+        return checked
+
+    def _execute(self, what, fn, entry):
+        with self._lock:
+            if self.broken is not None:
+                raise PeerFailure(f"{what}: communicator broken by an earlier error ({self.broken})")
+            self.recorder.start(entry)
+            try:
+                result = fn(what)
+            except Exception as e:
+                raise self._fail(e, entry) from None
+            self.recorder.finish(entry)
+            return result
+
+    def _fail(self, e, entry):
+        """Anything raised during a call left the peers mid-call (validation came before):
+        no later call may pretend the byte streams are in step."""
+        e = self.on_failure(e, entry)
+        self.broken = f"{type(e).__name__}: {e}"
+        return e
+
+    def _worker(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, fn, entry = item
+            try:
+                work.result = self._execute(work.what, fn, entry)
+                work._finish()
+            except BaseException as e:  # handed to the caller through Work.wait()
+                work._finish(e)
+            finally:
+                with self._submit_lock:
+                    self.inflight -= 1
+
+    def close(self):
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
+        self.closed = True
