@@ -45,10 +45,21 @@ object too, so the ranks of my host waiting in a local phase stop at once.
 """
 import numpy as np
 
-from pyccl.topology.graph import Topology
+from pyccl.topology.graph import Topology, applicable
 
-from ..errors import PycclError
+from ..dtypes import AVG
+from ..reduce import divide_into
+from ..tuner import COMPOSED_MARGIN, candidates
+from .base import EngineBase
+from .flat import forced_algos
 from .plan_engine import PlanEngine
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
+
+
+def _average(arr, op, size):
+    if op is AVG:
+        divide_into(arr, size)
 
 
 def with_host_ranks(e, host_index, host_ranks):
@@ -57,25 +68,82 @@ def with_host_ranks(e, host_index, host_ranks):
     return type(e)(f"{e} [local rank i of host {host_index} is rank {host_ranks}[i]]")
 
 
-class Hierarchy:
-    """The composed collectives of one multi-host communicator (every host: L ranks)."""
+class Hierarchy(EngineBase):
+    """The composed collectives of one multi-host communicator (every host: L ranks), made
+    on the first call the registry gives it (ccl/engines/choice.py)."""
+    name = "composed"
+    ops = frozenset(OPS)
 
-    def __init__(self, comm):
-        topo = comm.topology
-        self.comm = comm
+    def __init__(self, res, algo_env: str = ""):
+        self.res = res
+        self.algos = forced_algos(algo_env)
+        self._ready = False
+        self._local = None
+
+    def _setup(self):
+        res = self.res
+        topo = res.topology
         self.members = topo.members()                 # members[h][j]: rank j of host h
         self.H, self.L = len(self.members), len(self.members[0])
-        self.h = topo.hosts[comm.rank]
-        self.j = self.members[self.h].index(comm.rank)
+        self.h = topo.hosts[res.rank]
+        self.j = self.members[self.h].index(res.rank)
         self.host = self.members[self.h]
         self.rail_ranks = [m[self.j] for m in self.members]
         rail_topo = Topology.uniform(self.H, 1, topo.inter, topo.inter)
-        shared = dict(comm._costs)
+        shared = dict(res.costs)
         if topo.inter in shared:
             shared[topo.inter] = shared[topo.inter].scaled(self.L)   # L rails share a host's NIC
-        self.rail = PlanEngine(comm, self.rail_ranks, rail_topo, shared)
-        self._local = None
+        self.rail = PlanEngine(res, self.rail_ranks, rail_topo, shared)
         self._scratch = np.empty(0, np.uint8)
+        self._ready = True
+
+    # ---- the engine: price and calls -----------------------------------------------------
+    def price(self, call):
+        """The model's time of the composition, divided by the tuner's COMPOSED_MARGIN (its
+        local phases are single C calls where the model prices executor messages: measured
+        0-30 % faster than it predicts). None on one host, on unequal hosts, or where
+        PYCCL_ALGO names other algorithms only."""
+        topo, op = self.res.topology, call.op
+        if topo.nhosts < 2 or not applicable(op, "composed", topo) or (self.algos and "composed" not in self.algos):
+            return None
+        if op == "barrier":
+            return 0.0                       # no bytes; one rail barrier between local ones
+        if not call.nbytes:
+            return None                      # nothing to compose: the flat plan's no-op
+        best = min(t for t, *_ in candidates(op, call.nbytes, topo, self.res.costs, self.res.fixed_chunk,
+                                             ("composed",)))
+        return best / COMPOSED_MARGIN
+
+    def ready(self):
+        """Set up on first use (also by the CUDA composition, which shares the rails)."""
+        if not self._ready:
+            self._setup()
+        return self
+
+    def run(self, call, what):
+        return getattr(self.ready(), "run_" + call.op)(call, what)
+
+    def run_all_reduce(self, call, what):
+        self.all_reduce(call.out.array, call.redop, what)
+        _average(call.out.array, call.redop, self.res.size)
+
+    def run_reduce(self, call, what):
+        self.reduce(call.out.array, call.root, call.redop, what)
+        if self.res.rank == call.root:
+            _average(call.out.array, call.redop, self.res.size)
+
+    def run_reduce_scatter(self, call, what):
+        self.reduce_scatter(call.out.array, call.inp.array, call.redop, what)
+        _average(call.out.array, call.redop, self.res.size)
+
+    def run_all_gather(self, call, what):
+        self.all_gather(call.out.array, call.inp.array, what)
+
+    def run_broadcast(self, call, what):
+        self.broadcast(call.out.array, call.root, what)
+
+    def run_barrier(self, call, what):
+        self.barrier(what)
 
     # ---- the node-local engine ---------------------------------------------------------------
     @property
@@ -83,7 +151,7 @@ class Hierarchy:
         """My host's engine, made on first use: the shm C collectives, or (off, or a forced
         non-shm transport) the same collectives as plans over the host's connections."""
         if self._local is None:
-            c = self.comm
+            c = self.res
             eng = None
             if c.transport_name in ("auto", "shm"):
                 try:
@@ -91,30 +159,21 @@ class Hierarchy:
                 except ImportError:
                     ShmCollectives = None
                 if ShmCollectives is not None:
-                    from ..store import PrefixStore
                     tag = f"{c.tag}.host{self.h}"
-                    eng = ShmCollectives(self.j, self.L, PrefixStore(c.store, f"host{self.h}"), tag, c.timeout)
+                    eng = ShmCollectives(self.j, self.L, c.prefixed(f"host{self.h}"), tag, c.timeout,
+                                         ranks=self.host, host=c.host_of(c.rank))
                     if not eng.enabled:
                         eng.close()
                         eng = None
             if eng is None:
-                eng = PlanEngine(c, self.host, Topology.single_host(self.L, c.topology.intra), c._costs)
+                eng = PlanEngine(c, self.host, Topology.single_host(self.L, c.topology.intra), c.costs)
             self._local = eng
         return self._local
 
-    def wants(self, opname, nbytes) -> bool:
-        return opname in ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
-
     def _phase(self, what, n, name, fn, *args):
-        """Run one phase; its errors name the phase and, for the local engine (which numbers
-        the host's ranks 0..L-1), the communicator's ranks behind the local numbers."""
-        where = f"{what}, phase {n} ({name})"
-        try:
-            return fn(*args, where)
-        except PycclError as e:
-            if name.startswith("local") and not isinstance(self._local, PlanEngine):
-                raise with_host_ranks(e, self.h, self.host) from None
-            raise
+        """Run one phase, named in its errors (which name the communicator's ranks: the shm
+        engine is told them, the plan engine relabels its plans)."""
+        return fn(*args, f"{what}, phase {n} ({name})")
 
     def _tmp(self, n, dtype):
         """Scratch of n elements, reused across calls (grown as needed)."""
@@ -174,17 +233,17 @@ class Hierarchy:
         return np.array(self.members).T.reshape(-1)
 
     def broadcast(self, x, root, what):
-        rh = self.comm.topology.hosts[root]
+        rh = self.res.topology.hosts[root]
         lead = self.members[rh].index(root)                   # the root's local index
         if self.j == lead:
             self._phase(what, 1, "rail broadcast among leaders", self.rail.broadcast, x, rh)
         self._phase(what, 2, "local broadcast", self.local.broadcast, x, lead)
 
     def reduce(self, x, root, op, what):
-        rh = self.comm.topology.hosts[root]
+        rh = self.res.topology.hosts[root]
         lead = self.members[rh].index(root)
         acc = x
-        if self.j == lead and self.comm.rank != root:         # a leader's input stays unchanged
+        if self.j == lead and self.res.rank != root:         # a leader's input stays unchanged
             acc = self._tmp(x.size, x.dtype)
             acc[...] = x
         self._phase(what, 1, "local reduce to the leader", self._local_reduce,

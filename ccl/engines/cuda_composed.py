@@ -68,6 +68,7 @@ staged rail after it sends anything, so that phase's error raises in the same ca
 phase; the network phase raises the executor's errors (op, peer, step) like every staged call.
 """
 import os
+from types import SimpleNamespace
 
 from pyccl.topology.composed import applicable
 
@@ -75,7 +76,7 @@ from ..buffers import Buffer
 from ..cuda_buffers import CudaView
 from ..dtypes import AVG, SUM
 from ..errors import PycclError
-from .composed import Hierarchy, with_host_ranks
+from .composed import with_host_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 #: what is composed unless PYCCL_CUDA_COMPOSED_OPS (a comma-separated list out of OPS) says
@@ -127,11 +128,10 @@ def _composed_min(comm, dev) -> int:
         return int(env)
     from pyccl.transports import cuda_ipc
 
-    from ..store import multi_get
     bus = cuda_ipc._cupy().cuda.runtime.deviceGetPCIBusId(dev)
     host = comm.peer_info[comm.rank].get("host")
     comm.store.set(f"cudagpu/{comm.rank}", f"{host}|{bus}".encode())
-    seen = multi_get(comm.store, [f"cudagpu/{r}" for r in range(comm.size)], comm.timeout)
+    seen = comm.get_all([f"cudagpu/{r}" for r in range(comm.size)])
     return SHARED_GPU_MIN if len(set(seen)) < comm.size else 0
 
 
@@ -140,14 +140,15 @@ class _HostGroup:
     ranks 0..L-1; store keys and the mailbox segment under the host's own prefix)."""
 
     def __init__(self, comm, hier):
-        from ..store import PrefixStore
         self.rank, self.size = hier.j, hier.L
         self.peer_info = [comm.peer_info[r] for r in hier.host]
-        self.store = PrefixStore(comm.store, f"cudahost{hier.h}")
+        self.store = comm.prefixed(f"cudahost{hier.h}")
         self.tag = f"{comm.tag}.cudahost{hier.h}"
         self.timeout = comm.timeout
         self.reproducible = False
-        self._seq, self._inflight, self._broken, self._closed = 0, 0, None, False
+        # the torch lanes' view of call order (unused here: the composition runs in the
+        # communicator's own order)
+        self.queue = SimpleNamespace(seq=0, inflight=0, broken=None, closed=False)
 
 
 def _part(buf, start, count):
@@ -189,9 +190,7 @@ class CudaComposed:
     def __init__(self, staging):
         from .cuda import CudaCollectives
         comm = staging.comm
-        if comm._hier is None:
-            comm._hier = Hierarchy(comm)
-        self.hier = h = comm._hier
+        self.hier = h = staging.hier.ready()
         self.st = staging
         self.local = CudaCollectives(_HostGroup(comm, h), staging.dev)
         # the rail-major stage of all_gather / reduce_scatter: position j * H + h holds the block

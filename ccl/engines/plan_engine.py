@@ -29,10 +29,10 @@ class PlanEngine:
     """`members`: the communicator's ranks of the group (position = group rank); `topo`:
     the group's Topology (for the tuner and the builders)."""
 
-    def __init__(self, comm, members, topo, costs):
-        self.comm = comm
+    def __init__(self, res, members, topo, costs):
+        self.res = res
         self.members = list(members)
-        self.me = self.members.index(comm.rank)
+        self.me = self.members.index(res.rank)
         self.size = len(self.members)
         self.topo = topo
         self.costs = costs
@@ -42,7 +42,7 @@ class PlanEngine:
         key = (op, count, itemsize, root)
         hit = self._plans.get(key)
         if hit is None:
-            c = choose(op, nbytes, self.topo, self.costs, chunk_bytes=self.comm._fixed_chunk, env=_rail_env())
+            c = choose(op, nbytes, self.topo, self.costs, chunk_bytes=self.res.fixed_chunk, env=_rail_env())
             plan = build_plan(op, c.algo, self.me, self.topo, count, root,
                               chunk_elems=max(1, c.chunk_bytes // itemsize), inter=c.inter)
             hit = self._plans[key] = (relabel(plan, self.members), c.chunk_bytes)
@@ -50,7 +50,7 @@ class PlanEngine:
 
     def _run(self, what, planned, bufs, op=None):
         plan, chunk = planned
-        self.comm.executor.run(plan, bufs, op, what, chunk)
+        self.res.executor.run(plan, bufs, op, what, chunk)
 
     # ---- the engine interface (group ranks for roots) ----------------------------------------
     def all_reduce(self, arr, op, what):

@@ -44,9 +44,14 @@ results equal CPU results bit for bit (tests/test_reproducible.py, run on an H20
 """
 import numpy as np
 
+from pyccl.topology import direct
+
+from ..buffers import as_buffer
+from ..call import Call
 from ..dtypes import AVG, SUM
 from ..errors import InvalidArgument
 from ..reduce import _DTYPE_CODE, USE_NATIVE, _from_buffer, _lib
+from .base import EngineBase, Enqueued
 
 FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
 #: the wide type the rows are added in
@@ -111,102 +116,125 @@ def sum_rows_torch(out, rows, divisor=1):
     return out
 
 
-# ---- CPU: one submitted call, the engines the communicator would pick for each step ------------
+# ---- CPU: one call, run on the shm C collectives or the flat engine's plans --------------------
 _SUM_WIDE, _AVG_WIDE = 4, 5          # native/reduce.h: op codes of the shm collectives' wide sum
+OPS = frozenset({"all_reduce", "reduce", "reduce_scatter"})
 
 
-def _shm(comm, opname, arr, op, what, call):
-    """One host with the shm C collectives: they reduce every rank's part in rank order anyway,
-    so the wide sum runs inside them (op code SUM_WIDE/AVG_WIDE): no extra copy. True if taken."""
-    local = comm._local_for(opname, arr.nbytes)
-    if local is None or not USE_NATIVE:
-        return False
-    local._check(what)
-    if arr.size:
-        rc = call(local, _DTYPE_CODE[arr.dtype], _AVG_WIDE if op is AVG else _SUM_WIDE)
-        if rc:
-            local._fail(rc, what, opname)
-    return True
+class Reproducible(EngineBase):
+    """Reproducible mode on host memory: the only engine that takes a reproducible call
+    (`call.reproducible`: float SUM/AVG in reproducible mode), so its price is nominal. It
+    wraps the engine that moves the bytes: the shm C collectives on one host (which do the
+    wide sum themselves), else the flat engine's all_to_all and all_gather plans."""
+    name = "reproducible"
+    ops = OPS
+    reproducible = True
+
+    def __init__(self, res, shm, flat):
+        self.res, self.shm, self.flat = res, shm, flat
+        self._scratches = {}
+
+    def takes(self, call) -> bool:
+        return call.reproducible and EngineBase.takes(self, call)
+
+    def price(self, call):
+        return 0.0
+
+    def run_all_reduce(self, call, what):
+        self._all_reduce(call.out.array, call.redop, what)
+
+    def run_reduce(self, call, what):
+        self._all_reduce(call.out.array, call.redop, what, call.root)
+
+    def run_reduce_scatter(self, call, what):
+        self._reduce_scatter(call.out.array, call.inp.array, call.redop, what)
+
+    # -- steps --
+    def _local(self, opname):
+        shm = self.shm
+        return shm if shm is not None and shm.enabled and opname in shm.ops else None
+
+    def _shm(self, opname, arr, op, what, call):
+        """One host with the shm C collectives: they reduce every rank's part in rank order
+        anyway, so the wide sum runs inside them (op code SUM_WIDE/AVG_WIDE): no extra copy.
+        True if taken."""
+        local = self._local(opname)
+        if local is None or not USE_NATIVE:
+            return False
+        local._check(what)
+        if arr.size:
+            rc = call(local, _DTYPE_CODE[arr.dtype], _AVG_WIDE if op is AVG else _SUM_WIDE)
+            if rc:
+                local._fail(rc, what, opname)
+        return True
+
+    def _scratch(self, key, nbytes, dtype, like=None):
+        """A cached scratch array (page faults of fresh memory would cost more than the
+        copies), holding a copy of `like` if given."""
+        buf = self._scratches.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._scratches[key] = np.empty(max(nbytes, 64), np.uint8)
+        out = buf[:nbytes].view(dtype)
+        if like is not None:
+            out[:] = like
+        return out
+
+    def _all_to_all(self, out, inp, what):
+        """Equal-split all_to_all of flat numpy arrays, inside this call."""
+        local = self._local("all_to_all")
+        if local is not None:
+            return local.all_to_all(out, inp, what)
+        r = self.res
+        splits = (inp.size // r.size,) * r.size
+        plan = self.flat.plan(("all_to_all", splits, splits), lambda: direct.all_to_all(r.rank, r.size, splits, splits))
+        self.flat.walk(what, plan, {"in": inp, "out": out})
+
+    def _all_gather(self, out, inp, what):
+        local = self._local("all_gather")
+        if local is not None:
+            return local.all_gather(out, inp, what)
+        self.flat.walk(what, self.flat.tuned("all_gather", inp.size, inp.itemsize, out.nbytes), {"in": inp, "out": out})
+
+    def _reduce_scatter(self, out, inp, op, what):
+        """out = ordered sum of block `rank` of every rank's inp (inp: size x out.size)."""
+        n, size = out.size, self.res.size
+        if n == 0 or self._shm("reduce_scatter", out, op, what, lambda local, dt, code: _lib.pyccl_coll_reduce_scatter(
+                local._c, _from_buffer(out), _from_buffer(inp), n, dt, code, local.timeout)):
+            return
+        rows = self._scratch("rows", inp.nbytes, inp.dtype)
+        if size > 1:
+            self._all_to_all(rows, inp, what)
+        else:
+            rows[:] = inp
+        sum_rows(out, rows.reshape(size, n), size if op is AVG else 1)
+
+    def _all_reduce(self, x, op, what, root=-1):
+        """In place; with root >= 0 only the root's x changes (reduce)."""
+        n, size = x.size, self.res.size
+        if n == 0 or self._shm("all_reduce" if root < 0 else "reduce", x, op, what,
+                               lambda local, dt, code: _lib.pyccl_coll_all_reduce(
+                                   local._c, _from_buffer(x), _from_buffer(x), n, dt, code, root, local.timeout)):
+            return
+        if root >= 0 and self.res.rank != root:
+            x = self._scratch("reduce", x.nbytes, x.dtype, x)
+        shard = -(-n // size)
+        if n == shard * size:
+            src = x
+        else:
+            src = self._scratch("pad", shard * size * x.itemsize, x.dtype)
+            src[:n] = x
+            src[n:] = 0
+        mine = self._scratch("shard", shard * x.itemsize, x.dtype)
+        self._reduce_scatter(mine, src, op, what)
+        if size == 1:
+            x[:] = mine
+            return
+        self._all_gather(src, mine, what)
+        if src is not x:
+            x[:] = src[:n]
 
 
-def _scratch(comm, key, nbytes, dtype, like=None):
-    """A cached scratch array (page faults of fresh memory would cost more than the copies),
-    holding a copy of `like` if given."""
-    cache = comm.__dict__.setdefault("_repro_scratch", {})
-    buf = cache.get(key)
-    if buf is None or buf.nbytes < nbytes:
-        buf = cache[key] = np.empty(max(nbytes, 64), np.uint8)
-    out = buf[:nbytes].view(dtype)
-    if like is not None:
-        out[:] = like
-    return out
-
-
-def _all_to_all(comm, out, inp, what):
-    """Equal-split all_to_all of flat numpy arrays, inside an already submitted call."""
-    local = comm._local_for("all_to_all", inp.nbytes)
-    if local is not None:
-        return local.all_to_all(out, inp, what)
-    from pyccl.topology import direct
-    splits = (inp.size // comm.size,) * comm.size
-    plan = comm._plan(("all_to_all", splits, splits), lambda: direct.all_to_all(comm.rank, comm.size, splits, splits))
-    comm._run(what, plan, {"in": inp, "out": out})
-
-
-def _all_gather(comm, out, inp, what):
-    local = comm._local_for("all_gather", out.nbytes)
-    if local is not None:
-        return local.all_gather(out, inp, what)
-    comm._run(what, comm._tuned("all_gather", inp.size, inp.itemsize, out.nbytes), {"in": inp, "out": out})
-
-
-def _reduce_scatter_cpu(comm, out, inp, op, what):
-    """out = ordered sum of block `rank` of every rank's inp (inp: size x out.size)."""
-    n = out.size
-    if n == 0 or _shm(comm, "reduce_scatter", out, op, what, lambda local, dt, code: _lib.pyccl_coll_reduce_scatter(
-            local._c, _from_buffer(out), _from_buffer(inp), n, dt, code, local.timeout)):
-        return
-    rows = _scratch(comm, "rows", inp.nbytes, inp.dtype)
-    if comm.size > 1:
-        _all_to_all(comm, rows, inp, what)
-    else:
-        rows[:] = inp
-    sum_rows(out, rows.reshape(comm.size, n), comm.size if op is AVG else 1)
-
-
-def _all_reduce_cpu(comm, x, op, what, root=-1):
-    """In place; with root >= 0 only the root's x changes (reduce)."""
-    n, size = x.size, comm.size
-    if n == 0 or _shm(comm, "all_reduce" if root < 0 else "reduce", x, op, what,
-                      lambda local, dt, code: _lib.pyccl_coll_all_reduce(
-                          local._c, _from_buffer(x), _from_buffer(x), n, dt, code, root, local.timeout)):
-        return
-    if root >= 0 and comm.rank != root:
-        x = _scratch(comm, "reduce", x.nbytes, x.dtype, x)
-    shard = -(-n // size)
-    if n == shard * size:
-        src = x
-    else:
-        src = _scratch(comm, "pad", shard * size * x.itemsize, x.dtype)
-        src[:n] = x
-        src[n:] = 0
-    mine = _scratch(comm, "shard", shard * x.itemsize, x.dtype)
-    _reduce_scatter_cpu(comm, mine, src, op, what)
-    if size == 1:
-        x[:] = mine
-        return
-    _all_gather(comm, src, mine, what)
-    if src is not x:
-        x[:] = src[:n]
-
-
-# ---- CUDA: the public collectives, stream-ordered on the caller's stream ----------------------
-def _enqueued(what):
-    """The Work of an async_op call: everything is already queued on the caller's stream."""
-    from .cuda.submit import Enqueued      # not at the top: that package imports this one
-    return Enqueued(None, what)
-
-
+# ---- CUDA: a composite of stream-ordered calls on the caller's stream ---------------------------
 def _on_callers_stream(fn, *objs):
     """fn(*torch tensors) on the caller's stream. A cupy array is viewed as a torch tensor
     (zero-copy, DLPack) and fn runs with cupy's current stream as torch's current stream, so the
@@ -239,68 +267,71 @@ def _zeros(like, n):
     return torch.zeros(n, dtype=like.dtype, device=like.device)
 
 
-def _reduce_scatter_cuda(comm, out, inp, op):
-    rows = inp
-    if comm.size > 1:
-        rows = _zeros(inp, inp.shape[0])
-        comm.all_to_all(rows, inp)
-    sum_rows_torch(out, rows.view(comm.size, -1), comm.size if op is AVG else 1)
+class ReproducibleCuda(EngineBase):
+    """Reproducible mode on device memory: all_to_all and all_gather as calls of their own
+    (each priced, chosen and queued like a user's: `choose` and `queue` are the communicator's
+    registry and queue), the ordered wide sum as torch ops between them, all on the caller's
+    stream. A composite: it runs on the caller's thread, outside the queue."""
+    name = "reproducible_cuda"
+    kinds = ("cuda",)
+    ops = OPS
+    reproducible = True
+    composite = True
 
+    def __init__(self, res, choose):
+        self.res, self.choose = res, choose
 
-def _all_reduce_cuda(comm, t, op):
-    flat = t.view(-1)
-    n, size = flat.shape[0], comm.size
-    if n == 0:
-        return
-    shard = -(-n // size)
-    src = flat if n == shard * size else _zeros(flat, shard * size)
-    if src is not flat:
-        src[:n] = flat
-    mine = _zeros(flat, shard)
-    _reduce_scatter_cuda(comm, mine, src, op)
-    if size == 1:
-        flat[:] = mine
-        return
-    comm.all_gather(src, mine)
-    if src is not flat:
-        flat[:] = src[:n]
+    def takes(self, call) -> bool:
+        return call.reproducible and EngineBase.takes(self, call)
 
+    def price(self, call):
+        return 0.0
 
-# ---- entry points from the communicator (its buffers already validated) -----------------------
-def all_reduce(comm, buf, op, async_op):
-    if buf.device != "cpu":
-        _on_callers_stream(lambda t: _all_reduce_cuda(comm, t, op), buf.obj)
-        return _enqueued("all_reduce") if async_op else None
+    def _sub(self, op, out, inp):
+        """One equal-piece all_to_all or all_gather of torch tensors, through the queue."""
+        o, i = as_buffer(out, f"{op}: output", writable=True), as_buffer(inp, f"{op}: input")
+        size = self.res.size
+        sub = Call(op, i, o, kind="cuda", dtype=i.dtype, count=i.count,
+                   nbytes=o.nbytes if op == "all_gather" else i.nbytes)
+        if op == "all_to_all":
+            sub.in_splits = (i.count // size,) * size
+            sub.out_splits = (o.count // size,) * size
+        return self.res.queue.submit(sub, self.choose(sub))
 
-    def fn(what):
-        _all_reduce_cpu(comm, buf.array, op, what)
-    return comm._submit("all_reduce", fn, async_op, _sig(buf, -1, op))
+    def _reduce_scatter(self, out, inp, op):
+        rows, size = inp, self.res.size
+        if size > 1:
+            rows = _zeros(inp, inp.shape[0])
+            self._sub("all_to_all", rows, inp)
+        sum_rows_torch(out, rows.view(size, -1), size if op is AVG else 1)
 
+    def _all_reduce(self, t, op):
+        flat = t.view(-1)
+        n, size = flat.shape[0], self.res.size
+        if n == 0:
+            return
+        shard = -(-n // size)
+        src = flat if n == shard * size else _zeros(flat, shard * size)
+        if src is not flat:
+            src[:n] = flat
+        mine = _zeros(flat, shard)
+        self._reduce_scatter(mine, src, op)
+        if size == 1:
+            flat[:] = mine
+            return
+        self._sub("all_gather", src, mine)
+        if src is not flat:
+            flat[:] = src[:n]
 
-def reduce(comm, buf, root, op, async_op):
-    """all_reduce at the root; the other ranks reduce a copy and keep their input."""
-    if buf.device != "cpu":
-        _on_callers_stream(lambda t: _all_reduce_cuda(comm, t if comm.rank == root else t.clone(), op),
-                           buf.obj)
-        return _enqueued("reduce") if async_op else None
-
-    def fn(what):
-        _all_reduce_cpu(comm, buf.array, op, what, root)
-    return comm._submit("reduce", fn, async_op, _sig(buf, root, op))
-
-
-def reduce_scatter(comm, out, inp, op, async_op):
-    if out.device != "cpu":
-        def fn(o, i):
-            if o.numel():
-                _reduce_scatter_cuda(comm, o.view(-1), i.view(-1), op)
-        _on_callers_stream(fn, out.obj, inp.obj)
-        return _enqueued("reduce_scatter") if async_op else None
-
-    def fn(what):
-        _reduce_scatter_cpu(comm, out.array, inp.array, op, what)
-    return comm._submit("reduce_scatter", fn, async_op, _sig(out, -1, op))
-
-
-def _sig(buf, root, op):
-    return {"dtype": buf.dtype, "count": buf.count, "root": root, "redop": op.name}
+    def run(self, call, what):
+        op, rank = call.redop, self.res.rank
+        if call.op == "all_reduce":
+            _on_callers_stream(lambda t: self._all_reduce(t, op), call.out.obj)
+        elif call.op == "reduce":          # all_reduce at the root; the others reduce a copy
+            _on_callers_stream(lambda t: self._all_reduce(t if rank == call.root else t.clone(), op), call.out.obj)
+        else:
+            def fn(o, i):
+                if o.numel():
+                    self._reduce_scatter(o.view(-1), i.view(-1), op)
+            _on_callers_stream(fn, call.out.obj, call.inp.obj)
+        return Enqueued(None, what) if call.async_op else None

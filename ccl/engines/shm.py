@@ -46,10 +46,14 @@ import logging
 import os
 
 
+from pyccl.topology.cost import SHM_ENGINE
+
 from .. import callsig
+from ..dtypes import AVG, as_op
 from ..errors import PeerFailure, Timeout, TransportError
-from ..reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, reduce_numpy
-from ..dtypes import as_op
+from ..reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, divide_into, reduce_numpy
+from ..tuner import choose
+from .base import EngineBase
 
 try:
     from .._native import ffi, lib
@@ -140,8 +144,12 @@ def reduce_in_order(inputs, op):
 class ShmCollectives:
     """The shared-memory collectives of one communicator (every rank on this host)."""
 
-    def __init__(self, rank, size, store, tag, timeout):
+    def __init__(self, rank, size, store, tag, timeout, ranks=None, host=""):
         self.rank, self.size, self.tag, self.timeout = rank, size, tag, float(timeout)
+        # how errors name local rank i: the communicator's rank behind it (and the host), so a
+        # composed phase's errors speak of the ranks the user knows
+        self.ranks = list(ranks) if ranks is not None else list(range(size))
+        self.host = f" of host {host}" if host else ""
         self._c = None
         self._seg = None
         self.enabled = False
@@ -226,25 +234,29 @@ class ShmCollectives:
         c = self._c
         r, step = c.err_rank, c.err_step
         where = f"shm {opname} step {step}" if step >= 0 else f"shm {opname} (before its first step)"
+        g = self.ranks
+        name = [f"rank {q}" for q in g]
+        me = f"rank {g[self.rank]}{self.host}"
         if rc == _ABORTED:
-            raise PeerFailure(f"{what}: comm.abort() was called on rank {self.rank} while it was in {where}")
+            raise PeerFailure(f"{what}: comm.abort() was called on {me} while it was in {where}")
         if rc == _PEER_DEAD:
-            raise PeerFailure(f"{what}: rank {r} (pid {lib.pyccl_coll_pid(c, r)}) died; rank {self.rank} "
+            raise PeerFailure(f"{what}: {name[r]} (pid {lib.pyccl_coll_pid(c, r)}) died; {me} "
                               f"was waiting for it in {where}")
         if rc == _SIZE_MISMATCH:
-            raise TransportError(f"{what}: " + _mismatch(r, c.err_peer_what, c.err_peer_bytes, c.sig_what, c.sig_bytes))
+            raise TransportError(f"{what}: " + _mismatch(g[r], c.err_peer_what, c.err_peer_bytes, c.sig_what,
+                                                         c.sig_bytes))
         if rc == _PEER_ABORT:
             why = {_SIZE_MISMATCH: "found a call mismatch between the ranks' calls",
                    _TIMEOUT: "timed out", _PEER_DEAD: "saw a rank die"}.get(c.err_cause, "failed")
             cls = TransportError if c.err_cause == _SIZE_MISMATCH else PeerFailure
-            raise cls(f"{what}: rank {r} {why} and gave up the shared-memory collectives of "
-                      f"{self.tag}; rank {self.rank} was in {where}")
+            raise cls(f"{what}: {name[r]} {why} and gave up the shared-memory collectives of "
+                      f"{self.tag}; {me} was in {where}")
         if rc == _TIMEOUT:
             target = c.err_target
-            behind = [q for q in range(self.size)
+            behind = [g[q] for q in range(self.size)
                       if q != self.rank and lib.pyccl_coll_counter(c, q) < target]
-            raise Timeout(f"{what}: rank {self.rank} timed out after {self.timeout:.0f}s in {where}: "
-                          f"ranks {behind or [r]} have not arrived (rank {r} is at step counter "
+            raise Timeout(f"{what}: {me} timed out after {self.timeout:.0f}s in {where}: "
+                          f"ranks {behind or [g[r]]} have not arrived ({name[r]} is at step counter "
                           f"{c.err_have}, needed {target})")
         raise TransportError(f"{what}: shm {opname} failed with code {rc}")
 
@@ -347,3 +359,67 @@ class ShmCollectives:
         if self._seg is not None:
             self._seg.close()
             self._seg = None
+
+
+class ShmEngine(ShmCollectives, EngineBase):
+    """The shm C collectives as the engine of a communicator whose ranks share this host.
+
+    Priced with the model's node-local engine entry (topology/cost.py SHM_ENGINE, which
+    `python -m pyccl.tune` measures on these C calls) where a flat plan is priced with the shm
+    transport's: the same algorithmic bytes without the executor's per-message work, so on
+    equal entries it ties with the flat plan and, listed first, wins."""
+    name = "shm"
+    ops = OPS
+    shortcuts = frozenset({"all_reduce"})
+
+    def __init__(self, res):
+        super().__init__(res.rank, res.size, res.store, res.tag, res.timeout)
+        self.res = res
+        self._costs = dict(res.costs)
+        self._costs[res.topology.intra] = res.costs.get(SHM_ENGINE, res.costs.get(res.topology.intra))
+
+    def takes(self, call) -> bool:
+        return self.enabled and EngineBase.takes(self, call) and (call.op != "all_to_all" or call.even)
+
+    def price(self, call):
+        return choose(call.op, call.nbytes, self.res.topology, self._costs, flat=True, env={}).predicted
+
+    def _average(self, arr, op):
+        if op is AVG:
+            divide_into(arr, self.size)
+
+    def run_all_reduce(self, call, what):
+        self.all_reduce(call.out.array, call.redop, what)
+        self._average(call.out.array, call.redop)
+
+    def run_reduce(self, call, what):
+        self.reduce(call.out.array, call.root, call.redop, what)
+        if self.rank == call.root:
+            self._average(call.out.array, call.redop)
+
+    def run_reduce_scatter(self, call, what):
+        self.reduce_scatter(call.out.array, call.inp.array, call.redop, what)
+        self._average(call.out.array, call.redop)
+
+    def run_all_gather(self, call, what):
+        self.all_gather(call.out.array, call.inp.array, what)
+
+    def run_broadcast(self, call, what):
+        self.broadcast(call.out.array, call.root, what)
+
+    def run_all_to_all(self, call, what):
+        self.all_to_all(call.out.array, call.inp.array, what)
+
+    def run_barrier(self, call, what):
+        self.barrier(what)
+
+    def short_all_reduce(self, call, seq_what):
+        """all_reduce with the codes looked up once: the queue's run_now path (8-byte calls
+        are mostly Python time)."""
+        a = call.out.array
+        code = _OP_BY_ID.get(id(call.redop))
+        rc = self.all_reduce_raw(a, _DTYPE_CODE[a.dtype], code)
+        if rc:
+            self._fail(rc, seq_what(), "all_reduce")
+        if call.redop is AVG:
+            divide_into(a, self.size)

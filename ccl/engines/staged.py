@@ -86,6 +86,10 @@ from ..buffers import Buffer
 from ..dtypes import AVG, DTYPES
 from ..errors import InvalidArgument, PycclError, Timeout
 from ..reduce import divide_into
+from .base import EngineBase
+from .cuda.submit import cuda_args
+from .flat import TUNED
+from .staged_schedule import _groups, schedule
 
 log = logging.getLogger("pyccl")
 
@@ -101,37 +105,79 @@ def _env_int(name, default):
         raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
 
 
-# ---- entry from engines/cuda/submit.py --------------------------------------------------------
-def submit(comm, name, async_op, sig, *args):
-    """Run collective `name` on CUDA buffers of a communicator that spans hosts (see the
-    module doc). Called on the caller's thread, which fixes the caller's stream."""
-    view = next(a for a in args if isinstance(a, Buffer)).array
-    st = comm.cuda
-    if st is None:
-        comm._check_usable(name)
-        st = comm.cuda = Staging(comm, view.device)
-    elif st.dev != view.device:
-        raise InvalidArgument(f"{name}: buffer is on cuda:{view.device} but this communicator's rank {comm.rank} "
-                              f"works on cuda:{st.dev} (one GPU per rank and communicator)")
-    build = _OPS.get(name)
-    if build is None:
-        raise InvalidArgument(f"{name}: not implemented for CUDA buffers across hosts; use a CPU copy")
-    caller = view.caller_stream()
-    from . import cuda_composed as cuda_hierarchy
-    if cuda_hierarchy.wanted(comm, name, view.nbytes, st):     # several ranks per host: ccl/engines/cuda_composed.py
-        return st.composed_call(name, async_op, sig, caller, view, args)
-    ready = st.record_ready(caller)
-    end = st.next_end()
+# ---- the engine ----------------------------------------------------------------------------------
+class StagedEngine(EngineBase):
+    """Ranks on several hosts, device memory: every collective staged through pinned host
+    memory around the flat engine's plan, or, with several ranks per host, composed of CUDA
+    phases around a staged rail (ccl/engines/cuda_composed.py). Made on the first call (it
+    needs the device). Priced like the flat plan it stages."""
+    name = "staged"
+    kinds = ("cuda",)
+    ops = frozenset({"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all",
+                     "gather", "scatter"})
+    stream_ordered = True
 
-    def fn(what):
-        return st.run(what, build, ready, end, args)
-    if not async_op:
-        comm._submit(name, fn, False, sig)
+    def __init__(self, res, flat, composed):
+        self.res, self.flat, self.composed = res, flat, composed
+        self.state = None                 # Staging, on the first call
+
+    def takes(self, call) -> bool:
+        return self.res.hosts > 1 and EngineBase.takes(self, call) and not _device_splits(call)
+
+    def price(self, call):
+        return self.flat.price(call) if call.op in TUNED else 0.0
+
+    def begin(self, call):
+        view = (call.out or call.inp).array
+        st = self.state
+        if st is None:
+            st = self.state = Staging(self.res, self.flat, self.composed, view.device)
+        elif st.dev != view.device:
+            raise InvalidArgument(f"{call.op}: buffer is on cuda:{view.device} but this communicator's rank "
+                                  f"{self.res.rank} works on cuda:{st.dev} (one GPU per rank and communicator)")
+        name, args = cuda_args(call)
+        caller = view.caller_stream()
+        from . import cuda_composed
+        if cuda_composed.wanted(self.res, name, view.nbytes, st):   # several ranks per host
+            st.composition()
+            call.stream = (caller, view, name, args, None, None)
+            return
+        call.stream = (caller, view, name, args, st.record_ready(caller), st.next_end())
+
+    def run(self, call, what):
+        caller, _, name, args, ready, end = call.stream
+        if ready is None:
+            return self.state.composed_run(name, what, caller, args)
+        return self.state.run(what, _OPS[name], ready, end, args)
+
+    def finish(self, call, outcome):
+        st = self.state
+        caller, view, name, _, ready, end = call.stream
+        if ready is None:                 # composed: the run's result is the end of its last phase
+            if call.async_op:
+                return ComposedWork(outcome, st.composed.local, view)
+            st.rt.streamWaitEvent(caller, outcome, 0)
+            if st.sync_each:
+                st.composed.local.synchronize(name, outcome)
+            return None
+        if call.async_op:
+            return StagedWork(outcome, st, view, end)
         st.rt.streamWaitEvent(caller, end, 0)
         if st.sync_each:
             st.synchronize(name, end)
         return None
-    return StagedWork(comm._submit(name, fn, True, sig), st, view, end)
+
+    def abort(self):
+        if self.state is not None:
+            self.state.abort()
+
+    def close(self):
+        if self.state is not None:
+            self.state.close()
+
+
+def _device_splits(call) -> bool:
+    return call.op == "all_to_all" and not isinstance(call.in_splits, (tuple, type(None)))
 
 
 class ComposedWork:
@@ -211,175 +257,59 @@ class _Call(NamedTuple):
 
 def _all_reduce(comm, buf, op):
     v = buf.array
-    plan, chunk = comm._tuned("all_reduce", v.size, v.itemsize, v.nbytes)
+    plan, chunk = comm.flat.tuned("all_reduce", v.size, v.itemsize, v.nbytes)
     return _Call(plan, chunk, {"out": v}, ("out",), ("out",), op, op is AVG, True)
 
 
 def _reduce(comm, buf, root, op):
     v = buf.array
-    plan, chunk = comm._tuned("reduce", v.size, v.itemsize, v.nbytes, root)
+    plan, chunk = comm.flat.tuned("reduce", v.size, v.itemsize, v.nbytes, root)
     mine = comm.rank == root                                 # non-roots keep their buffer
     return _Call(plan, chunk, {"out": v}, ("out",), ("out",) if mine else (), op, mine and op is AVG, True)
 
 
 def _broadcast(comm, buf, root):
     v = buf.array
-    plan, chunk = comm._tuned("broadcast", v.size, v.itemsize, v.nbytes, root)
+    plan, chunk = comm.flat.tuned("broadcast", v.size, v.itemsize, v.nbytes, root)
     return _Call(plan, chunk, {"out": v}, ("out",), ("out",))
 
 
 def _all_gather(comm, out, inp):
     o, i = out.array, inp.array
-    plan, chunk = comm._tuned("all_gather", i.size, i.itemsize, o.nbytes)
+    plan, chunk = comm.flat.tuned("all_gather", i.size, i.itemsize, o.nbytes)
     return _Call(plan, chunk, {"in": i, "out": o}, ("in",), ("out",))
 
 
 def _reduce_scatter(comm, out, inp, op):
     o, i = out.array, inp.array
-    plan, chunk = comm._tuned("reduce_scatter", o.size, o.itemsize, i.nbytes)
+    plan, chunk = comm.flat.tuned("reduce_scatter", o.size, o.itemsize, i.nbytes)
     return _Call(plan, chunk, {"in": i, "out": o}, ("in",), ("out",), op, op is AVG)
 
 
 def _all_to_all(comm, out, inp, out_splits, in_splits, even=False):
     """The direct plan moves any splits, equal (`even`: none were given) or not."""
     from pyccl.topology import direct
-    plan = comm._plan(("all_to_all", in_splits, out_splits),
-                      lambda: direct.all_to_all(comm.rank, comm.size, in_splits, out_splits))
+    plan, _ = comm.flat.plan(("all_to_all", in_splits, out_splits),
+                             lambda: direct.all_to_all(comm.rank, comm.size, in_splits, out_splits))
     return _Call(plan, None, {"in": inp.array, "out": out.array}, ("in",), ("out",))
 
 
 def _gather(comm, out, inp, root):
     from pyccl.topology import direct
     i = inp.array
-    plan = comm._plan(("gather", i.size, root), lambda: direct.gather(comm.rank, comm.size, i.size, root))
+    plan, _ = comm.flat.plan(("gather", i.size, root), lambda: direct.gather(comm.rank, comm.size, i.size, root))
     return _Call(plan, None, {"in": i, "out": out.array if out is not None else None}, ("in",), ("out",))
 
 
 def _scatter(comm, out, inp, root):
     from pyccl.topology import direct
     o = out.array
-    plan = comm._plan(("scatter", o.size, root), lambda: direct.scatter(comm.rank, comm.size, o.size, root))
+    plan, _ = comm.flat.plan(("scatter", o.size, root), lambda: direct.scatter(comm.rank, comm.size, o.size, root))
     return _Call(plan, None, {"out": o, "in": inp.array if inp is not None else None}, ("in",), ("out",))
 
 
 _OPS = {"all_reduce": _all_reduce, "reduce": _reduce, "broadcast": _broadcast, "all_gather": _all_gather,
         "reduce_scatter": _reduce_scatter, "all_to_all": _all_to_all, "gather": _gather, "scatter": _scatter}
-
-
-# ---- the schedule: which ranges each pass needs from the device, which it finalises -------------
-class _Ranges:
-    """Disjoint, merged [start, stop) element ranges."""
-    __slots__ = ("iv",)
-
-    def __init__(self):
-        self.iv = []
-
-    def missing(self, a, b):
-        """The parts of [a, b) not covered."""
-        out = []
-        for s, e in self.iv:
-            if e <= a:
-                continue
-            if s >= b:
-                break
-            if s > a:
-                out.append((a, s))
-            a = max(a, e)
-            if a >= b:
-                return out
-        if a < b:
-            out.append((a, b))
-        return out
-
-    def add(self, a, b):
-        iv, merged = self.iv, []
-        i = 0
-        while i < len(iv) and iv[i][1] < a:
-            merged.append(iv[i])
-            i += 1
-        while i < len(iv) and iv[i][0] <= b:
-            a, b = min(a, iv[i][0]), max(b, iv[i][1])
-            i += 1
-        merged.append((a, b))
-        merged.extend(iv[i:])
-        self.iv = merged
-
-
-def schedule(plan, counts, total, alias, fetch, flush):
-    """(fetches, flushes): for every executor pass c, the element ranges (name, start, stop) to
-    copy device -> host before it (read before anything wrote them, in buffers named in `fetch`)
-    and those whose last write happens in it (buffers named in `flush`). `counts` and `total`
-    are the executor's chunk layout of `plan`; `alias` maps "in" to "out" when they are one
-    buffer. Reads of a stage see the writes of earlier stages; the ops of a stage are
-    independent (the plan contract, topology/plan.py)."""
-    from pyccl.topology.plan import COPY, RECV_REDUCE, RECV_REDUCE_SEND, SEND, chunk_of
-    reads_src = (SEND, COPY, RECV_REDUCE, RECV_REDUCE_SEND)
-    seen = {n: _Ranges() for n in fetch}
-    fetches = [[] for _ in range(total)]
-    writes = []
-    for c in range(total):
-        for si, stage in enumerate(plan.stages):
-            wrote = []
-            for oi, o in enumerate(stage):
-                n = counts[si][oi]
-                if c >= n:
-                    continue
-                if o.kind in reads_src:
-                    r = chunk_of(o.src, c, n)
-                    name = alias.get(r.buf, r.buf)
-                    if name in seen and r.stop > r.start:
-                        for a, b in seen[name].missing(r.start, r.stop):
-                            fetches[c].append((name, a, b))
-                            seen[name].add(a, b)
-                if o.kind != SEND and o.dst is not None:
-                    wrote.append(chunk_of(o.dst, c, n))
-            for r in wrote:
-                name = alias.get(r.buf, r.buf)
-                if r.stop <= r.start:
-                    continue
-                if name in seen:
-                    seen[name].add(r.start, r.stop)
-                if name in flush:
-                    writes.append((c, name, r.start, r.stop))
-    flushes = [[] for _ in range(total)]
-    painted = {n: _Ranges() for n in flush}
-    for c, name, a, b in reversed(writes):
-        for x, y in painted[name].missing(a, b):
-            flushes[c].append((name, x, y))
-            painted[name].add(x, y)
-    return fetches, [_merge(f) for f in flushes]
-
-
-def _merge(ranges):
-    """Adjacent ranges of one buffer as one (fewer, larger copies)."""
-    out = []
-    for name, a, b in sorted(ranges):
-        if out and out[-1][0] == name and out[-1][2] == a:
-            out[-1] = (name, out[-1][1], b)
-        else:
-            out.append((name, a, b))
-    return out
-
-
-def _groups(fetches, itemsize, group_bytes):
-    """The fetches cut into copy groups, each followed by one event the host waits for:
-    [(first pass that needs it, merged ranges, bytes)]. The first group is the first fetching
-    pass alone (the network waits for it); later groups double in size up to `group_bytes`."""
-    groups, cur, first, size, target = [], [], None, 0, 0
-    for c, f in enumerate(fetches):
-        if not f:
-            continue
-        if not cur:
-            first = c
-        cur.extend(f)
-        size += sum(b - a for _, a, b in f) * itemsize
-        if size >= target:
-            groups.append((first, _merge(cur), size))
-            target = min(group_bytes, 2 * max(size, target))
-            cur, size = [], 0
-    if cur:
-        groups.append((first, _merge(cur), size))
-    return groups
 
 
 # ---- per-communicator state ---------------------------------------------------------------------
@@ -407,12 +337,14 @@ class Staging:
 
     staged = True
 
-    def __init__(self, comm, device: int, rt=None):
+    def __init__(self, comm, flat, hier, device: int, rt=None):
         if rt is None:
             from pyccl.transports import cuda_ipc
             rt = cuda_ipc._cupy().cuda.runtime
         self.rt = rt
-        self.comm = comm
+        self.comm = comm                  # the communicator's Resources (ccl/engines/base.py)
+        self.flat = flat                  # whose plans the staged calls run
+        self.hier = hier                  # the CPU composition, whose rails the CUDA one shares
         self.dev = int(device)
         self.rank, self.size, self.tag = comm.rank, comm.size, comm.tag
         self.timeout = comm.timeout
@@ -509,11 +441,11 @@ class Staging:
 
     # -- one collective --
     def run(self, what, build, ready, end, args):
-        """The body of one staged collective, run in call order (comm._submit)."""
+        """The body of one staged collective, run in call order (ccl/queue.py)."""
         rt, comm = self.rt, self.comm
         with _OnDevice(rt, self.dev):
             try:
-                call = build(comm, *args)
+                call = build(self, *args)
                 rt.streamWaitEvent(self.d2h, ready, 0)     # read the input after the caller's work,
                 rt.streamWaitEvent(self.h2d, ready, 0)     # write the output after it too
             finally:
@@ -533,7 +465,7 @@ class Staging:
             if call.inplace:
                 bufs["in"] = bufs["out"]
             chunk = call.chunk or comm.chunk_bytes
-            if comm._fixed_chunk is None:
+            if comm.fixed_chunk is None:
                 chunk = min(chunk, self.chunk_cap)
             stager = _Stager(self, what, views, host, mem["avg"].view(dtype) if avg else None,
                              next(iter(views.values())).itemsize if views else 1, call.fetch, call.flush)
@@ -543,22 +475,18 @@ class Staging:
         return None
 
     # -- several ranks per host: the composition of ccl/engines/cuda_composed.py --
-    def composed_call(self, name, async_op, sig, caller, view, args):
-        """Submit one composed collective (node-local CUDA phases around a staged rail phase)."""
+    def composition(self):
+        """The composed collectives on CUDA buffers (ccl/engines/cuda_composed.py), made by
+        the first call that takes them, on the caller's thread."""
         if self.composed is None:
             from .cuda_composed import CudaComposed
             self.composed = CudaComposed(self)
-        comp = self.composed
+        return self.composed
 
-        def fn(what):
-            return comp.run(name, what, caller, args)
-        if not async_op:
-            end = self.comm._submit(name, fn, False, sig)
-            self.rt.streamWaitEvent(caller, end, 0)
-            if self.sync_each:
-                comp.local.synchronize(name, end)
-            return None
-        return ComposedWork(self.comm._submit(name, fn, True, sig), comp.local, view)
+    def composed_run(self, name, what, caller, args):
+        """One composed collective (node-local CUDA phases around a staged rail phase), in
+        call order; returns the event that ends its last local phase."""
+        return self.composition().run(name, what, caller, args)
 
     # -- what comm.cuda answers (communicator, torch backend, tests) --
     def raise_if_failed(self, what):
@@ -576,7 +504,7 @@ class Staging:
                 self.wait_event(ev, what, "the collective's copies back to the GPU", timeout)
         self.raise_if_failed(what)
 
-    def torch_all_reduce(self, comm):
+    def torch_all_reduce(self):
         """The torch backend's small all-reduce lane does not apply across hosts."""
         return lambda tensor, op, async_op: False
 

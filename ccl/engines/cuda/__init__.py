@@ -104,7 +104,7 @@ launch on the caller's stream per call (see its docstring).
 from .engine import CudaCollectives
 from .kernels import FLAG_WORDS, MAXB, MAXR, THREADS
 from .state import MAIL_WORDS
-from .submit import CudaWork, _signature, submit
+from .submit import CudaEngine, CudaWork, _signature, cuda_args
 
-__all__ = ["CudaCollectives", "CudaWork", "submit", "FLAG_WORDS", "MAIL_WORDS", "MAXB", "MAXR", "THREADS",
+__all__ = ["CudaCollectives", "CudaEngine", "CudaWork", "cuda_args", "FLAG_WORDS", "MAIL_WORDS", "MAXB", "MAXR", "THREADS",
            "_signature"]

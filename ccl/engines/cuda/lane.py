@@ -24,7 +24,7 @@ def _torch_maps():
 class TorchLaneMixin:
     """``torch_all_reduce`` and the caches it keeps."""
 
-    def torch_all_reduce(self, comm):
+    def torch_all_reduce(self):
         """The fast lane of the torch backend: ``lane(tensor, op, async_op)`` enqueues a one-shot
         (or, once the scratch has grown to fit it, a 'kernel' two-shot) all-reduce of a
         contiguous CUDA tensor on this GPU and returns None (synchronous: on
@@ -36,6 +36,7 @@ class TorchLaneMixin:
         host reads the error word, counts the call (for error messages) and launches one kernel;
 the epoch advances on the device (capture-safe)."""
         get_stream, get_device, dtypes, ops = _torch_maps()
+        q, repro = self.comm.queue, self.comm.reproducible      # call order and mode (ccl/queue.py)
         cache = {}
         self._lane_caches.append(cache)
         dev = self.dev
@@ -46,16 +47,16 @@ the epoch advances on the device (capture-safe)."""
             p = cache.get(key)
             if p is None:
                 p = prepare(t, key, opname)
-            if p is False or get_device() != dev or not t.is_contiguous() or comm._inflight:
+            if p is False or get_device() != dev or not t.is_contiguous() or q.inflight:
                 return False
-            return self._go(p, "all_reduce", comm, get_stream(dev), async_op)
+            return self._go(p, "all_reduce", q, get_stream(dev), async_op)
 
         def prepare(t, key, opname):
             p = False
             dtype = dtypes.get(t.dtype)
             op = ops.get(opname)
             nbytes = t.numel() * t.element_size()
-            if comm.reproducible and takes(dtype, op):
+            if repro and takes(dtype, op):
                 dtype = None                     # reproducible mode: the general path (ccl/engines/reproducible.py)
             if dtype is not None and op is not None and t.is_cuda and t.get_device() == dev and \
                     0 < nbytes and t.is_contiguous():
@@ -75,7 +76,7 @@ the epoch advances on the device (capture-safe)."""
             return p
         return lane
 
-    def torch_copies(self, comm):
+    def torch_copies(self):
         """The fast lane of the torch backend's other collectives: ``lane(name, out, inp, arg,
         async_op)`` with name 'all_gather' (arg unused), 'all_to_all' (equal pieces), 'broadcast'
         (out is the buffer, arg the root), 'reduce_scatter' (arg the op name, as
@@ -86,6 +87,7 @@ the epoch advances on the device (capture-safe)."""
         calls that make no host exchange take it: pieces up to PYCCL_CUDA_STAGE_MAX that fit
         the scratch as it is (growing it is collective and left to the general path)."""
         get_stream, get_device, dtypes, ops = _torch_maps()
+        q, repro = self.comm.queue, self.comm.reproducible      # call order and mode (ccl/queue.py)
         cache = {}
         self._lane_caches.append(cache)
         dev, size = self.dev, self.size
@@ -96,9 +98,9 @@ the epoch advances on the device (capture-safe)."""
             if p is None:
                 p = prepare(name, out, inp, arg, key)
             if p is False or get_device() != dev or not out.is_contiguous() or not inp.is_contiguous() or \
-                    comm._inflight:
+                    q.inflight:
                 return False
-            return self._go(p, name, comm, get_stream(dev), async_op)
+            return self._go(p, name, q, get_stream(dev), async_op)
 
         def prepare(name, out, inp, arg, key):
             p = None
@@ -109,7 +111,7 @@ the epoch advances on the device (capture-safe)."""
                 pass
             elif name == "reduce_scatter":
                 dtype, op = dtypes.get(out.dtype), ops.get(arg)
-                if dtype is not None and op is not None and not (comm.reproducible and takes(dtype, op)):
+                if dtype is not None and op is not None and not (repro and takes(dtype, op)):
                     n = out.numel()
                     sig = _signature("reduce_scatter", {"dtype": dtype, "root": -1, "redop": op.name, "count": n})
                     with self._device:
@@ -117,7 +119,7 @@ the epoch advances on the device (capture-safe)."""
             elif name == "reduce":                 # one-shot sizes; non-roots reduce into pyccl's buffer
                 root, opname = arg
                 dtype, op = dtypes.get(out.dtype), ops.get(opname)
-                if dtype is not None and op is not None and not (comm.reproducible and takes(dtype, op)) and \
+                if dtype is not None and op is not None and not (repro and takes(dtype, op)) and \
                         nb <= self.oneshot_max:
                     n = out.numel()
                     sig = _signature("reduce", {"dtype": dtype, "root": root, "redop": op.name, "count": n})
@@ -140,20 +142,20 @@ the epoch advances on the device (capture-safe)."""
             return p or False
         return lane
 
-    def _go(self, p, name, comm, caller, async_op):
+    def _go(self, p, name, q, caller, async_op):
         """Launch prepared `p` as a call of the torch lane: synchronous on the caller's stream
         (after our previous collective), or async on pyccl's stream (returns its end event).
         First the health check every lane makes: an error a kernel left (or a closed or aborted
         state) raises here, counted as this call; a broken or closed communicator returns False,
         so that the general path raises the right error."""
         if self._closed or self.status.words[1] or self._abort_reason is not None:
-            comm._seq += 1
-            self.raise_if_failed(f"{name} #{comm._seq} on {self.tag} (rank {self.rank}/{self.size})")
-        if comm._broken is not None or comm._closed:
+            q.seq += 1
+            self.raise_if_failed(f"{name} #{q.seq} on {self.tag} (rank {self.rank}/{self.size})")
+        if q.broken is not None or q.closed:
             return False
-        comm._seq += 1
+        q.seq += 1
         e = self._epoch = self._epoch + 1
-        self._names[e & 4095] = (name, comm._seq)
+        self._names[e & 4095] = (name, q.seq)
         if async_op:
             self._begin(caller)
             p.launch(p.fn, p.grid, THREADS, self.stream, p.address)

@@ -1,74 +1,95 @@
-"""The entry from the communicator: ``submit`` runs one collective on CUDA buffers through the
-communicator's ordered execution; ``CudaWork`` is the Work of an async one; ``_signature`` is
-the 63-bit word every rank of a call must agree on (checked by the kernels and the mailbox)."""
+"""The CUDA engine (collectives on device memory of ranks that share a host), its async Work,
+and ``_signature``: the 63-bit word every rank of a call must agree on (checked by the
+kernels and the mailbox)."""
 import zlib
 
-from ...buffers import Buffer
 from ...errors import InvalidArgument
+from ..base import EngineBase
+
+#: the collectives of CudaCollectives, by the name of the method that runs them
+METHODS = frozenset({"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all",
+                     "gather", "scatter"})
 
 
-# ---- entry from the communicator ---------------------------------------------------------------
-def submit(comm, name, async_op, sig, *args):
-    """Run collective `name` on CUDA buffers through `comm`'s ordered execution.
-
-    args are the collective's arguments (Buffers, ops, roots, splits) as the communicator
-    validated them. Called on the caller's thread, which fixes the caller's stream."""
-    bufs = [a for a in args if isinstance(a, Buffer)]
-    devs = {b.device for b in bufs}
-    if "cpu" in devs:
-        raise InvalidArgument(f"{name}: buffers are on {sorted(devs)}; all of one call's buffers must be on "
-                              f"the same device")
-    if len(devs) != 1:
-        raise InvalidArgument(f"{name}: buffers are on several GPUs {sorted(devs)}; one GPU per rank")
-    dev = bufs[0].array.device
-    cc = getattr(comm, "cuda", None)
-    if getattr(cc, "staged", False) or (cc is None and len({i.get("host") for i in comm.peer_info}) > 1):
-        from ..staged import submit as staged          # ranks on several hosts: ccl/engines/staged.py
-        return staged(comm, name, async_op, sig, *args)
-    if cc is None:
-        comm._check_usable(name)
-        from .engine import CudaCollectives
-        cc = comm.cuda = CudaCollectives(comm, dev)
-    elif cc.dev != dev:
-        raise InvalidArgument(f"{name}: buffer is on cuda:{dev} but this communicator's rank {comm.rank} works "
-                              f"on cuda:{cc.dev} (one GPU per rank and communicator)")
-    method = getattr(cc, name, None)
-    if method is None:
-        raise InvalidArgument(f"{name}: not implemented for CUDA buffers yet; use a CPU copy")
-    caller = bufs[0].array.caller_stream()
-    join = not async_op
-    signature = _signature(name, sig)
-
-    def fn(what):
-        return method(what, caller, join, signature, *args)
-    if async_op and comm._inflight == 0:
-        # Nothing queued before it: enqueue right here (it never blocks the host) instead of
-        # handing it to the communicator's thread; the caller's stream is not made to wait.
-        return CudaWork(Enqueued(comm._submit(name, fn, False, sig), name), cc, bufs[0].array)
-    work = comm._submit(name, fn, async_op, sig)
-    if async_op:
-        return CudaWork(work, cc, bufs[0].array)
-    if cc.sync_each:
-        cc.synchronize(name)
-    return None
+def device_splits(call) -> bool:
+    """all_to_all with split sizes in CUDA tensors (moved without a device-to-host copy)."""
+    return call.op == "all_to_all" and not isinstance(call.in_splits, tuple)
 
 
-class Enqueued:
-    """The host side of a collective that was enqueued inline on the caller's stream: already
-    done for the host (its error, if any, was raised by the call itself), so waiting is a no-op."""
-    __slots__ = ("result", "what")
+def cuda_args(call) -> tuple:
+    """(method name, arguments) as the CUDA collectives and the staging take them."""
+    op, i, o = call.op, call.inp, call.out
+    if op in ("all_reduce",):
+        return op, (o, call.redop)
+    if op == "reduce":
+        return op, (o, call.root, call.redop)
+    if op == "broadcast":
+        return op, (o, call.root)
+    if op == "all_gather":
+        return op, (o, i)
+    if op == "reduce_scatter":
+        return op, (o, i, call.redop)
+    if op == "all_to_all":
+        if device_splits(call):
+            return "all_to_all_dev", (o, i, call.out_splits, call.in_splits)
+        return op, (o, i, call.out_splits, call.in_splits, call.even)
+    if op in ("gather", "scatter"):
+        return op, (o, i, call.root)
+    raise InvalidArgument(f"{op}: not implemented for CUDA buffers yet; use a CPU copy")
 
-    def __init__(self, event, what):
-        self.result, self.what = event, what
 
-    def wait(self, timeout=None):
-        return True
+class CudaEngine(EngineBase):
+    """Ranks of one host, device memory: the IPC kernels and copy engines of CudaCollectives,
+    made on the first call (it needs the device). Stream-ordered: a call binds the caller's
+    current stream when it is made, and its host part only enqueues (ccl/engines/base.py)."""
+    name = "cuda"
+    kinds = ("cuda",)
+    ops = METHODS
+    stream_ordered = True
+    enqueue_only = True
 
-    def is_completed(self):
-        return True
+    def __init__(self, res):
+        self.res = res
+        self.state = None                 # CudaCollectives, on the first call
 
-    def exception(self):
+    def takes(self, call) -> bool:
+        return self.res.hosts == 1 and EngineBase.takes(self, call)
+
+    def price(self, call):
+        link = self.res.costs.get("cuda_ipc")
+        return link.alpha + call.nbytes * link.beta if link is not None else 0.0
+
+    def begin(self, call):
+        view = (call.out or call.inp).array
+        dev = view.device
+        cc = self.state
+        if cc is None:
+            from .engine import CudaCollectives
+            cc = self.state = CudaCollectives(self.res, dev)
+        elif cc.dev != dev:
+            raise InvalidArgument(f"{call.op}: buffer is on cuda:{dev} but this communicator's rank "
+                                  f"{self.res.rank} works on cuda:{cc.dev} (one GPU per rank and communicator)")
+        name, args = cuda_args(call)
+        call.stream = (view.caller_stream(), _signature(name, call.sig), name, args, view)
+
+    def run(self, call, what):
+        caller, signature, name, args, _ = call.stream
+        return getattr(self.state, name)(what, caller, not call.async_op, signature, *args)
+
+    def finish(self, call, outcome):
+        if call.async_op:
+            return CudaWork(outcome, self.state, call.stream[4])
+        if self.state.sync_each:
+            self.state.synchronize(call.op)
         return None
+
+    def abort(self):
+        if self.state is not None:
+            self.state.abort()
+
+    def close(self):
+        if self.state is not None:
+            self.state.close()
 
 
 _SIGS = {}
