@@ -9,14 +9,12 @@ Connections are opened lazily (`Connections`): the first plan or point-to-point 
 needs a peer opens it, every peer of a plan at once. Shared memory stays eager: its rings are
 mapped at set-up, cost no file descriptor per peer, and its set-up is collective among the
 ranks of one host. Everything else (tcp, ibverbs) opens on first use; TCP needs no store
-request for it (addresses came with the bootstrap records, ccl/bootstrap.py).
+request for it (addresses came with the bootstrap records, ccl/bootstrap.py; dialing:
+transports/tcp_dial.py).
 """
-import os
-import socket
 from collections.abc import Mapping
 
-from ..errors import InvalidArgument, PeerFailure, TransportError
-from ..process import pid_alive, pid_namespace
+from ..errors import InvalidArgument, TransportError
 from .base import SetupContext
 from .tcp import TCPTransport
 
@@ -157,27 +155,6 @@ class Connections(Mapping):
         self._open = {}
         for t in self._by_name.values():
             t.close()
-
-
-def check_alive(ctx: SetupContext, peers) -> None:
-    """PeerFailure for a peer found dead while waiting for it to connect: a process of this
-    host (same pid namespace) that has exited, or a remote listener that refuses connections."""
-    me = ctx.info.get(ctx.rank, {})
-    for p in peers:
-        info = ctx.info.get(p, {})
-        if info.get("host") == me.get("host") and info.get("pidns") == pid_namespace() and info.get("pid"):
-            if not pid_alive(info["pid"]):
-                raise PeerFailure(f"{ctx.comm_tag}: rank {p} is gone (its process {info['pid']} exited) "
-                                  f"while rank {ctx.rank} waited for it to connect")
-        elif info.get("addr"):
-            host, _, port = info["addr"].rpartition(":")
-            try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
-            except ConnectionRefusedError:
-                raise PeerFailure(f"{ctx.comm_tag}: rank {p} is gone (its listener {info['addr']} refuses "
-                                  f"connections) while rank {ctx.rank} waited for it to connect") from None
-            except OSError:
-                pass
 
 
 def connect_all(ctx: SetupContext, choice: str):
