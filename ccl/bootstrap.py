@@ -200,8 +200,8 @@ def exchange(store, root_store, rank, size, members, secret, tag, timeout, bind_
     me = local_info(rank)
     me["addr"] = listener.address
     if rank == 0:
-        from . import tune
-        me["tune"] = tune.load()            # rank 0's calibration prices the plans of every rank
+        from .topology.profile import load
+        me["tune"] = load()                 # rank 0's calibration prices the plans of every rank
     from pyccl.transports.tcp import _lanes
     me["tcp_lanes"] = _lanes()              # both ends of a TCP pair must open as many sockets
     if size == 1:

@@ -42,46 +42,15 @@ import time
 
 import numpy as np
 
-from pyccl import settings
 from pyccl.topology.cost import SHM_ENGINE as ENGINE   # the node-local C collectives' cost entry
+# reading a profile lives below its users (topology/profile.py, cost.py); named here as before
+from pyccl.topology.cost import measured_costs  # noqa: F401
+from pyccl.topology.profile import FIELDS, load, profile_path  # noqa: F401
 
 log = logging.getLogger("pyccl")
 
 PROBE_TRANSPORTS = ("shm", "tcp", ENGINE)    # ENGINE: probed over shm with the C collectives on
 SMALL, LARGE, CHUNK = 8, 4 << 20, 1 << 20
-FIELDS = ("alpha_us", "bw_gbs", "reduce_gbs")
-
-
-def profile_path(env=None) -> str:
-    """Where this host's profile lives ('' when profiles are off)."""
-    env = os.environ if env is None else env
-    path = settings.get("PYCCL_TUNE_PROFILE", env) or ""
-    if path.lower() in ("off", "0", "none"):
-        return ""
-    if path:
-        return os.path.expanduser(path)
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pyccl", f"tune-{socket.gethostname()}.json")
-
-
-def load(env=None) -> dict:
-    """{transport: {alpha_us, bw_gbs, reduce_gbs}} from the profile, {} when there is none
-    (or it is unreadable: then a warning says why and the defaults stand)."""
-    path = profile_path(env)
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        out = {}
-        for name, v in data["transports"].items():
-            vals = [float(v[k]) for k in FIELDS]
-            if all(x > 0 for x in vals):
-                out[name] = dict(zip(FIELDS, vals))
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("pyccl: tuner profile %s unreadable (%s); using the default costs", path, e)
-        return {}
 
 
 def save(transports: dict, path: str, extra=None) -> None:
@@ -204,12 +173,6 @@ def show(env=None) -> str:
         lines.append(f"  {name:9s} alpha {c.alpha * 1e6:8.2f} us  bw {1 / c.beta / 1e9:8.3f} GB/s  "
                      f"reduce {1 / c.gamma / 1e9:7.3f} GB/s  ({src})")
     return "\n".join(lines)
-
-
-def measured_costs(profile: dict) -> dict:
-    """{transport: LinkCost} of a profile from load()."""
-    from pyccl.topology.cost import LinkCost
-    return {name: LinkCost.of(v["alpha_us"], v["bw_gbs"], v["reduce_gbs"]) for name, v in (profile or {}).items()}
 
 
 def main(argv=None) -> int:

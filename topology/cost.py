@@ -67,15 +67,20 @@ DEFAULTS = {
 SHM_ENGINE = "shm_engine"
 
 
+def measured_costs(profile: dict) -> dict:
+    """{transport: LinkCost} of a profile from topology/profile.py's load()."""
+    return {name: LinkCost.of(v["alpha_us"], v["bw_gbs"], v["reduce_gbs"]) for name, v in (profile or {}).items()}
+
+
 def transport_costs(env=None, measured: Optional[dict] = None) -> dict:
     """{transport: LinkCost}: measured values over DEFAULTS, then PYCCL_* overrides.
 
     measured: {transport: LinkCost}; {} means none (the defaults); None loads the profile
-    (pyccl.tune.load) when env is the process environment (None) or names PYCCL_TUNE_PROFILE,
+    (topology/profile.py's load) when env is the process environment (None) or names PYCCL_TUNE_PROFILE,
     so that an explicit env dict stays a pure input (tests, the plan CLI's what-ifs)."""
     if measured is None:
-        from pyccl import tune
-        measured = tune.measured_costs(tune.load(env)) if env is None or "PYCCL_TUNE_PROFILE" in env else {}
+        from .profile import load
+        measured = measured_costs(load(env)) if env is None or "PYCCL_TUNE_PROFILE" in env else {}
     env = os.environ if env is None else env
     out = dict(DEFAULTS)
     out.update(measured)
