@@ -1,4 +1,4 @@
-"""The staging schedule (ccl/engines/staged.py) against a brute-force walk, for every plan builder.
+"""The staging schedule (ccl/engines/staged_schedule.py) against a brute-force walk, for every plan builder.
 
 The GPU side of staging runs in tests/test_cuda_multihost.py (GPU machines only). What can
 be proved without a GPU is the part that decides correctness: for each executor pass, which
@@ -10,11 +10,11 @@ back iff it is ever written, once, in the pass of its last write.
 """
 import pytest
 
-from pyccl.engines.executor import Executor
-from pyccl.engines.staged import _groups, schedule
+from pyccl.engines.staged_schedule import _groups, schedule
 from pyccl.topology import direct
 from pyccl.topology.graph import APPLIES, Topology, applicable, build_plan
 from pyccl.topology.plan import COPY, RECV_REDUCE, RECV_REDUCE_SEND, SEND, chunk_of, max_region
+from pyccl.topology.walk import layout
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,7 +79,7 @@ def test_schedule_matches_element_walk(name, topo, op, algo, count, chunk):
         plan = build_plan(op, algo, rank, topo, count, root=topo.nranks - 1, chunk_elems=chunk,
                           inter="ring" if algo == "hierarchical" else None)
         chunk_elems = max(chunk, max_region(plan)) if plan.atomic else chunk
-        counts, total, _ = Executor._layout(plan, chunk_elems)
+        counts, total = layout(plan, chunk_elems)[1:3]
         alias = {"in": "out"} if inplace else {}
         fetch = ("out",) if inplace else ("in",)
         fetches, flushes = schedule(plan, counts, total, alias, fetch, ("out",))
@@ -107,7 +107,7 @@ def test_schedule_direct_plans(size):
                  (direct.scatter(rank, size, 11, 1), ("in",), ("out",))]
         for plan, fetch, flush in plans:
             for chunk in (2, 5, 100):
-                counts, total, _ = Executor._layout(plan, chunk)
+                counts, total = layout(plan, chunk)[1:3]
                 fetches, flushes = schedule(plan, counts, total, {}, fetch, flush)
                 want_fetch, want_flush = _brute(plan, counts, total, {}, fetch, flush)
                 assert _flatten(fetches) == want_fetch

@@ -276,10 +276,11 @@ class Timeline(NamedTuple):
 def walk(plans, topo: Topology, costs: dict, itemsize: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          record: bool = True) -> Timeline:
     """Replay `plans` (one per rank) under the cost model, as the executor would run them."""
-    from .simulate import PlanError, expand_chunks
+    from .simulate import PlanError
+    from .walk import chunked_stages
     n = len(plans)
     chunk_elems = max(1, chunk_bytes // itemsize)
-    xs = [expand_chunks(p, chunk_elems) for p in plans]
+    xs = [chunked_stages(p, chunk_elems) for p in plans]     # each rank's steps, in order
     hosts = topo.hosts
     port = {}
     cpu = [0.0] * n                  # when each rank's CPU is free (reductions and copies are serial)
@@ -311,7 +312,7 @@ def walk(plans, topo: Topology, costs: dict, itemsize: int = 4, chunk_bytes: int
     while ready:
         r = ready.popleft()
         queued[r] = False
-        stages = xs[r].stages
+        stages = xs[r]
         while stage_at[r] < len(stages):
             si = stage_at[r]
             st = stages[si]
@@ -352,7 +353,7 @@ def walk(plans, topo: Topology, costs: dict, itemsize: int = 4, chunk_bytes: int
             pending[r] = None
             now[r] = tend
             stage_at[r] += 1
-    stuck = [r for r in range(n) if stage_at[r] < len(xs[r].stages)]
+    stuck = [r for r in range(n) if stage_at[r] < len(xs[r])]
     if stuck:
         raise PlanError(f"walk: deadlock, {len(stuck)} ranks stuck (e.g. rank {stuck[0]})")
     return Timeline(max(now, default=0.0), now, msgs)

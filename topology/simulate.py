@@ -98,30 +98,18 @@ def simulate(plans, buffers, op="sum"):
 # simulate() above is unchanged.
 
 def expand_chunks(plan, chunk_elems: int):
-    """The plan as the executor runs it with `chunk_elems`: "for chunk: for stage: for op",
-    each op on its chunk (ops with fewer chunks skipped), flattened into one stage list.
+    """The plan as the executor runs it with `chunk_elems` (topology/walk.py: "for chunk: for
+    stage: for op", each op on its chunk, ops with fewer chunks skipped), flattened into one
+    stage list.
 
     Simulating the expanded plans proves a plan correct under chunking too: a plan whose
     stage k reads part of a region written whole by stage j < k reads, at chunk c, data
     written only at a later chunk, and gives wrong results here. Atomic plans are expanded
     with chunk_elems >= their longest region (one chunk per op), as the executor must."""
-    from .plan import RankPlan, chunk_of, max_region, nchunks
-    if getattr(plan, "atomic", False):
-        chunk_elems = max(chunk_elems, max_region(plan))
-    chunk_elems = max(1, chunk_elems)
-    counts = [[nchunks((o.dst or o.src).length, chunk_elems) for o in st] for st in plan.stages]
-    total = max((c for st in counts for c in st), default=0)
-    stages = []
-    for c in range(total):
-        for st, cn in zip(plan.stages, counts):
-            ops = []
-            for o, n in zip(st, cn):
-                if c < n:
-                    ops.append(o._replace(src=o.src and chunk_of(o.src, c, n),
-                                          dst=o.dst and chunk_of(o.dst, c, n)))
-            if ops:
-                stages.append(ops)
-    return RankPlan(plan.op, plan.algo, plan.rank, plan.nranks, stages, plan.tmp_elems, plan.reduces)
+    from .plan import RankPlan
+    from .walk import chunked_stages
+    return RankPlan(plan.op, plan.algo, plan.rank, plan.nranks, chunked_stages(plan, chunk_elems),
+                    plan.tmp_elems, plan.reduces)
 
 
 def simulate_chunked(plans, buffers, op="sum", chunk_elems: int = 1):

@@ -1,8 +1,9 @@
 """The one engine that runs every plan over every transport.
 
-It cuts each region into chunks, walks "for chunk: for stage: for op", posts sends and
-receives on the peers' connections, and keeps many chunks in flight: sends complete in
-the background while later chunks are received and reduced, which is the pipelining.
+It walks a plan's passes in the order topology/walk.py gives ("for chunk: for stage: for
+op", each op on its chunk), posts sends and receives on the peers' connections, and keeps
+many chunks in flight: sends complete in the background while later chunks are received
+and reduced, which is the pipelining.
 A region that a pending send still reads is not overwritten until that send is done.
 Every wait is bounded by the communicator's timeout and names what it was waiting for.
 """
@@ -12,9 +13,8 @@ import time
 
 import numpy as np
 
-from pyccl.topology.plan import max_region
-from pyccl.topology.plan import (COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND, chunk_of,
-                                  nchunks)
+from pyccl.topology.plan import COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND
+from pyccl.topology.walk import layout, passes
 from ..errors import PeerFailure, Timeout, TransportError
 from ..reduce import reduce_into
 
@@ -79,10 +79,8 @@ class Executor:
             alias["in"] = "out"
         raw = {k: memoryview(v.view(np.uint8)) for k, v in arrays.items() if v is not None}
         chunk_elems = max(1, (chunk_bytes or self.chunk_bytes) // item)
-        if plan.atomic:
-            chunk_elems = max(chunk_elems, max_region(plan))
-        stages = plan.stages
-        counts, total, peers = self._layout(plan, chunk_elems)
+        lay = layout(plan, chunk_elems)         # the order of passes: topology/walk.py
+        peers = lay.peers
         # open every connection this plan needs at once (lazy: ccl/bootstrap.py, transports/select.py)
         ensure = getattr(self.conns, "ensure", None)
         try:
@@ -91,7 +89,7 @@ class Executor:
             raise type(e)(f"rank {self.rank} in {what}, opening connections: {e}") from None
         sends = []                     # (request, canonical buf, start, stop)
         if stager is not None:
-            stager.start(plan, counts, total, alias, chunk_elems)
+            stager.start(plan, lay.counts, lay.total, alias, lay.chunk_elems)
 
         def canon(reg):
             return alias.get(reg.buf, reg.buf)
@@ -114,31 +112,25 @@ class Executor:
             if not req.done:
                 sends.append((req, canon(reg), reg.start, reg.stop))
 
-        for c in range(total):
+        for c, stages in passes(plan, chunk_elems):
             if stager is not None:
                 stager.before(c)
-            for si, stage in enumerate(stages):
+            for si, steps in stages:
                 active = []
-                for oi, o in enumerate(stage):
-                    n = counts[si][oi]
-                    if c >= n:
-                        continue
+                for oi, o, n, src, dst in steps:
                     self.where = f"{what} stage {si} chunk {c}/{n}: {o.kind}"
                     kind = o.kind
                     if kind == SEND:
-                        post_send(o.send_peer, chunk_of(o.src, c, n))
+                        post_send(o.send_peer, src)
                     elif kind == COPY:
-                        dst = chunk_of(o.dst, c, n)
                         protect(dst)
-                        typed(dst)[...] = typed(chunk_of(o.src, c, n))
+                        typed(dst)[...] = typed(src)
                     else:
-                        dst = chunk_of(o.dst, c, n)
                         protect(dst)
                         if kind in (RECV, RECV_COPY_SEND):
                             req = self.conns[o.recv_peer].irecv(mv(dst), call)
                             active.append(_Recv(o, req, dst, None, None))
                         else:
-                            src = chunk_of(o.src, c, n)
                             scratch = self._scratch_for(oi, arrays[dst.buf].dtype, dst.length)
                             req = self.conns[o.recv_peer].irecv(memoryview(scratch.view(np.uint8)), call)
                             active.append(_Recv(o, req, dst, src, scratch))
@@ -163,17 +155,6 @@ class Executor:
             self._drive(conns, lambda: all(s[0].done for s in sends),
                         lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
         self.where = ""
-
-    @staticmethod
-    def _layout(plan, chunk_elems):
-        """Chunks per op, total passes and peers of a plan; cached on the plan per chunk size."""
-        cache = plan.__dict__.setdefault("_layouts", {})
-        hit = cache.get(chunk_elems)
-        if hit is None:
-            counts = [[nchunks((o.dst or o.src).length, chunk_elems) for o in st] for st in plan.stages]
-            total = max((c for st in counts for c in st), default=0)
-            hit = cache[chunk_elems] = (counts, total, sorted(plan.peers()))
-        return hit
 
     def _waiting(self, what, si, c, active) -> str:
         parts = [f"{a.op.kind} from rank {a.peer} ({a.req.nbytes} bytes)" for a in active if not a.req.done]
