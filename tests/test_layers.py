@@ -175,7 +175,7 @@ def import_edges(modules: dict) -> tuple:
                     problems.append(f"{where}: `{_text(node)}` imports {name}, which is no module of the package")
                 elif name != mod:
                     edges.append(Edge(mod, name, where, _text(node)))
-    return edges, problems
+    return list(dict.fromkeys(edges)), problems      # `from m import a, b`: one edge
 
 
 MODULES = package_modules()
