@@ -35,7 +35,7 @@ def iters_for(nbytes):
 def time_variant(comm, x, algo, iters):
     """Mean seconds per call of `iters` all_reduces with PYCCL_ALGO=algo ('' = the tuner), slowest rank."""
     os.environ["PYCCL_ALGO"] = algo
-    comm._plans.clear()                  # bench only: plans are cached per shape, not per PYCCL_ALGO
+    comm.engines.forget()                # plans and choices are cached per shape, not per PYCCL_ALGO
     comm.all_reduce(x)                   # builds (and warms) the plan
     comm.barrier()
     t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def run(args):
     rows = []
     if comm.rank == 0:
         costs = {k: (round(v.alpha * 1e6, 2), round(1 / v.beta / 1e9, 3), round(1 / v.gamma / 1e9, 2))
-                 for k, v in comm._costs.items() if k in (topo.intra, topo.inter)}
+                 for k, v in comm.costs.items() if k in (topo.intra, topo.inter)}
         print(f"# {topo.describe()}; costs (alpha us, GB/s, reduce GB/s): {costs}", flush=True)
         print(f"# {'size':>10} {'engine':>16} {'pick':>17} {'tuner us':>10} " +
               " ".join(f"{a[:10]:>10}" for a in algos) + f" {'best':>10} {'tuner/best':>10}", flush=True)
@@ -73,8 +73,9 @@ def run(args):
         stat = np.min if args.stat == "min" else np.median
         med = {v: float(stat(t)) for v, t in per.items()}
         os.environ["PYCCL_ALGO"] = ""
-        local = comm._local_for("all_reduce", nbytes) is not None
-        c = choose("all_reduce", nbytes, topo, comm._costs, chunk_bytes=comm._fixed_chunk)
+        local = comm.local is not None
+        c = choose("all_reduce", nbytes, topo, comm.costs,
+                   chunk_bytes=comm.chunk_bytes if os.environ.get("PYCCL_CHUNK_BYTES") else None)
         pick = c.algo + (f"/{c.inter}" if c.inter else "")
         # the tuner's plan is the forced plan of its pick (same builder, same chunk choice), so
         # the pick's time is the median over both variants' rounds: half the noise of either
@@ -98,7 +99,7 @@ def run(args):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"topology": topo.describe(), "ranks": comm.size, "rows": rows,
-                           "costs": {k: [v.alpha, v.beta, v.gamma] for k, v in comm._costs.items()}}, f, indent=1)
+                           "costs": {k: [v.alpha, v.beta, v.gamma] for k, v in comm.costs.items()}}, f, indent=1)
     comm.close()
     return 0
 

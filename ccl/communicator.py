@@ -34,7 +34,7 @@ from .queue import CallQueue, Work  # noqa: F401 - Work: pyccl.communicator.Work
 from .recorder import FlightRecorder
 from .store import PrefixStore
 from .validate import Validator
-from pyccl.topology.cost import transport_costs
+from pyccl.topology.cost import measured_costs, transport_costs
 from pyccl.topology.graph import Topology
 from pyccl.transports.base import SetupContext
 
@@ -123,8 +123,7 @@ class Communicator:
 
     def _measured_costs(self) -> dict:
         """Rank 0's calibrated transport costs (python -m pyccl.tune), the same on every rank."""
-        from . import tune
-        return tune.measured_costs(next((p["tune"] for p in self.peer_info if p.get("tune")), {}))
+        return measured_costs(next((p["tune"] for p in self.peer_info if p.get("tune")), {}))
 
     def _bind_host(self) -> str:
         return _env.socket_interface_address(getattr(self._root_store, "host", None))

@@ -10,13 +10,15 @@ import numpy as np
 from .buffers import Buffer, as_buffer, same_dtype
 from .call import Call
 from .cuda_buffers import is_cuda
-from .dtypes import as_op, check_op_dtype, dtype_name
+from .dtypes import as_op, check_op_dtype, dtype_name, on_bfloat16
 from .engines.reproducible import takes
 from .errors import InvalidArgument
 from .reduce import _DTYPE_CODE
 
-# numpy dtypes the short form of all_reduce describes without as_buffer (bool: MIN/MAX only)
+# numpy dtypes the short form of all_reduce describes without as_buffer (bool: MIN/MAX only);
+# bfloat16 joins when ml_dtypes loads
 _PLAIN = {dt: dtype_name(dt) for dt in _DTYPE_CODE}
+on_bfloat16(lambda dt: _PLAIN.__setitem__(dt, "bfloat16"))
 
 
 class Validator:

@@ -1,4 +1,4 @@
-"""The layers of ../shared/DESIGN.md ("Layers"), checked on the source: imports point one way.
+"""The layers of docs/ARCHITECTURE.md ("Layers"), checked on the source: imports point one way.
 
 Every .py file of the package (ccl/ = pyccl, transports/ = pyccl.transports, topology/ =
 pyccl.topology) is parsed with `ast`; every import counts, at top level and inside functions,
@@ -47,6 +47,7 @@ LAYERS = {
     "pyccl.reduce": BASE,
     "pyccl.process": BASE,
     "pyccl.settings": BASE,
+    "pyccl.call": BASE,                 # the call descriptor every engine reads
     "pyccl._native": BASE,              # cffi extension (native/build.py)
     "pyccl._verbs": BASE,               # cffi extension (native/build_verbs.py)
     # transports: Connection, Transport, selection, TCP dialing
@@ -56,10 +57,9 @@ LAYERS = {
     # engines: one module or small package per engine; the tuner that picks a plan
     "pyccl.engines.*": ENGINES,
     "pyccl.tuner": ENGINES,
-    "pyccl.queue": ENGINES,             # the one call queue and Work: engines and the torch backend order by it
-    # communicator: validation, the call descriptor, bootstrap and store, windows
+    # communicator: validation, the call queue, bootstrap and store, windows
     "pyccl.communicator": COMMUNICATOR,
-    "pyccl.call": COMMUNICATOR,
+    "pyccl.queue": COMMUNICATOR,        # the one call queue and Work; engines get it as an object
     "pyccl.validate": COMMUNICATOR,
     "pyccl.bootstrap": COMMUNICATOR,
     "pyccl.store": COMMUNICATOR,
@@ -201,7 +201,7 @@ def test_every_import_names_a_module():
 def test_every_module_has_a_layer():
     missing = [f"{os.path.relpath(p, REPO)}: {m}" for m, p in sorted(MODULES.items()) if layer_of(m) is None]
     assert not missing, ("modules in no layer: add them to LAYERS in tests/test_layers.py (and say why in "
-                         "DESIGN.md's layer picture):\n" + "\n".join(missing))
+                         "docs/ARCHITECTURE.md's layer picture):\n" + "\n".join(missing))
 
 
 def test_imports_point_down():

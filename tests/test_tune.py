@@ -82,7 +82,7 @@ def test_tune_cli_measures_and_writes_a_profile(tmp_path):
 
 
 def rank_costs(comm):
-    c = comm._costs["tcp"]
+    c = comm.costs["tcp"]
     return c.alpha, c.beta
 
 

@@ -105,6 +105,18 @@ class Connections(Mapping):
             self._pick[peer] = name
         return name
 
+    def transport_between(self, a: int, b: int) -> str:
+        """The rule for ranks a and b from their bootstrap records alone, so every rank gets
+        the same answer (the cost model prices the links between hosts by it)."""
+        if self._forced:
+            return self._forced
+        ia, ib = self.ctx.info[a], self.ctx.info[b]
+        for name, cls in TRANSPORTS.items():
+            t = self._by_name.get(name) or cls()
+            if t.can_connect(ia, ib):
+                return name
+        return "tcp"
+
     def __getitem__(self, peer):
         conn = self._open.get(peer)
         if conn is None:

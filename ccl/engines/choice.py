@@ -69,6 +69,13 @@ class Engines:
                      ", ".join(f"{e.name} {'-' if p is None else f'{p * 1e6:.1f} us'}" for e, p in priced))
         return engine
 
+    def forget(self):
+        """Drop every cached choice and plan (after changing PYCCL_ALGO at run time, on every
+        rank alike: bench/tuner_check.py)."""
+        self._chosen.clear()
+        for e in self.engines:
+            getattr(e, "forget", lambda: None)()
+
     def abort(self):
         for e in self.engines:
             e.abort()

@@ -216,7 +216,7 @@ class CudaComposed:
         """The staged rail phase on `part` (in place; or from `inp` into `part`: all_gather,
         reduce_scatter), after `caller_event`; returns nothing: its copies back end on the
         staging's host-to-device stream."""
-        from .staged import _Call
+        from .staged_schedule import _Call
         st, rail = self.st, self.hier.rail
         v = part.array
         reducing = op_name in ("all_reduce", "reduce_scatter")

@@ -83,6 +83,9 @@ class FlatEngine(EngineBase):
             plan = self._plans[key] = (build(), None)
         return plan
 
+    def forget(self):
+        self._plans.clear()
+
     def walk(self, what, planned, bufs, op=None, call=0):
         plan, chunk = planned
         self.res.executor.run(plan, bufs, op, what, chunk, call)

@@ -45,13 +45,15 @@ placement of the vCPUs, streaming stores stayed at 14-27 GB/s; collectives with 
 import logging
 import os
 
+import numpy as np
+
 
 from pyccl.topology.cost import SHM_ENGINE
 
 from .. import callsig
 from ..dtypes import AVG, as_op
 from ..errors import PeerFailure, Timeout, TransportError
-from ..reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, divide_into, reduce_numpy
+from ..reduce import _DTYPE_CODE, _OP_BY_ID, _OP_CODE, CODE_BY_NAME, divide_into, reduce_numpy
 from ..tuner import choose
 from .base import EngineBase
 
@@ -102,9 +104,9 @@ def layout(nranks: int, small: int, part: int) -> tuple:
 
 _OPNAMES = {1: "all_reduce", 2: "reduce", 3: "reduce_scatter", 4: "all_gather", 5: "broadcast",
              6: "all_to_all", 7: "barrier"}
-_DTYPE_NAMES = {code: str(dt) for dt, code in _DTYPE_CODE.items()}
+_DTYPE_NAMES = {code: name for name, code in CODE_BY_NAME.items()}
 _REDOP_NAMES = {code: op.name for op, code in _OP_CODE.items() if op.name != "AVG"}
-_ITEMSIZE = {code: dt.itemsize for dt, code in _DTYPE_CODE.items()}
+_ITEMSIZE = {code: 2 if name == "bfloat16" else np.dtype(name).itemsize for name, code in CODE_BY_NAME.items()}
 
 
 def _fields(sig, nbytes) -> dict:

@@ -78,7 +78,6 @@ import ctypes
 import logging
 import os
 import time
-from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -89,7 +88,7 @@ from ..reduce import divide_into
 from .base import EngineBase
 from .cuda.submit import cuda_args
 from .flat import TUNED
-from .staged_schedule import _groups, schedule
+from .staged_schedule import _Call, _groups, schedule
 
 log = logging.getLogger("pyccl")
 
@@ -241,20 +240,6 @@ class StagedWork:
 
 
 # ---- what each collective stages ----------------------------------------------------------------
-class _Call(NamedTuple):
-    """One staged collective: the plan and chunk the communicator's CPU path would use for these
-    buffers, the device buffers by plan name (None: this rank has none), which of them are read
-    from the device and which written back, the reduction, and whether the result is averaged."""
-    plan: object
-    chunk: Optional[int]
-    views: dict
-    fetch: tuple
-    flush: tuple
-    op: object = None
-    avg: bool = False
-    inplace: bool = False              # "in" is "out" (all_reduce, reduce)
-
-
 def _all_reduce(comm, buf, op):
     v = buf.array
     plan, chunk = comm.flat.tuned("all_reduce", v.size, v.itemsize, v.nbytes)

@@ -1,8 +1,24 @@
 """The staging schedule (ccl/engines/staged.py): which element ranges each executor pass must
 copy from the device first, and which pass finalises each range, read once from the plan's
 walk (topology/walk.py, the order the executor runs) and cached by the stager per layout."""
+from typing import NamedTuple, Optional
+
 from pyccl.topology.plan import COPY, RECV_REDUCE, RECV_REDUCE_SEND, SEND
 from pyccl.topology.walk import iter_passes
+
+
+class _Call(NamedTuple):
+    """One staged collective: the plan and chunk the communicator's CPU path would use for these
+    buffers, the device buffers by plan name (None: this rank has none), which of them are read
+    from the device and which written back, the reduction, and whether the result is averaged."""
+    plan: object
+    chunk: Optional[int]
+    views: dict
+    fetch: tuple
+    flush: tuple
+    op: object = None
+    avg: bool = False
+    inplace: bool = False              # "in" is "out" (all_reduce, reduce)
 
 
 class _Ranges:

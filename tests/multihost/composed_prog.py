@@ -73,8 +73,8 @@ def main():
             bad.append("no error raised")
     except PycclError as e:
         error = f"{type(e).__name__}: {e}"
-    hier = comm._hier
-    engine = [type(hier).__name__, type(hier._local).__name__] if hier else []
+    hier = comm.engines.by_name["composed"]
+    engine = [type(hier).__name__, type(hier._local).__name__] if hier._local is not None else []
     report = json.dumps({"bad": bad[:5], "engine": engine, "error": error})
     print(report, flush=True)
     if os.environ.get("COMPOSED_OUT"):

@@ -104,7 +104,8 @@ launch on the caller's stream per call (see its docstring).
 from .engine import CudaCollectives
 from .kernels import FLAG_WORDS, MAXB, MAXR, THREADS
 from .state import MAIL_WORDS
-from .submit import CudaEngine, CudaWork, _signature, cuda_args
+from .signature import _signature
+from .submit import CudaEngine, CudaWork, cuda_args
 
 __all__ = ["CudaCollectives", "CudaEngine", "CudaWork", "cuda_args", "FLAG_WORDS", "MAIL_WORDS", "MAXB", "MAXR", "THREADS",
            "_signature"]

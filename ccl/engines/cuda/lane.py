@@ -5,7 +5,7 @@ reduce_scatter_tensor through the peers' scratch, and one-shot reduces)."""
 from ...dtypes import AVG, MAX, MIN, PROD, SUM
 from ..reproducible import takes
 from .kernels import THREADS
-from .submit import _signature
+from .signature import _signature
 
 
 def _torch_maps():

@@ -1,10 +1,7 @@
-"""The CUDA engine (collectives on device memory of ranks that share a host), its async Work,
-and ``_signature``: the 63-bit word every rank of a call must agree on (checked by the
-kernels and the mailbox)."""
-import zlib
-
+"""The CUDA engine (collectives on device memory of ranks that share a host) and its async Work."""
 from ...errors import InvalidArgument
 from ..base import EngineBase
+from .signature import _signature
 
 #: the collectives of CudaCollectives, by the name of the method that runs them
 METHODS = frozenset({"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all",
@@ -90,22 +87,6 @@ class CudaEngine(EngineBase):
     def close(self):
         if self.state is not None:
             self.state.close()
-
-
-_SIGS = {}
-
-
-def _signature(name, sig) -> int:
-    """63 bits every rank must agree on: op, dtype, root, reduction and count (all_to_all's
-    counts may differ per rank; its splits are checked pairwise instead)."""
-    count = 0 if name.startswith("all_to_all") else int(sig.get("count", 0))
-    key = (name, sig.get("dtype"), sig.get("root"), sig.get("redop"))
-    head = _SIGS.get(key)
-    if head is None:
-        if len(_SIGS) > 4096:
-            _SIGS.clear()
-        head = _SIGS[key] = (zlib.crc32("|".join(map(str, key)).encode()) & 0x7FFFFFFF) << 32
-    return head | (count & 0xFFFFFFFF)
 
 
 class CudaWork:
