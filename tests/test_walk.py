@@ -223,6 +223,17 @@ def test_executor_runs_the_walk(name, topo, plans, chunk):
                     assert region(addr, nbytes) == tuple(exp[2]), (got, exp)
 
 
+def test_executor_runs_a_generated_walk(monkeypatch):
+    """Walks longer than CACHE_STEPS are generated, not kept; the executor runs them alike."""
+    monkeypatch.setattr(walk, "CACHE_STEPS", 0)
+    topo = Topology.from_host_ids(["a", "a", "b"], intra="shm", inter="tcp")
+    for algo in ("ring", "tree"):
+        plan = build_plan("all_reduce", algo, 1, topo, 97, chunk_elems=5)
+        log, _, alias = _run_recorded(plan, 5)
+        assert [e[:2] for e in log] == [e[:2] for e in _expected(plan, 5, alias, "test")]
+        assert not isinstance(walk.passes(plan, 5), list) and ("passes", 5) not in plan._walk
+
+
 @pytest.mark.parametrize("name,topo,plans,chunk", CASES, ids=IDS)
 def test_channels_agree_executor_cost_simulator(name, topo, plans, chunk):
     """Per channel, message sizes in order: executor sends = executor receives = cost model."""
