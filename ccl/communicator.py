@@ -12,13 +12,13 @@ costs, store, timeout, queue, recorder) and never call back into the communicato
 """
 import json
 import logging
-import os
 import secrets
 import time
 
 import numpy as np
 
 from . import env as _env
+from . import settings
 from .dtypes import SUM
 from .engines.base import Resources
 from .engines.choice import Engines
@@ -39,8 +39,6 @@ from pyccl.topology.graph import Topology
 from pyccl.transports.base import SetupContext
 
 log = logging.getLogger("pyccl")
-
-DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class Communicator:
@@ -71,14 +69,14 @@ class Communicator:
         self._splits = 0
         self._shrinks = 0
         self.recorder = FlightRecorder(self.tag, self.rank, self.size)
-        self.check = os.environ.get("PYCCL_CHECK", "0") not in ("", "0")
+        self.check = settings.get("PYCCL_CHECK")
         self.queue = CallQueue(self.tag, self.rank, self.size, self.timeout, self.recorder, self._failed)
-        self.chunk_bytes = _env.env_int("PYCCL_CHUNK_BYTES", DEFAULT_CHUNK_BYTES)
+        self.chunk_bytes = settings.get("PYCCL_CHUNK_BYTES")
         # reproducible mode (ccl/engines/reproducible.py): float SUM/AVG give the same bytes on any engine
-        self.reproducible = bool(_env.env_int("PYCCL_REPRODUCIBLE", 0) if reproducible is None else reproducible)
+        self.reproducible = bool(settings.get("PYCCL_REPRODUCIBLE") if reproducible is None else reproducible)
         self.validate = Validator(self.rank, self.size, self.reproducible)
         self.peer_info = self._exchange_info(derived=_members is not None)
-        self.transport_name = (transport or os.environ.get("PYCCL_TRANSPORT") or "auto").lower()
+        self.transport_name = (transport or settings.get("PYCCL_TRANSPORT") or "auto").lower()
         self._transports = []
         self.conns = self._connect()
         self.topology = self._topology()
@@ -94,8 +92,8 @@ class Communicator:
     def _agree_secret(self, info) -> bytes:
         if info is not None and info.secret:
             return info.secret
-        if os.environ.get("PYCCL_JOB_SECRET"):
-            return bytes.fromhex(os.environ["PYCCL_JOB_SECRET"])
+        if settings.get("PYCCL_JOB_SECRET"):
+            return bytes.fromhex(settings.get("PYCCL_JOB_SECRET"))
         if self.rank == 0:
             self.store.set("secret", secrets.token_bytes(32))
         return self.store.get("secret", timeout=self.timeout)
@@ -151,7 +149,7 @@ class Communicator:
         return Topology.from_host_ids(hosts, intra=intra, inter=inter)
 
     def _resources(self) -> Resources:
-        fixed = self.chunk_bytes if os.environ.get("PYCCL_CHUNK_BYTES") else None
+        fixed = self.chunk_bytes if settings.is_set("PYCCL_CHUNK_BYTES") else None
         return Resources(self.rank, self.size, self._members, self.tag, self.timeout, self.store, self.peer_info,
                          self.topology, self.costs, self.conns, self.executor, self.queue, self.recorder,
                          self.chunk_bytes, fixed, self.transport_name, self.reproducible,
@@ -162,7 +160,7 @@ class Communicator:
         (ties go to the earlier). The shm C collectives are set up now (collective among the
         ranks of this host); the others on their first call."""
         res = self._resources()
-        algo = os.environ.get("PYCCL_ALGO", "")
+        algo = settings.get("PYCCL_ALGO") or ""
         flat = FlatEngine(res, algo)
         shm = self._shm_engine(res)
         composed = Hierarchy(res, algo)
@@ -218,8 +216,8 @@ class Communicator:
             e = PeerFailure(f"{e}{self._peer_reports()}")
         self.recorder.finish(entry, e, self.executor.where)
         self.queue.broken = f"{type(e).__name__}: {e}"
-        if os.environ.get("PYCCL_DUMP_ON_TIMEOUT"):
-            path = self.recorder.dump(os.environ["PYCCL_DUMP_ON_TIMEOUT"])
+        if settings.get("PYCCL_DUMP_ON_TIMEOUT"):
+            path = self.recorder.dump(settings.get("PYCCL_DUMP_ON_TIMEOUT"))
             log.error("pyccl: flight recorder of rank %d written to %s", self.rank, path)
         if not isinstance(e, Timeout):
             # peers still waiting on us would only time out; closing tells them now.

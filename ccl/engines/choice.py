@@ -17,8 +17,8 @@ engine's price.
 """
 import functools
 import logging
-import os
 
+from .. import settings
 from ..errors import InvalidArgument
 
 log = logging.getLogger("pyccl")
@@ -30,7 +30,7 @@ class Engines:
     def __init__(self, engines, forced=None):
         self.engines = list(engines)
         self.by_name = {e.name: e for e in self.engines}
-        self.forced = (forced if forced is not None else os.environ.get("PYCCL_ENGINE", "")).strip().lower()
+        self.forced = (forced if forced is not None else settings.get("PYCCL_ENGINE") or "").strip().lower()
         if self.forced and self.forced not in self.by_name:
             raise InvalidArgument(f"PYCCL_ENGINE={self.forced!r} names no engine of this communicator; "
                                   f"engines: {', '.join(self.by_name)}")

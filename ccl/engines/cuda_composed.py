@@ -67,11 +67,11 @@ mismatched call) leaves its reason in host memory; the host waits for a local ph
 staged rail after it sends anything, so that phase's error raises in the same call, naming the
 phase; the network phase raises the executor's errors (op, peer, step) like every staged call.
 """
-import os
 from types import SimpleNamespace
 
 from pyccl.topology.composed import applicable
 
+from .. import settings
 from ..buffers import Buffer
 from ..cuda_buffers import CudaView
 from ..dtypes import AVG, SUM
@@ -86,7 +86,7 @@ DEFAULT_OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
 
 
 def composed_ops():
-    v = os.environ.get("PYCCL_CUDA_COMPOSED_OPS")
+    v = settings.get("PYCCL_CUDA_COMPOSED_OPS")
     return DEFAULT_OPS if v is None else tuple(x.strip() for x in v.split(",") if x.strip())
 
 #: cudaDevAttrMaxPitch: the largest pitch (bytes) of a cudaMemcpy2DAsync
@@ -106,8 +106,7 @@ def wanted(comm, name, nbytes, st) -> bool:
     """Whether `name` on CUDA buffers of `comm` takes the composition (else the flat staging).
     The same answer on every rank: it depends only on the call, the topology, the environment
     and the GPUs of all ranks (exchanged once)."""
-    if name not in OPS or name not in composed_ops() or \
-            os.environ.get("PYCCL_CUDA_COMPOSED", "1").strip() in ("0", ""):
+    if name not in OPS or name not in composed_ops() or not settings.get("PYCCL_CUDA_COMPOSED"):
         return False
     if getattr(comm, "reproducible", False) and name in ("all_reduce", "reduce_scatter"):
         return False
@@ -123,9 +122,9 @@ def wanted(comm, name, nbytes, st) -> bool:
 def _composed_min(comm, dev) -> int:
     """PYCCL_CUDA_COMPOSED_MIN if set, else 0, or SHARED_GPU_MIN when two ranks of a host use
     the same GPU (every rank publishes its host and its GPU's PCI bus id once, in the store)."""
-    env = os.environ.get("PYCCL_CUDA_COMPOSED_MIN", "").strip()
-    if env:
-        return int(env)
+    fixed = settings.get("PYCCL_CUDA_COMPOSED_MIN")
+    if fixed is not None:
+        return fixed
     from pyccl.transports import cuda_ipc
 
     bus = cuda_ipc._cupy().cuda.runtime.deviceGetPCIBusId(dev)

@@ -15,15 +15,16 @@ import numpy as np
 
 from pyccl.topology.plan import COPY, RECV, RECV_COPY_SEND, RECV_REDUCE_SEND, SEND
 from pyccl.topology.walk import layout, passes
+from .. import settings
 from ..errors import PeerFailure, Timeout, TransportError
 from ..reduce import reduce_into
 
 _EMPTY = np.empty(0, dtype=np.uint8)
 
 #: Seconds of polling before the engine sleeps in select()/sleep() (PYCCL_SPIN_US).
-SPIN_SECONDS = float(os.environ.get("PYCCL_SPIN_US", "50")) * 1e-6
+SPIN_SECONDS = settings.get("PYCCL_SPIN_US") * 1e-6
 #: More ranks than cores on this host: yield the CPU between polls so the peer can run.
-OVERSUBSCRIBED = int(os.environ.get("PYCCL_LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))) > \
+OVERSUBSCRIBED = (settings.get("PYCCL_LOCAL_SIZE") or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) > \
     len(os.sched_getaffinity(0))
 
 

@@ -15,13 +15,14 @@ from pyccl.topology import direct
 from pyccl.topology.graph import build_plan
 from pyccl.topology.plan import relabel
 
+from .. import settings
 from ..tuner import choose
 
 
 def _rail_env():
     """The environment for the group's tuner: PYCCL_ALGO without "composed" (which picked
     this composition; a group is one level, where only flat plans apply)."""
-    algo = ",".join(a for a in os.environ.get("PYCCL_ALGO", "").split(",") if a.strip().lower() != "composed")
+    algo = ",".join(a for a in (settings.get("PYCCL_ALGO") or "").split(",") if a.strip().lower() != "composed")
     return dict(os.environ, PYCCL_ALGO=algo)
 
 

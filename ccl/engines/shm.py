@@ -50,6 +50,7 @@ import numpy as np
 
 from pyccl.topology.cost import SHM_ENGINE
 
+from .. import settings
 from .. import callsig
 from ..dtypes import AVG, as_op
 from ..errors import PeerFailure, Timeout, TransportError
@@ -82,11 +83,9 @@ OPS = frozenset({"all_reduce", "reduce", "reduce_scatter", "all_gather", "broadc
 
 
 def _env_bytes(name, default):
-    text = os.environ.get(name, "").strip()
-    try:
-        return int(text) if text else default
-    except ValueError:
-        raise TransportError(f"{name}={text!r} is not an integer") from None
+    """A byte size from the registry (pyccl.settings); `default` where it declares none."""
+    v = settings.get(name)
+    return default if v is None else v
 
 
 def layout(nranks: int, small: int, part: int) -> tuple:
@@ -196,7 +195,7 @@ class ShmCollectives:
             return
         self.enabled = True
         c = self._c
-        stream = os.environ.get("PYCCL_SHM_STREAM", "auto").strip().lower()
+        stream = settings.get("PYCCL_SHM_STREAM")
         lib.pyccl_share_force({"0": 0, "1": 1}.get(stream, -1))
         log.info("%s rank %d: shm collectives on (half %d B, part %d B, one-shot <= %d B)",
                  tag, rank, c.half_bytes, c.part_bytes, c.small_bytes)
@@ -206,7 +205,7 @@ class ShmCollectives:
         if self.rank != 0:
             return store.get("shmcoll/name", timeout=self.timeout).decode()
         name = ""
-        if os.environ.get("PYCCL_SHM_COLLECTIVES", "1").strip() != "0":
+        if settings.get("PYCCL_SHM_COLLECTIVES"):
             half, part, small = layout(self.size, _env_bytes("PYCCL_SHM_SMALL_BYTES", DEFAULT_SMALL_BYTES),
                                        _env_bytes("PYCCL_SHM_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
             nbytes = lib.pyccl_coll_bytes(self.size, half)

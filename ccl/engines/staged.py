@@ -76,11 +76,11 @@ Environment (defaults):
 """
 import ctypes
 import logging
-import os
 import time
 
 import numpy as np
 
+from .. import settings
 from ..buffers import Buffer
 from ..dtypes import AVG, DTYPES
 from ..errors import InvalidArgument, PycclError, Timeout
@@ -97,11 +97,6 @@ _EVENTS = 64                       # D2H groups in flight at most (event ring)
 _ALIGN = 4096
 
 
-def _env_int(name, default):
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -333,9 +328,9 @@ class Staging:
         self.dev = int(device)
         self.rank, self.size, self.tag = comm.rank, comm.size, comm.tag
         self.timeout = comm.timeout
-        self.chunk_cap = max(4096, _env_int("PYCCL_STAGING_CHUNK", 4 << 20))
-        self.ahead = max(1 << 20, _env_int("PYCCL_STAGING_AHEAD", 16 << 20))
-        self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
+        self.chunk_cap = max(4096, settings.get("PYCCL_STAGING_CHUNK"))
+        self.ahead = max(1 << 20, settings.get("PYCCL_STAGING_AHEAD"))
+        self.sync_each = settings.get("PYCCL_CUDA_SYNC")
         self._closed = False
         with _OnDevice(self.rt, self.dev):
             self.d2h = rt.streamCreateWithFlags(1)          # non-blocking: no legacy-stream sync

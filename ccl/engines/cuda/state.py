@@ -2,13 +2,13 @@
 streams and events, the epoch counter, the per-call host mailbox, the watchdog, and the errors
 the kernels leave in host memory (raised on the next call)."""
 import logging
-import os
 import struct
 import threading
 import time
 
 import numpy as np
 
+from ... import settings
 from ...errors import InvalidArgument, PeerFailure, PycclError, Timeout
 from .kernels import FLAG_WORDS, MAXB, MAXR
 
@@ -28,11 +28,10 @@ _COPY_MODES = ("auto", "ce", "push", "pull", "staged")
 _A2AV_MODES = ("mailbox", "staged")
 
 
-def _env_int(name, default):
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
+def _env_int(name, default=None):
+    """A PYCCL_* number from the registry (pyccl.settings); `default` where it declares none."""
+    v = settings.get(name)
+    return default if v is None else v
 
 
 class CudaState:
@@ -68,7 +67,7 @@ class CudaState:
         self.a2av_mode = self._mode_env("PYCCL_CUDA_A2AV", "mailbox", _A2AV_MODES)
         self.stage_max = _env_int("PYCCL_CUDA_STAGE_MAX", 16 << 20)
         self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
-        self.sync_each = os.environ.get("PYCCL_CUDA_SYNC", "0") not in ("", "0")
+        self.sync_each = settings.get("PYCCL_CUDA_SYNC")
         self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
         self._device = cupy.cuda.Device(self.dev)
         self._epoch = 0
@@ -127,7 +126,7 @@ class CudaState:
     # ---- set-up helpers ----------------------------------------------------------------------
     @staticmethod
     def _mode_env(name, default, allowed):
-        v = os.environ.get(name, default).strip().lower()
+        v = settings.get(name) or default
         if v not in allowed:
             raise InvalidArgument(f"{name}={v!r}: use one of {', '.join(allowed)}")
         return v
