@@ -63,6 +63,9 @@ LAYERS = {
     "pyccl.validate": COMMUNICATOR,
     "pyccl.bootstrap": COMMUNICATOR,
     "pyccl.store": COMMUNICATOR,
+    "pyccl.store_wire": COMMUNICATOR,   # split from pyccl.store
+    "pyccl.store_server": COMMUNICATOR,
+    "pyccl.tcp_store": COMMUNICATOR,
     "pyccl.env": COMMUNICATOR,
     "pyccl.windows.*": COMMUNICATOR,
     # top: the package itself, the torch backend, the launcher, command-line tools
