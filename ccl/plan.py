@@ -183,6 +183,24 @@ def cost_table(op, topo, costs, highlight=None, out=print):
         out(f"{_fmt_size(nb):>10} {cells}   {choice.algo}{extra}, chunk {_fmt_size(choice.chunk_bytes)}")
 
 
+def engine_table(op, nbytes, topo, costs, chunk_bytes=None, root=0, out=print):
+    """Every engine's price for a call on host memory, and the one a communicator picks
+    (ccl/engines/choice.py; PYCCL_ENGINE and PYCCL_ALGO apply as in a run)."""
+    from . import settings
+    from .call import Call
+    from .dtypes import SUM
+    from .engines.choice import pricing
+    engines = pricing(topo, costs, chunk_bytes, settings.get("PYCCL_ALGO") or "")
+    engines.forced = (settings.get("PYCCL_ENGINE") or "").strip().lower()
+    reducing = op in ("all_reduce", "reduce", "reduce_scatter")
+    call = Call(op, kind="cpu", dtype="float32", count=max(1, nbytes // 4), nbytes=nbytes,
+                redop=SUM if reducing else None, root=root if op in ("reduce", "broadcast") else -1)
+    chosen = engines.decide(call)
+    prices = ", ".join(f"{e.name} {'cannot' if t is None else _fmt_time(t)}" for e, t in engines.prices(call))
+    out(f"engine for {op} of {_fmt_size(nbytes)} on {topo.describe()}: {chosen.name} ({prices})")
+    return chosen.name
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyccl.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +229,7 @@ def main(argv=None) -> int:
         from .tuner import choose
         ch = choose(a.op, a.bytes, topo, costs, chunk_bytes=a.chunk_bytes)
         algo, inter = ch.algo, a.inter_algo or ch.inter
+        engine_table(a.op, a.bytes, topo, costs, a.chunk_bytes, a.root)
         print(f"tuner picks {algo}{f' ({inter})' if inter else ''} for {a.op} of {_fmt_size(a.bytes)} on {topo.describe()}")
     else:
         algo, inter = canonical_algo(a.algo), a.inter_algo

@@ -97,3 +97,22 @@ def _why_not(call, engines) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_once(msg):
     log.warning("%s", msg)
+
+
+def pricing(topo, costs, chunk_bytes=None, algo_env=""):
+    """The host-memory engines a communicator on `topo` would have, made for pricing only
+    (no connections, no shared memory): what `python -m pyccl.plan` shows. Same order as
+    Communicator._make_engines, so ties break alike."""
+    from .base import Resources
+    from .composed import Hierarchy
+    from .flat import FlatEngine
+    n = topo.nranks
+    res = Resources(0, n, list(range(n)), "plan", 0.0, None, [{"host": h} for h in topo.hosts], topo, costs,
+                    None, None, None, None, chunk_bytes or (1 << 20), chunk_bytes, "auto", False)
+    listed = [Hierarchy(res, algo_env), FlatEngine(res, algo_env)]
+    try:
+        from .shm import ShmPricing
+        listed.insert(0, ShmPricing(res))
+    except ImportError:                       # no C core: a communicator would have no shm engine either
+        pass
+    return Engines(listed, forced="")

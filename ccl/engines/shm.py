@@ -362,8 +362,9 @@ class ShmCollectives:
             self._seg = None
 
 
-class ShmEngine(ShmCollectives, EngineBase):
-    """The shm C collectives as the engine of a communicator whose ranks share this host.
+class ShmPricing(EngineBase):
+    """What the shm engine runs and its price, apart from its shared memory (so the plan CLI
+    can price it for a machine it is not on).
 
     Priced with the model's node-local engine entry (topology/cost.py SHM_ENGINE, which
     `python -m pyccl.tune` measures on these C calls) where a flat plan is priced with the shm
@@ -372,18 +373,27 @@ class ShmEngine(ShmCollectives, EngineBase):
     name = "shm"
     ops = OPS
     shortcuts = frozenset({"all_reduce"})
+    enabled = True
 
     def __init__(self, res):
-        super().__init__(res.rank, res.size, res.store, res.tag, res.timeout)
         self.res = res
         self._costs = dict(res.costs)
         self._costs[res.topology.intra] = res.costs.get(SHM_ENGINE, res.costs.get(res.topology.intra))
 
     def takes(self, call) -> bool:
-        return self.enabled and EngineBase.takes(self, call) and (call.op != "all_to_all" or call.even)
+        return self.enabled and self.res.topology.nhosts == 1 and EngineBase.takes(self, call) and \
+            (call.op != "all_to_all" or call.even)
 
     def price(self, call):
         return choose(call.op, call.nbytes, self.res.topology, self._costs, flat=True, env={}).predicted
+
+
+class ShmEngine(ShmCollectives, ShmPricing):
+    """The shm C collectives as the engine of a communicator whose ranks share this host."""
+
+    def __init__(self, res):
+        ShmCollectives.__init__(self, res.rank, res.size, res.store, res.tag, res.timeout)
+        ShmPricing.__init__(self, res)
 
     def _average(self, arr, op):
         if op is AVG:

@@ -47,6 +47,7 @@ def test_facts_across_the_link():
         assert me["ib"]["dev"] == "rxe1:1" and me["ib"]["gid"] == _mapped(ip), me
         assert me["peer_ib"][peer]["gid"] == _mapped(peer_ip) and me["peer_ib"][peer]["dev"] == "rxe1:1", me
         assert me["ib"]["mtu"] == 3, me            # IBV_MTU_1024: a 1500-byte Ethernet MTU
+        assert me["inter"] == "ibverbs", me         # the cost model prices the link as what carries it
         assert not me["bad"], me
 
 

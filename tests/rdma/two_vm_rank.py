@@ -32,7 +32,8 @@ def facts(comm):
     """Where this rank runs and what the ibverbs transport chose."""
     from pyccl.topology.detect import host_id
     out = {"host": host_id(), "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
-           "bind": comm._bind_host(), "conns": _conn_kinds(comm), "ib": None, "peer_ib": {}}
+           "bind": comm._bind_host(), "conns": _conn_kinds(comm), "ib": None, "peer_ib": {},
+           "inter": comm.topology.inter}
     for p, c in comm.conns.items():
         if type(c).__name__ == "IbvConnection":
             d = c.dev
@@ -73,13 +74,13 @@ def plans(comm):
     bad, picked = [], {}
     for algo in ("", "ring", "tree", "hierarchical", "halving_doubling"):
         os.environ["PYCCL_ALGO"] = algo
-        comm._plans.clear()                 # plans are cached per shape, not per algorithm
+        comm.engines.forget()               # plans and choices are cached per shape, not per algorithm
         for n in (1, 1031, 300007):
             for op in ("all_reduce", "reduce_scatter", "all_gather", "reduce", "broadcast"):
                 if algo and not applicable(op, algo, comm.topology):
                     continue
                 picked[f"{algo or 'tuner'} {op} {n}"] = choose(op, n * 4 * (s if op == "reduce_scatter" else 1),
-                                                              comm.topology, comm._costs).algo
+                                                              comm.topology, comm.costs).algo
                 every = [make(q, n, "float32") for q in range(s)]
                 if op == "all_reduce":
                     x = every[r].copy()
