@@ -199,12 +199,7 @@ class Communicator:
     # ---- execution ----------------------------------------------------------------------
     def _start(self, call):
         """Choose the engine, submit the call."""
-        engine = self.engines.choose(call)
-        if call.op in engine.shortcuts and not call.async_op and self.queue.check is None:
-            if self.queue.run_now(call.op, (call.dtype, call.count, call.root, call.redop.name),
-                                  lambda seq: engine.short_all_reduce(call, lambda: self.queue.what(call.op, seq))):
-                return None
-        return self.queue.submit(call, engine)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def _failed(self, e, entry):
         """After a call raised: tell the peers, note it, break the communicator (the queue);

@@ -77,6 +77,8 @@ class CallQueue:
     def submit(self, call, engine):
         """Run `call` on `engine` in call order: now, or queued (async_op). Stream-ordered
         engines bind the caller's stream first and shape what the caller gets back."""
+        if call.op in engine.shortcuts and not call.async_op and self.check is None and self.run_now(call, engine):
+            return None
         if engine.composite:              # made of other calls, each submitted in order
             self.usable(call.op)
             return engine.run(call, call.op)
@@ -117,18 +119,21 @@ class CallQueue:
         work.wait()
         return work.result
 
-    def run_now(self, op: str, sig, fn):
-        """A synchronous call with none of run()'s generality, for the shortest engines: False
-        when anything is queued or the queue is unusable (then the caller takes run())."""
+    def run_now(self, call, engine) -> bool:
+        """A synchronous call on an engine's short path (`short_<op>`, ccl/engines/base.py),
+        with none of run()'s generality but the same order, recorder entry and error handling:
+        False when anything is queued or the queue is unusable (then submit takes run())."""
+        op = call.op
         with self._submit_lock:
             if self.inflight or self.closed or self.broken is not None:
                 return False
             self.seq += 1
-            entry = self.recorder.record(self.seq, op, sig)
+            seq = self.seq
+            entry = self.recorder.record(seq, op, (call.dtype, call.count, call.root, call.redop.name))
             with self._lock:
                 self.recorder.start(entry)
                 try:
-                    fn(self.seq)
+                    getattr(engine, "short_" + op)(call, lambda: self.what(op, seq))
                 except Exception as e:  # noqa: BLE001 - re-raised after the bookkeeping
                     raise self._fail(e, entry) from None
                 self.recorder.finish(entry)
