@@ -436,7 +436,7 @@ _ENUMS = ["QPT_RC", "QPS_RESET", "QPS_INIT", "QPS_RTR", "QPS_RTS", "QPS_ERR", "W
           "QP_PATH_MTU", "QP_TIMEOUT", "QP_RETRY_CNT", "QP_RNR_RETRY", "QP_RQ_PSN", "QP_MAX_QP_RD_ATOMIC",
           "QP_MIN_RNR_TIMER", "QP_SQ_PSN", "QP_MAX_DEST_RD_ATOMIC", "QP_DEST_QPN", "WC_RECV_RDMA_WITH_IMM",
           "LINK_LAYER_ETHERNET"]
-# constants transports/ibverbs.py hard-codes
+# constants transports/ibverbs/verbs.py hard-codes
 _PY_CONSTANTS = {"IBV_WC_WR_FLUSH_ERR": ib._WC_WR_FLUSH_ERR, "IBV_WC_RETRY_EXC_ERR": ib._WC_RETRY_EXC_ERR,
                  "IBV_WC_RNR_RETRY_EXC_ERR": ib._WC_RNR_RETRY_EXC_ERR,
                  "IBV_WC_REM_ACCESS_ERR": ib._WC_REM_ACCESS_ERR, "IBV_PORT_ACTIVE": ib._PORT_ACTIVE,
