@@ -1,5 +1,5 @@
 """Draws docs/architecture.png, the picture of docs/ARCHITECTURE.md (needs matplotlib:
-pip install "pyccl[plot]").
+pip install "pyccl[plot]"). The picture follows the page; change both together.
 
     python docs/architecture.py [out.png]
 """
@@ -30,35 +30,37 @@ def arrow(ax, a, b, text="", color="#333333", style="-|>", ls="-"):
 
 def flow(ax):
     ax.set_title("The flow of one collective", fontsize=11, fontweight="bold")
-    box(ax, 0.05, 0.90, 0.42, 0.07, "user code: comm.all_reduce(x)", GREY)
-    box(ax, 0.53, 0.90, 0.42, 0.07, "torch.distributed: ProcessGroup \"pyccl\"\n(ccl/torch_backend.py)", GREY, 7.5)
-    box(ax, 0.05, 0.68, 0.90, 0.16,
-        "Communicator (ccl/communicator.py)\n"
-        "validate + describe the buffer once (buffers.py)  ·  call order, flight recorder, errors\n"
-        "engine choice: one host → node-local engine;  else tuner (tuner.py) prices plans with\n"
-        "topology/cost.py's α-β-γ model (calibrated: python -m pyccl.tune)", BLUE, 7.8)
-    arrow(ax, (0.26, 0.90), (0.26, 0.84))
-    arrow(ax, (0.74, 0.90), (0.74, 0.84))
-    box(ax, 0.02, 0.43, 0.29, 0.18, "node-local engines\n\nshm C collectives\n(shm_collectives.py,\nnative/shm.c)\n"
-        "CUDA IPC kernels\n(cuda_collectives.py)", GREEN, 7.5)
-    box(ax, 0.355, 0.43, 0.29, 0.18, "composed multi-host\n(hierarchy.py)\n\nlocal phase → rail\nphase → local phase",
-        ORANGE, 7.5)
-    box(ax, 0.69, 0.43, 0.29, 0.18, "flat plan + executor\n\nplan: topology/ (ring, tree,\nhalving-doubling,\n"
-        "hierarchical, direct)\nexecutor.py runs it", ORANGE, 7.5)
-    for x in (0.165, 0.50, 0.835):
-        arrow(ax, (x, 0.68), (x, 0.61))
-    arrow(ax, (0.355, 0.50), (0.31, 0.50), "", "#777777", ls="--")
-    arrow(ax, (0.645, 0.50), (0.69, 0.50), "", "#777777", ls="--")
-    ax.text(0.33, 0.405, "phases 1, 3", fontsize=6.5, color="#777777", ha="center")
-    ax.text(0.67, 0.405, "phase 2 (rail plan)", fontsize=6.5, color="#777777", ha="center")
-    box(ax, 0.35, 0.17, 0.63, 0.16, "transports/  (one Connection per peer: isend, irecv, progress)\n"
-        "shm slot rings  ·  tcp  ·  ibverbs  ·  cuda_ipc\nselect.py: same host → shm, RDMA → ibverbs, else tcp",
-        RED, 7.5)
-    arrow(ax, (0.835, 0.43), (0.835, 0.33), "chunks in flight")
-    box(ax, 0.02, 0.02, 0.96, 0.09, "native/  C through cffi → pyccl._native: reduce kernels, shared-memory "
-        "collectives and rings, ibverbs;  CUDA kernels", GREY, 7.5)
-    arrow(ax, (0.165, 0.43), (0.165, 0.11))
-    arrow(ax, (0.66, 0.17), (0.66, 0.11))
+    box(ax, 0.05, 0.91, 0.42, 0.06, "user code: comm.all_reduce(x)", GREY)
+    box(ax, 0.53, 0.91, 0.42, 0.06, "torch.distributed: ProcessGroupPyccl\n(ccl/torch_backend/)", GREY, 7.5)
+    box(ax, 0.05, 0.66, 0.90, 0.19,
+        "Communicator (ccl/communicator.py): validate -> choose -> submit\n"
+        "1. Validator (validate.py) -> one Call (call.py): op, buffers, memory kind, dtype, ...\n"
+        "2. Engines.choose (engines/choice.py): every engine's cost(call), the lowest wins,\n"
+        "    ties to registry order; PYCCL_ENGINE forces; cached; logged at PYCCL_DEBUG=INFO\n"
+        "3. CallQueue (queue.py): call order, flight recorder, Work; run_now short path", BLUE, 7.6)
+    arrow(ax, (0.26, 0.91), (0.26, 0.85))
+    arrow(ax, (0.74, 0.91), (0.74, 0.85))
+    engines = [("reproducible\nreproducible_cuda\n(wrap the others)", GREEN),
+               ("cuda\nCUDA IPC kernels,\none host", GREEN),
+               ("staged\nCUDA across hosts,\npinned host copies", ORANGE),
+               ("shm\nC collectives,\none host", GREEN),
+               ("composed\nlocal -> rails ->\nlocal", ORANGE),
+               ("flat\nplan + executor,\nanywhere", ORANGE)]
+    w = 0.142
+    for i, (text, color) in enumerate(engines):
+        x = 0.025 + i * (w + 0.0186)
+        box(ax, x, 0.43, w, 0.16, text, color, 6.6)
+        arrow(ax, (x + w / 2, 0.66), (x + w / 2, 0.59))
+    ax.text(0.5, 0.405, "engines (ccl/engines/), in registry order; each: cost(call), run(call, what), abort(), close()",
+            fontsize=6.8, color="#555555", ha="center")
+    box(ax, 0.02, 0.18, 0.46, 0.17, "topology/ (pure)\ngraph, plan builders, walk.py,\n"
+        "cost model (cost.py), simulator", GREY, 7.3)
+    box(ax, 0.52, 0.18, 0.46, 0.17, "transports/  Connection per peer\nshm  ·  tcp  ·  ibverbs  (cuda_ipc: GPU maps)\n"
+        "select.py: same host -> shm, RDMA -> ibverbs, else tcp", RED, 7.3)
+    arrow(ax, (0.25, 0.43), (0.25, 0.35), "plans, prices")
+    arrow(ax, (0.91, 0.43), (0.91, 0.35), "chunks in flight")
+    box(ax, 0.02, 0.02, 0.96, 0.09, "native/  C through cffi -> pyccl._native: reductions, shm collectives and rings, ibverbs;\n"
+        "CUDA kernels: ccl/engines/cuda/kernels.cu", GREY, 7.3)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.axis("off")
@@ -89,7 +91,7 @@ def hosts(ax):
 
 def main(out=None):
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "architecture.png")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), gridspec_kw={"width_ratios": [1.15, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.6), gridspec_kw={"width_ratios": [1.6, 1]})
     flow(axes[0])
     hosts(axes[1])
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Which transport carries each pair of ranks, and opening connections when first needed.
 
-The rule (docs/ARCHITECTURE.md, "The flow of one collective", step 6): same host and both on
+The rule (docs/ARCHITECTURE.md, "Transports and selection"): same host and both on
 GPU -> cuda_ipc; same host -> shm; RDMA device present -> ibverbs; else tcp.
 `PYCCL_TRANSPORT` (or the communicator's `transport=`) forces one for every pair; "auto"
 applies the rule.
