@@ -1,7 +1,8 @@
 """Which transport carries each pair of ranks, and opening connections when first needed.
 
-The rule (docs/ARCHITECTURE.md, "Transports and selection"): same host and both on
-GPU -> cuda_ipc; same host -> shm; RDMA device present -> ibverbs; else tcp.
+The rule (docs/ARCHITECTURE.md, "Transports and selection"): same host -> shm; RDMA device
+present on both -> ibverbs; else tcp. (CUDA buffers do not take Connections: the CUDA engines
+map their peers' memory through transports/cuda_ipc.py themselves.)
 `PYCCL_TRANSPORT` (or the communicator's `transport=`) forces one for every pair; "auto"
 applies the rule.
 

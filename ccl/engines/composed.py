@@ -26,15 +26,16 @@ In each, the bytes that cross the network are the minimum: (H-1)/H of the data p
 for all_reduce (ring), the local phase first where it shrinks the data (reduce_scatter,
 reduce) and last where it grows it (all_gather, broadcast).
 
-gather, scatter and all_to_all(v) are not composed: the communicator runs them as flat
-direct plans over the executor (every rank to every peer, shm inside a host, the network
+gather, scatter and all_to_all(v) are not composed: the flat engine (ccl/engines/flat.py) runs
+them as direct plans over the executor (every rank to every peer, shm inside a host, the network
 between hosts), which already sends each byte once.
 
 The membership of both groups comes from the topology every rank built from the bootstrap
 (Communicator.peer_info): no extra collective, no new communicator, no new connection. The
 node-local engine is created on the first composed call (every rank of the host makes that
-call in the same order); it needs only the store. The tuner (ccl/tuner.py) prices this
-composition ("composed") against the flat plans and picks; PYCCL_ALGO=composed forces it.
+call in the same order); it needs only the store. Its price (the model's composed time over
+COMPOSED_MARGIN) competes with the flat engine's in the engine choice (ccl/engines/choice.py);
+PYCCL_ALGO=composed forces it.
 
 Hosts with unequal rank counts are not composed (topology.composed.applicable): the tuner
 then picks among the flat and hierarchical plans, which handle them.

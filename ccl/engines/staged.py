@@ -1,7 +1,7 @@
 """Device memory across hosts: collectives on CUDA buffers staged through pinned host memory.
 
-When a communicator's ranks are on several hosts, engines/cuda/submit.py sends every
-collective on CUDA buffers here. It runs the CPU path of the same communicator — the plan
+When a communicator's ranks are on several hosts, the engine choice gives every collective
+on CUDA buffers to this engine (StagedEngine). It runs the CPU path of the same communicator — the plan
 the tuner picks for host memory, walked by the executor over TCP or ibverbs — on pinned host
 copies of the buffers, and pipelines the copies between device and host with the network at
 the granularity of the executor's passes (its "for chunk c: for stage: for op" loop):
@@ -341,7 +341,7 @@ class Staging:
         self._last_end = None
         self._arena_ptr, self._arena_cap, self._arena = 0, 0, None
         self._mrs = []                      # (MRCache, entry) of the arena per ibverbs device
-        self.composed = None                # several ranks per host: ccl/cuda_hierarchy.CudaComposed
+        self.composed = None                # several ranks per host: ccl/engines/cuda_composed.CudaComposed
         self.composed_min = None            # smallest composed message (bytes), decided on first use
         log.info("%s rank %d: CUDA buffers across hosts staged through pinned memory on cuda:%d "
                  "(chunk <= %d B, %d B ahead)", self.tag, self.rank, self.dev, self.chunk_cap, self.ahead)

@@ -2,7 +2,9 @@
 
 The package, file by file (the way Gloo splits a transport into context, pair, buffer):
 
-* ``submit.py``    the entry from the communicator (``submit``), the async Work, call signatures;
+* ``submit.py``    ``CudaEngine`` (the engine the communicator chooses for CUDA buffers on one
+                   host: begin/run/finish on the caller's stream) and the async Work;
+* ``signature.py`` the 63-bit call signature the kernels and the mailbox compare;
 * ``engine.py``    ``CudaCollectives``, one per communicator, composed of the parts below;
 * ``state.py``     scratch, flags, streams and events, the per-call mailbox, health and errors;
 * ``kernels.py``   compiling ccl/engines/cuda/kernels.cu, parameter blocks, launches, SM copies;
@@ -11,7 +13,7 @@ The package, file by file (the way Gloo splits a transport into context, pair, b
 * ``lane.py``      the torch backend's fast lane for small all-reduces.
 
 
-The communicator sends every collective whose buffers are on a GPU here (``submit``). The
+The engine choice sends every collective whose buffers are on a GPU of one host here. The
 data never leaves the GPUs: each rank maps its peers' memory through CUDA IPC
 (transports/cuda_ipc.py) and the bytes move over NVLink/PCIe, either
 
