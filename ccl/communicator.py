@@ -81,7 +81,7 @@ class Communicator:
         self.conns = self._connect()
         self.topology = self._topology()
         self.costs = transport_costs(measured=self._measured_costs())
-        self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag)
+        self.executor = Executor(self.rank, self.conns, self.timeout, self.chunk_bytes, self.tag, self._names())
         self.engines = self._make_engines()
         if self.check:
             self.queue.check = self.engines.by_name["flat"].agree
@@ -147,6 +147,18 @@ class Communicator:
         if others:
             inter = self.conns.transport_between(0, others[0])
         return Topology.from_host_ids(hosts, intra=intra, inter=inter)
+
+    def _names(self) -> dict:
+        """How errors name each rank: its number here, with its world rank (a split or
+        shrunk communicator) and, across hosts, its host."""
+        hosts = self.topology.nhosts > 1
+        names = {}
+        for r, info in enumerate(self.peer_info):
+            bits = [f"world rank {self._members[r]}"] if self._members[r] != r else []
+            if hosts:
+                bits.append(f"host {info.get('host', '?')}")
+            names[r] = f"rank {r}" + (f" ({', '.join(bits)})" if bits else "")
+        return names
 
     def _resources(self) -> Resources:
         fixed = self.chunk_bytes if settings.is_set("PYCCL_CHUNK_BYTES") else None

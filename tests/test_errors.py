@@ -110,3 +110,32 @@ def test_single_process_init_works():
         out = np.zeros(5)
         comm.all_gather(out, x)
         assert np.array_equal(out, x)
+
+
+def rank_silent_peer(comm):
+    """Rank 3 (host1) skips the call: the others time out naming ranks with their hosts."""
+    x = np.ones(1 << 12, np.float32)
+    if comm.rank == 3:
+        time.sleep(6)
+        return "skipped"
+    try:
+        comm.all_reduce(x)
+    except PycclError as e:
+        return str(e)
+    return "no error"
+
+
+def test_errors_across_hosts_name_ranks_with_their_hosts():
+    """On 2 (emulated) hosts x 2 ranks, a wait that times out in the flat engine names this rank
+    and the peers it waited on with their hosts (issue 28 item 9)."""
+    from ranks import RankGroup
+    g = RankGroup(4, ranks_per_host=2, env={"PYCCL_TIMEOUT": "3", "PYCCL_ENGINE": "flat"})
+    try:
+        got = g.run(rank_silent_peer)
+    finally:
+        g.close()
+    assert got[3] == "skipped"
+    for r in range(3):
+        msg = got[r]
+        assert f"rank {r} (host host{r // 2})" in msg, msg
+    assert any("(host host1)" in got[r] and "from rank" in got[r] for r in range(3)), got

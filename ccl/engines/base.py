@@ -106,14 +106,6 @@ class Resources:
     def host_of(self, rank: int) -> str:
         return str(self.peer_info[rank].get("host", "?"))
 
-    def describe(self, rank: int) -> str:
-        """'rank 3 (world rank 5, host h1)': how errors name a rank of this communicator."""
-        world = self.members[rank] if rank < len(self.members) else rank
-        bits = [f"world rank {world}"] if world != rank else []
-        if self.hosts > 1:
-            bits.append(f"host {self.host_of(rank)}")
-        return f"rank {rank}" + (f" ({', '.join(bits)})" if bits else "")
-
 
 class Enqueued:
     """The Work of a call that ran at once on the caller's thread because it only enqueues

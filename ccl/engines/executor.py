@@ -39,8 +39,10 @@ class _Recv:
 
 
 class Executor:
-    def __init__(self, rank: int, conns: dict, timeout: float, chunk_bytes: int, tag: str):
+    def __init__(self, rank: int, conns: dict, timeout: float, chunk_bytes: int, tag: str, names=None):
         self.rank = rank
+        # how errors name rank r: "rank r", with its host across hosts (Communicator.names)
+        self.names = names or {}
         self.conns = conns
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -87,7 +89,7 @@ class Executor:
         try:
             conns = ensure(peers) if ensure is not None else [self.conns[p] for p in peers]
         except (PeerFailure, TransportError, Timeout) as e:
-            raise type(e)(f"rank {self.rank} in {what}, opening connections: {e}") from None
+            raise type(e)(f"{self._name(self.rank)} in {what}, opening connections: {e}") from None
         sends = []                     # (request, canonical buf, start, stop)
         if stager is not None:
             stager.start(plan, lay.counts, lay.total, alias, lay.chunk_elems)
@@ -157,8 +159,11 @@ class Executor:
                         lambda: f"{what}: {sum(not s[0].done for s in sends)} sends still in flight at the end")
         self.where = ""
 
+    def _name(self, r) -> str:
+        return self.names.get(r) or f"rank {r}"
+
     def _waiting(self, what, si, c, active) -> str:
-        parts = [f"{a.op.kind} from rank {a.peer} ({a.req.nbytes} bytes)" for a in active if not a.req.done]
+        parts = [f"{a.op.kind} from {self._name(a.peer)} ({a.req.nbytes} bytes)" for a in active if not a.req.done]
         return f"{what} stage {si} chunk {c}: waiting on " + ", ".join(parts)
 
     def _drive(self, conns, done, describe) -> None:
@@ -175,7 +180,7 @@ class Executor:
                         moved = True
             except (PeerFailure, TransportError) as e:
                 where = describe() if callable(describe) else describe
-                raise type(e)(f"rank {self.rank} in {where}: {e}") from None
+                raise type(e)(f"{self._name(self.rank)} in {where}: {e}") from None
             if moved:
                 spin_end = None
                 naps = 0
@@ -190,7 +195,7 @@ class Executor:
                 continue
             if now > deadline:
                 where = describe() if callable(describe) else describe
-                raise Timeout(f"rank {self.rank} timed out after {self.timeout:.0f}s in {where}")
+                raise Timeout(f"{self._name(self.rank)} timed out after {self.timeout:.0f}s in {where}")
             naps += 1
             self._idle_wait(conns, min(0.01, 0.00005 * naps))
 
