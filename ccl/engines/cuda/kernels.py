@@ -1,9 +1,10 @@
-"""Kernels and their launch: compiling ccl/engines/cuda/kernels.cu once per (kind, dtype, op, vector
-width) with NVRTC through ``cupy.RawModule``, the parameter block of each kernel
-(``_PARAMS``, see cuda_ipc.KernelParams), prepared launches whose only per-call change is the
-epoch, the barrier kernel and the SM copy kernel. The kernels read the epoch from a counter in
-device memory (``CudaState.ectr``, see epoch_begin in the .cu), so a prepared launch changes no
-parameter between calls and a launch captured in a CUDA graph replays correctly."""
+"""Kernels and their launch: compiling the kernels' source (ccl/engines/cuda/kernels*.cu, see
+``cuda_source``) once per (kind, dtype, op, vector width) with NVRTC through ``cupy.RawModule``,
+the parameter block of each kernel (``_PARAMS``, see cuda_ipc.KernelParams), prepared launches
+whose only per-call change is the epoch, the barrier kernel and the SM copy kernel. The kernels
+read the epoch from a counter in device memory (``CudaState.ectr``, see epoch_begin in the .cu),
+so a prepared launch changes no parameter between calls and a launch captured in a CUDA graph
+replays correctly."""
 import os
 
 from ...dtypes import AVG, MAX, MIN, PROD, SUM
@@ -15,7 +16,22 @@ FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAX
     2 * MAXR * (2 * MAXR + 3) + \
     2 * (MAXB * MAXR * 2)                        # see the .cu (OFF_SPL: split tables; OFF_RP, OFF_RC: rounds)
 THREADS = 512
-_CU = os.path.join(os.path.dirname(__file__), "kernels.cu")
+#: The kernels' source, one translation unit in three files read in this order: kernels.cu (the
+#: flag buffer layout, waits, epochs, element types), kernels_reduce.cu (one-shot, two-shot and
+#: pull two-shot all-reduce), kernels_copy.cu (SM copies, the copy-engine reduction, the stream
+#: barrier, the copy collectives through scratch, all-to-all). Split only to keep files short.
+_CU_PARTS = tuple(os.path.join(os.path.dirname(__file__), name)
+                  for name in ("kernels.cu", "kernels_reduce.cu", "kernels_copy.cu"))
+
+
+def cuda_source() -> str:
+    """The parts joined in order: what NVRTC compiles (cupy's cache is keyed on this whole text)."""
+    parts = []
+    for path in _CU_PARTS:
+        with open(path) as f:
+            parts.append(f.read())
+    return "".join(parts)
+
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
           "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long",
@@ -67,8 +83,7 @@ class KernelsMixin:
             ctype = _CTYPE[dtype]
             kinds = ("oneshot", "twoshot", "reduce_n", "twoshot_pull")
             names = [f"{k}<{ctype}, {opcode}, {v}>" for k in kinds for v in sorted({1, n})]
-            with open(_CU) as f:
-                code = f.read()
+            code = cuda_source()
             options = ["-std=c++17"]
             cuda_path = self.cupy.cuda.get_cuda_path()
             if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
