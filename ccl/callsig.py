@@ -1,7 +1,7 @@
 """One collective call in 64 bits, so a rank can say *which* field of a call differs.
 
 Every message the executor moves carries the call it belongs to (the TCP header, the shm
-ring's slot metadata); the shm collectives publish theirs per call (native/shm.c). A
+ring's slot metadata); the shm collectives publish theirs per call (native/shm_coll_ops.c). A
 receiver that finds the sender's call differing raises "call mismatch with rank P: the op
 differs (it called all_reduce(float32 x 1000, MAX), this rank all_reduce(float32 x 1000,
 SUM))" instead of a size mismatch, or instead of silently reducing with two ops.

@@ -108,7 +108,8 @@ ffibuilder.cdef(CDEF + ("" if sys.platform == "win32" else CDEF_SHM))
 ffibuilder.set_source(
     "pyccl._native",
     '#include "reduce.h"\n' + ("" if sys.platform == "win32" else '#include "shm.h"\n'),
-    sources=[s for s in SOURCES if sys.platform != "win32" or not s.endswith("shm.c")],
+    # shm*.c (segments, slot rings, collectives: POSIX shared memory, futex) are not built on Windows
+    sources=[s for s in SOURCES if sys.platform != "win32" or not os.path.basename(s).startswith("shm")],
     include_dirs=[_path(HERE)],
     libraries=LIBRARIES,
     extra_compile_args=EXTRA_COMPILE_ARGS,

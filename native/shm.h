@@ -46,7 +46,7 @@ int pyccl_pid_alive(int pid);
 /* ---- node-local collectives ------------------------------------------------------------ */
 
 /* Local handle of one rank on one collectives segment (malloc'ed; the segment is shared).
- * The first fields are read by Python; the rest is private to shm.c. */
+ * The first fields are read by Python; the rest is private to shm_coll.c and shm_coll_ops.c. */
 typedef struct pyccl_coll {
     int rank, nranks;
     uint64_t half_bytes;   /* bytes of one half of a rank's data area */
@@ -76,8 +76,8 @@ typedef struct pyccl_coll {
     uint64_t prev_bytes; /* and its previous one */
     uint32_t prev_what;
     uint64_t ncall;      /* calls so far (the same on every rank) */
-    /* kind of stores into shared areas (shm.c, choose_kind): per (op, size class) the times
-     * per KiB of the last KIND_KEEP calls made with plain [0] / streaming [1] stores */
+    /* kind of stores into shared areas (shm_coll_ops.c, choose_kind): per (op, size class)
+     * the times per KiB of the last KIND_KEEP calls made with plain [0] / streaming [1] stores */
 #define KIND_OPS 6
 #define KIND_SIZES 6
 #define KIND_KEEP 4
@@ -120,7 +120,7 @@ void pyccl_coll_set_spin(pyccl_coll *c, double spin_s);
  * (every rank must set the same), streaming-store threshold (0: never). */
 void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes);
 /* Stores into shared areas: kind 0 plain, 1 streaming, -1 (default) the cheaper as timed per
- * communicator (shm.c, choose_kind); pyccl_share_hint() is the kind ring sends use. */
+ * communicator (shm_coll_ops.c, choose_kind); pyccl_share_hint() is the kind ring sends use. */
 void pyccl_share_force(int kind);
 int pyccl_share_hint(void);
 /* How many ranks have attached so far. */
