@@ -29,7 +29,7 @@ wrappers any store can sit under (PrefixStore, TorchStoreAdapter, multi_get).
 import threading
 import time
 
-from .errors import InvalidArgument, PeerFailure, PycclError, Timeout  # noqa: F401  (the first and third re-exported)
+from .errors import InvalidArgument, PeerFailure, PycclError, Timeout  # noqa: F401  (some re-exported)
 from .store_server import StoreServer, _Client  # noqa: F401  (re-exported)
 from .store_wire import (  # noqa: F401  (re-exported: tests and tools import them from here)
     _MAC, _MAX_SERVER_WAIT, _NONCE, _OPS, _REP, _REPLY_MARGIN, _REQ, _U32, _I64, ADD, BAD, CHECK,
