@@ -2,7 +2,7 @@
 
 Why not the executor over the shm transport: a plan moves every byte through a ring, one
 message per chunk and peer, driven from Python.  Here each collective is one C call
-(native/shm.c, GIL released): every rank writes its data once into its own area of a
+(native/shm_coll.c and shm_coll_ops.c, GIL released): every rank writes its data once into its own area of a
 node-wide segment, publishes a step counter, and every reader copies (or reduces) straight
 out of the writers' areas.  No per-message Python, no per-pair rings.
 
@@ -37,7 +37,7 @@ turns this path off, the executor then runs every collective over the transports
 
 Stores into the shared areas (the copies the peers read, the reduced parts, the ring slots):
 ``PYCCL_SHM_STREAM`` (per process) ``auto`` (default): both kinds timed per (op, size) and the
-cheaper used (native/shm.c, choose_kind); 0 plain, 1 streaming (non-temporal). On this VM a
+cheaper used (native/shm_coll_ops.c, choose_kind); 0 plain, 1 streaming (non-temporal). On this VM a
 plain store to a line the peer just read swung between ~40 and ~2.5 GB/s with the host's
 placement of the vCPUs, streaming stores stayed at 14-27 GB/s; collectives with plain stores ran
 3-5x slower in the slow minutes, with streaming stores up to 2x slower in the fast ones.

@@ -51,7 +51,7 @@ class CopiesMixin:
         return self.copy_mode == "auto" and piece <= self.stage_max
 
     def _staged(self, what, caller, join, sig, piece, pushes, drains, own=(0, 0, 0)):
-        """One 'staged' kernel (ccl/engines/cuda/kernels.cu): pushes {peer: (src, nbytes)} into region
+        """One 'staged' kernel (ccl/engines/cuda/kernels_copy.cu): pushes {peer: (src, nbytes)} into region
         `rank` of each peer's scratch, drains {peer: (dst, nbytes)} out of region `peer` of ours,
         `own` = (dst, src, nbytes) copied locally. No host exchange, unless the scratch must grow
         (collective: the mailbox first checks that every rank makes this call)."""
