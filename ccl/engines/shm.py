@@ -426,8 +426,11 @@ class ShmEngine(ShmCollectives, ShmPricing):
 
     def short_all_reduce(self, call, seq_what):
         """all_reduce with the codes looked up once: the queue's run_now path (8-byte calls
-        are mostly Python time)."""
+        are mostly Python time). It must do exactly what run_all_reduce does, since ranks take
+        one path or the other by their own queue's state: an empty call touches no segment."""
         a = call.out.array
+        if not a.size or self._c is None:
+            return self._check(seq_what())
         code = _OP_BY_ID.get(id(call.redop))
         rc = self.all_reduce_raw(a, _DTYPE_CODE[a.dtype], code)
         if rc:
