@@ -61,6 +61,20 @@ def test_transport_between_follows_the_bootstrap_records():
         forced.close()
 
 
+def rank_engines(comm):
+    from pyccl.engines.base import Engine
+    return [(e.name, isinstance(e, Engine)) for e in comm.engines.engines]
+
+
+def test_every_engine_fills_the_one_interface(groups):
+    """The registry of a one-host communicator, in tie-break order, every engine an Engine."""
+    got = groups(2).run(rank_engines)
+    assert got[0] == got[1]
+    assert [n for n, _ in got[0]] == ["reproducible", "reproducible_cuda", "cuda", "staged", "shm", "composed",
+                                     "flat"], got[0]
+    assert all(ok for _, ok in got[0]), got[0]
+
+
 def rank_choice(comm, nbytes):
     call = comm.validate.all_reduce(np.zeros(nbytes // 4, np.float32), SUM, False)
     return {"inter": comm.topology.inter, "engine": comm.engines.choose(call).name,
