@@ -70,6 +70,20 @@ class EngineBase:
         pass
 
 
+class DeviceEngine(EngineBase):
+    """An engine whose device state (`state`) is made by its first call, which knows the GPU;
+    abort and close go to that state."""
+    state = None
+
+    def abort(self):
+        if self.state is not None:
+            self.state.abort()
+
+    def close(self):
+        if self.state is not None:
+            self.state.close()
+
+
 @dataclass
 class Resources:
     """What a communicator lends its engines when it makes them."""

@@ -85,8 +85,8 @@ from ..buffers import Buffer
 from ..dtypes import AVG, DTYPES
 from ..errors import InvalidArgument, PycclError, Timeout
 from ..reduce import divide_into
-from .base import EngineBase
-from .cuda.submit import cuda_args
+from .base import DeviceEngine, EngineBase
+from .cuda.submit import cuda_args, device_splits
 from .flat import TUNED
 from .staged_schedule import _Call, _groups, schedule
 
@@ -100,7 +100,7 @@ _ALIGN = 4096
 
 
 # ---- the engine ----------------------------------------------------------------------------------
-class StagedEngine(EngineBase):
+class StagedEngine(DeviceEngine):
     """Ranks on several hosts, device memory: every collective staged through pinned host
     memory around the flat engine's plan, or, with several ranks per host, composed of CUDA
     phases around a staged rail (ccl/engines/cuda_composed.py). Made on the first call (it
@@ -116,7 +116,7 @@ class StagedEngine(EngineBase):
         self.state = None                 # Staging, on the first call
 
     def takes(self, call) -> bool:
-        return self.res.hosts > 1 and EngineBase.takes(self, call) and not _device_splits(call)
+        return self.res.hosts > 1 and EngineBase.takes(self, call) and not device_splits(call)
 
     def price(self, call):
         return self.flat.price(call) if call.op in TUNED else 0.0
@@ -160,18 +160,6 @@ class StagedEngine(EngineBase):
         if st.sync_each:
             st.synchronize(name, end)
         return None
-
-    def abort(self):
-        if self.state is not None:
-            self.state.abort()
-
-    def close(self):
-        if self.state is not None:
-            self.state.close()
-
-
-def _device_splits(call) -> bool:
-    return call.op == "all_to_all" and not isinstance(call.in_splits, (tuple, type(None)))
 
 
 class ComposedWork:

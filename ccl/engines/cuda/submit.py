@@ -1,6 +1,6 @@
 """The CUDA engine (collectives on device memory of ranks that share a host) and its async Work."""
 from ...errors import InvalidArgument
-from ..base import EngineBase
+from ..base import DeviceEngine, EngineBase
 from .signature import _signature
 
 #: the collectives of CudaCollectives, by the name of the method that runs them
@@ -35,7 +35,7 @@ def cuda_args(call) -> tuple:
     raise InvalidArgument(f"{op}: not implemented for CUDA buffers yet; use a CPU copy")
 
 
-class CudaEngine(EngineBase):
+class CudaEngine(DeviceEngine):
     """Ranks of one host, device memory: the IPC kernels and copy engines of CudaCollectives,
     made on the first call (it needs the device). Stream-ordered: a call binds the caller's
     current stream when it is made, and its host part only enqueues (ccl/engines/base.py)."""
@@ -80,13 +80,6 @@ class CudaEngine(EngineBase):
             self.state.synchronize(call.op)
         return None
 
-    def abort(self):
-        if self.state is not None:
-            self.state.abort()
-
-    def close(self):
-        if self.state is not None:
-            self.state.close()
 
 
 class CudaWork:
