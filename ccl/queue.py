@@ -6,6 +6,11 @@ low; `async_op=True` queues it on the communicator's progress thread and returns
 once. After an error the queue is broken: later calls raise at once instead of hanging on a
 peer that has given up. The engines and the torch backend order their work through this
 object (`seq`, `inflight`, `broken`, `closed` are read by the CUDA fast lanes).
+
+A call may make calls of its own (the torch backend's collectives call the communicator): a
+synchronous call made while a call runs on the same thread, or from the progress thread (a
+future callback run as a call ends), runs at once inside that turn, since queueing it would
+wait for itself. The locks are re-entrant for that reason alone.
 """
 import queue
 import threading
@@ -14,19 +19,39 @@ from .engines.base import Enqueued
 from .errors import PeerFailure, PycclError, Timeout
 
 
-class Work:
-    """Handle of one queued collective, like torch's Work."""
+class LocalFailure(Exception):
+    """Raised by a queued function to fail its own call only: the caller gets `error` and the
+    queue stays usable. For errors that leave no peer mid-call in a way the queue cannot see
+    (the torch backend's InvalidArgument and torch errors, which never broke a group)."""
 
-    def __init__(self, what: str, timeout=None):
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Work:
+    """Handle of one queued collective, like torch's Work. on_end(error): called as the call
+    ends, before any waiter wakes, on the thread that ends it (the torch backend completes its
+    Future there, so a value is ready once wait() returns); it must not raise."""
+
+    def __init__(self, what: str, timeout=None, on_end=None):
         self.what = what
         self._timeout = timeout
         self._done = threading.Event()
         self._error = None
+        self._on_end = on_end
         self.result = None
 
     def _finish(self, error=None):
         self._error = error
+        end, self._on_end = self._on_end, None      # once; and no cycle through a bound method
+        if end is not None:
+            end(error)
         self._done.set()
+
+    def ended(self, timeout=None) -> bool:
+        """Wait up to `timeout` seconds (None: for good) without raising: whether it ended."""
+        return self._done.wait(timeout)
 
     def is_completed(self) -> bool:
         return self._done.is_set()
@@ -58,8 +83,10 @@ class CallQueue:
         self.inflight = 0
         self.broken = None            # the reason, once a call failed
         self.closed = False
-        self._lock = threading.Lock()           # serialises execution
-        self._submit_lock = threading.Lock()
+        self._lock = threading.RLock()          # serialises execution (re-entrant: calls in a call)
+        self._submit_lock = threading.RLock()
+        self._idle = threading.Condition(self._submit_lock)     # notified when inflight drops to 0
+        self._failure = None                    # the exception _fail returned last
         self._queue = queue.Queue()
         self._thread = None
 
@@ -95,9 +122,10 @@ class CallQueue:
         return engine.finish(call, self.run(call.op, lambda what: engine.run(call, what), call.async_op,
                                             call.sig, call))
 
-    def run(self, op: str, fn, async_op: bool, sig=None, call=None):
+    def run(self, op: str, fn, async_op: bool, sig=None, call=None, on_end=None):
         """Run `fn(what)` in call order; sig (dtype, count, root, redop) feeds the flight
-        recorder and, with `call`, PYCCL_CHECK."""
+        recorder and, with `call`, PYCCL_CHECK; on_end goes to the Work (see Work), made when
+        the call is queued (async_op, or behind others)."""
         self.usable(op)
         self.seq += 1
         what = self.what(op, self.seq)
@@ -105,9 +133,9 @@ class CallQueue:
         if self.check is not None and call is not None and op not in ("send", "recv"):
             fn = self._checked(fn, call)
         with self._submit_lock:
-            if not async_op and self.inflight == 0:
+            if not async_op and (self.inflight == 0 or threading.current_thread() is self._thread):
                 return self._execute(what, fn, entry)
-            work = Work(what, self.timeout)
+            work = Work(what, self.timeout, on_end)
             self.inflight += 1
             self._queue.put((work, fn, entry))
             if self._thread is None:
@@ -122,10 +150,12 @@ class CallQueue:
     def run_now(self, call, engine) -> bool:
         """A synchronous call on an engine's short path (`short_<op>`, ccl/engines/base.py),
         with none of run()'s generality but the same order, recorder entry and error handling:
-        False when anything is queued or the queue is unusable (then submit takes run())."""
+        False when anything is queued (unless called from the progress thread, as in run()) or the
+        queue is unusable (then submit takes run())."""
         op = call.op
         with self._submit_lock:
-            if self.inflight or self.closed or self.broken is not None:
+            if (self.inflight and threading.current_thread() is not self._thread) or self.closed or \
+                    self.broken is not None:
                 return False
             self.seq += 1
             seq = self.seq
@@ -138,6 +168,28 @@ class CallQueue:
                     raise self._fail(e, entry) from None
                 self.recorder.finish(entry)
         return True
+
+    def run_here(self, op: str, fn, sig=None, call=None):
+        """run(op, fn, False) on the caller's thread, after every call queued before it (waiting
+        at most the timeout): for calls whose caller's thread matters (the torch backend's CUDA
+        collectives run on the caller's current stream)."""
+        if threading.current_thread() is self._thread:      # in a call's turn already
+            return self.run(op, fn, False, sig, call)
+        with self._submit_lock:
+            if not self._idle.wait_for(lambda: self.inflight == 0, self.timeout):
+                raise Timeout(f"{self.what(op, self.seq + 1)}: the calls queued before it did not "
+                              f"finish within the timeout of {self.timeout:.0f}s")
+            return self.run(op, fn, False, sig, call)
+
+    def wait_idle(self, timeout) -> bool:
+        """Wait until nothing is queued (at most `timeout` s): whether that happened."""
+        with self._submit_lock:
+            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
+
+    def on_progress_thread(self) -> bool:
+        """Whether the caller is this queue's progress thread (where future callbacks of
+        queued calls run)."""
+        return self._thread is not None and threading.current_thread() is self._thread
 
     def _checked(self, fn, call):
         def checked(what):
@@ -152,7 +204,13 @@ class CallQueue:
             self.recorder.start(entry)
             try:
                 result = fn(what)
+            except LocalFailure as e:       # the function failed its own call only
+                self.recorder.finish(entry, e.error)
+                raise e.error from None
             except Exception as e:
+                if e is self._failure:      # a call made inside this one failed and broke the queue
+                    self.recorder.finish(entry, e)
+                    raise
                 raise self._fail(e, entry) from None
             self.recorder.finish(entry)
             return result
@@ -162,6 +220,7 @@ class CallQueue:
         no later call may pretend the byte streams are in step."""
         e = self.on_failure(e, entry)
         self.broken = f"{type(e).__name__}: {e}"
+        self._failure = e
         return e
 
     def _worker(self):
@@ -178,6 +237,8 @@ class CallQueue:
             finally:
                 with self._submit_lock:
                     self.inflight -= 1
+                    if not self.inflight:
+                        self._idle.notify_all()
 
     def close(self):
         if self._thread is not None:

@@ -2,13 +2,15 @@
 
 The package, file by file:
 
-* ``group.py``          ``ProcessGroupPyccl``: identity, ordered execution (worker thread, inline
-                        calls, CUDA calls on the caller's thread), teardown;
+* ``group.py``          ``ProcessGroupPyccl``: identity, ordered execution (the communicator's
+                        queue: inline calls, its progress thread, CUDA calls on the caller's
+                        thread), teardown;
 * ``collectives.py``    the group's collectives (all_reduce ... all_to_all, barrier);
 * ``point_to_point.py`` the group's send/recv/recv_anysource and monitored_barrier;
-* ``p2p_engine.py``     the point-to-point engine thread (eager sends, tags, any-source);
+* ``p2p_engine.py``     the point-to-point engine thread (eager sends, tags, any-source; why it is
+                        not the queue: its docstring);
 * ``p2p_ipc.py``        its CUDA IPC path between the GPUs of one host;
-* ``works.py``          the Work objects torch gets back (CPU, CUDA, synchronous CUDA);
+* ``works.py``          the Work objects torch gets back (over pyccl's queue Work; CUDA; synchronous CUDA);
 * ``reductions.py``     how each (torch op, dtype) reduces on pyccl;
 * ``tensors.py``        tensor checks, flat contiguous views and write-backs;
 * ``registration.py``   ``register()`` and torch's entry points.
@@ -30,9 +32,11 @@ process group (the default group, every ``new_group``/``new_subgroups``), handin
 (keys under ``pyccl/coll`` and ``pyccl/p2p``, so nothing collides with torch's own keys or
 with other groups), both with the group's ``timeout``:
 
-* **collectives** run on the first one, in the order they are issued, on one worker thread per
-  group (``async_op=True``) or inline on the caller's thread when the group is idle and the
-  call is synchronous (no thread hand-off for plain ``dist.all_reduce(t)``);
+* **collectives** run on the first one's call queue (``pyccl/queue.py``: one order, one progress
+  thread, one place that breaks after a failure), in the order they are issued: on its progress
+  thread (``async_op=True``) or inline on the caller's thread when nothing is queued and the
+  call is synchronous (no thread hand-off for plain ``dist.all_reduce(t)``); the pyccl calls a
+  collective makes run inside its turn;
 * **point-to-point** (send/recv/isend/irecv/batch_isend_irecv, recv from any source) runs on
   the second one's connections, driven by ``_P2PEngine``: every message carries a small header
   (tag, byte count), sends never wait for the receiver (unexpected messages are buffered),
@@ -100,7 +104,10 @@ Behaviour (written down where Gloo/NCCL differ)
 * Object collectives (all_gather_object, gather_object, broadcast_object_list,
   scatter_object_list, send/recv_object_list) work through the calls above.
 * A synchronous collective issued from a ``get_future().then(...)`` callback runs at once on the
-  group's worker thread (queueing it would wait for itself); asynchronous ones queue as usual.
+  communicator's progress thread (queueing it would wait for itself); asynchronous ones queue
+  as usual.
+* An InvalidArgument (or a torch error in the copies around a collective) fails that call only;
+  any other pyccl error breaks the group (above).
 
 CUDA tensors (ranks of one host, one GPU each; ccl/engines/cuda/ does the work)
 -------------------------------------------------------------------------------------

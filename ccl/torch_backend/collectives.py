@@ -1,8 +1,10 @@
 """The collectives of ProcessGroupPyccl (a mixin of group.py): argument checks on the caller's
-thread, then a body that runs on the group's worker or inline (``self._submit``). CUDA
+thread, then a body that runs on the communicator's queue (``self._submit``: inline, or on its
+progress thread). CUDA
 all-reduces of one small tensor take the fast lane (``allreduce``'s first branch); after their
 checks, all_gather_into_tensor, reduce_scatter_tensor, broadcast, all_to_all_single (equal
-splits) and reduce of CUDA tensors try theirs (``_copy_fast``: one prepared launch, no Work on the worker)."""
+splits) and reduce of CUDA tensors try theirs (``_copy_fast``: one prepared launch, no queue entry).
+The lanes are taken only while nothing is queued (they read ``queue.inflight`` too)."""
 import collections
 import math
 
@@ -24,7 +26,7 @@ _LANE_OPS = {_R.SUM: "SUM", _R.PRODUCT: "PROD", _R.MIN: "MIN", _R.MAX: "MAX", _R
 class CollectivesMixin:
     """all_reduce ... all_to_all and barrier of ProcessGroupPyccl."""
 
-    # -- collective bodies (run on the worker or inline) --
+    # -- collective bodies (run on the queue: inline or on its progress thread) --
     def _allreduce_flat(self, flat, red, may_modify):
         buf = red.to_work(flat, may_modify)
         if red.gather_fold is not None:
@@ -39,12 +41,12 @@ class CollectivesMixin:
         """The CUDA fast lane of the collectives other than all_reduce (engines/cuda/lane.py
         ``torch_copies``): a torch Work, or None when the call takes the general path."""
         lane = self._copy_lane
-        if lane is None or self._broken is not None or self._running or self._pending or not out.is_cuda:
+        if lane is None or self._q.broken is not None or self._q.inflight or not out.is_cuda:
             return None
         try:
             r = lane(name, out, inp, arg, getattr(opts, "asyncOp", True) if opts is not None else True)
         except PycclError as e:
-            self._broken = f"{type(e).__name__}: {e}"
+            self._break(e)
             raise
         if r is False:
             return None
@@ -55,8 +57,8 @@ class CollectivesMixin:
     # ===== collectives =====================================================================
     def allreduce(self, tensors, opts=None):
         lane = self._lane
-        if lane is not None and type(tensors) is list and len(tensors) == 1 and self._broken is None and \
-                not self._running and not self._pending:
+        if lane is not None and type(tensors) is list and len(tensors) == 1 and self._q.broken is None and \
+                not self._q.inflight:
             # Fast lane: one small contiguous CUDA tensor, nothing queued (see the module doc).
             t = tensors[0]
             if type(opts) is _AllreduceOptions:
@@ -69,7 +71,7 @@ class CollectivesMixin:
                 try:
                     r = lane(t, opname, async_op)
                 except PycclError as e:
-                    self._broken = f"{type(e).__name__}: {e}"
+                    self._break(e)
                     raise
                 if r is not False:
                     if r is None:

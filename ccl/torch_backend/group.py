@@ -1,23 +1,22 @@
 """``ProcessGroupPyccl``: the torch.distributed process group. This file holds its identity,
-how calls are ordered and run (worker thread, inline synchronous calls, CUDA calls on the
-caller's thread), and teardown; the calls themselves are in collectives.py and
-point_to_point.py."""
-import collections
+how calls are ordered and run (on the collectives communicator's one queue, ccl/queue.py:
+inline synchronous calls, the communicator's progress thread, CUDA calls on the caller's
+thread), and teardown; the calls themselves are in collectives.py and point_to_point.py."""
 import logging
 import threading
-import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .. import settings
-from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
+from ..errors import InvalidArgument, PycclError
+from ..queue import LocalFailure
 from ..store import PrefixStore, TorchStoreAdapter
 from .collectives import CollectivesMixin
 from .p2p_engine import _P2PEngine
 from .point_to_point import PointToPointMixin
-from .works import _SYNC_DONE, _CudaWork, _Outcome, _PycclWork, _seconds
+from .works import _ENDED, _SYNC_DONE, _CudaWork, _Outcome, _PycclWork, _ended, _seconds
 
 log = logging.getLogger("pyccl")
 
@@ -73,12 +72,8 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         self._p2p_comm = Communicator(self._rank, self._size, store=PrefixStore(base, "p2p"), timeout=self._timeout,
                                       transport=settings.get("PYCCL_TORCH_P2P_TRANSPORT") or P2P_TRANSPORT)
         self._p2p = _P2PEngine(self._p2p_comm, self._rank, self._timeout, f"pyccl r{self._rank}/{self._size}")
-        self._cv = threading.Condition()
-        self._pending = collections.deque()
-        self._running = False
-        self._worker = None
-        self._seq = 0
-        self._broken = None
+        self._q = self._comm.queue    # the one order of this group's collectives (ccl/queue.py)
+        self._seq = 0                 # numbers point-to-point calls in their names
         self._closed = False
         self._lane = None             # fast lane of small CUDA all-reduces (set on first CUDA use)
         self._copy_lane = None        # fast lane of the other CUDA collectives (set with _lane)
@@ -124,164 +119,114 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
     def __repr__(self):
         return f"<ProcessGroupPyccl rank {self._rank}/{self._size} {self._group_name or ''}>"
 
-    # -- execution --
+    # -- execution: the communicator's queue (ccl/queue.py) orders and runs every collective --
     def _what(self, name):
         self._seq += 1
         return f"pyccl {name} #{self._seq} (group {self._group_name or '?'}, rank {self._rank}/{self._size})"
 
+    def _body(self, work, fn):
+        """fn(work) as a queued function: `what` names the call; InvalidArgument and torch's own
+        errors fail this call only (LocalFailure), a PycclError breaks the queue (for good)."""
+        def body(what):
+            work.what = "pyccl " + what
+            try:
+                fn(work)
+            except PycclError as e:
+                if isinstance(e, InvalidArgument):
+                    raise LocalFailure(e) from None
+                raise
+            except Exception as e:  # noqa: BLE001 - torch errors in copies etc.: report, do not break
+                raise LocalFailure(e) from None
+        return body
+
     def _submit(self, name, fn, result, opts=None, async_op=None, dev=None):
-        """Queue `fn()` (run in issue order) and return its Work; synchronous calls on an idle
-        group run right here on the caller's thread. `dev`: the GPU of the call's CUDA tensors
-        (None: CPU), see _submit_cuda."""
+        """Run `fn(work)` on the communicator's queue, in call order, and return its Work: at once
+        on the caller's thread when synchronous and nothing is queued (or from a future callback
+        on the progress thread), else on the progress thread. `dev`: the GPU of the call's CUDA
+        tensors (None: CPU), see _submit_cuda."""
         if async_op is None:
             async_op = bool(getattr(opts, "asyncOp", True)) if opts is not None else True
+        if self._closed:
+            raise PycclError(f"pyccl {name}: the process group is shut down")
         if dev is not None:
             return self._submit_cuda(name, fn, result, async_op, dev)
-        what = self._what(name)
-        work = _PycclWork(what, result)
-        if not async_op and threading.current_thread() is self._worker:
-            # A synchronous call from a future callback, which runs on the worker right after the
-            # operation it follows, at the same point on every rank: run it now (queueing it
-            # behind the worker would wait for itself).
-            self._run(work, fn)
+        work = _PycclWork(f"pyccl {name}", result, queued=True)
+        try:
+            if async_op:
+                work._work = self._q.run(name, self._body(work, fn), True, on_end=work._settle)
+                return work
+            self._q.run(name, self._body(work, fn), False, on_end=work._settle)
+        except Exception as e:  # noqa: BLE001 - handed to torch through the Work, as Gloo does
+            work._work = _ended(work.what, e)
+            work._settle(e)
             return work
-        with self._cv:
-            if self._closed:
-                raise PycclError(f"{what}: the process group is shut down")
-            inline = not async_op and not self._pending and not self._running
-            if inline:
-                self._running = True
-            else:
-                self._pending.append((work, fn))
-                if self._worker is None:
-                    self._worker = threading.Thread(target=self._work_loop, daemon=True,
-                                                    name=f"pyccl-torch-{self._group_name}-r{self._rank}")
-                    self._worker.start()
-                self._cv.notify_all()
-        if inline:
-            try:
-                self._run(work, fn)
-            finally:
-                with self._cv:
-                    self._running = False
-                    self._cv.notify_all()
+        work._work = _ENDED
+        work._settle()
         return work
 
     def _submit_cuda(self, name, fn, result, async_op, dev):
         """A collective on CUDA tensors: run on the caller's thread (whose current stream it is
-        ordered after), after whatever the group queued before it; it only enqueues GPU work.
-        async_op: the body runs with a side stream as the current stream (which first waits
-        for the caller's), and the Work's wait() joins it back."""
-        what = self._what(name)
-        work = _Outcome(what) if not async_op else _CudaWork(what, result, dev)
-        on_worker = threading.current_thread() is self._worker
-        if not on_worker:
-            self._take_turn(what)
+        ordered after), after whatever the queue holds before it (CallQueue.run_here); it only
+        enqueues GPU work. async_op: the body runs with a side stream as the current stream
+        (which first waits for the caller's), and the Work's wait() joins it back."""
+        work = _Outcome(f"pyccl {name}") if not async_op else _CudaWork(f"pyccl {name}", result, dev)
+        if async_op:
+            fn = self._on_side_stream(fn, dev)
         try:
-            if not async_op:
-                self._run(work, fn)
-                if work._error is not None:
-                    failed = _CudaWork(what, result, dev)
-                    failed._error = work._error
-                    work = failed
-            else:
-                caller = torch.cuda.current_stream(dev)
-                side = self._side.get(dev)
-                if side is None:
-                    side = self._side[dev] = torch.cuda.Stream(device=dev)
-                side.wait_stream(caller)
-                with torch.cuda.stream(side):
-                    self._run(work, fn)
-                if work._error is None:
-                    ev = torch.cuda.Event()
-                    ev.record(side)
-                    work.event = ev
-                    work._keep = fn          # its closure holds every tensor the side stream uses
-            cc = self._comm.cuda
-            if self._lane is None and cc is not None and work._error is None:
-                self._lane_dev, self._lane_cc = cc.dev, cc
-                self._lane = cc.torch_all_reduce()
-                self._copy_lane = cc.torch_copies() if hasattr(cc, "torch_copies") else None
-        finally:
-            if not on_worker:
-                with self._cv:
-                    self._running = False
-                    self._cv.notify_all()
+            self._q.run_here(name, self._body(work, fn))
+        except Exception as e:  # noqa: BLE001 - handed to torch through the Work
+            work._error = e
+        cc = self._comm.cuda
+        if self._lane is None and cc is not None and work._error is None:
+            self._lane_dev, self._lane_cc = cc.dev, cc
+            self._lane = cc.torch_all_reduce()
+            self._copy_lane = cc.torch_copies() if hasattr(cc, "torch_copies") else None
         if isinstance(work, _Outcome):
-            return _SYNC_DONE
+            if work._error is None:
+                return _SYNC_DONE
+            failed = _CudaWork(work.what, result, dev)
+            failed._error = work._error
+            work = failed
         work._cc = cc
         return work
 
-    def _take_turn(self, what):
-        """Wait (bounded by the group timeout) until nothing queued or running is ahead of us,
-        then hold the group."""
-        with self._cv:
-            if self._closed:
-                raise PycclError(f"{what}: the process group is shut down")
-            deadline = time.monotonic() + self._timeout
-            while self._pending or self._running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Timeout(f"{what}: the operations queued before it on this group did not finish "
-                                  f"within the group timeout of {self._timeout:.0f}s")
-                self._cv.wait(min(left, 1.0))
-            self._running = True
+    def _on_side_stream(self, fn, dev):
+        """fn on this group's side stream of `dev`, which first waits for the caller's current
+        stream; the Work gets the event that ends it (and keeps fn, whose closure holds every
+        tensor the side stream uses)."""
+        def on_side(work):
+            caller = torch.cuda.current_stream(dev)
+            side = self._side.get(dev)
+            if side is None:
+                side = self._side[dev] = torch.cuda.Stream(device=dev)
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                fn(work)
+            ev = torch.cuda.Event()
+            ev.record(side)
+            work.event = ev
+            work._keep = fn
+        return on_side
 
-    def _work_loop(self):
-        while True:
-            with self._cv:
-                while not self._closed and (not self._pending or self._running):
-                    self._cv.wait()
-                if not self._pending:
-                    return
-                work, fn = self._pending.popleft()
-                self._running = True
-            try:
-                self._run(work, fn)
-            finally:
-                with self._cv:
-                    self._running = False
-                    self._cv.notify_all()
-
-    def _run(self, work, fn):
-        if self._broken is not None:
-            work._finish(PeerFailure(f"{work.what}: the group is broken by an earlier error "
-                                     f"({self._broken}); create a new group"))
-            return
-        try:
-            fn(work)
-        except InvalidArgument as e:
-            work._finish(e)
-            return
-        except PycclError as e:
-            err = self._break(work, e)
-            work._finish(err)
-            return
-        except Exception as e:  # noqa: BLE001 - torch errors in copies etc.: report, do not break
-            work._finish(e)
-            return
-        work._finish()
-
-    def _break(self, work, e):
-        """A collective failed on the wire. The communicator has already left its reason in the
-        store and (except after a timeout) dropped its connections so that the peers fail now
-        and name the root cause; from here on every call on this group fails at once."""
-        self._broken = f"{type(e).__name__}: {e}"
-        return e
+    def _break(self, e):
+        """A fast lane raised a GPU error (the kernels left it in host memory): the queue is
+        broken, as after any failed call, so every later call fails at once."""
+        if self._q.broken is None:
+            self._q.broken = f"{type(e).__name__}: {e}"
 
     # -- teardown --
     def shutdown(self):
-        with self._cv:
-            if self._closed:
-                return
-            self._closed = True
-            self._cv.notify_all()
-        w = self._worker
-        if w is not None and w is not threading.current_thread():
-            w.join(timeout=min(self._timeout, 10.0))
-        for work, _ in list(self._pending):
-            work._finish(PycclError(f"{work.what}: the process group was shut down"))
-        self._pending.clear()
+        if self._closed:
+            return
+        self._closed = True
+        if self._q.on_progress_thread():        # from a future callback: that thread cannot join itself
+            threading.Thread(target=self._close_all, daemon=True).start()
+            return
+        if not self._q.wait_idle(min(self._timeout, 10.0)):
+            self._comm.abort()                  # what is still queued fails now, not at the timeout
+        self._close_all()
+
+    def _close_all(self):
         self._p2p.close()
         for c in (self._comm, self._p2p_comm):
             try:
@@ -290,7 +235,8 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
                 log.debug("pyccl: closing %s: %s", c, e)
 
     def abort(self):
-        self._broken = self._broken or "aborted"
+        if not self._closed:
+            self._comm.abort()              # drop the connections: the running call fails now
         self.shutdown()
 
     # ===== helpers ===========================================================================

@@ -1,7 +1,15 @@
 """The point-to-point engine: Gloo-like send/recv over one communicator's connections, on its
 own thread (eager sends, unexpected messages buffered, receives matched by (source, tag) in
 order, any-source; CUDA tensors go GPU to GPU through CUDA IPC between the ranks of one host
-(p2p_ipc.py), through pinned host memory otherwise)."""
+(p2p_ipc.py), through pinned host memory otherwise). Its Works are pyccl's queue Work
+(works._PycclWork wraps one), ended by this thread.
+
+Why not the communicator's queue: the queue runs one call at a time to its end, so posted as
+calls, a send and a receive of a ring (batch_isend_irecv) deadlock once the message outgrows the
+socket buffers (each rank's queue sits in its own send; measured: 64 MiB on TCP times out, 1 KiB
+passes); run as one endless queue call, this loop would hold the queue for good. And the queue
+breaks on any error, while here a failure is one peer's or one receive's (a size mismatch
+leaves the pair usable), as in Gloo."""
 import collections
 import itertools
 import logging

@@ -1,10 +1,9 @@
-"""The Work objects the group returns to torch: ``_PycclWork`` (CPU and point-to-point calls,
-finished by the worker or the p2p engine thread), ``_CudaWork`` (an async collective on CUDA
-tensors: its host part is over, an event marks the GPU part), ``_SYNC_DONE`` (the one shared
-completed Work of synchronous CUDA calls) and ``_Outcome`` (what a synchronous CUDA call
-reports into)."""
+"""The Work objects the group returns to torch: ``_PycclWork`` (CPU and point-to-point calls:
+torch's face of pyccl's queue Work, ccl/queue.py, which the communicator's progress thread or
+the p2p engine thread finishes), ``_CudaWork`` (an async collective on CUDA tensors: its host
+part is over, an event marks the GPU part), ``_SYNC_DONE`` (the one shared completed Work of
+synchronous CUDA calls) and ``_Outcome`` (what a synchronous CUDA call reports into)."""
 import logging
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Timeout
+from ..queue import Work
 
 log = logging.getLogger("pyccl")
 
@@ -30,44 +30,65 @@ def _seconds(timeout):
 
 
 # ---- Work --------------------------------------------------------------------------------------------
-class _PycclWork(dist._Work):
-    """A torch Work for one pyccl operation; finished by the worker (or P2P engine) thread."""
+def _ended(what, error=None):
+    """A queue Work that has ended (a synchronous call's, or one refused before it was queued)."""
+    w = Work(what)
+    w._finish(error)
+    return w
 
-    def __init__(self, what, result=None):
+
+_ENDED = _ended("pyccl synchronous call")
+
+
+class _PycclWork(dist._Work):
+    """torch's Work over pyccl's queue Work (`_work`, the one handle of the call: its end, its
+    error); this adds what torch asks for: a Future of the outputs, the source rank. A
+    point-to-point call makes its queue Work here (the p2p engine thread ends it through
+    _finish); a collective's comes from CallQueue.run (``queued=True``), which ends it on the
+    communicator's progress thread (or it is `_ENDED`/`_ended` for a synchronous call)."""
+
+    def __init__(self, what, result=None, queued=False):
         super().__init__()
         self.what = what
         self._result = result if result is not None else []
         self._fut = torch.futures.Future()
-        self._done = threading.Event()
-        self._error = None
+        self._work = None if queued else Work(what, on_end=self._settle)
         self._src = -1
         self._cuda_ready = None       # (device, torch.cuda.Event): a CUDA receive's copy to the tensor
 
+    def _settle(self, error=None):
+        """Complete the Future (the queue Work's on_end: before its waiters wake)."""
+        fut = self._fut
+        if fut.done():
+            return
+        try:
+            if error is None:
+                fut.set_result(self._result)
+            else:
+                fut.set_exception(error)
+        except Exception:  # noqa: BLE001 - a failing user callback must not kill the thread that ends the call
+            log.warning("pyccl: a future callback of %s raised:\n%s", self.what, traceback.format_exc())
+
     def _finish(self, error=None, source=None):
-        if self._done.is_set():
+        """End a point-to-point call (the p2p engine thread)."""
+        w = self._work
+        if w.is_completed():
             return
         if source is not None:
             self._src = int(source)
-        self._error = error
-        try:
-            if error is None:
-                self._fut.set_result(self._result)
-            else:
-                self._fut.set_exception(error)
-        except Exception:  # noqa: BLE001 - a failing user callback must not kill the worker
-            log.warning("pyccl: a future callback of %s raised:\n%s", self.what, traceback.format_exc())
-        self._done.set()
+        w._finish(error)
 
     # torch.distributed.Work API
     def wait(self, timeout=None):
+        w = self._work
         limit = _seconds(timeout)
         if limit is None:
-            while not self._done.wait(5.0):
+            while not w.ended(5.0):
                 pass
-        elif not self._done.wait(limit):
+        elif not w.ended(limit):
             raise Timeout(f"{self.what}: not completed within work.wait(timeout={limit:g}s)")
-        if self._error is not None:
-            raise self._error
+        if w.exception() is not None:
+            raise w.exception()
         if self._cuda_ready is not None:
             dev, ev = self._cuda_ready
             torch.cuda.current_stream(dev).wait_event(ev)
@@ -76,13 +97,13 @@ class _PycclWork(dist._Work):
         return True
 
     def is_completed(self):
-        return self._done.is_set()
+        return self._work.is_completed()
 
     def is_success(self):
-        return self._done.is_set() and self._error is None
+        return self._work.is_completed() and self._work.exception() is None
 
     def exception(self):
-        return self._error
+        return self._work.exception()
 
     def get_future(self):
         return self._fut
@@ -104,8 +125,9 @@ class _PycclWork(dist._Work):
         self.wait()
 
     def __repr__(self):
-        state = "done" if self._done.is_set() else "pending"
-        return f"<pyccl Work {self.what} {state}{' FAILED' if self._error else ''}>"
+        w = self._work
+        state = "done" if w is not None and w.is_completed() else "pending"
+        return f"<pyccl Work {self.what} {state}{' FAILED' if w is not None and w.exception() else ''}>"
 
 
 class _CudaWork(dist._Work):
