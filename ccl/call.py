@@ -14,18 +14,29 @@ class Call:
     (tuples, or CUDA int tensors); even: no splits were given (MPI Alltoall, not Alltoallv);
     peer: send/recv's other rank; reproducible: the communicator is in reproducible mode and
     the reduction depends on order (float SUM/AVG); async_op: the caller wants a Work back;
-    stream: engine data bound on the caller's thread (the caller's CUDA stream and events)."""
+    stream: engine data bound on the caller's thread (the caller's CUDA stream and events).
 
-    __slots__ = ("op", "inp", "out", "kind", "dtype", "count", "root", "redop", "nbytes",
-                 "in_splits", "out_splits", "even", "peer", "reproducible", "async_op", "stream")
+    The fields most calls leave alone are class defaults, set on the instance only where a
+    call has them: an 8-byte all_reduce is mostly Python time, and making this object is part
+    of it (positional arguments, few assignments)."""
 
-    def __init__(self, op, inp=None, out=None, *, kind="cpu", dtype=None, count=0, root=-1, redop=None,
-                 nbytes=0, in_splits=None, out_splits=None, even=True, peer=-1, reproducible=False,
-                 async_op=False):
-        self.op, self.inp, self.out, self.kind = op, inp, out, kind
-        self.dtype, self.count, self.root, self.redop, self.nbytes = dtype, count, root, redop, nbytes
-        self.in_splits, self.out_splits, self.even, self.peer = in_splits, out_splits, even, peer
-        self.reproducible, self.async_op, self.stream = reproducible, async_op, None
+    in_splits = out_splits = stream = None
+    even = True
+    peer = -1
+
+    def __init__(self, op, inp=None, out=None, kind="cpu", dtype=None, count=0, nbytes=0, redop=None, root=-1,
+                 reproducible=False, async_op=False):
+        self.op = op
+        self.inp = inp
+        self.out = out
+        self.kind = kind
+        self.dtype = dtype
+        self.count = count
+        self.nbytes = nbytes
+        self.redop = redop
+        self.root = root
+        self.reproducible = reproducible
+        self.async_op = async_op
 
     @property
     def sig(self) -> dict:

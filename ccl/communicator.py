@@ -209,10 +209,6 @@ class Communicator:
         return None
 
     # ---- execution ----------------------------------------------------------------------
-    def _start(self, call):
-        """Choose the engine, submit the call."""
-        return self.queue.submit(call, self.engines.choose(call))
-
     def _failed(self, e, entry):
         """After a call raised: tell the peers, note it, break the communicator (the queue);
         returns the exception to raise. Validation happens before submission, so anything
@@ -258,41 +254,53 @@ class Communicator:
         return ("; " + "; ".join(reports)) if reports else ""
 
     # ---- collectives: validate -> choose -> submit ---------------------------------------------
+    # (written out in each: an 8-byte all_reduce is mostly Python time, one call level counts)
     def all_reduce(self, x, op=SUM, async_op=False):
-        return self._start(self.validate.all_reduce(x, op, async_op))
+        call = self.validate.all_reduce(x, op, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def reduce(self, x, root=0, op=SUM, async_op=False):
-        return self._start(self.validate.reduce(x, root, op, async_op))
+        call = self.validate.reduce(x, root, op, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def broadcast(self, x, root=0, async_op=False):
-        return self._start(self.validate.broadcast(x, root, async_op))
+        call = self.validate.broadcast(x, root, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def all_gather(self, out, inp, async_op=False):
-        return self._start(self.validate.all_gather(out, inp, async_op))
+        call = self.validate.all_gather(out, inp, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def reduce_scatter(self, out, inp, op=SUM, async_op=False):
-        return self._start(self.validate.reduce_scatter(out, inp, op, async_op))
+        call = self.validate.reduce_scatter(out, inp, op, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def all_to_all(self, out, inp, out_splits=None, in_splits=None, async_op=False):
         """Rank r's piece j of `inp` lands in rank j's piece r of `out`. Splits are element
         counts per rank (lists, or CUDA int tensors for CUDA buffers); every rank passes them
         or none does, as MPI's Alltoallv and Alltoall: None means equal pieces."""
-        return self._start(self.validate.all_to_all(out, inp, out_splits, in_splits, async_op))
+        call = self.validate.all_to_all(out, inp, out_splits, in_splits, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def gather(self, out, inp, root=0, async_op=False):
-        return self._start(self.validate.gather(out, inp, root, async_op))
+        call = self.validate.gather(out, inp, root, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def scatter(self, out, inp, root=0, async_op=False):
-        return self._start(self.validate.scatter(out, inp, root, async_op))
+        call = self.validate.scatter(out, inp, root, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def send(self, x, peer, async_op=False):
-        return self._start(self.validate.send(x, peer, async_op))
+        call = self.validate.send(x, peer, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def recv(self, x, peer, async_op=False):
-        return self._start(self.validate.recv(x, peer, async_op))
+        call = self.validate.recv(x, peer, async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     def barrier(self, async_op=False):
-        return self._start(self.validate.barrier(async_op))
+        call = self.validate.barrier(async_op)
+        return self.queue.submit(call, self.engines.choose(call))
 
     # ---- groups -----------------------------------------------------------------------------
     def split(self, color, key=0):

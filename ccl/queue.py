@@ -104,7 +104,7 @@ class CallQueue:
     def submit(self, call, engine):
         """Run `call` on `engine` in call order: now, or queued (async_op). Stream-ordered
         engines bind the caller's stream first and shape what the caller gets back."""
-        if call.op in engine.shortcuts and not call.async_op and self.check is None and self.run_now(call, engine):
+        if not call.async_op and call.op in engine.shortcuts and self.check is None and self.run_now(call, engine):
             return None
         if engine.composite:              # made of other calls, each submitted in order
             self.usable(call.op)
@@ -148,7 +148,7 @@ class CallQueue:
         return work.result
 
     def run_now(self, call, engine) -> bool:
-        """A synchronous call on an engine's short path (`short_<op>`, ccl/engines/base.py),
+        """A synchronous call on an engine's short path (`engine.short`, ccl/engines/base.py),
         with none of run()'s generality but the same order, recorder entry and error handling:
         False when anything is queued (unless called from the progress thread, as in run()) or the
         queue is unusable (then submit takes run())."""
@@ -157,16 +157,16 @@ class CallQueue:
             if (self.inflight and threading.current_thread() is not self._thread) or self.closed or \
                     self.broken is not None:
                 return False
+            # nothing is queued or running on the progress thread (or this is that thread), and
+            # every other call runs under _submit_lock too: holding it serialises this one
             self.seq += 1
             seq = self.seq
-            entry = self.recorder.record(seq, op, (call.dtype, call.count, call.root, call.redop.name))
-            with self._lock:
-                self.recorder.start(entry)
-                try:
-                    getattr(engine, "short_" + op)(call, lambda: self.what(op, seq))
-                except Exception as e:  # noqa: BLE001 - re-raised after the bookkeeping
-                    raise self._fail(e, entry) from None
-                self.recorder.finish(entry)
+            entry = self.recorder.record_running(seq, op, (call.dtype, call.count, call.root, call.redop._name_))
+            try:
+                engine.short(call, seq)
+            except Exception as e:  # noqa: BLE001 - re-raised after the bookkeeping
+                raise self._fail(e, entry) from None
+            self.recorder.finish(entry)
         return True
 
     def run_here(self, op: str, fn, sig=None, call=None):

@@ -10,7 +10,7 @@ import numpy as np
 from .buffers import Buffer, as_buffer, same_dtype
 from .call import Call
 from .cuda_buffers import is_cuda
-from .dtypes import as_op, check_op_dtype, dtype_name, on_bfloat16
+from .dtypes import ReduceOp, as_op, check_op_dtype, dtype_name, on_bfloat16
 from .engines.reproducible import takes
 from .errors import InvalidArgument
 from .reduce import _DTYPE_CODE
@@ -81,13 +81,15 @@ class Validator:
     # ---- the public calls ----------------------------------------------------------------
     def all_reduce(self, x, op, async_op) -> Call:
         dt = _PLAIN.get(x.dtype) if type(x) is np.ndarray else None
-        if dt is not None and x.flags.c_contiguous and x.flags.writeable:
+        flags = x.flags if dt is not None else None
+        if dt is not None and flags.c_contiguous and flags.writeable:
             # the common call, described without as_buffer's generality (latency of small calls)
-            op = as_op(op)
+            if type(op) is not ReduceOp:
+                op = as_op(op)
             check_op_dtype(op, dt, "all_reduce")
-            buf = Buffer(x.reshape(-1), dt, "cpu", x)
-            return Call("all_reduce", buf, buf, dtype=dt, count=buf.count, redop=op, nbytes=x.nbytes,
-                        reproducible=self.reproducible and takes(dt, op), async_op=async_op)
+            buf = Buffer(x if x.ndim == 1 else x.reshape(-1), dt, "cpu", x)
+            return Call("all_reduce", buf, buf, "cpu", dt, x.size, x.nbytes, op, -1,
+                        self.reproducible and takes(dt, op), async_op)
         buf, op = self.reduction(x, op, "all_reduce")
         return self._in_place("all_reduce", buf, op, async_op)
 
@@ -134,8 +136,10 @@ class Validator:
         if not (is_cuda(in_splits) or is_cuda(out_splits)):
             in_splits = self.splits(in_splits, i.count, "input", "in_splits")
             out_splits = self.splits(out_splits, o.count, "output", "out_splits")
-        return Call("all_to_all", i, o, kind=self.kind("all_to_all", o, i), dtype=i.dtype, count=i.count,
-                    nbytes=i.nbytes, in_splits=in_splits, out_splits=out_splits, even=even, async_op=async_op)
+        call = Call("all_to_all", i, o, kind=self.kind("all_to_all", o, i), dtype=i.dtype, count=i.count,
+                    nbytes=i.nbytes, async_op=async_op)
+        call.in_splits, call.out_splits, call.even = in_splits, out_splits, even
+        return call
 
     def gather(self, out, inp, root, async_op) -> Call:
         root = self.root(root, "gather")
@@ -166,14 +170,18 @@ class Validator:
     def send(self, x, peer, async_op) -> Call:
         peer = self.peer(peer, "send")
         b = as_buffer(x, "send: tensor")
-        return Call("send", b, None, kind=self.kind("send", b), dtype=b.dtype, count=b.count, peer=peer,
-                    nbytes=b.nbytes, async_op=async_op)
+        call = Call("send", b, None, kind=self.kind("send", b), dtype=b.dtype, count=b.count, nbytes=b.nbytes,
+                    async_op=async_op)
+        call.peer = peer
+        return call
 
     def recv(self, x, peer, async_op) -> Call:
         peer = self.peer(peer, "recv")
         b = as_buffer(x, "recv: tensor", writable=True)
-        return Call("recv", None, b, kind=self.kind("recv", b), dtype=b.dtype, count=b.count, peer=peer,
-                    nbytes=b.nbytes, async_op=async_op)
+        call = Call("recv", None, b, kind=self.kind("recv", b), dtype=b.dtype, count=b.count, nbytes=b.nbytes,
+                    async_op=async_op)
+        call.peer = peer
+        return call
 
     @staticmethod
     def barrier(async_op) -> Call:

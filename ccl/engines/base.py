@@ -8,7 +8,8 @@ queue (ccl/queue.py). Engines never call back into the communicator: what they u
 
 Three flags shape how the queue runs an engine's calls (defaults in `EngineBase`), and one
 set lets the hottest call skip the general path (`shortcuts`: a synchronous call with nothing
-queued runs `short_<op>` through CallQueue.run_now, with the same order, recorder and errors):
+queued runs `short(call, seq)` through CallQueue.run_now, with the same order, recorder and
+errors):
   stream_ordered  the engine orders its work on the caller's CUDA stream: `begin(call)` binds
                   the caller's stream on the caller's thread before the call is queued, and
                   `finish(call, outcome)` turns the outcome (run()'s result, or the queue's
@@ -49,7 +50,7 @@ class EngineBase:
     stream_ordered = False
     enqueue_only = False
     composite = False
-    shortcuts = frozenset()          # ops with a short_<op>(call, what) for the queue's run_now
+    shortcuts = frozenset()          # ops short(call, seq) runs, for the queue's run_now
 
     def takes(self, call) -> bool:
         return call.kind in self.kinds and call.op in self.ops and (self.reproducible or not call.reproducible)

@@ -8,7 +8,8 @@ registry's order, which lists the specialised engines before the general ones (t
 collectives before a plan over the shm transport, the composed hierarchy before a flat plan
 across hosts). As in UCC's score map, the answer depends only on (op, memory kind, size,
 dtype, reduction, root, splits) and on data every rank shares (topology, costs, settings),
-so every rank chooses alike, which they must; it is cached per such key.
+so every rank chooses alike, which they must; it is cached per (op, memory kind, size,
+reproducible, even splits, splits on the device): what the engines' takes() and price() read.
 
 PYCCL_ENGINE=<name> forces an engine wherever it can run the call (elsewhere the priced
 choice stands, with a warning once); PYCCL_ALGO forces the plan's algorithm inside the flat
@@ -37,8 +38,8 @@ class Engines:
         self._chosen = {}
 
     def choose(self, call):
-        key = (call.op, call.kind, call.nbytes, call.dtype, call.redop, call.root, call.even,
-               call.reproducible, type(call.in_splits))
+        # what any engine's takes() and price() read (dtype, reduction and root change neither)
+        key = (call.op, call.kind, call.nbytes, call.reproducible, call.even, call.in_splits.__class__)
         engine = self._chosen.get(key)
         if engine is None:
             engine = self._chosen[key] = self.decide(call)

@@ -424,16 +424,18 @@ class ShmEngine(ShmCollectives, ShmPricing):
     def run_barrier(self, call, what):
         self.barrier(what)
 
-    def short_all_reduce(self, call, seq_what):
-        """all_reduce with the codes looked up once: the queue's run_now path (8-byte calls
-        are mostly Python time). It must do exactly what run_all_reduce does, since ranks take
-        one path or the other by their own queue's state: an empty call touches no segment."""
+    def short(self, call, seq):
+        """all_reduce (the one shortcut) with the codes looked up once: the queue's run_now
+        path (8-byte calls are mostly Python time). It must do exactly what run_all_reduce does,
+        since ranks take one path or the other by their own queue's state: an empty call
+        touches no segment."""
         a = call.out.array
         if not a.size or self._c is None:
-            return self._check(seq_what())
-        code = _OP_BY_ID.get(id(call.redop))
-        rc = self.all_reduce_raw(a, _DTYPE_CODE[a.dtype], code)
+            return self._check(self.res.queue.what("all_reduce", seq))
+        p = _from_buffer(a)
+        rc = lib.pyccl_coll_all_reduce(self._c, p, p, a.size, _DTYPE_CODE[a.dtype], _OP_BY_ID[id(call.redop)], -1,
+                                       self.timeout)
         if rc:
-            self._fail(rc, seq_what(), "all_reduce")
+            self._fail(rc, self.res.queue.what("all_reduce", seq), "all_reduce")
         if call.redop is AVG:
             divide_into(a, self.size)
