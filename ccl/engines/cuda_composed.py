@@ -273,7 +273,7 @@ class CudaComposed:
                     rt.memcpyAsync(d + b * dd * nb, s + b * ds * nb, nb, 4, stream)
 
     def run(self, name, what, caller, args):
-        """One composed collective, in call order (comm._submit); returns the event that ends it
+        """One composed collective, in call order (ccl/queue.py); returns the event that ends it
         on the local engine's stream."""
         if name == "all_reduce":
             return self._all_reduce(what, caller, *args)
