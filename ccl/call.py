@@ -22,6 +22,7 @@ class Call:
 
     in_splits = out_splits = stream = None
     even = True
+    dev_splits = False               # all_to_all's split sizes are CUDA int tensors
     peer = -1
 
     def __init__(self, op, inp=None, out=None, kind="cpu", dtype=None, count=0, nbytes=0, redop=None, root=-1,

@@ -217,7 +217,8 @@ class Communicator:
         self._tell_peers(f"{type(e).__name__}: {e}")
         if isinstance(e, PeerFailure):
             e = PeerFailure(f"{e}{self._peer_reports()}")
-        self.recorder.finish(entry, e, self.executor.where)
+        if entry is not None:                  # None: an uncounted wrapper (CallQueue.run)
+            self.recorder.finish(entry, e, self.executor.where)
         self.queue.broken = f"{type(e).__name__}: {e}"
         if settings.get("PYCCL_DUMP_ON_TIMEOUT"):
             path = self.recorder.dump(settings.get("PYCCL_DUMP_ON_TIMEOUT"))

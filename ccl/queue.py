@@ -91,7 +91,8 @@ class CallQueue:
         self._thread = None
 
     def what(self, op, seq) -> str:
-        return f"{op} #{seq} on {self.tag} (rank {self.rank}/{self.size})"
+        number = f" #{seq}" if seq is not None else ""
+        return f"{op}{number} on {self.tag} (rank {self.rank}/{self.size})"
 
     def usable(self, what):
         if self.closed:
@@ -122,14 +123,20 @@ class CallQueue:
         return engine.finish(call, self.run(call.op, lambda what: engine.run(call, what), call.async_op,
                                             call.sig, call))
 
-    def run(self, op: str, fn, async_op: bool, sig=None, call=None, on_end=None):
+    def run(self, op: str, fn, async_op: bool, sig=None, call=None, on_end=None, counted=True):
         """Run `fn(what)` in call order; sig (dtype, count, root, redop) feeds the flight
         recorder and, with `call`, PYCCL_CHECK; on_end goes to the Work (see Work), made when
-        the call is queued (async_op, or behind others)."""
+        the call is queued (async_op, or behind others). counted=False: a wrapper around calls
+        that count themselves (the torch backend's bodies): no sequence number, no recorder
+        entry, so every rank numbers the same calls whichever path (wrapper or CUDA fast lane)
+        it takes."""
         self.usable(op)
-        self.seq += 1
-        what = self.what(op, self.seq)
-        entry = self.recorder.record(self.seq, op, sig or {})
+        if counted:
+            self.seq += 1
+            what = self.what(op, self.seq)
+            entry = self.recorder.record(self.seq, op, sig or {})
+        else:
+            what, entry = self.what(op, None), None
         if self.check is not None and call is not None and op not in ("send", "recv"):
             fn = self._checked(fn, call)
         with self._submit_lock:
@@ -169,17 +176,17 @@ class CallQueue:
             self.recorder.finish(entry)
         return True
 
-    def run_here(self, op: str, fn, sig=None, call=None):
+    def run_here(self, op: str, fn, sig=None, call=None, counted=True):
         """run(op, fn, False) on the caller's thread, after every call queued before it (waiting
         at most the timeout): for calls whose caller's thread matters (the torch backend's CUDA
         collectives run on the caller's current stream)."""
         if threading.current_thread() is self._thread:      # in a call's turn already
-            return self.run(op, fn, False, sig, call)
+            return self.run(op, fn, False, sig, call, counted=counted)
         with self._submit_lock:
-            if not self._idle.wait_for(lambda: self.inflight == 0, self.timeout):
+            if self.inflight and not self._idle.wait_for(lambda: self.inflight == 0, self.timeout):
                 raise Timeout(f"{self.what(op, self.seq + 1)}: the calls queued before it did not "
                               f"finish within the timeout of {self.timeout:.0f}s")
-            return self.run(op, fn, False, sig, call)
+            return self.run(op, fn, False, sig, call, counted=counted)
 
     def wait_idle(self, timeout) -> bool:
         """Wait until nothing is queued (at most `timeout` s): whether that happened."""
@@ -198,21 +205,27 @@ class CallQueue:
         return checked
 
     def _execute(self, what, fn, entry):
+        """fn(what) under the execution lock; entry None: an uncounted wrapper (see run)."""
+        rec = self.recorder if entry is not None else None
         with self._lock:
             if self.broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self.broken})")
-            self.recorder.start(entry)
+            if rec:
+                rec.start(entry)
             try:
                 result = fn(what)
             except LocalFailure as e:       # the function failed its own call only
-                self.recorder.finish(entry, e.error)
+                if rec:
+                    rec.finish(entry, e.error)
                 raise e.error from None
             except Exception as e:
                 if e is self._failure:      # a call made inside this one failed and broke the queue
-                    self.recorder.finish(entry, e)
+                    if rec:
+                        rec.finish(entry, e)
                     raise
                 raise self._fail(e, entry) from None
-            self.recorder.finish(entry)
+            if rec:
+                rec.finish(entry)
             return result
 
     def _fail(self, e, entry):

@@ -133,12 +133,16 @@ class Validator:
         i = as_buffer(inp, "all_to_all: input")
         same_dtype(o, i, "all_to_all")
         even = in_splits is None and out_splits is None
-        if not (is_cuda(in_splits) or is_cuda(out_splits)):
+        dev = is_cuda(in_splits) or is_cuda(out_splits)
+        if not dev:
             in_splits = self.splits(in_splits, i.count, "input", "in_splits")
             out_splits = self.splits(out_splits, o.count, "output", "out_splits")
         call = Call("all_to_all", i, o, kind=self.kind("all_to_all", o, i), dtype=i.dtype, count=i.count,
                     nbytes=i.nbytes, async_op=async_op)
-        call.in_splits, call.out_splits, call.even = in_splits, out_splits, even
+        if dev and call.kind != "cuda":
+            raise InvalidArgument("all_to_all: split sizes in CUDA tensors need CUDA buffers; pass the splits "
+                                  "as lists for host memory")
+        call.in_splits, call.out_splits, call.even, call.dev_splits = in_splits, out_splits, even, dev
         return call
 
     def gather(self, out, inp, root, async_op) -> Call:

@@ -39,7 +39,7 @@ class Engines:
 
     def choose(self, call):
         # what any engine's takes() and price() read (dtype, reduction and root change neither)
-        key = (call.op, call.kind, call.nbytes, call.reproducible, call.even, call.in_splits.__class__)
+        key = (call.op, call.kind, call.nbytes, call.reproducible, call.even, call.dev_splits)
         engine = self._chosen.get(key)
         if engine is None:
             engine = self._chosen[key] = self.decide(call)
@@ -87,6 +87,9 @@ class Engines:
 
 
 def _why_not(call, engines) -> str:
+    if call.kind == "cuda" and call.op == "all_to_all" and call.dev_splits:
+        return ("all_to_all with split sizes in CUDA tensors runs on the ranks of one host only; across "
+                "hosts pass the splits as lists (or use a CPU copy)")
     if call.kind == "cuda" and call.op in ("send", "recv"):
         return "CUDA buffers take send/recv through the torch backend (ccl/torch_backend/)"
     kinds = sorted({k for e in engines for k in e.kinds})

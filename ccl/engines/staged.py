@@ -85,6 +85,7 @@ from ..buffers import Buffer
 from ..dtypes import AVG, DTYPES
 from ..errors import InvalidArgument, PycclError, Timeout
 from ..reduce import divide_into
+from ..tuner import choose
 from .base import DeviceEngine, EngineBase
 from .cuda.submit import cuda_args, device_splits
 from .flat import TUNED
@@ -119,7 +120,12 @@ class StagedEngine(DeviceEngine):
         return self.res.hosts > 1 and EngineBase.takes(self, call) and not device_splits(call)
 
     def price(self, call):
-        return self.flat.price(call) if call.op in TUNED else 0.0
+        """The time of the flat plan it stages (the tuner with flat=True, as flat.tuned() builds
+        it: PYCCL_ALGO=composed leaves the plan to the tuner here, the composition to begin())."""
+        if call.op not in TUNED:
+            return 0.0
+        res = self.res
+        return choose(call.op, call.nbytes, res.topology, res.costs, chunk_bytes=res.fixed_chunk, flat=True).predicted
 
     def begin(self, call):
         view = (call.out or call.inp).array

@@ -153,9 +153,9 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         work = _PycclWork(f"pyccl {name}", result, queued=True)
         try:
             if async_op:
-                work._work = self._q.run(name, self._body(work, fn), True, on_end=work._settle)
+                work._work = self._q.run(name, self._body(work, fn), True, on_end=work._settle, counted=False)
                 return work
-            self._q.run(name, self._body(work, fn), False, on_end=work._settle)
+            self._q.run(name, self._body(work, fn), False, on_end=work._settle, counted=False)
         except Exception as e:  # noqa: BLE001 - handed to torch through the Work, as Gloo does
             work._work = _ended(work.what, e)
             work._settle(e)
@@ -173,7 +173,7 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         if async_op:
             fn = self._on_side_stream(fn, dev)
         try:
-            self._q.run_here(name, self._body(work, fn))
+            self._q.run_here(name, self._body(work, fn), counted=False)
         except Exception as e:  # noqa: BLE001 - handed to torch through the Work
             work._error = e
         cc = self._comm.cuda

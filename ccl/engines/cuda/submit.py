@@ -10,7 +10,7 @@ METHODS = frozenset({"all_reduce", "reduce", "broadcast", "all_gather", "reduce_
 
 def device_splits(call) -> bool:
     """all_to_all with split sizes in CUDA tensors (moved without a device-to-host copy)."""
-    return call.op == "all_to_all" and not isinstance(call.in_splits, tuple)
+    return call.dev_splits
 
 
 def cuda_args(call) -> tuple:
