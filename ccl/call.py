@@ -47,9 +47,6 @@ class Call:
         return {"dtype": self.dtype, "count": self.count, "root": self.root,
                 "redop": self.redop.name if self.redop is not None else None}
 
-    def buffers(self) -> list:
-        return [b for b in (self.inp, self.out) if b is not None]
-
     def __repr__(self):
         bits = [self.kind, f"{self.dtype} x {self.count}" if self.dtype else "", f"{self.nbytes} B"]
         if self.redop is not None:

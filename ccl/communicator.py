@@ -98,17 +98,6 @@ class Communicator:
             self.store.set("secret", secrets.token_bytes(32))
         return self.store.get("secret", timeout=self.timeout)
 
-    def _wait_ranks(self, prefix: str) -> list:
-        keys = [f"{prefix}/{r}" for r in range(self.size)]
-        try:
-            self.store.wait(keys, timeout=self.timeout)
-        except Timeout:
-            present = self.store.check(keys)
-            missing = [r for r, ok in enumerate(present) if not ok]
-            raise Timeout(f"{self.tag}: rank {self.rank} waited {self.timeout:.0f}s for ranks "
-                          f"{missing} to join (of {self.size}); did they start?") from None
-        return [self.store.get(k, timeout=self.timeout) for k in keys]
-
     def _exchange_info(self, derived=False) -> list:
         """Every rank's info (ccl/bootstrap.py): two store requests per rank, then an all-gather
         among the ranks; none at all for a communicator of ranks this process already knows."""
@@ -162,8 +151,8 @@ class Communicator:
 
     def _resources(self) -> Resources:
         fixed = self.chunk_bytes if settings.is_set("PYCCL_CHUNK_BYTES") else None
-        return Resources(self.rank, self.size, self._members, self.tag, self.timeout, self.store, self.peer_info,
-                         self.topology, self.costs, self.conns, self.executor, self.queue, self.recorder,
+        return Resources(self.rank, self.size, self.tag, self.timeout, self.store, self.peer_info,
+                         self.topology, self.costs, self.conns, self.executor, self.queue,
                          self.chunk_bytes, fixed, self.transport_name, self.reproducible,
                          prefixed=lambda prefix: PrefixStore(self.store, prefix))
 

@@ -61,17 +61,24 @@ def _channels(op, algo, topo):
     return 1
 
 
-def _forced(value: str, op: str, topo: Topology):
-    """Candidates allowed by PYCCL_ALGO (None: all)."""
-    if not value:
-        return None
+def algo_names(value: str) -> list:
+    """The algorithms a PYCCL_ALGO value names, canonical, in order (unknown ones warned about
+    once and ignored)."""
     names = []
-    for part in value.split(","):
+    for part in (value or "").split(","):
         if part.strip():
             try:
                 names.append(canonical_algo(part))
             except ValueError as e:
                 _warn_once(f"PYCCL_ALGO={value!r}: {e}; ignored")
+    return names
+
+
+def _forced(value: str, op: str, topo: Topology):
+    """Candidates allowed by PYCCL_ALGO (None: all)."""
+    if not value:
+        return None
+    names = algo_names(value)
     ok = [a for a in names if applicable(op, a, topo)]
     if names and not ok:
         _warn_once(f"PYCCL_ALGO={value!r} cannot build {op} on {topo.describe()}; "

@@ -4,7 +4,7 @@ An engine runs whole collectives of some kind (memory kind, placement, op). The 
 asks each engine its price for a call (`cost`: predicted seconds, None when it cannot run the
 call), runs the cheapest (ccl/engines/choice.py), and hands it the call (`run`) through its
 queue (ccl/queue.py). Engines never call back into the communicator: what they use
-(connections, executor, topology, costs, store, timeout, queue, recorder) comes in `Resources`.
+(connections, executor, topology, costs, store, timeout, queue) comes in `Resources`.
 
 Three flags shape how the queue runs an engine's calls (defaults in `EngineBase`), and one
 set lets the hottest call skip the general path (`shortcuts`: a synchronous call with nothing
@@ -90,7 +90,6 @@ class Resources:
     """What a communicator lends its engines when it makes them."""
     rank: int
     size: int
-    members: list                    # world ranks of this communicator's ranks
     tag: str
     timeout: float
     store: Any                       # the communicator's (prefixed) store
@@ -100,19 +99,11 @@ class Resources:
     conns: Any                       # {peer: Connection}, opened on first use
     executor: Any                    # the plan walker over the connections
     queue: Any                       # ccl/queue.CallQueue: call order, seq, inflight, broken
-    recorder: Any
     chunk_bytes: int
     fixed_chunk: Optional[int]       # PYCCL_CHUNK_BYTES when the user set it, else None
     transport_name: str
     reproducible: bool
     prefixed: Any = None             # prefix -> the store with every key under prefix/
-
-    def get_all(self, keys) -> list:
-        """Values of `keys` from the store, in one request where the store can."""
-        fn = getattr(self.store, "multi_get", None)
-        if fn is not None:
-            return fn(keys, self.timeout)
-        return [self.store.get(k, timeout=self.timeout) for k in keys]
 
     @property
     def hosts(self) -> int:

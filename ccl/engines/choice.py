@@ -111,8 +111,8 @@ def pricing(topo, costs, chunk_bytes=None, algo_env=""):
     from .composed import Hierarchy
     from .flat import FlatEngine
     n = topo.nranks
-    res = Resources(0, n, list(range(n)), "plan", 0.0, None, [{"host": h} for h in topo.hosts], topo, costs,
-                    None, None, None, None, chunk_bytes or (1 << 20), chunk_bytes, "auto", False)
+    res = Resources(0, n, "plan", 0.0, None, [{"host": h} for h in topo.hosts], topo, costs,
+                    None, None, None, chunk_bytes or (1 << 20), chunk_bytes, "auto", False)
     listed = [Hierarchy(res, algo_env), FlatEngine(res, algo_env)]
     try:
         from .shm import ShmPricing

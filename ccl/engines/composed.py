@@ -50,9 +50,8 @@ from pyccl.topology.graph import Topology, applicable
 
 from ..dtypes import AVG
 from ..reduce import divide_into
-from ..tuner import COMPOSED_MARGIN, candidates
+from ..tuner import COMPOSED_MARGIN, algo_names, candidates
 from .base import EngineBase
-from .flat import forced_algos
 from .plan_engine import PlanEngine
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
@@ -77,7 +76,7 @@ class Hierarchy(EngineBase):
 
     def __init__(self, res, algo_env: str = ""):
         self.res = res
-        self.algos = forced_algos(algo_env)
+        self.algos = set(algo_names(algo_env))
         self._ready = False
         self._local = None
 

@@ -130,7 +130,7 @@ def _composed_min(comm, dev) -> int:
     bus = cuda_ipc._cupy().cuda.runtime.deviceGetPCIBusId(dev)
     host = comm.peer_info[comm.rank].get("host")
     comm.store.set(f"cudagpu/{comm.rank}", f"{host}|{bus}".encode())
-    seen = comm.get_all([f"cudagpu/{r}" for r in range(comm.size)])
+    seen = comm.store.multi_get([f"cudagpu/{r}" for r in range(comm.size)], comm.timeout)   # a PrefixStore
     return SHARED_GPU_MIN if len(set(seen)) < comm.size else 0
 
 

@@ -14,29 +14,17 @@ ops whole - shm all_to_all, composed barrier - is listed before this one and win
 import numpy as np
 
 from pyccl.topology import direct, ring as ring_plans
-from pyccl.topology.graph import applicable, build_plan, canonical_algo
+from pyccl.topology.graph import applicable, build_plan
 
 from .. import callsig
 from ..dtypes import AVG
 from ..errors import InvalidArgument
 from ..reduce import divide_into
-from ..tuner import choose
+from ..tuner import algo_names, choose
 from .base import EngineBase
 
 TUNED = frozenset({"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter"})
 ALL_OPS = TUNED | {"all_to_all", "gather", "scatter", "send", "recv", "barrier"}
-
-
-def forced_algos(env_value: str) -> set:
-    """The algorithms PYCCL_ALGO names (unknown names are the tuner's to warn about)."""
-    names = set()
-    for part in (env_value or "").split(","):
-        if part.strip():
-            try:
-                names.add(canonical_algo(part))
-            except ValueError:
-                pass
-    return names
 
 
 def wire(call) -> int:
@@ -51,7 +39,7 @@ class FlatEngine(EngineBase):
 
     def __init__(self, res, algo_env: str = ""):
         self.res = res
-        self.algos = forced_algos(algo_env)
+        self.algos = set(algo_names(algo_env))
         self._plans = {}
 
     # ---- price -------------------------------------------------------------------------
