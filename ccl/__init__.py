@@ -35,14 +35,14 @@ def _configure_logging():
 _configure_logging()
 
 __all__ = [
-    "init", "Communicator", "Work", "ReduceOp", "SUM", "PROD", "MIN", "MAX", "AVG", "bfloat16",
+    "init", "join", "Communicator", "Work", "ReduceOp", "SUM", "PROD", "MIN", "MAX", "AVG", "bfloat16",
     "PycclError", "InvalidArgument", "Timeout", "PeerFailure", "TransportError",
 ]
 
 
 def __getattr__(name):
     # Imported lazily so `import pyccl` stays cheap and works before the communicator loads.
-    if name in ("Communicator", "Work", "init"):
+    if name in ("Communicator", "Work", "init", "join"):
         from . import communicator
         return getattr(communicator, name)
     if name == "bfloat16":              # ml_dtypes takes 0.5 s to import: only when asked for

@@ -196,14 +196,7 @@ def exchange(store, root_store, rank, size, members, secret, tag, timeout, bind_
     if derived and all(m in known for m in members) and known[members[rank]].get("addr") == listener.address:
         COUNTERS["reused"] += 1
         return [dict(known[m], rank=r) for r, m in enumerate(members)], listener
-    from pyccl.topology.detect import local_info
-    me = local_info(rank)
-    me["addr"] = listener.address
-    if rank == 0:
-        from .topology.profile import load
-        me["tune"] = load()                 # rank 0's calibration prices the plans of every rank
-    from pyccl.transports.tcp import _lanes
-    me["tcp_lanes"] = _lanes()              # both ends of a TCP pair must open as many sockets
+    me = own_record(rank, listener)
     if size == 1:
         infos = [me]
     else:
@@ -231,6 +224,36 @@ def exchange(store, root_store, rank, size, members, secret, tag, timeout, bind_
     for r, m in enumerate(members):
         known[m] = infos[r]
     return infos, listener
+
+
+def own_record(rank, listener) -> dict:
+    """This process's record: where it listens, its host, and (rank 0) the calibration."""
+    from pyccl.topology.detect import local_info
+    me = local_info(rank)
+    me["addr"] = listener.address
+    if rank == 0:
+        from .topology.profile import load
+        me["tune"] = load()                 # rank 0's calibration prices the plans of every rank
+    from pyccl.transports.tcp import _lanes
+    me["tcp_lanes"] = _lanes()              # both ends of a TCP pair must open as many sockets
+    return me
+
+
+def remember(root_store, records: dict) -> None:
+    """Note {member id: record} as known for communicators made over `root_store` (grow, join)."""
+    try:
+        _KNOWN.setdefault(root_store, {}).update(records)
+    except TypeError:                      # a store that cannot be weakly referenced: nothing kept
+        pass
+
+
+def pack_records(infos) -> bytes:
+    """Records (peer_info dicts) as bytes, each host's part once per run of same-host ranks."""
+    return _pack([_split_info(i) for i in infos])
+
+
+def unpack_records(data: bytes, count: int, who: str) -> list:
+    return _decode(_unpack(data, count, who))
 
 
 def check_secret(secret) -> bytes:

@@ -336,6 +336,13 @@ class Communicator:
                             secret=self._secret, transport=self.transport_name, reproducible=self.reproducible,
                             _members=[self._members[r] for r in members], _tag=f"{self.tag}.{key}")
 
+    def grow(self, n_new, timeout=None):
+        """A new communicator of these ranks (same order) and `n_new` new processes, each of which
+        calls pyccl.join(), numbered after them (ncclCommGrow). Every rank calls it; see
+        ccl/elastic.py. This communicator is left as it is, usable whatever happens."""
+        from .elastic import grow
+        return grow(self, n_new, timeout)
+
     def _decide_members(self, key, window) -> list:
         """Wait until every rank not known dead has checked in (or `window` passes)."""
         keys = [f"{key}/here/{r}" for r in range(self.size)]
@@ -389,5 +396,16 @@ class Communicator:
 
 
 def init(timeout=None, **kwargs) -> Communicator:
-    """The world communicator from the environment (pyccl.launch, torchrun, mpirun, Slurm)."""
+    """The world communicator from the environment (pyccl.launch, torchrun, mpirun, Slurm); a
+    replacement started by `pyccl.launch --elastic` (PYCCL_JOIN=1) joins the running job instead."""
+    if settings.get("PYCCL_JOIN"):
+        return join(timeout)
     return Communicator(timeout=timeout, **kwargs)
+
+
+def join(timeout=None, store=None, secret=None) -> Communicator:
+    """A new process's side of `comm.grow(n)`: waits for the members' grow, returns the new
+    communicator (its ranks after the members'). The store and secret come from the environment
+    (PYCCL_STORE_ADDR, PYCCL_JOB_SECRET) unless given. See ccl/elastic.py."""
+    from .elastic import join as _join
+    return _join(Communicator, timeout, store, secret)

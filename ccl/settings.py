@@ -102,6 +102,8 @@ _DECLARED = (
     Setting("PYCCL_JOB_SECRET", "str", None, "hex secret every rank proves to the store (set by `pyccl.launch`; "
             "else mpi4py broadcasts a random one, else a weak one from the job id and user, with a warning)",
             "launch", shown="set by `pyccl.launch`"),
+    Setting("PYCCL_JOIN", "bool", False, "this process replaces a dead rank (set by `pyccl.launch --elastic`): "
+            "`pyccl.init()` joins the running job (`pyccl.join()`) instead of starting one", "launch"),
     Setting("PYCCL_SOCKET_IFNAME", "str", None, "interface(s) whose address pyccl listens on, NCCL_SOCKET_IFNAME's "
             "rules: `eth0,ib` prefixes in order, `=eth0` exact, `^docker,lo` exclude", "launch",
             shown="route to the store"),

@@ -67,6 +67,7 @@ LAYERS = {
     "pyccl.store_server": COMMUNICATOR,
     "pyccl.tcp_store": COMMUNICATOR,
     "pyccl.env": COMMUNICATOR,
+    "pyccl.elastic": COMMUNICATOR,      # grow and join (Communicator.grow, pyccl.join)
     "pyccl.windows.*": COMMUNICATOR,
     # top: the package itself, the torch backend, the launcher, command-line tools
     "pyccl": TOP,

@@ -1,0 +1,206 @@
+"""Elastic communicators (ccl/elastic.py): grow + join, and the ways a grow can go wrong.
+
+Every scenario is real processes: a store served by this test process, members started with
+pyccl.launch's variables, joiners with only the store address and the secret. Each prints
+one line per result; the test reads them."""
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pyccl.store import StoreServer
+
+pytestmark = pytest.mark.timeout(60)
+
+HEAD = """
+import os, sys, time, numpy as np, pyccl
+def say(*a):
+    os.write(1, (" ".join(str(x) for x in a) + chr(10)).encode())
+"""
+
+
+def _job(tmp_path, body, members, joiners=(), env=None, secret=None, wait=40):
+    """Run `body` in `members` member processes and one process per entry of `joiners` (a dict
+    of extra variables each, e.g. a wrong secret); returns {name: stdout+stderr}."""
+    prog = tmp_path / "prog.py"
+    prog.write_text(HEAD + textwrap.dedent(body))
+    key = secrets.token_bytes(32)
+    server = StoreServer("127.0.0.1", 0, key)
+    base = {**os.environ, "PYCCL_STORE_ADDR": f"127.0.0.1:{server.address[1]}", "PYCCL_JOB_SECRET": key.hex(),
+            "PYCCL_TIMEOUT": "10", **(env or {})}
+    procs = {}
+    try:
+        for r in range(members):
+            procs[f"m{r}"] = subprocess.Popen(
+                [sys.executable, str(prog)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**base, "PYCCL_RANK": str(r), "PYCCL_SIZE": str(members), "ROLE": "member"})
+        for j, extra in enumerate(joiners):
+            procs[f"j{j}"] = subprocess.Popen(
+                [sys.executable, str(prog)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**base, "ROLE": "joiner", "JOINER": str(j), **extra})
+        out = {}
+        deadline = time.monotonic() + wait
+        for name, p in procs.items():
+            try:
+                out[name] = p.communicate(timeout=max(1, deadline - time.monotonic()))[0]
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out[name] = p.communicate()[0] + "\n<killed: still running>"
+        return out
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        server.close()
+
+
+def _lines(out, prefix):
+    return {name: [ln for ln in text.splitlines() if ln.startswith(prefix)] for name, text in out.items()}
+
+
+GROW = """
+if os.environ["ROLE"] == "member":
+    comm = pyccl.init()
+    new = comm.grow(2)
+else:
+    new = pyccl.join()
+x = np.full(7, new.rank + 1.0)
+new.all_reduce(x)
+g = np.empty(new.size, np.int64)
+new.all_gather(g, np.array([os.getpid()], np.int64))
+say("GREW", new.rank, new.size, x[0], int(g[new.rank]) == os.getpid(), new.joined)
+new.close()
+"""
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_grow_two_joiners(tmp_path, transport):
+    """3 members + 2 joiners: one communicator of 5, old ranks first, all_reduce 1+..+5 = 15."""
+    out = _job(tmp_path, GROW, 3, [{}, {}], env={"PYCCL_TRANSPORT": transport})
+    lines = _lines(out, "GREW")
+    for r in range(3):
+        assert lines[f"m{r}"] == [f"GREW {r} 5 15.0 True False"], out
+    assert sorted(lines["j0"] + lines["j1"]) == ["GREW 3 5 15.0 True True", "GREW 4 5 15.0 True True"], out
+
+
+WRONG_SECRET = """
+if os.environ["ROLE"] == "member":
+    comm = pyccl.init()
+    new = comm.grow(1)
+    x = np.ones(3)
+    comm.all_reduce(x)                    # the old communicator: untouched
+    new.all_reduce(x)
+    say("MEMBER", new.size, x[0])
+elif os.environ["JOINER"] == "0":
+    try:
+        pyccl.join(timeout=5)
+        say("JOINED-WITH-WRONG-SECRET")
+    except pyccl.PycclError as e:
+        say("REFUSED", type(e).__name__, str(e)[:200].replace(chr(10), " "))
+else:
+    time.sleep(2)                         # after the impostor: the members grow with this one
+    new = pyccl.join()
+    x = np.ones(3)
+    new.all_reduce(x)
+    say("JOINER", new.rank, x[0])
+"""
+
+
+def test_wrong_secret_is_refused(tmp_path):
+    out = _job(tmp_path, WRONG_SECRET, 2, [{"PYCCL_JOB_SECRET": secrets.token_hex(32)}, {}])
+    lines = _lines(out, "")
+    assert any(ln.startswith("REFUSED") for ln in lines["j0"]), out
+    assert "MEMBER 3 5.0" in lines["m0"] and "MEMBER 3 5.0" in lines["m1"], out   # old: 2, new: 2+2+1
+    assert "JOINER 2 5.0" in lines["j1"], out
+
+
+MISSING = """
+comm = pyccl.init()
+if comm.rank == 2:
+    time.sleep(3)                         # never calls grow
+else:
+    t = time.monotonic()
+    try:
+        comm.grow(1, timeout=2)
+        say("GREW")
+    except pyccl.PycclError as e:
+        say("ERROR", type(e).__name__, round(time.monotonic() - t), str(e).replace(chr(10), " "))
+x = np.ones(2)
+comm.all_reduce(x)                        # the old communicator: untouched
+say("OLD-OK", x[0])
+"""
+
+
+def test_grow_not_called_by_every_member(tmp_path):
+    """Rank 2 of 3 never calls grow: ranks 0 and 1 get a Timeout naming it within the window."""
+    out = _job(tmp_path, MISSING, 3, [{}] * 0)
+    for r in (0, 1):
+        err = [ln for ln in out[f"m{r}"].splitlines() if ln.startswith("ERROR")]
+        assert err and "Timeout" in err[0] and "ranks [2]" in err[0], out
+        assert int(err[0].split()[2]) <= 4, err
+        assert "OLD-OK 3.0" in out[f"m{r}"], out
+
+
+TWO_GROWS = """
+comm = pyccl.init() if os.environ["ROLE"] == "member" else None
+if comm is None:
+    time.sleep(1.5)                       # both grows are open by now
+    new = pyccl.join()
+    say("JOINED", new.size)
+    new.barrier()
+    new.close()
+    sys.exit(0)
+half = comm.split(comm.rank // 2)         # two communicators of 2 grow at once
+try:
+    new = half.grow(1, timeout=6)
+    new.barrier()
+    say("GREW", comm.rank // 2, new.size)
+except pyccl.PycclError as e:
+    say("ERROR", comm.rank // 2, type(e).__name__, str(e).replace(chr(10), " "))
+"""
+
+
+def test_two_grows_at_once(tmp_path):
+    """Two communicators grow at once, one joiner: one grow gets it, the other fails on both ranks."""
+    out = _job(tmp_path, TWO_GROWS, 4, [{}])
+    res = {r: [ln for ln in out[f"m{r}"].splitlines() if ln.startswith(("GREW", "ERROR"))] for r in range(4)}
+    assert all(len(v) == 1 for v in res.values()), out
+    kinds = {h: {res[r][0].split()[0] for r in (2 * h, 2 * h + 1)} for h in (0, 1)}
+    assert sorted(k for v in kinds.values() for k in v) == ["ERROR", "GREW"], out
+    err = next(res[r][0] for r in range(4) if res[r][0].startswith("ERROR"))
+    assert "another grow of this job is in progress" in err, out
+    assert "JOINED 3" in out["j0"], out
+
+
+DYING_JOINER = """
+if os.environ["ROLE"] == "joiner":
+    import threading
+    from pyccl.store import TCPStore
+    threading.Thread(target=pyccl.join, daemon=True).start()
+    host, port = os.environ["PYCCL_STORE_ADDR"].split(":")
+    st = TCPStore(host, int(port), bytes.fromhex(os.environ["PYCCL_JOB_SECRET"]), 10)
+    st.get("pyccl/join/ans/1", timeout=20)   # the members chose this process: die now
+    os._exit(9)
+comm = pyccl.init()
+t = time.monotonic()
+try:
+    comm.grow(1)
+    say("GREW")
+except pyccl.PycclError as e:
+    say("ERROR", type(e).__name__, round(time.monotonic() - t))
+x = np.ones(5)
+comm.all_reduce(x)                        # the old communicator still works
+say("OLD-OK", x[0])
+"""
+
+
+def test_joiner_dying_mid_grow_leaves_members_usable(tmp_path):
+    out = _job(tmp_path, DYING_JOINER, 2, [{}], env={"PYCCL_TIMEOUT": "4"})
+    for r in (0, 1):
+        lines = out[f"m{r}"]
+        assert "ERROR PeerFailure" in lines and "OLD-OK 2.0" in lines, out
+        assert int(lines.split("ERROR PeerFailure ")[1].split()[0]) <= 6, out
