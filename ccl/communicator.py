@@ -292,6 +292,12 @@ class Communicator:
         call = self.validate.barrier(async_op)
         return self.queue.submit(call, self.engines.choose(call))
 
+    def window(self, buf, signals=None):
+        """One-sided access to every rank's `buf` (put, get, signal, wait_signal, flush):
+        collective, sizes may differ; ccl/windows/. Close it (or use `with`) on every rank."""
+        from .windows import Window
+        return Window(self, buf, signals)
+
     # ---- groups -----------------------------------------------------------------------------
     def split(self, color, key=0):
         """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by

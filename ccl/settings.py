@@ -138,6 +138,8 @@ _DECLARED = (
             "at least 2)", "shm"),
     Setting("PYCCL_SHM_SLOT_BYTES", "bytes", 0, "slot size of the shm transport; `0`: 256 KiB, halved (to "
             "16 KiB) until a rank's rings fit 16 MiB", "shm"),
+    Setting("PYCCL_WINDOW_CMA", "bool", True, "one-sided windows (`comm.window`) between ranks of one host copy "
+            "through cross-memory attach (process_vm_writev/readv); `0`: through the TCP emulation", "shm"),
     # ---- tcp -------------------------------------------------------------------------------
     Setting("PYCCL_TCP_SOCKETS", "int", 2, "TCP sockets (lanes) per peer; large messages are striped over "
             "them; every rank must agree", "tcp"),

@@ -34,7 +34,7 @@ MAGIC = b"PYCCLBS1"
 HELLO = struct.Struct("<8sBIIHI8s")       # magic, kind, from, to, lane, step, tag digest
 _NONCE = 32
 _MAC = 32
-KIND_BOOT, KIND_TCP = 1, 2
+KIND_BOOT, KIND_TCP, KIND_WIN = 1, 2, 3       # bootstrap rounds, TCP transport, one-sided windows (ccl/windows/)
 MAX_PARKED = 4096                         # handshakes in progress at one listener
 HANDSHAKE_TIMEOUT = 30.0                  # an accepted socket must finish its hello in this long
 

@@ -1,0 +1,207 @@
+"""Windows between hosts, emulated over TCP: the target's service thread applies each request.
+
+Each pair of ranks gets two sockets per window, opened through the process's listener
+(transports/tcp_dial.py, kind KIND_WIN, lane 0: the lower rank's requests, lane 1: the
+higher's; the lower rank dials both). On its request socket the origin writes requests and
+reads only the replies to its own get and flush, which it waits for at once; the target's
+service thread reads the requests in order and applies them to the window and the signal
+board. So a signal lands after the earlier puts to that peer, a flush reply means every
+earlier request was applied, the target's user thread never has to call in, and neither end
+waits on a socket whose reader is waiting on it (no deadlock between two ranks that put large
+buffers to each other at once).
+
+Request header (`HDR`): op, signal slot (-1: none), byte offset or signal value, byte count;
+a put's payload follows its header.
+"""
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+
+from ..errors import PeerFailure, Timeout, TransportError
+from ..transports.tcp_dial import KIND_WIN, check_alive, link
+from .base import Link
+
+log = logging.getLogger("pyccl")
+
+HDR = struct.Struct("<BxxxiqQ")      # op, slot, offset or value, nbytes
+PUT, SIGNAL, GET, GET_REPLY, FLUSH, FLUSH_REPLY = 1, 2, 3, 4, 5, 6
+_INLINE = 16384                      # payloads up to this go out with their header in one send
+
+
+def open_links(ctx, number: int, peers: list, timeout: float, names) -> dict:
+    """{peer: (request socket, service socket)} for this window's TCP peers, opened at once."""
+    if not peers:
+        return {}
+    tag = f"{ctx.comm_tag}/window{number}"
+    dials, accepts = [], []
+    for p in peers:
+        for lane in (0, 1):
+            if p > ctx.rank:
+                dials.append((p, ctx.info[p]["addr"], KIND_WIN, lane, number))
+            else:
+                accepts.append((p, KIND_WIN, lane, number))
+
+    def describe(waiting):
+        return (f"{tag}: rank {ctx.rank} waited {timeout:.0f}s for window connections with "
+                f"{', '.join(names(w) for w in waiting)}")
+    socks = link(ctx.listener, tag, ctx.rank, dials, accepts, time.monotonic() + timeout, describe,
+                 lambda waiting: check_alive(ctx, waiting), ctx.cancelled)
+    out = {}
+    for p in peers:
+        end = "d" if p > ctx.rank else "a"
+        mine, theirs = (0, 1) if ctx.rank < p else (1, 0)
+        pair = (socks[(p, KIND_WIN, mine, number, end)], socks[(p, KIND_WIN, theirs, number, end)])
+        for s in pair:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(timeout)
+        out[p] = pair
+    return out
+
+
+def _recv_into(sock, view, who: str) -> None:
+    got = 0
+    while got < len(view):
+        try:
+            n = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise Timeout(f"{who}: no reply within the timeout") from None
+        except OSError as e:
+            raise PeerFailure(f"{who}: connection lost ({e})") from None
+        if n == 0:
+            raise PeerFailure(f"{who}: connection closed")
+        got += n
+
+
+def _send(sock, data, who: str) -> None:
+    try:
+        sock.sendall(data)
+    except socket.timeout:
+        raise Timeout(f"{who}: its window took nothing within the timeout") from None
+    except OSError as e:
+        raise PeerFailure(f"{who}: connection lost ({e})") from None
+
+
+class TcpLink(Link):
+    """The origin's end: requests out, replies to get and flush back, one caller at a time."""
+
+    kind = "tcp"
+
+    def __init__(self, peer: int, sock, service, who: str):
+        self.peer, self.sock, self.service, self.who = peer, sock, service, who
+        self.lock = threading.Lock()
+        self.hdr = bytearray(HDR.size)
+
+    def put(self, src, offset, slot):
+        n = src.size
+        with self.lock:
+            if n <= _INLINE:
+                _send(self.sock, HDR.pack(PUT, slot, offset, n) + src.tobytes(), self.who)
+            else:
+                _send(self.sock, HDR.pack(PUT, slot, offset, n), self.who)
+                _send(self.sock, memoryview(src), self.who)
+
+    def _reply(self, op: int, n: int) -> None:
+        _recv_into(self.sock, memoryview(self.hdr), self.who)
+        got, _, _, count = HDR.unpack(self.hdr)
+        if got != op or count != n:
+            raise TransportError(f"{self.who}: expected reply {op} of {n} bytes, got {got} of {count}")
+
+    def get(self, dst, offset):
+        with self.lock:
+            _send(self.sock, HDR.pack(GET, -1, offset, dst.size), self.who)
+            self._reply(GET_REPLY, dst.size)
+            if dst.size:
+                _recv_into(self.sock, memoryview(dst), self.who)
+
+    def signal(self, slot, value):
+        with self.lock:
+            _send(self.sock, HDR.pack(SIGNAL, slot, value, 0), self.who)
+
+    def flush(self):
+        with self.lock:
+            _send(self.sock, HDR.pack(FLUSH, -1, 0, 0), self.who)
+            self._reply(FLUSH_REPLY, 0)
+
+    def failure(self):
+        return self.service.dead.get(self.peer)
+
+    def close(self):
+        self.sock.close()
+
+
+class Service:
+    """The target's thread: applies its TCP peers' requests to the window and the board."""
+
+    def __init__(self, rank: int, window, board, socks: dict, names, tag: str):
+        self.rank, self.window, self.board, self.names = rank, window, board, names
+        self.socks = socks                       # peer -> service socket
+        self.dead = {}                           # peer -> why it is gone
+        self.closing = False
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        for p, s in socks.items():
+            self.sel.register(s, selectors.EVENT_READ, p)
+        self.thread = threading.Thread(target=self._serve, name=f"pyccl-{tag}", daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        hdr = bytearray(HDR.size)
+        view = memoryview(hdr)
+        while self.socks:
+            for key, _ in self.sel.select():
+                p = key.data
+                if p is None:
+                    return                       # close(): woken through the pipe
+                try:
+                    self._one(p, self.socks[p], view, hdr)
+                except (PeerFailure, Timeout, TransportError) as e:
+                    self._drop(p, str(e))
+
+    def _one(self, p, sock, view, hdr):
+        who = f"window service of rank {self.rank}, requests of {self.names(p)}"
+        _recv_into(sock, view, who)
+        op, slot, a, n = HDR.unpack(hdr)
+        if op == PUT:
+            if a < 0 or a + n > self.window.size:
+                raise TransportError(f"{who}: put of bytes [{a}, {a + n}) outside a window of {self.window.size}")
+            if n:
+                _recv_into(sock, memoryview(self.window[a:a + n]), who)
+            if slot >= 0:
+                self.board.add(p, slot, 1)
+                self.board.notify()
+        elif op == SIGNAL:
+            self.board.add(p, slot, a)
+            self.board.notify()
+        elif op == GET:
+            if a < 0 or a + n > self.window.size:
+                raise TransportError(f"{who}: get of bytes [{a}, {a + n}) outside a window of {self.window.size}")
+            _send(sock, HDR.pack(GET_REPLY, -1, 0, n), who)
+            if n:
+                _send(sock, memoryview(self.window[a:a + n]), who)
+        elif op == FLUSH:
+            _send(sock, HDR.pack(FLUSH_REPLY, -1, 0, 0), who)
+        else:
+            raise TransportError(f"{who}: unknown request {op}")
+
+    def _drop(self, p, why):
+        self.sel.unregister(self.socks[p])
+        del self.socks[p]
+        if not self.closing:
+            self.dead[p] = why
+            log.warning("pyccl: %s", why)
+            self.board.notify()                  # a waiter learns of it now
+
+    def close(self):
+        self.closing = True
+        os.write(self.wake_w, b"!")
+        self.thread.join(timeout=5)
+        for s in self.socks.values():
+            s.close()
+        self.sel.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)

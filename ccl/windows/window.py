@@ -1,0 +1,263 @@
+"""`comm.window(buf)`: one-sided put, get, signal and wait on every rank's exposed buffer.
+
+Like NCCL's put/signal/wait, torchcomms' `new_window` and MPI RMA with notification: a rank
+copies into a peer's window without the peer posting a receive, and tells it with a signal
+(a counter per slot) that it waits on. Creation and `close` are collective; every other call
+is one rank's. Every argument is checked here, against what each rank exposed, before any
+byte moves (`InvalidArgument`); then the call goes to the `Link` of the target
+(ccl/windows/base.py): this rank, a same-host peer through cross-memory attach
+(ccl/windows/cma.py), any other through the TCP emulation (ccl/windows/tcp.py).
+
+Choices (written down as the design asks where the issue is silent):
+- Offsets and counts are in elements of the target's window; a put's dtype must be the
+  target's (windows of different ranks may differ in size and dtype).
+- `put` returns when `src` may be reused, not when the bytes have landed (same host: they
+  have); `flush` waits for that. `get` returns with the data.
+- A signal is added after the data of the same call and of the caller's earlier puts to
+  that peer; `wait_signal(slot, value)` waits until the slot holds at least `value`, then
+  subtracts `value` (so a slot counts arrivals and waits consume them).
+- Signal slots per window: `signals=` (default `DEFAULT_SIGNALS`), the same on every rank.
+- Host memory only for now (numpy arrays, torch CPU tensors); CUDA buffers raise
+  InvalidArgument: a CUDA IPC link is the next class behind the same interface.
+"""
+import itertools
+import os
+import struct
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from .. import settings
+from ..buffers import as_buffer
+from ..errors import InvalidArgument, PeerFailure, Timeout
+from ..process import pid_namespace
+from .base import LocalLink
+from .cma import CmaLink, probe
+from .signals import Board, PeerBoard
+from .tcp import Service, TcpLink, open_links
+
+DEFAULT_SIGNALS = 64
+_REC = struct.Struct("<16sQQQQQII200s")   # dtype, count, address, board address, pid, pidns, slots, cma, board path
+_NUMBERS = weakref.WeakKeyDictionary()    # communicator -> its window numbers (the same on every rank)
+_SPIN_S = 50e-6                           # a same-host waiter spins this long before it sleeps
+
+
+class Window:
+    """Every rank's `buf`, open to one-sided access by the others (see the module docstring)."""
+
+    def __init__(self, comm, buf, signals=None):
+        b = as_buffer(buf, "window: buf", writable=True)
+        if b.device != "cpu":
+            raise InvalidArgument(f"window: buf is on {b.device}; windows hold host memory only for now "
+                                  "(numpy arrays, torch CPU tensors)")
+        nslots = DEFAULT_SIGNALS if signals is None else signals
+        if not isinstance(nslots, (int, np.integer)) or nslots < 1:
+            raise InvalidArgument(f"window: signals={signals!r}; expected a positive number of slots")
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        self.number = next(_NUMBERS.setdefault(comm, itertools.count()))
+        self.name = f"{comm.tag} window {self.number}"
+        self.buffer, self.dtype, self.signals = b, b.dtype, int(nslots)
+        self.bytes = b.array.view(np.uint8)
+        self.timeout = comm.timeout
+        self.closed = False
+        self.service = None
+        self.board = Board(self.size, self.signals, f"{self.number}")
+        self.links = {}
+        try:
+            self._connect()
+        except BaseException:
+            self._teardown()
+            raise
+
+    # ---- set-up (collective) ------------------------------------------------------------
+    def _exchange(self, record: bytes) -> list:
+        out = np.zeros(self.size * len(record), np.uint8)
+        self.comm.all_gather(out, np.frombuffer(record, np.uint8).copy())
+        return [out[r * len(record):(r + 1) * len(record)].tobytes() for r in range(self.size)]
+
+    def _connect(self):
+        """Two all-gathers: what each rank exposes, then which same-host pairs may copy
+        straight into each other (both probed it); the rest open TCP links."""
+        cma_on = settings.get("PYCCL_WINDOW_CMA")
+        mine = _REC.pack(self.dtype.encode(), self.buffer.count, self.bytes.ctypes.data, self.board.address,
+                         os.getpid(), pid_namespace(), self.signals, int(cma_on), self.board.path.encode())
+        recs = [_REC.unpack(r) for r in self._exchange(mine)]
+        self.dtypes = [r[0].rstrip(b"\0").decode() for r in recs]
+        self.counts = [r[1] for r in recs]
+        slots = {r[6] for r in recs}
+        if len(slots) > 1:
+            raise InvalidArgument(f"{self.name}: ranks asked for different numbers of signal slots "
+                                  f"{[r[6] for r in recs]}; pass the same signals= on every rank")
+        me, info = self.rank, self.comm.peer_info
+        boards, ok = {}, np.zeros(self.size, np.uint8)
+        for p, (_, _, _, board_addr, pid, pidns, _, cma, path) in enumerate(recs):
+            if p == me or not (cma_on and cma) or pidns != recs[me][5] or info[p]["host"] != info[me]["host"]:
+                continue
+            if self.comm.conns.transport_of(p) != "shm":
+                continue                     # TCP forced for the pair: the window follows
+            try:
+                boards[p] = PeerBoard(path.rstrip(b"\0").decode(), self.size, self.signals, me)
+            except OSError:
+                continue
+            ok[p] = probe(pid, board_addr)
+        oks = [np.frombuffer(r, np.uint8) for r in self._exchange(ok.tobytes())]
+        self.board.unlink()                  # every peer that maps it has by now
+        tcp_peers = []
+        for p in range(self.size):
+            if p == me:
+                self.links[p] = LocalLink(me, self.bytes, self.board)
+            elif oks[me][p] and oks[p][me]:
+                self.links[p] = CmaLink(p, recs[p][4], recs[p][2], boards.pop(p), self._who(p))
+            else:
+                tcp_peers.append(p)
+        for b in boards.values():
+            b.close()
+        socks = open_links(self.comm.conns.ctx, self.number, tcp_peers, self.timeout, self._who)
+        if socks:
+            self.service = Service(me, self.bytes, self.board, {p: s[1] for p, s in socks.items()},
+                                   self._who, f"window{self.number}")
+            for p, (req, _) in socks.items():
+                self.links[p] = TcpLink(p, req, self.service, self._who(p))
+        self._polls = any(lk.kind == "cma" for lk in self.links.values())
+
+    def _who(self, p) -> str:
+        return f"{self.name}: rank {p}"
+
+    # ---- checks: InvalidArgument before any byte moves ----------------------------------
+    def _link(self, op, peer):
+        if self.closed:
+            raise InvalidArgument(f"{self.name} {op}: the window is closed")
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
+            raise InvalidArgument(f"{self.name} {op}: peer {peer!r} is not a rank of 0..{self.size - 1}")
+        return self.links[int(peer)]
+
+    def _span(self, op, what, buf, peer, offset, writable):
+        b = as_buffer(buf, f"{self.name} {op}: {what}", writable)
+        if b.device != "cpu":
+            raise InvalidArgument(f"{self.name} {op}: {what} is on {b.device}; the window is in host memory")
+        if b.dtype != self.dtypes[peer]:
+            raise InvalidArgument(f"{self.name} {op}: {what} has dtype {b.dtype}, rank {peer}'s window "
+                                  f"holds {self.dtypes[peer]}")
+        if not isinstance(offset, (int, np.integer)) or offset < 0 or offset + b.count > self.counts[peer]:
+            raise InvalidArgument(f"{self.name} {op}: elements [{offset}, {offset} + {b.count}) lie outside "
+                                  f"rank {peer}'s window of {self.counts[peer]} {self.dtypes[peer]} elements")
+        return b.array.view(np.uint8), int(offset) * b.itemsize
+
+    def _slot(self, op, slot):
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.signals:
+            raise InvalidArgument(f"{self.name} {op}: signal slot {slot!r} is not one of 0..{self.signals - 1}")
+        return int(slot)
+
+    @staticmethod
+    def _count(op, name, value, name_of):
+        if not isinstance(value, (int, np.integer)) or value < 0:
+            raise InvalidArgument(f"{name_of} {op}: {name}={value!r}; expected an integer >= 0")
+        return int(value)
+
+    # ---- one-sided calls -----------------------------------------------------------------
+    def put(self, src, peer, offset=0, signal=None):
+        """Copy `src` into `peer`'s window at element `offset`; with signal=s, then add 1 to the
+        peer's slot s. Returns once `src` may be reused (flush: once it has landed)."""
+        link = self._link("put", peer)
+        data, at = self._span("put", "src", src, peer, offset, False)
+        link.put(data, at, -1 if signal is None else self._slot("put", signal))
+
+    def get(self, dst, peer, offset=0):
+        """Copy `peer`'s window from element `offset` into `dst`; returns with the data."""
+        link = self._link("get", peer)
+        data, at = self._span("get", "dst", dst, peer, offset, True)
+        link.get(data, at)
+
+    def signal(self, peer, slot, value=1):
+        """Add `value` to `peer`'s slot, after this rank's earlier puts to it have landed."""
+        link = self._link("signal", peer)
+        link.signal(self._slot("signal", slot), self._count("signal", "value", value, self.name))
+
+    def flush(self, peer=None):
+        """Return once this rank's puts and signals (to `peer`, or to all) have landed."""
+        links = self.links.values() if peer is None else [self._link("flush", peer)]
+        if self.closed:
+            raise InvalidArgument(f"{self.name} flush: the window is closed")
+        for link in links:
+            link.flush()
+
+    def wait_signal(self, slot, value, timeout=None):
+        """Block until this rank's `slot` holds at least `value`, then subtract `value`.
+        Raises Timeout after `timeout` s (default: the communicator's), and PeerFailure as
+        soon as a peer is known gone while the slot is short, naming the peer and the slot."""
+        if self.closed:
+            raise InvalidArgument(f"{self.name} wait_signal: the window is closed")
+        slot = self._slot("wait_signal", slot)
+        value = self._count("wait_signal", "value", value, self.name)
+        board = self.board
+        if board.value(slot) >= value:
+            board.consume(slot, value)
+            return
+        start = time.monotonic()
+        limit = self.timeout if timeout is None else float(timeout)
+        check_at, pause = start + 0.05, 1e-5
+        while True:
+            if board.value(slot) >= value:
+                board.consume(slot, value)
+                return
+            now = time.monotonic()
+            if now >= check_at:
+                self._check_peers(slot, value)
+                check_at = now + 0.05
+            if now - start > limit:
+                raise Timeout(f"{self.name} wait_signal: rank {self.rank} waited {limit:g}s for signal slot "
+                              f"{slot} to reach {value}; it holds {board.value(slot)}")
+            if self._polls and now - start < _SPIN_S:
+                os.sched_yield()             # a same-host signal is a store: look again soon
+            else:
+                with board.cond:             # a TCP signal wakes it; same-host ones are polled
+                    board.cond.wait(pause if self._polls else min(0.05, limit))
+                pause = min(pause * 2, 1e-3)
+
+    def _check_peers(self, slot, value):
+        for p, link in self.links.items():
+            why = link.failure()
+            if why is not None:
+                raise PeerFailure(f"{self.name} wait_signal: rank {self.rank} waits for signal slot {slot} "
+                                  f"to reach {value} (it holds {self.board.value(slot)}), but rank {p} "
+                                  f"is gone: {why}")
+
+    # ---- teardown ------------------------------------------------------------------------
+    def close(self):
+        """Collective: flush, wait for every rank, then unmap and disconnect."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+            if self.service is not None:
+                self.service.closing = True  # peers' links close from here on: not a failure
+            self.comm.barrier()
+        finally:
+            self._teardown()
+
+    def _teardown(self):
+        self.closed = True
+        if self.service is not None:
+            self.service.close()
+        for link in self.links.values():
+            link.close()
+        self.links = {}
+        self.board.close()
+
+    def transport(self, peer) -> str:
+        """How this rank reaches `peer`'s window: "local", "cma" or "tcp"."""
+        return self._link("transport", peer).kind
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        elif not self.closed:
+            self._teardown()                 # no collective while failing: peers would wait on it
+
+    def __repr__(self):
+        return f"<pyccl.Window {self.name} rank {self.rank}/{self.size} {self.buffer.count} {self.dtype}>"
