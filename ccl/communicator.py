@@ -43,6 +43,7 @@ log = logging.getLogger("pyccl")
 
 class Communicator:
     """A group of ranks that run collectives together (see README.md, "Use", for the API)."""
+    joined = False          # True on the communicator pyccl.join() returned (ccl/elastic.py)
 
     def __init__(self, rank=None, size=None, store=None, timeout=None, *, secret=None,
                  transport=None, reproducible=None, _members=None, _tag=None):

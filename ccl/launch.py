@@ -9,6 +9,12 @@ LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a free port for the torch store t
 arguments, as under torchrun. pyccl.env.detect() reads PYCCL_* first, so the two cannot be
 mistaken for each other.
 
+With --elastic, a rank that fails is started again (up to --max-restarts times in all, default
+3) with the same variables plus PYCCL_JOIN=1: its `pyccl.init()` then joins the running job
+(`pyccl.join()`) while the survivors, who saw the failure as a PeerFailure, call
+`comm.shrink()` and then `comm.grow(1)` (ccl/elastic.py). The job fails as below once the
+restarts are spent.
+
 Ranks' stdout and stderr pass through unchanged. When a rank fails, the launcher names it
 and its exit code on stderr, gives the others --grace seconds to finish, then SIGTERM, then
 SIGKILL, and exits with the first failing rank's code (128+N for death by signal N).
@@ -31,8 +37,8 @@ _KILL_WAIT = 3.0        # seconds between SIGTERM and SIGKILL
 _POLL = 0.05
 
 # The launcher's own options, and whether each takes a value (used to find where the program starts).
-_OPTS_WITH_VALUE = {"-n", "--nproc", "--nproc-per-node", "--master-addr", "--port", "--grace"}
-_FLAGS = {"-h", "--help"}
+_OPTS_WITH_VALUE = {"-n", "--nproc", "--nproc-per-node", "--master-addr", "--port", "--grace", "--max-restarts"}
+_FLAGS = {"-h", "--help", "--elastic"}
 
 
 def _parser():
@@ -45,6 +51,10 @@ def _parser():
     p.add_argument("--port", type=int, default=0, help="store port (default 0: any free port)")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds the other ranks get to finish after one fails (default 5)")
+    p.add_argument("--elastic", action="store_true",
+                   help="restart a rank that fails; the replacement joins the running job (pyccl.join())")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="with --elastic: restarts allowed in all before the job fails (default 3)")
     p.add_argument("-m", dest="module", help="run a library module as a script, like `python -m`")
     p.add_argument("program", nargs=argparse.REMAINDER, help="script and its arguments")
     return p
@@ -94,6 +104,8 @@ def main(argv=None) -> int:
         parser.error("give a script (prog.py args…) or a module (-m module args…)")
     if args.grace < 0:
         parser.error("--grace must be >= 0")
+    if args.max_restarts < 0:
+        parser.error("--max-restarts must be >= 0")
 
     secret = secrets.token_bytes(32)
     try:
@@ -120,21 +132,30 @@ def main(argv=None) -> int:
                 except OSError:
                     pass
 
+    def start(rank, joining=False):
+        env = dict(os.environ)
+        env.update(PYCCL_RANK=str(rank), PYCCL_SIZE=str(args.nproc), PYCCL_LOCAL_RANK=str(rank),
+                   PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=addr, PYCCL_JOB_SECRET=secret.hex(),
+                   RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR=host, MASTER_PORT=str(torch_port))
+        if joining:
+            env["PYCCL_JOIN"] = "1"
+        try:
+            return subprocess.Popen(cmd, env=env)
+        except OSError as e:
+            print(f"pyccl.launch: cannot start rank {rank} ({' '.join(cmd)}): {e}", file=sys.stderr)
+            return None
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(args.nproc):
-            env = dict(os.environ)
-            env.update(PYCCL_RANK=str(rank), PYCCL_SIZE=str(args.nproc), PYCCL_LOCAL_RANK=str(rank),
-                       PYCCL_LOCAL_SIZE=str(args.nproc), PYCCL_STORE_ADDR=addr, PYCCL_JOB_SECRET=secret.hex(),
-                       RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR=host, MASTER_PORT=str(torch_port))
-            try:
-                children.append(subprocess.Popen(cmd, env=env))
-            except OSError as e:
-                print(f"pyccl.launch: cannot start rank {rank} ({' '.join(cmd)}): {e}", file=sys.stderr)
+            child = start(rank)
+            if child is None:
                 _stop(children, 0.0)
                 return 1
-        return _supervise(children, args.grace, state)
+            children.append(child)
+        restart = (lambda rank: start(rank, joining=True)) if args.elastic else None
+        return _supervise(children, args.grace, state, restart, args.max_restarts)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -183,12 +204,24 @@ def _stop(children, grace):
         c.wait()
 
 
-def _supervise(children, grace, state) -> int:
-    """Wait for the ranks; on the first failure (or a forwarded signal) stop the rest."""
+def _supervise(children, grace, state, restart=None, max_restarts=0) -> int:
+    """Wait for the ranks; on the first failure (or a forwarded signal) stop the rest, unless
+    `restart(rank)` may start a replacement (--elastic, up to `max_restarts` in all)."""
     failed = None
+    restarts = 0
     while True:
         for rank, c in enumerate(children):
             rc = c.poll()
+            if (rc not in (None, 0) and failed is None and restart is not None and restarts < max_restarts
+                    and state["signal"] is None):
+                restarts += 1
+                print(f"pyccl.launch: rank {rank} failed ({_describe(rc)}, pid {c.pid}); starting a "
+                      f"replacement that joins the job (restart {restarts} of {max_restarts})",
+                      file=sys.stderr, flush=True)
+                new = restart(rank)
+                if new is not None:
+                    children[rank] = c = new
+                    continue
             if rc not in (None, 0) and failed is None:
                 failed = (rank, rc)
                 print(f"pyccl.launch: rank {rank} failed ({_describe(rc)}); stopping the other ranks "

@@ -204,3 +204,51 @@ def test_joiner_dying_mid_grow_leaves_members_usable(tmp_path):
         lines = out[f"m{r}"]
         assert "ERROR PeerFailure" in lines and "OLD-OK 2.0" in lines, out
         assert int(lines.split("ERROR PeerFailure ")[1].split()[0]) <= 6, out
+
+
+ELASTIC = """
+import signal
+comm = pyccl.init()
+if not comm.joined:
+    x = np.ones(1 << 12, np.float32)
+    comm.all_reduce(x)
+    if comm.rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for i in range(50):
+            comm.all_reduce(x)
+        raise SystemExit("no error after the peer died")
+    except (pyccl.PeerFailure, pyccl.Timeout):
+        pass
+    small = comm.shrink()
+    comm.close()
+    comm = small.grow(1)
+    small.close()
+y = np.full(5, comm.rank + 1.0)
+comm.all_reduce(y)
+say("ELASTIC", comm.rank, comm.size, y[0], comm.joined)
+comm.close()
+"""
+
+
+def test_launcher_elastic_replaces_a_dead_rank(tmp_path):
+    """pyccl.launch --elastic: rank 2 of 4 dies, the survivors shrink and grow(1), the
+    replacement joins as rank 3; the job exits 0."""
+    prog = tmp_path / "prog.py"
+    prog.write_text(HEAD + textwrap.dedent(ELASTIC))
+    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "4", str(prog)],
+                       capture_output=True, text=True, timeout=50,
+                       env={**os.environ, "PYCCL_TIMEOUT": "15"})
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("ELASTIC"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lines == [f"ELASTIC {i} 4 10.0 {i == 3}" for i in range(4)], r.stdout + r.stderr
+    assert "starting a replacement that joins the job (restart 1 of 3)" in r.stderr
+
+
+def test_launcher_elastic_gives_up_after_max_restarts(tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text("import sys; sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "--max-restarts", "2", "-n", "1",
+                        str(prog)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count("starting a replacement") == 2 and "rank 0 failed (exit code 3)" in r.stderr
