@@ -1,0 +1,145 @@
+"""The proxy engine's tables and protocol (ccl/engines/proxy/), without a GPU.
+
+Each rank runs real proxied collectives over real TCP connections between processes (ranks
+posing as hosts): two threads play the kernel of proxy.cu with the program's numpy twins
+(apply_out / apply_in: ring the doorbell, copy the out-items in order setting FILLED; wait
+for DONE before each pass's in-items; wait for FINISHED), while the proxy's host side
+(ProxyHost.drain) walks the plan over the arena. Results must equal the numpy float64
+reference. On a GPU the same tables drive the kernel (tests/test_cuda_multihost.py)."""
+import os
+import re
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from reference import make, mismatch
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_words_match_the_kernel():
+    """The word offsets of host.py are the #defines of proxy.cu."""
+    import pyccl.engines.proxy.host as H
+    import pyccl.engines.proxy.program as P
+    src = open(os.path.join(os.path.dirname(H.__file__), "proxy.cu")).read()
+    defs = dict(re.findall(r"#define (\w+) (.+)", src))
+    env = {}
+    for k, v in defs.items():
+        env[k] = eval(v, {}, env)       # noqa: S307 - our own constants
+    for k in ("ABORT", "ERROR", "ERR_CALL", "ERR_WHERE", "POSTED", "FINISHED", "RING", "RING_SLOTS",
+              "FILLED", "MAX_ITEMS", "DONE"):
+        assert getattr(H, k) == env[k], k
+    assert P.MAX_ITEMS == env["MAX_ITEMS"] and H.WORDS >= env["DONE"] + P.MAX_PASSES
+
+
+def _wait(pred, what):
+    end = time.monotonic() + 30
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"emulated kernel: timed out waiting for {what}")
+        time.sleep(1e-4)
+
+
+def _kernel(words, prog, devs, pid, tag, n):
+    """proxy.cu's protocol in two threads (out-blocks, in-blocks), on numpy."""
+    from pyccl.engines.proxy import host as H
+    from pyccl.engines.proxy.program import apply_in, apply_out
+    slot = H.RING + 2 * ((n - 1) % H.RING_SLOTS)
+    words[slot], words[slot + 1] = pid, tag
+    words[H.POSTED] = n
+
+    def out():
+        for i in range(prog.n_out):
+            apply_out(prog, devs, i + 1, i)
+            words[H.FILLED + i] = n
+
+    def back():
+        for c in range(prog.total):
+            _wait(lambda: words[H.DONE + c] >= n, f"DONE[{c}]")
+            apply_in(prog, devs, c)
+        _wait(lambda: words[H.FINISHED] >= n, "FINISHED")
+
+    threads = [threading.Thread(target=out), threading.Thread(target=back)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _proxied(comm, name, dtype, count, opname, root, rounds):
+    """`rounds` calls of one program on fresh inputs; returns '' or what was wrong."""
+    import pyccl
+    from pyccl.dtypes import DTYPES
+    from pyccl.engines.proxy.host import WORDS, ProxyHost
+    from pyccl.engines.proxy.program import Program
+    from pyccl.engines.staged import _OPS
+    op = getattr(pyccl, opname.upper())
+    size, rank = comm.size, comm.rank
+    like = types.SimpleNamespace(flat=comm.engines.by_name["flat"], rank=rank, size=size)
+    dt = DTYPES[dtype]
+    words = np.zeros(WORDS, np.uint64)
+    host = ProxyHost(words, comm.executor, 30.0, rank, comm.tag, size)
+    problems = []
+    prog = None
+    for n in range(1, rounds + 1):
+        salt = n * 7
+        ins = [make(r, count * (size if name in ("reduce_scatter", "all_to_all", "scatter") else 1),
+                    dtype, opname, salt) for r in range(size)]
+        inp = ins[rank].copy()
+        if name in ("all_reduce", "reduce", "broadcast"):
+            out = inp
+        elif name in ("all_gather", "gather"):
+            out = np.zeros(count * size, dt)
+        else:
+            out = np.zeros(count, dt) if name != "all_to_all" else np.zeros(count * size, dt)
+        wrap = lambda a: types.SimpleNamespace(array=a)       # noqa: E731 - a Buffer's face
+        args = {"all_reduce": (wrap(out), op), "reduce": (wrap(out), root, op), "broadcast": (wrap(out), root),
+                "all_gather": (wrap(out), wrap(inp)), "reduce_scatter": (wrap(out), wrap(inp), op),
+                "all_to_all": (wrap(out), wrap(inp), (count,) * size, (count,) * size, True),
+                "gather": (wrap(out), wrap(inp), root), "scatter": (wrap(out), wrap(inp), root)}[name]
+        if prog is None:
+            staged = _OPS[name](like, *args)
+            prog = Program(1, name, staged, 96, size, dt, piece=40)
+            prog.bind(np.zeros(prog.arena_bytes, np.uint8))
+            host.programs[1] = prog
+        devs = {"in": inp.view(np.uint8), "out": out.view(np.uint8)}
+        threads = _kernel(words, prog, devs, 1, n, n)
+        host.drain(n, f"{name} round {n}")
+        for t in threads:
+            t.join()
+        if name in ("all_reduce", "reduce"):
+            if name == "all_reduce" or rank == root:
+                problems.append(mismatch(out, ins, opname, dtype))
+        elif name == "broadcast":
+            if not np.array_equal(out.view(np.uint8), ins[root].view(np.uint8)):
+                problems.append("broadcast differs")
+        elif name in ("all_gather", "gather"):
+            if (name == "all_gather" or rank == root) and \
+                    not np.array_equal(out.view(np.uint8), np.concatenate(ins).view(np.uint8)):
+                problems.append(f"{name} differs")
+        elif name == "reduce_scatter":
+            parts = [x[rank * count:(rank + 1) * count] for x in ins]
+            problems.append(mismatch(out, parts, opname, dtype))
+        elif name == "all_to_all":
+            want = np.concatenate([x[rank * count:(rank + 1) * count] for x in ins])
+            if not np.array_equal(out.view(np.uint8), want.view(np.uint8)):
+                problems.append("all_to_all differs")
+        elif name == "scatter":
+            if not np.array_equal(out.view(np.uint8), ins[root][rank * count:(rank + 1) * count].view(np.uint8)):
+                problems.append("scatter differs")
+    return "; ".join(p for p in problems if p)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("name,dtype,opname", [
+    ("all_reduce", "float32", "sum"), ("all_reduce", "bfloat16", "avg"), ("all_reduce", "int32", "max"),
+    ("reduce", "float64", "sum"), ("broadcast", "int8", "sum"), ("all_gather", "float16", "sum"),
+    ("reduce_scatter", "float32", "avg"), ("reduce_scatter", "int64", "prod"), ("all_to_all", "uint8", "sum"),
+    ("gather", "float32", "sum"), ("scatter", "int32", "sum")])
+def test_proxied_collective_on_host(groups, size, name, dtype, opname):
+    g = groups(size, ranks_per_host=1)
+    for count in (0, 1, 13, 1000):
+        out = g.run(_proxied, name, dtype, count, opname, size - 1, 2)
+        assert not any(out), f"{name} {dtype} {opname} x{count}: {out}"
