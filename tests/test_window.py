@@ -260,3 +260,32 @@ def test_dead_peer_fails_the_wait(tmp_path, transport):
     took = float(lines[0].split("after ")[1].split("s:")[0])
     assert took < 5, lines[0]
     assert "signal slot 3" in lines[0] and "rank 1 is gone" in lines[0], lines[0]
+
+
+def rank_torch_backend_window(ctx):
+    import torch
+    import pyccl.torch_backend as tb
+    t = torch.zeros(ctx.size * 2, dtype=torch.int32)
+    with tb.window(t) as win:
+        for p in range(ctx.size):
+            win.put(torch.full((2,), ctx.rank + 7, dtype=torch.int32), p, offset=2 * ctx.rank, signal=1)
+        win.wait_signal(1, ctx.size)
+        ok = t.tolist() == [q + 7 for q in range(ctx.size) for _ in range(2)]
+        ctx.pyccl.barrier()
+    try:
+        tb.window(t, group=ctx.gloo)
+        wrong = "no error"
+    except InvalidArgument as e:
+        wrong = str(e)
+    return [] if ok and "backend \"pyccl\"" in wrong else [f"tensor {t}, gloo group: {wrong}"]
+
+
+def test_torch_backend_window():
+    pytest.importorskip("torch")
+    from torch_ranks import TorchRanks
+    ranks = TorchRanks(2, "tcp")
+    try:
+        for bad in ranks.run(rank_torch_backend_window):
+            assert bad == []
+    finally:
+        ranks.close()

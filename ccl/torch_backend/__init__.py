@@ -170,6 +170,7 @@ from .group import BACKEND_NAME, DEFAULT_TIMEOUT_S, P2P_TRANSPORT, ProcessGroupP
 from .p2p_engine import _P2PEngine
 from .reductions import _Reduction
 from .registration import _autoload, _create, register
+from .window import window
 from .works import _CudaWork, _PycclWork, _SyncDone
 
 
@@ -198,7 +199,7 @@ def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=
     return pg.all_to_all_single_dev(output, input, output_split_sizes, input_split_sizes, async_op)
 
 
-__all__ = ["all_to_all_single", "BACKEND_NAME", "DEFAULT_TIMEOUT_S", "P2P_TRANSPORT", "ProcessGroupPyccl", "register", "_autoload",
+__all__ = ["all_to_all_single", "window", "BACKEND_NAME", "DEFAULT_TIMEOUT_S", "P2P_TRANSPORT", "ProcessGroupPyccl", "register", "_autoload",
            "_create", "_CudaWork", "_PycclWork", "_P2PEngine", "_Reduction", "_SyncDone"]
 
 register()
