@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""One-sided put + signal against send/recv, side by side on the same transport (issue 30).
+
+Two ranks play ping-pong: rank 0 sends a message, rank 1 waits for it and sends one back;
+the one-way time is half a round trip. The two methods take turns in every round (`--rounds`
+rounds of `--iters` round trips each, after a warm-up), and the table gives each method's
+median one-way time over the rounds with the (min-max) spread.
+
+- send/recv: `comm.send(x, peer)` / `comm.recv(x, peer)`;
+- put+signal: `win.put(x, peer, signal=0)` / `win.wait_signal(0, 1)` on a window of the
+  same size (same host: cross-memory attach; `--transport tcp`: the TCP emulation).
+
+Usage: `python bench/window.py` launches every configuration (`--configs shm,tcp`) on 2 local
+ranks through `python -m pyccl.launch` and prints a markdown table (`--json FILE` also saves
+it); inside the launch it runs as `--rank-side`.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {"shm": {}, "tcp": {"PYCCL_TRANSPORT": "tcp"}}
+
+
+def pingpong_sendrecv(comm, x, iters):
+    other = 1 - comm.rank
+    t = time.perf_counter()
+    for _ in range(iters):
+        if comm.rank == 0:
+            comm.send(x, other)
+            comm.recv(x, other)
+        else:
+            comm.recv(x, other)
+            comm.send(x, other)
+    return (time.perf_counter() - t) / iters / 2
+
+
+def pingpong_put(win, comm, x, iters):
+    other = 1 - comm.rank
+    t = time.perf_counter()
+    for _ in range(iters):
+        if comm.rank == 0:
+            win.put(x, other, signal=0)
+            win.wait_signal(0, 1)
+        else:
+            win.wait_signal(0, 1)
+            win.put(x, other, signal=0)
+    return (time.perf_counter() - t) / iters / 2
+
+
+def rank_side(args):
+    import pyccl
+    comm = pyccl.init()
+    out = []
+    for nbytes in args.sizes:
+        x = np.zeros(max(nbytes // 4, 1) if nbytes >= 4 else 0, np.float32) if nbytes % 4 == 0 else None
+        if x is None:
+            x = np.zeros(nbytes, np.uint8)
+        win = comm.window(np.zeros_like(x))
+        kind = win.transport(1 - comm.rank)
+        iters = args.iters if nbytes <= 65536 else max(10, args.iters // 20)
+        pingpong_sendrecv(comm, x, max(10, iters // 5))            # warm-up: connections, caches
+        pingpong_put(win, comm, x, max(10, iters // 5))
+        times = {"send/recv": [], "put+signal": []}
+        for _ in range(args.rounds):
+            comm.barrier()
+            times["send/recv"].append(pingpong_sendrecv(comm, x, iters))
+            comm.barrier()
+            times["put+signal"].append(pingpong_put(win, comm, x, iters))
+        win.close()
+        out.append({"bytes": x.nbytes, "link": kind, "comm": comm.transport_name, "iters": iters,
+                    "rounds": args.rounds, "us": {k: [v * 1e6 for v in vs] for k, vs in times.items()}})
+    if comm.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+    comm.close()
+
+
+def fmt(vs):
+    return f"{statistics.median(vs):.1f} ({min(vs):.1f}-{max(vs):.1f})"
+
+
+def driver(args):
+    rows = []
+    for name in args.configs:
+        env = {**os.environ, **CONFIGS[name]}
+        cmd = [sys.executable, "-m", "pyccl.launch", "-n", "2", os.path.abspath(__file__), "--rank-side",
+               "--sizes", ",".join(map(str, args.sizes)), "--iters", str(args.iters), "--rounds", str(args.rounds)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if r.returncode or line is None:
+            sys.exit(f"{name}: {' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+        for res in json.loads(line[7:]):
+            rows.append({"config": name, **res})
+    print("| config | bytes | window link | send/recv µs one-way | put+signal µs one-way | put/sendrecv |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        s, p = row["us"]["send/recv"], row["us"]["put+signal"]
+        print(f"| {row['config']} (comm {row['comm']}) | {row['bytes']} | {row['link']} | {fmt(s)} | {fmt(p)} | "
+              f"{statistics.median(p) / statistics.median(s):.2f} |")
+    print(f"\nmedian over {args.rounds} rounds (min-max), {args.iters} round trips per round (1/20 of it "
+          f"above 64 KiB), methods alternating each round; 2 ranks on one host")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS))
+    ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[8, 1 << 20])
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json")
+    ap.add_argument("--rank-side", action="store_true")
+    args = ap.parse_args()
+    rank_side(args) if args.rank_side else driver(args)
+
+
+if __name__ == "__main__":
+    main()
