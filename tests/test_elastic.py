@@ -252,3 +252,47 @@ def test_launcher_elastic_gives_up_after_max_restarts(tmp_path):
                         str(prog)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 3, r.stderr
     assert r.stderr.count("starting a replacement") == 2 and "rank 0 failed (exit code 3)" in r.stderr
+
+
+TORCH = """
+import signal, torch, torch.distributed as dist
+from pyccl.torch_backend.elastic import elastic_group, grow_group, shrink_group
+if os.environ.get("PYCCL_JOIN") != "1":
+    dist.init_process_group("gloo")           # torch's default group: never destroyed below
+pg = elastic_group()
+if os.environ.get("PYCCL_JOIN") != "1":
+    t = torch.ones(8)
+    dist.all_reduce(t, group=pg)
+    if pg.rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for i in range(50):
+            dist.all_reduce(t, group=pg)
+        raise SystemExit("no error after the peer died")
+    except Exception:                         # torch hands pyccl's PeerFailure on as it is
+        pass
+    small = shrink_group(pg)
+    pg.abort()
+    pg = grow_group(small, 1)
+    small.shutdown()
+t = torch.full((5,), float(pg.rank() + 1))
+dist.all_reduce(t, group=pg)
+b = torch.full((3,), float(pg.rank()))
+dist.broadcast(b, group_src=2, group=pg)
+default = dist.get_world_size() if dist.is_initialized() else None
+say("TORCH", pg.rank(), pg.size(), t[0].item(), b[0].item(), default)
+pg.shutdown()
+"""
+
+
+def test_torch_group_shrinks_and_grows(tmp_path):
+    """A "pyccl" group over 3 ranks loses rank 1, shrinks, grows to the replacement; the
+    default (gloo) group still stands on the survivors."""
+    pytest.importorskip("torch")
+    prog = tmp_path / "prog.py"
+    prog.write_text(HEAD + textwrap.dedent(TORCH))
+    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "3", str(prog)],
+                       capture_output=True, text=True, timeout=55,
+                       env={**os.environ, "PYCCL_TIMEOUT": "15"})
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("TORCH"))
+    assert lines == ["TORCH 0 3 6.0 2.0 3", "TORCH 1 3 6.0 2.0 3", "TORCH 2 3 6.0 2.0 None"], r.stdout + r.stderr

@@ -28,6 +28,10 @@ DEFAULT_TIMEOUT_S = 1800.0          # torch's default for non-NCCL backends (30 
 P2P_TRANSPORT = "tcp"
 
 
+def p2p_transport() -> str:
+    return settings.get("PYCCL_TORCH_P2P_TRANSPORT") or P2P_TRANSPORT
+
+
 # ---- the store ------------------------------------------------------------------------------------
 def _store_host(store):
     """Host of the TCPStore under a chain of torch PrefixStores, if any (to pick the NIC)."""
@@ -58,7 +62,9 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
     supports_coalescing = False
     supports_time_estimate = False
 
-    def __init__(self, store, rank, size, timeout=None):
+    def __init__(self, store, rank, size, timeout=None, *, comms=None):
+        """`comms`: (collectives, point-to-point) Communicators already made (an elastic group,
+        torch_backend/elastic.py); `store` is then None."""
         super().__init__(rank, size)
         from ..communicator import Communicator
         self._rank, self._size = int(rank), int(size)
@@ -66,11 +72,13 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         self._group_name = ""
         self._group_desc = ""
         self._torch_store = store
-        base = _adapter(dist.PrefixStore("pyccl/", store), self._timeout)
-        self._store = base
-        self._comm = Communicator(self._rank, self._size, store=PrefixStore(base, "coll"), timeout=self._timeout)
-        self._p2p_comm = Communicator(self._rank, self._size, store=PrefixStore(base, "p2p"), timeout=self._timeout,
-                                      transport=settings.get("PYCCL_TORCH_P2P_TRANSPORT") or P2P_TRANSPORT)
+        if comms is not None:
+            self._comm, self._p2p_comm = comms
+        else:
+            base = _adapter(dist.PrefixStore("pyccl/", store), self._timeout)
+            self._comm = Communicator(self._rank, self._size, store=PrefixStore(base, "coll"), timeout=self._timeout)
+            self._p2p_comm = Communicator(self._rank, self._size, store=PrefixStore(base, "p2p"),
+                                          timeout=self._timeout, transport=p2p_transport())
         self._p2p = _P2PEngine(self._p2p_comm, self._rank, self._timeout, f"pyccl r{self._rank}/{self._size}")
         self._q = self._comm.queue    # the one order of this group's collectives (ccl/queue.py)
         self._seq = 0                 # numbers point-to-point calls in their names
