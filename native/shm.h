@@ -28,6 +28,7 @@
 #define PYCCL_SHM_OUT_OF_STEP 5    /* ring: message numbers disagree */
 #define PYCCL_SHM_CALL_MISMATCH 8  /* ring: the message belongs to a different call (callsig) */
 #define PYCCL_SHM_ABORTED 7        /* this rank aborted the communicator (pyccl_coll_abort) */
+#define PYCCL_SHM_CMA_FAILED 9     /* reading a peer's buffer failed (err_cause: the errno) */
 
 /* ---- segments ------------------------------------------------------------------------- */
 
@@ -60,6 +61,11 @@ typedef struct pyccl_coll {
     int err_cause;                 /* PEER_ABORT: the code the aborting rank failed with */
     uint64_t err_peer_bytes;       /* SIZE_MISMATCH: the peer's call (see sig_*) */
     uint32_t err_peer_what;
+    /* single-copy collectives (shm_cma.c): calls of at least cma_bytes per rank read the peers'
+     * buffers in place (0: off); when the probe found cross-memory attach refused, cma_errno is
+     * the errno rank cma_rank got reading rank cma_peer */
+    uint64_t cma_bytes;
+    int cma_errno, cma_rank, cma_peer;
     /* private */
     char *base;
     size_t size;
@@ -87,6 +93,8 @@ typedef struct pyccl_coll {
     int kind_cls;        /* class of the call in progress, -1: not timed */
     int aborted_here;    /* set by pyccl_coll_abort (any thread): this rank's waits end */
     uint64_t kind_t0;
+    char *cma_tmp;       /* single-copy reductions: peers' blocks and the result (malloc'ed) */
+    uint64_t cma_probe;  /* a word of this process the peers read in pyccl_coll_cma_probe */
 } pyccl_coll;
 
 #define PYCCL_COLL_ENABLED 1u
@@ -149,6 +157,16 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out, const void *in, size_t nbyte
 int pyccl_coll_broadcast(pyccl_coll *c, void *buf, size_t nbytes, int root, double timeout);
 int pyccl_coll_all_to_all(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
 int pyccl_coll_barrier(pyccl_coll *c, double timeout);
+
+/* Single-copy collectives (shm_cma.c).  Every rank calls this once after attaching: each
+ * reads a word of every peer with process_vm_readv (Linux cross-memory attach), then all
+ * agree.  Where every read worked, all_reduce (root < 0), reduce_scatter, all_gather and
+ * broadcast of at least rank 0's min_bytes per rank (0: never) read the peers' user buffers
+ * in place, so each byte crosses memory once instead of through the segment; else cma_bytes
+ * stays 0 and cma_errno/cma_rank/cma_peer say why.  Returns 0 or a wait's code. */
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, double timeout);
+/* The kernel's copy alone: n bytes of process pid at src into dst; 0 or errno (benchmarks). */
+int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n);
 
 /* ---- slot rings (transport) ------------------------------------------------------------ */
 

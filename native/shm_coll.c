@@ -119,7 +119,11 @@ void pyccl_coll_tune(pyccl_coll *c, uint64_t move_bytes, uint64_t nt_bytes) {
 }
 
 int pyccl_coll_attached(pyccl_coll *c) { return (int)LOAD_ACQ(&HDR(c)->attached); }
-void pyccl_coll_free(pyccl_coll *c) { free(c); }
+void pyccl_coll_free(pyccl_coll *c) {
+    if (c)
+        free(c->cma_tmp);
+    free(c);
+}
 uint64_t pyccl_coll_counter(pyccl_coll *c, int r) { return LOAD_ACQ(&LINE_OF(c, r)->cnt); }
 int pyccl_coll_pid(pyccl_coll *c, int r) { return LINE_OF(c, r)->pid; }
 
@@ -139,7 +143,7 @@ void pyccl_coll_abort(pyccl_coll *c) {
     abort_with(c, 0);
 }
 
-static int fail(pyccl_coll *c, int code, int r, uint64_t target) {
+int fail(pyccl_coll *c, int code, int r, uint64_t target) {
     c->err_code = code;
     c->err_rank = r;
     c->err_target = target;

@@ -43,10 +43,6 @@ static uint64_t ticks(void) {
 }
 #endif
 
-static char *half_of(pyccl_coll *c, int r, uint64_t g) {
-    return c->base + HDR(c)->data_off + (2 * (size_t)r + (size_t)(g & 1)) * c->half_bytes;
-}
-
 /* This rank's own block of an all_gather/all_to_all output: streamed like the peers' blocks
  * (nt) unless it overlaps the input (then memmove).  Measured, all_to_all 16 MiB on 2 ranks,
  * runs alternated: 1484-1625 us streamed against 1616-1738 us with memmove. */
@@ -57,36 +53,6 @@ static void move_own(char *dst, const char *src, size_t n, int nt) {
         copy_out(dst, src, n, nt);
     else
         memmove(dst, src, n);
-}
-
-/* Wait until every peer's counter >= target. */
-static int wait_all(pyccl_coll *c, uint64_t target) {
-    if (c->seen >= target)
-        return 0;
-    for (int i = 1; i < c->nranks; i++) {
-        int rc = wait_one(c, (c->rank + i) % c->nranks, target);
-        if (rc)
-            return rc;
-    }
-    c->seen = target;
-    return 0;
-}
-
-/* Start a step in which this rank writes: its half (g & 1) must be free (every peer has
- * finished reading step g - 2, i.e. reached g - 1).  Returns the step number. */
-static int begin_write(pyccl_coll *c, uint64_t *g) {
-    *g = c->g + 1;
-    return wait_all(c, *g - 1);
-}
-
-static void publish(pyccl_coll *c, uint64_t g) {
-    rank_line *me = LINE_OF(c, c->rank);
-    c->g = g;
-    me->cpu = sched_getcpu();
-    STORE_REL(&me->cnt, g);
-    __atomic_store_n(&me->wake, (uint32_t)g, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&me->waiters, __ATOMIC_SEQ_CST))
-        futex_wake_all(&me->wake);
 }
 
 /* A kind's cost in a class: the least of its last KIND_KEEP call times (0: none yet).  The
@@ -175,33 +141,16 @@ static int op_end(pyccl_coll *c, int rc) {
     return rc;
 }
 
-#define TRY(x)                  \
-    do {                        \
-        int rc_ = (x);          \
-        if (rc_)                \
-            return rc_;         \
-    } while (0)
-
-/* dst = src[0] (op) src[1] (op) ... (op) src[n-1], left to right: the one reduction order every
- * path uses, so every rank gets the same bits (ccl/shm_collectives.py: reduce_in_order is
- * the numpy twin).  dst may alias any src only if it is src[0]. */
-static void reduce_in_order(void *dst, const void *const *src, int n, size_t count, int dtype,
-                            int op) {
-    if (op >= PYCCL_SUM_WIDE) { /* reproducible mode: one wide pass, rank order, one rounding */
-        pyccl_sum_ptrs(dst, src, (size_t)n, count, dtype, op == PYCCL_AVG_WIDE ? n : 1);
-        return;
-    }
-    if (n == 1) {
-        if (dst != src[0])
-            memcpy(dst, src[0], count * itemsize(dtype));
-        return;
-    }
-    pyccl_reduce(dst, src[0], src[1], count, dtype, op);
-    for (int r = 2; r < n; r++)
-        pyccl_reduce(dst, dst, src[r], count, dtype, op);
+/* Single copy (shm_cma.c) for a call of `bytes` per rank?  The same answer on every rank (the
+ * threshold was agreed by pyccl_coll_cma_probe).  Such a call writes no shared area, so it is
+ * not timed for the choice of stores. */
+static int single_copy(pyccl_coll *c, uint64_t bytes) {
+    if (!c->cma_bytes || bytes < c->cma_bytes)
+        return 0;
+    c->kind_cls = -1;
+    call_kind = 0;
+    return 1;
 }
-
-#define MAX_LOCAL_SRC 1024
 
 /* ---- all_reduce / reduce --------------------------------------------------------------- */
 
@@ -304,6 +253,8 @@ static int coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t coun
         return 0;
     if (count * itemsize(dtype) <= c->small_bytes)
         return all_reduce_one_shot(c, out, in, count, dtype, op, root);
+    if (root < 0 && single_copy(c, count * itemsize(dtype)))
+        return cma_all_reduce(c, out, in, count, dtype, op);
     return all_reduce_pipelined(c, out, in, count, dtype, op, root);
 }
 
@@ -318,6 +269,8 @@ static int coll_reduce_scatter(pyccl_coll *c, void *out_, const void *in_, size_
         return 0;
     char *out = out_;
     const char *in = in_;
+    if (single_copy(c, count * itemsize(dtype)))
+        return cma_reduce_scatter(c, out, in, count, dtype, op);
     const size_t item = itemsize(dtype);
     size_t slice = c->half_bytes / ((size_t)P * item);
     /* out overlapping in (e.g. out = in's own block): reduce my block from a copy, because
@@ -350,6 +303,8 @@ static int coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nb
     const int P = c->nranks, me = c->rank;
     char *out = out_;
     const char *in = in_;
+    if (nbytes && single_copy(c, nbytes))
+        return cma_all_gather(c, out, in, nbytes);
     const int nt = (size_t)P * nbytes >= c->nt_bytes;
     for (size_t k = 0; k < nbytes; k += c->move_bytes) {
         const size_t L = min_sz(c->move_bytes, nbytes - k);
@@ -372,6 +327,8 @@ static int coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nb
 static int coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_BROADCAST, -1, -1, nbytes, root));
     char *buf = buf_;
+    if (nbytes && single_copy(c, nbytes))
+        return cma_broadcast(c, buf, nbytes, root);
     const int nt = 0; /* measured: plain stores win here (the reader's copy is the bottleneck) */
     for (size_t k = 0; k < nbytes; k += c->move_bytes) {
         const size_t L = min_sz(c->move_bytes, nbytes - k);

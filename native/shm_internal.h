@@ -152,5 +152,81 @@ typedef char rank_line_fits_a_line[sizeof(rank_line) <= LINE ? 1 : -1];
 /* Defined in shm_coll.c, used by shm_coll_ops.c too. */
 SHM_HIDDEN int wait_one(pyccl_coll *c, int r, uint64_t target);
 SHM_HIDDEN int aborted(pyccl_coll *c, uint32_t ab, uint64_t target);
+/* Record a failure (err_* fields), mark the segment failed; returns code. */
+SHM_HIDDEN int fail(pyccl_coll *c, int code, int r, uint64_t target);
+
+/* Single-copy collectives (shm_cma.c), called by shm_coll_ops.c after op_begin when the call
+ * is at least c->cma_bytes per rank. */
+SHM_HIDDEN int cma_all_reduce(pyccl_coll *c, char *out, const char *in, size_t count, int dtype, int op);
+SHM_HIDDEN int cma_reduce_scatter(pyccl_coll *c, char *out, const char *in, size_t count, int dtype, int op);
+SHM_HIDDEN int cma_all_gather(pyccl_coll *c, char *out, const char *in, size_t nbytes);
+SHM_HIDDEN int cma_broadcast(pyccl_coll *c, char *buf, size_t nbytes, int root);
+
+
+/* ---- the step protocol's helpers (shm_coll.c explains it), used by shm_coll_ops.c and
+ * shm_cma.c: static here so each file inlines them on its hot path ------------------------ */
+#include <sched.h>
+
+static SHM_UNUSED char *half_of(pyccl_coll *c, int r, uint64_t g) {
+    return c->base + HDR(c)->data_off + (2 * (size_t)r + (size_t)(g & 1)) * c->half_bytes;
+}
+
+/* Wait until every peer's counter >= target. */
+static SHM_UNUSED int wait_all(pyccl_coll *c, uint64_t target) {
+    if (c->seen >= target)
+        return 0;
+    for (int i = 1; i < c->nranks; i++) {
+        int rc = wait_one(c, (c->rank + i) % c->nranks, target);
+        if (rc)
+            return rc;
+    }
+    c->seen = target;
+    return 0;
+}
+
+/* Start a step in which this rank writes: its half (g & 1) must be free (every peer has
+ * finished reading step g - 2, i.e. reached g - 1).  Returns the step number. */
+static SHM_UNUSED int begin_write(pyccl_coll *c, uint64_t *g) {
+    *g = c->g + 1;
+    return wait_all(c, *g - 1);
+}
+
+static SHM_UNUSED void publish(pyccl_coll *c, uint64_t g) {
+    rank_line *me = LINE_OF(c, c->rank);
+    c->g = g;
+    me->cpu = sched_getcpu();
+    STORE_REL(&me->cnt, g);
+    __atomic_store_n(&me->wake, (uint32_t)g, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&me->waiters, __ATOMIC_SEQ_CST))
+        futex_wake_all(&me->wake);
+}
+
+#define TRY(x)                  \
+    do {                        \
+        int rc_ = (x);          \
+        if (rc_)                \
+            return rc_;         \
+    } while (0)
+
+/* dst = src[0] (op) src[1] (op) ... (op) src[n-1], left to right: the one reduction order every
+ * path uses, so every rank gets the same bits (ccl/shm_collectives.py: reduce_in_order is
+ * the numpy twin).  dst may alias any src only if it is src[0]. */
+static SHM_UNUSED void reduce_in_order(void *dst, const void *const *src, int n, size_t count, int dtype,
+                            int op) {
+    if (op >= PYCCL_SUM_WIDE) { /* reproducible mode: one wide pass, rank order, one rounding */
+        pyccl_sum_ptrs(dst, src, (size_t)n, count, dtype, op == PYCCL_AVG_WIDE ? n : 1);
+        return;
+    }
+    if (n == 1) {
+        if (dst != src[0])
+            memcpy(dst, src[0], count * itemsize(dtype));
+        return;
+    }
+    pyccl_reduce(dst, src[0], src[1], count, dtype, op);
+    for (int r = 2; r < n; r++)
+        pyccl_reduce(dst, dst, src[r], count, dtype, op);
+}
+
+#define MAX_LOCAL_SRC 1024
 
 #endif

@@ -10,7 +10,9 @@ from reference import OPS, make, mismatch, reduce_cases, reduce_ref
 
 SIZES = [0, 1, 7, 1031]
 RANKS = [2, 3, 4]
-SETTINGS = {"default": {}, "tiny-chunks": {"PYCCL_CHUNK_BYTES": "64", "PYCCL_TCP_STRIPE_MIN": "32"}}
+SETTINGS = {"default": {}, "tiny-chunks": {"PYCCL_CHUNK_BYTES": "64", "PYCCL_TCP_STRIPE_MIN": "32"},
+            # one host: the single-copy collectives (native/shm_cma.c, off by default) from 64 B
+            "single-copy": {"PYCCL_SHM_CMA_BYTES": "64", "PYCCL_SHM_SMALL_BYTES": "64"}}
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,6 +13,18 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
 - reduce_scatter, all_gather, broadcast, all_to_all: every rank writes its part once, every
   reader copies it out once, step by step, double-buffered.
 - barrier: one handshake.
+- all_reduce, reduce_scatter, all_gather, broadcast of at least ``PYCCL_SHM_CMA_BYTES`` per
+  rank (default 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
+  segment and read each other's buffers in place with Linux cross-memory attach
+  (process_vm_readv), so a byte crosses memory once, not into the segment and out again.
+  all_reduce is a reduce-scatter (rank r reduces slice r from every peer's input) and an
+  all-gather (rank r reads slice q of peer q's output), three handshakes in all.  A probe at
+  set-up reads a word of every peer; where the kernel refuses (ptrace restrictions, other
+  pid namespaces) every rank keeps to the segment path and PYCCL_DEBUG=INFO says why.
+  Off by default because it lost everywhere it was measured (bench/JOURNAL.md, 2026-12-07,
+  issue 33): the kernel's copy ran at 6-13 GB/s against memcpy's 11-45 GB/s on the 2-core VM
+  (32 MiB L3), and CMA copies too, so all_reduce keeps two copies and a reduction per rank
+  either way; 2 and 4 ranks, 1-128 MiB, every op 1.0-1.8x slower than the segment path.
 Reductions always run in rank order (in_0 op in_1 op ...), so every rank gets the same bits,
 and they equal :func:`reduce_in_order`, the numpy twin the tests compare against.
 
@@ -74,6 +86,8 @@ _TIMEOUT, _PEER_DEAD, _PEER_ABORT, _SIZE_MISMATCH, _ABORTED = 1, 2, 3, 4, 7   # 
 DEFAULT_SMALL_BYTES = 64 << 10
 DEFAULT_CHUNK_BYTES = 512 << 10
 DEFAULT_NT_BYTES = 8 << 20
+DEFAULT_CMA_BYTES = 0   # off: see the module docstring
+_CMA_FAILED = 9                                   # native/shm.h
 _ENABLED = 1
 _from_buffer = ffi.from_buffer
 
@@ -142,6 +156,31 @@ def reduce_in_order(inputs, op):
     return out
 
 
+def single_copy_slices(count: int, nranks: int) -> list:
+    """The element ranges [lo, hi) each rank reduces in a single-copy all_reduce (shm_cma.c)."""
+    return [(count * q // nranks, count * (q + 1) // nranks) for q in range(nranks)]
+
+
+def single_copy_twin(inputs, op):
+    """numpy twin of cma_all_reduce: every rank's slice reduced in rank order, concatenated."""
+    n, P = inputs[0].size, len(inputs)
+    parts = [reduce_in_order([x[lo:hi] for x in inputs], op) for lo, hi in single_copy_slices(n, P)]
+    return np.concatenate(parts) if parts else inputs[0].copy()
+
+
+def _cma_why(errno_code) -> str:
+    """Why the kernel refused cross-memory attach, for the INFO line."""
+    import errno
+    if errno_code == errno.EPERM:
+        return ("EPERM: ptrace access refused (kernel.yama.ptrace_scope >= 1 between sibling processes, "
+                "a container without CAP_SYS_PTRACE, or a non-dumpable process)")
+    if errno_code == errno.ESRCH:
+        return "ESRCH: the peer runs in another pid namespace"
+    if errno_code == errno.ENOSYS:
+        return "ENOSYS: the kernel has no process_vm_readv"
+    return f"{errno.errorcode.get(errno_code, errno_code)}: {os.strerror(errno_code)}"
+
+
 class ShmCollectives:
     """The shared-memory collectives of one communicator (every rank on this host)."""
 
@@ -154,6 +193,7 @@ class ShmCollectives:
         self._c = None
         self._seg = None
         self.enabled = False
+        self.single_copy_bytes = 0
         clean_leftovers()
         name = self._create_or_lookup(store)
         if not name:
@@ -195,10 +235,31 @@ class ShmCollectives:
             return
         self.enabled = True
         c = self._c
+        self._probe_single_copy(tag, rank)
         stream = settings.get("PYCCL_SHM_STREAM")
         lib.pyccl_share_force({"0": 0, "1": 1}.get(stream, -1))
         log.info("%s rank %d: shm collectives on (half %d B, part %d B, one-shot <= %d B)",
                  tag, rank, c.half_bytes, c.part_bytes, c.small_bytes)
+
+    def _probe_single_copy(self, tag, rank):
+        """Collective: may every rank read every peer's memory (pyccl_coll_cma_probe)?  Rank 0's
+        PYCCL_SHM_CMA_BYTES is the threshold on every rank."""
+        c = self._c
+        rc = lib.pyccl_coll_cma_probe(c, _env_bytes("PYCCL_SHM_CMA_BYTES", DEFAULT_CMA_BYTES), self.timeout)
+        if rc:
+            self.enabled = False
+            try:
+                self._fail(rc, f"{tag}: set-up", "single-copy probe")
+            finally:
+                self.close()
+        self.single_copy_bytes = int(c.cma_bytes)
+        if c.cma_errno:
+            log.info("%s rank %d: single-copy collectives off, large messages go through the segment: rank %d "
+                     "cannot read rank %d's memory with process_vm_readv (%s)", tag, rank, self.ranks[c.cma_rank],
+                     self.ranks[c.cma_peer] if c.cma_peer >= 0 else -1, _cma_why(c.cma_errno))
+        elif self.single_copy_bytes:
+            log.info("%s rank %d: single-copy collectives (cross-memory attach) from %d B per rank", tag, rank,
+                     self.single_copy_bytes)
 
     def _create_or_lookup(self, store) -> str:
         """Rank 0 makes and formats the segment and publishes its name ('' = path off)."""
@@ -243,12 +304,16 @@ class ShmCollectives:
         if rc == _PEER_DEAD:
             raise PeerFailure(f"{what}: {name[r]} (pid {lib.pyccl_coll_pid(c, r)}) died; {me} "
                               f"was waiting for it in {where}")
+        if rc == _CMA_FAILED:
+            raise TransportError(f"{what}: {me} could not read {name[r]}'s buffer in {where} "
+                                 f"(process_vm_readv: {os.strerror(c.err_cause)})")
         if rc == _SIZE_MISMATCH:
             raise TransportError(f"{what}: " + _mismatch(g[r], c.err_peer_what, c.err_peer_bytes, c.sig_what,
                                                          c.sig_bytes))
         if rc == _PEER_ABORT:
             why = {_SIZE_MISMATCH: "found a call mismatch between the ranks' calls",
-                   _TIMEOUT: "timed out", _PEER_DEAD: "saw a rank die"}.get(c.err_cause, "failed")
+                   _TIMEOUT: "timed out", _PEER_DEAD: "saw a rank die",
+                   _CMA_FAILED: "could not read a peer's buffer"}.get(c.err_cause, "failed")
             cls = TransportError if c.err_cause == _SIZE_MISMATCH else PeerFailure
             raise cls(f"{what}: {name[r]} {why} and gave up the shared-memory collectives of "
                       f"{self.tag}; {me} was in {where}")

@@ -1,0 +1,163 @@
+"""Single-copy collectives on one host (native/shm_cma.c): ranks read each other's buffers with
+process_vm_readv.  Off by default (PYCCL_SHM_CMA_BYTES=0), so these tests turn it on with a
+tiny threshold and run test_shm.py's bit-for-bit fast-path checks through it (sizes on both
+sides of the threshold), compare the C results with the numpy twin, and make the kernel refuse
+(a non-dumpable rank, CAP_SYS_PTRACE dropped) to see every rank fall back, say why at INFO, and
+a refusal in the middle of a call raise an error instead of a hang or wrong bytes.
+"""
+import ctypes
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from pyccl.dtypes import ReduceOp
+from pyccl.errors import PeerFailure, TransportError
+from reference import make
+from ranks import RankGroup
+
+shm = pytest.importorskip("pyccl.transports.shm")
+if not shm.NATIVE_SHM:
+    pytest.skip("pyccl._native is not built with shared memory (pip install -e .)", allow_module_level=True)
+from pyccl.engines.shm import reduce_in_order, single_copy_slices, single_copy_twin  # noqa: E402
+from pyccl.transports.shm import ffi, lib  # noqa: E402
+from test_shm import (FAST, FAST_SIZES, _bits, _thread_all_reduce, rank_fast_all_reduce,  # noqa: E402
+                      rank_fast_data_movement, rank_fast_reduce_scatter, run_threads)
+
+pytestmark = pytest.mark.timeout(300)
+
+RANKS = [2, 3, 4]
+#: test_shm's small thresholds, and single copy from 4 KiB per rank: both paths in every run
+CMA = {**FAST, "PYCCL_SHM_CMA_BYTES": "4096"}
+
+
+def test_twin_equals_rank_order():
+    """The slices change nothing elementwise: the twin is reduce_in_order, bit for bit."""
+    for P in (2, 3, 4, 5):
+        for n in (0, 1, 2, 7, 1031):
+            ins = [make(q, n, "float32", "sum") for q in range(P)]
+            assert np.array_equal(_bits(single_copy_twin(ins, "sum")), _bits(reduce_in_order(ins, "sum")))
+            s = single_copy_slices(n, P)
+            assert s[0][0] == 0 and s[-1][1] == n and all(a[1] == b[0] for a, b in zip(s, s[1:]))
+
+
+def test_cma_read_is_a_copy():
+    """pyccl_cma_read of this process's own memory: the bytes numpy holds."""
+    src = np.arange(100003, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    assert lib.pyccl_cma_read(os.getpid(), ffi.from_buffer(dst), ffi.cast("uint64_t", ffi.from_buffer(src)),
+                              src.nbytes) == 0
+    assert np.array_equal(dst, src)
+
+
+def _cma_all_reduce(coll):
+    assert coll.single_copy_bytes == 4096, coll.single_copy_bytes
+    bad = _thread_all_reduce(coll)
+    P, r = coll.size, coll.rank
+    ins = [make(q, 40009, "float32", "sum") for q in range(P)]
+    x = ins[r].copy()
+    coll.all_reduce(x, ReduceOp("sum"), "t")
+    if not np.array_equal(_bits(x), _bits(single_copy_twin(ins, "sum"))):
+        bad.append("float32 sum n=40009: not single_copy_twin's bits")
+    return bad
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_threads_single_copy_bitwise(size):
+    """Ranks as threads of one process (process_vm_readv of its own pid)."""
+    res = run_threads(size, _cma_all_reduce, env={k: v for k, v in CMA.items() if k != "PYCCL_TRANSPORT"})
+    assert not any(res), res
+
+
+def rank_single_copy_on(comm):
+    return comm.local.single_copy_bytes
+
+
+@pytest.mark.parametrize("nranks", RANKS)
+@pytest.mark.parametrize("check", ["all_reduce", "reduce_scatter", "data_movement"])
+def test_single_copy_fast_paths(groups, nranks, check):
+    g = groups(nranks, env=CMA, transport="shm")
+    assert g.run(rank_single_copy_on) == [4096] * nranks, "single copy did not turn on"
+    fn = {"all_reduce": rank_fast_all_reduce, "reduce_scatter": rank_fast_reduce_scatter,
+          "data_movement": rank_fast_data_movement}[check]
+    sizes = FAST_SIZES if check == "all_reduce" else [0, 1, 7, 257, 1031, 9973]
+    failures = [f for bad in g.run(fn, sizes) for f in bad]
+    assert not failures, failures[:20]
+
+
+# ==== the kernel refuses ==========================================================================
+CAP_SYS_PTRACE = 19
+
+
+def _refuse_ptrace(rank):
+    """Make the kernel refuse process_vm_readv of rank 1 (for real): rank 1 becomes non-dumpable,
+    and every rank drops CAP_SYS_PTRACE from its effective set (root keeps it otherwise)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    hdr, data = Header(0x20080522, 0), (Data * 2)()
+    if libc.capget(ctypes.byref(hdr), data) == 0:
+        data[0].effective &= ~(1 << CAP_SYS_PTRACE)
+        libc.capset(ctypes.byref(hdr), data)
+    if rank == 1:
+        libc.prctl(4, 0, 0, 0, 0)            # PR_SET_DUMPABLE, 0
+
+
+def rank_refused(comm):
+    """After the refusal: a new communicator falls back (and says why); the old one, which
+    probed before, fails its next single-copy call with an error naming process_vm_readv."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("pyccl")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        _refuse_ptrace(comm.rank)
+        comm.barrier()
+        sub = comm.split(0, comm.rank)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    bad, P, r = [], sub.size, sub.rank
+    if sub.local.single_copy_bytes != 0:
+        bad.append(f"single copy still on: {sub.local.single_copy_bytes}")
+    why = [rec.getMessage() for rec in records if "single-copy collectives off" in rec.getMessage()]
+    if not why or "EPERM" not in why[0] or "rank 0 cannot read rank 1" not in why[0]:
+        bad.append(f"no INFO line saying why: {[rec.getMessage() for rec in records]}")
+    for n in (5003, 40009):                                 # above the threshold: the segment path
+        ins = [make(q, n, "float32", "sum") for q in range(P)]
+        x = ins[r].copy()
+        sub.all_reduce(x)
+        if not np.array_equal(_bits(x), _bits(reduce_in_order(ins, "sum"))):
+            bad.append(f"fallback all_reduce n={n}")
+        out = np.zeros(n * P, np.float32)
+        sub.all_gather(out, ins[r])
+        if not np.array_equal(out, np.concatenate(ins)):
+            bad.append(f"fallback all_gather n={n}")
+    sub.close()
+    try:
+        comm.all_reduce(np.ones(40009, np.float32))
+        bad.append("the refused read went unnoticed")
+    except (TransportError, PeerFailure) as e:
+        if r == 0 and "process_vm_readv" not in str(e):
+            bad.append(f"rank 0's error does not name process_vm_readv: {e}")
+    return bad
+
+
+def test_refused_cross_memory_attach_falls_back():
+    g = RankGroup(3, env={**CMA, "PYCCL_TIMEOUT": "30"}, transport="shm")
+    try:
+        assert g.run(rank_single_copy_on) == [4096] * 3
+        failures = [f for bad in g.run(rank_refused) for f in bad]
+    finally:
+        g.close()
+    assert not failures, failures
