@@ -14,7 +14,7 @@ import pytest
 
 from pyccl.store import StoreServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60)          # each test; the module runs in ~45 s
 
 HEAD = """
 import os, sys, time, numpy as np, pyccl
@@ -296,3 +296,15 @@ def test_torch_group_shrinks_and_grows(tmp_path):
                        env={**os.environ, "PYCCL_TIMEOUT": "15"})
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("TORCH"))
     assert lines == ["TORCH 0 3 6.0 2.0 3", "TORCH 1 3 6.0 2.0 3", "TORCH 2 3 6.0 2.0 None"], r.stdout + r.stderr
+
+
+def test_example_elastic_train_matches(tmp_path):
+    """examples/elastic_train.py: rank 2 of 4 dies at step 5, the replacement joins, MATCH."""
+    pytest.importorskip("torch")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "4",
+                        os.path.join(root, "examples", "elastic_train.py"), "--kill-rank", "2", "--kill-step", "5",
+                        "--check", "--steps", "8"], capture_output=True, text=True, timeout=55,
+                       env={**os.environ, "PYCCL_TIMEOUT": "20"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "joined as rank 3 of 4 at step 5" in r.stdout and r.stdout.strip().endswith("MATCH"), r.stdout + r.stderr
