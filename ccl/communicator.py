@@ -27,6 +27,7 @@ from .engines.cuda import CudaEngine
 from .engines.executor import Executor
 from .engines.flat import FlatEngine
 from .engines.reproducible import Reproducible, ReproducibleCuda
+from .engines.proxy import ProxyEngine
 from .engines.staged import StagedEngine
 from .errors import InvalidArgument, PeerFailure, Timeout
 from .process import pid_alive
@@ -168,7 +169,7 @@ class Communicator:
         composed = Hierarchy(res, algo)
         engines = None                         # ReproducibleCuda chooses its parts' engines here
         listed = [Reproducible(res, shm, flat), ReproducibleCuda(res, lambda call: engines.choose(call)),
-                  CudaEngine(res), StagedEngine(res, flat, composed), shm, composed, flat]
+                  CudaEngine(res), ProxyEngine(res, flat), StagedEngine(res, flat, composed), shm, composed, flat]
         engines = Engines([e for e in listed if e is not None])
         return engines
 
@@ -192,7 +193,7 @@ class Communicator:
     def cuda(self):
         """The state of the GPU engine in use (the CUDA IPC engine on one host, the staging
         across hosts), made by the first call on CUDA buffers; None before."""
-        for name in ("cuda", "staged"):
+        for name in ("cuda", "proxy", "staged"):
             e = self.engines.by_name.get(name)
             if e is not None and e.state is not None:
                 return e.state

@@ -12,11 +12,15 @@ synchronous call made while a call runs on the same thread, or from the progress
 future callback run as a call ends), runs at once inside that turn, since queueing it would
 wait for itself. The locks are re-entrant for that reason alone.
 """
+import contextlib
 import queue
 import threading
 
 from .engines.base import Enqueued
 from .errors import PeerFailure, PycclError, Timeout
+
+
+_NO_LOCK = contextlib.nullcontext()
 
 
 class LocalFailure(Exception):
@@ -81,6 +85,7 @@ class CallQueue:
         self.check = check
         self.seq = 0
         self.inflight = 0
+        self.detached = 0             # queued host parts of calls already on the device (see run)
         self.broken = None            # the reason, once a call failed
         self.closed = False
         self._lock = threading.RLock()          # serialises execution (re-entrant: calls in a call)
@@ -120,16 +125,20 @@ class CallQueue:
             # handing it to the progress thread; the caller's stream is not made to wait
             done = self.run(call.op, lambda what: engine.run(call, what), False, call.sig, call)
             return engine.finish(call, Enqueued(done, call.op))
-        return engine.finish(call, self.run(call.op, lambda what: engine.run(call, what), call.async_op,
-                                            call.sig, call))
+        detached = engine.host_async        # the device work is queued already; the host part follows
+        return engine.finish(call, self.run(call.op, lambda what: engine.run(call, what),
+                                            call.async_op or detached, call.sig, call, detached=detached))
 
-    def run(self, op: str, fn, async_op: bool, sig=None, call=None, on_end=None, counted=True):
+    def run(self, op: str, fn, async_op: bool, sig=None, call=None, on_end=None, counted=True, detached=False,
+            beside=False):
         """Run `fn(what)` in call order; sig (dtype, count, root, redop) feeds the flight
         recorder and, with `call`, PYCCL_CHECK; on_end goes to the Work (see Work), made when
         the call is queued (async_op, or behind others). counted=False: a wrapper around calls
         that count themselves (the torch backend's bodies): no sequence number, no recorder
         entry, so every rank numbers the same calls whichever path (wrapper or CUDA fast lane)
-        it takes."""
+        it takes. detached: a queued host part whose device work the caller has enqueued already
+        (engines with `host_async`); beside: a synchronous call that only enqueues device work
+        (run_here) may run on the caller's thread while only detached parts are queued."""
         self.usable(op)
         if counted:
             self.seq += 1
@@ -142,9 +151,12 @@ class CallQueue:
         with self._submit_lock:
             if not async_op and (self.inflight == 0 or threading.current_thread() is self._thread):
                 return self._execute(what, fn, entry)
+            if not async_op and beside and self.inflight == self.detached:
+                return self._execute(what, fn, entry, lock=False)
             work = Work(what, self.timeout, on_end)
             self.inflight += 1
-            self._queue.put((work, fn, entry))
+            self.detached += detached
+            self._queue.put((work, fn, entry, detached))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
                                                 daemon=True)
@@ -183,10 +195,11 @@ class CallQueue:
         if threading.current_thread() is self._thread:      # in a call's turn already
             return self.run(op, fn, False, sig, call, counted=counted)
         with self._submit_lock:
-            if self.inflight and not self._idle.wait_for(lambda: self.inflight == 0, self.timeout):
+            if self.inflight > self.detached and \
+                    not self._idle.wait_for(lambda: self.inflight == self.detached, self.timeout):
                 raise Timeout(f"{self.what(op, self.seq + 1)}: the calls queued before it did not "
                               f"finish within the timeout of {self.timeout:.0f}s")
-            return self.run(op, fn, False, sig, call, counted=counted)
+            return self.run(op, fn, False, sig, call, counted=counted, beside=True)
 
     def wait_idle(self, timeout) -> bool:
         """Wait until nothing is queued (at most `timeout` s): whether that happened."""
@@ -204,10 +217,11 @@ class CallQueue:
             return fn(what)
         return checked
 
-    def _execute(self, what, fn, entry):
-        """fn(what) under the execution lock; entry None: an uncounted wrapper (see run)."""
+    def _execute(self, what, fn, entry, lock=True):
+        """fn(what) under the execution lock (lock=False: beside detached host parts, see run);
+        entry None: an uncounted wrapper (see run)."""
         rec = self.recorder if entry is not None else None
-        with self._lock:
+        with self._lock if lock else _NO_LOCK:
             if self.broken is not None:
                 raise PeerFailure(f"{what}: communicator broken by an earlier error ({self.broken})")
             if rec:
@@ -241,7 +255,7 @@ class CallQueue:
             item = self._queue.get()
             if item is None:
                 return
-            work, fn, entry = item
+            work, fn, entry, detached = item
             try:
                 work.result = self._execute(work.what, fn, entry)
                 work._finish()
@@ -250,7 +264,8 @@ class CallQueue:
             finally:
                 with self._submit_lock:
                     self.inflight -= 1
-                    if not self.inflight:
+                    self.detached -= detached
+                    if self.inflight == self.detached:
                         self._idle.notify_all()
 
     def close(self):

@@ -214,6 +214,11 @@ _DECLARED = (
             "memory): largest executor chunk, the unit of copy/network overlap (at least 4096)", "cuda"),
     Setting("PYCCL_STAGING_AHEAD", "bytes", 16 * _MIB, "CUDA buffers across hosts: bytes of device-to-host "
             "copies queued ahead of the network (at least 1 MiB)", "cuda"),
+    Setting("PYCCL_PROXY_ARENA", "bytes", 32 * _MIB, "CUDA buffers across hosts on the stream (the proxy "
+            "engine): pinned host bytes of its arena at first (grown for a larger eager call, never while a "
+            "stream captures)", "cuda"),
+    Setting("PYCCL_PROXY_CTAS", "int", 16, "CUDA buffers across hosts on the stream: thread blocks of the proxy "
+            "kernel per direction (device to host, host to device)", "cuda"),
     # ---- torch -----------------------------------------------------------------------------
     Setting("PYCCL_P2P_IPC", "bool", True, "torch send/recv of CUDA tensors within a host go GPU to GPU through "
             "CUDA IPC; `0`: through pinned host memory and the CPU connection", "torch"),

@@ -300,6 +300,7 @@ def rank_mismatch(comm, big):
     try:
         comm.all_reduce(torch.ones(n, device=dev))
         comm.all_reduce(torch.ones(8, device=dev))
+        comm.cuda.synchronize("after")           # the proxy's calls return before their transfer
     except PycclError as e:
         return type(e).__name__, str(e), time.monotonic() - t
     return None
@@ -434,6 +435,7 @@ def scenario_killed(rank, size, port):
     try:
         for _ in range(3):
             comm.all_reduce(x)
+        comm.cuda.synchronize("after")           # the proxy's calls return before their transfer
         return ("finished", time.monotonic() - t)
     except PycclError as e:
         return (type(e).__name__, time.monotonic() - t, str(e), (torch.ones(4, device=dev) * 2).sum().item())

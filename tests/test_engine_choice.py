@@ -70,7 +70,7 @@ def test_every_engine_fills_the_one_interface(groups):
     """The registry of a one-host communicator, in tie-break order, every engine an Engine."""
     got = groups(2).run(rank_engines)
     assert got[0] == got[1]
-    assert [n for n, _ in got[0]] == ["reproducible", "reproducible_cuda", "cuda", "staged", "shm", "composed",
+    assert [n for n, _ in got[0]] == ["reproducible", "reproducible_cuda", "cuda", "proxy", "staged", "shm", "composed",
                                      "flat"], got[0]
     assert all(ok for _, ok in got[0]), got[0]
 

@@ -49,6 +49,7 @@ class EngineBase:
     reproducible = False             # whether it gives reproducible mode's bytes
     stream_ordered = False
     enqueue_only = False
+    host_async = False              # the host part is queued even for a synchronous call (the proxy)
     composite = False
     shortcuts = frozenset()          # ops short(call, seq) runs, for the queue's run_now
 

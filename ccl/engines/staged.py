@@ -287,6 +287,20 @@ _OPS = {"all_reduce": _all_reduce, "reduce": _reduce, "broadcast": _broadcast, "
 
 
 # ---- per-communicator state ---------------------------------------------------------------------
+def register_with_verbs(conns, arena) -> list:
+    """Register a pinned arena once with each ibverbs device the connections use (their
+    memory-region cache then finds every slice of it): [(cache, entry)] to forget at the end."""
+    seen, out = set(), []
+    for conn in conns.values():
+        cache = getattr(getattr(conn, "dev", None), "mrs", None)
+        if cache is None or id(cache) in seen:
+            continue
+        seen.add(id(cache))
+        from pyccl.transports.ibverbs import _ACCESS_FULL
+        out.append((cache, cache.acquire(memoryview(arena), _ACCESS_FULL)))
+    return out
+
+
 class _OnDevice:
     """The CUDA runtime's current device set to `dev` for a while (restored after: a
     synchronous call runs on the caller's thread)."""
@@ -392,16 +406,7 @@ class Staging:
         return {name: self._arena[o:o + n] for name, (o, n) in layout.items()}
 
     def _register(self):
-        """Register the arena once with each ibverbs device the connections use (their
-        memory-region cache then finds every slice of it)."""
-        seen = set()
-        for conn in self.comm.conns.values():
-            cache = getattr(getattr(conn, "dev", None), "mrs", None)
-            if cache is None or id(cache) in seen:
-                continue
-            seen.add(id(cache))
-            from pyccl.transports.ibverbs import _ACCESS_FULL
-            self._mrs.append((cache, cache.acquire(memoryview(self._arena), _ACCESS_FULL)))
+        self._mrs.extend(register_with_verbs(self.comm.conns, self._arena))
 
     def _free_arena(self):
         for cache, entry in self._mrs:

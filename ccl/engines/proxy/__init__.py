@@ -1,0 +1,161 @@
+"""Device memory across hosts on the stream: the proxy engine.
+
+A collective on CUDA buffers whose ranks are on several hosts (one rank per host; with several
+ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py) is one kernel
+launch on the caller's stream and one job for a host thread, the proxy, as NCCL's network
+transport is a kernel and a proxy thread:
+
+    stream   kernel: copy the input to a pinned arena piece by piece, raising a flag per piece;
+             copy each finalised range back as the proxy marks its pass done; end when the
+             proxy has finished the call (ccl/engines/proxy/proxy.cu)
+    proxy    the communicator's progress thread: wait for the doorbell the kernel rings, walk
+             the plan of the CPU path (the flat engine's, over TCP or ibverbs) on the arena
+             with the executor, pass by pass as the flags allow (ccl/engines/proxy/host.py)
+
+A synchronous call therefore returns as soon as the kernel is queued (NCCL's semantics: the
+stream sees the result, the host is free); ``async_op=True`` returns a Work whose wait() makes
+the current stream wait. The copies, the network and the reductions overlap pass by pass.
+
+CUDA graphs: a launch captured in a graph keeps its program (ccl/engines/proxy/program.py);
+each replay rings the doorbell with a new call number taken from a device counter, and a
+watcher thread hands it to the proxy (ccl/engines/proxy/state.py), so every replay moves the
+new contents. Nothing in a capture blocks the host; what cannot be captured raises
+InvalidArgument at capture time.
+
+No hang: the kernel's waits end at the communicator's timeout or when the host sets the abort
+word (after any failure of the proxy: a dead peer, a timeout); the proxy's waits end at the
+timeout or when the kernel reports an error. The communicator is then broken and every later
+call raises; results of the failed call are undefined, as in NCCL.
+
+Order: calls of one communicator must be ordered on the device (one stream, or streams that
+wait for each other), as NCCL requires; calls on host memory of the same communicator queue
+behind the proxied calls issued before them (CallQueue), but a graph replay runs whenever the
+stream reaches it, so do not mix replays with host-memory calls of that communicator without
+synchronizing the stream first.
+
+GPUDirect RDMA stays a design (ccl/engines/staged.py's module doc): with a NIC that reads GPU
+memory, the arena would be the device buffers themselves and the kernel's copies would go.
+"""
+import types
+
+from ... import settings
+from ...dtypes import DTYPES
+from ...errors import InvalidArgument
+from ..base import DeviceEngine, EngineBase
+from ..cuda.submit import cuda_args, device_splits
+from ..staged import _OPS, StagedEngine
+
+
+class ProxyEngine(DeviceEngine):
+    """See the module doc. Priced like the flat plan it runs (as the staged engine)."""
+    name = "proxy"
+    kinds = ("cuda",)
+    ops = StagedEngine.ops
+    stream_ordered = True
+    host_async = True                 # the host part runs queued even for a synchronous call
+    price = StagedEngine.price
+
+    def __init__(self, res, flat):
+        self.res, self.flat = res, flat
+        self.state = None
+        self._forced = settings.get("PYCCL_ENGINE") == "proxy"
+        self._like = types.SimpleNamespace(flat=flat, rank=res.rank, size=res.size)
+        self._cap = max(4096, settings.get("PYCCL_STAGING_CHUNK"))
+
+    def takes(self, call) -> bool:
+        res = self.res
+        return res.hosts > 1 and (res.hosts == res.size or self._forced) and EngineBase.takes(self, call) \
+            and not device_splits(call)
+
+    def _state(self, view, caller):
+        st = self.state
+        if st is None:
+            from .state import ProxyState
+            from pyccl.transports import cuda_ipc
+            rt = cuda_ipc._cupy().cuda.runtime
+            if rt.streamIsCapturing(caller) != 0:
+                raise InvalidArgument("the first collective on CUDA buffers across hosts cannot be captured in a "
+                                      "CUDA graph: it sets up the proxy (pinned memory, the kernel); run one call "
+                                      "before capturing")
+            st = self.state = ProxyState(self.res, view.device)
+        elif st.dev != view.device:
+            raise InvalidArgument(f"buffer is on cuda:{view.device} but this communicator's rank {self.res.rank} "
+                                  f"works on cuda:{st.dev} (one GPU per rank and communicator)")
+        return st
+
+    def begin(self, call):
+        view = (call.out or call.inp).array
+        caller = view.caller_stream()
+        st = self._state(view, caller)
+        rt = st.rt
+        capturing = rt.streamIsCapturing(caller) != 0
+        inp, out = call.inp, call.out
+        key = (call.op, call.dtype, call.root, call.redop, call.in_splits, call.out_splits, call.even,
+               inp.array.size if inp is not None else -1, out.array.size if out is not None else -1,
+               inp is not None and out is not None and inp.array.ptr == out.array.ptr)
+        prog = st.programs.get(key)
+        if prog is None:
+            prog = st.program(key, lambda: self._build(call), capturing, call.op)
+        prev = rt.getDevice()
+        if prev != st.dev:
+            rt.setDevice(st.dev)
+        try:
+            tag, end = st.launch(prog, caller, inp.array.ptr if inp is not None else 0,
+                                 out.array.ptr if out is not None else 0, capturing)
+        finally:
+            if prev != st.dev:
+                rt.setDevice(prev)
+        call.stream = (tag, end, view)
+
+    def _build(self, call):
+        """(staged description, name, chunk bytes, numpy dtype) of a new program."""
+        name, args = cuda_args(call)
+        staged = _OPS[name](self._like, *args)
+        res = self.res
+        chunk = staged.chunk or res.chunk_bytes
+        if res.fixed_chunk is None:
+            chunk = min(chunk, self._cap)
+        return staged, name, chunk, DTYPES[call.dtype]
+
+    def run(self, call, what):
+        tag = call.stream[0]
+        if tag:                           # captured launches have no eager job (the watcher's replays)
+            self.state.host.drain(tag, what)
+        return None
+
+    def finish(self, call, outcome):
+        if call.async_op:
+            tag, end, view = call.stream
+            return ProxyWork(outcome, self.state, end, view)
+        return None
+
+
+class ProxyWork:
+    """The Work of an async proxied call: wait() makes the current stream wait for the kernel's
+    end (the host does not wait, unless a timeout is given); errors of the proxy re-raise."""
+
+    def __init__(self, work, st, end, view):
+        self._work, self._st, self._end, self._view = work, st, end, view
+        self.what = work.what
+
+    def wait(self, timeout=None) -> bool:
+        if self._work.is_completed() and self._work.exception() is not None:
+            raise self._work.exception()
+        st = self._st
+        st.rt.streamWaitEvent(self._view.caller_stream(), self._end, 0)
+        if timeout is not None:
+            self._work.wait(timeout)
+            st.synchronize(self.what, self._end, timeout)
+        return True
+
+    def is_completed(self) -> bool:
+        if not self._work.is_completed():
+            return False
+        return self._work.exception() is not None or self._st.rt.eventQuery(self._end) == 0
+
+    def exception(self):
+        return self._work.exception()
+
+    @property
+    def result(self):
+        return None

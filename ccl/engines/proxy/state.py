@@ -1,0 +1,256 @@
+"""The proxy engine's device side, per communicator: pinned words and arena, the kernel, the
+stream it runs on, the programs, and the watcher that hands graph replays to the proxy.
+
+Memory: the words (ccl/engines/proxy/host.py's layout, ~330 KiB) and the copy tables live in
+pinned host memory mapped into the device (cudaHostAllocMapped: with unified addressing the host
+pointer is the device pointer), so the host writes a program's table with plain stores and
+nothing is allocated on the device but two counter words. The arena (PYCCL_PROXY_ARENA bytes at
+first) grows for a larger eager call; an arena a program was bound to is kept until close(),
+since a captured graph may still use it. Nothing is allocated, compiled or copied while the
+caller's stream is being captured: a program first met inside a capture that does not fit the
+arena and table space already made raises InvalidArgument (run the call once before capturing).
+
+Streams: a call records an event on the caller's stream, pyccl's stream waits for it, the
+kernel runs on pyccl's stream, and the caller's stream waits for the kernel's end (fork and join,
+so calls made from different streams never share the arena at once, as NCCL's internal stream
+does). Under capture the same calls make the kernel a node of the caller's graph.
+"""
+import ctypes
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from ... import settings
+from ...errors import InvalidArgument, PeerFailure, PycclError
+from .host import ABORT, ERROR, ERRORS, POSTED, WORDS, ProxyHost
+from .program import ITEM, Program
+
+log = logging.getLogger("pyccl")
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "proxy.cu")
+_PARAMS = "ussuuuuuuuus"        # proxy_call's parameters (cuda_ipc.KernelParams letters)
+_THREADS = 512
+_ENDS = 64
+_TABLE_ROWS = 1 << 16           # rows of copy table per pinned block
+
+
+def _pinned(rt, nbytes):
+    """(pointer, uint8 numpy view) of pinned, device-mapped host memory (portable | mapped)."""
+    ptr = rt.hostAlloc(nbytes, 1 | 2)
+    return ptr, np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=np.uint8)
+
+
+class ProxyState:
+    staged = True
+
+    def __init__(self, res, device: int):
+        from pyccl.transports import cuda_ipc
+        self.cupy = cupy = cuda_ipc._cupy()
+        self.rt = rt = cupy.cuda.runtime
+        self.res, self.dev = res, int(device)
+        self.timeout = res.timeout
+        self._launch = cuda_ipc.launcher()
+        self._params = cuda_ipc.KernelParams
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pinned = []               # every pinned block (words, tables, arenas), freed at close
+        self._mrs = []                  # (MRCache, entry) of each arena per ibverbs device
+        with cupy.cuda.Device(self.dev):
+            self.words_ptr, raw = self._alloc(WORDS * 8)
+            self.words = raw.view(np.uint64)
+            self.words[:] = 0
+            self.ctrl = cupy.zeros(2, dtype=cupy.uint64)
+            cupy.cuda.runtime.deviceSynchronize()
+            self.stream = rt.streamCreateWithFlags(1)           # non-blocking
+            self.fork = rt.eventCreateWithFlags(2)              # timing off
+            self.ends = [rt.eventCreateWithFlags(2) for _ in range(_ENDS)]
+            with open(_SOURCE) as f:
+                mod = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+            self._module = mod
+            fn = mod.get_function("proxy_call")
+            self.fn = int(getattr(getattr(fn, "kernel", fn), "ptr"))
+        self._end_i = 0
+        self.last_end = None
+        self.host = ProxyHost(self.words, res.executor, res.timeout, res.rank, res.tag, res.size)
+        self.programs = {}              # key -> Program
+        self.arena_cap = max(1 << 20, settings.get("PYCCL_PROXY_ARENA"))
+        self.arena_ptr, self.arena = self._alloc(self.arena_cap)
+        self._register(self.arena)
+        self.table_ptr, raw = self._alloc(_TABLE_ROWS * ITEM.itemsize)
+        self.table = raw.view(ITEM)
+        self.table_used = 0
+        self.ctas = max(1, min(64, settings.get("PYCCL_PROXY_CTAS")))
+        self.eager = 0                  # tags of eager calls (1, 2, ...); 0 marks a captured launch
+        self.watcher = None
+        self.replay_queued = False
+        log.info("%s rank %d: CUDA buffers across hosts through the proxy on cuda:%d (arena %d B)",
+                 res.tag, res.rank, self.dev, self.arena_cap)
+
+    def _alloc(self, nbytes):
+        ptr, view = _pinned(self.rt, nbytes)
+        self._pinned.append(ptr)
+        return ptr, view
+
+    def _register(self, arena):
+        """Register an arena once with each ibverbs device the connections use."""
+        from ..staged import register_with_verbs
+        self._mrs.extend(register_with_verbs(self.res.conns, arena))
+
+    # -- programs --
+    def program(self, key, build, capturing, what):
+        """The program of `key`, made by `build()` (a staged-engine _Call) on first use."""
+        prog = self.programs.get(key)
+        if prog is not None:
+            return prog
+        staged, name, chunk, dtype = build()
+        prog = Program(len(self.host.programs) + 1, name, staged, chunk, self.res.size, dtype)
+        rows = len(prog.table)
+        if prog.arena_bytes > self.arena_cap or self.table_used + rows > len(self.table):
+            if capturing:
+                raise InvalidArgument(f"{what}: cannot be captured in a CUDA graph across hosts: its first "
+                                      f"call needs new pinned memory ({prog.arena_bytes} B of arena, {rows} "
+                                      f"table rows), which cannot be allocated while a stream captures; run "
+                                      f"it once before capturing or raise PYCCL_PROXY_ARENA")
+            with self.cupy.cuda.Device(self.dev):
+                if prog.arena_bytes > self.arena_cap:
+                    self.arena_cap = max(prog.arena_bytes, 2 * self.arena_cap)
+                    self.arena_ptr, self.arena = self._alloc(self.arena_cap)
+                    self._register(self.arena)
+                if self.table_used + rows > len(self.table):
+                    self.table_ptr, raw = self._alloc(max(_TABLE_ROWS, rows) * ITEM.itemsize)
+                    self.table, self.table_used = raw.view(ITEM), 0
+        prog.bind(self.arena[:prog.arena_bytes])
+        at = self.table_used
+        self.table[at:at + rows] = prog.table
+        self.table_used += rows
+        out_ctas = min(self.ctas, max(1, prog.n_out))
+        in_ctas = min(self.ctas, max(1, prog.n_in))
+        prog.grid = out_ctas + in_ctas
+        prog.params = self._params(_PARAMS, (self.table_ptr + at * ITEM.itemsize, prog.n_out, prog.n_in, 0, 0,
+                                             self.arena_ptr, self.words_ptr, self.ctrl.data.ptr, prog.pid, 0,
+                                             int(self.timeout * 1e9), out_ctas))
+        self.host.programs[prog.pid] = prog
+        self.programs[key] = prog
+        return prog
+
+    # -- one call, on the caller's thread --
+    def launch(self, prog, caller, dev_in, dev_out, capturing):
+        """Enqueue the kernel of `prog` after the caller's stream's work; returns (tag, end event):
+        tag 0 when captured (each replay rings the doorbell itself)."""
+        rt = self.rt
+        if self.words[ERROR]:
+            self.raise_if_failed(prog.name)
+        if capturing:
+            tag = 0
+        else:
+            self.eager += 1
+            tag = self.eager
+        vals = prog.params.vals
+        vals[3].value, vals[4].value, vals[9].value = dev_in, dev_out, tag
+        rt.eventRecord(self.fork, caller)
+        rt.streamWaitEvent(self.stream, self.fork, 0)
+        self._launch(self.fn, prog.grid, _THREADS, self.stream, prog.params.address)
+        end = self.ends[self._end_i % _ENDS]
+        self._end_i += 1
+        rt.eventRecord(end, self.stream)
+        rt.streamWaitEvent(caller, end, 0)
+        if not capturing:
+            self.last_end = end
+        elif self.watcher is None:
+            self._watch()
+        return tag, end
+
+    # -- graph replays: nobody on the host announces them --
+    def _watch(self):
+        """Start the thread that hands posted replays to the proxy (once a launch was captured)."""
+        self.watcher = threading.Thread(target=self._watch_loop, name=f"pyccl-proxy-{self.res.tag}", daemon=True)
+        self.watcher.start()
+
+    def _watch_loop(self):
+        q, host, w = self.res.queue, self.host, self.words
+        nap = 5e-5
+        while not self._closed and q.broken is None and not q.closed:
+            if int(w[POSTED]) > host.handled and not self.replay_queued:
+                self.replay_queued = True
+                try:
+                    q.run("graph replay", self._replays, True, counted=False, detached=True)
+                except PycclError:
+                    return
+                nap = 5e-5
+                continue
+            time.sleep(nap)
+            nap = min(nap * 2, 2e-4)
+
+    def _replays(self, what):
+        try:
+            self.host.drain(None, what)
+        finally:
+            self.replay_queued = False
+
+    # -- what comm.cuda answers (communicator, torch backend, tests) --
+    def raise_if_failed(self, what):
+        if self._closed:
+            raise PycclError(f"{what}: the proxy of {self.res.tag} is closed")
+        q = self.res.queue
+        if self.words[ERROR] and q.broken is None and not q.on_progress_thread():
+            q.wait_idle(min(self.timeout, 5.0))      # the proxy's job that failed is still unwinding
+        if q.broken is not None:
+            raise PeerFailure(f"{what}: communicator {self.res.tag} is broken by an earlier error ({q.broken})")
+        code = int(self.words[ERROR])
+        if code:
+            raise PycclError(f"{what}: rank {self.res.rank}'s proxy kernel {ERRORS.get(code, code)} "
+                             f"(call {int(self.words[2])}); the communicator is unusable")
+
+    def synchronize(self, what, event=None, timeout=None):
+        """Block the host until `event` (default: the last eager call's end) has happened."""
+        ev = event if event is not None else self.last_end
+        if ev is not None:
+            limit = self.timeout if timeout is None else timeout
+            deadline = time.monotonic() + limit
+            with self.cupy.cuda.Device(self.dev):
+                while self.rt.eventQuery(ev) != 0:
+                    if self.words[ERROR] or time.monotonic() > deadline:
+                        break
+                    time.sleep(2e-5)
+        self.raise_if_failed(what)
+
+    def torch_all_reduce(self):
+        """The torch backend's one-host lane does not apply across hosts."""
+        return lambda tensor, op, async_op: False
+
+    def abort(self):
+        self.words[ABORT] = 1
+
+    def close(self):
+        if self._closed:
+            return
+        self.words[ABORT] = 1            # kernels still waiting stop now
+        self._closed = True
+        rt = self.rt
+        with self.cupy.cuda.Device(self.dev):
+            try:
+                ev = rt.eventCreateWithFlags(2)
+                rt.eventRecord(ev, self.stream)
+                deadline = time.monotonic() + min(self.timeout, 10.0)
+                while rt.eventQuery(ev) != 0 and time.monotonic() < deadline:
+                    time.sleep(1e-3)
+                done = rt.eventQuery(ev) == 0
+                rt.eventDestroy(ev)
+            except Exception as e:  # noqa: BLE001 - the context may be gone at exit
+                log.debug("pyccl proxy close: %s", e)
+                return
+            if not done:
+                log.error("pyccl %s: the proxy's kernels did not end; leaking its pinned memory", self.res.tag)
+                return
+            for cache, entry in self._mrs:
+                cache.forget(entry)
+            for ptr in self._pinned:
+                rt.freeHost(ptr)
+            self._pinned = []
+            for ev in [self.fork] + self.ends:
+                rt.eventDestroy(ev)
+            rt.streamDestroy(self.stream)
+            self.ctrl = None
