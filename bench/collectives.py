@@ -9,6 +9,15 @@ Columns as in nccl-tests: size (B), count, type, redop, root, time (us), algbw a
 (GB/s, with nccl-tests' bus factors) and #wrong (every result is checked). Times are the
 median over --iters timed calls after --warmup, each call timed alone and the slowest
 rank's time taken, so latency and bandwidth come from the same loop.
+
+The memory limit (issue 33): every run also times a plain memcpy (numpy copyto, every rank at
+once, as the libraries' calls run) of each size, and each result gets "of limit", the time
+the bytes each rank must at least read and write would take at that memcpy's speed, over the
+library's time (1.0 = at the limit).  Per rank, with N bytes per rank and P ranks: all_reduce
+and reduce read N + (P-1)N/P and write N (reduce its slice from everybody's, gather the other
+slices); reduce_scatter reads N and writes N/P; all_gather, broadcast, all_to_all copy their
+output once.  A memcpy of M bytes reads M and writes M, so the limit is those bytes / 2M times
+the memcpy of M = N.
 """
 import argparse
 import json
@@ -59,6 +68,37 @@ class Library:
 
     def max_time(self, t):
         raise NotImplementedError
+
+
+class Memcpy(Library):
+    """A plain copy of the op's per-rank output size (the unit of the memory limit)."""
+
+    name = "memcpy"
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def prepare(self, op, send, recv, root):
+        src = np.ones_like(recv)
+        return lambda: np.copyto(recv, src)
+
+    def barrier(self):
+        self.comm.barrier()
+
+    def max_time(self, t):
+        return Pyccl.max_time(self, t)
+
+
+def limit_factor(op, n):
+    """(bytes each rank must read + write) / (2 x its output bytes): times a memcpy of the
+    output, the least time the op can take (module docstring)."""
+    if n == 1:
+        return 0.5 if op in ("all_reduce", "reduce") else 1.0
+    if op in ("all_reduce", "reduce"):
+        return (2 + (n - 1) / n) / 2
+    if op == "reduce_scatter":
+        return (n + 1) / 2          # output N/P: reads N (= n outputs), writes one output
+    return 1.0
 
 
 class Pyccl(Library):
@@ -250,6 +290,7 @@ def main(default_op="all_reduce", argv=None):
     comm = pyccl.init()
     rank, n = comm.rank, comm.size
     libs = [Pyccl(comm)]
+    memcpy = Memcpy(comm)
     for name in filter(None, args.compare.split(",")):
         try:
             if name == "gloo":
@@ -285,6 +326,15 @@ def main(default_op="all_reduce", argv=None):
             for lib in libs:
                 per_lib[lib.name].append(measure(lib, args.op, nbytes, dtype, rank, n, max(root, 0), iters,
                                                  args.warmup if k == 0 else 1))
+            per_lib.setdefault("memcpy", []).append(measure(memcpy, args.op, nbytes, dtype, rank, n, 0, iters,
+                                                            args.warmup if k == 0 else 1))
+        mc = np.concatenate([t for _, t, _ in per_lib.pop("memcpy")])
+        limit_us = float(np.median(mc)) * limit_factor(args.op, n)
+        if rank == 0:
+            out_bytes = buffers(args.op, nbytes, dtype, n, rank)[1].nbytes
+            print(f"  {'memcpy':>11} {out_bytes:>12} {'':>12} {'':>8} {'':>6} {'':>5} {np.median(mc):>10.1f} "
+                  f"{out_bytes / np.median(mc) / 1e3 if np.median(mc) > 0 else 0:>8.3f} {'':>8} {'':>7} "
+                  f"{mc.min():>8.1f}-{mc.max():<8.1f} limit {limit_us:.1f} us", flush=True)
         for lib in libs:
             runs = per_lib[lib.name]
             count, wrong = runs[0][0], max(w for _, _, w in runs)
@@ -298,12 +348,15 @@ def main(default_op="all_reduce", argv=None):
             row = {"library": lib.name, "op": args.op, "ranks": n, "bytes": size, "count": count,
                    "dtype": args.dtype, "redop": redop, "root": root, "time_us": med,
                    "time_min_us": float(t.min()), "time_max_us": float(t.max()), "algbw_GBps": algbw,
-                   "busbw_GBps": busbw, "wrong": int(wrong_x[0])}
+                   "busbw_GBps": busbw, "wrong": int(wrong_x[0]), "memcpy_us": float(np.median(mc)),
+                   "limit_us": limit_us, "of_limit": limit_us / med if med > 0 else 0.0,
+                   "times_us": [float(v) for v in t]}
             rows.append(row)
             if rank == 0:
                 print(f"  {lib.name:>11} {size:>12} {count:>12} {args.dtype:>8} {redop:>6} {root:>5} "
                       f"{med:>10.1f} {algbw:>8.3f} {busbw:>8.3f} {int(wrong_x[0]):>7} "
-                      f"{t.min():>8.1f}-{t.max():<8.1f}", flush=True)
+                      f"{t.min():>8.1f}-{t.max():<8.1f} {limit_us / med if med > 0 else 0:>5.2f} of limit",
+                      flush=True)
     if rank == 0:
         print_ratios(rows)
         if args.json:
