@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Elastic jobs: time kill -> shrink -> grow(1), and count what each round leaves behind.
+
+    python bench/elastic.py --sizes 8,32,64 --rounds 3          # times per N
+    python bench/elastic.py --sizes 16 --rounds 10 --leaks      # the 10-round leak count
+
+The driver hosts a store (as pyccl.launch does), starts N ranks with pyccl.launch's variables
+and one waiting joiner per round (`pyccl.join()`). Each round: a barrier, one rank exits
+(`os._exit`, as a crash after a barrier), the others' next all_reduce fails, they `shrink()`
+and run an all_reduce on the survivors' communicator, a barrier, then `grow(1)` and an
+all_reduce on the grown one (checked: every rank's value summed). Times are spans across
+ranks (one host, one clock): from the first rank entering shrink (grow) to the last rank done
+with the first all_reduce on the new communicator. Store requests per member during the grow
+(pyccl.store.STATS): the grow's own (leader included), and "+ building": those of making the
+new communicator (the same for shrink and split: shm set-up). --leaks: fds and threads of the ranks that live through every round,
+and /dev/shm segments named pyccl*, before the first round and after the last (old
+communicators closed, the current one open).
+"""
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.abspath(__file__)
+
+
+def _counts():
+    import threading
+    return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+
+def rank_main(rounds: int, victims: list) -> None:
+    import numpy as np
+
+    import pyccl
+    from pyccl import elastic
+    from pyccl.store import STATS
+    in_build = [0]
+    build = elastic._build
+
+    def counted_build(*a, **k):               # requests of building the communicator itself
+        before = STATS["requests"]
+        try:
+            return build(*a, **k)
+        finally:
+            in_build[0] += STATS["requests"] - before
+    elastic._build = counted_build
+    joined = os.environ.get("ELASTIC_ROLE") == "joiner"
+    comm = pyccl.join() if joined else pyccl.init()
+    first = 0
+    if joined:                                   # which round took us: rank 0 says
+        r = np.zeros(1, np.int64)
+        comm.broadcast(r, root=0)
+        first = int(r[0]) + 1
+        z = np.full(3, comm.rank + 1.0)
+        comm.all_reduce(z)                       # the grow's first all_reduce, with the members
+    x = np.ones(8, np.float32)
+    if not joined:
+        comm.all_reduce(x)
+    before = _counts()
+    out = {"pid": os.getpid(), "rounds": []}
+    for k in range(first, rounds):
+        comm.barrier()
+        if comm.rank == victims[k] % comm.size:
+            os._exit(0)
+        try:
+            for _ in range(20):
+                comm.all_reduce(x)
+            raise SystemExit("no error after a rank exited")
+        except (pyccl.PeerFailure, pyccl.Timeout):
+            pass
+        t0 = time.time()
+        small = comm.shrink()
+        y = np.ones(5)
+        small.all_reduce(y)
+        t1 = time.time()
+        comm.close()
+        small.barrier()
+        req, in_build[0] = STATS["requests"], 0
+        t2 = time.time()
+        new = small.grow(1)
+        req = (STATS["requests"] - req - in_build[0], in_build[0])
+        if new.rank == 0:
+            new.broadcast(np.array([k], np.int64), root=0)
+        else:
+            new.broadcast(np.zeros(1, np.int64), root=0)
+        z = np.full(3, new.rank + 1.0)
+        new.all_reduce(z)
+        t3 = time.time()
+        n = new.size
+        ok = bool(y[0] == small.size and z[0] == n * (n + 1) / 2)
+        small.close()
+        comm = new
+        out["rounds"].append({"k": k, "shrink": [t0, t1], "grow": [t2, t3], "ok": ok, "req": req,
+                              "size": n})
+    comm.barrier()
+    out["before"], out["after"] = before, _counts()
+    out["joined"] = joined
+    os.write(1, ("RESULT " + json.dumps(out) + "\n").encode())
+    comm.close()
+
+
+def _shm():
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("pyccl"))
+
+
+def run(n: int, rounds: int, timeout: float) -> dict:
+    from pyccl.store import StoreServer
+    key = secrets.token_bytes(32)
+    server = StoreServer("127.0.0.1", 0, key)
+    victims = [1 + (k * 5) % (n - 1) for k in range(rounds)]   # never rank 0: its counts span every round
+    env = {**os.environ, "PYCCL_STORE_ADDR": f"127.0.0.1:{server.address[1]}", "PYCCL_JOB_SECRET": key.hex(),
+           "PYCCL_TIMEOUT": str(timeout)}
+    args = [sys.executable, HERE, "--rank", str(rounds), ",".join(map(str, victims))]
+    shm_before = _shm()
+    procs = [subprocess.Popen(args, env={**env, "PYCCL_RANK": str(r), "PYCCL_SIZE": str(n),
+                                         "PYCCL_LOCAL_RANK": str(r), "PYCCL_LOCAL_SIZE": str(n)},
+                              stdout=subprocess.PIPE, text=True) for r in range(n)]
+    procs += [subprocess.Popen(args, env={**env, "ELASTIC_ROLE": "joiner", "PYCCL_LOCAL_SIZE": str(n)},
+                               stdout=subprocess.PIPE, text=True) for _ in range(rounds)]
+    results = []
+    try:
+        for p in procs:
+            text = p.communicate(timeout=timeout + 60 * rounds)[0]
+            results += [json.loads(ln[7:]) for ln in text.splitlines() if ln.startswith("RESULT ")]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        server.close()
+    time.sleep(0.2)
+    spans = {"shrink": [], "grow": []}
+    oks, reqs, builds = [], [], []
+    for k in range(rounds):
+        for what in spans:
+            marks = [r2[what] for res in results for r2 in res["rounds"] if r2["k"] == k]
+            if marks:
+                spans[what].append(max(m[1] for m in marks) - min(m[0] for m in marks))
+        oks += [r2["ok"] for res in results for r2 in res["rounds"] if r2["k"] == k]
+        reqs += [r2["req"][0] for res in results for r2 in res["rounds"] if r2["k"] == k]
+        builds += [r2["req"][1] for res in results for r2 in res["rounds"] if r2["k"] == k]
+    lived = [res for res in results if not res["joined"] and len(res["rounds"]) == rounds]
+    return {"n": n, "rounds": rounds, "finished": len(results), "spans": spans,
+            "all_correct": bool(oks) and all(oks), "checks": len(oks),
+            "requests_per_member": (min(reqs), max(reqs)) if reqs else None,
+            "build_requests": (min(builds), max(builds)) if builds else None,
+            "fds_threads": [(res["before"], res["after"]) for res in lived],
+            "shm_before": len(shm_before), "shm_after": len(_shm())}
+
+
+def _fmt(v):
+    return f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="8,32,64")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--leaks", action="store_true", help="print fds/threads/segments before and after")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--rank", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.rank:
+        rank_main(int(a.rank[0]), [int(v) for v in a.rank[1].split(",")])
+        return
+    print(f"# kill -> shrink -> grow(1), one host, {os.cpu_count()} cores; spans in s: median (min-max) "
+          f"over rounds; to the first all_reduce on the new communicator")
+    print(f"{'N':>4} {'rounds':>6} {'shrink':>22} {'grow(1)':>22} {'correct':>12} {'store req/member':>17} {'+ building':>11}")
+    out = []
+    for n in [int(s) for s in a.sizes.split(",")]:
+        res = run(n, a.rounds, a.timeout)
+        out.append(res)
+        rq = res["requests_per_member"]
+        print(f"{n:>4} {a.rounds:>6} {_fmt(res['spans']['shrink']):>22} {_fmt(res['spans']['grow']):>22} "
+              f"{str(res['all_correct']) + ' ' + str(res['checks']):>12} {str(rq[0]) + '-' + str(rq[1]) if rq else '-':>17} "
+              f"{'-'.join(map(str, res['build_requests'] or ())):>11}", flush=True)
+        if res["finished"] != n:
+            print(f"     only {res['finished']} of {n} final ranks reported", flush=True)
+        if a.leaks:
+            same = sum(1 for b, af in res["fds_threads"] if b == af)
+            print(f"     fds/threads equal before and after on {same} of {len(res['fds_threads'])} ranks that "
+                  f"lived through every round {sorted(set(map(str, res['fds_threads'])))[:4]}; "
+                  f"/dev/shm pyccl segments: {res['shm_before']} before the job, {res['shm_after']} after",
+                  flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
