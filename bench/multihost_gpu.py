@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""all_reduce of CUDA tensors across (emulated) hosts: pyccl staged vs NCCL socket vs Gloo vs
-pyccl on CPU tensors, in the same processes, interleaved.
+"""all_reduce of CUDA tensors across (emulated) hosts: pyccl (the proxy engine, and the staged
+engine it replaced, forced on a second group) vs NCCL socket vs Gloo vs pyccl on CPU tensors, in
+the same processes, interleaved.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       torchrun --standalone --nproc-per-node 2 bench/multihost_gpu.py [--reps 5] [--sizes 1M,16M,64M,256M]
@@ -94,8 +95,13 @@ def main():
             dist.all_reduce(t, group=pyc)
         finally:
             del os.environ["PYCCL_CUDA_COMPOSED"]
-    cols = {"pyccl CUDA (staged)": (on(pyc), "cuda"), "NCCL socket": (on(None), "cuda"),
-            "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
+    pyc_staged = dist.new_group(backend="pyccl")       # the same, forced onto the staged engine (before the proxy)
+    staged_comm = _communicator(pyc_staged, dev)
+    if staged_comm is not None:
+        staged_comm.engines.forced = "staged"
+        staged_comm.engines.forget()
+    cols = {"pyccl CUDA (proxy)": (on(pyc), "cuda"), "pyccl CUDA (staged)": (on(pyc_staged), "cuda"),
+            "NCCL socket": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
     if PER_HOST > 1:
         cols = {"pyccl CUDA composed": (on(pyc), "cuda"), "pyccl CUDA flat staged": (flat, "cuda"),
                 "NCCL socket (every rank a host)": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"),

@@ -42,6 +42,7 @@ class ProxyHost:
         self.executor, self.timeout, self.rank, self.tag, self.size = executor, timeout, rank, tag, size
         self.programs = {}
         self.handled = 0                 # the last call number whose network phase ran
+        self.eager_done = 0              # the tag of the last eager call among them
         self.spin = 5e-5
 
     # -- the jobs --
@@ -51,6 +52,8 @@ class ProxyHost:
         try:
             w = self.words
             while True:
+                if tag is not None and self.eager_done >= tag:
+                    return              # handled already by a job that drained before this one
                 posted = int(w[POSTED])
                 if self.handled < posted:
                     n = self.handled + 1
@@ -61,8 +64,8 @@ class ProxyHost:
                         raise PycclError(f"{what}: the device posted an unknown proxy program {pid}")
                     self.network(prog, n, what if t == tag else f"{prog.name} (graph replay, call {n}) on {self.tag}")
                     self.handled = n
-                    if tag is not None and t == tag:
-                        return
+                    if t:
+                        self.eager_done = t
                     continue
                 if tag is None:
                     return

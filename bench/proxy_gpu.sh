@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The proxy engine (ccl/engines/proxy/) on one GPU machine, ranks posing as hosts (one GPU is
+# enough: ranks share it).   bench/proxy_gpu.sh [tests] [hosttime] [bench] [multihost]
+#   tests     tests/test_cuda_proxy.py (capture + replays, early return, a peer killed in replays)
+#   hosttime  bench/gpu_host_time.py with every rank its own host: host us per call, replay time
+#   bench     bench/multihost_gpu.py: busbw, proxy vs staged vs NCCL socket vs Gloo (BENCH_ARGS)
+#   multihost tests/test_cuda_multihost.py (PYTEST_ARGS)
+set -u -o pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+if ! python3 -c "import pyccl.communicator" 2>/dev/null; then     # laid out from the tree (no C core)
+  SITE=${PYCCL_SITE:-/tmp/pyccl-site}
+  rm -rf "$SITE"; mkdir -p "$SITE/pyccl"
+  cp -r ccl/. "$SITE/pyccl/"; rm -f "$SITE"/pyccl/_native*.so "$SITE"/pyccl/_verbs*.so
+  cp -r transports "$SITE/pyccl/transports"; cp -r topology "$SITE/pyccl/topology"
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+fi
+FAILED=0
+RUN="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
+QUIET='^\[rank\|OMP_NUM\|^\*\*\*\|Warning\|warn('
+for m in ${*:-tests hosttime bench}; do
+  case $m in
+  tests)
+    timeout -k 5 "${TESTS_BUDGET:-240}" python3 -m pytest -q -p no:cacheprovider --timeout=100 \
+      tests/test_cuda_proxy.py ${PYTEST_ARGS:-} 2>&1 | tail -30 || FAILED=$((FAILED + 1)) ;;
+  hosttime)
+    timeout -k 5 "${HOST_BUDGET:-150}" $RUN --no-python bash -c \
+      'PYCCL_HOST_ID=host$RANK exec python3 bench/gpu_host_time.py --sizes ${SIZES:-8K,1M,16M,64M} --calls 20 --repeats 3' \
+      2>&1 | grep -v "$QUIET" || FAILED=$((FAILED + 1)) ;;
+  bench)
+    timeout -k 5 "${BENCH_BUDGET:-200}" $RUN bench/multihost_gpu.py ${BENCH_ARGS:-} 2>&1 | grep -v "$QUIET" \
+      || FAILED=$((FAILED + 1)) ;;
+  multihost)
+    timeout -k 5 "${TESTS_BUDGET:-400}" python3 -m pytest -q -p no:cacheprovider --timeout=200 \
+      tests/test_cuda_multihost.py ${PYTEST_ARGS:-} 2>&1 | tail -30 || FAILED=$((FAILED + 1)) ;;
+  esac
+done
+exit $FAILED
