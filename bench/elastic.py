@@ -13,8 +13,9 @@ ranks (one host, one clock): from the first rank entering shrink (grow) to the l
 with the first all_reduce on the new communicator. Store requests per member during the grow
 (pyccl.store.STATS): the grow's own (leader included), and "+ building": those of making the
 new communicator (the same for shrink and split: shm set-up). --leaks: fds and threads of the ranks that live through every round,
-and /dev/shm segments named pyccl*, before the first round and after the last (old
-communicators closed, the current one open).
+pyccl shared-memory mappings (/proc/self/maps) and /dev/shm names pyccl*, before the first
+round and after the last (old communicators closed, the current one open), and /dev/shm
+before and after the whole job.
 """
 import argparse
 import json
@@ -29,8 +30,11 @@ HERE = os.path.abspath(__file__)
 
 
 def _counts():
+    """(open fds, threads, pyccl shared-memory mappings of this process, /dev/shm pyccl names)."""
     import threading
-    return len(os.listdir("/proc/self/fd")), threading.active_count()
+    with open("/proc/self/maps") as f:
+        maps = len({ln.split()[-2 if ln.rstrip().endswith("(deleted)") else -1] for ln in f if "pyccl" in ln})
+    return len(os.listdir("/proc/self/fd")), threading.active_count(), maps, len(_shm())
 
 
 def rank_main(rounds: int, victims: list) -> None:
@@ -183,7 +187,7 @@ def main():
             print(f"     only {res['finished']} of {n} final ranks reported", flush=True)
         if a.leaks:
             same = sum(1 for b, af in res["fds_threads"] if b == af)
-            print(f"     fds/threads equal before and after on {same} of {len(res['fds_threads'])} ranks that "
+            print(f"     (fds, threads, shm mappings, /dev/shm names) equal before and after on {same} of {len(res['fds_threads'])} ranks that "
                   f"lived through every round {sorted(set(map(str, res['fds_threads'])))[:4]}; "
                   f"/dev/shm pyccl segments: {res['shm_before']} before the job, {res['shm_after']} after",
                   flush=True)
