@@ -494,11 +494,13 @@ class ShmEngine(ShmCollectives, ShmPricing):
         path (8-byte calls are mostly Python time). It must do exactly what run_all_reduce does,
         since ranks take one path or the other by their own queue's state: an empty call
         touches no segment."""
-        a = call.out.array
-        if not a.size or self._c is None:
+        a, n = call.out.array, call.count
+        if not n or self._c is None:
             return self._check(self.res.queue.what("all_reduce", seq))
         p = _from_buffer(a)
-        rc = lib.pyccl_coll_all_reduce(self._c, p, p, a.size, _DTYPE_CODE[a.dtype], _OP_BY_ID[id(call.redop)], -1,
+        # the Call's fields, not the array's: attribute and str-keyed lookups, 0.06 us against 0.10
+        # (plus a second a.size) measured with timeit here, of ~3 us per 8-byte call
+        rc = lib.pyccl_coll_all_reduce(self._c, p, p, n, CODE_BY_NAME[call.dtype], _OP_BY_ID[id(call.redop)], -1,
                                        self.timeout)
         if rc:
             self._fail(rc, self.res.queue.what("all_reduce", seq), "all_reduce")
