@@ -173,7 +173,8 @@ def main():
         rank_main(int(a.rank[0]), [int(v) for v in a.rank[1].split(",")])
         return
     print(f"# kill -> shrink -> grow(1), one host, {os.cpu_count()} cores; spans in s: median (min-max) "
-          f"over rounds; to the first all_reduce on the new communicator")
+          f"over rounds; to the first all_reduce on the new communicator; load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
     print(f"{'N':>4} {'rounds':>6} {'shrink':>22} {'grow(1)':>22} {'correct':>12} {'store req/member':>17} {'+ building':>11}")
     out = []
     for n in [int(s) for s in a.sizes.split(",")]:
@@ -191,6 +192,7 @@ def main():
                   f"lived through every round {sorted(set(map(str, res['fds_threads'])))[:4]}; "
                   f"/dev/shm pyccl segments: {res['shm_before']} before the job, {res['shm_after']} after",
                   flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
