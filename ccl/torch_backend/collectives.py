@@ -58,7 +58,7 @@ class CollectivesMixin:
     def allreduce(self, tensors, opts=None):
         lane = self._lane
         if lane is not None and type(tensors) is list and len(tensors) == 1 and self._q.broken is None and \
-                not self._q.inflight:
+                self._q.inflight == self._q.detached:
             # Fast lane: one small contiguous CUDA tensor, nothing queued (see the module doc).
             t = tensors[0]
             if type(opts) is _AllreduceOptions:

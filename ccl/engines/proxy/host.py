@@ -43,7 +43,8 @@ class ProxyHost:
         self.programs = {}
         self.handled = 0                 # the last call number whose network phase ran
         self.eager_done = 0              # the tag of the last eager call among them
-        self.spin = 5e-5
+        self.spin = 0.0                  # sleep at once: spinning in Python would hold the GIL the
+                                         # caller's thread needs to queue the next calls
 
     # -- the jobs --
     def drain(self, tag, what):
@@ -91,7 +92,7 @@ class ProxyHost:
             return
         w = self.words
         start = time.monotonic()
-        spin_end, deadline, nap = start + self.spin, start + self.timeout, 2e-5
+        spin_end, deadline, nap = start + self.spin, start + self.timeout, 1e-5
         while not ready():
             if w[ERROR]:
                 code = int(w[ERROR])
@@ -102,7 +103,7 @@ class ProxyHost:
                 raise Timeout(f"{what}: rank {self.rank} waited {self.timeout:g}s for {doing}")
             if now > spin_end:
                 time.sleep(nap)
-                nap = min(nap * 2, 1e-3)
+                nap = min(nap * 1.5, 2e-4)
 
 
 class _FlagStager:

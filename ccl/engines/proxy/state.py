@@ -218,8 +218,37 @@ class ProxyState:
         self.raise_if_failed(what)
 
     def torch_all_reduce(self):
-        """The torch backend's one-host lane does not apply across hosts."""
-        return lambda tensor, op, async_op: False
+        """The torch backend's fast lane (ccl/engines/cuda/lane.py's contract): ``lane(tensor, op,
+        async_op)`` launches the kernel of a program the general path made already and queues its
+        host part, without torch Work, validation or engine choice; returns None (synchronous),
+        the end event (async_op) or False (anything else: the general path runs it, the same way)."""
+        from ..cuda.lane import _torch_maps
+        from ..reproducible import takes
+        get_stream, get_device, dtypes, ops = _torch_maps()
+        q, host, dev, res = self.res.queue, self.host, self.dev, self.res
+        cache = {}
+
+        def lane(t, opname, async_op):
+            key = (t.data_ptr(), t.numel(), t.dtype, opname)
+            prog = cache.get(key)
+            if prog is None:
+                dtype, op = dtypes.get(t.dtype), ops.get(opname)
+                if dtype is None or op is None or (res.reproducible and takes(dtype, op)):
+                    return False
+                n = t.numel()
+                prog = self.programs.get(("all_reduce", dtype, -1, op, None, None, True, n, n, True))
+                if prog is None:            # the general path makes it
+                    return False
+                cache[key] = prog
+            if get_device() != dev or not t.is_contiguous() or q.inflight != q.detached or self._closed:
+                return False
+            caller = get_stream(dev)
+            if self.rt.streamIsCapturing(caller):
+                return False
+            tag, end = self.launch(prog, caller, key[0], key[0], False)
+            q.run("all_reduce", lambda what: host.drain(tag, what), True, detached=True)
+            return end if async_op else None
+        return lane
 
     def abort(self):
         self.words[ABORT] = 1
