@@ -143,3 +143,20 @@ def test_proxied_collective_on_host(groups, size, name, dtype, opname):
     for count in (0, 1, 13, 1000):
         out = g.run(_proxied, name, dtype, count, opname, size - 1, 2)
         assert not any(out), f"{name} {dtype} {opname} x{count}: {out}"
+
+
+def test_gpudirect_choice():
+    """ccl/engines/proxy/gdr.py: dmabuf before peermem, only over ibverbs, and why not."""
+    from pyccl.engines.proxy.gdr import choose, probe
+    assert choose("ibverbs", True, True, True)[0] == "dmabuf"
+    assert choose("ibverbs", True, False, True)[0] == "peermem"
+    assert choose("ibverbs", False, True, True)[0] == "peermem"
+    way, why = choose("ibverbs", True, False, False)
+    assert way is None and "ibv_reg_dmabuf_mr" in why and "nvidia_peermem" in why
+    way, why = choose("ibverbs", False, False, False)
+    assert way is None and "dma-buf" in why
+    way, why = choose("tcp", True, True, True)
+    assert way is None and "sockets" in why
+    facts = probe(0)                       # this machine: no GPU, no peermem; the call must not fail
+    assert set(facts) == {"dmabuf_gpu", "dmabuf_verbs", "peermem"}
+    assert choose("ibverbs", **facts)[0] in (None, "dmabuf", "peermem")

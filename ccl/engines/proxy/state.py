@@ -88,6 +88,14 @@ class ProxyState:
         self.replay_queued = False
         log.info("%s rank %d: CUDA buffers across hosts through the proxy on cuda:%d (arena %d B)",
                  res.tag, res.rank, self.dev, self.arena_cap)
+        if log.isEnabledFor(logging.INFO):
+            from .gdr import choose, probe
+            way, why = choose(res.transport_name if res.transport_name != "auto" else
+                              ("ibverbs" if any(type(c).__name__ == "IbvConnection" for c in res.conns.values())
+                               else "tcp"), **probe(self.dev))
+            log.info("%s rank %d: GPUDirect RDMA %s (%s); the proxy stages through its pinned arena either way "
+                     "(the GPUDirect data path is not built: no NIC here offers it)", res.tag, res.rank,
+                     f"possible by {way}" if way else "not possible", why)
 
     def _alloc(self, nbytes):
         ptr, view = _pinned(self.rt, nbytes)
