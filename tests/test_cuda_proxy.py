@@ -169,3 +169,60 @@ def test_peer_killed_during_replays():
     assert val[0] in ("PeerFailure", "Timeout", "TransportError", "PycclError"), val
     assert val[1] < 30, val
     assert val[3] == 8.0, val
+
+
+def scenario_torch_graphs(rank, size, port):
+    """Through torch.distributed (backend "pyccl"), every rank its own host: dist.all_reduce
+    captured in a CUDA graph and replayed with new inputs, and a tensor-parallel layer whose
+    output goes through the functional all_reduce, compiled with mode="reduce-overhead" (CUDA
+    graphs), equal to eager."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+    import pyccl.torch_backend  # noqa: F401 - registers "pyccl"
+    dev = _dev(rank)
+    dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            device_id=dev)
+    res = {}
+    x = torch.zeros(70_001, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        dist.all_reduce(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dist.all_reduce(x)
+    ok = True
+    for it in range(20):
+        x.fill_(float(rank + it))
+        g.replay()
+        torch.cuda.synchronize()
+        ok &= bool((x == sum(r + it for r in range(size))).all())
+    res["dist.all_reduce captured, 20 replays"] = ok
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256, device=dev)[:, rank * 128:(rank + 1) * 128].contiguous()    # this rank's shard
+
+    def layer(inp):
+        return fc.all_reduce(inp[:, rank * 128:(rank + 1) * 128] @ w.t(), "sum", dist.group.WORLD)
+
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    same = True
+    for it in range(6):
+        torch.manual_seed(100 + it)
+        inp = torch.randn(8, 256, device=dev)
+        want = layer(inp)
+        got = compiled(inp).clone()
+        torch.cuda.synchronize()
+        same &= bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+    res["compiled reduce-overhead TP layer == eager"] = same
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
+def test_torch_graphs_across_hosts():
+    from spawned import assert_every_check_passed
+    envs = [{"PYCCL_TIMEOUT": "30", "PYCCL_HOST_ID": f"host{r}"} for r in range(2)]
+    out = run_spawned(__name__, "scenario_torch_graphs", 2, envs, 240)
+    assert_every_check_passed(out, 2)
