@@ -62,4 +62,3 @@ class LocalLink(Link):
     def signal(self, slot, value):
         with self.lock:
             self.board.add(self.peer, slot, value)
-        self.board.notify()

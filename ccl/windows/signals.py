@@ -11,7 +11,6 @@ the data.
 import mmap
 import os
 import secrets
-import threading
 
 import numpy as np
 
@@ -49,7 +48,6 @@ class Board:
         self.cells = np.frombuffer(self.mm, np.int64, size * nslots).reshape(size, nslots)
         self.address = self.cells.ctypes.data  # a peer probes cross-memory access on it
         self.consumed = np.zeros(nslots, np.int64)
-        self.cond = threading.Condition()       # a TCP origin's signal wakes waiters at once
 
     def value(self, slot: int) -> int:
         return int(self.cells[:, slot].sum()) - int(self.consumed[slot])
@@ -60,10 +58,6 @@ class Board:
     def add(self, origin: int, slot: int, value: int) -> None:
         """The single writer of row `origin` (this rank for itself, or its service thread)."""
         self.cells[origin, slot] += value
-
-    def notify(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
 
     def unlink(self) -> None:
         """Once every peer has mapped it: nothing is left behind if a process dies."""

@@ -195,8 +195,15 @@ class Window:
         if board.value(slot) >= value:
             board.consume(slot, value)
             return
-        start = time.monotonic()
         limit = self.timeout if timeout is None else float(timeout)
+        if self.service is None:
+            return self._wait(slot, value, limit, None)
+        with self.service.serving() as svc:      # read the TCP peers' requests here, no hand-off
+            return self._wait(slot, value, limit, svc)
+
+    def _wait(self, slot, value, limit, svc):
+        board = self.board
+        start = time.monotonic()
         check_at, pause = start + 0.05, 1e-5
         while True:
             if board.value(slot) >= value:
@@ -210,10 +217,14 @@ class Window:
                 raise Timeout(f"{self.name} wait_signal: rank {self.rank} waited {limit:g}s for signal slot "
                               f"{slot} to reach {value}; it holds {board.value(slot)}")
             if self._polls and now - start < _SPIN_S:
+                if svc is not None:
+                    svc.poll(0)
                 os.sched_yield()             # a same-host signal is a store: look again soon
+            elif svc is not None:            # TCP requests wake this thread; same-host ones are polled
+                svc.poll(pause if self._polls else min(0.05, limit))
+                pause = min(pause * 2, 1e-3)
             else:
-                with board.cond:             # a TCP signal wakes it; same-host ones are polled
-                    board.cond.wait(pause if self._polls else min(0.05, limit))
+                time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
 
     def _check_peers(self, slot, value):
