@@ -168,6 +168,32 @@ def rank_bad_input(comm):
     return untouched, float(buf[-1]), msgs
 
 
+def rank_two_windows_split_and_resources(comm):
+    """Two windows open at once (one on a split communicator), then every fd, thread and
+    /dev/shm file they took is given back (measured on the second of two rounds: the first
+    opens the communicator's lazy connections)."""
+    import threading
+    me = comm.rank
+    for _ in range(2):
+        before = (len(os.listdir("/proc/self/fd")), threading.active_count())
+        sub = comm.split(me % 2)
+        a, b = np.zeros(comm.size, np.int32), np.zeros(sub.size, np.float64)
+        with comm.window(a) as wa, sub.window(b) as wb:
+            for p in range(comm.size):
+                wa.put(np.array([me + 1], np.int32), p, offset=me, signal=0)
+            for p in range(sub.size):
+                wb.put(np.array([me + 0.5]), p, offset=sub.rank, signal=5)
+            wa.wait_signal(0, comm.size)
+            wb.wait_signal(5, sub.size)
+            ok = a.tolist() == list(range(1, comm.size + 1)) and \
+                b.tolist() == [r + 0.5 for r in range(comm.size) if r % 2 == me % 2]
+            comm.barrier()
+        sub.close()
+        comm.barrier()
+        after = (len(os.listdir("/proc/self/fd")), threading.active_count())
+    return [] if ok and after == before else [f"a {a} b {b}; fds/threads before {before} after {after}"]
+
+
 # ---- tests ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_every_dtype_both_ends(groups, setup):
@@ -188,6 +214,15 @@ def test_large_puts_from_every_peer_at_once(groups, setup):
     size, kwargs, _ = SETUPS[setup]
     for bad in groups(size, **kwargs).run(rank_large, 600_001):
         assert bad == []
+
+
+@pytest.mark.parametrize("setup", ["shm", "tcp"])
+def test_two_windows_at_once_on_a_split_and_nothing_left(groups, setup):
+    size, kwargs, _ = SETUPS[setup]
+    shm_before = sorted(f for f in os.listdir("/dev/shm") if f.startswith("pyccl-win"))
+    for bad in groups(size, **kwargs).run(rank_two_windows_split_and_resources):
+        assert bad == []
+    assert sorted(f for f in os.listdir("/dev/shm") if f.startswith("pyccl-win")) == shm_before
 
 
 def test_torch_cpu_tensors(groups):
