@@ -264,6 +264,12 @@ def test_one_rank_window_and_its_checks():
                 with pytest.raises(pyccl.Timeout, match="slot 0 to reach 1; it holds 0"):
                     win.wait_signal(0, 1, timeout=0.2)
             assert buf.tolist() == [0.0, 1.0, 2.0]
+            with comm.window(np.zeros(0, np.int8), signals=1) as empty:   # a 0-element window
+                empty.put(np.zeros(0, np.int8), 0, signal=0)
+                empty.get(np.zeros(0, np.int8), 0)
+                empty.wait_signal(0, 1, timeout=1)
+                with pytest.raises(InvalidArgument, match="lie outside"):
+                    empty.put(np.zeros(1, np.int8), 0)
     finally:
         server.close()
 
