@@ -220,6 +220,8 @@ class Service:
         hdr = self.hdr
         _recv_into(sock, memoryview(hdr), who)
         op, slot, a, n = HDR.unpack(hdr)
+        if not -1 <= slot < self.board.nslots:
+            raise TransportError(f"{who}: signal slot {slot} of {self.board.nslots}")
         if op == PUT:
             if a < 0 or a + n > self.window.size:
                 raise TransportError(f"{who}: put of bytes [{a}, {a + n}) outside a window of {self.window.size}")
