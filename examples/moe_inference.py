@@ -22,6 +22,10 @@ of every MoE layer (expert parallelism). An MoE layer, on every rank:
  5. combine: the reverse all_to_all_single returns the rows; each token sums its k expert
     outputs times their weights locally, in slot order.
 
+With ``--dispatch window`` (pyccl on CPU) steps 2, 3 and 5 are one-sided puts into pyccl windows
+instead (``WindowExchange``: rows at fixed offsets per source, counts beside them, one signal per
+source; no collective), with bitwise the same result.
+
 No floating-point value is ever reduced across ranks, so the outputs are bitwise those of one
 process that does the same arithmetic: `--sim-ranks N` (no launcher) runs the world's ranks in
 turn in one process, with the all-to-alls replaced by list shuffles, and must give exactly the
@@ -63,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--splits", choices=("host", "device"), default="host",
                    help="all-to-all split sizes as Python ints (host, the default) or CUDA tensors (device: "
                         "pyccl on CUDA only; EQUAL on an H100; timings in bench/RESULTS.md)")
+    p.add_argument("--dispatch", choices=("all_to_all", "window"), default="all_to_all",
+                   help="dispatch and combine by all_to_all_single (default) or by one-sided puts into "
+                        "pyccl windows (window: --backend pyccl on CPU)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)
@@ -125,6 +132,55 @@ class Exchange:
         with self.prof(f"all_to_all {what}"):
             ccl_torch.all_to_all_single(out, buf, out_splits[0], in_splits[0])
         return [out[:int(out_splits[0].sum())]]         # the host learns the count after queuing
+
+
+class WindowExchange:
+    """The same exchanges by one-sided puts into pyccl windows (``--dispatch window``, issue 30):
+    every source writes its rows for rank d into d's window at row ``source * cap`` (cap: the
+    most rows one source can send one rank, all of its own), its per-expert counts beside them,
+    then one signal; the target waits for one signal per source. No collective and no
+    split-size exchange ahead of the data: each rank learns what arrived from what arrived.
+    The rows land in source order, as all_to_all_single delivers them, so the output is
+    bitwise the same. A rank may put layer l+1 into a peer's window only after that peer
+    answered layer l (its combine), so no region is written while it is read."""
+    device_splits = False
+
+    def __init__(self, rt: par.Runtime, prof: par.Profiler, cap: int, d: int, per_rank: int):
+        import pyccl.torch_backend as ccl_torch
+        self.world, self.ranks, self.rank, self.prof = rt.world, [rt.rank], rt.rank, prof
+        self.cap, self.per_rank = cap, per_rank
+        self.counts_buf = torch.zeros(rt.world * per_rank, dtype=torch.int64)
+        self.bufs = {w: torch.zeros(rt.world * cap, d) for w in ("dispatch", "combine")}
+        self.wins = {w: ccl_torch.window(b, signals=3) for w, b in
+                     (("counts", self.counts_buf), *self.bufs.items())}
+        self.slot = {"counts": 0, "dispatch": 1, "combine": 2}
+        self.sent = None
+
+    def counts(self, cs):
+        win = self.wins["counts"]
+        with self.prof("window counts"):
+            mine = cs[0].view(self.world, self.per_rank)
+            for dst in range(self.world):
+                win.put(mine[dst].contiguous(), dst, offset=self.rank * self.per_rank, signal=0)
+            win.wait_signal(0, self.world)
+        return [self.counts_buf.view(self.world, self.per_rank).clone()]
+
+    def rows(self, what, bufs, in_splits, out_splits, out_rows):
+        win, buf, d = self.wins[what], bufs[0], bufs[0].shape[1]
+        with self.prof(f"window {what}"):
+            start = 0
+            for dst, n in enumerate(in_splits[0]):
+                if n > self.cap:
+                    raise SystemExit(f"{n} rows for rank {dst} exceed the window's {self.cap} per source")
+                win.put(buf[start:start + n].reshape(-1), dst, offset=self.rank * self.cap * d, signal=self.slot[what])
+                start += n
+            win.wait_signal(self.slot[what], self.world)
+            got = self.bufs[what].view(self.world, self.cap, d)
+            return [torch.cat([got[src, :n] for src, n in enumerate(out_splits[0])])]
+
+    def close(self):
+        for win in self.wins.values():
+            win.close()
 
 
 class SimExchange:
@@ -277,7 +333,13 @@ def run(a, rt: par.Runtime) -> dict | None:
     device_splits = a.splits == "device"
     if device_splits and (a.backend != "pyccl" or rt.device.type != "cuda"):
         raise SystemExit("--splits device needs --backend pyccl --device cuda")
-    ex = Exchange(rt, prof, device_splits)
+    if a.dispatch == "window":
+        if a.backend != "pyccl" or rt.device.type != "cpu" or device_splits:
+            raise SystemExit("--dispatch window needs --backend pyccl --device cpu (CUDA windows: not yet)")
+        # the most rows one source sends one rank: all of its tokens' copies, at the prefill
+        ex = WindowExchange(rt, prof, a.batch // rt.world * a.prompt * a.top_k, a.d_model, per)
+    else:
+        ex = Exchange(rt, prof, device_splits)
     log = []
     if rt.rank == 0 and not a.quiet:
         print(f"[moe_inference] {a.backend} on {rt.device.type}: {rt.world} ranks x {per} experts "
@@ -297,6 +359,8 @@ def run(a, rt: par.Runtime) -> dict | None:
                 prof.add_step(dt)
             all_times.append(times)
 
+    if a.dispatch == "window":
+        ex.close()
     mine = {"tokens": tokens[0].cpu(), "logits": logits[0].cpu(), "splits": log, "timing": prof.summary(),
             "times": all_times}
     everyone = par.gather_objects(rt, mine)

@@ -128,6 +128,16 @@ def test_moe_pyccl(tmp_path, one_thread):
 
 
 @pytest.mark.timeout(60)
+def test_moe_window_dispatch(tmp_path, one_thread):
+    """--dispatch window (one-sided puts, issue 30) gives bitwise the all_to_all dispatch's output."""
+    args = ["--warmup", "0", "--dispatch", "window"]
+    stdout, res = launch("moe_inference.py", args + ["--profile"], tmp_path)
+    check_moe(args, res)
+    for kind in ("window counts", "window dispatch", "window combine"):
+        assert kind in stdout
+
+
+@pytest.mark.timeout(60)
 def test_moe_gloo_torchrun(tmp_path, one_thread):
     args = ["--backend", "gloo", "--warmup", "0", "--seed", "7"]
     _, res = launch("moe_inference.py", args, tmp_path, launcher="torchrun")
