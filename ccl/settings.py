@@ -134,7 +134,8 @@ _DECLARED = (
             "with streaming (non-temporal) stores; `0`: never", "shm"),
     Setting("PYCCL_SHM_CMA_BYTES", "bytes", 0, "all_reduce, reduce_scatter, all_gather and broadcast from this "
             "size per rank read the peers' buffers in place (cross-memory attach); `0`: never (the default: "
-            "process_vm_readv copied at 6-13 GB/s against memcpy's 11-45 on the 2-core VM); read on rank 0", "shm"),
+            "on the 2-core VM the kernel's copy ran 2-4x slower than memcpy in cache, no faster beyond); read on "
+            "rank 0", "shm"),
     Setting("PYCCL_SHM_STREAM", "choice", "auto", "stores into shared memory: `auto` times plain and streaming "
             "per op and size and uses the faster; `0` plain, `1` streaming", "shm", choices=("auto", "0", "1")),
     Setting("PYCCL_SHM_SLOTS", "int", 8, "slots per ring of the shm transport (one ring per directed pair; "

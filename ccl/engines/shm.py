@@ -21,10 +21,14 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
   all-gather (rank r reads slice q of peer q's output), three handshakes in all.  A probe at
   set-up reads a word of every peer; where the kernel refuses (ptrace restrictions, other
   pid namespaces) every rank keeps to the segment path and PYCCL_DEBUG=INFO says why.
-  Off by default because it lost everywhere it was measured (bench/JOURNAL.md, 2026-12-07,
-  issue 33): the kernel's copy ran at 6-13 GB/s against memcpy's 11-45 GB/s on the 2-core VM
-  (32 MiB L3), and CMA copies too, so all_reduce keeps two copies and a reduction per rank
-  either way; 2 and 4 ranks, 1-128 MiB, every op 1.0-1.8x slower than the segment path.
+  Off by default: it did not pay where it was measured (bench/JOURNAL.md, 2026-12-07, issue 33;
+  bench/single_copy.py).  process_vm_readv is a copy too (so all_reduce keeps two copies and a
+  reduction per rank, as the segment path does), and on the 2-core VM (32 MiB L3) it ran 2-4x
+  slower than memcpy while the data sits in cache (9-28 against 45-48 GB/s at 1-4 MiB) and no
+  faster beyond (6-13 against 10-12 GB/s at 128 MiB).  Same processes, rounds alternated:
+  2 ranks, all_gather and reduce_scatter slower at every size (segment/single 0.42-0.98),
+  all_reduce and broadcast from 0.53x to 1.23x; 4 ranks on 2 cores mixed (0.43-1.57), no op
+  or size faster in every run.
 Reductions always run in rank order (in_0 op in_1 op ...), so every rank gets the same bits,
 and they equal :func:`reduce_in_order`, the numpy twin the tests compare against.
 
