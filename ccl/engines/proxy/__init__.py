@@ -43,7 +43,7 @@ from ...dtypes import DTYPES
 from ...errors import InvalidArgument
 from ..base import DeviceEngine, EngineBase
 from ..cuda.submit import cuda_args, device_splits
-from ..staged import _OPS, StagedEngine
+from ..staged import _OPS, StagedEngine, StagedWork
 
 
 class ProxyEngine(DeviceEngine):
@@ -126,17 +126,13 @@ class ProxyEngine(DeviceEngine):
     def finish(self, call, outcome):
         if call.async_op:
             tag, end, view = call.stream
-            return ProxyWork(outcome, self.state, end, view)
+            return ProxyWork(outcome, self.state, view, end)
         return None
 
 
-class ProxyWork:
+class ProxyWork(StagedWork):
     """The Work of an async proxied call: wait() makes the current stream wait for the kernel's
     end (the host does not wait, unless a timeout is given); errors of the proxy re-raise."""
-
-    def __init__(self, work, st, end, view):
-        self._work, self._st, self._end, self._view = work, st, end, view
-        self.what = work.what
 
     def wait(self, timeout=None) -> bool:
         if self._work.is_completed() and self._work.exception() is not None:
@@ -147,15 +143,3 @@ class ProxyWork:
             self._work.wait(timeout)
             st.synchronize(self.what, self._end, timeout)
         return True
-
-    def is_completed(self) -> bool:
-        if not self._work.is_completed():
-            return False
-        return self._work.exception() is not None or self._st.rt.eventQuery(self._end) == 0
-
-    def exception(self):
-        return self._work.exception()
-
-    @property
-    def result(self):
-        return None
