@@ -58,6 +58,13 @@ def _job(tmp_path, body, members, joiners=(), env=None, secret=None, wait=40):
         server.close()
 
 
+def _elastic_launch(tmp_path, body, n):
+    prog = tmp_path / "prog.py"
+    prog.write_text(HEAD + textwrap.dedent(body))
+    return subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", str(n), str(prog)],
+                          capture_output=True, text=True, timeout=55, env={**os.environ, "PYCCL_TIMEOUT": "15"})
+
+
 def _lines(out, prefix):
     return {name: [ln for ln in text.splitlines() if ln.startswith(prefix)] for name, text in out.items()}
 
@@ -234,11 +241,7 @@ comm.close()
 def test_launcher_elastic_replaces_a_dead_rank(tmp_path):
     """pyccl.launch --elastic: rank 2 of 4 dies, the survivors shrink and grow(1), the
     replacement joins as rank 3; the job exits 0."""
-    prog = tmp_path / "prog.py"
-    prog.write_text(HEAD + textwrap.dedent(ELASTIC))
-    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "4", str(prog)],
-                       capture_output=True, text=True, timeout=50,
-                       env={**os.environ, "PYCCL_TIMEOUT": "15"})
+    r = _elastic_launch(tmp_path, ELASTIC, 4)
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("ELASTIC"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert lines == [f"ELASTIC {i} 4 10.0 {i == 3}" for i in range(4)], r.stdout + r.stderr
@@ -289,11 +292,7 @@ def test_torch_group_shrinks_and_grows(tmp_path):
     """A "pyccl" group over 3 ranks loses rank 1, shrinks, grows to the replacement; the
     default (gloo) group still stands on the survivors."""
     pytest.importorskip("torch")
-    prog = tmp_path / "prog.py"
-    prog.write_text(HEAD + textwrap.dedent(TORCH))
-    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "3", str(prog)],
-                       capture_output=True, text=True, timeout=55,
-                       env={**os.environ, "PYCCL_TIMEOUT": "15"})
+    r = _elastic_launch(tmp_path, TORCH, 3)
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("TORCH"))
     assert lines == ["TORCH 0 3 6.0 2.0 3", "TORCH 1 3 6.0 2.0 3", "TORCH 2 3 6.0 2.0 None"], r.stdout + r.stderr
 
