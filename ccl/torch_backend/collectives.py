@@ -41,7 +41,7 @@ class CollectivesMixin:
         """The CUDA fast lane of the collectives other than all_reduce (engines/cuda/lane.py
         ``torch_copies``): a torch Work, or None when the call takes the general path."""
         lane = self._copy_lane
-        if lane is None or self._q.broken is not None or self._q.inflight or not out.is_cuda:
+        if lane is None or self._q.broken is not None or self._q.inflight != self._q.detached or not out.is_cuda:
             return None
         try:
             r = lane(name, out, inp, arg, getattr(opts, "asyncOp", True) if opts is not None else True)

@@ -44,6 +44,7 @@ from ...errors import InvalidArgument
 from ..base import DeviceEngine, EngineBase
 from ..cuda.submit import cuda_args, device_splits
 from ..staged import _OPS, StagedEngine, StagedWork
+from .program import program_key
 
 
 class ProxyEngine(DeviceEngine):
@@ -55,8 +56,8 @@ class ProxyEngine(DeviceEngine):
     host_async = True                 # the host part runs queued even for a synchronous call
     price = StagedEngine.price
 
-    def __init__(self, res, flat):
-        self.res, self.flat = res, flat
+    def __init__(self, res, flat, describe=None):
+        self.res, self.flat, self.describe = res, flat, describe     # describe: the communicator's Validator
         self.state = None
         self._forced = settings.get("PYCCL_ENGINE") == "proxy"
         self._like = types.SimpleNamespace(flat=flat, rank=res.rank, size=res.size)
@@ -77,7 +78,7 @@ class ProxyEngine(DeviceEngine):
                 raise InvalidArgument("the first collective on CUDA buffers across hosts cannot be captured in a "
                                       "CUDA graph: it sets up the proxy (pinned memory, the kernel); run one call "
                                       "before capturing")
-            st = self.state = ProxyState(self.res, view.device)
+            st = self.state = ProxyState(self.res, view.device, self.describe)
         elif st.dev != view.device:
             raise InvalidArgument(f"buffer is on cuda:{view.device} but this communicator's rank {self.res.rank} "
                                   f"works on cuda:{st.dev} (one GPU per rank and communicator)")
@@ -90,9 +91,7 @@ class ProxyEngine(DeviceEngine):
         rt = st.rt
         capturing = rt.streamIsCapturing(caller) != 0
         inp, out = call.inp, call.out
-        key = (call.op, call.dtype, call.root, call.redop, call.in_splits, call.out_splits, call.even,
-               inp.array.size if inp is not None else -1, out.array.size if out is not None else -1,
-               inp is not None and out is not None and inp.array.ptr == out.array.ptr)
+        key = program_key(call)
         prog = st.programs.get(key)
         if prog is None:
             prog = st.program(key, lambda: self._build(call), capturing, call.op)

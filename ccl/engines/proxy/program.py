@@ -32,6 +32,14 @@ MAX_ITEMS = 32768
 MAX_PASSES = 8192
 
 
+def program_key(call) -> tuple:
+    """What makes two calls one program: everything but the buffers' addresses (and the tag)."""
+    inp, out = call.inp, call.out
+    return (call.op, call.dtype, call.root, call.redop, call.in_splits, call.out_splits, call.even,
+            inp.array.size if inp is not None else -1, out.array.size if out is not None else -1,
+            inp is not None and out is not None and inp.array.ptr == out.array.ptr)
+
+
 class Program:
     """See the module doc. `staged` is the staged engine's description of the call (its
     ``_Call``: plan, chunk, device views by name, fetch, flush, op, avg, inplace)."""

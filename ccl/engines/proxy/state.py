@@ -46,11 +46,12 @@ def _pinned(rt, nbytes):
 class ProxyState:
     staged = True
 
-    def __init__(self, res, device: int):
+    def __init__(self, res, device: int, describe=None):
         from pyccl.transports import cuda_ipc
         self.cupy = cupy = cuda_ipc._cupy()
         self.rt = rt = cupy.cuda.runtime
         self.res, self.dev = res, int(device)
+        self.describe = describe         # the communicator's Validator (the torch copy lane's calls)
         self.timeout = res.timeout
         self._launch = cuda_ipc.launcher()
         self._params = cuda_ipc.KernelParams
@@ -256,6 +257,63 @@ class ProxyState:
             tag, end = self.launch(prog, caller, key[0], key[0], False)
             q.run("all_reduce", lambda what: host.drain(tag, what), True, detached=True)
             return end if async_op else None
+        return lane
+
+    def torch_copies(self):
+        """The torch backend's lane of the other collectives (ccl/engines/cuda/lane.py's contract:
+        ``lane(name, out, inp, arg, async_op)``, name all_gather, all_to_all, broadcast,
+        reduce_scatter or reduce), for programs the general path made already."""
+        from ..cuda.lane import _torch_maps
+        from .program import program_key
+        get_stream, get_device, dtypes, ops = _torch_maps()
+        q, host, dev = self.res.queue, self.host, self.dev
+        describe = self.describe
+        if describe is None:
+            return None
+        cache = {}
+
+        def lane(name, out, inp, arg, async_op):
+            key = (name, out.data_ptr(), inp.data_ptr(), out.numel(), inp.numel(), out.dtype, arg)
+            hit = cache.get(key)
+            if hit is None:
+                hit = prepare(name, out, inp, arg)
+                if hit is None:             # the general path makes the program first
+                    return False
+                cache[key] = hit
+            if hit is False or get_device() != dev or not out.is_contiguous() or not inp.is_contiguous() or \
+                    q.inflight != q.detached or self._closed:
+                return False
+            caller = get_stream(dev)
+            if self.rt.streamIsCapturing(caller):
+                return False
+            prog, dev_in, dev_out = hit
+            tag, end = self.launch(prog, caller, dev_in, dev_out, False)
+            q.run(name, lambda what: host.drain(tag, what), True, detached=True)
+            return end if async_op else None
+
+        def prepare(name, out, inp, arg):
+            try:
+                if name == "all_gather":
+                    call = describe.all_gather(out, inp, False)
+                elif name == "all_to_all":
+                    call = describe.all_to_all(out, inp, None, None, False)
+                elif name == "broadcast":
+                    call = describe.broadcast(out, arg, False)
+                elif name == "reduce_scatter":
+                    call = describe.reduce_scatter(out, inp, ops[arg], False)
+                elif name == "reduce":
+                    call = describe.reduce(out, arg[0], ops[arg[1]], False)
+                else:
+                    return False
+            except (PycclError, KeyError):
+                return False
+            if call.reproducible or call.kind != "cuda":
+                return False
+            prog = self.programs.get(program_key(call))
+            if prog is None:
+                return None
+            return prog, call.inp.array.ptr if call.inp is not None else 0, \
+                call.out.array.ptr if call.out is not None else 0
         return lane
 
     def abort(self):
