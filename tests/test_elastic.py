@@ -307,3 +307,22 @@ def test_example_elastic_train_matches(tmp_path):
                        env={**os.environ, "PYCCL_TIMEOUT": "20"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "joined as rank 3 of 4 at step 5" in r.stdout and r.stdout.strip().endswith("MATCH"), r.stdout + r.stderr
+
+
+DIFFERENT_N = """
+comm = pyccl.init()
+try:
+    comm.grow(1 + comm.rank, timeout=5)
+    say("GREW")
+except pyccl.InvalidArgument as e:
+    say("ERROR", str(e).replace(chr(10), " "))
+x = np.ones(2)
+comm.all_reduce(x)
+say("OLD-OK", x[0])
+"""
+
+
+def test_members_asking_for_different_n(tmp_path):
+    out = _job(tmp_path, DIFFERENT_N, 2)
+    for r in (0, 1):
+        assert "different numbers of new ranks: {0: 1, 1: 2}" in out[f"m{r}"] and "OLD-OK 2.0" in out[f"m{r}"], out
