@@ -27,7 +27,7 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
   slower than memcpy while the data sits in cache (9-28 against 45-48 GB/s at 1-4 MiB) and no
   faster beyond (6-13 against 10-12 GB/s at 128 MiB).  Same processes, rounds alternated:
   2 ranks, all_gather and reduce_scatter slower at every size (segment/single 0.42-0.98),
-  all_reduce and broadcast from 0.53x to 1.23x; 4 ranks on 2 cores mixed (0.43-1.57), no op
+  all_reduce and broadcast from 0.53x to 1.23x; 4 ranks on 2 cores mixed (0.43-1.63), no op
   or size faster in every run.
 Reductions always run in rank order (in_0 op in_1 op ...), so every rank gets the same bits,
 and they equal :func:`reduce_in_order`, the numpy twin the tests compare against.
