@@ -30,7 +30,7 @@ log = logging.getLogger("pyccl")
 
 HDR = struct.Struct("<BxxxiqQ")      # op, slot, offset or value, nbytes
 PUT, SIGNAL, GET, GET_REPLY, FLUSH, FLUSH_REPLY = 1, 2, 3, 4, 5, 6
-LINGER_S = 1e-3                      # after a waiter leaves, the thread waits this long to take over
+LINGER_S = 2e-3                      # after a waiter leaves, the thread waits this long to take over
 _INLINE = 16384                      # payloads up to this go out with their header in one send
 
 
@@ -170,11 +170,11 @@ class Service:
     def _serve(self):
         while True:
             with self.idle:
-                while not self.stop:
-                    rest = 0 if self.guests else self.left_at + LINGER_S - time.monotonic()
-                    if not self.guests and rest <= 0:
+                while not self.stop:             # looked at every LINGER_S: a waiter that
+                    quiet = time.monotonic() - self.left_at      # leaves wakes nobody
+                    if not self.guests and quiet >= LINGER_S:
                         break
-                    self.idle.wait(None if self.guests else rest)
+                    self.idle.wait(LINGER_S if self.guests else LINGER_S - quiet)
             with self.mutex:
                 if self.stop or not self.socks:
                     return
@@ -203,17 +203,20 @@ class Service:
         with self.idle:
             self.guests += 1
         try:
-            os.write(self.wake_w, b"!")          # the thread leaves its select
-        except BlockingIOError:
-            pass
-        try:
-            with self.mutex:
+            if not self.mutex.acquire(blocking=False):
+                try:
+                    os.write(self.wake_w, b"!")  # the thread leaves its poll
+                except BlockingIOError:
+                    pass
+                self.mutex.acquire()
+            try:
                 yield self
+            finally:
+                self.mutex.release()
         finally:
             with self.idle:
                 self.guests -= 1
                 self.left_at = time.monotonic()  # the thread takes over after LINGER_S
-                self.idle.notify()
 
     def _one(self, p, sock):
         who = f"window service of rank {self.rank}, requests of {self.names(p)}"

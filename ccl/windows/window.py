@@ -41,7 +41,6 @@ from .tcp import Service, TcpLink, open_links
 DEFAULT_SIGNALS = 64
 _REC = struct.Struct("<16sQQQQQII200s")   # dtype, count, address, board address, pid, pidns, slots, cma, board path
 _NUMBERS = weakref.WeakKeyDictionary()    # communicator -> its window numbers (the same on every rank)
-_SPIN_S = 50e-6                           # a same-host waiter spins this long before it sleeps
 
 
 class Window:
@@ -61,6 +60,7 @@ class Window:
         self.buffer, self.dtype, self.signals = b, b.dtype, int(nslots)
         self.bytes = b.array.view(np.uint8)
         self.timeout = comm.timeout
+        self._spin = settings.get("PYCCL_SPIN_US") * 1e-6   # a wait polls this long before it sleeps
         self.closed = False
         self.service = None
         self.board = Board(self.size, self.signals, f"{self.number}")
@@ -216,10 +216,10 @@ class Window:
             if now - start > limit:
                 raise Timeout(f"{self.name} wait_signal: rank {self.rank} waited {limit:g}s for signal slot "
                               f"{slot} to reach {value}; it holds {board.value(slot)}")
-            if self._polls and now - start < _SPIN_S:
+            if now - start < self._spin:     # poll without sleeping first, as the executor does
                 if svc is not None:
                     svc.poll(0)
-                os.sched_yield()             # a same-host signal is a store: look again soon
+                os.sched_yield()
             elif svc is not None:            # TCP requests wake this thread; same-host ones are polled
                 svc.poll(pause if self._polls else min(0.05, limit))
                 pause = min(pause * 2, 1e-3)
