@@ -70,7 +70,7 @@ def rank_every_dtype(comm, expect):
             if not same(got[4 * me:4 * me + 4], values(me, peer, 4, dtype)) or not same(tail, got[-1:]):
                 bad.append(f"{dtype}: get from rank {peer} gave {got}")
             comm.barrier()                        # nobody reads a window another closes
-    if kinds != {expect}:
+    if expect is not None and kinds != {expect}:
         bad.append(f"links {kinds}, expected {expect}")
     return bad
 
