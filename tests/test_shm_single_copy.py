@@ -3,7 +3,9 @@ process_vm_readv.  Off by default (PYCCL_SHM_CMA_BYTES=0), so these tests turn i
 tiny threshold and run test_shm.py's bit-for-bit fast-path checks through it (sizes on both
 sides of the threshold), compare the C results with the numpy twin, and make the kernel refuse
 (a non-dumpable rank, CAP_SYS_PTRACE dropped) to see every rank fall back, say why at INFO, and
-a refusal in the middle of a call raise an error instead of a hang or wrong bytes.
+a refusal in the middle of a call raise an error instead of a hang or wrong bytes; and inputs
+that overlap the output where the peers read them (the C copies them first; a build without that
+copy fails test_threads_overlapping_buffers).
 """
 import ctypes
 import logging
@@ -161,3 +163,29 @@ def test_refused_cross_memory_attach_falls_back():
     finally:
         g.close()
     assert not failures, failures
+
+
+def _overlapping_buffers(coll):
+    """Inputs that overlap the output where the peers read them: the C copies them first."""
+    assert coll.single_copy_bytes == 4096, coll.single_copy_bytes
+    bad, P, r, n = [], coll.size, coll.rank, 3001
+    every = [make(q, n, "float32") for q in range(P)]
+    out = np.zeros(n * P + 1, np.float32)
+    out[r * n + 1:r * n + 1 + n] = every[r]                   # in = out shifted by one element
+    coll.all_gather(out[:n * P], out[r * n + 1:r * n + 1 + n], "t")
+    if not np.array_equal(out[:n * P], np.concatenate(every)):
+        bad.append("all_gather, input overlapping another block of the output")
+    full = [make(q, n * P, "float32", "sum", salt=3) for q in range(P)]
+    inp = full[r].copy()
+    nxt = (r + 1) % P                                         # out = this rank's block r+1 of inp
+    coll.reduce_scatter(inp[nxt * n:(nxt + 1) * n], inp, ReduceOp("sum"), "t")
+    want = reduce_in_order([f[r * n:(r + 1) * n] for f in full], "sum")
+    if not np.array_equal(_bits(inp[nxt * n:(nxt + 1) * n]), _bits(want)):
+        bad.append("reduce_scatter, output overlapping a block the peers read")
+    return bad
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_threads_overlapping_buffers(size):
+    res = run_threads(size, _overlapping_buffers, env={k: v for k, v in CMA.items() if k != "PYCCL_TRANSPORT"})
+    assert not any(res), res
