@@ -1,13 +1,16 @@
-/* Private to the shared-memory C files (shm.c, shm_coll.c, shm_coll_ops.c; never cdef'ed):
- * the macros, small helpers, the writes into shared areas and the collectives' segment layout
- * that more than one of them uses.  shm.h is the contract with Python.
+/* Private to the shared-memory C files (shm.c, shm_coll.c, shm_coll_ops.c, shm_cma.c; never
+ * cdef'ed): the macros, small helpers, the writes into shared areas, the collectives' segment
+ * layout and the step protocol's helpers that more than one of them uses.  shm.h is the
+ * contract with Python.
  *
  * The split: shm.c holds the segments and the slot rings (the shm transport); shm_coll.c a
  * collectives segment (set-up, failure records, signature checks, waiting for a peer);
  * shm_coll_ops.c one collective call (its begin and end, the choice of stores, the
- * algorithms and their per-step helpers).  Helpers called per step stay `static` in the file
- * that calls them, so the split moves no inlining on the hot path; the two functions shared
- * between files (wait_one, aborted) are hidden (not exported from pyccl._native).
+ * algorithms and their per-step helpers); shm_cma.c the single-copy algorithms (peers'
+ * buffers read in place with process_vm_readv).  Helpers called per step are `static` (here
+ * or in the file that calls them), so the split moves no inlining on the hot path; the
+ * functions shared between files (wait_one, aborted, fail, cma_*) are hidden (not exported
+ * from pyccl._native).
  */
 #ifndef PYCCL_SHM_INTERNAL_H
 #define PYCCL_SHM_INTERNAL_H
