@@ -27,7 +27,9 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#if defined(__linux__)
 #include <sys/uio.h>
+#endif
 
 #define CMA_MAX_RANKS 64
 #define CMA_PROBE_MAGIC 0x9e3779b97f4a7c15ULL
@@ -38,6 +40,7 @@ static size_t cma_block(const pyccl_coll *c) {
     return b < 16384 ? 16384 : b / 64 * 64;
 }
 
+#if defined(__linux__)
 int pyccl_cma_read(int pid, void *dst_, uint64_t src, size_t n) {
     char *dst = dst_;
     while (n) {
@@ -51,6 +54,12 @@ int pyccl_cma_read(int pid, void *dst_, uint64_t src, size_t n) {
     }
     return 0;
 }
+#else /* no cross-memory attach: the probe fails with ENOSYS and every rank keeps the segment */
+int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n) {
+    (void)pid, (void)dst, (void)src, (void)n;
+    return ENOSYS;
+}
+#endif
 
 /* n bytes of peer q at address src into dst, or fail the call naming q. */
 static int cma_read(pyccl_coll *c, int q, void *dst, uint64_t src, size_t n) {
