@@ -15,21 +15,22 @@ communicator's prefix)::
     J/taken      tickets handed to grows so far (only the job's one open grow moves it)
     J/open       counter: 1 while a grow of this job is deciding; a second one fails
     J/ans/<t>    the answer to joiner t: the new communicator's tag, rank, size and ids
-                 and where the members' records are, or the error that ended the grow
+                 and where the members' records are (written only once a grow claimed t)
     G/here/<r>   member r called grow(n) (value: n)
     G/lead       counter: the first member to call leads
     G/done       the leader's decision for the members (the joiners' records), or the error
     G/table      the members' records, for the joiners
 
-Store requests: a member 3 (set, add, get), the leader a fixed dozen (its waits are single
-blocking requests), a joiner 4. Everything the leader decides lands in one key per reader, so
-an error (members missing, n differing, another grow open, joiners late) reaches every
-member and every claimed joiner within the timeout, and the old communicator is never
-touched: after any failure it is as usable as before.
+Store requests: a member 3 (set, add, get), the leader 15 (its waits are single blocking
+requests), a joiner 4, whatever the size. The leader's decision lands in one key every member
+reads, so an error (members missing, n differing, another grow open, joiners late) reaches
+every member that called within the timeout. Joiners are claimed only when all n_new have
+come, so a failed grow leaves them waiting for the next one (or their own timeout). The old
+communicator is never touched: after any failure it is as usable as before.
 
 A grow ends with a barrier on the new communicator, so "returned" means "every member and
 joiner built it"; a joiner that dies before that makes the grow raise PeerFailure on the
-members (their old communicator still works; close the failed one's leftovers is done here).
+members (within the communicator's timeout), after closing what was built of the new one.
 """
 import json
 import logging
@@ -220,8 +221,6 @@ def join(cls, timeout=None, store=None, secret=None):
     except Timeout:
         raise Timeout(f"pyccl.join(): no grow took this process (ticket {t}) within {timeout:.0f}s; "
                       f"the members must call comm.grow(n)") from None
-    if "error" in ans:
-        raise _error(ans)
     n_old = ans["members"]
     table = store.get(ans["table"], timeout=timeout)
     records = bootstrap.unpack_records(table, n_old, f"pyccl.join() ticket {t}") + ans["joiners"]
