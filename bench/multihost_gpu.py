@@ -151,13 +151,15 @@ def main():
                     cells.append(f"{statistics.median(bw):.2f} GB/s [{min(bw):.2f}-{max(bw):.2f}]")
             print(f"| {s >> 20} MiB | " + " | ".join(cells) + " |")
         ref = "NCCL socket"
-        if ref in cols and "pyccl CUDA (staged)" in cols:
-            print("\nratios (median time): staged / NCCL, staged / pyccl CPU")
+        for mine in ("pyccl CUDA (proxy)", "pyccl CUDA (staged)"):
+            if ref not in cols or mine not in cols:
+                continue
+            print(f"\nratios (median time): {mine} / NCCL, / pyccl CPU")
             for s in sizes:
                 m = {n: statistics.median(res[(n, s)]) for n in cols}
                 cpu = m.get("pyccl CPU tensors")
-                print(f"  {s >> 20} MiB: busbw x{m[ref] / m['pyccl CUDA (staged)']:.2f} vs NCCL"
-                      + (f", x{cpu / m['pyccl CUDA (staged)']:.2f} vs pyccl CPU" if cpu else ""))
+                print(f"  {s >> 20} MiB: busbw x{m[ref] / m[mine]:.2f} vs NCCL"
+                      + (f", x{cpu / m[mine]:.2f} vs pyccl CPU" if cpu else ""))
         if "pyccl CUDA composed" in cols:
             print("\nratios (median time): composed / flat staged, composed / pyccl CPU tensors")
             for s in sizes:
