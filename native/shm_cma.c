@@ -98,6 +98,19 @@ static int overlap(const char *a, size_t na, const char *b, size_t nb) {
     return a < b + nb && b < a + na;
 }
 
+/* This rank's output overlaps its input where the peers read it: they read a copy (*own,
+ * freed by the caller) instead.  Returns 0 or the failure's code. */
+static int copy_for_peers(pyccl_coll *c, const char **in, size_t n, char **own) {
+    *own = malloc(n);
+    if (!*own) {
+        c->err_cause = ENOMEM;
+        return fail(c, PYCCL_SHM_CMA_FAILED, c->rank, c->g);
+    }
+    memcpy(*own, *in, n);
+    *in = *own;
+    return 0;
+}
+
 int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, double timeout) {
     const int P = c->nranks, me = c->rank;
     c->timeout = timeout;
@@ -196,16 +209,9 @@ int cma_reduce_scatter(pyccl_coll *c, char *out, const char *in, size_t count, i
     const int P = c->nranks, me = c->rank;
     const size_t item = itemsize(dtype), blk = cma_block(c), per = blk / item;
     const size_t total = (size_t)P * count * item;
-    char *own = NULL; /* out overlapping in where the peers read it: they read a copy */
-    if (overlap(out, count * item, in, total) && out != in + (size_t)me * count * item) {
-        own = malloc(total);
-        if (!own) {
-            c->err_cause = ENOMEM;
-            return fail(c, PYCCL_SHM_CMA_FAILED, c->rank, c->g);
-        }
-        memcpy(own, in, total);
-        in = own;
-    }
+    char *own = NULL;
+    if (overlap(out, count * item, in, total) && out != in + (size_t)me * count * item)
+        TRY(copy_for_peers(c, &in, total, &own));
     uint64_t ins[CMA_MAX_RANKS];
     int rc = exchange(c, (uint64_t)(uintptr_t)in, 0, ins, NULL);
     char *acc = c->cma_tmp + (size_t)P * blk;
@@ -237,15 +243,8 @@ int cma_all_gather(pyccl_coll *c, char *out, const char *in, size_t nbytes) {
     const int P = c->nranks, me = c->rank;
     char *mine = out + (size_t)me * nbytes;
     char *own = NULL;
-    if (in != mine && overlap(in, nbytes, out, (size_t)P * nbytes)) {
-        own = malloc(nbytes);
-        if (!own) {
-            c->err_cause = ENOMEM;
-            return fail(c, PYCCL_SHM_CMA_FAILED, c->rank, c->g);
-        }
-        memcpy(own, in, nbytes);
-        in = own;
-    }
+    if (in != mine && overlap(in, nbytes, out, (size_t)P * nbytes))
+        TRY(copy_for_peers(c, &in, nbytes, &own));
     uint64_t ins[CMA_MAX_RANKS];
     int rc = exchange(c, (uint64_t)(uintptr_t)in, 0, ins, NULL);
     for (int i = 1; i < P && !rc; i++) {

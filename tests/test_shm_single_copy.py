@@ -34,6 +34,11 @@ RANKS = [2, 3, 4]
 CMA = {**FAST, "PYCCL_SHM_CMA_BYTES": "4096"}
 
 
+def cma_threads(size, fn):
+    """fn(coll) on `size` ShmCollectives with single copy from 4 KiB, ranks as threads."""
+    return run_threads(size, fn, env={k: v for k, v in CMA.items() if k != "PYCCL_TRANSPORT"})
+
+
 def test_twin_equals_rank_order():
     """The slices change nothing elementwise: the twin is reduce_in_order, bit for bit."""
     for P in (2, 3, 4, 5):
@@ -68,7 +73,7 @@ def _cma_all_reduce(coll):
 @pytest.mark.parametrize("size", [2, 3])
 def test_threads_single_copy_bitwise(size):
     """Ranks as threads of one process (process_vm_readv of its own pid)."""
-    res = run_threads(size, _cma_all_reduce, env={k: v for k, v in CMA.items() if k != "PYCCL_TRANSPORT"})
+    res = cma_threads(size, _cma_all_reduce)
     assert not any(res), res
 
 
@@ -187,5 +192,5 @@ def _overlapping_buffers(coll):
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_threads_overlapping_buffers(size):
-    res = run_threads(size, _overlapping_buffers, env={k: v for k, v in CMA.items() if k != "PYCCL_TRANSPORT"})
+    res = cma_threads(size, _overlapping_buffers)
     assert not any(res), res
