@@ -161,6 +161,7 @@ class Service:
         self.poller = select.poll()              # not select(): descriptors may pass 1023
         self.poller.register(self.wake_r, select.POLLIN)
         self.by_fd = {}
+        self.watches = {}                        # other descriptors: fd -> what to call when readable
         for p, sock in socks.items():
             self.by_fd[sock.fileno()] = p
             self.poller.register(sock, select.POLLIN)
@@ -189,6 +190,9 @@ class Service:
                 except BlockingIOError:
                     pass
                 continue
+            if fd in self.watches:
+                self.watches[fd]()
+                continue
             p = self.by_fd.get(fd)
             if p is None or p not in self.socks:
                 continue
@@ -196,6 +200,12 @@ class Service:
                 self._one(p, self.socks[p])
             except (PeerFailure, Timeout, TransportError) as e:
                 self._drop(p, str(e))
+
+    def watch(self, fd: int, callback) -> None:
+        """Call `callback` whenever `fd` turns readable (an RDMA completion channel), in poll."""
+        with self.mutex:
+            self.watches[fd] = callback
+            self.poller.register(fd, select.POLLIN)
 
     @contextmanager
     def serving(self):

@@ -6,7 +6,8 @@ copies into a peer's window without the peer posting a receive, and tells it wit
 is one rank's. Every argument is checked here, against what each rank exposed, before any
 byte moves (`InvalidArgument`); then the call goes to the `Link` of the target
 (ccl/windows/base.py): this rank, a same-host peer through cross-memory attach
-(ccl/windows/cma.py), any other through the TCP emulation (ccl/windows/tcp.py).
+(ccl/windows/cma.py), a peer the communicator reaches over ibverbs through RDMA WRITE
+(ccl/windows/rdma.py), any other through the TCP emulation (ccl/windows/tcp.py).
 
 Choices (written down as the design asks where the issue is silent):
 - Offsets and counts are in elements of the target's window; a put's dtype must be the
@@ -36,6 +37,7 @@ from ..process import pid_namespace
 from .base import LocalLink
 from .cma import CmaLink, probe
 from .signals import Board, PeerBoard
+from .rdma import RdmaLink, release
 from .tcp import Service, TcpLink, open_links
 
 DEFAULT_SIGNALS = 64
@@ -63,6 +65,7 @@ class Window:
         self._spin = settings.get("PYCCL_SPIN_US") * 1e-6   # a wait polls this long before it sleeps
         self.closed = False
         self.service = None
+        self._mr = None
         self.board = Board(self.size, self.signals, f"{self.number}")
         self.links = {}
         try:
@@ -114,13 +117,24 @@ class Window:
                 tcp_peers.append(p)
         for b in boards.values():
             b.close()
-        socks = open_links(self.comm.conns.ctx, self.number, tcp_peers, self.timeout, self._who)
+        ctx = self.comm.conns.ctx
+        socks = open_links(ctx, self.number, tcp_peers, self.timeout, self._who)
         if socks:
+            rdma = self._rdma(ctx, [p for p in socks if self.comm.conns.transport_of(p) == "ibverbs"], socks)
             self.service = Service(me, self.bytes, self.board, {p: s[1] for p, s in socks.items()},
                                    self._who, f"window{self.number}")
             for p, (req, _) in socks.items():
-                self.links[p] = TcpLink(p, req, self.service, self._who(p))
+                tcp = TcpLink(p, req, self.service, self._who(p))
+                self.links[p] = RdmaLink(rdma[p], tcp, self.timeout) if p in rdma else tcp
+            for pair in rdma.values():
+                self.service.watch(pair.arm(), pair.events)
         self._polls = any(lk.kind == "cma" for lk in self.links.values())
+
+    def _rdma(self, ctx, peers, socks) -> dict:
+        """RDMA pairs for the peers the communicator reaches over ibverbs (ccl/windows/rdma.py)."""
+        from .rdma import connect_pairs
+        pairs, self._mr, self._mr_mem = connect_pairs(ctx, self.board, self.bytes, peers, socks, self._who)
+        return pairs
 
     def _who(self, p) -> str:
         return f"{self.name}: rank {p}"
@@ -255,6 +269,9 @@ class Window:
         for link in self.links.values():
             link.close()
         self.links = {}
+        if self._mr is not None:
+            release(self._mr)
+            self._mr = None
         self.board.close()
 
     def transport(self, peer) -> str:

@@ -1,0 +1,226 @@
+"""Windows between hosts over ibverbs: RDMA WRITE for put, WRITE_WITH_IMM for the signal.
+
+One reliable-connected QP per pair and window carries both directions: this rank's puts go
+out as RDMA WRITEs straight into the peer's registered window (registered once, at creation);
+a signal is a zero-byte WRITE_WITH_IMM whose immediate holds (slot, value), so it lands after
+the earlier writes on the QP (RC order) and consumes one posted receive at the target, whose
+completion adds the value to the origin's row of the board. Whoever polls the completion
+queue applies it under `RdmaPair.lock` (one writer of that row): the origin waiting for its
+own write's completion, or the target's `Service` (the completion channel's descriptor is in
+its poll set). `put` returns once the write is acknowledged, so it has landed and `flush` has
+nothing to wait for. `get` goes through the pair's TCP link (RDMA READ: not yet). The set-up
+cards travel over the window's TCP sockets, which also tell of a peer that dies.
+"""
+import json
+import random
+import threading
+import time
+
+import numpy as np
+
+from .. import settings
+from ..errors import PeerFailure, Timeout, TransportError
+from ..transports.ibverbs.device import _Device
+from ..transports.ibverbs.verbs import (_ACCESS_FULL, _WC_RECV_RDMA_WITH_IMM, _WC_RETRY_EXC_ERR,
+                                        _WC_RNR_RETRY_EXC_ERR, _errstr, _native)
+from .base import Link
+
+_K_SEND, _K_RECV = 1, 2
+_VALUE_BITS = 20                          # immediate = slot << 20 | value
+_VALUE_MAX = (1 << _VALUE_BITS) - 1
+MAX_SLOTS = 1 << (32 - _VALUE_BITS)
+SQ_DEPTH, RQ_DEPTH = 16, 256
+_RNR_FOREVER = 7                          # a signal waits for the target to repost, never fails on it
+
+
+def device(ctx):
+    return _Device.get(ctx.bind_host)
+
+
+class RdmaPair:
+    """The QP to one peer and its completion queue (both directions)."""
+
+    def __init__(self, peer: int, dev, board, who: str):
+        ffi, lib = _native()
+        self.ffi, self.lib, self.peer, self.dev, self.board, self.who = ffi, lib, peer, dev, board, who
+        qpns = ffi.new("uint32_t[]", 1)
+        err = ffi.new("char[512]")
+        self.c = lib.pv_conn_create(dev.handle, 1, SQ_DEPTH, RQ_DEPTH, qpns, err, 512)
+        if self.c == ffi.NULL:
+            self.c = None
+            raise TransportError(f"{who}: cannot create a QP on {dev.name}: {_errstr(err)}")
+        self.qpn, self.psn = qpns[0], random.getrandbits(24)
+        self.wcs = ffi.new("struct pv_wc[]", 32)
+        self.lock = threading.Lock()          # CQ polls (and the board row they write)
+        self.send_lock = threading.Lock()     # one write in flight from this rank
+        self.sent = self.done = 0
+        self.error = None
+        self.remote = None
+
+    def card(self, addr: int, rkey: int) -> bytes:
+        d = self.dev
+        return json.dumps({"qpn": self.qpn, "psn": self.psn, "lid": d.lid, "gid": d.gid.hex(), "mtu": d.mtu,
+                           "eth": d.ethernet, "addr": addr, "rkey": rkey, "dev": d.name}).encode()
+
+    def connect(self, card: bytes) -> None:
+        r = self.remote = json.loads(card)
+        if r["eth"] != self.dev.ethernet:
+            raise TransportError(f"{self.who}: {r['dev']} and {self.dev.name} are on different link layers")
+        gid = self.ffi.new("uint8_t[16]", bytes.fromhex(r["gid"]))
+        err = self.ffi.new("char[512]")
+        if self.lib.pv_conn_connect(self.c, 0, r["qpn"], self.psn, r["psn"], gid, r["lid"], self.dev.gid_index,
+                                    min(self.dev.mtu, r["mtu"]), settings.get("PYCCL_IB_TIMEOUT"),
+                                    settings.get("PYCCL_IB_RETRY"), _RNR_FOREVER, err, 512):
+            raise TransportError(f"{self.who}: cannot connect the window's QP: {_errstr(err)}")
+        if self.lib.pv_post_recvs(self.c, 0, _K_RECV << 56, RQ_DEPTH):
+            raise TransportError(f"{self.who}: posting the window's receives failed")
+
+    def poll(self) -> None:
+        """Apply what completed: incoming signals to the board, this rank's writes as done."""
+        with self.lock:
+            if self.c is None:
+                return
+            n = self.lib.pv_poll(self.c, self.wcs, 32)
+            if n < 0:
+                self.error = self.error or f"polling its completion queue failed ({n})"
+            for i in range(max(n, 0)):
+                w = self.wcs[i]
+                if w.status:
+                    text = self.ffi.string(self.lib.pv_wc_status_str(w.status)).decode()
+                    gone = w.status in (_WC_RETRY_EXC_ERR, _WC_RNR_RETRY_EXC_ERR)
+                    self.error = self.error or (f"{'unreachable, ' if gone else ''}completion {text}")
+                    self.done += (w.wr_id >> 56) == _K_SEND
+                elif (w.wr_id >> 56) == _K_RECV and w.opcode == _WC_RECV_RDMA_WITH_IMM:
+                    slot = w.imm >> _VALUE_BITS
+                    if slot >= self.board.nslots:
+                        self.error = self.error or f"a signal for slot {slot} of {self.board.nslots}"
+                        continue
+                    self.board.add(self.peer, slot, w.imm & _VALUE_MAX)
+                    if self.lib.pv_post_recvs(self.c, 0, _K_RECV << 56, 1):
+                        self.error = self.error or "reposting a receive failed"
+                else:
+                    self.done += 1
+
+    def events(self) -> None:
+        """The completion channel's descriptor turned readable: take the events, re-arm, poll."""
+        with self.lock:
+            if self.c is None:
+                return
+            self.lib.pv_drain_events(self.c)
+        self.arm()
+
+    def arm(self) -> int:
+        with self.lock:
+            fd = self.lib.pv_arm(self.c) if self.c is not None else -1
+        self.poll()                           # what completed before arming raised no event
+        return fd
+
+    def write(self, laddr: int, n: int, lkey: int, offset: int, imm, timeout: float) -> None:
+        """One RDMA WRITE (with an immediate unless imm is None), returned once acknowledged."""
+        with self.send_lock:
+            if self.error:
+                raise PeerFailure(f"{self.who}: {self.error}")
+            rc = self.lib.pv_post_write(self.c, 0, _K_SEND << 56, laddr, n, lkey, self.remote["addr"] + offset,
+                                        self.remote["rkey"], imm is not None, imm or 0)
+            if rc:
+                raise TransportError(f"{self.who}: posting an RDMA WRITE failed ({rc})")
+            self.sent += 1
+            deadline = time.monotonic() + timeout
+            while self.done < self.sent:
+                self.poll()
+                if self.error:
+                    raise PeerFailure(f"{self.who}: {self.error}")
+                if time.monotonic() > deadline:
+                    raise Timeout(f"{self.who}: an RDMA WRITE was not acknowledged within {timeout:g}s")
+
+    def close(self) -> None:
+        with self.lock:
+            if self.c is not None:
+                self.lib.pv_conn_destroy(self.c)
+                self.c = None
+
+
+class RdmaLink(Link):
+    """A peer reached over ibverbs: puts and signals by RDMA, gets through the TCP link."""
+
+    kind = "rdma"
+
+    def __init__(self, pair: RdmaPair, tcp, timeout: float):
+        self.peer, self.pair, self.tcp, self.timeout = pair.peer, pair, tcp, timeout
+        self.mrs = pair.dev.mrs
+
+    def put(self, src, offset, slot):
+        n = src.size
+        if n == 0:
+            if slot >= 0:
+                self.signal(slot, 1)
+            return
+        e = self.mrs.acquire(memoryview(src), 1)
+        try:
+            self.pair.write(src.ctypes.data, n, e.lkey, offset, None if slot < 0 else slot << _VALUE_BITS | 1,
+                            self.timeout)
+        finally:
+            self.mrs.release(e)
+
+    def signal(self, slot, value):
+        while value > 0:
+            part = min(value, _VALUE_MAX)
+            self.pair.write(0, 0, 0, 0, slot << _VALUE_BITS | part, self.timeout)
+            value -= part
+
+    def get(self, dst, offset):
+        self.tcp.get(dst, offset)
+
+    def failure(self):
+        return self.pair.error or self.tcp.failure()
+
+    def close(self):
+        self.pair.close()
+        self.tcp.close()
+
+
+def release(entry) -> None:
+    """The window's registration is no longer used by it (it stays in the device's cache)."""
+    entry.users -= 1
+
+
+def connect_pairs(ctx, board, window, peers: list, socks: dict, names) -> tuple:
+    """({peer: RdmaPair}, memory region entry, the registered array): the window registered once
+    (an 8-byte stand-in for an empty one), a QP per peer,
+    the cards swapped over the pair's TCP sockets (mine out on my request socket, theirs in on
+    my service socket), then a ready byte each way once both QPs are connected."""
+    if not peers:
+        return {}, None, None
+    dev = device(ctx)
+    mem = window if window.size else np.zeros(8, np.uint8)
+    entry = dev.mrs.acquire(memoryview(mem), _ACCESS_FULL)
+    addr = mem.ctypes.data
+    pairs = {}
+    try:
+        for p in peers:
+            pairs[p] = RdmaPair(p, dev, board, names(p))
+            card = pairs[p].card(addr, entry.rkey)
+            socks[p][0].sendall(len(card).to_bytes(4, "little") + card)
+        for p in peers:
+            n = int.from_bytes(_read(socks[p][1], 4, names(p)), "little")
+            pairs[p].connect(_read(socks[p][1], n, names(p)))
+            socks[p][0].sendall(b"R")
+        for p in peers:
+            _read(socks[p][1], 1, names(p))
+    except BaseException:
+        for pair in pairs.values():
+            pair.close()
+        dev.mrs.release(entry)
+        raise
+    return pairs, entry, mem
+
+
+def _read(sock, n: int, who: str) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise PeerFailure(f"{who}: closed its window connection during set-up")
+        got += k
+    return bytes(buf)
