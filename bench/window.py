@@ -8,7 +8,9 @@ median one-way time over the rounds with the (min-max) spread.
 
 - send/recv: `comm.send(x, peer)` / `comm.recv(x, peer)`;
 - put+signal: `win.put(x, peer, signal=0)` / `win.wait_signal(0, 1)` on a window of the
-  same size (same host: cross-memory attach; `--transport tcp`: the TCP emulation).
+  same size (same host: cross-memory attach; config `tcp`: the TCP emulation; config `ibverbs`:
+  RDMA WRITE, where an RDMA device is, e.g. `tests/rdma/rxe-vm.sh python bench/window.py
+  --configs ibverbs`).
 
 Usage: `python bench/window.py` launches every configuration (`--configs shm,tcp`) on 2 local
 ranks through `python -m pyccl.launch` and prints a markdown table (`--json FILE` also saves
@@ -24,7 +26,8 @@ import time
 
 import numpy as np
 
-CONFIGS = {"shm": {}, "tcp": {"PYCCL_TRANSPORT": "tcp"}}
+CONFIGS = {"shm": {}, "tcp": {"PYCCL_TRANSPORT": "tcp"}, "ibverbs": {"PYCCL_TRANSPORT": "ibverbs"}}
+DEFAULT = ["shm", "tcp"]                 # ibverbs: where an RDMA device is (tests/rdma/rxe-vm.sh)
 
 
 def pingpong_sendrecv(comm, x, iters):
@@ -111,7 +114,7 @@ def driver(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS))
+    ap.add_argument("--configs", type=lambda s: s.split(","), default=DEFAULT)
     ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[8, 1 << 20])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5)
