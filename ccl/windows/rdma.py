@@ -24,6 +24,7 @@ from ..transports.ibverbs.device import _Device
 from ..transports.ibverbs.verbs import (_ACCESS_FULL, _WC_RECV_RDMA_WITH_IMM, _WC_RETRY_EXC_ERR,
                                         _WC_RNR_RETRY_EXC_ERR, _errstr, _native)
 from .base import Link
+from .tcp import _recv_into
 
 _K_SEND, _K_RECV = 1, 2
 _VALUE_BITS = 20                          # immediate = slot << 20 | value
@@ -215,12 +216,8 @@ def connect_pairs(ctx, board, window, peers: list, socks: dict, names) -> tuple:
     return pairs, entry, mem
 
 
+
 def _read(sock, n: int, who: str) -> bytes:
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise PeerFailure(f"{who}: closed its window connection during set-up")
-        got += k
+    _recv_into(sock, memoryview(buf), f"{who} (window set-up)")
     return bytes(buf)

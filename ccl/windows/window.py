@@ -24,7 +24,6 @@ Choices (written down as the design asks where the issue is silent):
 import itertools
 import os
 import struct
-import threading
 import time
 import weakref
 
