@@ -151,20 +151,27 @@ class CallQueue:
         with self._submit_lock:
             if not async_op and (self.inflight == 0 or threading.current_thread() is self._thread):
                 return self._execute(what, fn, entry)
-            if not async_op and beside and self.inflight == self.detached:
-                return self._execute(what, fn, entry, lock=False)
-            work = Work(what, self.timeout, on_end)
-            self.inflight += 1
-            self.detached += detached
-            self._queue.put((work, fn, entry, detached))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
-                                                daemon=True)
-                self._thread.start()
+            beside = not async_op and beside and self.inflight == self.detached
+            if not beside:
+                work = self._enqueue(what, fn, entry, on_end, detached)
+        if beside:          # outside the submit lock: a queued part must be able to end meanwhile
+            return self._execute(what, fn, entry, lock=False)
         if async_op:
             return work
         work.wait()
         return work.result
+
+    def _enqueue(self, what, fn, entry, on_end, detached):
+        """A Work for fn, queued for the progress thread (started on first use); under _submit_lock."""
+        work = Work(what, self.timeout, on_end)
+        self.inflight += 1
+        self.detached += detached
+        self._queue.put((work, fn, entry, detached))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name=f"pyccl-{self.tag}-r{self.rank}",
+                                            daemon=True)
+            self._thread.start()
+        return work
 
     def run_now(self, call, engine) -> bool:
         """A synchronous call on an engine's short path (`engine.short`, ccl/engines/base.py),
@@ -199,7 +206,11 @@ class CallQueue:
                     not self._idle.wait_for(lambda: self.inflight == self.detached, self.timeout):
                 raise Timeout(f"{self.what(op, self.seq + 1)}: the calls queued before it did not "
                               f"finish within the timeout of {self.timeout:.0f}s")
-            return self.run(op, fn, False, sig, call, counted=counted, beside=True)
+            if not self.inflight:        # nothing queued: under the lock, as any call on this thread
+                return self.run(op, fn, False, sig, call, counted=counted)
+        # only detached host parts are queued: beside them, without holding the submit lock (the
+        # body may make a synchronous call that queues behind them and waits)
+        return self.run(op, fn, False, sig, call, counted=counted, beside=True)
 
     def wait_idle(self, timeout) -> bool:
         """Wait until nothing is queued (at most `timeout` s): whether that happened."""

@@ -63,9 +63,9 @@ class ProxyState:
             self.words_ptr, raw = self._alloc(WORDS * 8)
             self.words = raw.view(np.uint64)
             self.words[:] = 0
-            self.ctrl = cupy.zeros(2, dtype=cupy.uint64)
-            cupy.cuda.runtime.deviceSynchronize()
             self.stream = rt.streamCreateWithFlags(1)           # non-blocking
+            self.ctrl = cupy.empty(2, dtype=cupy.uint64)        # zeroed on the stream the kernels use
+            rt.memsetAsync(self.ctrl.data.ptr, 0, 16, self.stream)
             self.fork = rt.eventCreateWithFlags(2)              # timing off
             self.ends = [rt.eventCreateWithFlags(2) for _ in range(_ENDS)]
             with open(_SOURCE) as f:
