@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""all_reduce of CUDA tensors across (emulated) hosts: pyccl (the proxy engine, and the staged
-engine it replaced, forced on a second group) vs NCCL socket vs Gloo vs pyccl on CPU tensors, in
+"""all_reduce of CUDA tensors across (emulated) hosts: pyccl (the proxy engine with PYCCL_PROXY=1,
+else the staged engine; the staged engine also forced on a second group) vs NCCL socket vs Gloo vs pyccl on CPU tensors, in
 the same processes, interleaved.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
@@ -95,7 +95,7 @@ def main():
             dist.all_reduce(t, group=pyc)
         finally:
             del os.environ["PYCCL_CUDA_COMPOSED"]
-    pyc_staged = dist.new_group(backend="pyccl")       # the same, forced onto the staged engine (before the proxy)
+    pyc_staged = dist.new_group(backend="pyccl")       # the same, forced onto the staged engine (with PYCCL_PROXY=1)
     staged_comm = _communicator(pyc_staged, dev)
     if staged_comm is not None:
         staged_comm.engines.forced = "staged"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The proxy engine (ccl/engines/proxy/) on one GPU machine, ranks posing as hosts (one GPU is
+# The proxy engine (ccl/engines/proxy/, PYCCL_PROXY=1 here) on one GPU machine, ranks posing as hosts (one GPU is
 # enough: ranks share it).   bench/proxy_gpu.sh [tests] [hosttime] [bench] [multihost]
 #   tests     tests/test_cuda_proxy.py (capture + replays, early return, a peer killed in replays)
 #   hosttime  bench/gpu_host_time.py with every rank its own host: host us per call, replay time
@@ -26,10 +26,10 @@ for m in ${*:-tests hosttime bench}; do
       tests/test_cuda_proxy.py ${PYTEST_ARGS:-} 2>&1 | tail -30 || FAILED=$((FAILED + 1)) ;;
   hosttime)
     timeout -k 5 "${HOST_BUDGET:-150}" $RUN --no-python bash -c \
-      'PYCCL_HOST_ID=host$RANK exec python3 bench/gpu_host_time.py --sizes ${SIZES:-8K,1M,16M,64M} --calls 20 --repeats 3' \
+      'PYCCL_PROXY=1 PYCCL_HOST_ID=host$RANK exec python3 bench/gpu_host_time.py --sizes ${SIZES:-8K,1M,16M,64M} --calls 20 --repeats 3' \
       2>&1 | grep -v "$QUIET" || FAILED=$((FAILED + 1)) ;;
   bench)
-    timeout -k 5 "${BENCH_BUDGET:-200}" $RUN bench/multihost_gpu.py ${BENCH_ARGS:-} 2>&1 | grep -v "$QUIET" \
+    PYCCL_PROXY=1 timeout -k 5 "${BENCH_BUDGET:-200}" $RUN bench/multihost_gpu.py ${BENCH_ARGS:-} 2>&1 | grep -v "$QUIET" \
       || FAILED=$((FAILED + 1)) ;;
   multihost)
     timeout -k 5 "${TESTS_BUDGET:-400}" python3 -m pytest -q -p no:cacheprovider --timeout=200 \

@@ -1,4 +1,4 @@
-"""The proxy engine on a real GPU (ccl/engines/proxy/): ranks posing as hosts, one rank each,
+"""The proxy engine on a real GPU (ccl/engines/proxy/, PYCCL_PROXY=1): ranks posing as hosts, one rank each,
 sharing the GPU(s) there are. Calls return before their transfer ends; CUDA graphs capture
 every op and each replay moves the new contents; a peer killed during replays makes the
 survivors raise within the timeout (and their stream does not hang). Skips without a GPU."""
@@ -106,7 +106,7 @@ def rank_returns_early(comm, n):
 
 @pytest.fixture(scope="module")
 def two_hosts(groups):
-    return groups(2, env={"PYCCL_TIMEOUT": "60"}, ranks_per_host=1)
+    return groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_PROXY": "1"}, ranks_per_host=1)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -161,7 +161,7 @@ def scenario_killed_in_replays(rank, size, port):
 
 
 def test_peer_killed_during_replays():
-    envs = [{"PYCCL_TIMEOUT": "10", "PYCCL_HOST_ID": f"host{r}"} for r in range(2)]
+    envs = [{"PYCCL_TIMEOUT": "10", "PYCCL_HOST_ID": f"host{r}", "PYCCL_PROXY": "1"} for r in range(2)]
     out = run_spawned(__name__, "scenario_killed_in_replays", 2, envs, 120)
     assert 0 in out, out
     kind, val = out[0]
@@ -223,6 +223,6 @@ def scenario_torch_graphs(rank, size, port):
 
 def test_torch_graphs_across_hosts():
     from spawned import assert_every_check_passed
-    envs = [{"PYCCL_TIMEOUT": "30", "PYCCL_HOST_ID": f"host{r}"} for r in range(2)]
+    envs = [{"PYCCL_TIMEOUT": "30", "PYCCL_HOST_ID": f"host{r}", "PYCCL_PROXY": "1"} for r in range(2)]
     out = run_spawned(__name__, "scenario_torch_graphs", 2, envs, 240)
     assert_every_check_passed(out, 2)

@@ -137,6 +137,10 @@ class StagedEngine(DeviceEngine):
                                   f"{self.res.rank} works on cuda:{st.dev} (one GPU per rank and communicator)")
         name, args = cuda_args(call)
         caller = view.caller_stream()
+        if st.rt.streamIsCapturing(caller):
+            raise InvalidArgument(f"{call.op}: CUDA collectives across hosts cannot be captured in a CUDA graph "
+                                  f"on the staged engine (the host moves the bytes, so a replay would not); "
+                                  f"set PYCCL_PROXY=1 (one rank per host: ccl/engines/proxy/)")
         from . import cuda_composed
         if cuda_composed.wanted(self.res, name, view.nbytes, st):   # several ranks per host
             st.composition()

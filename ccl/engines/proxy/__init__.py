@@ -1,4 +1,6 @@
-"""Device memory across hosts on the stream: the proxy engine.
+"""Device memory across hosts on the stream: the proxy engine (PYCCL_PROXY=1 or PYCCL_ENGINE=proxy;
+off by default until a torch.distributed scenario that hung with it on a GPU is understood, see
+bench/JOURNAL.md 2026-12-07).
 
 A collective on CUDA buffers whose ranks are on several hosts (one rank per host; with several
 ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py) is one kernel
@@ -59,14 +61,15 @@ class ProxyEngine(DeviceEngine):
     def __init__(self, res, flat, describe=None):
         self.res, self.flat, self.describe = res, flat, describe     # describe: the communicator's Validator
         self.state = None
+        self._on = settings.get("PYCCL_PROXY")
         self._forced = settings.get("PYCCL_ENGINE") == "proxy"
         self._like = types.SimpleNamespace(flat=flat, rank=res.rank, size=res.size)
         self._cap = max(4096, settings.get("PYCCL_STAGING_CHUNK"))
 
     def takes(self, call) -> bool:
         res = self.res
-        return res.hosts > 1 and (res.hosts == res.size or self._forced) and EngineBase.takes(self, call) \
-            and not device_splits(call)
+        return (self._on or self._forced) and res.hosts > 1 and (res.hosts == res.size or self._forced) and \
+            EngineBase.takes(self, call) and not device_splits(call)
 
     def _state(self, view, caller):
         st = self.state
