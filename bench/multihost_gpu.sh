@@ -10,13 +10,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 MODES=${*:-tests bench examples}
-if ! python3 -c "import pyccl.communicator" 2>/dev/null; then     # laid out from the tree (see gpu_suite.sh)
-  SITE=${PYCCL_SITE:-/tmp/pyccl-site}
-  rm -rf "$SITE"; mkdir -p "$SITE/pyccl"
-  cp -r ccl/. "$SITE/pyccl/"; rm -f "$SITE"/pyccl/_native*.so "$SITE"/pyccl/_verbs*.so
-  cp -r transports "$SITE/pyccl/transports"; cp -r topology "$SITE/pyccl/topology"
-  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/gpu_site.sh                  # pyccl laid out from the tree where it is not installed
 FAILED=0
 TORCHRUN="python3 -m torch.distributed.run --standalone"
 for m in $MODES; do
