@@ -224,8 +224,9 @@ class ShmCollectives:
                 missing = [r for r, have in enumerate(store.check(keys)) if not have]
                 raise Timeout(f"{tag}: rank {rank} waited {self.timeout:.0f}s for ranks {missing} to map "
                               f"the shared-memory segment {name}") from None
-            bad = [(r, v[1:].decode(errors="replace")) for r, v in
-                   ((r, store.get(k, timeout=self.timeout)) for r, k in enumerate(keys)) if v[:1] != b"1"]
+            values = store.multi_get(keys, self.timeout) if hasattr(store, "multi_get") else \
+                [store.get(k, timeout=self.timeout) for k in keys]      # one request, not one per rank
+            bad = [(r, v[1:].decode(errors="replace")) for r, v in enumerate(values) if v[:1] != b"1"]
         except BaseException:
             self.close()
             raise
