@@ -45,7 +45,7 @@ from ...dtypes import DTYPES
 from ...errors import InvalidArgument
 from ..base import DeviceEngine, EngineBase
 from ..cuda.submit import cuda_args, device_splits
-from ..staged import _OPS, StagedEngine, StagedWork
+from ..staged import _OPS, StagedEngine, StagedWork, _OnDevice
 from .program import program_key
 
 
@@ -98,15 +98,9 @@ class ProxyEngine(DeviceEngine):
         prog = st.programs.get(key)
         if prog is None:
             prog = st.program(key, lambda: self._build(call), capturing, call.op)
-        prev = rt.getDevice()
-        if prev != st.dev:
-            rt.setDevice(st.dev)
-        try:
+        with _OnDevice(rt, st.dev):
             tag, end = st.launch(prog, caller, inp.array.ptr if inp is not None else 0,
                                  out.array.ptr if out is not None else 0, capturing)
-        finally:
-            if prev != st.dev:
-                rt.setDevice(prev)
         call.stream = (tag, end, view)
 
     def _build(self, call):

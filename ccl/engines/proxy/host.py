@@ -43,8 +43,6 @@ class ProxyHost:
         self.programs = {}
         self.handled = 0                 # the last call number whose network phase ran
         self.eager_done = 0              # the tag of the last eager call among them
-        self.spin = 0.0                  # sleep at once: spinning in Python would hold the GIL the
-                                         # caller's thread needs to queue the next calls
 
     # -- the jobs --
     def drain(self, tag, what):
@@ -86,24 +84,22 @@ class ProxyHost:
 
     # -- waiting on the device --
     def _wait(self, ready, what, doing):
-        """Poll ready() (spin briefly, then sleep with a growing nap), bounded by the timeout and
-        by the kernel's error word."""
+        """Poll ready(), sleeping from the first miss with a growing nap (spinning in Python would
+        hold the GIL the caller's thread needs to queue the next calls), bounded by the timeout
+        and by the kernel's error word."""
         if ready():
             return
         w = self.words
-        start = time.monotonic()
-        spin_end, deadline, nap = start + self.spin, start + self.timeout, 1e-5
+        deadline, nap = time.monotonic() + self.timeout, 1e-5
         while not ready():
             if w[ERROR]:
                 code = int(w[ERROR])
                 raise PycclError(f"{what}: rank {self.rank}'s proxy kernel {ERRORS.get(code, code)} "
                                  f"(call {int(w[ERR_CALL])}, step {int(w[ERR_WHERE])}) while the host waited for {doing}")
-            now = time.monotonic()
-            if now > deadline:
+            if time.monotonic() > deadline:
                 raise Timeout(f"{what}: rank {self.rank} waited {self.timeout:g}s for {doing}")
-            if now > spin_end:
-                time.sleep(nap)
-                nap = min(nap * 1.5, 2e-4)
+            time.sleep(nap)
+            nap = min(nap * 1.5, 2e-4)
 
 
 class _FlagStager:

@@ -62,7 +62,6 @@ class Program:
             self.regions["avg"] = (off, views["out"].nbytes)
             off += -(-max(views["out"].nbytes, 1) // _ALIGN) * _ALIGN
         self.arena_bytes = off
-        self.counts = {n: v.size for n, v in views.items()}
         # the walk the executor will take, and what each pass reads first / writes last
         lay = layout(self.plan, max(1, chunk_bytes // item))
         self.total = lay.total

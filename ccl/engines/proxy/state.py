@@ -232,31 +232,22 @@ class ProxyState:
         host part, without torch Work, validation or engine choice; returns None (synchronous),
         the end event (async_op) or False (anything else: the general path runs it, the same way)."""
         from ..cuda.lane import _torch_maps
-        from ..reproducible import takes
         get_stream, get_device, dtypes, ops = _torch_maps()
-        q, host, dev, res = self.res.queue, self.host, self.dev, self.res
+        if self.describe is None:
+            return lambda tensor, op, async_op: False
         cache = {}
 
         def lane(t, opname, async_op):
             key = (t.data_ptr(), t.numel(), t.dtype, opname)
-            prog = cache.get(key)
-            if prog is None:
-                dtype, op = dtypes.get(t.dtype), ops.get(opname)
-                if dtype is None or op is None or (res.reproducible and takes(dtype, op)):
+            hit = cache.get(key)
+            if hit is None:
+                hit = self._known(lambda: self.describe.all_reduce(t, ops[opname], False))
+                if hit is None:             # the general path makes the program first
                     return False
-                n = t.numel()
-                prog = self.programs.get(("all_reduce", dtype, -1, op, None, None, True, n, n, True))
-                if prog is None:            # the general path makes it
-                    return False
-                cache[key] = prog
-            if get_device() != dev or not t.is_contiguous() or q.inflight != q.detached or self._closed:
+                cache[key] = hit
+            if hit is False or get_device() != self.dev or not t.is_contiguous():
                 return False
-            caller = get_stream(dev)
-            if self.rt.streamIsCapturing(caller):
-                return False
-            tag, end = self.launch(prog, caller, key[0], key[0], False)
-            q.run("all_reduce", lambda what: host.drain(tag, what), True, detached=True)
-            return end if async_op else None
+            return self._lane_launch("all_reduce", hit, get_stream(self.dev), async_op)
         return lane
 
     def torch_copies(self):
@@ -264,57 +255,58 @@ class ProxyState:
         ``lane(name, out, inp, arg, async_op)``, name all_gather, all_to_all, broadcast,
         reduce_scatter or reduce), for programs the general path made already."""
         from ..cuda.lane import _torch_maps
-        from .program import program_key
         get_stream, get_device, dtypes, ops = _torch_maps()
-        q, host, dev = self.res.queue, self.host, self.dev
         describe = self.describe
         if describe is None:
             return None
+        calls = {"all_gather": lambda out, inp, arg: describe.all_gather(out, inp, False),
+                 "all_to_all": lambda out, inp, arg: describe.all_to_all(out, inp, None, None, False),
+                 "broadcast": lambda out, inp, arg: describe.broadcast(out, arg, False),
+                 "reduce_scatter": lambda out, inp, arg: describe.reduce_scatter(out, inp, ops[arg], False),
+                 "reduce": lambda out, inp, arg: describe.reduce(out, arg[0], ops[arg[1]], False)}
         cache = {}
 
         def lane(name, out, inp, arg, async_op):
             key = (name, out.data_ptr(), inp.data_ptr(), out.numel(), inp.numel(), out.dtype, arg)
             hit = cache.get(key)
             if hit is None:
-                hit = prepare(name, out, inp, arg)
+                make = calls.get(name)
+                hit = self._known(lambda: make(out, inp, arg)) if make is not None else False
                 if hit is None:             # the general path makes the program first
                     return False
                 cache[key] = hit
-            if hit is False or get_device() != dev or not out.is_contiguous() or not inp.is_contiguous() or \
-                    q.inflight != q.detached or self._closed:
+            if hit is False or get_device() != self.dev or not out.is_contiguous() or not inp.is_contiguous():
                 return False
-            caller = get_stream(dev)
-            if self.rt.streamIsCapturing(caller):
-                return False
-            prog, dev_in, dev_out = hit
-            tag, end = self.launch(prog, caller, dev_in, dev_out, False)
-            q.run(name, lambda what: host.drain(tag, what), True, detached=True)
-            return end if async_op else None
-
-        def prepare(name, out, inp, arg):
-            try:
-                if name == "all_gather":
-                    call = describe.all_gather(out, inp, False)
-                elif name == "all_to_all":
-                    call = describe.all_to_all(out, inp, None, None, False)
-                elif name == "broadcast":
-                    call = describe.broadcast(out, arg, False)
-                elif name == "reduce_scatter":
-                    call = describe.reduce_scatter(out, inp, ops[arg], False)
-                elif name == "reduce":
-                    call = describe.reduce(out, arg[0], ops[arg[1]], False)
-                else:
-                    return False
-            except (PycclError, KeyError):
-                return False
-            if call.reproducible or call.kind != "cuda":
-                return False
-            prog = self.programs.get(program_key(call))
-            if prog is None:
-                return None
-            return prog, call.inp.array.ptr if call.inp is not None else 0, \
-                call.out.array.ptr if call.out is not None else 0
+            return self._lane_launch(name, hit, get_stream(self.dev), async_op)
         return lane
+
+    def _known(self, describe_call):
+        """(program, input pointer, output pointer) for a lane call described by the communicator's
+        Validator; False where a lane never takes it (bad input, reproducible mode, host memory);
+        None while the general path has not made its program."""
+        from .program import program_key
+        try:
+            call = describe_call()
+        except (PycclError, KeyError):
+            return False
+        if call.reproducible or call.kind != "cuda":
+            return False
+        prog = self.programs.get(program_key(call))
+        if prog is None:
+            return None
+        return prog, call.inp.array.ptr if call.inp is not None else 0, call.out.array.ptr if call.out is not None else 0
+
+    def _lane_launch(self, name, hit, caller, async_op):
+        """A lane's call: the kernel on the stream, the host part queued behind the others; False
+        when the queue holds other than host parts, the state is closed or the stream captures."""
+        q = self.res.queue
+        if q.inflight != q.detached or self._closed or self.rt.streamIsCapturing(caller):
+            return False
+        prog, dev_in, dev_out = hit
+        tag, end = self.launch(prog, caller, dev_in, dev_out, False)
+        host = self.host
+        q.run(name, lambda what: host.drain(tag, what), True, detached=True)
+        return end if async_op else None
 
     def abort(self):
         self.words[ABORT] = 1
