@@ -3,6 +3,7 @@
 
     python bench/elastic.py --sizes 8,32,64 --rounds 3          # times per N
     python bench/elastic.py --sizes 16 --rounds 10 --leaks      # the 10-round leak count
+    python bench/elastic.py --sizes 64 --trace --profile 5      # where a grow's span goes
 
 The driver hosts a store (as pyccl.launch does), starts N ranks with pyccl.launch's variables
 and one waiting joiner per round (`pyccl.join()`). Each round: a barrier, one rank exits
@@ -15,7 +16,10 @@ with the first all_reduce on the new communicator. Store requests per member dur
 new communicator (the same for shrink and split: shm set-up). --leaks: fds and threads of the ranks that live through every round,
 pyccl shared-memory mappings (/proc/self/maps) and /dev/shm names pyccl*, before the first
 round and after the last (old communicators closed, the current one open), and /dev/shm
-before and after the whole job.
+before and after the whole job. --trace: per round, when the last member (and the joiner) had
+the leader's decision, had constructed the new communicator, passed its barrier, the broadcast
+and the all_reduce, and the CPU time of a member's grow: on 2 cores a span is bounded below by
+the ranks' CPU time over 2, so it tells waiting from work. --profile R: cProfile rank R's grow.
 """
 import argparse
 import json
@@ -37,23 +41,36 @@ def _counts():
     return len(os.listdir("/proc/self/fd")), threading.active_count(), maps, len(_shm())
 
 
-def rank_main(rounds: int, victims: list) -> None:
+def rank_main(rounds: int, victims: list, profile=None) -> None:
     import numpy as np
 
     import pyccl
     from pyccl import elastic
     from pyccl.store import STATS
     in_build = [0]
+    marks = []                                # --trace: decided, constructed, built (barrier done)
     build = elastic._build
 
-    def counted_build(*a, **k):               # requests of building the communicator itself
+    def counted_build(cls, *a, **k):          # requests of building the communicator itself
         before = STATS["requests"]
+        marks[:] = [time.time()]
+
+        def make(*a2, **k2):
+            c = cls(*a2, **k2)
+            marks.append(time.time())
+            return c
         try:
-            return build(*a, **k)
+            return build(make, *a, **k)
         finally:
             in_build[0] += STATS["requests"] - before
+            marks.append(time.time())
     elastic._build = counted_build
+    prof = None
+    if profile is not None and os.environ.get("ELASTIC_ROLE") != "joiner":
+        import cProfile
+        prof = cProfile.Profile()
     joined = os.environ.get("ELASTIC_ROLE") == "joiner"
+    joined_at = [time.time()]
     comm = pyccl.join() if joined else pyccl.init()
     first = 0
     if joined:                                   # which round took us: rank 0 says
@@ -62,11 +79,13 @@ def rank_main(rounds: int, victims: list) -> None:
         first = int(r[0]) + 1
         z = np.full(3, comm.rank + 1.0)
         comm.all_reduce(z)                       # the grow's first all_reduce, with the members
+        t = time.time()
+        out_join = {"k": first - 1, "marks": [joined_at[0]] + marks + [t]}
     x = np.ones(8, np.float32)
     if not joined:
         comm.all_reduce(x)
     before = _counts()
-    out = {"pid": os.getpid(), "rounds": []}
+    out = {"pid": os.getpid(), "rounds": [], "join": out_join if joined else None}
     for k in range(first, rounds):
         comm.barrier()
         if comm.rank == victims[k] % comm.size:
@@ -85,22 +104,32 @@ def rank_main(rounds: int, victims: list) -> None:
         comm.close()
         small.barrier()
         req, in_build[0] = STATS["requests"], 0
+        me = small.rank
+        if prof is not None and me == profile:
+            prof.enable()
+        c2 = time.process_time()
         t2 = time.time()
         new = small.grow(1)
         req = (STATS["requests"] - req - in_build[0], in_build[0])
+        tb = time.time()
         if new.rank == 0:
             new.broadcast(np.array([k], np.int64), root=0)
         else:
             new.broadcast(np.zeros(1, np.int64), root=0)
+        tc = time.time()
         z = np.full(3, new.rank + 1.0)
         new.all_reduce(z)
         t3 = time.time()
+        cpu = time.process_time() - c2
+        if prof is not None and me == profile:
+            prof.disable()
+            prof.dump_stats(f"{os.environ.get('ELASTIC_PROFILE_OUT', '/tmp/elastic')}.rank{me}.round{k}.prof")
         n = new.size
         ok = bool(y[0] == small.size and z[0] == n * (n + 1) / 2)
         small.close()
         comm = new
         out["rounds"].append({"k": k, "shrink": [t0, t1], "grow": [t2, t3], "ok": ok, "req": req,
-                              "size": n})
+                              "size": n, "marks": [t2] + marks + [tb, tc, t3], "cpu": cpu})
     comm.barrier()
     out["before"], out["after"] = before, _counts()
     out["joined"] = joined
@@ -112,7 +141,7 @@ def _shm():
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith("pyccl"))
 
 
-def run(n: int, rounds: int, timeout: float) -> dict:
+def run(n: int, rounds: int, timeout: float, profile=None) -> dict:
     from pyccl.store import StoreServer
     key = secrets.token_bytes(32)
     server = StoreServer("127.0.0.1", 0, key)
@@ -120,6 +149,8 @@ def run(n: int, rounds: int, timeout: float) -> dict:
     env = {**os.environ, "PYCCL_STORE_ADDR": f"127.0.0.1:{server.address[1]}", "PYCCL_JOB_SECRET": key.hex(),
            "PYCCL_TIMEOUT": str(timeout)}
     args = [sys.executable, HERE, "--rank", str(rounds), ",".join(map(str, victims))]
+    if profile is not None:
+        args += ["--profile", str(profile)]
     shm_before = _shm()
     procs = [subprocess.Popen(args, env={**env, "PYCCL_RANK": str(r), "PYCCL_SIZE": str(n),
                                          "PYCCL_LOCAL_RANK": str(r), "PYCCL_LOCAL_SIZE": str(n)},
@@ -147,13 +178,23 @@ def run(n: int, rounds: int, timeout: float) -> dict:
         oks += [r2["ok"] for res in results for r2 in res["rounds"] if r2["k"] == k]
         reqs += [r2["req"][0] for res in results for r2 in res["rounds"] if r2["k"] == k]
         builds += [r2["req"][1] for res in results for r2 in res["rounds"] if r2["k"] == k]
+    trace = []
+    for k in range(rounds):
+        ms = [r2["marks"] for res in results for r2 in res["rounds"] if r2["k"] == k]
+        js = [res["join"]["marks"] for res in results if res["join"] and res["join"]["k"] == k]
+        if ms and len(ms[0]) == 7:
+            base = min(m[0] for m in ms)
+            cpus = [r2["cpu"] for res in results for r2 in res["rounds"] if r2["k"] == k]
+            trace.append({"members": [max(m[i] for m in ms) - base for i in range(7)],
+                          "cpu": (statistics.median(cpus), max(cpus)),
+                          "joiner": [v - base for v in js[0][1:]] if js and len(js[0]) == 5 else None})
     lived = [res for res in results if not res["joined"] and len(res["rounds"]) == rounds]
     return {"n": n, "rounds": rounds, "finished": len(results), "spans": spans,
             "all_correct": bool(oks) and all(oks), "checks": len(oks),
             "requests_per_member": (min(reqs), max(reqs)) if reqs else None,
             "build_requests": (min(builds), max(builds)) if builds else None,
             "fds_threads": [(res["before"], res["after"]) for res in lived],
-            "shm_before": len(shm_before), "shm_after": len(_shm())}
+            "shm_before": len(shm_before), "shm_after": len(_shm()), "trace": trace}
 
 
 def _fmt(v):
@@ -167,10 +208,13 @@ def main():
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--leaks", action="store_true", help="print fds/threads/segments before and after")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--trace", action="store_true", help="per round: when the last member reached each phase of grow")
+    p.add_argument("--profile", type=int, help="cProfile this rank's grow (rank in the shrunk communicator) to "
+                   "$ELASTIC_PROFILE_OUT.rank<r>.round<k>.prof")
     p.add_argument("--rank", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rank:
-        rank_main(int(a.rank[0]), [int(v) for v in a.rank[1].split(",")])
+        rank_main(int(a.rank[0]), [int(v) for v in a.rank[1].split(",")], a.profile)
         return
     print(f"# kill -> shrink -> grow(1), one host, {os.cpu_count()} cores; spans in s: median (min-max) "
           f"over rounds; to the first all_reduce on the new communicator; load average "
@@ -178,12 +222,20 @@ def main():
     print(f"{'N':>4} {'rounds':>6} {'shrink':>22} {'grow(1)':>22} {'correct':>12} {'store req/member':>17} {'+ building':>11}")
     out = []
     for n in [int(s) for s in a.sizes.split(",")]:
-        res = run(n, a.rounds, a.timeout)
+        res = run(n, a.rounds, a.timeout, a.profile)
         out.append(res)
         rq = res["requests_per_member"]
         print(f"{n:>4} {a.rounds:>6} {_fmt(res['spans']['shrink']):>22} {_fmt(res['spans']['grow']):>22} "
               f"{str(res['all_correct']) + ' ' + str(res['checks']):>12} {str(rq[0]) + '-' + str(rq[1]) if rq else '-':>17} "
               f"{'-'.join(map(str, res['build_requests'] or ())):>11}", flush=True)
+        if a.trace:
+            print("     grow phases, s after the first member entered (the last member; the joiner):"
+                  " entered, decided, constructed, barrier, broadcast, all_reduce; CPU s per member (process time)")
+            for t in res["trace"]:
+                m, j = t["members"], t["joiner"]
+                print("     " + " ".join(f"{v:.3f}" for v in (m[0], m[1], m[2], m[3], m[5], m[6]))
+                      + ("  joiner " + " ".join(f"{v:.3f}" for v in j) if j else "")
+                      + "  cpu/member median %.3f max %.3f" % tuple(t["cpu"]), flush=True)
         if res["finished"] != n:
             print(f"     only {res['finished']} of {n} final ranks reported", flush=True)
         if a.leaks:
