@@ -1,4 +1,6 @@
-// pyccl GPU kernels (compiled at first use by NVRTC through cupy.RawModule; see ccl/cuda_collectives/).
+// pyccl GPU kernels (built ahead by setup.py, or by NVRTC on a background thread and cached on
+// disk: see ccl/engines/cuda/build.py). No CUDA header is included: NVRTC compiles this without
+// any include path, and cuda_fp16.h / cuda_bf16.h alone cost most of a compile.
 //
 // Every rank's "flag buffer" (IPC-mapped into its peers) holds, in 64-bit words:
 //   [OFF_ONESHOT] [2 slots][MAXB blocks][MAXR ranks][epoch, sig]   one-shot all-reduce
@@ -23,8 +25,32 @@
 // tab (device memory, written by the host): tab[0*MAXR + r] = rank r's flag buffer,
 // tab[1*MAXR + r] = rank r's one-shot scratch, tab[2*MAXR + r] = rank r's two-shot scratch,
 // each as mapped in this process (r == rank: our own).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+// 16-bit floats as bits; conversions by PTX cvt (round to nearest even, as __float2half_rn and
+// __float2bfloat16_rn do; a NaN stays a NaN).
+struct __align__(2) f16_t { unsigned short x; };
+struct __align__(2) bf16_t { unsigned short x; };
+__device__ __forceinline__ float f16_to_float(f16_t h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
+  return f;
+}
+__device__ __forceinline__ f16_t float_to_f16(float f) {
+  f16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ float bf16_to_float(bf16_t b) { return __uint_as_float(((unsigned)b.x) << 16); }
+__device__ __forceinline__ bf16_t float_to_bf16(float f) {
+  bf16_t b;
+#if __CUDA_ARCH__ >= 800
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.x) : "f"(f));
+#else
+  unsigned u = __float_as_uint(f);
+  b.x = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                        : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+  return b;
+}
 
 typedef unsigned long long u64;
 typedef long long i64;
@@ -171,15 +197,15 @@ template <typename T> struct Acc {
   static __device__ __forceinline__ A to(T x) { return x; }
   static __device__ __forceinline__ T from(A x) { return x; }
 };
-template <> struct Acc<__half> {
+template <> struct Acc<f16_t> {
   typedef float A;
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to(f16_t x) { return f16_to_float(x); }
+  static __device__ __forceinline__ f16_t from(float x) { return float_to_f16(x); }
 };
-template <> struct Acc<__nv_bfloat16> {
+template <> struct Acc<bf16_t> {
   typedef float A;
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float to(bf16_t x) { return bf16_to_float(x); }
+  static __device__ __forceinline__ bf16_t from(float x) { return float_to_bf16(x); }
 };
 template <> struct Acc<signed char> {
   typedef int A;

@@ -33,7 +33,7 @@ def cuda_source() -> str:
     return "".join(parts)
 
 
-_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
+_CTYPE = {"float16": "f16_t", "bfloat16": "bf16_t", "float32": "float", "float64": "double",
           "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long",
           "bool": "unsigned char"}
 _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
@@ -84,7 +84,7 @@ class KernelsMixin:
             kinds = ("oneshot", "twoshot", "reduce_n", "twoshot_pull")
             names = [f"{k}<{ctype}, {opcode}, {v}>" for k in kinds for v in sorted({1, n})]
             code = cuda_source()
-            options = ["-std=c++17"]
+            options = ["-std=c++17", "-DPYCCL_COMMON=1"]
             cuda_path = self.cupy.cuda.get_cuda_path()
             if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
                 options.append("-I" + os.path.join(cuda_path, "include"))
