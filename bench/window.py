@@ -12,6 +12,11 @@ median one-way time over the rounds with the (min-max) spread.
   RDMA WRITE, where an RDMA device is, e.g. `tests/rdma/rxe-vm.sh python bench/window.py
   --configs ibverbs`).
 
+CUDA (`--cuda`, under `torchrun --standalone --nproc-per-node 2 bench/window.py --cuda --sizes 8`,
+backend "pyccl"): host time per call of put+signal and wait_signal (queued on the stream) against
+dist.send / dist.recv of the same CUDA tensor, and a ping-pong's one-way wall time
+(bench/gpu_window.sh runs it on the GPU machine).
+
 Usage: `python bench/window.py` launches every configuration (`--configs shm,tcp`) on 2 local
 ranks through `python -m pyccl.launch` and prints a markdown table (`--json FILE` also saves
 it); inside the launch it runs as `--rank-side`.
@@ -83,6 +88,103 @@ def rank_side(args):
     comm.close()
 
 
+def cuda_rank_side(args):
+    """Under torchrun, backend "pyccl", CUDA tensors of one GPU (or one per rank): host time per
+    call of put+signal (origin) and wait_signal (target) against dist.send / dist.recv of the
+    same tensor, then the one-way time of a ping-pong queued on the streams (rank 0 prints)."""
+    import torch
+    import torch.distributed as dist
+    import pyccl.torch_backend as tb
+    rank = int(os.environ["RANK"])
+    dev = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    dist.init_process_group("pyccl", device_id=dev)
+    other = 1 - rank
+    out = []
+    for nbytes in args.sizes:
+        x = torch.zeros(max(nbytes // 4, 1), device=dev)
+        win = tb.window(torch.zeros_like(x), signals=2)
+        iters = args.iters if nbytes <= 65536 else max(10, args.iters // 20)
+        res = {"bytes": x.numel() * 4, "iters": iters, "rounds": args.rounds, "link": win.transport(other),
+               "us": {"send": [], "recv": [], "put+signal": [], "wait_signal": [], "send/recv pingpong": [],
+                      "put+signal pingpong": []}}
+
+        def timed(fn):
+            torch.cuda.synchronize()
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            host = (time.perf_counter() - t) / iters * 1e6
+            torch.cuda.synchronize()
+            win.synchronize()
+            return host
+
+        def sendrecv():
+            if rank == 0:
+                return timed(lambda: dist.send(x, other)), "send"
+            return timed(lambda: dist.recv(x, other)), "recv"
+
+        def putsignal():
+            if rank == 0:
+                return timed(lambda: win.put(x, other, signal=0)), "put+signal"
+            return timed(lambda: win.wait_signal(0, 1)), "wait_signal"
+
+        def pp_sendrecv():
+            if rank == 0:
+                dist.send(x, other)
+                dist.recv(x, other)
+            else:
+                dist.recv(x, other)
+                dist.send(x, other)
+
+        def pp_put():
+            if rank == 0:
+                win.put(x, other, signal=1)
+                win.wait_signal(1, 1)
+            else:
+                win.wait_signal(1, 1)
+                win.put(x, other, signal=1)
+
+        for fn in (sendrecv, putsignal):                      # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for fn in (sendrecv, putsignal):
+                host, name = fn()
+                res["us"][name].append(host)
+            for fn, name in ((pp_sendrecv, "send/recv pingpong"), (pp_put, "put+signal pingpong")):
+                n = max(10, iters // 10)
+                torch.cuda.synchronize()
+                dist.barrier()
+                t = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                torch.cuda.synchronize()
+                win.synchronize()
+                res["us"][name].append((time.perf_counter() - t) / n / 2 * 1e6)
+        win.close()
+        out.append(res)
+    if rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+        print("| bytes | window link | send µs host/call | recv µs host/call | put+signal µs host/call | "
+              "wait_signal µs host/call | put+signal / send | send/recv ping-pong µs one-way | "
+              "put+signal ping-pong µs one-way |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in out:
+            u = r["us"]
+            print(f"| {r['bytes']} | {r['link']} | {fmt(u['send'])} | - | {fmt(u['put+signal'])} | - | "
+                  f"{statistics.median(u['put+signal']) / statistics.median(u['send']):.2f} | "
+                  f"{fmt(u['send/recv pingpong'])} | {fmt(u['put+signal pingpong'])} |")
+        print(f"\nmedian over {args.rounds} rounds (min-max), {args.iters} calls per round; host time per call "
+              f"on rank 0 (the origin); ping-pong: wall time of round trips / 2 (two processes on one GPU "
+              f"time-slice: read ping-pong figures as the path's behaviour, not the GPU's speed)")
+    dist.barrier()
+    if rank == 1:
+        print("RESULT-TARGET " + json.dumps([{"bytes": r["bytes"], "recv": r["us"]["recv"],
+                                               "wait_signal": r["us"]["wait_signal"]} for r in out]), flush=True)
+    dist.destroy_process_group()
+
+
 def fmt(vs):
     return f"{statistics.median(vs):.1f} ({min(vs):.1f}-{max(vs):.1f})"
 
@@ -120,8 +222,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
     ap.add_argument("--rank-side", action="store_true")
+    ap.add_argument("--cuda", action="store_true",
+                    help="CUDA tensors through the torch backend; run under torchrun --nproc-per-node 2")
     args = ap.parse_args()
-    rank_side(args) if args.rank_side else driver(args)
+    if args.cuda:
+        cuda_rank_side(args)
+    else:
+        rank_side(args) if args.rank_side else driver(args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from .group import ProcessGroupPyccl
 
 
 def window(tensor, group=None, signals=None):
-    """Every member's `tensor` (CPU for now; sizes may differ) open to put/get/signal."""
+    """Every member's `tensor` (CPU, or CUDA on one host: ccl/windows/cuda.py; sizes may
+    differ) open to put/get/signal."""
     import torch.distributed as dist
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
     if not isinstance(pg, ProcessGroupPyccl):

@@ -18,49 +18,48 @@ Choices (written down as the design asks where the issue is silent):
   that peer; `wait_signal(slot, value)` waits until the slot holds at least `value`, then
   subtracts `value` (so a slot counts arrivals and waits consume them).
 - Signal slots per window: `signals=` (default `DEFAULT_SIGNALS`), the same on every rank.
-- Host memory only for now (numpy arrays, torch CPU tensors); CUDA buffers raise
-  InvalidArgument: a CUDA IPC link is the next class behind the same interface.
+- Host memory here (numpy arrays, torch CPU tensors); a CUDA buffer (torch CUDA tensor, cupy
+  array) makes a `CudaWindow` instead (ccl/windows/cuda.py: CUDA IPC, stream-ordered calls).
 """
-import itertools
 import os
 import struct
 import time
-import weakref
 
 import numpy as np
 
 from .. import settings
 from ..buffers import as_buffer
+from ..cuda_buffers import is_cuda
 from ..errors import InvalidArgument, PeerFailure, Timeout
 from ..process import pid_namespace
 from .base import LocalLink
+from .common import DEFAULT_SIGNALS, WindowBase
 from .cma import CmaLink, probe
 from .signals import Board, PeerBoard
 from .rdma import RdmaLink, release
 from .tcp import Service, TcpLink, open_links
 
-DEFAULT_SIGNALS = 64
 _REC = struct.Struct("<16sQQQQQII200s")   # dtype, count, address, board address, pid, pidns, slots, cma, board path
-_NUMBERS = weakref.WeakKeyDictionary()    # communicator -> its window numbers (the same on every rank)
 
 
-class Window:
+class Window(WindowBase):
     """Every rank's `buf`, open to one-sided access by the others (see the module docstring)."""
+
+    def __new__(cls, comm, buf, signals=None):
+        if cls is Window and is_cuda(buf):       # device memory: the CUDA IPC window, made whole here
+            from .cuda import CudaWindow          # (not a Window: Python then skips Window.__init__)
+            return CudaWindow(comm, buf, signals)
+        return super().__new__(cls)
 
     def __init__(self, comm, buf, signals=None):
         b = as_buffer(buf, "window: buf", writable=True)
         if b.device != "cpu":
-            raise InvalidArgument(f"window: buf is on {b.device}; windows hold host memory only for now "
-                                  "(numpy arrays, torch CPU tensors)")
+            raise InvalidArgument(f"window: buf is on {b.device}; expected host memory or a CUDA buffer")
         nslots = DEFAULT_SIGNALS if signals is None else signals
         if not isinstance(nslots, (int, np.integer)) or nslots < 1:
             raise InvalidArgument(f"window: signals={signals!r}; expected a positive number of slots")
-        self.comm, self.rank, self.size = comm, comm.rank, comm.size
-        self.number = next(_NUMBERS.setdefault(comm, itertools.count()))
-        self.name = f"{comm.tag} window {self.number}"
-        self.buffer, self.dtype, self.signals = b, b.dtype, int(nslots)
+        self._base_init(comm, b, int(nslots))
         self.bytes = b.array.view(np.uint8)
-        self.timeout = comm.timeout
         self._spin = settings.get("PYCCL_SPIN_US") * 1e-6   # a wait polls this long before it sleeps
         self.closed = False
         self.service = None
@@ -74,11 +73,6 @@ class Window:
             raise
 
     # ---- set-up (collective) ------------------------------------------------------------
-    def _exchange(self, record: bytes) -> list:
-        out = np.zeros(self.size * len(record), np.uint8)
-        self.comm.all_gather(out, np.frombuffer(record, np.uint8).copy())
-        return [out[r * len(record):(r + 1) * len(record)].tobytes() for r in range(self.size)]
-
     def _connect(self):
         """Two all-gathers: what each rank exposes, then which same-host pairs may copy
         straight into each other (both probed it); the rest open TCP links."""
@@ -158,17 +152,6 @@ class Window:
                                   f"rank {peer}'s window of {self.counts[peer]} {self.dtypes[peer]} elements")
         return b.array.view(np.uint8), int(offset) * b.itemsize
 
-    def _slot(self, op, slot):
-        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.signals:
-            raise InvalidArgument(f"{self.name} {op}: signal slot {slot!r} is not one of 0..{self.signals - 1}")
-        return int(slot)
-
-    @staticmethod
-    def _count(op, name, value, name_of):
-        if not isinstance(value, (int, np.integer)) or value < 0:
-            raise InvalidArgument(f"{name_of} {op}: {name}={value!r}; expected an integer >= 0")
-        return int(value)
-
     # ---- one-sided calls -----------------------------------------------------------------
     def put(self, src, peer, offset=0, signal=None):
         """Copy `src` into `peer`'s window at element `offset`; with signal=s, then add 1 to the
@@ -195,6 +178,11 @@ class Window:
             raise InvalidArgument(f"{self.name} flush: the window is closed")
         for link in links:
             link.flush()
+
+    def synchronize(self, timeout=None):
+        """Host windows: every call is done when it returns; this is `flush()` (the CUDA
+        window's synchronize waits for its queued stream work)."""
+        self.flush()
 
     def wait_signal(self, slot, value, timeout=None):
         """Block until this rank's `slot` holds at least `value`, then subtract `value`.
@@ -276,15 +264,6 @@ class Window:
     def transport(self, peer) -> str:
         """How this rank reaches `peer`'s window: "local", "cma" or "tcp"."""
         return self._link("transport", peer).kind
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        elif not self.closed:
-            self._teardown()                 # no collective while failing: peers would wait on it
 
     def __repr__(self):
         return f"<pyccl.Window {self.name} rank {self.rank}/{self.size} {self.buffer.count} {self.dtype}>"
