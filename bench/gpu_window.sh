@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA windows (ccl/windows/cuda.py, issue 30) on one GPU machine; ranks share the GPU(s).
-#   bench/gpu_window.sh [tests] [bench] [moe]        (default: all three; about 4 minutes at most)
+#   bench/gpu_window.sh [tests] [moe] [bench]        (default: all three, in 230 s at most: TOTAL_BUDGET)
 #   tests  tests/test_cuda_window.py (2 and 3 ranks: dtypes, ends, 0 bytes, many puts + one signal,
 #          puts from every peer at once, bad input, a wait that times out, a peer SIGKILLed, torch backend)
 #   bench  bench/window.py --cuda: 8 B put+signal vs dist.send/recv, host us per call and ping-pong
@@ -11,27 +11,29 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 . bench/gpu_site.sh                  # pyccl laid out from the tree where it is not installed
 FAILED=0
-RUN="timeout -k 5 60 python3 -m torch.distributed.run --standalone --nproc-per-node 2"
+END=$((SECONDS + ${TOTAL_BUDGET:-230}))    # every step's timeout is cut to what is left of the total
+left() { local l=$((END - SECONDS)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
+RUN="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
 QUIET='^\[rank\|OMP_NUM\|^\*\*\*\|Warning\|warn('
 OUTD=${TMPDIR:-/tmp}/pyccl-gpu-window
 mkdir -p "$OUTD"
 nvidia-smi --query-gpu=index,name --format=csv,noheader 2>/dev/null
-for m in ${*:-tests bench moe}; do
+for m in ${*:-tests moe bench}; do
   echo "=== $m"
   case $m in
   tests)
-    timeout -k 5 "${TESTS_BUDGET:-130}" python3 -m pytest -q -p no:cacheprovider --timeout=90 -rs \
+    timeout -k 5 "$(left ${TESTS_BUDGET:-110})" python3 -m pytest -v -p no:cacheprovider --timeout=90 -rs \
       tests/test_cuda_window.py ${PYTEST_ARGS:-} 2>&1 | tail -40 || FAILED=$((FAILED + 1)) ;;
   bench)
-    $RUN bench/window.py --cuda --sizes 8,1048576 --iters ${ITERS:-200} --rounds 3 2>&1 | grep -v "$QUIET" \
+    timeout -k 5 "$(left 40)" $RUN bench/window.py --cuda --sizes 8,1048576 --iters ${ITERS:-200} --rounds 3 2>&1 | grep -v "$QUIET" \
       || FAILED=$((FAILED + 1)) ;;
   moe)
     ARGS="--backend pyccl --device cuda --quiet --warmup 1 --runs 1"
     for d in window all_to_all; do
-      $RUN examples/moe_inference.py $ARGS --dispatch $d --check --out "$OUTD/moe-$d.pt" 2>&1 | grep -v "$QUIET" \
+      timeout -k 5 "$(left 40)" $RUN examples/moe_inference.py $ARGS --dispatch $d --check --out "$OUTD/moe-$d.pt" 2>&1 | grep -v "$QUIET" \
         || FAILED=$((FAILED + 1))
     done
-    timeout 30 python3 -c "
+    timeout "$(left 15)" python3 -c "
 import sys, torch
 a, b = (torch.load(sys.argv[i], weights_only=False) for i in (1, 2))
 same = torch.equal(a['tokens'], b['tokens']) and torch.equal(a['logits'], b['logits'])
