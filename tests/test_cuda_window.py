@@ -150,6 +150,33 @@ def rank_concurrent(comm, n, rounds):
     return bad
 
 
+def rank_no_sync(comm):
+    """put, signal, wait_signal, get under torch's sync debug mode "error": none of them makes the
+    host wait for the device (torch raises on any synchronising call inside)."""
+    _dev(comm)
+    me, size = comm.rank, comm.size
+    buf = torch.zeros(2 * size, device="cuda")
+    src = torch.full((2,), float(me + 1), device="cuda")
+    got = torch.zeros(2, device="cuda")
+    win = comm.window(buf, signals=2)
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in range(size):
+            win.put(src, p, offset=2 * me, signal=0)
+        win.wait_signal(0, size)
+        win.get(got, (me + 1) % size, offset=2 * me)
+        win.signal((me + 1) % size, 1)
+        win.wait_signal(1, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    win.synchronize()
+    ok = buf.tolist() == [float(q + 1) for q in range(size) for _ in range(2)] and got.tolist() == [me + 1.0] * 2
+    comm.barrier()
+    win.close()
+    return [] if ok else [f"window {buf.tolist()}, got {got.tolist()}"]
+
+
 def rank_bad_input(comm):
     """Each bad call raises InvalidArgument and leaves the peer's window untouched."""
     _dev(comm)
@@ -237,6 +264,11 @@ def test_puts_from_every_peer_at_once(group, n):
         assert not bad, bad
 
 
+def test_calls_never_synchronise(group):
+    for bad in group.run(rank_no_sync):
+        assert not bad, bad
+
+
 def test_bad_input_raises_before_anything_is_queued(group):
     for bad in group.run(rank_bad_input):
         assert not bad, bad
@@ -320,5 +352,6 @@ def scenario_torch_backend(rank, size, port):
 
 
 def test_torch_backend_window_on_cuda():
-    out = run_spawned(__name__, "scenario_torch_backend", 2, [{"PYCCL_TIMEOUT": "60"}] * 2, 150)
+    out = run_spawned(__name__, "scenario_torch_backend", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
+                      150)
     assert [out.get(r) for r in range(2)] == [("ok", True)] * 2, out
