@@ -46,7 +46,7 @@ def mode_nvrtc(args):
 
     def timed(label, names, common):
         t = time.perf_counter()
-        img, low = nvrtc.compile_source(src, names, arch, opts + [f"-DPYCCL_COMMON={common}"])
+        img, low = nvrtc.compile_source(src, names, arch, opts + [f"-DKERNELS_COMMON={common}"])
         dt = time.perf_counter() - t
         print(f"NVRTC {label:40s} {dt:7.2f} s  {len(names):4d} kernels  {len(img) / 1e6:6.2f} MB", flush=True)
         return img, low, dt
@@ -61,9 +61,9 @@ def mode_nvrtc(args):
     for threads in (8, 4):
         t = time.perf_counter()
         with ThreadPoolExecutor(threads) as ex:
-            futs = [ex.submit(nvrtc.compile_source, src, unit(d, o), arch, opts + ["-DPYCCL_COMMON=0"])
+            futs = [ex.submit(nvrtc.compile_source, src, unit(d, o), arch, opts + ["-DKERNELS_COMMON=0"])
                     for d, o in units]
-            futs.append(ex.submit(nvrtc.compile_source, src, [], arch, opts + ["-DPYCCL_COMMON=1"]))
+            futs.append(ex.submit(nvrtc.compile_source, src, [], arch, opts + ["-DKERNELS_COMMON=1"]))
             imgs = [f.result()[0] for f in futs]
         print(f"NVRTC all {len(units)} units + common on {threads} threads: {time.perf_counter() - t:7.2f} s "
               f"{sum(map(len, imgs)) / 1e6:6.2f} MB", flush=True)

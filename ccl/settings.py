@@ -176,8 +176,8 @@ _DECLARED = (
     # ---- cuda ------------------------------------------------------------------------------
     Setting("PYCCL_CUDA_ONESHOT_MAX", "bytes", None, "largest CUDA all-reduce done one-shot", "cuda",
             shown="8388608 on 2 ranks, 4194304 on more"),
-    Setting("PYCCL_CUDA_ONESHOT_CAP", "bytes", 8 * _MIB, "one-shot scratch per rank and slot (at least "
-            "PYCCL_CUDA_ONESHOT_MAX)", "cuda"),
+    Setting("PYCCL_CUDA_ONESHOT_CAP", "bytes", None, "one-shot scratch per rank and slot (at least "
+            "PYCCL_CUDA_ONESHOT_MAX); 2 x ranks slots are held", "cuda", shown="PYCCL_CUDA_ONESHOT_MAX"),
     Setting("PYCCL_CUDA_TWOSHOT", "choice", "auto", "two-shot all-reduce/reduce-scatter: `kernel` (SM stores), "
             "`ce` (copy engines push), `pull`; `auto`: pull on 2 ranks, PYCCL_CUDA_TWOSHOT_WIDE on more", "cuda",
             choices=("auto", "kernel", "ce", "pull")),
@@ -193,8 +193,19 @@ _DECLARED = (
     Setting("PYCCL_CUDA_A2AV", "choice", "mailbox", "uneven CUDA all-to-all: `mailbox` names the peers' outputs "
             "through the host mailbox per call; `staged` rounds through the scratch, no host exchange per call",
             "cuda", choices=("mailbox", "staged")),
-    Setting("PYCCL_CUDA_SCRATCH", "bytes", 256 * _MIB, "largest scratch region per peer (at least 1 MiB, "
-            "64 KiB-aligned); bigger messages go in rounds", "cuda"),
+    Setting("PYCCL_CUDA_SCRATCH", "bytes", 4 * _MIB, "largest two-shot scratch region per peer (at least 1 MiB, "
+            "64 KiB-aligned; 2 x ranks regions are held); bigger messages go in rounds, copies staged through the "
+            "scratch stop at it", "cuda"),
+    Setting("PYCCL_CUDA_IPC_CACHE", "bytes", 256 * _MIB, "peers' user buffers kept mapped (CUDA IPC, least "
+            "recently used first out): a mapping keeps the peer's memory alive after it frees the buffer", "cuda"),
+    Setting("PYCCL_KERNEL_CACHE", "str", None, "folder of the CUDA kernels NVRTC built (keyed by source, GPU "
+            "architecture and NVRTC version); `0`: no disk cache", "cuda",
+            shown="`$XDG_CACHE_HOME` or `~/.cache`, `/pyccl/kernels`"),
+    Setting("PYCCL_KERNEL_BUILD_THREADS", "int", None, "threads of the background build of every CUDA kernel "
+            "(started by the first CUDA communicator); `0`: none, each kernel is built when first needed",
+            "cuda", lo=0, shown="CPUs / 4, 1 to 4"),
+    Setting("PYCCL_NVRTC", "str", None, "path of libnvrtc, when the loader, the nvidia-* wheels and CUDA_HOME "
+            "do not have it", "cuda", shown="found"),
     Setting("PYCCL_CUDA_RS_CE_MIN", "bytes", 64 * _MIB, "reduce-scatter: per-rank segments from which copy "
             "engines push", "cuda"),
     Setting("PYCCL_CUDA_BLOCKS", "int", 0, "most thread blocks of a kernel; `0`: the GPU's SM count (at most "

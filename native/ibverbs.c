@@ -312,7 +312,8 @@ pv_conn *pv_conn_create(pv_dev *d, int nqp, int sq_depth, int rq_depth, uint32_t
         a.qp_state = PV_IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = (uint8_t)d->port;
-        a.qp_access_flags = PV_IBV_ACCESS_REMOTE_WRITE | PV_IBV_ACCESS_LOCAL_WRITE;
+        /* REMOTE_READ: one-sided windows read by RDMA READ (only memory registered for it) */
+        a.qp_access_flags = PV_IBV_ACCESS_REMOTE_WRITE | PV_IBV_ACCESS_REMOTE_READ | PV_IBV_ACCESS_LOCAL_WRITE;
         int rc = V.modify_qp(c->qp[i], &a, PV_IBV_QP_STATE | PV_IBV_QP_PKEY_INDEX | PV_IBV_QP_PORT |
                                                 PV_IBV_QP_ACCESS_FLAGS);
         if (rc) {
@@ -382,6 +383,24 @@ int pv_post_write(pv_conn *c, int qi, uint64_t wr_id, uint64_t laddr, uint32_t l
     wr.opcode = with_imm ? PV_IBV_WR_RDMA_WRITE_WITH_IMM : PV_IBV_WR_RDMA_WRITE;
     wr.send_flags = PV_IBV_SEND_SIGNALED;
     wr.imm_data = htonl(imm);
+    wr.wr.rdma.remote_addr = raddr;
+    wr.wr.rdma.rkey = rkey;
+    void *bad = NULL;
+    struct pv_ibv_qp *qp = c->qp[qi];
+    return qp->context->ops.post_send(qp, &wr, &bad);
+}
+
+/* RDMA READ of len bytes at the peer's raddr (rkey) into laddr (lkey, LOCAL_WRITE), signaled. */
+int pv_post_read(pv_conn *c, int qi, uint64_t wr_id, uint64_t laddr, uint32_t len, uint32_t lkey,
+                 uint64_t raddr, uint32_t rkey) {
+    struct pv_ibv_sge sge = {laddr, len, lkey};
+    struct pv_ibv_send_wr wr;
+    memset(&wr, 0, sizeof wr);
+    wr.wr_id = wr_id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = PV_IBV_WR_RDMA_READ;
+    wr.send_flags = PV_IBV_SEND_SIGNALED;
     wr.wr.rdma.remote_addr = raddr;
     wr.wr.rdma.rkey = rkey;
     void *bad = NULL;

@@ -234,6 +234,7 @@ struct pv_ibv_qp_attr {
 #define PV_IBV_QPS_ERR 6
 #define PV_IBV_WR_RDMA_WRITE 0
 #define PV_IBV_WR_RDMA_WRITE_WITH_IMM 1
+#define PV_IBV_WR_RDMA_READ 4
 #define PV_IBV_SEND_SIGNALED 2
 #define PV_IBV_ACCESS_LOCAL_WRITE 1
 #define PV_IBV_ACCESS_REMOTE_WRITE 2
@@ -285,6 +286,8 @@ int pv_conn_connect(pv_conn *c, int qi, uint32_t remote_qpn, uint32_t my_psn, ui
                     int retry_cnt, int rnr_retry, char *err, int errlen);
 int pv_post_write(pv_conn *c, int qi, uint64_t wr_id, uint64_t laddr, uint32_t len, uint32_t lkey,
                   uint64_t raddr, uint32_t rkey, int with_imm, uint32_t imm);
+int pv_post_read(pv_conn *c, int qi, uint64_t wr_id, uint64_t laddr, uint32_t len, uint32_t lkey,
+                 uint64_t raddr, uint32_t rkey);
 int pv_post_recvs(pv_conn *c, int qi, uint64_t wr_id, int count);
 int pv_poll(pv_conn *c, struct pv_wc *out, int max);
 int pv_arm(pv_conn *c);

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pyccl.engines.cuda import kernels
+from pyccl.engines.cuda import kernel_cache, kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = re.compile(r'(extern "C" )?__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\s*\(')
@@ -53,16 +53,24 @@ def test_every_launched_kernel_is_defined_once():
     twice = {k: v for k, v in found.items() if len(v) != 1}
     assert not twice, f"kernels defined more than once: {twice}"
     assert set(kernels._PARAMS) <= set(found), set(kernels._PARAMS) - set(found)
-    # kernels.py fetches some by plain name (extern "C"), the rest as template instances
-    with open(kernels.__file__) as f:
-        py = f.read()
-    plain = set(re.findall(r'get_function\("(\w+)"\)', py))
-    templates = set(re.search(r"kinds = \(([^)]*)\)", py).group(1).replace('"', "").replace(" ", "").split(","))
+    # the engine fetches some by plain name (extern "C": kernel_cache.COMMON), the rest as
+    # template instances (kernel_cache.KINDS)
+    plain, templates = set(kernel_cache.COMMON), set(kernel_cache.KINDS)
     assert plain and templates and not plain & templates
+    assert plain | templates == set(kernels._PARAMS)
     for name in plain:
         assert found[name] == [True], f"{name} is fetched by plain name, so it must be extern \"C\""
     for name in templates:
         assert found[name] == [False], f"{name} is fetched as a template instance"
+
+
+def test_common_kernels_build_alone():
+    """Each extern "C" kernel sits under #if KERNELS_COMMON || defined(KERNEL_ONLY_<name>), so a
+    caller can build just the one it needs (build.py) and a (dtype, op) unit builds none."""
+    code = _code(kernels.cuda_source())
+    for name in kernel_cache.COMMON:
+        assert re.search(r"#if KERNELS_COMMON \|\| defined\(KERNEL_ONLY_" + name + r'\)\nextern "C"', code), name
+    assert code.count("#if KERNELS_COMMON") == len(kernel_cache.COMMON)
 
 
 def test_names_the_engine_launches_have_parameter_blocks():
@@ -72,7 +80,7 @@ def test_names_the_engine_launches_have_parameter_blocks():
     for mod in ("kernels.py", "reductions.py", "copies.py"):
         with open(os.path.join(here, mod)) as f:
             text = f.read()
-        names |= set(re.findall(r'_mods\["(\w+)"\]', text))
+        names |= set(re.findall(r'_common\("(\w+)"\)', text))
         names |= set(re.findall(r'_kernel\("(\w+)"', text))
     assert names and names <= set(kernels._PARAMS), names - set(kernels._PARAMS)
 

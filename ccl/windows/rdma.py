@@ -1,4 +1,4 @@
-"""Windows between hosts over ibverbs: RDMA WRITE for put, WRITE_WITH_IMM for the signal.
+"""Windows between hosts over ibverbs: RDMA WRITE for put, WRITE_WITH_IMM for the signal, READ for get.
 
 One reliable-connected QP per pair and window carries both directions: this rank's puts go
 out as RDMA WRITEs straight into the peer's registered window (registered once, at creation);
@@ -8,7 +8,8 @@ completion adds the value to the origin's row of the board. Whoever polls the co
 queue applies it under `RdmaPair.lock` (one writer of that row): the origin waiting for its
 own write's completion, or the target's `Service` (the completion channel's descriptor is in
 its poll set). `put` returns once the write is acknowledged, so it has landed and `flush` has
-nothing to wait for. `get` goes through the pair's TCP link (RDMA READ: not yet). The set-up
+nothing to wait for. `get` is an RDMA READ of the peer's window (registered for remote reads)
+into the caller's buffer, returned once completed; the target's CPU takes no part. The set-up
 cards travel over the window's TCP sockets, which also tell of a peer that dies.
 """
 import json
@@ -31,6 +32,9 @@ _VALUE_BITS = 20                          # immediate = slot << 20 | value
 _VALUE_MAX = (1 << _VALUE_BITS) - 1
 MAX_SLOTS = 1 << (32 - _VALUE_BITS)
 SQ_DEPTH, RQ_DEPTH = 16, 256
+READ_MAX = 1 << 30                        # bytes per RDMA READ (a message's length is 32 bits)
+_ACCESS_LOCAL_WRITE = 1
+_ACCESS_REMOTE_READ = 4                   # the window is registered for it: peers' gets read it
 _RNR_FOREVER = 7                          # a signal waits for the target to repost, never fails on it
 
 
@@ -118,13 +122,23 @@ class RdmaPair:
 
     def write(self, laddr: int, n: int, lkey: int, offset: int, imm, timeout: float) -> None:
         """One RDMA WRITE (with an immediate unless imm is None), returned once acknowledged."""
+        self._one("WRITE", lambda: self.lib.pv_post_write(self.c, 0, _K_SEND << 56, laddr, n, lkey,
+                                                         self.remote["addr"] + offset, self.remote["rkey"],
+                                                         imm is not None, imm or 0), timeout)
+
+    def read(self, laddr: int, n: int, lkey: int, offset: int, timeout: float) -> None:
+        """One RDMA READ of n bytes of the peer's window at `offset`, returned once they are here."""
+        self._one("READ", lambda: self.lib.pv_post_read(self.c, 0, _K_SEND << 56, laddr, n, lkey,
+                                                       self.remote["addr"] + offset, self.remote["rkey"]), timeout)
+
+    def _one(self, what: str, post, timeout: float) -> None:
+        """Post one work request from this rank and poll until it completes (or fails)."""
         with self.send_lock:
             if self.error:
                 raise PeerFailure(f"{self.who}: {self.error}")
-            rc = self.lib.pv_post_write(self.c, 0, _K_SEND << 56, laddr, n, lkey, self.remote["addr"] + offset,
-                                        self.remote["rkey"], imm is not None, imm or 0)
+            rc = post()
             if rc:
-                raise TransportError(f"{self.who}: posting an RDMA WRITE failed ({rc})")
+                raise TransportError(f"{self.who}: posting an RDMA {what} failed ({rc})")
             self.sent += 1
             deadline = time.monotonic() + timeout
             while self.done < self.sent:
@@ -132,7 +146,7 @@ class RdmaPair:
                 if self.error:
                     raise PeerFailure(f"{self.who}: {self.error}")
                 if time.monotonic() > deadline:
-                    raise Timeout(f"{self.who}: an RDMA WRITE was not acknowledged within {timeout:g}s")
+                    raise Timeout(f"{self.who}: an RDMA {what} did not complete within {timeout:g}s")
 
     def close(self) -> None:
         with self.lock:
@@ -142,13 +156,14 @@ class RdmaPair:
 
 
 class RdmaLink(Link):
-    """A peer reached over ibverbs: puts and signals by RDMA, gets through the TCP link."""
+    """A peer reached over ibverbs: puts and signals by RDMA WRITE, gets by RDMA READ."""
 
     kind = "rdma"
 
     def __init__(self, pair: RdmaPair, tcp, timeout: float):
         self.peer, self.pair, self.tcp, self.timeout = pair.peer, pair, tcp, timeout
         self.mrs = pair.dev.mrs
+        self.reads = 0                        # RDMA READs posted (tests check that gets use them)
 
     def put(self, src, offset, slot):
         n = src.size
@@ -170,7 +185,18 @@ class RdmaLink(Link):
             value -= part
 
     def get(self, dst, offset):
-        self.tcp.get(dst, offset)
+        """RDMA READs (at most READ_MAX bytes each) straight into `dst`, registered for local writes."""
+        n = dst.size
+        if n == 0:
+            return
+        e = self.mrs.acquire(memoryview(dst), _ACCESS_LOCAL_WRITE)
+        try:
+            for at in range(0, n, READ_MAX):
+                part = min(READ_MAX, n - at)
+                self.pair.read(dst.ctypes.data + at, part, e.lkey, offset + at, self.timeout)
+                self.reads += 1
+        finally:
+            self.mrs.release(e)
 
     def failure(self):
         return self.pair.error or self.tcp.failure()
@@ -194,7 +220,7 @@ def connect_pairs(ctx, board, window, peers: list, socks: dict, names) -> tuple:
         return {}, None, None
     dev = device(ctx)
     mem = window if window.size else np.zeros(8, np.uint8)
-    entry = dev.mrs.acquire(memoryview(mem), _ACCESS_FULL)
+    entry = dev.mrs.acquire(memoryview(mem), _ACCESS_FULL | _ACCESS_REMOTE_READ)
     addr = mem.ctypes.data
     pairs = {}
     try:

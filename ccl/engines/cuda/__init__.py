@@ -7,7 +7,11 @@ The package, file by file (the way Gloo splits a transport into context, pair, b
 * ``signature.py`` the 63-bit call signature the kernels and the mailbox compare;
 * ``engine.py``    ``CudaCollectives``, one per communicator, composed of the parts below;
 * ``state.py``     scratch, flags, streams and events, the per-call mailbox, health and errors;
-* ``kernels.py``   compiling ccl/engines/cuda/kernels.cu, parameter blocks, launches, SM copies;
+* ``kernels.py``   the kernels' source, parameter blocks, launches, SM copies;
+* ``kernel_cache.py``, ``build.py``, ``nvrtc.py``, ``library.py``  kernels built ahead (setup.py),
+                   cached on disk or built by NVRTC on a background thread; loaded per device;
+* ``memory.py``, ``ipc_cache.py``  what a communicator holds (``memory()``), ``suspend()`` /
+                   ``resume()``, the peers' mapped memory by kind and its bound;
 * ``reductions.py`` all-reduce, reduce, reduce-scatter (one-shot, two-shot: kernel, copy engines, pull);
 * ``copies.py``    all-gather, broadcast, all-to-all, gather, scatter (copy engines or one SM kernel);
 * ``lane.py``      the torch backend's fast lane for small all-reduces.
@@ -20,8 +24,9 @@ data never leaves the GPUs: each rank maps its peers' memory through CUDA IPC
 * by **copy engines** — ``cudaMemcpyAsync`` from this rank's buffer into the peer's, one
   stream per peer so that several engines run at once — for all-gather, broadcast,
   all-to-all, gather, scatter, and the copy-engine variant of the two-shot all-reduce; or
-* by **kernels** (ccl/engines/cuda/kernels.cu, compiled once per dtype and op by NVRTC through
-  ``cupy.RawModule`` and cached) that store into peer memory and reduce:
+* by **kernels** (ccl/engines/cuda/kernels*.cu: prebuilt by setup.py where a CUDA toolkit is, else
+  built by NVRTC in the background and cached on disk, see build.py) that store into peer memory
+  and reduce:
   - *one-shot all-reduce* (messages up to ``PYCCL_CUDA_ONESHOT_MAX``): every rank pushes its
     buffer into every peer's scratch and reduces all copies locally. One launch, no barrier.
   - *two-shot all-reduce* (larger): reduce-scatter then all-gather in one kernel: push
@@ -94,7 +99,8 @@ Environment (defaults):
                                     staged forces it up to PYCCL_CUDA_SCRATCH.
   PYCCL_CUDA_COPY_BLOCKS   0        thread blocks of the SM copy kernel (0: the GPU's SM count)
   PYCCL_CUDA_BLOCKS        0        max thread blocks of a kernel (0: the GPU's SM count, at most 256)
-  PYCCL_CUDA_SCRATCH       268435456  largest scratch region per peer (bytes); bigger messages go in rounds
+  PYCCL_CUDA_SCRATCH       4194304  largest two-shot scratch region per peer (bytes); bigger messages go in
+                                    rounds (device memory: memory.py and the README's "GPU memory")
   PYCCL_CUDA_RS_CE_MIN     67108864 reduce-scatter: per-rank segments (bytes) from which copy engines push
   PYCCL_CUDA_SYNC          0        1: block the host after every call and raise its error there
   PYCCL_CUDA_LAUNCH        driver   'driver': cupy's Cython cuLaunchKernel binding; 'ctypes': through ctypes

@@ -48,7 +48,7 @@ class CopiesMixin:
             return False
         if self.copy_mode == "staged":
             return piece <= self.scratch_max
-        return self.copy_mode == "auto" and piece <= self.stage_max
+        return self.copy_mode == "auto" and piece <= min(self.stage_max, self.scratch_max)
 
     def _staged(self, what, caller, join, sig, piece, pushes, drains, own=(0, 0, 0)):
         """One 'staged' kernel (ccl/engines/cuda/kernels_copy.cu): pushes {peer: (src, nbytes)} into region
@@ -101,13 +101,12 @@ class CopiesMixin:
         key = ("staged", sig, piece, tuple(sorted(pushes.items())), tuple(sorted(drains.items())), own)
         p = self._prepared.get(key)
         if p is None:
-            self._barrier_fn()                     # compiles the module that holds 'staged'
             ps, pn, dd, dn = ([0] * MAXR for _ in range(4))
             for r, (src, n) in pushes.items():
                 ps[r], pn[r] = src, n
             for q, (dst, n) in drains.items():
                 dd[q], dn[q] = dst, n
-            fn = self._mods["staged"]
+            fn = self._common("staged")
             p = _Prepared(fn.ptr, self._blocks(-(-piece // 16)), _PARAMS["staged"],
                           (self.tab, self.big_cap, *ps, *pn, *dd, *dn, *own, self.rank, self.size, self.ectr, sig,
                            self.status.ptr, self._timeout_ns))
@@ -274,8 +273,7 @@ class CopiesMixin:
         with self._device:
             peers, _ = self._mail(what, sig, [o.ptr])
             self._begin(caller)
-            self._barrier_fn()
-            fn = self._mods["alltoallv"]
+            fn = self._common("alltoallv")
             self._next_epoch(what)
             outp = [int(p) for p in peers[0]] + [0] * (MAXR - self.size)
             fn(min(self.max_blocks, 32), self.stream,
@@ -315,8 +313,7 @@ class CopiesMixin:
         if self.big_cap < region:
             self._mail(what, sig, [])        # collective: every rank makes this call
             self._ensure_big(region, what, caller)
-        self._barrier_fn()                   # compiles the module
-        fn = self._mods["alltoallv_staged"]
+        fn = self._common("alltoallv_staged")
         pad = [0] * MAXR
         if host is not None:
             ins_ptr = outs_ptr = 0

@@ -1,14 +1,13 @@
-"""Kernels and their launch: compiling the kernels' source (ccl/engines/cuda/kernels*.cu, see
-``cuda_source``) once per (kind, dtype, op, vector width) with NVRTC through ``cupy.RawModule``,
-the parameter block of each kernel (``_PARAMS``, see cuda_ipc.KernelParams), prepared launches
-whose only per-call change is the epoch, the barrier kernel and the SM copy kernel. The kernels
-read the epoch from a counter in device memory (``CudaState.ectr``, see epoch_begin in the .cu),
-so a prepared launch changes no parameter between calls and a launch captured in a CUDA graph
-replays correctly."""
+"""Kernels and their launch: the kernels' source (ccl/engines/cuda/kernels*.cu, see
+``cuda_source``), its images loaded once per process and device (``Library``: images from
+build.py, prebuilt, cached on disk or built by NVRTC), the parameter block of each kernel
+(``_PARAMS``, see cuda_ipc.KernelParams), prepared launches whose only per-call change is the
+epoch, the barrier kernel and the SM copy kernel. The kernels read the epoch from a counter in
+device memory (``CudaState.ectr``, see epoch_begin in the .cu), so a prepared launch changes no
+parameter between calls and a launch captured in a CUDA graph replays correctly."""
 import os
 
 from ...dtypes import AVG, MAX, MIN, PROD, SUM
-from ...errors import PycclError
 
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
@@ -33,9 +32,6 @@ def cuda_source() -> str:
     return "".join(parts)
 
 
-_CTYPE = {"float16": "f16_t", "bfloat16": "bf16_t", "float32": "float", "float64": "double",
-          "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long",
-          "bool": "unsigned char"}
 _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}
 
 #: parameter letters of each kernel (see cuda_ipc.KernelLauncher)
@@ -77,31 +73,20 @@ class KernelsMixin:
     """The kernel side of CudaCollectives: compile, look up and launch."""
 
     def _kernel(self, kind, dtype, opcode, n):
+        """The launchable template kernel (kind, dtype, opcode, n), loaded on first use (its image
+        may be built now: see build.KernelBuilder.image_for)."""
         key = (kind, dtype, opcode, n)
         fn = self._mods.get(key)
         if fn is None:
-            ctype = _CTYPE[dtype]
-            kinds = ("oneshot", "twoshot", "reduce_n", "twoshot_pull")
-            names = [f"{k}<{ctype}, {opcode}, {v}>" for k in kinds for v in sorted({1, n})]
-            code = cuda_source()
-            options = ["-std=c++17", "-DPYCCL_COMMON=1"]
-            cuda_path = self.cupy.cuda.get_cuda_path()
-            if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
-                options.append("-I" + os.path.join(cuda_path, "include"))
-            with self._device:
-                mod = self.cupy.RawModule(code=code, options=tuple(options), name_expressions=names)
-                for k in kinds:
-                    for v in sorted({1, n}):
-                        self._mods[(k, dtype, opcode, v)] = self._launcher(
-                            k, mod.get_function(f"{k}<{ctype}, {opcode}, {v}>"))
-                if "barrier" not in self._mods:
-                    self._mods["barrier"] = self._launcher("barrier", mod.get_function("barrier"))
-                    self._mods["copy_n"] = self._launcher("copy_n", mod.get_function("copy_n"))
-                    self._mods["alltoallv"] = self._launcher("alltoallv", mod.get_function("alltoallv"))
-                    self._mods["staged"] = self._launcher("staged", mod.get_function("staged"))
-                    self._mods["alltoallv_staged"] = self._launcher("alltoallv_staged",
-                                                                    mod.get_function("alltoallv_staged"))
-            fn = self._mods[key]
+            fn = self._mods[key] = _Kernel(self._library.function(key), _PARAMS[kind], THREADS, self.ipc)
+        return fn
+
+    def _common(self, name):
+        """One of the extern "C" kernels (kernel_cache.COMMON) by name, loaded on first use."""
+        fn = self._mods.get(name)
+        if fn is None:
+            fn = self._mods[name] = _Kernel(self._library.function(name), _PARAMS[name],
+                                            32 if name == "barrier" else THREADS, self.ipc)
         return fn
 
     def _remember(self, key, p):
@@ -110,21 +95,8 @@ class KernelsMixin:
             self._prepared.clear()
         self._prepared[key] = p
 
-    def _launcher(self, kind, function):
-        """A launchable kernel: ``k(grid, stream_ptr, args)``; ``k.ptr`` is its CUfunction."""
-        # RawModule.get_function gives a RawKernel; its .kernel is the loaded CUfunction wrapper.
-        ptr = getattr(getattr(function, "kernel", function), "ptr", None)
-        if not ptr:
-            raise PycclError(f"CUDA collectives: cupy {self.cupy.__version__} does not expose the CUfunction of "
-                             f"the {kind} kernel (RawKernel.kernel.ptr); pyccl launches it through the driver")
-        return _Kernel(int(ptr), _PARAMS[kind], 32 if kind == "barrier" else THREADS, self.ipc)
-
     def _barrier_fn(self):
-        fn = self._mods.get("barrier")
-        if fn is None:
-            self._kernel("oneshot", "float32", 0, 1)
-            fn = self._mods["barrier"]
-        return fn
+        return self._common("barrier")
 
     def _sm_copies(self, copies):
         """Run (lane, dst, src, nbytes) copies with one SM kernel on pyccl's stream; False (nothing
@@ -134,8 +106,7 @@ class KernelsMixin:
             return True
         if len(copies) > MAXR or any(c[3] >= 16 and (c[1] % 16 or c[2] % 16) for c in copies):
             return False
-        self._barrier_fn()
-        fn = self._mods["copy_n"]
+        fn = self._common("copy_n")
         packs = sum(c[3] // 16 for c in copies)
         grid = int(max(1, min(self.copy_blocks or self.max_blocks, -(-packs // THREADS))))
         pad = [0] * (MAXR - len(copies))

@@ -3,7 +3,7 @@
 // 16-byte packs of all copies form one range that the grid splits evenly; U loads per thread
 // are in flight before their stores. The caller guarantees d[c] and s[c] are 16-byte aligned
 // when n[c] >= 16; the n[c] % 16 tail bytes go byte by byte (last block).
-#if PYCCL_COMMON
+#if KERNELS_COMMON || defined(KERNEL_ONLY_copy_n)
 extern "C" __global__ void __launch_bounds__(512) copy_n(u64 d0, u64 d1, u64 d2, u64 d3, u64 d4, u64 d5, u64 d6,
                                                         u64 d7, u64 s0, u64 s1, u64 s2, u64 s3, u64 s4, u64 s5,
                                                         u64 s6, u64 s7, u64 n0, u64 n1, u64 n2, u64 n3, u64 n4,
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(512) reduce_n(T* out, i64 count, u64 s0, u64 s
 }
 
 // ---- stream barrier across the ranks (orders copy-engine work between processes) --------------
-#if PYCCL_COMMON
+#if KERNELS_COMMON || defined(KERNEL_ONLY_barrier)
 extern "C" __global__ void barrier(const u64* tab, int rank, int nranks, u64* ectr, u64 sig, i64* status,
                                    u64 timeout_ns, int where) {
   const int t = threadIdx.x;
@@ -129,7 +129,7 @@ __device__ __forceinline__ void copy_slice(char* d, const char* s, i64 n) {
   copy_part(d, s, p0 * 16, blockIdx.x == gridDim.x - 1 ? n : p1 * 16);
 }
 
-#if PYCCL_COMMON
+#if KERNELS_COMMON || defined(KERNEL_ONLY_staged)
 extern "C" __global__ void __launch_bounds__(512) staged(const u64* tab, i64 cap_bytes,
     u64 s0, u64 s1, u64 s2, u64 s3, u64 s4, u64 s5, u64 s6, u64 s7,
     i64 n0, i64 n1, i64 n2, i64 n3, i64 n4, i64 n5, i64 n6, i64 n7,
@@ -252,7 +252,7 @@ __device__ __forceinline__ bool split_table(const i64* ins, const i64* outs, int
 // its piece for rank r to out[r] (rank r's output as mapped here, named through the host
 // mailbox) at the sum of what lower ranks send to r. (E) closing flags: the output is complete
 // on return, and buffers and table may be reused.
-#if PYCCL_COMMON
+#if KERNELS_COMMON || defined(KERNEL_ONLY_alltoallv)
 extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, const i64* in_splits, const i64* out_splits,
                                                            i64 in_cap, i64 out_cap, i64 item, const u64* tab,
                                                            u64 o0, u64 o1, u64 o2, u64 o3, u64 o4, u64 o5, u64 o6,
@@ -280,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(512) alltoallv(const char* in, cons
 // a share of each round's length), so block b only ever waits for block b of its peers. The
 // round flags (OFF_RP, OFF_RC) carry epoch << 20 | round + 1: they grow across calls, and only
 // this kernel uses them. The own piece is copied straight from input to output.
-#if PYCCL_COMMON
+#if KERNELS_COMMON || defined(KERNEL_ONLY_alltoallv_staged)
 extern "C" __global__ void __launch_bounds__(512) alltoallv_staged(
     const char* in, const i64* in_splits, const i64* out_splits, i64 in_cap, i64 out_cap, i64 item,
     const u64* tab, char* out, i64 region, i64 h0, i64 h1, i64 h2, i64 h3, i64 h4, i64 h5, i64 h6, i64 h7,

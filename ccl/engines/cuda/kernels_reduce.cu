@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(512) oneshot(const T* x, T* out, i64 count, co
 // reduce-scatter, nothing to send), the gather half of rank r's two-shot scratch (region of the
 // sender), so no rank needs to know its peers' buffers. (C) closing flags, so that scratch and
 // peer buffers may be reused by the next collective. (D) all-reduce (`gather` = the gather half
-// of my scratch): copy every peer's reduced segment from there into my buffer (in place: the
+// of my scratch; 1: take d[] and the gather half from tab, where a resume puts the new scratch
+// into the same table): copy every peer's reduced segment from there into my buffer (in place: the
 // input's segment q). Blocks own the same slice of every segment, so each block only waits for
 // the same block of its peers, and after (C) block b's slice of every region has arrived.
 template <typename T, int OP, int N>
@@ -91,7 +92,13 @@ __global__ void __launch_bounds__(512) twoshot(const T* in, i64 stride, i64 seg_
   __shared__ int fail;
   const u64 epoch = epoch_begin(ectr);
   if (threadIdx.x == 0) fail = 0;
-  const u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  u64 dd[MAXR] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  if (gather == 1) {   // the scratch's gather halves, read from tab (re-made by a resume: same launch)
+#pragma unroll
+    for (int r = 0; r < MAXR; r++)
+      dd[r] = (r < nranks && r != rank) ? tab[2 * MAXR + r] + (u64)(nranks + rank) * cap_bytes : 0;
+    gather = tab[2 * MAXR + rank] + (u64)nranks * cap_bytes;
+  }
   const i64 npk_seg = seg_len / N;
   i64 p0, p1;
   share(npk_seg, p0, p1);

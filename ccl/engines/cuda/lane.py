@@ -52,6 +52,8 @@ the epoch advances on the device (capture-safe)."""
             return self._go(p, "all_reduce", q, get_stream(dev), async_op)
 
         def prepare(t, key, opname):
+            if self.suspended:                   # the general path resumes first (not cached)
+                return False
             p = False
             dtype = dtypes.get(t.dtype)
             op = ops.get(opname)
@@ -103,6 +105,8 @@ the epoch advances on the device (capture-safe)."""
             return self._go(p, name, q, get_stream(dev), async_op)
 
         def prepare(name, out, inp, arg, key):
+            if self.suspended:                   # the general path resumes first (not cached)
+                return False
             p = None
             ok = out.is_cuda and inp.is_cuda and out.get_device() == dev and inp.get_device() == dev and \
                 out.is_contiguous() and inp.is_contiguous()
@@ -124,6 +128,7 @@ the epoch advances on the device (capture-safe)."""
                     n = out.numel()
                     sig = _signature("reduce", {"dtype": dtype, "root": root, "redop": op.name, "count": n})
                     with self._device:
+                        self._caller = get_stream(dev)      # _tmp asks whether this call is captured
                         dst = out.data_ptr() if self.rank == root else self._tmp(nb)
                         p = self._prepare_oneshot(inp.data_ptr(), dst, n, out.element_size(), dtype, op, sig)
             else:

@@ -11,6 +11,8 @@ import os
 import sys
 import threading
 
+from ... import settings
+
 _lib = None
 _lib_lock = threading.Lock()
 
@@ -21,7 +23,7 @@ class NvrtcError(RuntimeError):
 
 def _candidates():
     """Where libnvrtc may be: PYCCL_NVRTC, the loader's path, the nvidia-* wheels, CUDA_HOME."""
-    env = os.environ.get("PYCCL_NVRTC")
+    env = settings.get("PYCCL_NVRTC")
     if env:
         yield env
     for v in ("13", "12"):
@@ -33,7 +35,18 @@ def _candidates():
             for p in sorted(glob.glob(os.path.join(base, pattern))):
                 if "builtins" not in p and "alt" not in os.path.basename(p):
                     yield p
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    try:                                   # where cupy found its CUDA (cuda-pathfinder, CUDA_PATH, ...)
+        from cuda import pathfinder
+        yield pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path
+    except Exception:  # noqa: BLE001 - not installed, or no NVRTC there: the other places
+        pass
+    cupy_home = None
+    if "cupy" in sys.modules:
+        try:
+            cupy_home = sys.modules["cupy"].cuda.get_cuda_path()
+        except Exception:  # noqa: BLE001 - as above
+            pass
+    for home in (cupy_home, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             for p in sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*"))):
                 if "builtins" not in p and "alt" not in os.path.basename(p):

@@ -32,14 +32,18 @@ class ReductionsMixin:
                 p = self._prepare_oneshot(v.ptr, v.ptr if self.rank == root else self._tmp(v.nbytes), v.size,
                                           v.itemsize, buf.dtype, op, sig)
                 return self._launch_prepared(p, what, caller, join)
-            if self.rank == root:
-                ptr = v.ptr
-            else:                               # non-roots keep their buffer: reduce a copy
-                ptr = self._tmp(v.nbytes)
+            # non-roots keep their buffer: they reduce a copy in pyccl's reduce buffer, which holds
+            # at most tmp_max bytes, so every rank goes in rounds of that many (the same rounds)
+            step = max(1, self.tmp_max // v.itemsize)
+            tmp = self._tmp(min(v.size, step) * v.itemsize) if self.rank != root else 0
             self._begin(caller)
-            if ptr != v.ptr:
-                self.rt.memcpyAsync(ptr, v.ptr, v.nbytes, 4, self.stream)
-            self._twoshot_body(what, sig, ptr, ptr, v.size, v.itemsize, buf.dtype, op, allgather=True)
+            for start in range(0, v.size, step):
+                cnt = min(step, v.size - start)
+                src = v.ptr + start * v.itemsize
+                ptr = src if self.rank == root else tmp
+                if ptr != src:
+                    self.rt.memcpyAsync(ptr, src, cnt * v.itemsize, 4, self.stream)
+                self._twoshot_body(what, sig, ptr, ptr, cnt, v.itemsize, buf.dtype, op, allgather=True)
             return self._end(caller, join)
 
     def _oneshot(self, what, caller, join, sig, v, dtype, op):
@@ -72,12 +76,10 @@ class ReductionsMixin:
         return p
 
     def _gather_targets(self):
-        """The 'kernel' two-shot's gather half: (where my reduced segment goes on each peer, 0
-        for me; the base of my own gather half). Region r of a scratch belongs to sender r."""
-        half = self.size * self.big_cap
-        dst = [(int(self.tab_host[2 * MAXR + r]) + half + self.rank * self.big_cap) if r != self.rank else 0
-               for r in range(self.size)]
-        return dst, self.big + half
+        """The 'kernel' two-shot's gather half: no addresses (zeros) and gather = 1, which tells
+        the kernel to read them from the peer table (region r of a scratch belongs to sender r),
+        so a captured launch survives a resume that re-makes the scratch (memory.py)."""
+        return [0] * self.size, 1
 
     def _prepare_twoshot(self, ptr, count, itemsize, dtype, op, sig):
         """The in-place 'kernel' two-shot all-reduce of (ptr, count, dtype, op) as one prepared
@@ -181,6 +183,8 @@ class ReductionsMixin:
                 ce = chunk * itemsize >= self.rs_ce_min or mode == "ce"
             vec = self._vec(itemsize, base_in, my_out, stride * itemsize, *[d for d in dst if d])
             if ce and size > 1:
+                if self._capture_now():
+                    self._big_pinned = True       # its copies name the peers' scratch (memory.py)
                 self._twoshot_ce(what, sig, base_in, stride, chunk, total, my_out, dst, itemsize, dtype, opcode,
                                  avg, vec)
             else:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ... import settings
 from ...errors import InvalidArgument, PeerFailure, PycclError, Timeout
-from .kernels import FLAG_WORDS, MAXB, MAXR
+from .kernels import MAXB, MAXR
 
 log = logging.getLogger("pyccl")
 
@@ -65,8 +65,12 @@ class CudaState:
         # uneven all-to-all (host or device splits): the peers' outputs named through the
         # mailbox per call, or rounds through the scratch with no host exchange
         self.a2av_mode = self._mode_env("PYCCL_CUDA_A2AV", "mailbox", _A2AV_MODES)
-        self.stage_max = _env_int("PYCCL_CUDA_STAGE_MAX", 16 << 20)
-        self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 256 << 20)) & ~0xFFFF
+        # the device memory bound (issue 32): two-shot scratch regions of PYCCL_CUDA_SCRATCH (4 MiB:
+        # 2 x size regions), the one-shot scratch of ONESHOT_MAX per slot, a reduce buffer of at
+        # most that; pieces staged through the scratch fit one region
+        self.scratch_max = max(1 << 20, _env_int("PYCCL_CUDA_SCRATCH", 4 << 20)) & ~0xFFFF
+        self.stage_max = min(_env_int("PYCCL_CUDA_STAGE_MAX", 16 << 20), self.scratch_max)
+        self.tmp_max = max(self.oneshot_max, 1 << 20)
         self.sync_each = settings.get("PYCCL_CUDA_SYNC")
         self.rs_ce_min = _env_int("PYCCL_CUDA_RS_CE_MIN", 64 << 20)
         self._device = cupy.cuda.Device(self.dev)
@@ -81,6 +85,14 @@ class CudaState:
         self._closed = False
         self._mods = {}
         self._lock = threading.Lock()
+        self.suspended = False               # see memory.py
+        self._gen = 0                        # scratch generations published (resume makes a new one)
+        self._caller = None                  # the stream of the call being made (set by CudaEngine.run)
+        self._tmp_pinned = False             # a captured call names the reduce buffer: suspend keeps it
+        self._big_pinned = False             # a captured copy-engine two-shot names the peers' scratch
+        self._big_keys = []                  # the peers' two-shot scratch as mapped here (closed on regrowth)
+        self.ctrl = 0
+        self._library = None
         with self._device:
             sms = rt.deviceGetAttribute(16, self.dev)          # cudaDevAttrMultiProcessorCount
             blocks = _env_int("PYCCL_CUDA_BLOCKS", 0)
@@ -95,26 +107,31 @@ class CudaState:
             self._fork = rt.eventCreateWithFlags(2)
             self._joins = [rt.eventCreateWithFlags(2) for _ in range(self.size)]
             self.status = cuda_ipc.HostStatus()
-            self.flags = rt.malloc(FLAG_WORDS * 8)
-            rt.memset(self.flags, 0, FLAG_WORDS * 8)
-            # the epoch of our latest collective and the running kernel's done-block count,
-            # advanced by the kernels themselves (epoch_begin/epoch_end in the .cu)
-            self.ectr = rt.malloc(16)
-            rt.memset(self.ectr, 0, 16)
-            self.small_cap = max(_env_int("PYCCL_CUDA_ONESHOT_CAP", 8 << 20), self.oneshot_max, 4096)
-            self.small_cap = (self.small_cap + 255) & ~255
-            self.small = rt.malloc(2 * self.size * self.small_cap)
-            self.big = 0
-            self.big_cap = 0
-            self._big_gen = 0
-            self._captured_splits = []          # see copies._keep_splits
-            self.tab = rt.malloc(3 * MAXR * 8)
-            self.tab_host = np.zeros(3 * MAXR, dtype=np.uint64)
-            self.registry = cuda_ipc.IpcRegistry(self.rank, comm.store, self.timeout)
-            self.registry.before_close = self._drain
-            self._payload = np.zeros(MAIL_WORDS, dtype=np.int64)
-            self.mailbox = cuda_ipc.HostMailbox(self.rank, self.size, comm.store, comm.tag, self.timeout, MAIL_WORDS)
-            self._share("base", [self.flags, self.small], [0, 1])
+            try:
+                # flags, the epoch of our latest collective and the running kernel's done-block count
+                # (advanced by the kernels themselves: epoch_begin/epoch_end in the .cu) and the peer
+                # table, in one allocation that stays through suspend()
+                self._alloc_control()
+                self.small_cap = max(_env_int("PYCCL_CUDA_ONESHOT_CAP", self.oneshot_max), self.oneshot_max, 4096)
+                self.small_cap = (self.small_cap + 255) & ~255
+                self.small = rt.malloc(2 * self.size * self.small_cap)
+                self.big = 0
+                self.big_cap = 0
+                self._big_gen = 0
+                self._captured_splits = []          # see copies._keep_splits
+                self.tab_host = np.zeros(3 * MAXR, dtype=np.uint64)
+                from .ipc_cache import PeerMappings
+                self.registry = PeerMappings(self.rank, comm.store, self.timeout,
+                                             settings.get("PYCCL_CUDA_IPC_CACHE"))
+                self.registry.before_close = self._drain
+                self._payload = np.zeros(MAIL_WORDS, dtype=np.int64)
+                self.mailbox = cuda_ipc.HostMailbox(self.rank, self.size, comm.store, comm.tag, self.timeout, MAIL_WORDS)
+                self._share("base", [self.flags, self.small], [0, 1])
+                from . import library
+                self._library = library.acquire(cupy, self.dev)    # starts the background kernel build
+            except BaseException:
+                self._release_partial()         # a failed set-up (a peer that never came) leaks nothing
+                raise
         self.watch = cuda_ipc.PeerWatch({r: i.get("pid") for r, i in enumerate(comm.peer_info) if r != self.rank})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watchdog, daemon=True,
@@ -153,8 +170,10 @@ class CudaState:
         return m
 
     def _share(self, name, ptrs, rows):
-        """Publish our allocations `ptrs`, map every peer's, and write them into tab rows."""
+        """Publish our allocations `ptrs`, map every peer's (kind 'scratch': see ipc_cache.py),
+        and write them into tab rows; returns the mappings' keys."""
         ids = [self.registry.export(p) for p in ptrs]
+        keys = []
         self.comm.store.set(f"cuda/scratch/{name}/{self.rank}",
                             struct.pack(f"<{2 * len(ids)}Q", *[v for pair in ids for v in pair]))
         for r in range(self.size):
@@ -165,9 +184,15 @@ class CudaState:
                 continue
             raw = self.comm.store.get(f"cuda/scratch/{name}/{r}", timeout=self.timeout)
             vals = struct.unpack(f"<{2 * len(ptrs)}Q", raw)
-            for k, row in enumerate(rows):
-                self.tab_host[row * MAXR + r] = self.registry.peer_ptr(r, vals[2 * k], vals[2 * k + 1])
+            self.registry.mode = "scratch"
+            try:
+                for k, row in enumerate(rows):
+                    self.tab_host[row * MAXR + r] = self.registry.peer_ptr(r, vals[2 * k], vals[2 * k + 1])
+                    keys.append((r, vals[2 * k]))
+            finally:
+                self.registry.mode = "buffer"
         self.rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)   # host to device
+        return keys
 
     def _ensure_big(self, need: int, what: str = "", caller=None):
         """Two-shot scratch of at least `need` bytes per source region (collective: every rank
@@ -188,12 +213,15 @@ class CudaState:
         rt.streamSynchronize(self.stream)       # our kernels are done with the old one; peers too
         self.raise_if_failed("growing the CUDA scratch")
         if self.big:
-            rt.free(self.big)
+            rt.free(self.big)                   # the memory goes when the peers unmap it too (below)
+            self.big = 0
         # [push half: a region per sender][gather half: a region per sender] (the two-shot kernel)
         self.big = rt.malloc(2 * self.size * cap)
         self.big_cap = cap
         self._big_gen += 1
-        self._share(f"big{self._big_gen}", [self.big], [2])
+        old = self._big_keys
+        self._big_keys = self._share(f"big{self._big_gen}.g{self._gen}", [self.big], [2])
+        self.registry.close_kinds(("scratch",), keys=set(old) - set(self._big_keys))
         self.forget_prepared()                  # prepared two-shot launches name the old scratch
 
     # ---- stream helpers ----------------------------------------------------------------------
@@ -282,6 +310,15 @@ class CudaState:
                                       f"than rank {self.rank} (CUDA exchange #{seq}); every rank must make the "
                                       f"same call")
         peers = []
+        if ptrs and self._capture_now():
+            self.registry.mode = "graph"        # a captured call's replays use these very mappings
+        try:
+            self._peer_rows(ptrs, table, peers)
+        finally:
+            self.registry.mode = "buffer"
+        return peers, table[:, 5:]
+
+    def _peer_rows(self, ptrs, table, peers):
         for k in range(len(ptrs)):
             row = []
             for r in range(self.size):
@@ -293,7 +330,6 @@ class CudaState:
                 else:
                     row.append(0)
             peers.append(row)
-        return peers, table[:, 5:]
 
     def _drain(self):
         self.rt.streamSynchronize(self.stream)
@@ -392,24 +428,57 @@ class CudaState:
                 except PycclError:
                     pass
                 self.registry.close()
-                for p in (self.flags, self.ectr, self.small, self.big, self.tab):
+                tmp = getattr(self, "_tmp_buf", None)
+                for p in (self.ctrl, self.small, self.big, tmp[0] if tmp else 0):
                     if p:
                         rt.free(p)
+                self.ctrl = self.small = self.big = 0
+                self._tmp_buf = None
                 for ev in self._ev + self._joins + [self._ready, self._ready2, self._fork]:
                     rt.eventDestroy(ev)
         finally:
             self.mailbox.close()
             self.status.close()
             self._closed = True
+            if self._library is not None:
+                from . import library
+                library.release(self.dev)
+                self._library = None
+
+    def _release_partial(self):
+        """Free what a set-up that raised had made (device memory, mappings, host words)."""
+        rt = self.rt
+        for name in ("ctrl", "small"):
+            p = getattr(self, name, 0)
+            if p:
+                try:
+                    rt.free(p)
+                except Exception:  # noqa: BLE001 - best effort, the original error is raised
+                    pass
+                setattr(self, name, 0)
+        for name in ("registry", "mailbox", "status"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - best effort, as above
+                    pass
 
     def _tmp(self, nbytes):
+        """pyccl's reduce buffer (non-roots' results): tmp_max bytes, made on first use and not
+        regrown while callers keep within it (reductions.reduce goes in rounds of it), so
+        launches that name it (prepared ones, captured graphs) stay valid. Only a knob raised at
+        run time (oneshot_max) regrows it. A captured call names it: suspend() keeps it."""
+        if self._capture_now():
+            self._tmp_pinned = True
         cur = getattr(self, "_tmp_buf", None)
         if cur is None or cur[1] < nbytes:
             if cur is not None:
                 self.rt.deviceSynchronize()         # lane launches run on the callers' streams
                 self.rt.free(cur[0])
                 self.forget_prepared()              # prepared reduces name the old buffer
-            cur = self._tmp_buf = (self.rt.malloc(max(nbytes, 1 << 20)), max(nbytes, 1 << 20))
+            n = max(nbytes, self.tmp_max)
+            cur = self._tmp_buf = (self.rt.malloc(n), n)
         return cur[0]
 
     def _empty(self, caller, join):

@@ -71,7 +71,9 @@ class CudaEngine(DeviceEngine):
 
     def run(self, call, what):
         caller, signature, name, args, _ = call.stream
-        return getattr(self.state, name)(what, caller, not call.async_op, signature, *args)
+        st = self.state
+        st._caller = caller                       # whether it is captured, when that matters (memory.py)
+        return getattr(st, name)(what, caller, not call.async_op, signature, *args)
 
     def finish(self, call, outcome):
         if call.async_op:

@@ -1,0 +1,80 @@
+"""Loaded kernel modules of one device, shared by the process's communicators on it.
+
+Why shared and counted: a module's code takes device memory, and every communicator on a GPU
+runs the same kernels. The first communicator on a device starts the background build
+(build.py); each unit is loaded (cuModuleLoadData) when one of its kernels is first launched,
+and everything is unloaded when the last communicator on the device closes, so close() gives
+the device memory back. Loaded modules stay through suspend(): a captured CUDA graph names
+their functions.
+"""
+import threading
+
+from . import kernel_cache as kc
+from .build import builder_for
+
+_libs = {}
+_lock = threading.Lock()
+
+
+class Library:
+    """The kernels of one device: ``function(key)`` is the CUfunction of (kind, dtype, opcode, n)
+    or of a common kernel's name."""
+
+    def __init__(self, cupy, dev):
+        self.cupy, self.dev = cupy, dev
+        cc = cupy.cuda.Device(dev).compute_capability
+        self.arch = int(cc)
+        self.builder = builder_for(self.arch)
+        self.users = 0
+        self._mods = {}            # unit -> cupy Module
+        self._fns = {}             # key -> (Function, ptr)
+        self.loaded_bytes = 0      # image bytes loaded (the code's device footprint, about)
+        self._lock = threading.Lock()
+
+    def function(self, key) -> int:
+        got = self._fns.get(key)
+        if got is not None:
+            return got[1]
+        img = self.builder.image_for(key)
+        with self._lock:
+            mod = self._mods.get(img.unit)
+            if mod is None:
+                from cupy.cuda import function
+                with self.cupy.cuda.Device(self.dev):
+                    mod = function.Module()
+                    mod.load(img.image)
+                self._mods[img.unit] = mod
+                self.loaded_bytes += len(img.image)
+            name = key if isinstance(key, str) else kc.kernel_name(*key)
+            fn = mod.get_function(img.names[name])
+            self._fns[key] = (fn, int(fn.ptr))
+        return self._fns[key][1]
+
+    def unload(self):
+        with self._lock:
+            self._fns.clear()
+            self._mods.clear()            # cupy's Module unloads itself when dropped
+            self.loaded_bytes = 0
+
+
+def acquire(cupy, dev: int) -> Library:
+    """The device's library, one more user; starts the background build on first use."""
+    with _lock:
+        lib = _libs.get(dev)
+        if lib is None:
+            lib = _libs[dev] = Library(cupy, dev)
+        lib.users += 1
+    lib.builder.start()
+    return lib
+
+
+def release(dev: int):
+    """One user fewer; the last one unloads the device's modules (their device memory)."""
+    with _lock:
+        lib = _libs.get(dev)
+        if lib is None:
+            return
+        lib.users -= 1
+        if lib.users <= 0:
+            lib.unload()
+            del _libs[dev]
