@@ -300,6 +300,24 @@ class Communicator:
         from .windows import Window
         return Window(self, buf, signals)
 
+    # ---- memory (ccl/suspension.py) -----------------------------------------------------------
+    def memory(self) -> dict:
+        """What this communicator holds on the device, pinned on the host and mapped from its
+        peers, in bytes: totals and {"<engine>.<kind>.<purpose>": bytes}."""
+        from . import suspension
+        return suspension.memory(self)
+
+    def suspend(self):
+        """Give back the device memory, keep the communicator (every rank calls it); resume(),
+        or the next call, brings it back (ccl/suspension.py)."""
+        from . import suspension
+        suspension.suspend(self)
+
+    def resume(self):
+        """Collective: make again what suspend() gave back (see suspend)."""
+        from . import suspension
+        suspension.resume(self)
+
     # ---- groups -----------------------------------------------------------------------------
     def split(self, color, key=0):
         """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by

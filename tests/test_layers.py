@@ -68,6 +68,7 @@ LAYERS = {
     "pyccl.tcp_store": COMMUNICATOR,
     "pyccl.env": COMMUNICATOR,
     "pyccl.elastic": COMMUNICATOR,      # grow and join (Communicator.grow, pyccl.join)
+    "pyccl.suspension": COMMUNICATOR,   # Communicator.memory / suspend / resume
     "pyccl.windows.*": COMMUNICATOR,
     # top: the package itself, the torch backend, the launcher, command-line tools
     "pyccl": TOP,

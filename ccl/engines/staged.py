@@ -89,6 +89,7 @@ from ..tuner import choose
 from .base import DeviceEngine, EngineBase
 from .cuda.submit import cuda_args, device_splits
 from .flat import TUNED
+from .staged_memory import StagingMemoryMixin
 from .staged_schedule import _Call, _groups, schedule
 
 log = logging.getLogger("pyccl")
@@ -323,11 +324,12 @@ class _OnDevice:
             self.rt.setDevice(self.prev)
 
 
-class Staging:
+class Staging(StagingMemoryMixin):
     """Pinned arena, copy streams and events of one communicator that spans hosts (answers
     what the torch backend and the communicator ask of comm.cuda)."""
 
     staged = True
+    _device_ctx = _OnDevice               # for StagingMemoryMixin (memory, suspend, resume)
 
     def __init__(self, comm, flat, hier, device: int, rt=None):
         if rt is None:

@@ -1,0 +1,46 @@
+"""memory / suspend / resume of the staged engine's Staging (ccl/engines/staged.py): its pinned
+host arena and, with several ranks per host, the composed engine's device stage and local CUDA
+collectives (ccl/engines/cuda_composed.py). The interface is the CUDA state's (see
+ccl/engines/cuda/memory.py). Nothing here is named by a CUDA graph (the staged engine refuses
+capture), so suspend() simply frees: the arena and the stage are made again by the next call
+that needs them; resume() re-makes the local CUDA collectives' scratch (collective)."""
+
+
+class StagingMemoryMixin:
+    """memory(), suspend(), resume() of Staging."""
+
+    def memory(self) -> dict:
+        out = {"pinned.staging_arena": self._arena_cap if self._arena_ptr else 0}
+        c = self.composed
+        if c is not None:
+            out["device.composed_stage"] = c._scratch_cap if c._scratch else 0
+            for k, v in c.local.memory().items():
+                where, purpose = k.split(".", 1)
+                out[f"{where}.local_{purpose}"] = v
+        return out
+
+    def suspend(self):
+        if self._closed:
+            return
+        rt = self.rt
+        with self._device_ctx(rt, self.dev):
+            for s in (self.d2h, self.h2d):      # copies still queued read or write the arena
+                ev = rt.eventCreateWithFlags(2)
+                try:
+                    rt.eventRecord(ev, s)
+                    self.wait_event(ev, "suspend", "queued copies")
+                finally:
+                    rt.eventDestroy(ev)
+        self._free_arena()
+        c = self.composed
+        if c is not None:
+            c.local.suspend()                   # waits for the local phases, frees their scratch
+            if c._scratch:
+                with c.local._device:
+                    c.local.rt.free(c._scratch)
+                c._scratch, c._scratch_cap = 0, 0
+
+    def resume(self):
+        if self.composed is not None and not self._closed:
+            self.composed.local.resume()
+
