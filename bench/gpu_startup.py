@@ -145,6 +145,18 @@ def mode_first(args):
             print(f"FIRST {dtype:9s} " + " ".join(f"{k}={v:.3f}" for k, v in first.items()))
             print(f"AGAIN {dtype:9s} " + " ".join(f"{k}={v * 1e3:.1f}ms" for k, v in second.items()))
         print(f"FIRST total {time.perf_counter() - t0:.2f} s")
+        try:
+            from pyccl.engines.cuda import build
+            for target, rows in build.report().items():
+                hows = {}
+                for unit, how, sec in rows:
+                    n, s = hows.get(how, (0, 0.0))
+                    hows[how] = (n + 1, s + sec)
+                print(f"KERNELS {target}: " + "; ".join(f"{how}: {n} units, {s:.2f} s" for how, (n, s) in hows.items()))
+                fg = [(u, round(sec, 2)) for u, how, sec in rows if "foreground" in how]
+                print(f"KERNELS foreground builds: {fg}")
+        except ImportError:
+            print("KERNELS (no pyccl.engines.cuda.build: the code before issue 32)")
     comm.close()
 
 

@@ -50,6 +50,10 @@ def test_disk_cache_round_trip_and_torn_files(tmp_path):
 def test_claims_are_exclusive_until_stale(tmp_path):
     c = kc.DiskCache(str(tmp_path), "k")
     assert c.claim("common")
+    assert not c.claim("common")                       # ours, and we live
+    with open(c.path("common") + ".claim", "w") as f:  # a builder that died (no such pid)
+        f.write("999999999")
+    assert c.claim("common")
     assert not c.claim("common")
     old = time.time() - 1000
     os.utime(c.path("common") + ".claim", (old, old))

@@ -14,6 +14,7 @@ returns (image, lowered names), NVRTC's in production (nvrtc.compile_source), an
 tests. ``report()`` says how every unit came and how long it took (``python -m pyccl.doctor
 kernels``).
 """
+import atexit
 import logging
 import os
 import threading
@@ -195,6 +196,13 @@ class KernelBuilder:
         with self._cv:
             self._stop = True
 
+    def release_claims(self):
+        """Give up the claims of units this process is building (at exit: the others take them)."""
+        self.stop()
+        if self.cache is not None:
+            for u in list(self._building):
+                self.cache.release(u)
+
     def report(self) -> list:
         """[(unit, how, seconds)] of every unit this process has, then the failures."""
         with self._cv:
@@ -246,6 +254,7 @@ def builder_for(arch: int) -> KernelBuilder:
             return nvrtc.compile_source(src, names, int(t[1]), options, ptx=t[0] == "compute")
         b = KernelBuilder(source, target, compile_fn, cache, pre[0] if pre else None)
         _builders[arch] = b
+        atexit.register(b.release_claims)
         return b
 
 

@@ -12,7 +12,9 @@ mapping has a kind:
   PYCCL_CUDA_IPC_CACHE bytes (the newest stays even alone above it), closed by suspend();
 * ``graph``    a user buffer named while a CUDA graph was being captured: the graph's replays
   use this very mapping, so it stays until close() (it costs no memory of its own: the
-  buffer belongs to the graph's pool on the peer).
+  buffer belongs to the graph's pool on the peer);
+* ``kept``     anything opened by other users of the registry (CUDA windows, ccl/windows/cuda.py,
+  which close their own): never evicted nor closed here.
 """
 import struct
 
@@ -27,7 +29,7 @@ class PeerMappings(cuda_ipc.IpcRegistry):
     def __init__(self, rank: int, store, timeout: float, max_bytes: int, max_open: int = 512):
         super().__init__(rank, store, timeout, max_open)
         self.max_bytes = max_bytes
-        self.mode = "buffer"          # the kind of mappings opened (or used) now
+        self.mode = "kept"            # the kind of mappings opened (or used) now (the engine sets it)
         self.sizes = {}               # (peer, buffer id) -> bytes
         self.kinds = {}               # (peer, buffer id) -> kind
 
@@ -36,7 +38,7 @@ class PeerMappings(cuda_ipc.IpcRegistry):
         base = self.opened.get(key)
         if base is not None:
             self.opened.move_to_end(key)
-            if self.mode != "buffer" and self.kinds.get(key) == "buffer":
+            if self.mode in ("graph", "scratch", "kept") and self.kinds.get(key) == "buffer":
                 self.kinds[key] = self.mode
             return base
         raw = self.store.get(f"cuda/ipc/{peer}/{bufid}", timeout=self.timeout)
@@ -85,9 +87,9 @@ class PeerMappings(cuda_ipc.IpcRegistry):
 
     def mapped(self) -> dict:
         """{kind: bytes mapped}."""
-        out = {"scratch": 0, "buffer": 0, "graph": 0}
+        out = {"scratch": 0, "buffer": 0, "graph": 0, "kept": 0}
         for k in self.opened:
-            kind = self.kinds.get(k, "buffer")
+            kind = self.kinds.get(k, "kept")
             out[kind] = out.get(kind, 0) + self.sizes.get(k, 0)
         return out
 

@@ -173,11 +173,14 @@ class DiskCache:
         except FileExistsError:
             try:
                 import time
-                if time.time() - os.stat(path).st_mtime < stale_s:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                if time.time() - os.stat(path).st_mtime < stale_s and _alive(pid):
                     return False
-                os.utime(path)
+                with open(path, "w") as f:          # taken over: its builder died or hung
+                    f.write(str(os.getpid()))
                 return True
-            except OSError:
+            except (OSError, ValueError):
                 return False
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
@@ -188,6 +191,19 @@ class DiskCache:
             os.unlink(self.path(unit) + ".claim")
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` (of this host: the cache is a local folder) still runs."""
+    if pid <= 0:
+        return True                            # unknown: trust the age
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 PREBUILT = os.path.join(os.path.dirname(__file__), "prebuilt")

@@ -48,6 +48,7 @@ class MemoryMixin:
             "mapped.peer_scratch": mapped.get("scratch", 0),
             "mapped.peer_buffers": mapped.get("buffer", 0),
             "mapped.graph_buffers": mapped.get("graph", 0),
+            "mapped.windows": mapped.get("kept", 0),
         }
 
     def suspend(self):

@@ -190,7 +190,7 @@ class CudaState:
                     self.tab_host[row * MAXR + r] = self.registry.peer_ptr(r, vals[2 * k], vals[2 * k + 1])
                     keys.append((r, vals[2 * k]))
             finally:
-                self.registry.mode = "buffer"
+                self.registry.mode = "kept"
         self.rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)   # host to device
         return keys
 
@@ -310,12 +310,13 @@ class CudaState:
                                       f"than rank {self.rank} (CUDA exchange #{seq}); every rank must make the "
                                       f"same call")
         peers = []
-        if ptrs and self._capture_now():
-            self.registry.mode = "graph"        # a captured call's replays use these very mappings
+        # user buffers: LRU within PYCCL_CUDA_IPC_CACHE, or kept till close when a graph is being
+        # captured (its replays use these very mappings): ipc_cache.py
+        self.registry.mode = "graph" if ptrs and self._capture_now() else "buffer"
         try:
             self._peer_rows(ptrs, table, peers)
         finally:
-            self.registry.mode = "buffer"
+            self.registry.mode = "kept"
         return peers, table[:, 5:]
 
     def _peer_rows(self, ptrs, table, peers):
