@@ -39,15 +39,15 @@ class Library:
         with self._lock:
             mod = self._mods.get(img.unit)
             if mod is None:
-                from cupy.cuda import function
                 with self.cupy.cuda.Device(self.dev):
-                    mod = function.Module()
-                    mod.load(img.image)
+                    mod = _load(self.cupy, img.image)
                 self._mods[img.unit] = mod
                 self.loaded_bytes += len(img.image)
             name = key if isinstance(key, str) else kc.kernel_name(*key)
             fn = mod.get_function(img.names[name])
-            self._fns[key] = (fn, int(fn.ptr))
+            # cupy's Function has .ptr (the CUfunction); a RawModule's RawKernel has it in .kernel
+            ptr = getattr(fn, "ptr", None) or getattr(getattr(fn, "kernel", None), "ptr", None)
+            self._fns[key] = (fn, int(ptr))
         return self._fns[key][1]
 
     def unload(self):
@@ -55,6 +55,23 @@ class Library:
             self._fns.clear()
             self._mods.clear()            # cupy's Module unloads itself when dropped
             self.loaded_bytes = 0
+
+
+def _load(cupy, image: bytes):
+    """A loaded module of `image` (cubin or PTX) in the current context: cupy's Module
+    (cuModuleLoadData), or where this cupy lacks it, a RawModule read from a temporary file."""
+    try:
+        from cupy.cuda import function
+        mod = function.Module()
+        mod.load(image)
+        return mod
+    except (ImportError, AttributeError, TypeError):
+        import os
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="pyccl-kernels-", suffix=".cubin" if image[:4] == b"\x7fELF" else ".ptx")
+        with os.fdopen(fd, "wb") as f:          # kept: cupy may read it when first asked for a kernel
+            f.write(image if image[:4] == b"\x7fELF" else image.rstrip(b"\0"))
+        return cupy.RawModule(path=path)
 
 
 def acquire(cupy, dev: int) -> Library:
