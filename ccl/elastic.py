@@ -14,17 +14,17 @@ communicator's prefix)::
     J/rec/<t>    joiner t's bootstrap record (listener address, host, pid)
     J/taken      tickets handed to grows so far (only the job's one open grow moves it)
     J/open       counter: 1 while a grow of this job is deciding; a second one fails
-    J/ans/<t>    the answer to joiner t: the new communicator's tag, rank, size and ids
-                 and where the members' records are (written only once a grow claimed t)
+    J/ans/<t>    the answer to joiner t: the new communicator's tag, rank, size and ids,
+                 then the members' records (written only once a grow claimed t)
     G/here/<r>   member r called grow(n) (value: n)
     G/lead       counter: the first member to call leads
     G/done       the leader's decision for the members (the joiners' records), or the error
-    G/table      the members' records, for the joiners
 
-Store requests: a member 3 (set, add, get), the leader 15 (its waits are single blocking
-requests), a joiner 4, whatever the size. The leader's decision lands in one key every member
-reads, so an error (members missing, n differing, another grow open, joiners late) reaches
-every member that called within the timeout. Joiners are claimed only when all n_new have
+Store requests: a member 3 (set, add, get), the leader 11-13 (its waits are single blocking
+requests; all but 3 of them while the other members are still arriving), a joiner 3, whatever
+the size. The leader's decision lands in one key every member reads, so an error (members
+missing, n differing, another grow open, joiners late) reaches every member that called
+within the timeout. Joiners are claimed only when all n_new have
 come, so a failed grow leaves them waiting for the next one (or their own timeout). The old
 communicator is never touched: after any failure it is as usable as before.
 
@@ -40,7 +40,7 @@ import time
 from . import bootstrap, settings
 from . import env as _env
 from .errors import InvalidArgument, PeerFailure, PycclError, Timeout
-from .store import TCPStore
+from .store import TCPStore, multi_get
 from .transports.tcp_dial import listener_for
 
 log = logging.getLogger("pyccl")
@@ -105,57 +105,77 @@ def _error(decision):
 
 
 def _lead(comm, n_new, window, key, start) -> dict:
-    """Decide the grow and publish the decision to the members and the claimed joiners."""
+    """Decide the grow and publish the decision to the members and the claimed joiners.
+
+    The leader is the first member to call, so what needs no other member (the job's grow
+    lock, the claim counter, joiners already waiting) is done while the others arrive: after
+    the last member's key only MGET, the joiners' answers and `done` remain (3 requests)."""
     store, root = comm.store, comm._root_store
     deadline = start + window
-    decision = None
+    if root.add(f"{JOIN}/open", 1) != 1:
+        root.add(f"{JOIN}/open", -1)
+        decision = {"kind": "InvalidArgument", "error": f"grow ({comm.tag}): another grow of this job is in "
+                    f"progress; joiners cannot tell two grows apart, so they run one at a time"}
+        store.set(f"{key}/done", json.dumps(decision).encode())
+        return decision
     try:
-        store.wait([f"{key}/here/{r}" for r in range(comm.size)], timeout=max(0.0, deadline - time.monotonic()))
-    except Timeout:
-        missing = [r for r, ok in enumerate(store.check([f"{key}/here/{r}" for r in range(comm.size)])) if not ok]
-        decision = {"kind": "Timeout", "error": f"grow ({comm.tag}): ranks {missing} of {comm.size} did not call "
-                    f"grow within {window:.0f}s; every member must call it"}
-    if decision is None:
-        asked = [int(v) for v in store.multi_get([f"{key}/here/{r}" for r in range(comm.size)])]
-        if len(set(asked)) > 1:
-            decision = {"kind": "InvalidArgument", "error": f"grow ({comm.tag}): the members asked for different "
-                        f"numbers of new ranks: {dict(enumerate(asked))}"}
-    if decision is None:
-        if root.add(f"{JOIN}/open", 1) != 1:
-            root.add(f"{JOIN}/open", -1)
-            decision = {"kind": "InvalidArgument", "error": f"grow ({comm.tag}): another grow of this job is in "
-                        f"progress; joiners cannot tell two grows apart, so they run one at a time"}
-        else:
-            try:
-                decision = _claim(comm, n_new, deadline, window, key)
-            finally:
-                root.add(f"{JOIN}/open", -1)
-    store.set(f"{key}/done", json.dumps(decision).encode())
+        base = root.add(f"{JOIN}/taken", 0)        # only the holder of J/open moves it
+        recs = [f"{JOIN}/rec/{base + 1 + i}" for i in range(n_new)]
+        joiners = _records(root, recs, 0.0)        # already waiting (the usual case)?
+        decision = _members_agree(comm, n_new, window, key, deadline)
+        if decision is None:
+            if joiners is None:
+                joiners = _records(root, recs, max(0.0, deadline - time.monotonic()))
+            if joiners is None:
+                came = sum(root.check(recs))
+                decision = {"kind": "Timeout", "error": f"grow ({comm.tag}): {came} of {n_new} new process(es) "
+                            f"called pyccl.join() within {window:.0f}s"}
+            else:
+                decision = _answer(comm, n_new, base, joiners, key)
+        store.set(f"{key}/done", json.dumps(decision).encode())
+        if "error" not in decision:
+            root.add(f"{JOIN}/taken", n_new)      # before the lock goes: the next grow's base
+    finally:
+        root.add(f"{JOIN}/open", -1)
     return decision
 
 
-def _claim(comm, n_new, deadline, window, key) -> dict:
-    """Wait for n_new joiners, hand them their ranks; nothing is claimed unless all came."""
-    root = comm._root_store
-    base = root.add(f"{JOIN}/taken", 0)
-    recs = [f"{JOIN}/rec/{base + 1 + i}" for i in range(n_new)]
+def _records(root, recs, timeout):
+    """The joiners' records, or None if they did not all come within `timeout`."""
     try:
-        root.wait(recs, timeout=max(0.0, deadline - time.monotonic()))
+        return [json.loads(v) for v in multi_get(root, recs, timeout)]
     except Timeout:
-        came = sum(root.check(recs))
-        return {"kind": "Timeout", "error": f"grow ({comm.tag}): {came} of {n_new} new process(es) called "
-                f"pyccl.join() within {window:.0f}s"}
-    root.add(f"{JOIN}/taken", n_new)
-    joiners = [json.loads(v) for v in root.multi_get(recs)]
+        return None
+
+
+def _members_agree(comm, n_new, window, key, deadline):
+    """None once every member called grow with the same n_new, else the error decision."""
+    keys = [f"{key}/here/{r}" for r in range(comm.size)]
+    try:
+        asked = [int(v) for v in comm.store.multi_get(keys, max(0.0, deadline - time.monotonic()))]
+    except Timeout:
+        missing = [r for r, ok in enumerate(comm.store.check(keys)) if not ok]
+        return {"kind": "Timeout", "error": f"grow ({comm.tag}): ranks {missing} of {comm.size} did not call "
+                f"grow within {window:.0f}s; every member must call it"}
+    if len(set(asked)) > 1:
+        return {"kind": "InvalidArgument", "error": f"grow ({comm.tag}): the members asked for different "
+                f"numbers of new ranks: {dict(enumerate(asked))}"}
+    return None
+
+
+def _answer(comm, n_new, base, joiners, key) -> dict:
+    """Hand each claimed joiner its rank (the members' records ride along: one request for it)."""
+    root = comm._root_store
     tag = f"grow{base + 1}"
     size = comm.size + n_new
-    comm.store.set(f"{key}/table", bootstrap.pack_records(comm.peer_info))
     ids = list(comm._members) + [_joiner_id(base + 1 + i) for i in range(n_new)]
+    table = bootstrap.pack_records(comm.peer_info)
     for i in range(n_new):
-        root.set(_ticket_key(base + 1 + i), json.dumps({
+        head = json.dumps({
             "tag": tag, "rank": comm.size + i, "size": size, "members": comm.size, "ids": ids,
-            "table": f"{comm.store.prefix}/{key}/table", "joiners": joiners, "timeout": comm.timeout,
-            "transport": comm.transport_name, "reproducible": comm.reproducible}).encode())
+            "joiners": joiners, "timeout": comm.timeout, "transport": comm.transport_name,
+            "reproducible": comm.reproducible}).encode()
+        root.set(_ticket_key(base + 1 + i), head + b"\n" + table)
     return {"tag": tag, "base": base, "joiners": joiners}
 
 
@@ -217,12 +237,12 @@ def join(cls, timeout=None, store=None, secret=None):
     t = store.add(f"{JOIN}/tickets", 1)
     store.set(f"{JOIN}/rec/{t}", json.dumps(me).encode())
     try:
-        ans = json.loads(store.get(_ticket_key(t), timeout=timeout))
+        head, _, table = store.get(_ticket_key(t), timeout=timeout).partition(b"\n")
     except Timeout:
         raise Timeout(f"pyccl.join(): no grow took this process (ticket {t}) within {timeout:.0f}s; "
                       f"the members must call comm.grow(n)") from None
+    ans = json.loads(head)
     n_old = ans["members"]
-    table = store.get(ans["table"], timeout=timeout)
     records = bootstrap.unpack_records(table, n_old, f"pyccl.join() ticket {t}") + ans["joiners"]
     ids = ans["ids"]
     bootstrap.remember(store, {ids[r]: rec for r, rec in enumerate(records)})
