@@ -7,11 +7,14 @@ the earlier writes on the QP (RC order) and consumes one posted receive at the t
 completion adds the value to the origin's row of the board. Whoever polls the completion
 queue applies it under `RdmaPair.lock` (one writer of that row): the origin waiting for its
 own write's completion, or the target's `Service` (the completion channel's descriptor is in
-its poll set). `put` returns once the write is acknowledged, so it has landed and `flush` has
-nothing to wait for. `get` is an RDMA READ of the peer's window (registered for remote reads)
+its poll set). A put of up to STAGE_MAX bytes is copied into the pair's registered ring and
+posted at once, so `put` returns with several writes in flight (as ib_write_bw keeps them);
+a larger one is written from the caller's buffer (registered, cached) and waited for; `flush`
+(and every signal, read or large put) waits until the writes posted before it completed. `get` is an RDMA READ of the peer's window (registered for remote reads)
 into the caller's buffer, returned once completed; the target's CPU takes no part. The set-up
 cards travel over the window's TCP sockets, which also tell of a peer that dies.
 """
+import collections
 import json
 import random
 import threading
@@ -33,6 +36,8 @@ _VALUE_MAX = (1 << _VALUE_BITS) - 1
 MAX_SLOTS = 1 << (32 - _VALUE_BITS)
 SQ_DEPTH, RQ_DEPTH = 16, 256
 READ_MAX = 1 << 30                        # bytes per RDMA READ (a message's length is 32 bits)
+STAGE_MAX = 4 << 20                       # puts up to this are copied into the pair's ring and
+RING_BYTES = 2 * STAGE_MAX + (1 << 20)    # posted without waiting (two of the largest fit at once)
 _ACCESS_LOCAL_WRITE = 1
 _ACCESS_REMOTE_READ = 4                   # the window is registered for it: peers' gets read it
 _RNR_FOREVER = 7                          # a signal waits for the target to repost, never fails on it
@@ -57,8 +62,9 @@ class RdmaPair:
         self.qpn, self.psn = qpns[0], random.getrandbits(24)
         self.wcs = ffi.new("struct pv_wc[]", 32)
         self.lock = threading.Lock()          # CQ polls (and the board row they write)
-        self.send_lock = threading.Lock()     # one write in flight from this rank
-        self.sent = self.done = 0
+        self.send_lock = threading.Lock()     # one poster at a time
+        self.sent = self.done = 0             # work requests posted / completed (in order: RC)
+        self.ring = None                      # staging for puts, made on the first staged put
         self.error = None
         self.remote = None
 
@@ -132,27 +138,112 @@ class RdmaPair:
                                                        self.remote["addr"] + offset, self.remote["rkey"]), timeout)
 
     def _one(self, what: str, post, timeout: float) -> None:
-        """Post one work request from this rank and poll until it completes (or fails)."""
+        """Post one work request from this rank and poll until it (and all before it) completed."""
         with self.send_lock:
+            deadline = time.monotonic() + timeout
+            self._room(what, deadline)
+            self._post(what, post)
+            self._until(self.sent, what, deadline)
+
+    def staged_write(self, src, offset: int, imm, timeout: float) -> None:
+        """Copy `src` into the ring and post its RDMA WRITE (with imm unless None); returns at
+        once: `src` may be reused, `drain` waits for the write (RC completes them in order)."""
+        n = src.size
+        with self.send_lock:
+            deadline = time.monotonic() + timeout
+            if self.ring is None:
+                self.ring = _Ring(self.dev.mrs, RING_BYTES)
+            ring = self.ring
+            while True:
+                ring.free(self.done)
+                at = ring.place(n)
+                if at is not None:
+                    break
+                self._until(ring.oldest(), "WRITE", deadline)       # room in the ring: the oldest done
+            self._room("WRITE", deadline)
+            ring.mem[at:at + n] = src
+            self._post("WRITE", lambda: self.lib.pv_post_write(
+                self.c, 0, _K_SEND << 56, ring.addr + at, n, ring.lkey, self.remote["addr"] + offset,
+                self.remote["rkey"], imm is not None, imm or 0))
+            ring.taken(self.sent, at, n)
+
+    def drain(self, timeout: float) -> None:
+        """Return once every work request posted so far has completed."""
+        with self.send_lock:
+            self._until(self.sent, "WRITE", time.monotonic() + timeout)
+
+    def _post(self, what, post) -> None:
+        if self.error:
+            raise PeerFailure(f"{self.who}: {self.error}")
+        rc = post()
+        if rc:
+            raise TransportError(f"{self.who}: posting an RDMA {what} failed ({rc})")
+        self.sent += 1
+
+    def _room(self, what, deadline) -> None:
+        """At most SQ_DEPTH - 1 work requests in flight before posting one more."""
+        self._until(self.sent - SQ_DEPTH + 2, what, deadline)
+
+    def _until(self, seq: int, what: str, deadline: float) -> None:
+        """Poll until work request number `seq` has completed; raise if one failed."""
+        while self.done < seq:
+            self.poll()
             if self.error:
                 raise PeerFailure(f"{self.who}: {self.error}")
-            rc = post()
-            if rc:
-                raise TransportError(f"{self.who}: posting an RDMA {what} failed ({rc})")
-            self.sent += 1
-            deadline = time.monotonic() + timeout
-            while self.done < self.sent:
-                self.poll()
-                if self.error:
-                    raise PeerFailure(f"{self.who}: {self.error}")
-                if time.monotonic() > deadline:
-                    raise Timeout(f"{self.who}: an RDMA {what} did not complete within {timeout:g}s")
+            if time.monotonic() > deadline:
+                raise Timeout(f"{self.who}: an RDMA {what} did not complete within the timeout")
+        if self.error:
+            raise PeerFailure(f"{self.who}: {self.error}")
 
     def close(self) -> None:
         with self.lock:
             if self.c is not None:
                 self.lib.pv_conn_destroy(self.c)
                 self.c = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class _Ring:
+    """Registered staging memory for puts: byte ranges handed out in order, each given back
+    once the work request that reads it has completed (send completions come in order)."""
+
+    def __init__(self, mrs, nbytes: int):
+        self.mrs, self.cap = mrs, nbytes
+        self.mem = np.empty(nbytes, np.uint8)
+        self.entry = mrs.acquire(memoryview(self.mem), _ACCESS_LOCAL_WRITE)
+        self.addr, self.lkey = self.mem.ctypes.data, self.entry.lkey
+        self.busy = collections.deque()       # (work request number, start, end), oldest first
+        self.head = 0
+
+    def free(self, done: int) -> None:
+        while self.busy and self.busy[0][0] <= done:
+            self.busy.popleft()
+        if not self.busy:
+            self.head = 0
+
+    def oldest(self) -> int:
+        return self.busy[0][0]
+
+    def place(self, n: int):
+        """Start of n free bytes, or None (then wait for the oldest). Strict comparisons: the
+        head never catches up with the oldest range, so "full" and "empty" never look alike."""
+        if not self.busy:
+            return 0 if n <= self.cap else None
+        tail = self.busy[0][1]
+        if self.head > tail:                  # in use: [tail, head)
+            if self.cap - self.head >= n:
+                return self.head
+            return 0 if n < tail else None
+        return self.head if tail - self.head > n else None      # in use: [tail, cap) and [0, head)
+
+    def taken(self, seq: int, at: int, n: int) -> None:
+        self.busy.append((seq, at, at + n))
+        self.head = at + n
+
+    def close(self) -> None:
+        self.mrs.release(self.entry)
 
 
 class RdmaLink(Link):
@@ -171,6 +262,9 @@ class RdmaLink(Link):
             if slot >= 0:
                 self.signal(slot, 1)
             return
+        if n <= STAGE_MAX:                    # copied: returns at once, several writes in flight
+            self.pair.staged_write(src, offset, None if slot < 0 else slot << _VALUE_BITS | 1, self.timeout)
+            return
         e = self.mrs.acquire(memoryview(src), 1)
         try:
             self.pair.write(src.ctypes.data, n, e.lkey, offset, None if slot < 0 else slot << _VALUE_BITS | 1,
@@ -183,6 +277,9 @@ class RdmaLink(Link):
             part = min(value, _VALUE_MAX)
             self.pair.write(0, 0, 0, 0, slot << _VALUE_BITS | part, self.timeout)
             value -= part
+
+    def flush(self):
+        self.pair.drain(self.timeout)
 
     def get(self, dst, offset):
         """RDMA READs (at most READ_MAX bytes each) straight into `dst`, registered for local writes."""

@@ -1,7 +1,8 @@
 """One-sided windows over ibverbs (ccl/windows/rdma.py) on real verbs: run inside the soft-RoCE VM
 (tests/rdma/rxe-vm.sh python -m pytest -q tests/rdma/test_windows_rdma.py). With
 PYCCL_TRANSPORT=ibverbs every pair's window goes through RDMA WRITE / WRITE_WITH_IMM, gets
-through RDMA READ; the rank-side checks are tests/test_window.py's, and rank_gets_read here. Outside the VM
+through RDMA READ; the rank-side checks are tests/test_window.py's, and the two here (READs;
+puts through the pair's staging ring and a larger one from the caller's buffer). Outside the VM
 (no RDMA device) the tests skip with the transport's reason."""
 import os
 import sys
@@ -47,6 +48,44 @@ def rank_gets_read(comm):
     return bad
 
 
+def rank_staged_and_direct_puts(comm):
+    """Puts through the pair's ring (many in flight, the ring wrapping around) and one larger
+    than STAGE_MAX (written from the caller's buffer), then a signal; flush, then read back."""
+    from pyccl.windows.rdma import STAGE_MAX
+    me, size = comm.rank, comm.size
+    piece = (1 << 20) // 8 + 3                               # float64 elements, not a round size
+    pieces = 12
+    big = STAGE_MAX // 8 + 5
+    buf = np.zeros(size * (pieces * piece + big))
+    per = pieces * piece + big
+    bad = []
+    with comm.window(buf, signals=2) as win:
+        for p in range(size):
+            if p == me:
+                continue
+            for k in range(pieces):
+                x = np.arange(piece, dtype=np.float64) + 1000 * me + k
+                win.put(x, p, offset=me * per + k * piece)
+                x[:] = -1                                    # src may be reused once put returns
+            win.put(np.full(big, me + 0.5), p, offset=me * per + pieces * piece, signal=1)
+            win.flush(p)
+            back = np.zeros(piece)
+            win.get(back, p, offset=me * per + (pieces - 1) * piece)
+            if not np.array_equal(back, np.arange(piece, dtype=np.float64) + 1000 * me + pieces - 1):
+                bad.append(f"read back from rank {p}: {back[:3]}")
+        win.wait_signal(1, size - 1)
+        for q in range(size):
+            if q == me:
+                continue
+            got = buf[q * per:(q + 1) * per]
+            want = np.concatenate([np.arange(piece, dtype=np.float64) + 1000 * q + k for k in range(pieces)] +
+                                  [np.full(big, q + 0.5)])
+            if not np.array_equal(got, want):
+                bad.append(f"block of rank {q}: first difference at {np.argmax(got != want)}")
+        comm.barrier()
+    return bad
+
+
 # software RoCE under emulation: a window's set-up takes seconds, importing bfloat16 a minute
 SLOW = {"timeout": 600}
 
@@ -54,6 +93,8 @@ SLOW = {"timeout": 600}
 def test_windows_over_rdma_2_ranks(groups):
     g = groups(2, **IB, **SLOW)
     for bad in g.run(rank_gets_read):
+        assert bad == []
+    for bad in g.run(rank_staged_and_direct_puts):
         assert bad == []
     for bad in g.run(rank_every_dtype, "rdma"):
         assert bad == []
@@ -69,6 +110,8 @@ def test_windows_over_rdma_2_ranks(groups):
 
 def test_windows_over_rdma_3_ranks(groups):
     g = groups(3, **IB, **SLOW)
+    for bad in g.run(rank_staged_and_direct_puts):
+        assert bad == []
     for bad in g.run(rank_many_puts_one_signal, 100):
         assert bad == []
     for bad in g.run(rank_large, 300_001):
