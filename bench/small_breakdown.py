@@ -3,12 +3,16 @@
 by layer, every layer timed in the same processes, rounds interleaved, beside MPICH when
 launched by mpiexec.
 
-    mpiexec -n 2 python bench/small_breakdown.py [--calls 20000] [--rounds 5]
+    mpiexec -n 2 python bench/small_breakdown.py [--calls 2000] [--rounds 40]
     python -m pyccl.launch -n 2 bench/small_breakdown.py      (no MPI column)
 
 Layers (µs per call, each a tight loop of `--calls` calls; every rank runs the same loop, so
-each call also waits for the slowest rank):
-  api       comm.all_reduce(x): validation, engine choice, queue, recorder, engine.short, C
+each call also waits for the slowest rank; the layers take turns every round, so on a loaded
+machine many short rounds compare them over the same minutes better than a few long ones):
+  fresh     comm.all_reduce(x[:]): a new array object every call, so validated and priced
+            every time (the path of a call on an array the communicator has not seen)
+  api       comm.all_reduce(x): the same array again (the validator's remembered Call, the
+            engine choice and pointer kept with it), queue, recorder, engine.short, C
   short     engine.short(call, seq) on a prepared Call: the engine's Python, cffi, C
   c         lib.pyccl_coll_all_reduce straight from a prepared cffi pointer: cffi + C
   barrier   lib.pyccl_coll_barrier: cffi + the signature stores + one flag handshake, no data
@@ -19,6 +23,7 @@ communicator's Python, short - c = the engine's Python, c - barrier = the data (
 segment, reduce out of it), barrier - cffi = the handshake between cores.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -34,8 +39,8 @@ def loop(fn, n):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=20000)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args()
 
     import pyccl
@@ -48,6 +53,7 @@ def main():
     call = comm.validate.all_reduce(x, pyccl.SUM, False)
     c, ptr, timeout = eng._c, ffi.from_buffer(x), eng.timeout
     layers = {
+        "fresh": lambda: comm.all_reduce(x[:]),
         "api": lambda: comm.all_reduce(x),
         "short": lambda: eng.short(call, 0),
         "c": lambda: lib.pyccl_coll_all_reduce(c, ptr, ptr, 2, 2, 0, -1, timeout),
@@ -75,10 +81,16 @@ def main():
             res[name].append(float(t[0]))
     if comm.rank == 0:
         print(f"# 8 B float32 all_reduce, {comm.size} ranks, {args.calls} calls x {args.rounds} rounds, "
-              f"µs per call (slowest rank): median (min-max)")
+              f"µs per call (slowest rank): median (min-max), quartiles; load average {os.getloadavg()[0]:.1f}")
         for name, ts in res.items():
-            print(f"  {name:>8} {np.median(ts):7.2f} ({min(ts):.2f}-{max(ts):.2f})   " +
-                  " ".join(f"{t:.2f}" for t in ts))
+            q1, q3 = np.percentile(ts, [25, 75])
+            print(f"  {name:>8} {np.median(ts):7.2f} ({min(ts):.2f}-{max(ts):.2f})   quartiles {q1:.2f}-{q3:.2f}")
+        if "mpi" in res:
+            for name in ("api", "fresh"):
+                ratio = np.array(res[name]) / np.array(res["mpi"])
+                q1, q3 = np.percentile(ratio, [25, 75])
+                print(f"# {name}/mpi per round: median {np.median(ratio):.2f} (quartiles {q1:.2f}-{q3:.2f}, "
+                      f"{int((ratio <= 1).sum())} of {len(ratio)} rounds <= 1)")
         med = {k: float(np.median(v)) for k, v in res.items()}
         print(f"# layers: communicator {med['api'] - med['short']:.2f}, engine Python "
               f"{med['short'] - med['c']:.2f}, data {med['c'] - med['barrier']:.2f}, handshake + signature "

@@ -12,6 +12,7 @@ import os
 import time
 
 DEFAULT_ENTRIES = 64
+_time = time.time
 
 
 _SIG_KEYS = ("dtype", "count", "root", "redop")
@@ -34,6 +35,15 @@ class FlightRecorder:
         """record() and start() at once, for a call that runs as it is made."""
         now = time.time()
         entry = [seq, op, sig, "running", now, now, None, "", None]
+        self.entries.append(entry)
+        return entry
+
+    def ran(self, seq: int, op: str, sig, started: float) -> list:
+        """A call that ran as it was made (the queue's run_now), recorded once it ended, as
+        done: one entry made whole instead of made and then finished (~0.1 us of an 8-byte
+        all_reduce). Nothing reads the recorder while such a call runs: a dump is written by
+        the failing call's own thread, after finish(entry, error) marks it failed."""
+        entry = [seq, op, sig, "done", started, started, _time(), "", None]
         self.entries.append(entry)
         return entry
 

@@ -9,7 +9,9 @@ collectives before a plan over the shm transport, the composed hierarchy before 
 across hosts). As in UCC's score map, the answer depends only on (op, memory kind, size,
 dtype, reduction, root, splits) and on data every rank shares (topology, costs, settings),
 so every rank chooses alike, which they must; it is cached per (op, memory kind, size,
-reproducible, even splits, splits on the device): what the engines' takes() and price() read.
+reproducible, even splits, splits on the device): what the engines' takes() and price() read,
+and the last small call's answer by the Call itself (the validator hands a repeated small
+all_reduce the same Call again: ccl/validate.py).
 
 PYCCL_ENGINE=<name> forces an engine wherever it can run the call (elsewhere the priced
 choice stands, with a warning once); PYCCL_ALGO forces the plan's algorithm inside the flat
@@ -23,6 +25,7 @@ from .. import settings
 from ..errors import InvalidArgument
 
 log = logging.getLogger("pyccl")
+SMALL = 64 << 10                            # the last Call of at most this size is remembered
 
 
 class Engines:
@@ -36,13 +39,19 @@ class Engines:
             raise InvalidArgument(f"PYCCL_ENGINE={self.forced!r} names no engine of this communicator; "
                                   f"engines: {', '.join(self.by_name)}")
         self._chosen = {}
+        self._last = (None, None)           # (a small Call, its engine): held, so no id reuse
 
     def choose(self, call):
+        last = self._last
+        if call is last[0]:
+            return last[1]
         # what any engine's takes() and price() read (dtype, reduction and root change neither)
         key = (call.op, call.kind, call.nbytes, call.reproducible, call.even, call.dev_splits)
         engine = self._chosen.get(key)
         if engine is None:
             engine = self._chosen[key] = self.decide(call)
+        if call.nbytes <= SMALL:
+            self._last = (call, engine)
         return engine
 
     def prices(self, call) -> list:
@@ -74,6 +83,7 @@ class Engines:
         """Drop every cached choice and plan (after changing PYCCL_ALGO at run time, on every
         rank alike: bench/tuner_check.py)."""
         self._chosen.clear()
+        self._last = (None, None)
         for e in self.engines:
             getattr(e, "forget", lambda: None)()
 
