@@ -1,4 +1,5 @@
 """`python -m pyccl.doctor <dump dir or files>`: read flight-recorder dumps, say who is stuck.
+`python -m pyccl.doctor kernels [--build] [--arch 90]`: where the CUDA kernels come from here.
 
 Given the JSON dumps that ranks wrote on timeout (PYCCL_DUMP_ON_TIMEOUT), it reports:
   * ranks that called different collectives at the same sequence number (order mismatch),
@@ -67,11 +68,62 @@ def diagnose(dumps) -> list:
     return out
 
 
+def kernels(args) -> int:
+    """Where this machine's CUDA kernels come from: NVRTC, the GPU's architecture, the package's
+    prebuilt cubins, the disk cache (units present); with --build, build every unit now (in
+    the background builder's way) and say how each came (prebuilt / disk cache / compiled) and
+    how long it took."""
+    from .engines.cuda import build, kernel_cache as kc, nvrtc
+    from .engines.cuda.kernels import cuda_source
+    arch = None
+    if "--arch" in args:
+        arch = int(args[args.index("--arch") + 1])
+    else:
+        try:
+            import cupy
+            arch = int(cupy.cuda.Device().compute_capability)
+        except Exception as e:  # noqa: BLE001 - no cupy or no GPU: say so
+            print(f"GPU: none seen ({type(e).__name__}: {e}); pass --arch 90 to look at sm_90")
+            return 1
+    try:
+        print(f"NVRTC: {nvrtc.lib()._name}, version {nvrtc.version()}, targets {nvrtc.supported_archs()}")
+    except nvrtc.NvrtcError as e:
+        print(f"NVRTC: {e}")
+    source = cuda_source()
+    pre = kc.prebuilt_target(arch, source=source)
+    print(f"GPU: sm_{arch}; prebuilt in the package: {pre[0] + ' (' + pre[1] + ')' if pre else 'none that fits'}")
+    b = build.builder_for(arch)
+    units = kc.all_units()
+    if b.cache is not None:
+        have = set(b.cache.units())
+        print(f"disk cache: {b.cache.dir}: {len(have & set(units))} of {len(units)} units"
+              f"{', ' + str(len([u for u in have if u.startswith('one:')])) + ' single kernels' if have else ''}")
+    else:
+        print("disk cache: off (PYCCL_KERNEL_CACHE=0, or no NVRTC to key it)")
+    if "--build" in args:
+        import time
+        t = time.perf_counter()
+        b.threads = max(b.threads, 1)
+        b.start()
+        b.wait()
+        for u in units:
+            if b._images.get(u) is None:
+                b._ready(u)
+        rows = b.report()
+        for unit, how, sec in sorted(rows):
+            print(f"  {unit:24s} {how:22s} {sec:7.2f} s")
+        print(f"every unit ready in {time.perf_counter() - t:.1f} s "
+              f"({sum(1 for r in rows if r[1].startswith('compiled'))} compiled)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print(__doc__)
         return 2
+    if args[0] == "kernels":
+        return kernels(args[1:])
     for line in diagnose(load(args)):
         print(line)
     return 0
