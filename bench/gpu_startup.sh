@@ -3,8 +3,8 @@
 # GPU machine:   bash bench/gpu_startup.sh [probe|final]      (one budget: BUDGET s, 230 by default)
 #   probe  the first call of every op x dtype with an empty kernel cache; the torch backend's init + first
 #          bfloat16 all_reduce (cache empty, then warm); device memory after every op at 1/64 MiB, suspend,
-#          resume, close; NVRTC compile times; the same first calls and memory with the code before issue 32
-#          (git archive of BASE, where the checkout has .git).
+#          resume, close; a graph replayed after suspend/resume (one test); NVRTC compile times; the first
+#          calls with the code before issue 32 (git archive of BASE, where the checkout has .git).
 #   final  tests/test_cuda_memory.py and tests/test_kernel_cache.py, then the measurements above (without the
 #          old code's).
 # Every step is bounded by `timeout` and by what is left of the budget; large output goes under $OUT.
@@ -69,7 +69,10 @@ step "torch backend: init_process_group + first bfloat16 all_reduce, empty cache
 step "device memory (2 ranks on one GPU, float32; cudaMemGetInfo over the baseline, both ranks)" 40 \
   $RUN bench/gpu_startup.py memory
 [ "$MODE" = final ] && step "python -m pyccl.doctor kernels" 20 python3 -m pyccl.doctor kernels
-step "NVRTC compile times (ctypes, this tree's source)" 50 python3 bench/gpu_startup.py nvrtc --one-module 0
+[ "$MODE" = probe ] && TAIL=15 step "a CUDA graph captured before suspend, replayed after resume (test)" 45 \
+  python3 -m pytest -q -p no:cacheprovider --timeout=40 -s \
+  tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume
+step "NVRTC compile times (ctypes, this tree's source)" 55 python3 bench/gpu_startup.py nvrtc
 
 if [ "$MODE" = probe ]; then
   if git rev-parse --verify -q "$BASE^{commit}" >/dev/null 2>&1; then
@@ -79,7 +82,6 @@ if [ "$MODE" = probe ]; then
     export PYTHONPATH=$(cat "$OUT/old.path")
     fresh_cache
     step "BEFORE issue 32 ($BASE): first call of every op x dtype, empty cache" 40 $RUN bench/gpu_startup.py first
-    step "BEFORE issue 32 ($BASE): device memory" 30 $RUN bench/gpu_startup.py memory
     export PYTHONPATH=$NEWPATH
   else
     echo "== no git history here: the code before issue 32 is not measured"
