@@ -11,6 +11,10 @@ all_reduce. The survivors see the error, `shrink_group`, `grow_group(1)`: the re
 the last rank, and new rank 0 broadcasts the step, the parameters and SGD's momentum. The
 failed step runs again on 4 ranks, so the data order is the uninterrupted run's.
 
+--device cuda: the tensors live on GPU LOCAL_RANK % count (two ranks may share one GPU; see
+bench/gpu_elastic.sh). Every step waits for its all_reduce (``work.wait(timeout)``) before the
+update, on either device: on CUDA a failed collective is otherwise raised by the next call.
+
 --check: before the elastic run every starting rank trains the same model, same data, with
 nobody killed (the uninterrupted reference); at the end rank 0 compares the parameters and
 prints MATCH or DIFFER with the largest difference.
@@ -19,6 +23,7 @@ import argparse
 import os
 import signal
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -73,7 +78,11 @@ def train_step(pg, model, opt, step, a, kill=False):
     grads = flat(p.grad for p in model.parameters())
     if kill:
         os.kill(os.getpid(), signal.SIGKILL)
-    dist.all_reduce(grads, group=pg)
+    # Finished and checked before the update: on CUDA a synchronous all_reduce only queues the
+    # kernel, and a dead peer's error would be raised by the *next* call, after this step's
+    # update had used a half-summed gradient (the redone step would then not reproduce the run).
+    work = dist.all_reduce(grads, group=pg, async_op=True)
+    work.wait(timeout=timedelta(seconds=pg.pyccl_communicator.timeout))
     unflat(grads, [p.grad for p in model.parameters()])
     opt.step()
 
@@ -144,7 +153,9 @@ def main():
             continue
         step += 1
     if pg.rank() == 0:
-        print(f"elastic_train: {a.steps} steps on {pg.size()} ranks in {time.monotonic() - t0:.2f}s", flush=True)
+        gpu = f", pyccl GPU state {type(pg.pyccl_communicator.cuda).__name__}" if a.device != "cpu" else ""
+        print(f"elastic_train: {a.steps} steps on {pg.size()} ranks in {time.monotonic() - t0:.2f}s "
+              f"({a.device}{gpu})", flush=True)
         if ref is not None:
             got = flat(p.detach() for p in model.parameters())
             diff = (got - ref).abs().max().item()
