@@ -99,4 +99,5 @@ def test_parts_are_package_data():
     tomllib = pytest.importorskip("tomllib")   # Python 3.11+
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["pyccl.engines.cuda"]
-    assert sorted(data) == sorted(os.path.basename(p) for p in kernels._CU_PARTS)
+    assert set(os.path.basename(p) for p in kernels._CU_PARTS) <= set(data)
+    assert "prebuilt/index.json" in data and "prebuilt/*/*.bin" in data      # setup.py's cubins, where built

@@ -11,7 +11,8 @@ names of its kernels, kept
 * on disk (``PYCCL_KERNEL_CACHE``, default ``~/.cache/pyccl/kernels``), in a folder keyed by
   the source hash, the compile options, the target architecture and the NVRTC version, one
   file per unit written atomically (ranks of one host share it; a torn file is never read).
-Pure Python: no CUDA here (tests/test_kernel_cache.py runs on any machine).
+Pure Python: no CUDA here (tests/test_kernel_cache.py runs on any machine), and no import of
+the package at module level: setup.py loads this file alone to build the prebuilt cubins.
 """
 import hashlib
 import json
@@ -19,8 +20,11 @@ import os
 import struct
 import tempfile
 
-from ... import settings
-
+#: the kernels' source, one translation unit in three files read in this order (kernels.cu: the
+#: flag layout, waits, epochs, element types; kernels_reduce.cu: one-shot, two-shot, pull
+#: two-shot; kernels_copy.cu: SM copies, the copy-engine reduction, the barrier, the copy
+#: collectives through the scratch, all-to-all), split only to keep files short
+PARTS = ("kernels.cu", "kernels_reduce.cu", "kernels_copy.cu")
 #: bumped when the image format or the unit layout changes (part of every key)
 FORMAT = 1
 KINDS = ("oneshot", "twoshot", "reduce_n", "twoshot_pull")
@@ -79,6 +83,15 @@ def unit_source(unit):
     return [kernel_name(k, dtype, int(opcode), v) for k in KINDS for v in sorted({1, vec})], [], []
 
 
+def read_source(folder: str = os.path.dirname(__file__)) -> str:
+    """The parts joined in order: what NVRTC compiles."""
+    out = []
+    for name in PARTS:
+        with open(os.path.join(folder, name)) as f:
+            out.append(f.read())
+    return "".join(out)
+
+
 def source_hash(source: str) -> str:
     return hashlib.sha256(f"{FORMAT}|{' '.join(OPTIONS)}|".encode() + source.encode()).hexdigest()[:16]
 
@@ -92,6 +105,7 @@ def cache_key(source: str, target: str, nvrtc_version) -> str:
 def cache_root():
     """PYCCL_KERNEL_CACHE, else $XDG_CACHE_HOME/pyccl/kernels, else ~/.cache/pyccl/kernels;
     None when PYCCL_KERNEL_CACHE is 0 or off (no disk cache)."""
+    from ... import settings
     v = settings.get("PYCCL_KERNEL_CACHE")
     if v in ("0", "off", "none"):
         return None

@@ -8,6 +8,7 @@ parameter between calls and a launch captured in a CUDA graph replays correctly.
 import os
 
 from ...dtypes import AVG, MAX, MIN, PROD, SUM
+from . import kernel_cache
 
 MAXR = 8                    # ranks per host the kernels take (tab layout, flags)
 MAXB = 256                  # thread blocks with their own flags
@@ -15,21 +16,13 @@ FLAG_WORDS = (2 * MAXB * MAXR * 2) + 2 * (MAXB * MAXR * 2) + MAXR * 2 + 16 + MAX
     2 * MAXR * (2 * MAXR + 3) + \
     2 * (MAXB * MAXR * 2)                        # see the .cu (OFF_SPL: split tables; OFF_RP, OFF_RC: rounds)
 THREADS = 512
-#: The kernels' source, one translation unit in three files read in this order: kernels.cu (the
-#: flag buffer layout, waits, epochs, element types), kernels_reduce.cu (one-shot, two-shot and
-#: pull two-shot all-reduce), kernels_copy.cu (SM copies, the copy-engine reduction, the stream
-#: barrier, the copy collectives through scratch, all-to-all). Split only to keep files short.
-_CU_PARTS = tuple(os.path.join(os.path.dirname(__file__), name)
-                  for name in ("kernels.cu", "kernels_reduce.cu", "kernels_copy.cu"))
+#: The kernels' source files, in the order they are joined (kernel_cache.PARTS says what each holds)
+_CU_PARTS = tuple(os.path.join(os.path.dirname(__file__), name) for name in kernel_cache.PARTS)
 
 
 def cuda_source() -> str:
-    """The parts joined in order: what NVRTC compiles (cupy's cache is keyed on this whole text)."""
-    parts = []
-    for path in _CU_PARTS:
-        with open(path) as f:
-            parts.append(f.read())
-    return "".join(parts)
+    """The parts joined in order: what NVRTC compiles (and what the kernel cache is keyed on)."""
+    return kernel_cache.read_source()
 
 
 _OPCODE = {SUM: 0, PROD: 1, MIN: 2, MAX: 3, AVG: 0}

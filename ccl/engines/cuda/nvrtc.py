@@ -11,8 +11,6 @@ import os
 import sys
 import threading
 
-from ... import settings
-
 _lib = None
 _lib_lock = threading.Lock()
 
@@ -23,9 +21,11 @@ class NvrtcError(RuntimeError):
 
 def _candidates():
     """Where libnvrtc may be: PYCCL_NVRTC, the loader's path, the nvidia-* wheels, CUDA_HOME."""
-    env = settings.get("PYCCL_NVRTC")
-    if env:
-        yield env
+    if __package__:                        # (setup.py loads this file alone, with an explicit path)
+        from ... import settings
+        env = settings.get("PYCCL_NVRTC")
+        if env:
+            yield env
     for v in ("13", "12"):
         yield f"libnvrtc.so.{v}"
     yield "libnvrtc.so"
@@ -53,13 +53,13 @@ def _candidates():
                     yield p
 
 
-def lib():
-    """The loaded libnvrtc (NvrtcError when none is found)."""
+def lib(path=None):
+    """The loaded libnvrtc (NvrtcError when none is found); `path`: that one."""
     global _lib
     with _lib_lock:
         if _lib is None:
             tried = []
-            for name in _candidates():
+            for name in ([path] if path else _candidates()):
                 try:
                     cdll = ctypes.CDLL(name)
                 except OSError:
