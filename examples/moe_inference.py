@@ -24,9 +24,9 @@ of every MoE layer (expert parallelism). An MoE layer, on every rank:
 
 With ``--dispatch window`` (pyccl) steps 2, 3 and 5 are one-sided puts into pyccl windows
 instead (``WindowExchange``: rows at fixed offsets per source, counts beside them, one signal per
-source; no collective), with bitwise the same result. On CUDA (``CudaWindowExchange``) the windows
-are in device memory, the puts and waits queued on the stream, the offsets computed on the
-device: no device-to-host copy before the dispatch.
+source; no collective), with bitwise the same result. On CUDA (``CudaWindowExchange``,
+examples/moe_cuda_window.py) the windows are in device memory, the puts and waits queued on the
+stream, the offsets computed on the device: no device-to-host copy before the dispatch.
 
 No floating-point value is ever reduced across ranks, so the outputs are bitwise those of one
 process that does the same arithmetic: `--sim-ranks N` (no launcher) runs the world's ranks in
@@ -72,6 +72,9 @@ def parse(argv=None):
     p.add_argument("--dispatch", choices=("all_to_all", "window"), default="all_to_all",
                    help="dispatch and combine by all_to_all_single (default) or by one-sided puts into "
                         "pyccl windows (window: --backend pyccl, CPU or CUDA)")
+    p.add_argument("--window-puts", choices=("copies", "kernel"), default="copies",
+                   help="--dispatch window on CUDA: the host queues a copy per destination (copies) or one "
+                        "kernel stores every row into the peers' windows (kernel; examples/moe_cuda_window.py)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)
@@ -183,86 +186,6 @@ class WindowExchange:
     def close(self):
         for win in self.wins.values():
             win.close()
-
-
-class CudaWindowExchange(WindowExchange):
-    """``--dispatch window`` on CUDA: the same windows in device memory (CUDA IPC), every call
-    queued on the current stream. The split sizes stay on the device: each row's destination
-    and place there are computed on the device, the rows scattered into a [world, cap] send
-    block, and each destination gets its whole block (``cap`` rows: a fixed size the host knows
-    without reading a count); the target's stream waits for one signal per source. Nothing in
-    the counts exchange or in queuing the dispatch synchronises with the device (run under
-    ``torch.cuda.set_sync_debug_mode("error")``, which raises on any sync); the host reads how
-    many rows arrived only after the dispatch is queued (the experts need it), as with
-    ``--splits device``. ``host_s`` / ``layers``: host time of that queuing per MoE layer."""
-    device_splits = True
-
-    def __init__(self, rt: par.Runtime, prof: par.Profiler, cap: int, d: int, per_rank: int):
-        import pyccl.torch_backend as ccl_torch
-        dev = rt.device
-        self.world, self.ranks, self.rank, self.prof = rt.world, [rt.rank], rt.rank, prof
-        self.cap, self.per_rank, self.d = cap, per_rank, d
-        self.counts_buf = torch.zeros(rt.world * per_rank, dtype=torch.int64, device=dev)
-        self.bufs = {w: torch.zeros(rt.world * cap, d, device=dev) for w in ("dispatch", "combine")}
-        self.send = {w: torch.zeros(rt.world, cap, d, device=dev) for w in ("dispatch", "combine")}
-        self.wins = {w: ccl_torch.window(b, signals=3) for w, b in
-                     (("counts", self.counts_buf), *self.bufs.items())}
-        self.slot = {"counts": 0, "dispatch": 1, "combine": 2}
-        self.ar = torch.arange(rt.world, device=dev)
-        self.host_s, self.layers = 0.0, 0
-
-    def counts(self, cs):
-        win = self.wins["counts"]
-        with self.prof("window counts"):
-            t = time.perf_counter()
-            with _no_sync():
-                mine = cs[0].view(self.world, self.per_rank)
-                for dst in range(self.world):
-                    win.put(mine[dst], dst, offset=self.rank * self.per_rank, signal=0)
-                win.wait_signal(0, self.world)
-                got = self.counts_buf.view(self.world, self.per_rank).clone()
-            self.host_s += time.perf_counter() - t
-        return [got]
-
-    def _place(self, splits, n):
-        """(destination, row there) of each of n rows grouped by destination (no sync)."""
-        dst = torch.repeat_interleave(self.ar, splits, output_size=n)
-        start = torch.cumsum(splits, 0) - splits
-        return dst, torch.arange(n, device=splits.device) - start[dst]
-
-    def rows(self, what, bufs, in_splits, out_splits, out_rows):
-        win, buf, d = self.wins[what], bufs[0], self.d
-        with self.prof(f"window {what}"):
-            t = time.perf_counter()
-            with _no_sync():
-                if buf.shape[0] > self.cap * self.world:
-                    raise SystemExit(f"{buf.shape[0]} rows exceed the window's {self.cap} per source")
-                dst, pos = self._place(in_splits[0], buf.shape[0])
-                block = self.send[what]
-                block[dst, pos] = buf
-                for r in range(self.world):
-                    win.put(block[r].view(-1), r, offset=self.rank * self.cap * d, signal=self.slot[what])
-                win.wait_signal(self.slot[what], self.world)
-            if what == "dispatch":
-                self.host_s += time.perf_counter() - t
-                self.layers += 1
-                n = int(out_splits[0].sum())            # the host learns the count after queuing
-            else:
-                n = out_rows[0]                         # the rows come back: as many as went out
-            src, spos = self._place(out_splits[0], n)
-            return [self.bufs[what].view(self.world, self.cap, d)[src, spos]]
-
-
-class _no_sync:
-    """torch raises on any device synchronisation inside (torch.cuda.set_sync_debug_mode)."""
-
-    def __enter__(self):
-        self.old = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode(self.old)
-        return False
 
 
 class SimExchange:
@@ -419,8 +342,12 @@ def run(a, rt: par.Runtime) -> dict | None:
         if a.backend != "pyccl" or device_splits:
             raise SystemExit("--dispatch window needs --backend pyccl (its split sizes never leave the device)")
         # the most rows one source sends one rank: all of its tokens' copies, at the prefill
-        kind = CudaWindowExchange if rt.device.type == "cuda" else WindowExchange
-        ex = kind(rt, prof, a.batch // rt.world * a.prompt * a.top_k, a.d_model, per)
+        cap = a.batch // rt.world * a.prompt * a.top_k
+        if rt.device.type == "cuda":
+            from moe_cuda_window import CudaWindowExchange
+            ex = CudaWindowExchange(rt, prof, cap, a.d_model, per, a.window_puts)
+        else:
+            ex = WindowExchange(rt, prof, cap, a.d_model, per)
     else:
         ex = Exchange(rt, prof, device_splits)
     log = []

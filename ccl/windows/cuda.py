@@ -312,6 +312,15 @@ class CudaWindow(WindowBase):
         self.cells = 0
         self.status = None
 
+    def device_addresses(self) -> tuple:
+        """(windows, cells): every rank's window and signal cells as mapped into this process
+        (this rank's own: its buffer), for kernels that put from the device: store into
+        ``windows[p] + byte offset``, then ``__threadfence_system()`` and an atomic add of 1 to
+        the 8-byte cell ``cells[p] + 8 * slot``; ordered with the window's calls by the stream."""
+        if self.closed:
+            raise InvalidArgument(f"{self.name} device_addresses: the window is closed")
+        return tuple(self.ptrs), tuple(self.peer_cells)
+
     def transport(self, peer) -> str:
         """How this rank reaches `peer`'s window: "local" or "cuda_ipc"."""
         peer = self._target("transport", peer)

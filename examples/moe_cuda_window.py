@@ -1,0 +1,186 @@
+"""``--dispatch window`` on CUDA for examples/moe_inference.py: the MoE exchanges by one-sided
+puts into pyccl CUDA windows (ccl/windows/cuda.py), every call queued on the current stream.
+
+The windows are those of moe_inference's ``WindowExchange`` (rows at ``source * cap`` in each target's window,
+per-expert counts beside them, one signal per source), in device memory. The split sizes stay
+on the device: each row's destination and place there are computed on the device. Two ways to
+move the rows (``--window-puts``):
+
+- ``copies``: the rows are scattered into a [world, cap] send block and the host queues one
+  ``win.put`` of a whole block per destination (``cap`` rows: a size the host knows without
+  reading a count), with its signal;
+- ``kernel``: one kernel stores every row straight into its destination's mapped window
+  (``win.device_addresses()``); its last block adds the signals. The counts go the same way
+  (one small kernel). Fewer launches, no send block.
+
+Either way the target's stream waits for one signal per source. Nothing in the counts exchange
+or in queuing the dispatch synchronises with the device: both run under
+``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising call. The host
+reads how many rows arrived only after the dispatch is queued (the experts need it), as with
+``--splits device``. ``host_s`` / ``layers``: host time of that queuing per MoE layer.
+"""
+import time
+
+import torch
+
+import parallel as par
+
+_SOURCE = r"""
+typedef long long i64;
+typedef unsigned long long u64;
+
+// rows [m, d] float32, grouped by destination (splits[world] rows each): row i goes to
+// destination p's window at row rank * cap + (i - start of p). The last block to finish adds
+// 1 to every destination's signal cell (slot).
+extern "C" __global__ void moe_put_rows(const float* rows, i64 m, i64 d, const i64* splits, i64 world,
+                                        const u64* peers, const u64* cells, i64 rank, i64 cap, i64 slot,
+                                        unsigned int* finished) {
+  for (i64 i = blockIdx.x; i < m; i += gridDim.x) {
+    i64 p = 0, start = 0;
+    while (p < world - 1 && i >= start + splits[p]) { start += splits[p]; p++; }
+    float* out = (float*)peers[p] + (rank * cap + (i - start)) * d;
+    const float* in = rows + i * d;
+    for (i64 j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int before = atomicAdd(finished, 1u);
+    if (before == gridDim.x - 1) {
+      __threadfence_system();
+      for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
+      *finished = 0;
+    }
+  }
+}
+
+// counts [world, per] int64: row p goes to destination p's window at rank * per; then signals.
+extern "C" __global__ void moe_put_counts(const i64* counts, i64 world, i64 per, const u64* peers,
+                                          const u64* cells, i64 rank, i64 slot) {
+  for (i64 k = threadIdx.x; k < world * per; k += blockDim.x) {
+    i64 p = k / per;
+    ((i64*)peers[p])[rank * per + k % per] = counts[k];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
+}
+"""
+
+
+class _Kernels:
+    """The two kernels, compiled by NVRTC through cupy, launched through pyccl's driver launcher
+    on torch's current stream (about a microsecond of host time each)."""
+
+    def __init__(self, device):
+        import cupy
+        from pyccl.transports import cuda_ipc
+        with cupy.cuda.Device(device.index):
+            mod = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))
+            self.rows_fn = int(mod.get_function("moe_put_rows").kernel.ptr)
+            self.counts_fn = int(mod.get_function("moe_put_counts").kernel.ptr)
+        self.mod = mod
+        self.p_rows = cuda_ipc.KernelParams("uiiuiuuiiiu")
+        self.p_counts = cuda_ipc.KernelParams("uiiuuii")
+        self.launch = cuda_ipc.launcher()
+
+
+class CudaWindowExchange:
+    """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies" or "kernel"."""
+    device_splits = True
+
+    def __init__(self, rt: par.Runtime, prof: par.Profiler, cap: int, d: int, per_rank: int, puts="copies"):
+        import pyccl.torch_backend as ccl_torch
+        dev = rt.device
+        self.world, self.ranks, self.rank, self.prof = rt.world, [rt.rank], rt.rank, prof
+        self.cap, self.per_rank, self.d, self.puts = cap, per_rank, d, puts
+        self.counts_buf = torch.zeros(rt.world * per_rank, dtype=torch.int64, device=dev)
+        self.bufs = {w: torch.zeros(rt.world * cap, d, device=dev) for w in ("dispatch", "combine")}
+        self.send = {w: torch.zeros(rt.world, cap, d, device=dev) for w in ("dispatch", "combine")}
+        self.wins = {w: ccl_torch.window(b, signals=3) for w, b in
+                     (("counts", self.counts_buf), *self.bufs.items())}
+        self.slot = {"counts": 0, "dispatch": 1, "combine": 2}
+        self.ar = torch.arange(rt.world, device=dev)
+        self.host_s, self.layers = 0.0, 0
+        if puts == "kernel":
+            self.k = _Kernels(dev)
+            self.addr = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
+                                  for v in win.device_addresses()) for w, win in self.wins.items()}
+            self.finished = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def _launch(self, fn, params, grid, block, args):
+        params.set(args)
+        self.k.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, params.address)
+
+    def counts(self, cs):
+        win = self.wins["counts"]
+        with self.prof("window counts"):
+            t = time.perf_counter()
+            with _no_sync():
+                mine = cs[0].view(self.world, self.per_rank)
+                if self.puts == "kernel":
+                    peers, cells = self.addr["counts"]
+                    self._launch(self.k.counts_fn, self.k.p_counts, 1, 128,
+                                 (mine.data_ptr(), self.world, self.per_rank, peers.data_ptr(), cells.data_ptr(),
+                                  self.rank, self.slot["counts"]))
+                else:
+                    for dst in range(self.world):
+                        win.put(mine[dst], dst, offset=self.rank * self.per_rank, signal=0)
+                win.wait_signal(0, self.world)
+                got = self.counts_buf.view(self.world, self.per_rank).clone()
+            self.host_s += time.perf_counter() - t
+        return [got]
+
+    def _place(self, splits, n):
+        """(destination, row there) of each of n rows grouped by destination (no sync)."""
+        dst = torch.repeat_interleave(self.ar, splits, output_size=n)
+        start = torch.cumsum(splits, 0) - splits
+        return dst, torch.arange(n, device=splits.device) - start[dst]
+
+    def rows(self, what, bufs, in_splits, out_splits, out_rows):
+        win, buf, d = self.wins[what], bufs[0], self.d
+        with self.prof(f"window {what}"):
+            t = time.perf_counter()
+            with _no_sync():
+                m = buf.shape[0]
+                if m > self.cap * self.world:
+                    raise SystemExit(f"{m} rows exceed the window's {self.cap} per source")
+                if self.puts == "kernel":
+                    peers, cells = self.addr[what]
+                    rows = buf.contiguous()
+                    self._launch(self.k.rows_fn, self.k.p_rows, max(1, min(m, 256)), 128,
+                                 (rows.data_ptr(), m, d, in_splits[0].data_ptr(), self.world, peers.data_ptr(),
+                                  cells.data_ptr(), self.rank, self.cap, self.slot[what], self.finished.data_ptr()))
+                else:
+                    dst, pos = self._place(in_splits[0], m)
+                    block = self.send[what]
+                    block[dst, pos] = buf
+                    for r in range(self.world):
+                        win.put(block[r].view(-1), r, offset=self.rank * self.cap * d, signal=self.slot[what])
+                win.wait_signal(self.slot[what], self.world)
+            if what == "dispatch":
+                self.host_s += time.perf_counter() - t
+                self.layers += 1
+                n = int(out_splits[0].sum())            # the host learns the count after queuing
+            else:
+                n = out_rows[0]                         # the rows come back: as many as went out
+            src, spos = self._place(out_splits[0], n)
+            return [self.bufs[what].view(self.world, self.cap, d)[src, spos]]
+
+
+    def close(self):
+        for win in self.wins.values():
+            win.close()
+
+
+class _no_sync:
+    """torch raises on any device synchronisation inside (torch.cuda.set_sync_debug_mode)."""
+
+    def __enter__(self):
+        self.old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.old)
+        return False
