@@ -38,7 +38,7 @@ def _counts():
     import threading
     with open("/proc/self/maps") as f:
         maps = len({ln.split()[-2 if ln.rstrip().endswith("(deleted)") else -1] for ln in f if "pyccl" in ln})
-    return len(os.listdir("/proc/self/fd")), threading.active_count(), maps, len(_shm())
+    return len(os.listdir("/proc/self/fd")), threading.active_count(), maps, len(_shm({os.getpid()}))
 
 
 def rank_main(rounds: int, victims: list, profile=None) -> None:
@@ -137,8 +137,13 @@ def rank_main(rounds: int, victims: list, profile=None) -> None:
     comm.close()
 
 
-def _shm():
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("pyccl"))
+def _shm(pids=None):
+    """/dev/shm names of pyccl (``pyccl-<uid>-<creator pid>-...``), of the creators `pids` only
+    (other developers' jobs share the machine)."""
+    names = [f for f in os.listdir("/dev/shm") if f.startswith("pyccl")]
+    if pids is not None:
+        names = [f for f in names if f.split("-")[2:3] in ([str(p)] for p in pids)]
+    return sorted(names)
 
 
 def run(n: int, rounds: int, timeout: float, profile=None) -> dict:
@@ -151,7 +156,7 @@ def run(n: int, rounds: int, timeout: float, profile=None) -> dict:
     args = [sys.executable, HERE, "--rank", str(rounds), ",".join(map(str, victims))]
     if profile is not None:
         args += ["--profile", str(profile)]
-    shm_before = _shm()
+    shm_before = _shm()              # any job's: this one has not started
     procs = [subprocess.Popen(args, env={**env, "PYCCL_RANK": str(r), "PYCCL_SIZE": str(n),
                                          "PYCCL_LOCAL_RANK": str(r), "PYCCL_LOCAL_SIZE": str(n)},
                               stdout=subprocess.PIPE, text=True) for r in range(n)]
@@ -191,10 +196,11 @@ def run(n: int, rounds: int, timeout: float, profile=None) -> dict:
     lived = [res for res in results if not res["joined"] and len(res["rounds"]) == rounds]
     return {"n": n, "rounds": rounds, "finished": len(results), "spans": spans,
             "all_correct": bool(oks) and all(oks), "checks": len(oks),
+            "rounds_checked": len({r2["k"] for res in results for r2 in res["rounds"]}),
             "requests_per_member": (min(reqs), max(reqs)) if reqs else None,
             "build_requests": (min(builds), max(builds)) if builds else None,
             "fds_threads": [(res["before"], res["after"]) for res in lived],
-            "shm_before": len(shm_before), "shm_after": len(_shm()), "trace": trace}
+            "shm_before": len(shm_before), "shm_after": len(_shm({p.pid for p in procs})), "trace": trace}
 
 
 def _fmt(v):
@@ -242,12 +248,35 @@ def main():
             same = sum(1 for b, af in res["fds_threads"] if b == af)
             print(f"     (fds, threads, shm mappings, /dev/shm names) equal before and after on {same} of {len(res['fds_threads'])} ranks that "
                   f"lived through every round {sorted(set(map(str, res['fds_threads'])))[:4]}; "
-                  f"/dev/shm pyccl segments: {res['shm_before']} before the job, {res['shm_after']} after",
+                  f"/dev/shm pyccl names: {res['shm_before']} (anyone's) before the job, {res['shm_after']} of its processes after",
                   flush=True)
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
+    bad = _failures(out, a.leaks)
+    for why in bad:
+        print(f"FAILED: {why}", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+def _failures(out, leaks) -> list:
+    """What makes the run fail (exit status 1): a wrong or missing result, and with --leaks any
+    count that differs before and after, or a /dev/shm name left behind by the job."""
+    bad = []
+    for res in out:
+        n = res["n"]
+        if not res["all_correct"] or res["rounds_checked"] != res["rounds"]:
+            bad.append(f"N={n}: {res['checks']} checks in {res['rounds_checked']} of {res['rounds']} rounds, "
+                       f"all correct: {res['all_correct']}")
+        if res["finished"] != n:
+            bad.append(f"N={n}: {res['finished']} of {n} final ranks reported")
+        if leaks:
+            if not res["fds_threads"] or any(b != af for b, af in res["fds_threads"]):
+                bad.append(f"N={n}: counts before/after differ: {res['fds_threads']}")
+            if res["shm_after"]:
+                bad.append(f"N={n}: {res['shm_after']} /dev/shm pyccl name(s) of the job's processes left")
+    return bad
 
 
 if __name__ == "__main__":
