@@ -230,3 +230,20 @@ def test_nvrtc_builder_end_to_end(tmp_path, monkeypatch):
     img = b.image_for(("oneshot", "float32", 0, 4))
     assert img.how == "compiled (foreground)" and img.image[:4] == b"\x7fELF"
     assert b.cache.units() == ["one:oneshot-float32-0-4"]
+
+
+def test_prebuilt_images_come_first(tmp_path):
+    """Units in the package (setup.py's layout: prebuilt/sm_90/<unit>.bin) are used as they are:
+    nothing compiled, nothing left for the background build."""
+    pre = kc.DiskCache(str(tmp_path / "prebuilt"), "sm_90")
+    for u in UNITS:
+        pre.put(u, b"prebuilt:" + u.encode(), {n: "_Z" + n for n in kc.unit_source(u)[0]} |
+                {p: p for p in kc.unit_source(u)[2]})
+    comp = Compiler()
+    b = build.KernelBuilder("src", "sm_90", comp, kc.DiskCache(str(tmp_path / "cache"), "k"), pre.dir,
+                            threads=2, units=UNITS)
+    b.start()
+    assert b.wait(5) and comp.calls == []
+    img = b.image_for(("twoshot", "float32", 3, 4))
+    assert img.how == "prebuilt" and img.image == b"prebuilt:float32-3"
+    assert b.image_for("alltoallv").names["alltoallv"] == "alltoallv"
