@@ -9,6 +9,7 @@ their functions.
 """
 import threading
 
+from ...errors import PycclError
 from . import kernel_cache as kc
 from .build import builder_for
 
@@ -35,7 +36,11 @@ class Library:
         got = self._fns.get(key)
         if got is not None:
             return got[1]
-        img = self.builder.image_for(key)
+        try:
+            img = self.builder.image_for(key)
+        except Exception as e:  # noqa: BLE001 - NVRTC missing or failing: say which kernel and why
+            raise PycclError(f"CUDA kernel {key} for sm_{self.arch}: not prebuilt, not cached, and NVRTC could "
+                             f"not build it: {type(e).__name__}: {e}") from e
         with self._lock:
             mod = self._mods.get(img.unit)
             if mod is None:
