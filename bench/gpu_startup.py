@@ -210,13 +210,25 @@ def mode_memory(args):
     base = _free()
     comm.barrier()
 
+    marks = [0]
+
+    def sync():
+        """A barrier through the store: comm.barrier() would resume a suspended communicator."""
+        marks[0] += 1
+        key = f"probe/sync{marks[0]}"
+        comm.store.add(key, 1)
+        while comm.store.add(key, 0) < comm.size:
+            time.sleep(0.01)
+
     def show(step):
-        comm.barrier()
+        sync()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        cupy.get_default_memory_pool().free_all_blocks()
         time.sleep(0.3)
         used = (base - _free()) / 2**20
         st = _state(comm)
-        comm.barrier()
+        sync()
         if rank == 0:
             print(f"MEM {step:34s} GPU used over base (both ranks) {used:8.1f} MiB; torch reserved "
                   f"{torch.cuda.memory_reserved() / 2**20:.0f} MiB; rank0 {json.dumps(st)}", flush=True)
