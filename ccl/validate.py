@@ -5,8 +5,8 @@ mixed devices, splits that do not add up) raises `InvalidArgument` here, before 
 is chosen and before any byte moves. One function per public call, each returning the
 `Call` the engines are priced on and run (ccl/call.py).
 
-A repeated all_reduce of the same small host array is checked once: the Call made for it is
-remembered (see `Validator.all_reduce`) and handed out again while the array has the shape,
+A repeated all_reduce of the same small host array is checked once: the Call made for the last
+one is remembered (`Validator.all_reduce`) and handed out again while the array has the size,
 dtype, contiguity and writability it was checked with (an 8-byte all_reduce is mostly
 Python time; bench/small_breakdown.py). The contents are not the Call's business; a changed
 array, op or async_op is checked again and raises what it would have raised.
@@ -25,10 +25,9 @@ from .reduce import _DTYPE_CODE
 # bfloat16 joins when ml_dtypes loads
 _PLAIN = {dt: dtype_name(dt) for dt in _DTYPE_CODE}
 on_bfloat16(lambda dt: _PLAIN.__setitem__(dt, "bfloat16"))
-#: remembered all_reduce Calls: arrays of at most AGAIN_BYTES (the cache holds them alive), at
-#: most AGAIN_ENTRIES arrays (then it starts over)
+#: the last all_reduce Call is remembered for arrays of at most AGAIN_BYTES (it holds the array)
 AGAIN_BYTES = 64 << 10
-AGAIN_ENTRIES = 16
+_NOTHING = object()
 
 
 class Validator:
@@ -36,7 +35,7 @@ class Validator:
 
     def __init__(self, rank: int, size: int, reproducible: bool):
         self.rank, self.size, self.reproducible = rank, size, reproducible
-        self._again = {}             # id(array) -> (op, shape, dtype, Call); the Call holds the array
+        self._again = (_NOTHING,)    # (array, op, size, dtype, Call) of the last small all_reduce
 
     # ---- pieces --------------------------------------------------------------------------
     @staticmethod
@@ -91,33 +90,33 @@ class Validator:
 
     # ---- the public calls ----------------------------------------------------------------
     def all_reduce(self, x, op, async_op) -> Call:
-        again = self._again.get(id(x))       # only arrays it holds: an id is not reused meanwhile
-        if again is not None and again[0] is op and x.shape == again[1] and x.dtype is again[2] and \
-                not async_op:
+        again = self._again
+        # the same array (held, so not another at its address), op, size and dtype object: the
+        # same memory in the same order while it is still contiguous (the Call's flat view of it
+        # stays right even if its shape was changed) and writable
+        if x is again[0] and op is again[1] and x.size == again[2] and x.dtype is again[3] and not async_op:
             flags = x.flags
             if flags.c_contiguous and flags.writeable:
-                return again[3]
-        dt = _PLAIN.get(x.dtype) if type(x) is np.ndarray else None
-        flags = x.flags if dt is not None else None
-        if dt is not None and flags.c_contiguous and flags.writeable:
-            # the common call, described without as_buffer's generality (latency of small calls)
-            given = op
-            if type(op) is not ReduceOp:
-                op = as_op(op)
-            check_op_dtype(op, dt, "all_reduce")
-            buf = Buffer(x if x.ndim == 1 else x.reshape(-1), dt, "cpu", x)
-            call = Call("all_reduce", buf, buf, "cpu", dt, x.size, x.nbytes, op, -1,
-                        self.reproducible and takes(dt, op), async_op)
-            if not async_op and 0 < x.nbytes <= AGAIN_BYTES:
-                self._remember(x, given, call)
-            return call
+                return again[4]
+        if type(x) is np.ndarray:
+            xdt = x.dtype
+            dt = _PLAIN.get(xdt)
+            flags = x.flags
+            if dt is not None and flags.c_contiguous and flags.writeable:
+                # the common call, described without as_buffer's generality (latency of small calls)
+                given = op
+                if type(op) is not ReduceOp:
+                    op = as_op(op)
+                check_op_dtype(op, dt, "all_reduce")
+                buf = Buffer(x if x.ndim == 1 else x.reshape(-1), dt, "cpu", x)
+                n, nbytes = x.size, x.nbytes
+                call = Call("all_reduce", buf, buf, "cpu", dt, n, nbytes, op, -1, self.reproducible and takes(dt, op),
+                            async_op)
+                if nbytes <= AGAIN_BYTES and n and not async_op:
+                    self._again = (x, given, n, xdt, call)
+                return call
         buf, op = self.reduction(x, op, "all_reduce")
         return self._in_place("all_reduce", buf, op, async_op)
-
-    def _remember(self, x, op, call):
-        if len(self._again) >= AGAIN_ENTRIES:
-            self._again.clear()
-        self._again[id(x)] = (op, x.shape, x.dtype, call)
 
     def reduce(self, x, root, op, async_op) -> Call:
         buf, op = self.reduction(x, op, "reduce")
