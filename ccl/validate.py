@@ -5,8 +5,8 @@ mixed devices, splits that do not add up) raises `InvalidArgument` here, before 
 is chosen and before any byte moves. One function per public call, each returning the
 `Call` the engines are priced on and run (ccl/call.py).
 
-A repeated all_reduce of the same small host array is checked once: the Call made for the last
-one is remembered (`Validator.all_reduce`) and handed out again while the array has the size,
+A repeated all_reduce of the same small host array is checked once: the Calls made for the last
+two are remembered (`Validator.all_reduce`) and handed out again while the array has the size,
 dtype, contiguity and writability it was checked with (an 8-byte all_reduce is mostly
 Python time; bench/small_breakdown.py). The contents are not the Call's business; a changed
 array, op or async_op is checked again and raises what it would have raised.
@@ -25,7 +25,9 @@ from .reduce import _DTYPE_CODE
 # bfloat16 joins when ml_dtypes loads
 _PLAIN = {dt: dtype_name(dt) for dt in _DTYPE_CODE}
 on_bfloat16(lambda dt: _PLAIN.__setitem__(dt, "bfloat16"))
-#: the last all_reduce Call is remembered for arrays of at most AGAIN_BYTES (it holds the array)
+#: the last two all_reduce Calls are remembered for arrays of at most AGAIN_BYTES (they hold the
+#: arrays); two, so that a loop on one array that also reduces a new one (a timing, a flag) each
+#: time keeps its own
 AGAIN_BYTES = 64 << 10
 _NOTHING = object()
 
@@ -35,7 +37,7 @@ class Validator:
 
     def __init__(self, rank: int, size: int, reproducible: bool):
         self.rank, self.size, self.reproducible = rank, size, reproducible
-        self._again = (_NOTHING,)    # (array, op, size, dtype, Call) of the last small all_reduce
+        self._again = self._again2 = (_NOTHING,)   # (array, op, size, dtype, Call): the last, the one before
 
     # ---- pieces --------------------------------------------------------------------------
     @staticmethod
@@ -91,6 +93,9 @@ class Validator:
     # ---- the public calls ----------------------------------------------------------------
     def all_reduce(self, x, op, async_op) -> Call:
         again = self._again
+        if x is not again[0] and x is self._again2[0]:      # the one before: now the last
+            again, self._again2 = self._again2, again
+            self._again = again
         # the same array (held, so not another at its address), op, size and dtype object: the
         # same memory in the same order while it is still contiguous (the Call's flat view of it
         # stays right even if its shape was changed) and writable
@@ -113,6 +118,8 @@ class Validator:
                 call = Call("all_reduce", buf, buf, "cpu", dt, n, nbytes, op, -1, self.reproducible and takes(dt, op),
                             async_op)
                 if nbytes <= AGAIN_BYTES and n and not async_op:
+                    if x is not again[0]:
+                        self._again2 = again
                     self._again = (x, given, n, xdt, call)
                 return call
         buf, op = self.reduction(x, op, "all_reduce")

@@ -29,8 +29,11 @@ def test_same_array_same_call():
     assert v.all_reduce(x, SUM, True) is not c                     # async: never remembered
     y = np.ones(3, np.float32)
     cy = v.all_reduce(y, SUM, False)
-    assert cy is not c and v.all_reduce(y, SUM, False) is cy                  # the last array only
-    assert v.all_reduce(x, SUM, False) is not c
+    c = v.all_reduce(x, SUM, False)
+    assert cy is not c and v.all_reduce(y, SUM, False) is cy and v.all_reduce(x, SUM, False) is c   # two held
+    for _ in range(3):                        # x again and again, a new array between: x stays
+        assert v.all_reduce(np.ones(1), "max", False) is not None and v.all_reduce(x, SUM, False) is c
+    assert v.all_reduce(y, SUM, False) is not cy                              # pushed out
 
 
 def test_changed_array_is_checked_again():
@@ -84,6 +87,33 @@ def test_repeated_calls_stay_right(groups, size, op):
     g = groups(size)
     for count in (1, 2, 1031):
         assert g.run(rank_repeats, count, op, 20) == [[]] * size
+
+
+def rank_alternates(comm, count):
+    """The benchmark's loop: the same array, then a new one (the timing's max) every time, and
+    a third array now and then: every memo (validator, choice, shm pointer) swaps its two."""
+    x, z = np.empty(count, np.float32), np.empty(3, np.int32)
+    bad = []
+    for i in range(12):
+        x[:] = comm.rank + i
+        comm.all_reduce(x)
+        t = np.array([float(comm.rank * 10 + i)])
+        comm.all_reduce(t, op="max")
+        if i % 3 == 0:
+            z[:] = i
+            comm.all_reduce(z)
+            bad += [] if (z == i * comm.size).all() else [("z", i)]
+        want = sum(r + i for r in range(comm.size))
+        bad += [] if (x == want).all() else [("x", i)]
+        bad += [] if t[0] == (comm.size - 1) * 10 + i else [("t", i)]
+    held = comm.validate.all_reduce(x, SUM, False)       # x's Call is still the remembered one
+    return bad, held in (comm.engines._last[0], comm.engines._before[0])
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_alternating_arrays(groups, size):
+    for bad, held in groups(size).run(rank_alternates, 5):
+        assert bad == [] and held
 
 
 def rank_records(comm):

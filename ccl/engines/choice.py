@@ -10,7 +10,7 @@ across hosts). As in UCC's score map, the answer depends only on (op, memory kin
 dtype, reduction, root, splits) and on data every rank shares (topology, costs, settings),
 so every rank chooses alike, which they must; it is cached per (op, memory kind, size,
 reproducible, even splits, splits on the device): what the engines' takes() and price() read,
-and the last small call's answer by the Call itself (the validator hands a repeated small
+and the last two small calls' answers by the Call itself (the validator hands a repeated small
 all_reduce the same Call again: ccl/validate.py).
 
 PYCCL_ENGINE=<name> forces an engine wherever it can run the call (elsewhere the priced
@@ -39,19 +39,23 @@ class Engines:
             raise InvalidArgument(f"PYCCL_ENGINE={self.forced!r} names no engine of this communicator; "
                                   f"engines: {', '.join(self.by_name)}")
         self._chosen = {}
-        self._last = (None, None)           # (a small Call, its engine): held, so no id reuse
+        self._last = self._before = (None, None)    # (a small Call, its engine): the last two, held
 
     def choose(self, call):
         last = self._last
         if call is last[0]:
             return last[1]
+        before = self._before
+        if call is before[0]:               # the one before (two held, as the validator does)
+            self._last, self._before = before, last
+            return before[1]
         # what any engine's takes() and price() read (dtype, reduction and root change neither)
         key = (call.op, call.kind, call.nbytes, call.reproducible, call.even, call.dev_splits)
         engine = self._chosen.get(key)
         if engine is None:
             engine = self._chosen[key] = self.decide(call)
-        if call.nbytes <= SMALL:
-            self._last = (call, engine)
+        if key[2] <= SMALL:
+            self._last, self._before = (call, engine), last
         return engine
 
     def prices(self, call) -> list:
@@ -83,7 +87,7 @@ class Engines:
         """Drop every cached choice and plan (after changing PYCCL_ALGO at run time, on every
         rank alike: bench/tuner_check.py)."""
         self._chosen.clear()
-        self._last = (None, None)
+        self._last = self._before = (None, None)
         for e in self.engines:
             getattr(e, "forget", lambda: None)()
 

@@ -91,7 +91,7 @@ DEFAULT_SMALL_BYTES = 64 << 10
 DEFAULT_CHUNK_BYTES = 512 << 10
 DEFAULT_NT_BYTES = 8 << 20
 DEFAULT_CMA_BYTES = 0   # off: see the module docstring
-SMALL_BOUND = 64 << 10  # ShmEngine.short keeps the pointer of the last Call up to this size
+SMALL_BOUND = 64 << 10  # ShmEngine.short keeps the pointers of the last two Calls up to this size
 _CMA_FAILED = 9                                   # native/shm.h
 _ENABLED = 1
 _from_buffer = ffi.from_buffer
@@ -462,7 +462,7 @@ class ShmPricing(EngineBase):
 class ShmEngine(ShmCollectives, ShmPricing):
     """The shm C collectives as the engine of a communicator whose ranks share this host."""
 
-    _bound = (None,)                 # (Call, cffi pointer, count, dtype code, op code, AVG): see short
+    _bound = _before = (None,)       # (Call, cffi pointer, count, dtype code, op code, AVG): see short
 
     def __init__(self, res):
         ShmCollectives.__init__(self, res.rank, res.size, res.store, res.tag, res.timeout)
@@ -501,19 +501,25 @@ class ShmEngine(ShmCollectives, ShmPricing):
         """all_reduce (the one shortcut) with the codes looked up once: the queue's run_now
         path (8-byte calls are mostly Python time). It must do exactly what run_all_reduce does,
         since ranks take one path or the other by their own queue's state: an empty call
-        touches no segment. The last small Call's pointer and codes are kept (the validator
+        touches no segment. The last two small Calls' pointers and codes are kept (the validator
         hands a repeated small all_reduce the same Call: ccl/validate.py): ffi.from_buffer and
         the code lookups are ~0.2 us of a ~3 us 8-byte call."""
         b = self._bound
         c = self._c
         if call is not b[0] or c is None:
-            n = call.count
-            if not n or c is None:
-                return self._check(self.res.queue.what("all_reduce", seq))
-            b = (call, _from_buffer(call.out.array), n, CODE_BY_NAME[call.dtype], _OP_BY_ID[id(call.redop)],
-                 call.redop is AVG)
-            if call.nbytes <= SMALL_BOUND:
-                self._bound = b          # holds the Call (and its array): small ones only
+            before = self._before
+            if call is before[0] and c is not None:      # the one before (two held, as the validator)
+                self._bound, self._before = before, b
+                b = before
+            else:
+                n = call.count
+                if not n or c is None:
+                    return self._check(self.res.queue.what("all_reduce", seq))
+                new = (call, _from_buffer(call.out.array), n, CODE_BY_NAME[call.dtype], _OP_BY_ID[id(call.redop)],
+                       call.redop is AVG)
+                if call.nbytes <= SMALL_BOUND:
+                    self._bound, self._before = new, b   # they hold the Calls (and arrays): small ones only
+                b = new
         p = b[1]
         rc = lib.pyccl_coll_all_reduce(c, p, p, b[2], b[3], b[4], -1, self.timeout)
         if rc:
@@ -522,5 +528,5 @@ class ShmEngine(ShmCollectives, ShmPricing):
             divide_into(call.out.array, self.size)
 
     def close(self):
-        self._bound = (None,)
+        self._bound = self._before = (None,)
         ShmCollectives.close(self)
