@@ -5,6 +5,7 @@
 #   hosttime  bench/gpu_host_time.py with every rank its own host: host us per call, replay time
 #   bench     bench/multihost_gpu.py: busbw, proxy vs staged vs NCCL socket vs Gloo (BENCH_ARGS)
 #   multihost tests/test_cuda_multihost.py (PYTEST_ARGS)
+#   breakdown bench/proxy_breakdown.py: where the host time of a proxied call goes
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +26,10 @@ for m in ${*:-tests hosttime bench}; do
   bench)
     PYCCL_PROXY=1 timeout -k 5 "${BENCH_BUDGET:-200}" $RUN bench/multihost_gpu.py ${BENCH_ARGS:-} 2>&1 | grep -v "$QUIET" \
       || FAILED=$((FAILED + 1)) ;;
+  breakdown)
+    timeout -k 5 "${HOST_BUDGET:-150}" $RUN --no-python bash -c \
+      'PYCCL_PROXY=1 PYCCL_HOST_ID=host$RANK exec python3 bench/proxy_breakdown.py' \
+      2>&1 | grep -v "$QUIET" || FAILED=$((FAILED + 1)) ;;
   multihost)
     timeout -k 5 "${TESTS_BUDGET:-400}" python3 -m pytest -q -p no:cacheprovider --timeout=200 \
       tests/test_cuda_multihost.py ${PYTEST_ARGS:-} 2>&1 | tail -30 || FAILED=$((FAILED + 1)) ;;

@@ -232,6 +232,10 @@ _DECLARED = (
     Setting("PYCCL_PROXY_ARENA", "bytes", 32 * _MIB, "CUDA buffers across hosts on the stream (the proxy "
             "engine): pinned host bytes of its arena at first (grown for a larger eager call, never while a "
             "stream captures)", "cuda"),
+    Setting("PYCCL_PROXY_WAIT", "choice", "stream", "CUDA buffers across hosts on the stream: how the device "
+            "waits for the proxy: `stream` (stream waits on host-mapped words, no kernel resident meanwhile; "
+            "kept where the driver offers cuStreamWaitValue64) or `kernel` (a kernel spins, bounded by the timeout)",
+            "cuda", choices=("stream", "kernel")),
     Setting("PYCCL_PROXY_CTAS", "int", 16, "CUDA buffers across hosts on the stream: thread blocks of the proxy "
             "kernel per direction (device to host, host to device)", "cuda"),
     # ---- torch -----------------------------------------------------------------------------

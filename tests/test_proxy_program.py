@@ -2,8 +2,10 @@
 
 Each rank runs real proxied collectives over real TCP connections between processes (ranks
 posing as hosts): two threads play the kernel of proxy.cu with the program's numpy twins
-(apply_out / apply_in: ring the doorbell, copy the out-items in order setting FILLED; wait
-for DONE before each pass's in-items; wait for FINISHED), while the proxy's host side
+(apply_out / apply_in: ring the doorbell, copy the out-items in order setting FILLED; then
+either, as the spinning kernel, wait for DONE before each pass's in-items and for FINISHED, or,
+as a stream with waits, reset the call's SITE words before the doorbell and wait for each
+group's word before copying that group back), while the proxy's host side
 (ProxyHost.drain) walks the plan over the arena. Results must equal the numpy float64
 reference. On a GPU the same tables drive the kernel (tests/test_cuda_multihost.py)."""
 import os
@@ -30,9 +32,13 @@ def test_words_match_the_kernel():
     for k, v in defs.items():
         env[k] = eval(v, {}, env)       # noqa: S307 - our own constants
     for k in ("ABORT", "ERROR", "ERR_CALL", "ERR_WHERE", "POSTED", "FINISHED", "RING", "RING_SLOTS",
-              "FILLED", "MAX_ITEMS", "DONE"):
+              "RING_WORDS", "FILLED", "MAX_ITEMS", "DONE", "MAX_PASSES", "SITE", "SITES", "GROUPS"):
         assert getattr(H, k) == env[k], k
-    assert P.MAX_ITEMS == env["MAX_ITEMS"] and H.WORDS >= env["DONE"] + P.MAX_PASSES
+    assert P.MAX_ITEMS == env["MAX_ITEMS"] and P.MAX_PASSES == env["MAX_PASSES"]
+    assert H.WORDS == env["SITE"] + env["SITES"] * env["GROUPS"]
+    import pyccl.engines.proxy.state as S
+    assert (S._KERNEL, S._STREAM_OUT, S._STREAM_IN) == (env["MODE_KERNEL"], env["MODE_STREAM_OUT"],
+                                                        env["MODE_STREAM_IN"])
 
 
 def _wait(pred, what):
@@ -43,12 +49,17 @@ def _wait(pred, what):
         time.sleep(1e-4)
 
 
-def _kernel(words, prog, devs, pid, tag, n):
-    """proxy.cu's protocol in two threads (out-blocks, in-blocks), on numpy."""
+def _kernel(words, prog, devs, pid, tag, n, stream_waits):
+    """proxy.cu's protocol in two threads (out-blocks, in-blocks or the stream's waits and in
+    launches), on numpy."""
     from pyccl.engines.proxy import host as H
     from pyccl.engines.proxy.program import apply_in, apply_out
-    slot = H.RING + 2 * ((n - 1) % H.RING_SLOTS)
-    words[slot], words[slot + 1] = pid, tag
+    site = tag % H.RING_SLOTS
+    at = H.SITE + site * H.GROUPS
+    if stream_waits:
+        words[at:at + H.GROUPS] = 0
+    slot = H.RING + H.RING_WORDS * ((n - 1) % H.RING_SLOTS)
+    words[slot], words[slot + 1], words[slot + 2] = pid, tag, site
     words[H.POSTED] = n
 
     def out():
@@ -57,6 +68,11 @@ def _kernel(words, prog, devs, pid, tag, n):
             words[H.FILLED + i] = n
 
     def back():
+        if stream_waits:
+            for g, items in enumerate(prog.in_groups):
+                _wait(lambda: words[at + g] >= 1, f"SITE word of group {g}")
+                apply_in(prog, devs, items=items)
+            return
         for c in range(prog.total):
             _wait(lambda: words[H.DONE + c] >= n, f"DONE[{c}]")
             apply_in(prog, devs, c)
@@ -68,7 +84,7 @@ def _kernel(words, prog, devs, pid, tag, n):
     return threads
 
 
-def _proxied(comm, name, dtype, count, opname, root, rounds):
+def _proxied(comm, name, dtype, count, opname, root, rounds, stream_waits):
     """`rounds` calls of one program on fresh inputs; returns '' or what was wrong."""
     import pyccl
     from pyccl.dtypes import DTYPES
@@ -105,7 +121,7 @@ def _proxied(comm, name, dtype, count, opname, root, rounds):
             prog.bind(np.zeros(prog.arena_bytes, np.uint8))
             host.programs[1] = prog
         devs = {"in": inp.view(np.uint8), "out": out.view(np.uint8)}
-        threads = _kernel(words, prog, devs, 1, n, n)
+        threads = _kernel(words, prog, devs, 1, n, n, stream_waits)
         host.drain(n, f"{name} round {n}")
         for t in threads:
             t.join()
@@ -138,11 +154,28 @@ def _proxied(comm, name, dtype, count, opname, root, rounds):
     ("reduce", "float64", "sum"), ("broadcast", "int8", "sum"), ("all_gather", "float16", "sum"),
     ("reduce_scatter", "float32", "avg"), ("reduce_scatter", "int64", "prod"), ("all_to_all", "uint8", "sum"),
     ("gather", "float32", "sum"), ("scatter", "int32", "sum")])
-def test_proxied_collective_on_host(groups, size, name, dtype, opname):
+@pytest.mark.parametrize("stream_waits", [True, False], ids=["stream", "kernel"])
+def test_proxied_collective_on_host(groups, size, name, dtype, opname, stream_waits):
     g = groups(size, ranks_per_host=1)
     for count in (0, 1, 13, 1000):
-        out = g.run(_proxied, name, dtype, count, opname, size - 1, 2)
+        out = g.run(_proxied, name, dtype, count, opname, size - 1, 2, stream_waits)
         assert not any(out), f"{name} {dtype} {opname} x{count}: {out}"
+
+
+def test_in_groups():
+    """In-items cut into runs of whole passes: every item once, in order, ends on pass
+    boundaries, at most GROUPS runs; the last run has no group_end (the network's end frees it)."""
+    from pyccl.engines.proxy.program import _groups
+    for passes in ([], [0], [0, 0, 0], [0, 1], [0, 0, 1, 1, 2, 2, 3, 3], [5] * 3 + [6] * 10 + [7],
+                   list(range(40)), [0] * 7 + [1] + [2] * 9):
+        groups, ends = _groups(passes, 4)
+        assert groups[0][0] == 0 and groups[-1][1] == len(passes) and len(groups) <= 4
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert all(lo < hi for lo, hi in groups) or passes == []
+        for g, (lo, hi) in enumerate(groups[:-1]):
+            assert passes[hi - 1] != passes[hi] and ends[passes[hi - 1]] == g
+        assert len(ends) == len(groups) - 1
+    assert len(_groups(list(range(40)), 4)[0]) == 4
 
 
 def test_gpudirect_choice():

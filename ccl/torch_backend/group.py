@@ -178,6 +178,10 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         enqueues GPU work. async_op: the body runs with a side stream as the current stream
         (which first waits for the caller's), and the Work's wait() joins it back."""
         work = _Outcome(f"pyccl {name}") if not async_op else _CudaWork(f"pyccl {name}", result, dev)
+        if dev not in self._side:
+            # made before this group queues any kernel: creating a torch stream holds the GIL while
+            # it waits for the device, and a proxied kernel in flight waits for a Python thread
+            self._side[dev] = torch.cuda.Stream(device=dev)
         if async_op:
             fn = self._on_side_stream(fn, dev)
         try:
@@ -204,9 +208,7 @@ class ProcessGroupPyccl(CollectivesMixin, PointToPointMixin, dist.ProcessGroup):
         tensor the side stream uses)."""
         def on_side(work):
             caller = torch.cuda.current_stream(dev)
-            side = self._side.get(dev)
-            if side is None:
-                side = self._side[dev] = torch.cuda.Stream(device=dev)
+            side = self._side[dev]
             side.wait_stream(caller)
             with torch.cuda.stream(side):
                 fn(work)

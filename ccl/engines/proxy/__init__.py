@@ -92,7 +92,7 @@ class ProxyEngine(DeviceEngine):
         caller = view.caller_stream()
         st = self._state(view, caller)
         rt = st.rt
-        capturing = rt.streamIsCapturing(caller) != 0
+        capturing = st.drv.capturing(caller)
         inp, out = call.inp, call.out
         key = program_key(call)
         prog = st.programs.get(key)

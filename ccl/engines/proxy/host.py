@@ -4,9 +4,10 @@ The device (ccl/engines/proxy/proxy.cu) rings a doorbell when a proxied collecti
 the stream: the program id and, for an eager call, its tag (0: a CUDA-graph replay). The proxy
 reads the ring in order and, for each call n, walks the program's plan with the executor over
 the arena: before pass c it waits until the out-items pass c reads have landed (``FILLED``
-words reach n), after pass c it marks the pass done (``DONE[c] = n``; for AVG, the finalised
-ranges are divided into the "avg" region first), and at the end it sets ``FINISHED = n``, which
-frees the arena and lets the kernel end. Every wait is bounded by the communicator's timeout
+words reach n), after pass c it marks the pass done (``DONE[c] = n`` for a spinning kernel;
+the ``SITE`` word of the group pass c ends for a waiting stream; for AVG, the finalised ranges
+are divided into the "avg" region first), and at the end it sets ``FINISHED = n`` and every
+SITE word of the call, which frees the arena and lets the stream go on. Every wait is bounded by the communicator's timeout
 and by the kernel's error word; the words are a numpy view of pinned, device-mapped memory
 (or, in tests/test_proxy_program.py, of plain memory written by a thread that plays the
 kernel).
@@ -25,11 +26,14 @@ from ...reduce import divide_into
 
 #: word offsets, as #defined in proxy.cu (tests/test_proxy_program.py compares them)
 ABORT, ERROR, ERR_CALL, ERR_WHERE, POSTED, FINISHED = 0, 1, 2, 3, 4, 5
-RING, RING_SLOTS = 16, 64
-FILLED = RING + 2 * RING_SLOTS
+RING, RING_SLOTS, RING_WORDS = 16, 64, 4
+FILLED = RING + RING_WORDS * RING_SLOTS
 MAX_ITEMS = 32768
 DONE = FILLED + MAX_ITEMS
-WORDS = DONE + 8192
+MAX_PASSES = 8192
+SITE = DONE + MAX_PASSES
+SITES, GROUPS = 4096, 4
+WORDS = SITE + SITES * GROUPS
 ERRORS = {1: "timed out", 2: "was aborted"}
 
 
@@ -56,12 +60,13 @@ class ProxyHost:
                 posted = int(w[POSTED])
                 if self.handled < posted:
                     n = self.handled + 1
-                    slot = RING + 2 * ((n - 1) % RING_SLOTS)
-                    pid, t = int(w[slot]), int(w[slot + 1])
+                    slot = RING + RING_WORDS * ((n - 1) % RING_SLOTS)
+                    pid, t, site = int(w[slot]), int(w[slot + 1]), int(w[slot + 2])
                     prog = self.programs.get(pid)
                     if prog is None:
                         raise PycclError(f"{what}: the device posted an unknown proxy program {pid}")
-                    self.network(prog, n, what if t == tag else f"{prog.name} (graph replay, call {n}) on {self.tag}")
+                    self.network(prog, n, site,
+                                 what if t == tag else f"{prog.name} (graph replay, call {n}) on {self.tag}")
                     self.handled = n
                     if t:
                         self.eager_done = t
@@ -71,16 +76,29 @@ class ProxyHost:
                 self._wait(lambda: int(w[POSTED]) > self.handled, what,
                            "the stream to reach the collective (is the stream stuck behind other work?)")
         except BaseException:
-            self.words[ABORT] = 1
+            self.abort()
             raise
 
-    def network(self, prog, n, what):
-        """The network phase of call n of `prog` on the arena."""
+    def abort(self):
+        """Stop the device side: the abort word, then every stream wait released (a call whose
+        out launch read the abort word clear just before may reset its site's words after
+        this: the second release, a moment later, covers it)."""
+        w = self.words
+        w[ABORT] = 1
+        w[SITE:SITE + SITES * GROUPS] = 1
+        time.sleep(0.05)
+        w[SITE:SITE + SITES * GROUPS] = 1
+
+    def network(self, prog, n, site, what):
+        """The network phase of call n of `prog` (at `site`) on the arena."""
         bufs = prog.typed(prog.dtype)
         self.executor.run(prog.plan, {k: v for k, v in bufs.items() if k != "avg"}, prog.op, what,
-                          prog.chunk_bytes, stager=_FlagStager(self, prog, n, what, bufs.get("avg"),
+                          prog.chunk_bytes, stager=_FlagStager(self, prog, n, site, what, bufs.get("avg"),
                                                                bufs.get("out")))
-        self.words[FINISHED] = n
+        w = self.words
+        w[FINISHED] = n
+        at = SITE + site * GROUPS
+        w[at:at + GROUPS] = 1           # the last group (and the arena) free
 
     # -- waiting on the device --
     def _wait(self, ready, what, doing):
@@ -106,8 +124,9 @@ class _FlagStager:
     """The executor's stager (Executor.run) for one proxied call: waits on FILLED words, sets
     DONE words (see the module doc)."""
 
-    def __init__(self, host, prog, n, what, avg, out):
+    def __init__(self, host, prog, n, site, what, avg, out):
         self.host, self.prog, self.n, self.what = host, prog, n, what
+        self.site = SITE + site * GROUPS
         self.avg, self.out = avg, out
         self.landed = 0
 
@@ -132,4 +151,8 @@ class _FlagStager:
                 part = self.avg[a:b]
                 part[...] = self.out[a:b]
                 divide_into(part, self.host.size)
-        self.host.words[DONE + c] = self.n
+        w = self.host.words
+        w[DONE + c] = self.n
+        g = self.prog.group_end.get(c)
+        if g is not None:
+            w[self.site + g] = 1

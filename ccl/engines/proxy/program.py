@@ -12,7 +12,10 @@ computes nothing per call and a captured launch stays valid. It holds
   them, cut into pieces of at most ``piece`` bytes so that several thread blocks share a
   range) then in-items (arena -> device, each tagged with the pass that finalises it);
 * per pass c, ``need[c]``: how many out-items must have landed before pass c runs, and
-  ``avg_ranges[c]``: the output ranges pass c finalises (divided into "avg" first).
+  ``avg_ranges[c]``: the output ranges pass c finalises (divided into "avg" first);
+* ``in_groups``: the in-items cut into at most GROUPS runs of whole passes, each copied back by
+  one launch after one stream wait, and ``group_end``: {the last pass of a run: its group}
+  for every run but the last, which the end of the network phase releases.
 
 ``apply_out`` and ``apply_in`` are the kernel's copies written in numpy: the tests run a whole
 proxied collective on host memory with them (tests/test_proxy_program.py), so the tables are
@@ -22,6 +25,7 @@ import numpy as np
 
 from pyccl.topology.walk import layout
 from ..staged_schedule import schedule
+from .host import GROUPS
 
 _ALIGN = 4096
 #: columns of the copy table (uint64): arena offset, device offset, bytes, (buffer << 32) | flag
@@ -88,6 +92,7 @@ class Program:
         if len(rows) > MAX_ITEMS:
             raise ValueError(f"{name}: {len(rows)} copies, more than the proxy's {MAX_ITEMS}")
         self.need = need
+        self.in_groups, self.group_end = _groups([r[3] & 0xffffffff for r in rows[self.n_out:]], GROUPS)
         self.table = np.array(rows, dtype=ITEM) if rows else np.zeros(1, dtype=ITEM)
         self.arena = None            # bound by the proxy state (ccl/engines/proxy/state.py)
         self.host = None
@@ -116,6 +121,25 @@ class Program:
         return bufs
 
 
+def _groups(passes: list, most: int):
+    """Cut in-items (their passes, in order) into at most `most` runs of whole passes of about
+    equal item counts: ([(first, end)] item ranges relative to the in-items, {last pass of a
+    run: its group} for every run but the last)."""
+    if not passes:
+        return [(0, 0)], {}
+    bounds = [i for i in range(1, len(passes)) if passes[i] != passes[i - 1]]
+    cuts = []
+    for g in range(1, min(most, len(bounds) + 1)):
+        target = len(passes) * g // most
+        b = next((x for x in bounds if x >= target and (not cuts or x > cuts[-1])), None)
+        if b is None:
+            break
+        cuts.append(b)
+    edges = [0] + cuts + [len(passes)]
+    groups = [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    return groups, {passes[e - 1]: g for g, (_, e) in enumerate(groups[:-1])}
+
+
 def apply_out(prog, devs: dict, upto: int, start: int = 0):
     """The kernel's device -> arena copies of out-items [start, upto), on numpy ("devs": uint8
     arrays standing for the device buffers by name)."""
@@ -125,10 +149,12 @@ def apply_out(prog, devs: dict, upto: int, start: int = 0):
         prog.arena[h:h + n] = devs[buf][d:d + n]
 
 
-def apply_in(prog, devs: dict, pass_index: int):
-    """The kernel's arena -> device copies of the in-items of pass `pass_index`, on numpy."""
-    for r in prog.table[prog.n_out:prog.n_out + prog.n_in]:
-        if int(r["buf_flag"]) & 0xffffffff != pass_index:
+def apply_in(prog, devs: dict, pass_index: int = None, items: tuple = None):
+    """The kernel's arena -> device copies, on numpy: of the in-items of pass `pass_index`
+    (MODE_KERNEL), or of in-items [first, end) (`items`: a group, MODE_STREAM_IN)."""
+    lo, hi = items if items is not None else (0, prog.n_in)
+    for r in prog.table[prog.n_out + lo:prog.n_out + hi]:
+        if pass_index is not None and int(r["buf_flag"]) & 0xffffffff != pass_index:
             continue
         buf = "out" if r["buf_flag"] >> 32 else "in"
         h, d, n = int(r["host_off"]), int(r["dev_off"]), int(r["nbytes"])

@@ -11,9 +11,18 @@ caller's stream is being captured: a program first met inside a capture that doe
 arena and table space already made raises InvalidArgument (run the call once before capturing).
 
 Streams: a call records an event on the caller's stream, pyccl's stream waits for it, the
-kernel runs on pyccl's stream, and the caller's stream waits for the kernel's end (fork and join,
-so calls made from different streams never share the arena at once, as NCCL's internal stream
-does). Under capture the same calls make the kernel a node of the caller's graph.
+launches run on pyccl's stream, and the caller's stream waits for their end (fork and join, so
+calls made from different streams never share the arena at once, as NCCL's internal stream
+does). Under capture the same calls make the launches and waits nodes of the caller's graph.
+With PYCCL_PROXY_WAIT=stream (the default where the driver has cuStreamWaitValue64) a call is an
+out launch, then per group of passes a stream wait on its site's word and an in launch; sites
+0-63 rotate among eager calls, a captured call keeps a site of its own (proxy.cu's header).
+
+The GIL: the proxy is a Python thread, and the device waits for it. A host call that waits for
+the device while holding the GIL (the process's first torch.cuda.Stream() does; cudaFree and
+module loads wait but let go of the GIL) stops both until the communicator's timeout, or for
+good where the stream waits (no kernel timeout there). pyccl makes its own streams before its
+first launch (torch_backend/group.py).
 """
 import ctypes
 import logging
@@ -25,13 +34,15 @@ import numpy as np
 
 from ... import settings
 from ...errors import InvalidArgument, PeerFailure, PycclError
-from .host import ABORT, ERROR, ERRORS, POSTED, WORDS, ProxyHost
+from .driver import Driver
+from .host import ABORT, ERROR, ERRORS, GROUPS, POSTED, RING_SLOTS, SITE, SITES, WORDS, ProxyHost
 from .program import ITEM, Program
 
 log = logging.getLogger("pyccl")
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "proxy.cu")
-_PARAMS = "ussuuuuuuuus"        # proxy_call's parameters (cuda_ipc.KernelParams letters)
+_PARAMS = "ussuuuuuuuusus"      # proxy_call's parameters (cuda_ipc.KernelParams letters)
+_KERNEL, _STREAM_OUT, _STREAM_IN = 0, 1, 2      # proxy.cu's MODE_*
 _THREADS = 512
 _ENDS = 64
 _TABLE_ROWS = 1 << 16           # rows of copy table per pinned block
@@ -53,7 +64,7 @@ class ProxyState:
         self.res, self.dev = res, int(device)
         self.describe = describe         # the communicator's Validator (the torch copy lane's calls)
         self.timeout = res.timeout
-        self._launch = cuda_ipc.launcher()
+        self.drv = Driver()
         self._params = cuda_ipc.KernelParams
         self._lock = threading.Lock()
         self._closed = False
@@ -73,6 +84,12 @@ class ProxyState:
             self._module = mod
             fn = mod.get_function("proxy_call")
             self.fn = int(getattr(getattr(fn, "kernel", fn), "ptr"))
+        self.stream_waits = settings.get("PYCCL_PROXY_WAIT") == "stream"
+        if self.stream_waits and not self.drv.can_wait_value(self.stream, self.words_ptr):
+            log.warning("%s rank %d: the driver has no stream waits (cuStreamWaitValue64); the proxy kernel "
+                        "spins instead (PYCCL_PROXY_WAIT=kernel)", res.tag, res.rank)
+            self.stream_waits = False
+        self._sites = RING_SLOTS           # the next site of a captured launch (0-63: eager calls)
         self._end_i = 0
         self.last_end = None
         self.host = ProxyHost(self.words, res.executor, res.timeout, res.rank, res.tag, res.size)
@@ -136,36 +153,62 @@ class ProxyState:
         self.table[at:at + rows] = prog.table
         self.table_used += rows
         out_ctas = min(self.ctas, max(1, prog.n_out))
-        in_ctas = min(self.ctas, max(1, prog.n_in))
-        prog.grid = out_ctas + in_ctas
-        prog.params = self._params(_PARAMS, (self.table_ptr + at * ITEM.itemsize, prog.n_out, prog.n_in, 0, 0,
-                                             self.arena_ptr, self.words_ptr, self.ctrl.data.ptr, prog.pid, 0,
-                                             int(self.timeout * 1e9), out_ctas))
+        table = self.table_ptr + at * ITEM.itemsize
+        common = (self.arena_ptr, self.words_ptr, self.ctrl.data.ptr, prog.pid, 0, int(self.timeout * 1e9))
+        if self.stream_waits:            # out launch; per group: a stream wait, then an in launch
+            prog.grid = out_ctas
+            prog.params = self._params(_PARAMS, (table, prog.n_out, 0, 0, 0) + common + (out_ctas, 0, _STREAM_OUT))
+            prog.in_launches = []
+            for lo, hi in prog.in_groups:
+                grid = min(self.ctas, hi - lo)
+                prog.in_launches.append((self._params(_PARAMS, (table + (prog.n_out + lo) * ITEM.itemsize, 0,
+                                                                hi - lo, 0, 0) + common + (0, 0, _STREAM_IN)),
+                                         grid))
+        else:
+            in_ctas = min(self.ctas, max(1, prog.n_in))
+            prog.grid = out_ctas + in_ctas
+            prog.params = self._params(_PARAMS, (table, prog.n_out, prog.n_in, 0, 0) + common +
+                                       (out_ctas, 0, _KERNEL))
+            prog.in_launches = ()
         self.host.programs[prog.pid] = prog
         self.programs[key] = prog
         return prog
 
     # -- one call, on the caller's thread --
     def launch(self, prog, caller, dev_in, dev_out, capturing):
-        """Enqueue the kernel of `prog` after the caller's stream's work; returns (tag, end event):
-        tag 0 when captured (each replay rings the doorbell itself)."""
-        rt = self.rt
-        if self.words[ERROR]:
+        """Enqueue the launches (and stream waits) of `prog` after the caller's stream's work;
+        returns (tag, end event): tag 0 when captured (each replay rings the doorbell itself)."""
+        drv = self.drv
+        if self.words[ERROR] or self.words[ABORT]:
             self.raise_if_failed(prog.name)
         if capturing:
-            tag = 0
+            tag, site = 0, self._sites
+            if site >= SITES:
+                raise InvalidArgument(f"{prog.name}: cannot be captured: {SITES - RING_SLOTS} proxied calls were "
+                                      f"captured on this communicator already (each keeps a site of words)")
+            self._sites += 1
         else:
             self.eager += 1
             tag = self.eager
+            site = tag % RING_SLOTS
         vals = prog.params.vals
-        vals[3].value, vals[4].value, vals[9].value = dev_in, dev_out, tag
-        rt.eventRecord(self.fork, caller)
-        rt.streamWaitEvent(self.stream, self.fork, 0)
-        self._launch(self.fn, prog.grid, _THREADS, self.stream, prog.params.address)
+        vals[3].value, vals[4].value, vals[9].value, vals[12].value = dev_in, dev_out, tag, site
+        stream = self.stream
+        drv.record(self.fork, caller)
+        drv.wait_event(stream, self.fork)
+        drv.launch(self.fn, prog.grid, _THREADS, stream, prog.params.address)
+        if prog.in_launches:
+            word = self.words_ptr + 8 * (SITE + site * GROUPS)
+            for g, (params, grid) in enumerate(prog.in_launches):
+                drv.wait_value(stream, word + 8 * g, 1)
+                if grid:
+                    vals = params.vals
+                    vals[3].value, vals[4].value = dev_in, dev_out
+                    drv.launch(self.fn, grid, _THREADS, stream, params.address)
         end = self.ends[self._end_i % _ENDS]
         self._end_i += 1
-        rt.eventRecord(end, self.stream)
-        rt.streamWaitEvent(caller, end, 0)
+        drv.record(end, stream)
+        drv.wait_event(caller, end)
         if not capturing:
             self.last_end = end
         elif self.watcher is None:
@@ -204,10 +247,12 @@ class ProxyState:
         if self._closed:
             raise PycclError(f"{what}: the proxy of {self.res.tag} is closed")
         q = self.res.queue
-        if self.words[ERROR] and q.broken is None and not q.on_progress_thread():
+        if (self.words[ERROR] or self.words[ABORT]) and q.broken is None and not q.on_progress_thread():
             q.wait_idle(min(self.timeout, 5.0))      # the proxy's job that failed is still unwinding
         if q.broken is not None:
             raise PeerFailure(f"{what}: communicator {self.res.tag} is broken by an earlier error ({q.broken})")
+        if self.words[ABORT]:
+            raise PeerFailure(f"{what}: rank {self.res.rank}'s proxy on {self.res.tag} stopped after an error")
         code = int(self.words[ERROR])
         if code:
             raise PycclError(f"{what}: rank {self.res.rank}'s proxy kernel {ERRORS.get(code, code)} "
@@ -259,9 +304,13 @@ class ProxyState:
         describe = self.describe
         if describe is None:
             return None
-        calls = {"all_gather": lambda out, inp, arg: describe.all_gather(out, inp, False),
-                 "all_to_all": lambda out, inp, arg: describe.all_to_all(out, inp, None, None, False),
-                 "broadcast": lambda out, inp, arg: describe.broadcast(out, arg, False),
+        import torch
+
+        def raw(t):                 # the general path moves these three as bytes (torch_backend/tensors.py)
+            return t.reshape(-1).view(torch.uint8)
+        calls = {"all_gather": lambda out, inp, arg: describe.all_gather(raw(out), raw(inp), False),
+                 "all_to_all": lambda out, inp, arg: describe.all_to_all(raw(out), raw(inp), None, None, False),
+                 "broadcast": lambda out, inp, arg: describe.broadcast(raw(out), arg, False),
                  "reduce_scatter": lambda out, inp, arg: describe.reduce_scatter(out, inp, ops[arg], False),
                  "reduce": lambda out, inp, arg: describe.reduce(out, arg[0], ops[arg[1]], False)}
         cache = {}
@@ -300,21 +349,21 @@ class ProxyState:
         """A lane's call: the kernel on the stream, the host part queued behind the others; False
         when the queue holds other than host parts, the state is closed or the stream captures."""
         q = self.res.queue
-        if q.inflight != q.detached or self._closed or self.rt.streamIsCapturing(caller):
+        if q.inflight != q.detached or self._closed or self.drv.capturing(caller):
             return False
         prog, dev_in, dev_out = hit
         tag, end = self.launch(prog, caller, dev_in, dev_out, False)
         host = self.host
-        q.run(name, lambda what: host.drain(tag, what), True, detached=True)
+        q.post(name, lambda what: host.drain(tag, what))
         return end if async_op else None
 
     def abort(self):
-        self.words[ABORT] = 1
+        self.host.abort()
 
     def close(self):
         if self._closed:
             return
-        self.words[ABORT] = 1            # kernels still waiting stop now
+        self.host.abort()                # kernels and stream waits still waiting stop now
         self._closed = True
         rt = self.rt
         with self.cupy.cuda.Device(self.dev):
