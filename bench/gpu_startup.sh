@@ -5,8 +5,8 @@
 #          bfloat16 all_reduce (cache empty, then warm); device memory after every op at 1/64 MiB, suspend,
 #          resume, close; a graph replayed after suspend/resume (one test); NVRTC compile times; the first
 #          calls with the code before issue 32 (git archive of BASE, where the checkout has .git).
-#   final  tests/test_cuda_memory.py and tests/test_kernel_cache.py, then the measurements above (without the
-#          old code's).
+#   final  (BUDGET=120) tests/test_cuda_memory.py, then the torch backend's cold first call and the memory
+#          probe, as far as the budget goes.
 # Every step is bounded by `timeout` and by what is left of the budget; large output goes under $OUT.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -51,11 +51,17 @@ python3 -c "
 from pyccl.engines.cuda import nvrtc
 print('libnvrtc', nvrtc.lib()._name, 'version', nvrtc.version())" 2>&1 | tail -1
 
-if [ "$MODE" = final ]; then
+if [ "$MODE" = final ]; then          # BUDGET=120: the tests first, then what fits of the measurements
   fresh_cache
-  TAIL=40 step "tests (GPU memory, suspend/resume, graphs; kernel cache)" 150 \
-    python3 -m pytest -q -p no:cacheprovider --timeout=100 -x tests/test_cuda_memory.py tests/test_kernel_cache.py \
-    ${PYTEST_ARGS:-}
+  TAIL=60 step "tests/test_cuda_memory.py (memory, suspend/resume, graph replay, first calls cold and warm)" 88 \
+    python3 -m pytest -q -s -p no:cacheprovider --timeout=85 tests/test_cuda_memory.py ${PYTEST_ARGS:-}
+  fresh_cache
+  step "torch backend: init_process_group + first bfloat16 all_reduce, empty cache" 15 \
+    $RUN bench/gpu_startup.py torchfirst
+  step "device memory probe (2 ranks, float32; cudaMemGetInfo over the baseline, both ranks)" 25 \
+    $RUN bench/gpu_startup.py memory
+  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] done, $FAILED step(s) failed"
+  exit $FAILED
 fi
 
 fresh_cache

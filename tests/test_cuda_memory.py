@@ -107,69 +107,6 @@ def _ops(comm, dtype, nbytes, check=True):
     return times, ok
 
 
-# ---- first calls ------------------------------------------------------------------------------
-def scenario_cold(rank, size, port):
-    t0 = time.perf_counter()
-    _dev(rank)
-    t1 = time.perf_counter()
-    comm, server, sync = _comm(rank, size, port)
-    x = torch.full((MIB // 2,), rank + 1, dtype=torch.bfloat16, device="cuda")
-    comm.all_reduce(x)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    right = bool((x.cpu() == 3).all())
-    from pyccl.engines.cuda import build
-    b = build.builder_for(int(cupy.cuda.Device().compute_capability))
-    finished = b.wait(150)
-    t3 = time.perf_counter()
-    hows = sorted({how for _, how, _ in b.report()})
-    _sync(sync, "cold/done", size)
-    comm.close()
-    return {"context s": t1 - t0, "communicator + first bf16 all_reduce s": t2 - t1, "right": right,
-            "background build s": t3 - t0, "build finished": finished, "hows": hows,
-            "failed": [r for r in b.report() if r[1].startswith("failed")]}
-
-
-def scenario_warm(rank, size, port):
-    _dev(rank)
-    comm, server, sync = _comm(rank, size, port)
-    first = {}
-    ok = {}
-    for dtype in DTYPES:
-        times, right = _ops(comm, dtype, MIB)
-        first.update({f"{dtype} {k}": v for k, v in times.items()})
-        ok.update({f"{dtype} {k}": v for k, v in right.items()})
-    from pyccl.engines.cuda import build
-    hows = sorted({how for rows in build.report().values() for _, how, _ in rows})
-    _sync(sync, "warm/done", size)
-    comm.close()
-    return {"first": first, "ok": ok, "hows": hows}
-
-
-def test_first_calls_cold_then_warm(tmp_path):
-    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp", "PYCCL_KERNEL_CACHE": str(tmp_path / "kernels"),
-           "CUPY_CACHE_DIR": str(tmp_path / "cupy")}
-    out = run_spawned(__name__, "scenario_cold", 2, [env] * 2, 240)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-    cold = [out[r][1] for r in range(2)]
-    print("cold:", cold)
-    assert all(c["right"] for c in cold), cold
-    assert all(c["build finished"] and not c["failed"] for c in cold), cold
-    assert max(c["communicator + first bf16 all_reduce s"] for c in cold) <= 1.5, cold
-    out = run_spawned(__name__, "scenario_warm", 2, [env] * 2, 180)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-    warm = [out[r][1] for r in range(2)]
-    print("warm:", warm)
-    assert all(all(w["ok"].values()) for w in warm), [w["ok"] for w in warm]
-    assert all("compiled (foreground)" not in w["hows"] and "compiled" not in w["hows"] for w in warm), warm
-    for w in warm:
-        calls = list(w["first"].items())
-        slow = {k: round(v, 3) for k, v in calls[1:] if v > 0.1}       # calls[0] also makes the CUDA state
-        assert not slow, (slow, calls[0])
-
-
 # ---- memory, suspend, resume, graphs ----------------------------------------------------------
 def scenario_memory(rank, size, port):
     _dev(rank)
@@ -204,7 +141,7 @@ def scenario_memory(rank, size, port):
 
 def test_memory_bounded_and_given_back():
     env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
-    out = run_spawned(__name__, "scenario_memory", 2, [env] * 2, 180)
+    out = run_spawned(__name__, "scenario_memory", 2, [env] * 2, 55)
     for r in range(2):
         assert r in out and out[r][0] == "ok", out
     res = [out[r][1] for r in range(2)]
@@ -280,10 +217,73 @@ def scenario_graph(rank, size, port):
 
 def test_graph_replays_after_suspend_and_resume():
     env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
-    out = run_spawned(__name__, "scenario_graph", 2, [env] * 2, 180)
+    out = run_spawned(__name__, "scenario_graph", 2, [env] * 2, 55)
     for r in range(2):
         assert r in out and out[r][0] == "ok", out
         assert all(out[r][1].values()), out[r][1]
+
+
+# ---- first calls ------------------------------------------------------------------------------
+def scenario_cold(rank, size, port):
+    t0 = time.perf_counter()
+    _dev(rank)
+    t1 = time.perf_counter()
+    comm, server, sync = _comm(rank, size, port)
+    x = torch.full((MIB // 2,), rank + 1, dtype=torch.bfloat16, device="cuda")
+    comm.all_reduce(x)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    right = bool((x.cpu() == 3).all())
+    from pyccl.engines.cuda import build
+    b = build.builder_for(int(cupy.cuda.Device().compute_capability))
+    finished = b.wait(45)
+    t3 = time.perf_counter()
+    hows = sorted({how for _, how, _ in b.report()})
+    _sync(sync, "cold/done", size)
+    comm.close()
+    return {"context s": t1 - t0, "communicator + first bf16 all_reduce s": t2 - t1, "right": right,
+            "background build s": t3 - t0, "build finished": finished, "hows": hows,
+            "failed": [r for r in b.report() if r[1].startswith("failed")]}
+
+
+def scenario_warm(rank, size, port):
+    _dev(rank)
+    comm, server, sync = _comm(rank, size, port)
+    first = {}
+    ok = {}
+    for dtype in DTYPES:
+        times, right = _ops(comm, dtype, MIB)
+        first.update({f"{dtype} {k}": v for k, v in times.items()})
+        ok.update({f"{dtype} {k}": v for k, v in right.items()})
+    from pyccl.engines.cuda import build
+    hows = sorted({how for rows in build.report().values() for _, how, _ in rows})
+    _sync(sync, "warm/done", size)
+    comm.close()
+    return {"first": first, "ok": ok, "hows": hows}
+
+
+def test_first_calls_cold_then_warm(tmp_path):
+    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp", "PYCCL_KERNEL_CACHE": str(tmp_path / "kernels"),
+           "CUPY_CACHE_DIR": str(tmp_path / "cupy")}
+    out = run_spawned(__name__, "scenario_cold", 2, [env] * 2, 75)
+    for r in range(2):
+        assert r in out and out[r][0] == "ok", out
+    cold = [out[r][1] for r in range(2)]
+    print("cold:", cold)
+    assert all(c["right"] for c in cold), cold
+    assert all(c["build finished"] and not c["failed"] for c in cold), cold
+    assert max(c["communicator + first bf16 all_reduce s"] for c in cold) <= 1.5, cold
+    out = run_spawned(__name__, "scenario_warm", 2, [env] * 2, 50)
+    for r in range(2):
+        assert r in out and out[r][0] == "ok", out
+    warm = [out[r][1] for r in range(2)]
+    print("warm:", warm)
+    assert all(all(w["ok"].values()) for w in warm), [w["ok"] for w in warm]
+    assert all("compiled (foreground)" not in w["hows"] and "compiled" not in w["hows"] for w in warm), warm
+    for w in warm:
+        calls = list(w["first"].items())
+        slow = {k: round(v, 3) for k, v in calls[1:] if v > 0.1}       # calls[0] also makes the CUDA state
+        assert not slow, (slow, calls[0])
 
 
 def test_memory_report_keys_on_this_gpu(tmp_path, monkeypatch):
