@@ -173,9 +173,9 @@ def test_peer_killed_during_replays():
 
 def scenario_torch_graphs(rank, size, port):
     """Through torch.distributed (backend "pyccl"), every rank its own host: dist.all_reduce
-    captured in a CUDA graph and replayed with new inputs, and a tensor-parallel layer whose
+    captured in a CUDA graph and replayed with new inputs, a tensor-parallel layer whose
     output goes through the functional all_reduce, compiled with mode="reduce-overhead" (CUDA
-    graphs), equal to eager."""
+    graphs), equal to eager, and dist.send/recv captured and replayed with new contents."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as fc
     import pyccl.torch_backend  # noqa: F401 - registers "pyccl"
@@ -216,6 +216,22 @@ def scenario_torch_graphs(rank, size, port):
         torch.cuda.synchronize()
         same &= bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
     res["compiled reduce-overhead TP layer == eager"] = same
+
+    buf = torch.zeros(4099, device=dev)          # captured send/recv: the proxy's, ordered, by peer
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        if rank == 0:
+            dist.send(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+    ok = True
+    for it in range(5):
+        if rank == 0:
+            buf.fill_(float(it + 7))
+        g2.replay()
+        torch.cuda.synchronize()
+        ok &= rank != 1 or bool((buf == it + 7).all())
+    res["dist.send/recv captured, 5 replays"] = ok
     dist.barrier()
     dist.destroy_process_group()
     return res

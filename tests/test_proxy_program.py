@@ -162,6 +162,52 @@ def test_proxied_collective_on_host(groups, size, name, dtype, opname, stream_wa
         assert not any(out), f"{name} {dtype} {opname} x{count}: {out}"
 
 
+def _proxied_p2p(comm, dtype, count, rounds, stream_waits):
+    """send/recv through the proxy (program_key per peer): even ranks send to the next rank, then
+    receive from the previous one; odd ranks the other way round (no cycle of sends)."""
+    from pyccl.dtypes import DTYPES
+    from pyccl.engines.proxy.host import WORDS, ProxyHost
+    from pyccl.engines.proxy.program import Program, point_to_point
+    size, rank = comm.size, comm.rank
+    dt = DTYPES[dtype]
+    words = np.zeros(WORDS, np.uint64)
+    host = ProxyHost(words, comm.executor, 30.0, rank, comm.tag, size)
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+    wrap = lambda a: types.SimpleNamespace(array=a)       # noqa: E731 - a Buffer's face
+    problems, progs, n = [], {}, 0
+    for k in range(1, rounds + 1):
+        mine = make(rank, count, dtype, "sum", k)
+        theirs = make(prv, count, dtype, "sum", k)
+        got = np.zeros(count, dt)
+        steps = [("send", nxt, mine), ("recv", prv, got)]
+        for op, peer, buf in (steps if rank % 2 == 0 else steps[::-1]):
+            pid = 1 if op == "send" else 2
+            prog = progs.get(op)
+            if prog is None:
+                prog = progs[op] = Program(pid, op, point_to_point(comm, wrap(buf), peer, op == "send"), 96, size,
+                                           dt, piece=40)
+                prog.bind(np.zeros(prog.arena_bytes, np.uint8))
+                host.programs[pid] = prog
+            n += 1
+            devs = {"in": buf.view(np.uint8), "out": buf.view(np.uint8)}
+            threads = _kernel(words, prog, devs, pid, n, n, stream_waits)
+            host.drain(n, f"{op} round {k}")
+            for t in threads:
+                t.join()
+        if not np.array_equal(got.view(np.uint8), theirs.view(np.uint8)):
+            problems.append(f"round {k}: recv from {prv} differs")
+    return "; ".join(problems)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("stream_waits", [True, False], ids=["stream", "kernel"])
+def test_proxied_send_recv_on_host(groups, size, stream_waits):
+    g = groups(size, ranks_per_host=1)
+    for dtype, count in (("float32", 0), ("int8", 1), ("bfloat16", 13), ("float64", 1000)):
+        out = g.run(_proxied_p2p, dtype, count, 2, stream_waits)
+        assert not any(out), f"send/recv {dtype} x{count}: {out}"
+
+
 def test_in_groups():
     """In-items cut into runs of whole passes: every item once, in order, ends on pass
     boundaries, at most GROUPS runs; the last run has no group_end (the network's end frees it)."""

@@ -1,7 +1,11 @@
 """Point-to-point calls of ProcessGroupPyccl (a mixin of group.py): send, recv, recv from any
 source, and Gloo's monitored_barrier, all on the p2p engine (p2p_engine.py). CUDA tensors go
 GPU to GPU through CUDA IPC to a rank of the same host (p2p_ipc.py; on unless PYCCL_P2P_IPC=0) and
-are staged through pinned host memory otherwise (see "CUDA tensors" in the package doc)."""
+are staged through pinned host memory otherwise (see "CUDA tensors" in the package doc).
+Under CUDA-graph capture the p2p engine (a host thread matching tags) cannot take part, so CUDA
+send/recv go to the communicator's stream-ordered send/recv instead (across hosts the proxy
+engine, ccl/engines/proxy/): ordered with the collectives and matched by order, not by tag, as
+NCCL's; what cannot run that way raises InvalidArgument at capture."""
 import time
 
 import torch
@@ -10,7 +14,7 @@ from ..errors import InvalidArgument, PeerFailure, PycclError, Timeout
 
 from .p2p_ipc import CudaRecv
 from .tensors import _bytes, _contig, _nbytes, _single
-from .works import _PycclWork, _seconds
+from .works import _SYNC_DONE, _PycclWork, _seconds
 
 _MONITOR_TAG = -(1 << 40)             # outside torch's int32 tag range: never a user tag
 
@@ -61,9 +65,22 @@ class PointToPointMixin:
             raise InvalidArgument(f"{what}: rank {peer!r} is outside this group (0..{self._size - 1})")
         return peer
 
+    def _p2p_captured(self, op, flat, wb, peer):
+        """A CUDA send/recv inside a CUDA-graph capture: the communicator's (see the module doc)."""
+        if peer is None:
+            raise InvalidArgument("pyccl recv from any source cannot be captured in a CUDA graph")
+        try:
+            getattr(self._comm, op)(flat, peer)
+        except PycclError as e:
+            raise InvalidArgument(f"pyccl {op} cannot be captured in a CUDA graph here: {e}") from None
+        wb()
+        return _SYNC_DONE
+
     def _p2p_send(self, t, peer, tag, name):
-        work = _PycclWork(self._what(f"{name} to rank {peer}"), [t])
         flat, _ = _contig(t)
+        if flat.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._p2p_captured("send", flat, lambda: None, peer)
+        work = _PycclWork(self._what(f"{name} to rank {peer}"), [t])
         if flat.is_cuda:
             ipc = self._p2p.ipc
             if ipc is not None and peer != self._rank and flat.numel() and ipc.reaches(peer):
@@ -87,8 +104,10 @@ class PointToPointMixin:
 
     def _p2p_recv(self, t, peer, tag, name):
         src = "any rank" if peer is None else f"rank {peer}"
-        work = _PycclWork(self._what(f"{name} from {src}"), [t])
         flat, wb = _contig(t)
+        if flat.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._p2p_captured("recv", flat, wb, peer)
+        work = _PycclWork(self._what(f"{name} from {src}"), [t])
         if flat.is_cuda:
             # The engine thread copies the bytes to the GPU (from a peer's GPU, or from pinned
             # memory) on a pyccl stream that waits for the caller's stream as it is now, and

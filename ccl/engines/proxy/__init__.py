@@ -46,14 +46,14 @@ from ...errors import InvalidArgument
 from ..base import DeviceEngine, EngineBase
 from ..cuda.submit import cuda_args, device_splits
 from ..staged import _OPS, StagedEngine, StagedWork, _OnDevice
-from .program import program_key
+from .program import point_to_point, program_key
 
 
 class ProxyEngine(DeviceEngine):
     """See the module doc. Priced like the flat plan it runs (as the staged engine)."""
     name = "proxy"
     kinds = ("cuda",)
-    ops = StagedEngine.ops
+    ops = StagedEngine.ops | {"send", "recv"}     # send/recv: ordered with the collectives, as NCCL's
     stream_ordered = True
     host_async = True                 # the host part runs queued even for a synchronous call
     price = StagedEngine.price
@@ -105,8 +105,11 @@ class ProxyEngine(DeviceEngine):
 
     def _build(self, call):
         """(staged description, name, chunk bytes, numpy dtype) of a new program."""
-        name, args = cuda_args(call)
-        staged = _OPS[name](self._like, *args)
+        if call.op in ("send", "recv"):
+            name, staged = call.op, point_to_point(self.res, call.inp or call.out, call.peer, call.op == "send")
+        else:
+            name, args = cuda_args(call)
+            staged = _OPS[name](self._like, *args)
         res = self.res
         chunk = staged.chunk or res.chunk_bytes
         if res.fixed_chunk is None:

@@ -24,7 +24,7 @@ checked without a GPU.
 import numpy as np
 
 from pyccl.topology.walk import layout
-from ..staged_schedule import schedule
+from ..staged_schedule import _Call, schedule
 from .host import GROUPS
 
 _ALIGN = 4096
@@ -36,10 +36,23 @@ MAX_ITEMS = 32768
 MAX_PASSES = 8192
 
 
+def point_to_point(comm, buf, peer: int, sending: bool):
+    """The staged description (staged_schedule._Call) of a send or recv of device buffer `buf`
+    (a Buffer) with `peer`: the flat engine's direct plan, "in" read from the device or "out"
+    written back. `comm`: anything with rank and size."""
+    from pyccl.topology import direct
+    v = buf.array
+    plan = direct.send_recv(comm.rank, comm.size, v.size, peer, sending)
+    if sending:
+        return _Call(plan, None, {"in": v}, ("in",), ())
+    return _Call(plan, None, {"out": v}, (), ("out",))
+
+
 def program_key(call) -> tuple:
     """What makes two calls one program: everything but the buffers' addresses (and the tag)."""
     inp, out = call.inp, call.out
-    return (call.op, call.dtype, call.root, call.redop, call.in_splits, call.out_splits, call.even,
+    return (call.op, call.dtype, call.root, getattr(call, "peer", None), call.redop, call.in_splits,
+            call.out_splits, call.even,
             inp.array.size if inp is not None else -1, out.array.size if out is not None else -1,
             inp is not None and out is not None and inp.array.ptr == out.array.ptr)
 
