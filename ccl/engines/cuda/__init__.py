@@ -76,7 +76,7 @@ the next call.
 
 Environment (defaults):
   PYCCL_CUDA_ONESHOT_MAX   8388608 on 2 ranks, 4194304 on more: largest all-reduce (bytes) done one-shot
-  PYCCL_CUDA_ONESHOT_CAP   8388608  one-shot scratch per rank and slot (bytes; the limit of ONESHOT_MAX)
+  PYCCL_CUDA_ONESHOT_CAP   ONESHOT_MAX  one-shot scratch per rank and slot (bytes; at least ONESHOT_MAX)
   PYCCL_CUDA_TWOSHOT       auto     two-shot all-reduce and reduce-scatter: 'kernel' (SM stores into the
                                     peers' scratch), 'ce' (copy engines), 'pull' (every rank reads its segment
                                     from the peers' buffers with SM loads, no scratch) or 'auto' (2 ranks:
@@ -93,7 +93,8 @@ Environment (defaults):
                                     'staged'). SM copies need 16-byte aligned
                                     pieces; others take the copy engines.
   PYCCL_CUDA_COPY_WIDE     ce       what 'auto' picks on more than 2 ranks (see TWOSHOT_WIDE)
-  PYCCL_CUDA_STAGE_MAX     16777216 'auto': copy collectives whose pieces (bytes) fit take 'staged' (through the
+  PYCCL_CUDA_STAGE_MAX     16777216 'auto': copy collectives whose pieces (bytes) fit it and PYCCL_CUDA_SCRATCH take
+                                    'staged' (through the
                                     peers' scratch, one kernel, no host exchange; costs one local copy more),
                                     and so does a 2-rank reduce-scatter (the 'kernel' two-shot). PYCCL_CUDA_COPY=
                                     staged forces it up to PYCCL_CUDA_SCRATCH.
