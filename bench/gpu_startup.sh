@@ -60,6 +60,8 @@ if [ "$MODE" = final ]; then          # BUDGET=120: the tests first, then what f
     $RUN bench/gpu_startup.py torchfirst
   step "device memory probe (2 ranks, float32; cudaMemGetInfo over the baseline, both ranks)" 25 \
     $RUN bench/gpu_startup.py memory
+  step "NVRTC compile times (one kernel, one unit, every unit on 8 threads)" 25 \
+    python3 bench/gpu_startup.py nvrtc --one-module 0
   echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] done, $FAILED step(s) failed"
   exit $FAILED
 fi
