@@ -53,7 +53,7 @@ print('libnvrtc', nvrtc.lib()._name, 'version', nvrtc.version())" 2>&1 | tail -1
 
 if [ "$MODE" = final ]; then          # BUDGET=120: the tests first, then what fits of the measurements
   fresh_cache
-  TAIL=60 step "tests/test_cuda_memory.py (memory, suspend/resume, graph replay, first calls cold and warm)" 88 \
+  TAIL=120 step "tests/test_cuda_memory.py (memory, suspend/resume, graph replay, first calls cold and warm)" 88 \
     python3 -m pytest -q -s -p no:cacheprovider --timeout=85 tests/test_cuda_memory.py ${PYTEST_ARGS:-}
   fresh_cache
   step "torch backend: init_process_group + first bfloat16 all_reduce, empty cache" 15 \
