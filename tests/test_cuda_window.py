@@ -46,6 +46,89 @@ def values(src, dst, n, dtype, device="cuda"):
     return x.to(TORCH[dtype]).to(device)
 
 
+# ---- first (a cut run still shows them): a killed peer, a wait that times out, torch -----------------
+def _comm(rank, size, port):
+    from pyccl.store import StoreServer, TCPStore
+    secret = b"w" * 32
+    server = StoreServer("127.0.0.1", port, secret) if rank == 0 else None
+    store = TCPStore("127.0.0.1", port, secret, timeout=60)
+    return pyccl.Communicator(rank, size, store=store, secret=secret), server
+
+
+def scenario_peer_killed(rank, size, port):
+    comm, server = _comm(rank, size, port)
+    _dev(comm)
+    win = comm.window(torch.zeros(16, device="cuda"), signals=4)
+    win.put(torch.ones(16, device="cuda"), 1 - rank, signal=3)    # warm: a full round works
+    win.wait_signal(3, 1)
+    win.synchronize()
+    comm.barrier()
+    if rank == 1:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = time.monotonic()
+    win.wait_signal(3, 1, timeout=40)                  # rank 1 never signals: it dies
+    queued = time.monotonic() - t
+    try:
+        win.synchronize(timeout=60)
+        return ("finished", time.monotonic() - t)
+    except PycclError as e:
+        took = time.monotonic() - t
+        try:
+            win.put(torch.ones(1, device="cuda"), 1)
+            later = "no error"
+        except PycclError as e2:
+            later = type(e2).__name__
+        after = (torch.ones(4, device="cuda") * 2).sum().item()    # the CUDA context still works
+        return (type(e).__name__, took, str(e), queued, later, after)
+
+
+def test_peer_killed_while_the_stream_waits():
+    out = run_spawned(__name__, "scenario_peer_killed", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
+                      150)
+    assert 0 in out, out
+    kind, val = out[0]
+    assert kind == "ok", val
+    assert val[0] == "PeerFailure", val
+    assert val[1] < 10, val                            # well within the 40 s wait
+    assert "rank 1" in val[2] and "signal slot 3" in val[2], val
+    assert val[3] < 1, val                             # wait_signal itself only queued
+    assert val[4] in ("PeerFailure",), val
+    assert val[5] == 8.0, val
+
+
+def scenario_torch_backend(rank, size, port):
+    """pyccl.torch_backend.window on a "pyccl" process group, torch's current stream."""
+    import torch.distributed as dist
+    import pyccl.torch_backend as tb
+    dev = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            device_id=dev)
+    t = torch.zeros(size * 2, dtype=torch.int32, device=dev)
+    with tb.window(t) as win:
+        for p in range(size):
+            win.put(torch.full((2,), rank + 7, dtype=torch.int32, device=dev), p, offset=2 * rank, signal=1)
+        win.wait_signal(1, size)
+        ok = t.tolist() == [q + 7 for q in range(size) for _ in range(2)]
+        dist.barrier()
+    dist.destroy_process_group()
+    return ok
+
+
+def test_torch_backend_window_on_cuda():
+    out = run_spawned(__name__, "scenario_torch_backend", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
+                      150)
+    assert [out.get(r) for r in range(2)] == [("ok", True)] * 2, out
+
+
+def test_wait_times_out(groups):
+    g = groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
+    took, msg = g.run(rank_wait_times_out)[0]
+    assert took < 10, (took, msg)
+    assert "signal slot 1" in msg, msg
+
+
 # ---- rank-side checks: each returns a list of failure strings -------------------------------------
 def rank_every_dtype(comm):
     """Rank r's window holds 4 * size + 1 + r elements: block q is written by rank q, the last
@@ -274,84 +357,3 @@ def test_bad_input_raises_before_anything_is_queued(group):
         assert not bad, bad
 
 
-def test_wait_times_out(groups):
-    g = groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
-    took, msg = g.run(rank_wait_times_out)[0]
-    assert took < 10, (took, msg)
-    assert "signal slot 1" in msg, msg
-
-
-# ---- a peer killed while this rank's stream waits for its signal ---------------------------------
-def _comm(rank, size, port):
-    from pyccl.store import StoreServer, TCPStore
-    secret = b"w" * 32
-    server = StoreServer("127.0.0.1", port, secret) if rank == 0 else None
-    store = TCPStore("127.0.0.1", port, secret, timeout=60)
-    return pyccl.Communicator(rank, size, store=store, secret=secret), server
-
-
-def scenario_peer_killed(rank, size, port):
-    comm, server = _comm(rank, size, port)
-    _dev(comm)
-    win = comm.window(torch.zeros(16, device="cuda"), signals=4)
-    win.put(torch.ones(16, device="cuda"), 1 - rank, signal=3)    # warm: a full round works
-    win.wait_signal(3, 1)
-    win.synchronize()
-    comm.barrier()
-    if rank == 1:
-        time.sleep(0.3)
-        os.kill(os.getpid(), signal.SIGKILL)
-    t = time.monotonic()
-    win.wait_signal(3, 1, timeout=40)                  # rank 1 never signals: it dies
-    queued = time.monotonic() - t
-    try:
-        win.synchronize(timeout=60)
-        return ("finished", time.monotonic() - t)
-    except PycclError as e:
-        took = time.monotonic() - t
-        try:
-            win.put(torch.ones(1, device="cuda"), 1)
-            later = "no error"
-        except PycclError as e2:
-            later = type(e2).__name__
-        after = (torch.ones(4, device="cuda") * 2).sum().item()    # the CUDA context still works
-        return (type(e).__name__, took, str(e), queued, later, after)
-
-
-def test_peer_killed_while_the_stream_waits():
-    out = run_spawned(__name__, "scenario_peer_killed", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
-                      150)
-    assert 0 in out, out
-    kind, val = out[0]
-    assert kind == "ok", val
-    assert val[0] == "PeerFailure", val
-    assert val[1] < 10, val                            # well within the 40 s wait
-    assert "rank 1" in val[2] and "signal slot 3" in val[2], val
-    assert val[3] < 1, val                             # wait_signal itself only queued
-    assert val[4] in ("PeerFailure",), val
-    assert val[5] == 8.0, val
-
-
-def scenario_torch_backend(rank, size, port):
-    """pyccl.torch_backend.window on a "pyccl" process group, torch's current stream."""
-    import torch.distributed as dist
-    import pyccl.torch_backend as tb
-    dev = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(dev)
-    dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            device_id=dev)
-    t = torch.zeros(size * 2, dtype=torch.int32, device=dev)
-    with tb.window(t) as win:
-        for p in range(size):
-            win.put(torch.full((2,), rank + 7, dtype=torch.int32, device=dev), p, offset=2 * rank, signal=1)
-        win.wait_signal(1, size)
-        ok = t.tolist() == [q + 7 for q in range(size) for _ in range(2)]
-        dist.barrier()
-    dist.destroy_process_group()
-    return ok
-
-
-def test_torch_backend_window_on_cuda():
-    out = run_spawned(__name__, "scenario_torch_backend", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
-                      150)
-    assert [out.get(r) for r in range(2)] == [("ok", True)] * 2, out

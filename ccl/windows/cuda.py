@@ -41,15 +41,22 @@ _DEFAULT = 4                           # cudaMemcpyDefault: unified addressing t
 
 
 def engine_state(comm, device: int, name: str):
-    """The CUDA engine's state of this one-host communicator on `device` (made here, by a
-    1-element all_reduce on every rank, when no CUDA collective ran yet)."""
+    """The CUDA engine's state of this one-host communicator on `device`. When no CUDA
+    collective ran yet it is made here, on every rank at once (window creation is collective),
+    as the engine's first call would make it (no kernel is built for that); where the engine
+    is not there to make it, by a 1-element all_reduce."""
     from ..engines.cuda.state import CudaState
     st = comm.cuda
     if st is None:
-        from ..transports.cuda_ipc import _cupy
-        cupy = _cupy()
-        with cupy.cuda.Device(device):
-            comm.all_reduce(cupy.zeros(1, cupy.float32))
+        eng = comm.engines.by_name.get("cuda")
+        if eng is not None and getattr(eng, "state", False) is None and getattr(eng.res, "hosts", 0) == 1:
+            from ..engines.cuda.engine import CudaCollectives
+            eng.state = CudaCollectives(eng.res, device)
+        else:
+            from ..transports.cuda_ipc import _cupy
+            cupy = _cupy()
+            with cupy.cuda.Device(device):
+                comm.all_reduce(cupy.zeros(1, cupy.float32))
         st = comm.cuda
     if not isinstance(st, CudaState):
         raise InvalidArgument(f"{name}: the communicator's GPU engine is {type(st).__name__}, not the CUDA IPC "
