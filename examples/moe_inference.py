@@ -213,7 +213,8 @@ def moe(W, l, a, ex, hs, log):
         top_e, top_w = gate(W, l, a, h)
         flat = top_e.reshape(-1)                              # copy j of token t is row t*k + j
         order = torch.argsort(flat, stable=True)              # rows sorted by expert, hence by owner
-        counts = torch.bincount(flat, minlength=a.experts)
+        # not torch.bincount: on CUDA it reads the largest index back to the host (a sync)
+        counts = torch.zeros(a.experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         plans.append((top_w, order, counts, h[order // k]))
     recv_counts = ex.counts([p[2] for p in plans])                         # [source, local expert]
     in_splits = [p[2].view(n_ranks, per_rank).sum(1) for p in plans]           # rows per destination
