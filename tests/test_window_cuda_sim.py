@@ -141,6 +141,8 @@ def test_calls_are_queued_copies_and_kernels(sim):
         wait = cupy.launches[5]
         assert wait[2] == 5 and wait[4] == 3 * 10 ** 9 and wait[5] == 1, wait    # value, timeout ns, slot
         assert all(e[-1] == 7 for e in cupy.launches if e[0] == "copy")           # the caller's stream
+        windows, cells = win.device_addresses()
+        assert windows == (buf.host.ctypes.data,) and cells == (win.cells,)
     assert buf.host.tolist() == [0, 0, 0, 0, 1, 2] and got.host.tolist() == [0, 1, 2]
     assert win.status is None and win.cells == 0          # freed at close
 
