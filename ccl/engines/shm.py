@@ -515,11 +515,17 @@ class ShmEngine(ShmCollectives, ShmPricing):
                 n = call.count
                 if not n or c is None:
                     return self._check(self.res.queue.what("all_reduce", seq))
-                new = (call, _from_buffer(call.out.array), n, CODE_BY_NAME[call.dtype], _OP_BY_ID[id(call.redop)],
-                       call.redop is AVG)
-                if call.nbytes <= SMALL_BOUND:
-                    self._bound, self._before = new, b   # they hold the Calls (and arrays): small ones only
-                b = new
+                a = call.out.array
+                p = _from_buffer(a)
+                op = _OP_BY_ID[id(call.redop)]
+                rc = lib.pyccl_coll_all_reduce(c, p, p, n, CODE_BY_NAME[call.dtype], op, -1, self.timeout)
+                if rc:
+                    self._fail(rc, self.res.queue.what("all_reduce", seq), "all_reduce")
+                if call.redop is AVG:
+                    divide_into(a, self.size)
+                if call.nbytes <= SMALL_BOUND:     # they hold the Calls (and arrays): small ones only
+                    self._bound, self._before = (call, p, n, CODE_BY_NAME[call.dtype], op, call.redop is AVG), b
+                return
         p = b[1]
         rc = lib.pyccl_coll_all_reduce(c, p, p, b[2], b[3], b[4], -1, self.timeout)
         if rc:
