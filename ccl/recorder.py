@@ -31,13 +31,6 @@ class FlightRecorder:
         self.entries.append(entry)
         return entry
 
-    def record_running(self, seq: int, op: str, sig) -> list:
-        """record() and start() at once, for a call that runs as it is made."""
-        now = time.time()
-        entry = [seq, op, sig, "running", now, now, None, "", None]
-        self.entries.append(entry)
-        return entry
-
     def ran(self, seq: int, op: str, sig, started: float) -> list:
         """A call that ran as it was made (the queue's run_now), recorded once it ended, as
         done: one entry made whole instead of made and then finished (~0.1 us of an 8-byte
