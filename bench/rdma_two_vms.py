@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """RDMA across two VMs: perftest beside pyccl over ibverbs and over TCP, on one virtual link.
 
-    tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick] [--env PYCCL_IB_QPS=1]
+    tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick] [--env PYCCL_IB_QPS=1] [--window]
 
 Runs in VM a of tests/rdma/two-vm.sh (VM b serves through its agent); writes
 $RXE_VM_OUT/rdma-two-vms.json and prints the table of bench/RESULTS.md ("RDMA across two VMs").
@@ -42,7 +42,10 @@ def _perftest(tool, args, rounds, parse):
             jid = twovm.post([tool] + args, timeout=120)
             time.sleep(4 + 4 * attempt)                # the server's start under emulation
             cmd = [tool] + args + [twovm.B_IP]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+            except subprocess.TimeoutExpired as e:      # a loaded host: one failed attempt, not the run
+                r = subprocess.CompletedProcess(cmd, 124, f"timed out after {e.timeout:.0f}s", "")
             twovm.wait(jid, 60)
             v = parse(r.stdout) if r.returncode == 0 else None
             if v is not None:
@@ -129,16 +132,25 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the pyccl ranks in both VMs (e.g. PYCCL_IB_QPS=1)")
+    ap.add_argument("--window", action="store_true",
+                    help="one-sided windows (issue 30): put bandwidth and 8 B put+signal latency beside "
+                         "send/recv over ibverbs and perftest at 1 and 4 MiB (no TCP, no all_reduce)")
+    ap.add_argument("--bw-bytes", type=int, default=None,
+                    help="ib_write_bw: at most this many bytes per run (fewer iterations at large sizes; "
+                         "default: all iterations, 32 MiB with --window, where a loaded host timed out at 4 MiB)")
     a = ap.parse_args()
+    if a.bw_bytes is None:
+        a.bw_bytes = 32 << 20 if a.window else 0
     from pyccl.transports import ibverbs as ib
     _, gidx, _ = ib.choose_port(twovm.A_IP)
     extra = dict(kv.split("=", 1) for kv in a.env)
     res = {"gid_index": gidx, "rounds": a.rounds, "env": extra}
-    sizes = [1 << 16, 1 << 20, 4 << 20]
+    sizes = [1 << 20, 4 << 20] if a.window else [1 << 16, 1 << 20, 4 << 20]
     iters = 100 if a.quick else 200
     res["ib_write_bw"] = {}
     for s in sizes:
-        st, cmd = _perftest("ib_write_bw", ["-d", "rxe1", "-x", str(gidx), "-s", str(s), "-n", str(iters), "-F"],
+        n = iters if not a.bw_bytes else max(5, min(iters, a.bw_bytes // s))
+        st, cmd = _perftest("ib_write_bw", ["-d", "rxe1", "-x", str(gidx), "-s", str(s), "-n", str(n), "-F"],
                             a.rounds, _bw(s))
         res["ib_write_bw"][s] = st
         res["ib_write_bw_cmd"] = cmd
@@ -147,6 +159,8 @@ def main():
                         a.rounds, _lat)
     res["ib_write_lat_us"], res["ib_write_lat_cmd"] = st, cmd
     print(f"ib_write_lat 8 B: {st} us", flush=True)
+    if a.window:
+        return windows(a, res, extra)
     res["tcp_raw_MBps"] = _tcp_raw(1 << 20, (16 if a.quick else 64) << 20, a.rounds)
     print(f"raw TCP: {res['tcp_raw_MBps']} MB/s", flush=True)
     for t in ("ibverbs", "tcp"):
@@ -164,6 +178,32 @@ def main():
         json.dump(res, f, indent=1)
     print(table(res))
     print(f"(written to {out})")
+
+
+def windows(a, res, extra):
+    """--window: the pyccl job over ibverbs with windows beside send/recv, then its table."""
+    job = twovm.across([RANK, str(a.rounds), "1" if a.quick else "0", "window"], 1,
+                       dict(extra, PYCCL_TRANSPORT="ibverbs", PYCCL_TIMEOUT="200"), timeout=600)
+    if job.failed():
+        raise SystemExit(job.failed())
+    res["window"] = w = job.results[1]
+    print(f"pyccl windows over ibverbs: {json.dumps(w)}", flush=True)
+    out = os.path.join(os.environ.get("RXE_VM_OUT", "results"), "rdma-two-vms-window.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    lines = ["| measure | size | ib_write_bw / ib_write_lat | pyccl put (window) | pyccl send/recv | put / perftest |",
+             "|---|---|---|---|---|---|"]
+    for s, st in res["ib_write_bw"].items():
+        p, q = w["put_MBps"].get(str(s)), w["p2p_MBps"].get(str(s))
+        ratio = f"{p['median'] / st['median'] * 100:.0f} %" if p and st else "n/a"
+        lines.append(f"| bandwidth MB/s | {int(s) >> 10} KiB | {_fmt(st)} | {_fmt(p)} | {_fmt(q)} | {ratio} |")
+    lat, p = res.get("ib_write_lat_us"), w.get("put_lat_us")
+    ratio = f"{p['median'] / lat['median']:.2f}x" if p and lat else "n/a"
+    lines.append(f"| one-way latency µs (put+signal; send/recv) | 8 B | {_fmt(lat)} | {_fmt(p)} | "
+                 f"{_fmt(w.get('lat_us'))} | {ratio} |")
+    print("\n".join(lines))
+    print(f"(window link {w.get('window_link')}; written to {out})")
 
 
 def _fmt(st, unit="", digits=1):

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK`.
+"""One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK [window]`.
+
+With `window` (bench/rdma_two_vms.py --window, issue 30) it measures one-sided windows beside
+send/recv instead (see `windows`).
 
 Every rank prints `RESULT {...}`; rank 1's has lat_us (half an 8-byte ping-pong's round trip),
 p2p_MBps per size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's
@@ -21,8 +24,83 @@ def stats(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
 
 
-def main(rounds, quick):
+def windows(comm, rounds, quick):
+    """Issue 30 beside send/recv: 8-byte put+signal ping-pong (half the round trip) and put
+    bandwidth (rank 0 puts REPS buffers back to back into rank 1's window, then one signal;
+    rank 1 times from the barrier to the end of its wait), per size; send/recv the same way."""
+    r, peer = comm.rank, 1 - comm.rank
+    sizes = [1 << 20, 4 << 20]
+    pp = 50 if quick else 200
+    out = {"put_lat_us": [], "lat_us": [], "put_MBps": {}, "p2p_MBps": {}}
+    small = np.zeros(1, np.float64)
+    win8 = comm.window(np.zeros(1, np.float64), signals=1)
+    wins = {s: comm.window(np.zeros(s, np.uint8), signals=1) for s in sizes}
+    bufs = {s: np.ones(s, np.uint8) for s in sizes}
+    for _ in range(rounds):
+        for warm in (True, False):
+            n = 10 if warm else pp
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                if r == 0:
+                    win8.put(small, peer, signal=0)
+                    win8.wait_signal(0, 1)
+                else:
+                    win8.wait_signal(0, 1)
+                    win8.put(small, peer, signal=0)
+            if not warm:
+                out["put_lat_us"].append((time.perf_counter() - t0) / n / 2 * 1e6)
+            comm.barrier()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                if r == 0:
+                    comm.send(small, peer)
+                    comm.recv(small, peer)
+                else:
+                    comm.recv(small, peer)
+                    comm.send(small, peer)
+            if not warm:
+                out["lat_us"].append((time.perf_counter() - t0) / n / 2 * 1e6)
+        for s in sizes:
+            x, win = bufs[s], wins[s]
+            reps = max(4, min(32, (32 << 20) // s // (4 if quick else 1)))
+            for warm in (True, False):
+                k = 2 if warm else reps
+                comm.barrier()
+                t0 = time.perf_counter()
+                if r == 0:
+                    for _ in range(k):
+                        win.put(x, peer)
+                    win.signal(peer, 0)
+                else:
+                    win.wait_signal(0, 1)
+                if not warm:
+                    out["put_MBps"].setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
+                comm.barrier()
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    comm.send(x, peer) if r == 0 else comm.recv(x, peer)
+                if not warm:
+                    out["p2p_MBps"].setdefault(s, []).append(s * k / (time.perf_counter() - t0) / 1e6)
+    links = {win8.transport(peer)}
+    for w in [win8, *wins.values()]:
+        w.close()
+    return {"transport": comm.transport_name, "window_link": sorted(links),
+            "put_lat_us": stats(out["put_lat_us"]), "lat_us": stats(out["lat_us"]),
+            "put_MBps": {str(s): stats(v) for s, v in out["put_MBps"].items()},
+            "p2p_MBps": {str(s): stats(v) for s, v in out["p2p_MBps"].items()}}
+
+
+def main(rounds, quick, what="p2p"):
     comm = pyccl.init()
+    if what == "window":
+        res = {"rank": comm.rank}
+        got = windows(comm, rounds, quick)
+        if comm.rank == 1:
+            res.update(got)
+        os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
+        comm.close()
+        return
     r, peer = comm.rank, 1 - comm.rank
     lat, bw, bw_async, ar = [], {}, {}, {}
     sizes = [1 << 16, 1 << 20, 4 << 20]
@@ -79,4 +157,4 @@ def main(rounds, quick):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2] == "1")
+    main(int(sys.argv[1]), sys.argv[2] == "1", *sys.argv[3:4])
