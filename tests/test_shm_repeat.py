@@ -90,8 +90,9 @@ def test_repeated_calls_stay_right(groups, size, op):
 
 
 def rank_alternates(comm, count):
-    """The benchmark's loop: the same array, then a new one (the timing's max) every time, and
-    a third array now and then: every memo (validator, choice, shm pointer) swaps its two."""
+    """The benchmark's loop: the same array, then a new one (the timing's max) and a barrier
+    every time, and a third array now and then: every memo (validator, choice, shm pointer)
+    swaps its two, and the barrier pushes nothing out."""
     x, z = np.empty(count, np.float32), np.empty(3, np.int32)
     bad = []
     for i in range(12):
@@ -99,6 +100,7 @@ def rank_alternates(comm, count):
         comm.all_reduce(x)
         t = np.array([float(comm.rank * 10 + i)])
         comm.all_reduce(t, op="max")
+        comm.barrier()                         # bench/collectives.py's loop: barrier, call, max
         if i % 3 == 0:
             z[:] = i
             comm.all_reduce(z)
@@ -106,6 +108,9 @@ def rank_alternates(comm, count):
         want = sum(r + i for r in range(comm.size))
         bad += [] if (x == want).all() else [("x", i)]
         bad += [] if t[0] == (comm.size - 1) * 10 + i else [("t", i)]
+    comm.all_reduce(x)
+    comm.all_reduce(t, op="max")
+    comm.barrier()
     held = comm.validate.all_reduce(x, SUM, False)       # x's Call is still the remembered one
     return bad, held in (comm.engines._last[0], comm.engines._before[0])
 

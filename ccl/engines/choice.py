@@ -10,8 +10,9 @@ across hosts). As in UCC's score map, the answer depends only on (op, memory kin
 dtype, reduction, root, splits) and on data every rank shares (topology, costs, settings),
 so every rank chooses alike, which they must; it is cached per (op, memory kind, size,
 reproducible, even splits, splits on the device): what the engines' takes() and price() read,
-and the last two small calls' answers by the Call itself (the validator hands a repeated small
-all_reduce the same Call again: ccl/validate.py).
+and the last two small all_reduce calls' answers by the Call itself (the validator hands a
+repeated small all_reduce the same Call again: ccl/validate.py; other calls would only push them
+out, as a barrier between the calls of a timing loop did).
 
 PYCCL_ENGINE=<name> forces an engine wherever it can run the call (elsewhere the priced
 choice stands, with a warning once); PYCCL_ALGO forces the plan's algorithm inside the flat
@@ -54,7 +55,7 @@ class Engines:
         engine = self._chosen.get(key)
         if engine is None:
             engine = self._chosen[key] = self.decide(call)
-        if key[2] <= SMALL:
+        if key[2] <= SMALL and key[0] == "all_reduce":    # the calls the validator hands out again
             self._last, self._before = (call, engine), last
         return engine
 
