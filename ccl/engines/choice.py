@@ -26,7 +26,7 @@ from .. import settings
 from ..errors import InvalidArgument
 
 log = logging.getLogger("pyccl")
-SMALL = 64 << 10                            # the last Call of at most this size is remembered
+SMALL = 64 << 10                            # all_reduce Calls of at most this size are remembered (two)
 
 
 class Engines:
