@@ -2,8 +2,11 @@
 `cupy` whose "device memory" is host memory, whose copies are memmove and whose kernel launches
 run Python twins of the two kernels at once (ccl/windows/cuda_kernels.py). It checks the
 Python paths (set-up, argument checks before anything is queued, the queued calls, the status
-words a failed wait leaves and the errors raised from them, close) on one rank; nothing here
-says anything about the GPU (tests/test_cuda_window.py does, on the GPU machine).
+words a failed wait leaves and the errors raised from them, close) on one rank, and on 2 and 3
+ranks as threads of this process that share the stand-in device (the peers' windows and cells
+mapped, puts from every peer, many puts then one signal, gets, a ping-pong whose waits spin
+until the other thread signals, a wait that times out); nothing here says anything about the
+GPU (tests/test_cuda_window.py does, on the GPU machine).
 """
 import contextlib
 import ctypes
@@ -203,3 +206,180 @@ def test_host_window_unchanged_and_synchronize(sim):
         win.synchronize()
         win.wait_signal(0, 1)
     assert buf.tolist() == [0.0, 1.0]
+
+
+# ---- several ranks: threads of this process, one stand-in device they all see -------------------
+class SharedRegistry:
+    """An "IPC registry" where a peer's allocation is the same address (one process)."""
+    bases = {}
+    ids = itertools.count(1)
+
+    def __init__(self):
+        self.opened = {}
+
+    def export(self, ptr):
+        bufid = next(self.ids)
+        self.bases[bufid] = ptr
+        return bufid, 0
+
+    def peer_ptr(self, peer, bufid, offset):
+        return self.bases[bufid] + offset
+
+
+class ThreadedCupy(FakeCupy):
+    """Kernels run in the caller's thread, so a wait spins until another rank's thread signals
+    (or the abort word / its timeout ends it), as the one-thread kernel does on the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.cell_lock = threading.Lock()
+
+    def _copy(self, dst, src, n, kind, stream):
+        ctypes.memmove(dst, src, n)
+
+    def _launch(self, fn, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        import time
+        name = self.fns[fn]
+        n = 2 if name == "win_signal" else 5
+        ptrs = (ctypes.c_void_p * n).from_address(params)
+        args = [ctypes.c_int64.from_address(ptrs[i]).value for i in range(n)]
+        cell = ctypes.c_int64.from_address(args[0])
+        if name == "win_signal":
+            with self.cell_lock:
+                cell.value += args[1]
+            return
+        value, status, deadline = args[1], (ctypes.c_int64 * 8).from_address(args[2]), time.monotonic() + args[3] / 1e9
+        while True:
+            with self.cell_lock:
+                if cell.value >= value:
+                    cell.value -= value
+                    return
+            if status[0] or time.monotonic() > deadline:
+                if status[1] == 0:
+                    status[2], status[3], status[4], status[1] = args[4], value, cell.value, 2 if status[0] else 1
+                return
+            time.sleep(1e-4)
+
+
+def _threads(size, fn, monkeypatch):
+    """fn(comm) on `size` communicators, one thread each; returns their results (raises theirs)."""
+    import threading
+    cupy = ThreadedCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setenv("PYCCL_TRANSPORT", "tcp")
+    from pyccl.transports import cuda_ipc
+    from pyccl.windows import cuda, cuda_kernels
+    monkeypatch.setattr(cuda_ipc, "_launch", None)
+    monkeypatch.setattr(cuda_kernels, "_MODULES", {})
+    states = {r: types.SimpleNamespace(cupy=cupy, rt=cupy.cuda.runtime, registry=SharedRegistry(), dev=0)
+              for r in range(size)}
+    monkeypatch.setattr(cuda, "engine_state", lambda comm, device, name: states[comm.rank])
+    from pyccl.store import StoreServer, TCPStore
+    secret = secrets.token_bytes(32)
+    server = StoreServer("127.0.0.1", 0, secret)
+    out, errors = {}, {}
+
+    def rank(r):
+        try:
+            with pyccl.Communicator(r, size, store=TCPStore(*server.address, secret, timeout=30), secret=secret,
+                                    timeout=30) as comm:
+                out[r] = fn(comm)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors[r] = e
+    try:
+        ts = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(size)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+    finally:
+        server.close()
+        monkeypatch.setattr(cuda_ipc, "_launch", None)
+    if errors:
+        raise next(iter(errors.values()))
+    return [out.get(r) for r in range(size)]
+
+
+def rank_puts_signals_gets(comm):
+    """Rank r's window: 4 * size + 1 + r int32; block q written by rank q (signal 0), the last
+    element by rank r - 1, a 0-byte put at the end (signal 1); 20 one-element puts into a second
+    window then one signal of value 2; gets of the peer's block, its last element, 0 bytes."""
+    me, size = comm.rank, comm.size
+    buf = FakeArray(np.zeros(4 * size + 1 + me, np.int32))
+    bad = []
+    with comm.window(buf) as win:
+        for p in range(size):
+            end = 4 * size + 1 + p
+            win.put(FakeArray(np.arange(4, dtype=np.int32) + 10 * me + p), p, offset=4 * me, signal=0)
+            if (me + 1) % size == p:
+                win.put(FakeArray(np.array([77 + me], np.int32)), p, offset=end - 1)
+            win.put(FakeArray(np.zeros(0, np.int32)), p, offset=end, signal=1)
+        win.wait_signal(0, size)
+        win.wait_signal(1, size)
+        win.synchronize()
+        want = np.concatenate([np.arange(4, dtype=np.int32) + 10 * q + me for q in range(size)] +
+                              [np.zeros(me, np.int32), np.array([77 + (me - 1) % size], np.int32)])
+        if buf.host.tolist() != want.tolist():
+            bad.append(f"window {buf.host.tolist()} != {want.tolist()}")
+        comm.barrier()
+        peer = (me + 1) % size
+        got, tail = FakeArray(np.zeros(4, np.int32)), FakeArray(np.zeros(1, np.int32))
+        win.get(got, peer, offset=4 * me)
+        win.get(tail, peer, offset=4 * size + peer)
+        win.get(FakeArray(np.zeros(0, np.int32)), peer, offset=4 * size + 1 + peer)
+        if got.host.tolist() != (np.arange(4) + 10 * me + peer).tolist() or tail.host[0] != 77 + me:
+            bad.append(f"get from rank {peer}: {got.host.tolist()} {tail.host.tolist()}")
+        comm.barrier()
+    many = FakeArray(np.full(size * 20, -1, np.int64))
+    with comm.window(many, signals=4) as win:
+        for i in range(20):
+            for p in range(size):
+                if p != me:
+                    win.put(FakeArray(np.array([me * 1000 + i], np.int64)), p, offset=me * 20 + i)
+        for p in range(size):
+            if p != me:
+                win.signal(p, 3, value=2)
+        win.wait_signal(3, 2 * (size - 1))
+        want = [q * 1000 + i if q != me else -1 for q in range(size) for i in range(20)]
+        if many.host.tolist() != want:
+            bad.append(f"many puts: {many.host.tolist()}")
+        comm.barrier()
+    return bad
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_several_ranks_put_signal_wait_get(monkeypatch, size):
+    for bad in _threads(size, rank_puts_signals_gets, monkeypatch):
+        assert bad == []
+
+
+def rank_ping_pong_and_timeout(comm):
+    """A ping-pong of put+signal / wait_signal between ranks 0 and 1 (each wait spins until the
+    other's signal), then rank 0 waits on a slot nobody signals: Timeout from synchronize."""
+    me, other = comm.rank, 1 - comm.rank
+    buf = FakeArray(np.zeros(1, np.float64))
+    with comm.window(buf, signals=2) as win:
+        for i in range(50):
+            if me == 0:
+                win.put(FakeArray(np.array([float(i)])), other, signal=0)
+                win.wait_signal(0, 1)
+            else:
+                win.wait_signal(0, 1)
+                win.put(FakeArray(np.array([float(i) + 0.5])), other, signal=0)
+        last = buf.host[0]
+        result = None
+        if me == 0:
+            win.wait_signal(1, 1, timeout=0.3)
+            try:
+                win.synchronize()
+            except Timeout as e:
+                result = str(e)
+        comm.barrier()
+    return last, result
+
+
+def test_ping_pong_and_a_wait_that_times_out(monkeypatch):
+    (last0, msg), (last1, _) = _threads(2, rank_ping_pong_and_timeout, monkeypatch)
+    assert last0 == 49.5 and last1 == 49.0
+    assert msg is not None and "signal slot 1 to reach 1" in msg, msg
