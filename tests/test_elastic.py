@@ -14,7 +14,11 @@ import pytest
 
 from pyccl.store import StoreServer
 
-pytestmark = pytest.mark.timeout(60)          # each test; the module runs in ~45 s
+pytestmark = pytest.mark.timeout(60)          # each test; the module runs in ~45 s on a quiet machine
+# Tests whose processes import torch get more: on the loaded 2-core CI machine 4-5 processes
+# importing torch at once took 15-18 s each (measured), and a replacement's import is part of
+# the survivors' grow, so its PYCCL_TIMEOUT is longer too.
+TORCH_WAIT, TORCH_COMM_TIMEOUT = 170, "60"
 
 HEAD = """
 import os, sys, time, numpy as np, pyccl
@@ -58,11 +62,12 @@ def _job(tmp_path, body, members, joiners=(), env=None, secret=None, wait=40):
         server.close()
 
 
-def _elastic_launch(tmp_path, body, n):
+def _elastic_launch(tmp_path, body, n, wait=55, comm_timeout="15"):
     prog = tmp_path / "prog.py"
     prog.write_text(HEAD + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", str(n), str(prog)],
-                          capture_output=True, text=True, timeout=55, env={**os.environ, "PYCCL_TIMEOUT": "15"})
+                          capture_output=True, text=True, timeout=wait,
+                          env={**os.environ, "PYCCL_TIMEOUT": comm_timeout})
 
 
 def _lines(out, prefix):
@@ -288,23 +293,25 @@ pg.shutdown()
 """
 
 
+@pytest.mark.timeout(TORCH_WAIT + 30)
 def test_torch_group_shrinks_and_grows(tmp_path):
     """A "pyccl" group over 3 ranks loses rank 1, shrinks, grows to the replacement; the
     default (gloo) group still stands on the survivors."""
     pytest.importorskip("torch")
-    r = _elastic_launch(tmp_path, TORCH, 3)
+    r = _elastic_launch(tmp_path, TORCH, 3, TORCH_WAIT, TORCH_COMM_TIMEOUT)
     lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("TORCH"))
     assert lines == ["TORCH 0 3 6.0 2.0 3", "TORCH 1 3 6.0 2.0 3", "TORCH 2 3 6.0 2.0 None"], r.stdout + r.stderr
 
 
+@pytest.mark.timeout(TORCH_WAIT + 30)
 def test_example_elastic_train_matches(tmp_path):
     """examples/elastic_train.py: rank 2 of 4 dies at step 5, the replacement joins, MATCH."""
     pytest.importorskip("torch")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "-n", "4",
                         os.path.join(root, "examples", "elastic_train.py"), "--kill-rank", "2", "--kill-step", "5",
-                        "--check", "--steps", "8"], capture_output=True, text=True, timeout=55,
-                       env={**os.environ, "PYCCL_TIMEOUT": "20"})
+                        "--check", "--steps", "8"], capture_output=True, text=True, timeout=TORCH_WAIT,
+                       env={**os.environ, "PYCCL_TIMEOUT": TORCH_COMM_TIMEOUT})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "joined as rank 3 of 4 at step 5" in r.stdout and r.stdout.strip().endswith("MATCH"), r.stdout + r.stderr
 
@@ -328,6 +335,7 @@ def test_members_asking_for_different_n(tmp_path):
         assert "different numbers of new ranks: {0: 1, 1: 2}" in out[f"m{r}"] and "OLD-OK 2.0" in out[f"m{r}"], out
 
 
+@pytest.mark.timeout(150)
 def test_kill_shrink_grow_rounds_leave_nothing_behind():
     """bench/elastic.py --leaks at 4 ranks, 3 rounds (the issue's check is 16 ranks, 10 rounds:
     the same script, see bench/JOURNAL.md): every round's all_reduce right, and the ranks that
@@ -335,6 +343,6 @@ def test_kill_shrink_grow_rounds_leave_nothing_behind():
     before; /dev/shm holds no pyccl name of the job afterwards. The script exits 1 otherwise."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(root, "bench", "elastic.py"), "--sizes", "4", "--rounds", "3",
-                        "--leaks", "--timeout", "20"], capture_output=True, text=True, timeout=55)
+                        "--leaks", "--timeout", "20"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "True" in r.stdout and "equal before and after on 2 of 2 ranks" in r.stdout, r.stdout
