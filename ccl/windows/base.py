@@ -4,8 +4,9 @@ A `Window` (ccl/windows/window.py) checks every call, then hands it to the `Link
 target peer: `LocalLink` (this rank itself), `CmaLink` (same host: the kernel copies straight
 into the peer's pages, ccl/windows/cma.py), `RdmaLink` (over ibverbs: RDMA WRITE into the
 peer's registered window, ccl/windows/rdma.py) or `TcpLink` (elsewhere: the peer's service
-thread applies it, ccl/windows/tcp.py). Links take byte offsets and flat uint8 views, already checked:
-a CUDA IPC link would be one more class with these methods.
+thread applies it, ccl/windows/tcp.py). Links take byte offsets and flat uint8 views, already checked.
+CUDA buffers have a window class of their own (ccl/windows/cuda.py): their calls are queued on a
+stream, not done by a link.
 """
 import threading
 
