@@ -28,7 +28,8 @@ def mode_nvrtc(args):
     import cupy
     from concurrent.futures import ThreadPoolExecutor
     from pyccl.engines.cuda import nvrtc
-    from pyccl.engines.cuda.kernels import cuda_source, _CTYPE
+    from pyccl.engines.cuda.kernel_cache import CTYPE as _CTYPE
+    from pyccl.engines.cuda.kernels import cuda_source
     dev = cupy.cuda.Device(0)
     dev.use()
     cc = dev.compute_capability
