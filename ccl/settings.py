@@ -226,9 +226,10 @@ _DECLARED = (
             "memory): largest executor chunk, the unit of copy/network overlap (at least 4096)", "cuda"),
     Setting("PYCCL_STAGING_AHEAD", "bytes", 16 * _MIB, "CUDA buffers across hosts: bytes of device-to-host "
             "copies queued ahead of the network (at least 1 MiB)", "cuda"),
-    Setting("PYCCL_PROXY", "bool", False, "`1`: CUDA collectives across hosts (one rank per host) run on the stream "
-            "through the proxy engine: calls return once queued, CUDA graphs capture them; off by default until "
-            "the torch.distributed scenario that hung with it on a GPU (bench/JOURNAL.md, 2026-12-07) passes", "cuda"),
+    Setting("PYCCL_PROXY", "bool", True, "CUDA collectives across hosts (one rank per host) run on the stream "
+            "through the proxy engine: calls return once queued, CUDA graphs capture them; `0`: the staged engine "
+            "(the host waits for each transfer; 8-18 % more busbw at 16-64 MiB on one shared GPU, "
+            "bench/RESULTS.md)", "cuda"),
     Setting("PYCCL_PROXY_ARENA", "bytes", 32 * _MIB, "CUDA buffers across hosts on the stream (the proxy "
             "engine): pinned host bytes of its arena at first (grown for a larger eager call, never while a "
             "stream captures)", "cuda"),

@@ -141,7 +141,8 @@ class StagedEngine(DeviceEngine):
         if st.rt.streamIsCapturing(caller):
             raise InvalidArgument(f"{call.op}: CUDA collectives across hosts cannot be captured in a CUDA graph "
                                   f"on the staged engine (the host moves the bytes, so a replay would not); "
-                                  f"set PYCCL_PROXY=1 (one rank per host: ccl/engines/proxy/)")
+                                  f"the proxy engine captures them with one rank per host (PYCCL_PROXY, on by "
+                                  f"default: ccl/engines/proxy/)")
         from . import cuda_composed
         if cuda_composed.wanted(self.res, name, view.nbytes, st):   # several ranks per host
             st.composition()

@@ -1,15 +1,16 @@
-"""Device memory across hosts on the stream: the proxy engine (PYCCL_PROXY=1 or PYCCL_ENGINE=proxy;
-off by default until a torch.distributed scenario that hung with it on a GPU is understood, see
-bench/JOURNAL.md 2026-12-07).
+"""Device memory across hosts on the stream: the proxy engine (on by default; PYCCL_PROXY=0 leaves
+these calls to the staged engine; bench/JOURNAL.md 2026-12-07 for the hang that kept it opt-in
+and its two causes).
 
-A collective on CUDA buffers whose ranks are on several hosts (one rank per host; with several
-ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py) is one kernel
-launch on the caller's stream and one job for a host thread, the proxy, as NCCL's network
+A collective (or send/recv) on CUDA buffers whose ranks are on several hosts (one rank per host;
+with several ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py)
+is launches on the caller's stream and one job for a host thread, the proxy, as NCCL's network
 transport is a kernel and a proxy thread:
 
-    stream   kernel: copy the input to a pinned arena piece by piece, raising a flag per piece;
-             copy each finalised range back as the proxy marks its pass done; end when the
-             proxy has finished the call (ccl/engines/proxy/proxy.cu)
+    stream   out launch: copy the input to a pinned arena piece by piece, raising a flag per
+             piece; then per group of passes a stream wait for the proxy's word and an in
+             launch that copies the finalised ranges back (ccl/engines/proxy/proxy.cu; with
+             PYCCL_PROXY_WAIT=kernel one launch does all, spinning on the words)
     proxy    the communicator's progress thread: wait for the doorbell the kernel rings, walk
              the plan of the CPU path (the flat engine's, over TCP or ibverbs) on the arena
              with the executor, pass by pass as the flags allow (ccl/engines/proxy/host.py)
@@ -24,10 +25,12 @@ watcher thread hands it to the proxy (ccl/engines/proxy/state.py), so every repl
 new contents. Nothing in a capture blocks the host; what cannot be captured raises
 InvalidArgument at capture time.
 
-No hang: the kernel's waits end at the communicator's timeout or when the host sets the abort
-word (after any failure of the proxy: a dead peer, a timeout); the proxy's waits end at the
-timeout or when the kernel reports an error. The communicator is then broken and every later
-call raises; results of the failed call are undefined, as in NCCL.
+No hang: the proxy's waits end at the communicator's timeout; after any failure (a dead peer,
+a timeout) it sets the abort word and releases every stream wait (a spinning kernel also gives
+up at the timeout by itself). The communicator is then broken and every later call raises;
+results of the failed call are undefined, as in NCCL. What this cannot cover: the proxy is a
+Python thread, so a host call that waits for the device while holding the GIL (a process's
+first torch.cuda.Stream()) stops a call in flight for good (state.py's module doc).
 
 Order: calls of one communicator must be ordered on the device (one stream, or streams that
 wait for each other), as NCCL requires; calls on host memory of the same communicator queue

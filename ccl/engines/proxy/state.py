@@ -69,9 +69,10 @@ class ProxyState:
         self._lock = threading.Lock()
         self._closed = False
         self._pinned = []               # every pinned block (words, tables, arenas), freed at close
+        self._held = {"pinned.proxy_words": 0, "pinned.proxy_tables": 0, "pinned.proxy_arena": 0}
         self._mrs = []                  # (MRCache, entry) of each arena per ibverbs device
         with cupy.cuda.Device(self.dev):
-            self.words_ptr, raw = self._alloc(WORDS * 8)
+            self.words_ptr, raw = self._alloc(WORDS * 8, "words")
             self.words = raw.view(np.uint64)
             self.words[:] = 0
             self.stream = rt.streamCreateWithFlags(1)           # non-blocking
@@ -95,9 +96,9 @@ class ProxyState:
         self.host = ProxyHost(self.words, res.executor, res.timeout, res.rank, res.tag, res.size)
         self.programs = {}              # key -> Program
         self.arena_cap = max(1 << 20, settings.get("PYCCL_PROXY_ARENA"))
-        self.arena_ptr, self.arena = self._alloc(self.arena_cap)
+        self.arena_ptr, self.arena = self._alloc(self.arena_cap, "arena")
         self._register(self.arena)
-        self.table_ptr, raw = self._alloc(_TABLE_ROWS * ITEM.itemsize)
+        self.table_ptr, raw = self._alloc(_TABLE_ROWS * ITEM.itemsize, "tables")
         self.table = raw.view(ITEM)
         self.table_used = 0
         self.ctas = max(1, min(64, settings.get("PYCCL_PROXY_CTAS")))
@@ -115,10 +116,24 @@ class ProxyState:
                      "(the GPUDirect data path is not built: no NIC here offers it)", res.tag, res.rank,
                      f"possible by {way}" if way else "not possible", why)
 
-    def _alloc(self, nbytes):
+    def _alloc(self, nbytes, purpose):
         ptr, view = _pinned(self.rt, nbytes)
         self._pinned.append(ptr)
+        self._held[f"pinned.proxy_{purpose}"] += nbytes
         return ptr, view
+
+    # -- comm.memory() / suspend() / resume() (ccl/suspension.py) --
+    def memory(self) -> dict:
+        """Bytes held by purpose: two counter words on the device; the rest is pinned host
+        memory (words, copy tables, arenas: kept until close, as captured graphs name them)."""
+        return {"device.proxy_counter": 16 if self.ctrl is not None else 0, **self._held}
+
+    def suspend(self):
+        """Nothing to give back: the device holds 16 bytes, and the pinned arenas, tables and
+        words stay (captured graphs point at them; they are host memory)."""
+
+    def resume(self):
+        """Nothing was released (see suspend)."""
 
     def _register(self, arena):
         """Register an arena once with each ibverbs device the connections use."""
@@ -143,10 +158,10 @@ class ProxyState:
             with self.cupy.cuda.Device(self.dev):
                 if prog.arena_bytes > self.arena_cap:
                     self.arena_cap = max(prog.arena_bytes, 2 * self.arena_cap)
-                    self.arena_ptr, self.arena = self._alloc(self.arena_cap)
+                    self.arena_ptr, self.arena = self._alloc(self.arena_cap, "arena")
                     self._register(self.arena)
                 if self.table_used + rows > len(self.table):
-                    self.table_ptr, raw = self._alloc(max(_TABLE_ROWS, rows) * ITEM.itemsize)
+                    self.table_ptr, raw = self._alloc(max(_TABLE_ROWS, rows) * ITEM.itemsize, "tables")
                     self.table, self.table_used = raw.view(ITEM), 0
         prog.bind(self.arena[:prog.arena_bytes])
         at = self.table_used
@@ -386,6 +401,7 @@ class ProxyState:
             for ptr in self._pinned:
                 rt.freeHost(ptr)
             self._pinned = []
+            self._held = dict.fromkeys(self._held, 0)
             for ev in [self.fork] + self.ends:
                 rt.eventDestroy(ev)
             rt.streamDestroy(self.stream)
