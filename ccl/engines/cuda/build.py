@@ -155,6 +155,10 @@ class KernelBuilder:
                         continue
                     if self.cache is None or self.cache.claim(u):
                         self._queue.remove(u)
+                        if self.cache is not None and self._available(u):   # finished just before the claim
+                            self.cache.release(u)
+                            self._cv.notify_all()
+                            continue
                         self._building[u] = time.monotonic()
                         return u
                 if not self._queue:

@@ -188,8 +188,9 @@ class DiskCache:
             try:
                 import time
                 with open(path) as f:
-                    pid = int(f.read().strip() or 0)
-                if time.time() - os.stat(path).st_mtime < stale_s and _alive(pid):
+                    text = f.read().strip()
+                young = time.time() - os.stat(path).st_mtime < stale_s
+                if young and (not text or _alive(int(text))):   # empty: its maker is writing its pid now
                     return False
                 with open(path, "w") as f:          # taken over: its builder died or hung
                     f.write(str(os.getpid()))
