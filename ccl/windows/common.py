@@ -34,6 +34,17 @@ class WindowBase:
             raise InvalidArgument(f"{self.name} {op}: signal slot {slot!r} is not one of 0..{self.signals - 1}")
         return int(slot)
 
+    def _in_window(self, op, what, b, peer, offset) -> int:
+        """Byte offset of Buffer `b` placed at element `offset` of `peer`'s window: its dtype
+        must be the window's and the elements must lie inside it (host and CUDA windows)."""
+        if b.dtype != self.dtypes[peer]:
+            raise InvalidArgument(f"{self.name} {op}: {what} has dtype {b.dtype}, rank {peer}'s window "
+                                  f"holds {self.dtypes[peer]}")
+        if not isinstance(offset, (int, np.integer)) or offset < 0 or offset + b.count > self.counts[peer]:
+            raise InvalidArgument(f"{self.name} {op}: elements [{offset}, {offset} + {b.count}) lie outside "
+                                  f"rank {peer}'s window of {self.counts[peer]} {self.dtypes[peer]} elements")
+        return int(offset) * b.itemsize
+
     @staticmethod
     def _count(op, name, value, name_of):
         if not isinstance(value, (int, np.integer)) or value < 0:

@@ -153,13 +153,7 @@ class CudaWindow(WindowBase):
                                   f"(pass a CUDA tensor or cupy array of that device)")
         if b.array.device != self.device:
             raise InvalidArgument(f"{self.name} {op}: {what} is on {b.device}; the window is on cuda:{self.device}")
-        if b.dtype != self.dtypes[peer]:
-            raise InvalidArgument(f"{self.name} {op}: {what} has dtype {b.dtype}, rank {peer}'s window "
-                                  f"holds {self.dtypes[peer]}")
-        if not isinstance(offset, (int, np.integer)) or offset < 0 or offset + b.count > self.counts[peer]:
-            raise InvalidArgument(f"{self.name} {op}: elements [{offset}, {offset} + {b.count}) lie outside "
-                                  f"rank {peer}'s window of {self.counts[peer]} {self.dtypes[peer]} elements")
-        return b.array, int(offset) * b.itemsize
+        return b.array, self._in_window(op, what, b, peer, offset)
 
     def _stream(self, view=None) -> int:
         s = (view or self.view).caller_stream()

@@ -144,13 +144,8 @@ class Window(WindowBase):
         b = as_buffer(buf, f"{self.name} {op}: {what}", writable)
         if b.device != "cpu":
             raise InvalidArgument(f"{self.name} {op}: {what} is on {b.device}; the window is in host memory")
-        if b.dtype != self.dtypes[peer]:
-            raise InvalidArgument(f"{self.name} {op}: {what} has dtype {b.dtype}, rank {peer}'s window "
-                                  f"holds {self.dtypes[peer]}")
-        if not isinstance(offset, (int, np.integer)) or offset < 0 or offset + b.count > self.counts[peer]:
-            raise InvalidArgument(f"{self.name} {op}: elements [{offset}, {offset} + {b.count}) lie outside "
-                                  f"rank {peer}'s window of {self.counts[peer]} {self.dtypes[peer]} elements")
-        return b.array.view(np.uint8), int(offset) * b.itemsize
+        at = self._in_window(op, what, b, peer, offset)
+        return b.array.view(np.uint8), at
 
     # ---- one-sided calls -----------------------------------------------------------------
     def put(self, src, peer, offset=0, signal=None):
