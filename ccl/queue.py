@@ -143,9 +143,7 @@ class CallQueue:
         (run_here) may run on the caller's thread while only detached parts are queued."""
         self.usable(op)
         if counted:
-            self.seq += 1
-            what = self.what(op, self.seq)
-            entry = self.recorder.record(self.seq, op, sig or {})
+            what, entry = self._number(op, sig)
         else:
             what, entry = self.what(op, None), None
         if self.check is not None and call is not None and op not in ("send", "recv"):
@@ -178,15 +176,19 @@ class CallQueue:
                                             daemon=True)
             self._thread.start()
 
+    def _number(self, op, sig):
+        """The next call's sequence number: (its name for messages, its flight-recorder entry)."""
+        self.seq += 1
+        return self.what(op, self.seq), self.recorder.record(self.seq, op, sig or {})
+
     def post(self, op: str, fn, sig=None):
         """Queue a detached host part that nobody waits for (the proxy's lanes: the caller holds
         the device's end event instead): run(op, fn, True, detached=True) without making a Work.
         A failure breaks the queue as any call's does, so the next call raises."""
         self.usable(op)
         with self._submit_lock:
-            self.seq += 1
-            what = self.what(op, self.seq)
-            self._put(None, what, fn, self.recorder.record(self.seq, op, sig or {}), True)
+            what, entry = self._number(op, sig)
+            self._put(None, what, fn, entry, True)
 
     def run_now(self, call, engine) -> bool:
         """A synchronous call on an engine's short path (`engine.short`, ccl/engines/base.py),
