@@ -184,39 +184,63 @@ class IpcRegistry:
         return bufid, ptr - self.exported[bufid]
 
     def peer_base(self, peer: int, bufid: int) -> int:
+        """The base of peer `peer`'s allocation `bufid` mapped here: opened once (its handle from
+        the store), then from the cache; the least recently used mappings close past the bound."""
         key = (peer, bufid)
         base = self.opened.get(key)
         if base is not None:
             self.opened.move_to_end(key)
+            self._reused(key)
             return base
-        raw = self.store.get(f"cuda/ipc/{peer}/{bufid}", timeout=self.timeout)
+        raw = bytes(self.store.get(f"cuda/ipc/{peer}/{bufid}", timeout=self.timeout))
         cupy = _cupy()
         try:
-            base = cupy.cuda.runtime.ipcOpenMemHandle(bytes(raw[:64]))
+            base = cupy.cuda.runtime.ipcOpenMemHandle(raw[:64])
         except cupy.cuda.runtime.CUDARuntimeError as e:
             raise TransportError(f"cuda_ipc: rank {self.rank} cannot open rank {peer}'s memory handle "
                                  f"(allocation {bufid}): {e}") from None
         self.opened[key] = base
+        self._added(key, raw)
+        self._evict(keep=key)
+        return base
+
+    # hooks of subclasses that keep more per mapping (ccl/engines/cuda/ipc_cache.py: sizes, kinds)
+    def _reused(self, key):
+        """A mapping in the cache is used again."""
+
+    def _added(self, key, raw: bytes):
+        """A mapping was just opened; `raw` is what its owner published (handle, base, size)."""
+
+    def _evict(self, keep):
+        """Close the least recently used mappings (never `keep`) while more than max_open are open."""
         while len(self.opened) > self.max_open:
+            old = next((k for k in self.opened if k != keep), None)
+            if old is None:
+                return
             if self.before_close is not None:
                 self.before_close()
-            _, old = self.opened.popitem(last=False)
-            cupy.cuda.runtime.ipcCloseMemHandle(old)
-        return base
+            self.close_mapping(old)
 
     def peer_ptr(self, peer: int, bufid: int, offset: int) -> int:
         return self.peer_base(peer, bufid) + offset
 
-    def close(self):
-        if not self.opened:
-            return
-        cupy = _cupy()
-        for base in self.opened.values():
+    def close_mapping(self, key):
+        """Unmap one peer allocation (best effort: at teardown the context may be going away)."""
+        base = self.opened.pop(key, None)
+        if base:
             try:
-                cupy.cuda.runtime.ipcCloseMemHandle(base)
-            except Exception:  # noqa: BLE001 - best effort at teardown (context may be gone)
+                _cupy().cuda.runtime.ipcCloseMemHandle(base)
+            except Exception:  # noqa: BLE001 - best effort, as said
                 pass
-        self.opened.clear()
+
+    def close(self):
+        for key in list(self.opened):
+            self.close_mapping(key)
+
+
+def published_size(raw: bytes) -> int:
+    """The allocation size in a record that IpcRegistry.export published (0 when absent)."""
+    return struct.unpack_from("<QQ", raw, 64)[1] if len(raw) >= 80 else 0
 
 
 class HostStatus:

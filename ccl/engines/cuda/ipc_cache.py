@@ -1,6 +1,8 @@
 """The peers' memory this rank has mapped (CUDA IPC), by purpose and size.
 
-Why not transports/cuda_ipc.IpcRegistry as it is: it keeps up to 512 mappings whatever their
+Opening, caching and closing a mapping is transports/cuda_ipc.IpcRegistry's (written once there);
+this subclass adds, through its hooks, a size and a kind per mapping and its own eviction.
+Why not IpcRegistry as it is: it keeps up to 512 mappings whatever their
 size, and a mapping keeps the peer's allocation alive after the peer frees it (torch's
 ``empty_cache`` then gives nothing back: 848 MiB on 2 ranks in issue 32), and it may evict the
 mapping of a peer's scratch, which the kernels still name through the device table. Here each
@@ -16,11 +18,7 @@ mapping has a kind:
 * ``kept``     anything opened by other users of the registry (CUDA windows, ccl/windows/cuda.py,
   which close their own): never evicted nor closed here.
 """
-import struct
-
 from pyccl.transports import cuda_ipc
-
-from ...errors import TransportError
 
 
 class PeerMappings(cuda_ipc.IpcRegistry):
@@ -33,26 +31,13 @@ class PeerMappings(cuda_ipc.IpcRegistry):
         self.sizes = {}               # (peer, buffer id) -> bytes
         self.kinds = {}               # (peer, buffer id) -> kind
 
-    def peer_base(self, peer: int, bufid: int) -> int:
-        key = (peer, bufid)
-        base = self.opened.get(key)
-        if base is not None:
-            self.opened.move_to_end(key)
-            if self.mode in ("graph", "scratch", "kept") and self.kinds.get(key) == "buffer":
-                self.kinds[key] = self.mode
-            return base
-        raw = self.store.get(f"cuda/ipc/{peer}/{bufid}", timeout=self.timeout)
-        cupy = cuda_ipc._cupy()
-        try:
-            base = cupy.cuda.runtime.ipcOpenMemHandle(bytes(raw[:64]))
-        except cupy.cuda.runtime.CUDARuntimeError as e:
-            raise TransportError(f"cuda_ipc: rank {self.rank} cannot open rank {peer}'s memory handle "
-                                 f"(allocation {bufid}): {e}") from None
-        self.opened[key] = base
-        self.sizes[key] = struct.unpack_from("<QQ", bytes(raw), 64)[1] if len(raw) >= 80 else 0
+    def _reused(self, key):
+        if self.mode in ("graph", "scratch", "kept") and self.kinds.get(key) == "buffer":
+            self.kinds[key] = self.mode
+
+    def _added(self, key, raw):
+        self.sizes[key] = cuda_ipc.published_size(raw)
         self.kinds[key] = self.mode
-        self._evict(keep=key)
-        return base
 
     def _evict(self, keep):
         """Close the least recently used user-buffer mappings while over the count or byte bound."""
@@ -64,17 +49,12 @@ class PeerMappings(cuda_ipc.IpcRegistry):
             total -= self.sizes.get(k, 0)
             if self.before_close is not None:
                 self.before_close()
-            self._close(k)
+            self.close_mapping(k)
 
-    def _close(self, key):
-        base = self.opened.pop(key, None)
+    def close_mapping(self, key):
+        super().close_mapping(key)
         self.sizes.pop(key, None)
         self.kinds.pop(key, None)
-        if base:
-            try:
-                cuda_ipc._cupy().cuda.runtime.ipcCloseMemHandle(base)
-            except Exception:  # noqa: BLE001 - best effort: the context may be going away
-                pass
 
     def close_kinds(self, kinds, keys=None) -> int:
         """Close every mapping of `kinds` (or just `keys`); returns the bytes let go."""
@@ -82,7 +62,7 @@ class PeerMappings(cuda_ipc.IpcRegistry):
         for k in list(self.opened):
             if self.kinds.get(k) in kinds and (keys is None or k in keys):
                 gone += self.sizes.get(k, 0)
-                self._close(k)
+                self.close_mapping(k)
         return gone
 
     def mapped(self) -> dict:
