@@ -252,13 +252,88 @@ def mode_memory(args):
               f"closing)", flush=True)
 
 
+def mode_parts(args):
+    """One process, no peers: what each part of a CUDA communicator's state costs in free device
+    memory (cudaMemGetInfo; the driver maps device memory in 2 MiB pages), made and then given
+    back, each from a fresh reading. torch's own kernels are loaded first (not pyccl's)."""
+    import gc
+    import cupy
+    import torch
+    torch.cuda.set_device(0)
+    for t in (torch.float32, torch.bfloat16, torch.float16):
+        torch.full((4096,), 3, dtype=t, device="cuda").cpu()
+    cupy.cuda.Device(0).use()
+    rt = cupy.cuda.runtime
+    mib = 2 ** 20
+
+    def free():
+        rt.deviceSynchronize()
+        gc.collect()
+        time.sleep(0.05)
+        return rt.memGetInfo()[0]
+
+    def row(label, make, drop):
+        f0 = free()
+        t = time.perf_counter()
+        obj = make()
+        dt = time.perf_counter() - t
+        f1 = free()
+        drop(obj)
+        del obj
+        f2 = free()
+        print(f"PARTS {label:48s} +{(f0 - f1) / mib:5.1f} MiB made ({dt * 1e3:6.1f} ms), "
+              f"{(f0 - f2) / mib:+5.1f} MiB left after release", flush=True)
+
+    from pyccl.engines.cuda.kernels import FLAG_WORDS, MAXR
+    ctrl = FLAG_WORDS * 8 + 16 + 3 * MAXR * 8
+    row(f"control block ({ctrl} B, cudaMalloc)", lambda: rt.malloc(ctrl), rt.free)
+    row("control block + 232 KiB more (two small mallocs)", lambda: (rt.malloc(ctrl), rt.malloc(ctrl)),
+        lambda ps: [rt.free(p) for p in ps])
+    row("scratch 32 + 16 MiB, reduce buffer 8 MiB", lambda: [rt.malloc(n << 20) for n in (32, 16, 8)],
+        lambda ps: [rt.free(p) for p in ps])
+    row("3 streams (cupy, non-blocking)", lambda: [cupy.cuda.Stream(non_blocking=True) for _ in range(3)],
+        lambda ss: ss.clear())
+    row("70 events (disable timing)", lambda: [rt.eventCreateWithFlags(2) for _ in range(70)],
+        lambda es: [rt.eventDestroy(e) for e in es])
+    row("pinned mapped status words (64 B)", lambda: rt.hostAlloc(64, 3), rt.freeHost)
+
+    def export():
+        p = rt.malloc(4 << 20)
+        rt.ipcGetMemHandle(p)
+        return p
+    row("4 MiB allocation exported as an IPC handle", export, rt.free)
+    from pyccl.engines.cuda import build, library
+    b = build.builder_for(int(cupy.cuda.Device(0).compute_capability))
+    units = ["common"] + [f"{d}-{o}" for d in ("float32", "bfloat16", "float16", "int32") for o in (0, 3)]
+    t = time.perf_counter()
+    imgs = [b.image_for(("oneshot", *u.split("-"), 1) if u != "common" else "staged") for u in units]
+    imgs = [b._ready(u) or i for u, i in zip(units, imgs)]
+    print(f"PARTS images of {len(imgs)} units: {sum(len(i.image) for i in imgs) / mib:.2f} MiB, "
+          f"{sorted({i.how for i in imgs})}, {time.perf_counter() - t:.2f} s", flush=True)
+    def load(img):                      # loaded and every function looked up (lazy loading loads them then)
+        m = library._load(cupy, img.image)
+        return m, [m.get_function(n) for n in img.names.values()]
+    row("1 kernel module (cuModuleLoadData, cupy Module)", lambda: load(imgs[1]), lambda m: None)
+    row(f"{len(imgs)} kernel modules", lambda: [load(i) for i in imgs], lambda ms: ms.clear())
+
+    def lib_cycle():
+        lib = library.acquire(cupy, 0)
+        for d in ("float32", "bfloat16", "float16", "int32"):
+            for o in (0, 3):
+                lib.function(("oneshot", d, o, 1))
+        lib.function("staged")
+        return lib
+    row("pyccl Library: acquire, 9 kernels, release", lib_cycle, lambda lib: library.release(0))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("nvrtc", "first", "memory", "torchfirst"))
+    p.add_argument("mode", choices=("nvrtc", "first", "memory", "torchfirst", "parts"))
     p.add_argument("--one-module", type=int, default=1)
     p.add_argument("--suspend", type=int, default=1)
     args = p.parse_args()
-    {"nvrtc": mode_nvrtc, "first": mode_first, "memory": mode_memory, "torchfirst": mode_torchfirst}[args.mode](args)
+    {"nvrtc": mode_nvrtc, "first": mode_first, "memory": mode_memory, "torchfirst": mode_torchfirst,
+     "parts": mode_parts}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU start-up and memory (issue 32), one GPU, 2 ranks sharing it. Run from the repository root on the
-# GPU machine:   bash bench/gpu_startup.sh [probe|final]      (one budget: BUDGET s, 230 by default)
+# GPU machine:   bash bench/gpu_startup.sh [probe|final|check]      (one budget: BUDGET s, 230 by default)
 #   probe  the first call of every op x dtype with an empty kernel cache; the torch backend's init + first
 #          bfloat16 all_reduce (cache empty, then warm); device memory after every op at 1/64 MiB, suspend,
 #          resume, close; a graph replayed after suspend/resume (one test); NVRTC compile times; the first
 #          calls with the code before issue 32 (git archive of BASE, where the checkout has .git).
 #   final  (BUDGET=120) tests/test_cuda_memory.py, then the torch backend's cold first call and the memory
 #          probe, as far as the budget goes.
+#   check  (BUDGET=120) tests/test_cuda.py for CUDA_S s (60; CUDA_ARGS adds pytest arguments), then
+#          tests/test_cuda_memory.py (memory by stage, the warm first calls with where their time goes),
+#          the device memory of each part of the state in one process (gpu_startup.py parts), graph replay.
 # Every step is bounded by `timeout` and by what is left of the budget; large output goes under $OUT.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -43,13 +46,33 @@ fresh_cache() {        # an empty kernel cache (cupy's and pyccl's): a fresh mac
 
 echo "== $(date -u +%H:%M:%S) machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>&1 | head -2
-echo "cpus $(nproc)"
-if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc: not on PATH"; fi
-ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null || echo "no /usr/local/cuda*/bin/nvcc"
-python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion(), 'torch', torch.__version__)"
-python3 -c "
+echo "cpus $(nproc) $(python3 -V 2>&1) $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+if [ "$MODE" != check ]; then
+  if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc: not on PATH"; fi
+  ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null || echo "no /usr/local/cuda*/bin/nvcc"
+  python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion(), 'torch', torch.__version__)"
+  python3 -c "
 from pyccl.engines.cuda import nvrtc
 print('libnvrtc', nvrtc.lib()._name, 'version', nvrtc.version())" 2>&1 | tail -1
+fi
+
+if [ "$MODE" = check ]; then          # BUDGET=120: the GPU suite after the kernel changes, then issue 32's tests
+  # tests/test_cuda.py in file order (every dtype and op first) until its share of the budget is
+  # spent: SIGINT makes pytest print what passed, failed and was not reached
+  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S:=60}s)"
+  timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --durations=8 \
+    tests/test_cuda.py ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
+  echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
+  TAIL=40 step "tests/test_cuda_memory.py: memory by stage, warm first calls with their parts" 40 \
+    python3 -m pytest -q -s -p no:cacheprovider --timeout=38 -rfE \
+    tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_first_calls_cold_then_warm
+  step "device memory by part, one process (cudaMemGetInfo)" 12 python3 bench/gpu_startup.py parts
+  TAIL=6 step "tests/test_cuda_memory.py: graph replay after suspend/resume, report keys" 20 \
+    python3 -m pytest -q -p no:cacheprovider --timeout=18 -rfE \
+    tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume tests/test_cuda_memory.py::test_memory_report_keys_on_this_gpu
+  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] done, $FAILED step(s) failed"
+  exit $FAILED
+fi
 
 if [ "$MODE" = final ]; then          # BUDGET=120: the tests first, then what fits of the measurements
   fresh_cache

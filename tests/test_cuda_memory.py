@@ -10,6 +10,7 @@
 * suspend -> resume -> every collective right, and a CUDA graph captured before suspend()
   replayed after resume() (one-shot and two-shot all-reduce, staged all-gather, reduce).
 """
+import gc
 import os
 import time
 
@@ -70,8 +71,60 @@ def _free_after(store, key, size):
     return free
 
 
-def _ops(comm, dtype, nbytes, check=True):
-    """One call of every op on `nbytes` per rank, results checked; {op: seconds}."""
+class _Parts:
+    """Where a timed call's seconds go: pyccl functions wrapped in this process (nested ones
+    count inside their caller too) and Python's garbage collector pauses (gc.callbacks)."""
+
+    def __init__(self):
+        self.cur = {}
+        self._gc_t0 = None
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self._gc_t0 is not None:
+            self.add(f"gc gen{info['generation']}", time.perf_counter() - self._gc_t0)
+            self._gc_t0 = None
+
+    def add(self, label, dt):
+        self.cur[label] = self.cur.get(label, 0.0) + dt
+
+    def wrap(self, owner, name, label):
+        fn = getattr(owner, name)
+        parts = self
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                parts.add(label, time.perf_counter() - t0)
+        setattr(owner, name, timed)
+
+    def take(self):
+        cur, self.cur = self.cur, {}
+        return cur
+
+    @classmethod
+    def on_pyccl(cls):
+        from pyccl.engines.cuda import build, library, state
+        from pyccl.engines.cuda.engine import CudaCollectives
+        p = cls()
+        p.wrap(CudaCollectives, "__init__", "CUDA state made")
+        p.wrap(library.Library, "function", "kernel lookup")
+        p.wrap(build.KernelBuilder, "image_for", "kernel lookup: image (package, disk, NVRTC)")
+        p.wrap(library, "_load", "kernel lookup: module load")
+        p.wrap(state.CudaState, "_mail", "host exchange (mailbox)")
+        p.wrap(state.CudaState, "_share", "scratch published / peers' mapped")
+        p.wrap(state.CudaState, "_ensure_big", "two-shot scratch grown")
+        p.wrap(state.CudaState, "_tmp", "reduce buffer")
+        return p
+
+
+def _ops(comm, dtype, nbytes, check=True, parts=None):
+    """One call of every op on `nbytes` per rank, results checked; {op: seconds} (with `parts`:
+    also {op: {part: seconds}} in parts.calls)."""
     t = getattr(torch, dtype)
     size, rank = comm.size, comm.rank
     n = max(size, nbytes // torch.tensor([], dtype=t).element_size()) // size * size
@@ -80,10 +133,14 @@ def _ops(comm, dtype, nbytes, check=True):
 
     def run(name, fn, want):
         torch.cuda.synchronize()
+        if parts is not None:
+            parts.take()
         t0 = time.perf_counter()
         got = fn()
         torch.cuda.synchronize()
         times[name] = time.perf_counter() - t0
+        if parts is not None:
+            parts.calls[f"{dtype} {name}"] = parts.take()
         if check and want is not None:
             ok[name] = bool(torch.equal(got.cpu(), want))
     x = torch.full((n,), rank + 1, dtype=t, device="cuda")
@@ -108,11 +165,28 @@ def _ops(comm, dtype, nbytes, check=True):
 
 
 # ---- memory, suspend, resume, graphs ----------------------------------------------------------
+def _torch_warm():
+    """torch's own kernels that _ops uses (fill, copies), loaded lazily by CUDA: loaded before
+    the baseline, so that their code (torch's, not pyccl's) is not counted against pyccl."""
+    for dtype in ("float32", "bfloat16", "float16", "int32"):
+        t = getattr(torch, dtype)
+        x = torch.full((4096,), 3, dtype=t, device="cuda")
+        torch.zeros(4096, dtype=t, device="cuda")
+        torch.equal(x.cpu(), torch.cat([torch.full((2048,), 3, dtype=t)] * 2).cuda().cpu())
+    torch.cuda.synchronize()
+
+
 def scenario_memory(rank, size, port):
     _dev(rank)
+    _torch_warm()
     comm, server, sync = _comm(rank, size, port)
     base = _free_after(sync, "mem/base", size)
     res = {}
+    stages = {}                                    # GPU-wide MiB over the baseline, step by step
+    x = torch.ones(1024, device="cuda")
+    comm.all_reduce(x)                             # makes the CUDA state (control block, scratch, kernels)
+    del x
+    stages["state made (one 4 KiB call)"] = (base - _free_after(sync, "mem/state", size)) / MIB
     for nbytes in (MIB, 64 * MIB):
         _, ok = _ops(comm, "float32", nbytes)
         res[f"ops right at {nbytes // MIB} MiB"] = all(ok.values())
@@ -120,8 +194,10 @@ def scenario_memory(rank, size, port):
     res["memory()"] = m
     res["device total <= 64 MiB"] = m["device"] <= 64 * MIB
     used = base - _free_after(sync, "mem/calls", size)
+    stages["after the calls"] = used / MIB
     comm.suspend()
     after_suspend = base - _free_after(sync, "mem/suspended", size)
+    stages["suspended"] = after_suspend / MIB
     res["memory() suspended"] = comm.memory()
     comm.resume()
     for dtype in ("float32", "bfloat16"):
@@ -131,8 +207,16 @@ def scenario_memory(rank, size, port):
     comm.suspend()                                 # the next call resumes by itself
     _, ok = _ops(comm, "float16", MIB)
     res["ops right after suspend, resumed by the call"] = all(ok.values())
+    stages["resumed by a float16 call"] = (base - _free_after(sync, "mem/resumed", size)) / MIB
+    comm.suspend()
+    stages["suspended again"] = (base - _free_after(sync, "mem/suspended2", size)) / MIB
     comm.close()
     after_close = base - _free_after(sync, "mem/closed", size)
+    stages["closed"] = after_close / MIB
+    del comm
+    gc.collect()
+    stages["communicator dropped, gc"] = (base - _free_after(sync, "mem/dropped", size)) / MIB
+    res["GPU MiB over the baseline, both ranks, by stage"] = stages
     res["GPU bytes used: calls, suspended, closed"] = (used, after_suspend, after_close)
     res["within 2 MiB after suspend"] = after_suspend <= 2 * MIB
     res["within 2 MiB after close"] = after_close <= 2 * MIB
@@ -145,7 +229,11 @@ def test_memory_bounded_and_given_back():
     for r in range(2):
         assert r in out and out[r][0] == "ok", out
     res = [out[r][1] for r in range(2)]
-    print(res)
+    print("\nMEMTEST stages (GPU-wide MiB over the baseline):", res[0]["GPU MiB over the baseline, both ranks, by stage"])
+    for r, x in enumerate(res):
+        print(f"MEMTEST rank {r} memory() device {x['memory()']['device']}, suspended "
+              f"{ {k: v for k, v in x['memory() suspended']['parts'].items() if v} }; failed checks:",
+              [k for k, v in x.items() if v is False])
     for r in res:
         bad = {k: v for k, v in r.items() if v is False}
         assert not bad, (bad, r["GPU bytes used: calls, suspended, closed"], r["memory()"])
@@ -249,17 +337,20 @@ def scenario_cold(rank, size, port):
 def scenario_warm(rank, size, port):
     _dev(rank)
     comm, server, sync = _comm(rank, size, port)
+    parts = _Parts.on_pyccl()
+    parts.calls = {}
     first = {}
     ok = {}
     for dtype in DTYPES:
-        times, right = _ops(comm, dtype, MIB)
+        times, right = _ops(comm, dtype, MIB, parts=parts)
         first.update({f"{dtype} {k}": v for k, v in times.items()})
         ok.update({f"{dtype} {k}": v for k, v in right.items()})
     from pyccl.engines.cuda import build
     hows = sorted({how for rows in build.report().values() for _, how, _ in rows})
     _sync(sync, "warm/done", size)
     comm.close()
-    return {"first": first, "ok": ok, "hows": hows}
+    return {"first": first, "ok": ok, "hows": hows, "parts": parts.calls,
+            "gc thresholds, counts": (gc.get_threshold(), gc.get_count())}
 
 
 def test_first_calls_cold_then_warm(tmp_path):
@@ -277,13 +368,24 @@ def test_first_calls_cold_then_warm(tmp_path):
     for r in range(2):
         assert r in out and out[r][0] == "ok", out
     warm = [out[r][1] for r in range(2)]
-    print("warm:", warm)
+    print("\nWARM hows", [w["hows"] for w in warm], "wrong:", [k for w in warm for k, v in w["ok"].items() if not v])
+    calls = list(warm[0]["first"])
+    adjusted = {}
+    for k in calls:
+        wall = max(w["first"][k] for w in warm)
+        gcs = max(sum(v for p, v in w["parts"][k].items() if p.startswith("gc")) for w in warm)
+        adjusted[k] = wall - gcs
+        if wall > 0.02:                  # where the time of every slow first call went, on each rank
+            print(f"WARM {k:26s} wall {[round(w['first'][k], 4) for w in warm]} s; parts "
+                  f"{[{p: round(v, 4) for p, v in w['parts'][k].items() if v > 0.0005} for w in warm]}")
+    print("WARM slowest (wall, both ranks):", sorted(((round(max(w["first"][k] for w in warm), 4), k)
+                                                    for k in calls), reverse=True)[:4])
     assert all(all(w["ok"].values()) for w in warm), [w["ok"] for w in warm]
     assert all("compiled (foreground)" not in w["hows"] and "compiled" not in w["hows"] for w in warm), warm
-    for w in warm:
-        calls = list(w["first"].items())
-        slow = {k: round(v, 3) for k, v in calls[1:] if v > 0.1}       # calls[0] also makes the CUDA state
-        assert not slow, (slow, calls[0])
+    # calls[0] also makes the CUDA state; Python's garbage collector pausing either rank during a
+    # call (a collective waits for both) is the process's, not the call's: taken out, and printed
+    slow = {k: round(adjusted[k], 3) for k in calls[1:] if adjusted[k] > 0.1}
+    assert not slow, (slow, calls[0])
 
 
 def test_memory_report_keys_on_this_gpu(tmp_path, monkeypatch):
