@@ -1,39 +1,59 @@
 #!/usr/bin/env bash
 # CUDA windows (ccl/windows/cuda.py, issue 30) on one GPU machine; ranks share the GPU(s).
-#   bench/gpu_window.sh [tests] [moe] [bench] [moe-kernel]   (default: all four, in TOTAL_BUDGET=118 s at most)
-#   tests  tests/test_cuda_window.py: a peer SIGKILLed while the stream waits, a wait that times out,
-#          the torch backend, then 2 and 3 ranks: every dtype at both ends, 0 bytes, cupy arrays, many
-#          puts + one signal, puts from every peer at once, no sync inside the calls, bad input
-#   moe    examples/moe_inference.py --device cuda --dispatch window --window-puts copies --check (bitwise
-#          against the single-process run) and its host time per MoE layer; moe-kernel: --window-puts kernel
-#   bench  bench/window.py --cuda: 8 B put+signal vs dist.send/recv, host us per call and ping-pong
+#   TOTAL_BUDGET=118 bash bench/gpu_window.sh        (every step's timeout is cut to what is left of it)
+# 1. at once, side by side (correctness does not depend on timing; 16 cores):
+#    tests  tests/test_cuda_window.py: a peer SIGKILLed while the stream waits, a wait that times out,
+#           the torch backend, then 2 and 3 ranks: the MoE exchange of examples/moe_cuda_window.py
+#           (rows in place, 0 device syncs while queuing), every dtype at both ends, 0 bytes, cupy
+#           arrays, many puts + one signal, puts from every peer at once, no sync inside, bad input
+#    moe    examples/moe_inference.py --device cuda --dispatch window --check, --window-puts kernel
+#           then copies: bitwise against the single-process run, host us per MoE layer, device syncs
+# 2. alone (timings): bench/window.py --cuda: 8 B put+signal vs dist.send/recv, host us per call and
+#    ping-pong one-way time.
+# Full logs go to $OUT (or /tmp/gpu_window); stdout gets the compact lines.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 . bench/gpu_site.sh                  # pyccl laid out from the tree where it is not installed
+LOG=${OUT:-/tmp/gpu_window}
+mkdir -p "$LOG"
 FAILED=0
-END=$((SECONDS + ${TOTAL_BUDGET:-118}))     # every step's timeout is cut to what is left of the total
+END=$((SECONDS + ${TOTAL_BUDGET:-118}))
 left() { local l=$((END - SECONDS - 2)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
 RUN="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
-QUIET='^\[rank\|OMP_NUM\|^\*\*\*\|Warning\|warn('
-nvidia-smi --query-gpu=index,name --format=csv,noheader 2>/dev/null
-for m in ${*:-tests moe bench moe-kernel}; do
-  echo "=== $m (t=${SECONDS}s)"
-  case $m in
-  tests)
-    timeout -k 2 "$(left ${TESTS_BUDGET:-50})" python3 -m pytest -v -p no:cacheprovider --timeout=40 -rs \
-      tests/test_cuda_window.py ${PYTEST_ARGS:-} 2>&1 | grep -E "PASSED|FAILED|ERROR|SKIPPED|Error|assert|passed|failed" \
-      | cut -c1-600 | tail -60 || FAILED=$((FAILED + 1)) ;;
-  moe|moe-kernel)
-    puts=copies; [ $m = moe-kernel ] && puts=kernel
-    timeout -k 2 "$(left ${MOE_BUDGET:-24})" $RUN examples/moe_inference.py --backend pyccl --device cuda --quiet \
-      --warmup 1 --runs 1 --dispatch window --check --window-puts $puts 2>&1 | grep -v "$QUIET" | tail -8 \
-      || FAILED=$((FAILED + 1)) ;;
-  bench)
-    timeout -k 2 "$(left ${BENCH_BUDGET:-18})" $RUN bench/window.py --cuda --sizes 8 --iters ${ITERS:-100} --rounds 3 2>&1 \
-      | grep -v "$QUIET" | grep -v "^RESULT " || FAILED=$((FAILED + 1)) ;;
-  esac
+nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
+python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" 2>&1 | tail -1
+
+moe() {   # $1: kernel | copies, $2: seconds at most
+  timeout -k 2 "$(left "$2")" $RUN examples/moe_inference.py --backend pyccl --device cuda --quiet \
+    --warmup 1 --runs 2 --dispatch window --check --window-puts "$1" > "$LOG/moe_$1.log" 2>&1
+  echo "rc=$?"
+}
+(for p in kernel copies; do echo "moe $p $(moe $p ${MOE_BUDGET:-34}) (t=${SECONDS}s)"; done) > "$LOG/moe.rc" 2>&1 &
+MOE_PID=$!
+
+echo "=== tests (t=${SECONDS}s)"
+timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=45 -rs \
+  tests/test_cuda_window.py ${PYTEST_ARGS:-} > "$LOG/tests.log" 2>&1
+rc=$?; [ $rc = 0 ] || FAILED=$((FAILED + 1))
+grep -E "PASSED|FAILED|ERROR|SKIPPED|ranks: |^E  |passed|failed|Timeout" "$LOG/tests.log" | cut -c1-400 | tail -70
+echo "tests rc=$rc (t=${SECONDS}s)"
+
+wait $MOE_PID
+echo "=== moe (side by side with the tests)"
+for p in kernel copies; do
+  grep -E "window dispatch on CUDA|check:|tokens in" "$LOG/moe_$p.log" 2>/dev/null | cut -c1-500 | sed "s/^/[$p] /"
+  grep -q "check:" "$LOG/moe_$p.log" 2>/dev/null || grep -E "Error|Exception|assert|Killed|Timeout" "$LOG/moe_$p.log" 2>/dev/null \
+    | grep -v "error_file\|errors.html\|ChildFailedError\|raise " | head -4 | cut -c1-300 | sed "s/^/[$p] /"
 done
+cat "$LOG/moe.rc"
+grep -q "rc=0.*rc=0" <(tr '\n' ' ' < "$LOG/moe.rc") || FAILED=$((FAILED + 1))
+grep -q "EQUAL" "$LOG/moe_kernel.log" 2>/dev/null || FAILED=$((FAILED + 1))
+
+echo "=== bench 8 B, alone (t=${SECONDS}s)"
+timeout -k 2 "$(left ${BENCH_BUDGET:-40})" $RUN bench/window.py --cuda --sizes 8 --iters ${ITERS:-200} --rounds 3 \
+  > "$LOG/bench.log" 2>&1 || FAILED=$((FAILED + 1))
+grep -E "^\||^median|RESULT-TARGET|Error|Exception" "$LOG/bench.log" | grep -v "ChildFailedError\|raise " | cut -c1-600 | head -14
 echo "=== failed steps: $FAILED (t=${SECONDS}s)"
 exit $FAILED

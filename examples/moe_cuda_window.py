@@ -14,12 +14,17 @@ move the rows (``--window-puts``):
   (one small kernel). Fewer launches, no send block.
 
 Either way the target's stream waits for one signal per source. Nothing in the counts exchange
-or in queuing the dispatch synchronises with the device: both run under
-``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising call. The host
-reads how many rows arrived only after the dispatch is queued (the experts need it), as with
-``--splits device``. ``host_s`` / ``layers``: host time of that queuing per MoE layer.
+or in queuing the dispatch or the combine may synchronise with the device: they run inside
+``SyncCount``, which counts every synchronisation there (torch's sync debug mode "warn": each
+synchronising torch call warns; and the cupy runtime's synchronising and polling functions, which
+pyccl calls, wrapped while inside) into ``syncs``. The host reads how many rows arrived only after
+the dispatch is queued (the experts need it), as with ``--splits device``. ``layer_us``: host
+time of queuing the counts and the dispatch, per MoE layer (``reset()`` forgets the warm-up's).
 """
+import statistics
+import threading
 import time
+import warnings
 
 import torch
 
@@ -87,37 +92,60 @@ class _Kernels:
 
 
 class CudaWindowExchange:
-    """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies" or "kernel"."""
+    """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies" or "kernel";
+    ``window(buf, signals)`` makes a window (default: pyccl.torch_backend.window on the default group)."""
     device_splits = True
 
-    def __init__(self, rt: par.Runtime, prof: par.Profiler, cap: int, d: int, per_rank: int, puts="copies"):
-        import pyccl.torch_backend as ccl_torch
+    def __init__(self, rt: par.Runtime, prof: par.Profiler, cap: int, d: int, per_rank: int, puts="copies",
+                 window=None):
+        from pyccl.cuda_buffers import current_torch_stream
+        if window is None:
+            import pyccl.torch_backend as ccl_torch
+            window = ccl_torch.window
         dev = rt.device
         self.world, self.ranks, self.rank, self.prof = rt.world, [rt.rank], rt.rank, prof
         self.cap, self.per_rank, self.d, self.puts = cap, per_rank, d, puts
         self.counts_buf = torch.zeros(rt.world * per_rank, dtype=torch.int64, device=dev)
         self.bufs = {w: torch.zeros(rt.world * cap, d, device=dev) for w in ("dispatch", "combine")}
         self.send = {w: torch.zeros(rt.world, cap, d, device=dev) for w in ("dispatch", "combine")}
-        self.wins = {w: ccl_torch.window(b, signals=3) for w, b in
-                     (("counts", self.counts_buf), *self.bufs.items())}
+        self.wins = {w: window(b, signals=3) for w, b in (("counts", self.counts_buf), *self.bufs.items())}
         self.slot = {"counts": 0, "dispatch": 1, "combine": 2}
         self.ar = torch.arange(rt.world, device=dev)
-        self.host_s, self.layers = 0.0, 0
+        self.stream = lambda: current_torch_stream(dev.index)
+        self.watch = SyncCount()
+        self.reset()
         if puts == "kernel":
             self.k = _Kernels(dev)
             self.addr = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
                                   for v in win.device_addresses()) for w, win in self.wins.items()}
             self.finished = torch.zeros(1, dtype=torch.int32, device=dev)
 
+    def reset(self):
+        """Forget the host times so far (the warm-up's); the sync count stays."""
+        self.layer_us, self.counts_us, self._counts_s = [], [], 0.0
+
+    @property
+    def syncs(self) -> int:
+        return self.watch.count
+
+    def host_summary(self) -> str:
+        if not self.layer_us:
+            return "no layers timed"
+        u, c = self.layer_us, self.counts_us
+        return (f"{statistics.median(u):.1f} us median (mean {statistics.mean(u):.1f}, min {min(u):.1f}, max "
+                f"{max(u):.1f}) of host time per MoE layer to queue counts + dispatch (counts part "
+                f"{statistics.median(c):.1f}), {len(u)} layers, {self.puts}; device syncs while queuing: "
+                f"{self.syncs}{' ' + str(self.watch.seen[:3]) if self.watch.seen else ''}")
+
     def _launch(self, fn, params, grid, block, args):
         params.set(args)
-        self.k.launch(fn, grid, block, torch.cuda.current_stream().cuda_stream, params.address)
+        self.k.launch(fn, grid, block, self.stream(), params.address)
 
     def counts(self, cs):
         win = self.wins["counts"]
         with self.prof("window counts"):
-            t = time.perf_counter()
-            with _no_sync():
+            with self.watch:
+                t = time.perf_counter()
                 mine = cs[0].view(self.world, self.per_rank)
                 if self.puts == "kernel":
                     peers, cells = self.addr["counts"]
@@ -129,7 +157,7 @@ class CudaWindowExchange:
                         win.put(mine[dst], dst, offset=self.rank * self.per_rank, signal=0)
                 win.wait_signal(0, self.world)
                 got = self.counts_buf.view(self.world, self.per_rank).clone()
-            self.host_s += time.perf_counter() - t
+                self._counts_s = time.perf_counter() - t
         return [got]
 
     def _place(self, splits, n):
@@ -141,8 +169,8 @@ class CudaWindowExchange:
     def rows(self, what, bufs, in_splits, out_splits, out_rows):
         win, buf, d = self.wins[what], bufs[0], self.d
         with self.prof(f"window {what}"):
-            t = time.perf_counter()
-            with _no_sync():
+            with self.watch:
+                t = time.perf_counter()
                 m = buf.shape[0]
                 if m > self.cap * self.world:
                     raise SystemExit(f"{m} rows exceed the window's {self.cap} per source")
@@ -159,28 +187,68 @@ class CudaWindowExchange:
                     for r in range(self.world):
                         win.put(block[r].view(-1), r, offset=self.rank * self.cap * d, signal=self.slot[what])
                 win.wait_signal(self.slot[what], self.world)
+                took = time.perf_counter() - t
             if what == "dispatch":
-                self.host_s += time.perf_counter() - t
-                self.layers += 1
+                self.layer_us.append(1e6 * (self._counts_s + took))
+                self.counts_us.append(1e6 * self._counts_s)
                 n = int(out_splits[0].sum())            # the host learns the count after queuing
             else:
                 n = out_rows[0]                         # the rows come back: as many as went out
-            src, spos = self._place(out_splits[0], n)
-            return [self.bufs[what].view(self.world, self.cap, d)[src, spos]]
-
+            with self.watch:
+                src, spos = self._place(out_splits[0], n)
+                got = self.bufs[what].view(self.world, self.cap, d)[src, spos]
+            return [got]
 
     def close(self):
         for win in self.wins.values():
             win.close()
 
 
-class _no_sync:
-    """torch raises on any device synchronisation inside (torch.cuda.set_sync_debug_mode)."""
+class SyncCount:
+    """Counts the device synchronisations made inside by this thread (re-entered per exchange):
+    torch's (sync debug mode "warn": every synchronising torch call warns) and those of the cupy
+    runtime's synchronising or polling functions (pyccl calls them there). ``count``; ``seen``:
+    what the first few were."""
+    CUPY = ("deviceSynchronize", "streamSynchronize", "eventSynchronize", "memcpy", "eventQuery", "streamQuery")
+
+    def __init__(self):
+        self.count, self.seen = 0, []
+
+    def _note(self, what):
+        self.count += 1
+        if len(self.seen) < 8:
+            self.seen.append(what)
 
     def __enter__(self):
-        self.old = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
+        import cupy
+        self.mode = torch.cuda.get_sync_debug_mode()
+        self.rt, self.kept, me = cupy.cuda.runtime, {}, threading.get_ident()
+        for name in self.CUPY:
+            fn = getattr(self.rt, name, None)
+            if fn is None:
+                continue
+
+            def counted(*args, _fn=fn, _name=name):
+                if threading.get_ident() == me:
+                    self._note(f"cupy.cuda.runtime.{_name}")
+                return _fn(*args)
+            try:
+                setattr(self.rt, name, counted)
+                self.kept[name] = fn
+            except (AttributeError, TypeError):     # not patchable here: then only torch's are counted
+                pass
+        self.warned = warnings.catch_warnings(record=True)
+        self.log = self.warned.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
 
     def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode(self.old)
+        torch.cuda.set_sync_debug_mode(self.mode)
+        self.warned.__exit__(*exc)
+        for name, fn in self.kept.items():
+            setattr(self.rt, name, fn)
+        for w in self.log:
+            if "synchroniz" in str(w.message):
+                self._note(f"torch: {str(w.message)[:60]} ({w.filename.rsplit('/', 1)[-1]}:{w.lineno})")
         return False

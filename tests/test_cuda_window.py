@@ -9,6 +9,7 @@ while another's stream waits on its signal.
 """
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -320,10 +321,73 @@ def rank_wait_times_out(comm):
     return out
 
 
+def rank_moe_exchange(comm, puts, layers):
+    """examples/moe_cuda_window.py's exchange on this group's windows: per layer, per-expert counts
+    (random, so some destinations get 0 rows), the dispatch of rows tagged with (source, layer,
+    row), the combine sending each row back doubled. Every row must arrive where all_to_all would
+    put it and come back in place, and queuing all of it must synchronise with the device 0 times
+    (SyncCount: torch's sync debug mode and the cupy runtime's synchronising calls)."""
+    import contextlib
+    import types
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from moe_cuda_window import CudaWindowExchange
+    dev = torch.device("cuda", _dev(comm))
+    me, world, per, cap, d = comm.rank, comm.size, 2, 6, 3
+    rt = types.SimpleNamespace(world=world, rank=me, device=dev)
+    ex = CudaWindowExchange(rt, lambda kind: contextlib.nullcontext(), cap, d, per, puts,
+                            window=lambda b, signals: comm.window(b, signals=signals))
+    bad = []
+
+    def plan(src, layer):
+        g = torch.Generator().manual_seed(1000 * layer + src)
+        counts = torch.randint(0, 4, (world * per,), generator=g)       # rows per (destination, expert)
+        counts.view(world, per)[(src + layer) % world] = 0               # a destination that gets nothing
+        m = int(counts.sum())
+        rows = torch.arange(m * d, dtype=torch.float32).view(m, d) + 1e4 * src + 1e3 * layer
+        return counts, rows
+
+    try:
+        for layer in range(layers):
+            counts, rows = plan(me, layer)
+            cs = counts.to(dev)
+            recv = ex.counts([cs])[0]
+            in_splits, out_splits = cs.view(world, per).sum(1), recv.sum(1)
+            got = ex.rows("dispatch", [rows.to(dev)], [in_splits], [out_splits], [world * cap])[0]
+            back = ex.rows("combine", [got * 2], [out_splits], [in_splits], [rows.shape[0]])[0]
+            want, want_counts = [], []
+            for src in range(world):
+                c, r = plan(src, layer)
+                split = c.view(world, per).sum(1).tolist()
+                want.append(r.split(split)[me])
+                want_counts.append(c.view(world, per)[me])
+            if not torch.equal(recv.cpu(), torch.stack(want_counts)):
+                bad.append(f"{puts} layer {layer}: counts {recv.cpu().tolist()} != {torch.stack(want_counts).tolist()}")
+            if not torch.equal(got.cpu(), torch.cat(want)):
+                bad.append(f"{puts} layer {layer}: dispatch rows {got.cpu().tolist()} != {torch.cat(want).tolist()}")
+            if not torch.equal(back.cpu(), rows * 2):
+                bad.append(f"{puts} layer {layer}: combine {back.cpu().tolist()} != {(rows * 2).tolist()}")
+        if ex.syncs:
+            bad.append(f"{puts}: {ex.syncs} device syncs while queuing: {ex.watch.seen}")
+        if len(ex.layer_us) != layers:
+            bad.append(f"{puts}: {len(ex.layer_us)} layers timed of {layers}")
+        torch.cuda.synchronize()
+        comm.barrier()
+    finally:
+        ex.close()
+    return bad, ex.host_summary()
+
+
 # ---- tests ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=[2, 3])
 def group(groups, request):
     return groups(request.param, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
+
+
+@pytest.mark.parametrize("puts", ["kernel", "copies"])
+def test_moe_exchange_rows_in_place_and_no_sync(group, puts):
+    for bad, summary in group.run(rank_moe_exchange, puts, 6):
+        print(f"{group.size} ranks: {summary}")
+        assert not bad, bad
 
 
 def test_every_dtype_both_ends_and_gets(group):
