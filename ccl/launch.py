@@ -13,7 +13,19 @@ With --elastic, a rank that fails is started again (up to --max-restarts times i
 3) with the same variables plus PYCCL_JOIN=1: its `pyccl.init()` then joins the running job
 (`pyccl.join()`) while the survivors, who saw the failure as a PeerFailure, call
 `comm.shrink()` and then `comm.grow(1)` (ccl/elastic.py). The job fails as below once the
-restarts are spent.
+restarts are spent. A failure is *not* restarted (the job fails as without --elastic) when
+another rank has already exited 0, or when no other rank is running: a replacement joins only
+through the survivors' grow, so there it would wait PYCCL_TIMEOUT for a grow that never comes
+(a rank that crashes at exit after its work is done, seen on a GPU, cost whole timeouts so).
+torchrun differs on purpose: it restarts the whole group from the start on any failure (its
+workers re-rendezvous and re-run), whatever the others' state; a pyccl replacement joins a
+running job, which only makes sense while the job runs.
+
+--log-dir DIR (like torchrun's --log-dir with redirects): every process's stdout and stderr go
+to DIR/rank<R>.<K>.log instead of the launcher's (K: 0 for the first process of rank R, 1, 2,
+... for its replacements), and the launcher's own lines also to DIR/launch.log, each with the
+seconds since the launch, so a crash of one rank (a faulthandler dump, a C++ abort message)
+stays with that rank.
 
 Ranks' stdout and stderr pass through unchanged. When a rank fails, the launcher names it
 and its exit code on stderr, gives the others --grace seconds to finish, then SIGTERM, then
@@ -37,7 +49,8 @@ _KILL_WAIT = 3.0        # seconds between SIGTERM and SIGKILL
 _POLL = 0.05
 
 # The launcher's own options, and whether each takes a value (used to find where the program starts).
-_OPTS_WITH_VALUE = {"-n", "--nproc", "--nproc-per-node", "--master-addr", "--port", "--grace", "--max-restarts"}
+_OPTS_WITH_VALUE = {"-n", "--nproc", "--nproc-per-node", "--master-addr", "--port", "--grace", "--max-restarts",
+                    "--log-dir"}
 _FLAGS = {"-h", "--help", "--elastic"}
 
 
@@ -55,6 +68,9 @@ def _parser():
                    help="restart a rank that fails; the replacement joins the running job (pyccl.join())")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="with --elastic: restarts allowed in all before the job fails (default 3)")
+    p.add_argument("--log-dir", default=None,
+                   help="write each process's stdout+stderr to DIR/rank<R>.<K>.log and the launcher's lines "
+                        "also to DIR/launch.log")
     p.add_argument("-m", dest="module", help="run a library module as a script, like `python -m`")
     p.add_argument("program", nargs=argparse.REMAINDER, help="script and its arguments")
     return p
@@ -122,6 +138,15 @@ def main(argv=None) -> int:
 
     state = {"signal": None}
     children = []
+    starts = [0] * args.nproc               # processes started per rank (names the log files)
+    say = _Say(args.log_dir)
+    if args.log_dir:
+        try:
+            os.makedirs(args.log_dir, exist_ok=True)
+        except OSError as e:
+            print(f"pyccl.launch: cannot make --log-dir {args.log_dir}: {e}", file=sys.stderr)
+            server.close()
+            return 1
 
     def forward(signum, _frame):
         state["signal"] = state["signal"] or signum
@@ -140,11 +165,18 @@ def main(argv=None) -> int:
                    LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR=host, MASTER_PORT=str(torch_port))
         if joining:
             env["PYCCL_JOIN"] = "1"
+        out = None
         try:
-            return subprocess.Popen(cmd, env=env)
+            if args.log_dir:
+                out = open(os.path.join(args.log_dir, f"rank{rank}.{starts[rank]}.log"), "ab")
+            starts[rank] += 1
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
         except OSError as e:
-            print(f"pyccl.launch: cannot start rank {rank} ({' '.join(cmd)}): {e}", file=sys.stderr)
+            say(f"cannot start rank {rank} ({' '.join(cmd)}): {e}")
             return None
+        finally:
+            if out is not None:
+                out.close()                 # the child has its own copy
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -155,11 +187,40 @@ def main(argv=None) -> int:
                 return 1
             children.append(child)
         restart = (lambda rank: start(rank, joining=True)) if args.elastic else None
-        return _supervise(children, args.grace, state, restart, args.max_restarts)
+        rc = _supervise(children, args.grace, state, restart, args.max_restarts, say)
+        say(f"exit code {rc}", quiet=True)
+        return rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         server.close()
+        say.close()
+
+
+class _Say:
+    """The launcher's lines: stderr, and with --log-dir also DIR/launch.log (seconds since start)."""
+
+    def __init__(self, log_dir):
+        self.t0 = time.monotonic()
+        self.f = None
+        if log_dir:
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                self.f = open(os.path.join(log_dir, "launch.log"), "a")
+            except OSError:
+                self.f = None               # main() reports the folder itself
+
+    def __call__(self, text, quiet=False):
+        if not quiet:
+            print(f"pyccl.launch: {text}", file=sys.stderr, flush=True)
+        if self.f is not None:
+            self.f.write(f"{time.monotonic() - self.t0:9.3f} {text}\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 def _free_port(host: str) -> int:
@@ -204,28 +265,37 @@ def _stop(children, grace):
         c.wait()
 
 
-def _supervise(children, grace, state, restart=None, max_restarts=0) -> int:
+def _supervise(children, grace, state, restart=None, max_restarts=0, say=None) -> int:
     """Wait for the ranks; on the first failure (or a forwarded signal) stop the rest, unless
-    `restart(rank)` may start a replacement (--elastic, up to `max_restarts` in all)."""
+    `restart(rank)` may start a replacement (--elastic, up to `max_restarts` in all, while no
+    rank has exited 0 and another rank still runs: see the module doc)."""
+    say = say or (lambda text, quiet=False: print(f"pyccl.launch: {text}", file=sys.stderr, flush=True))
     failed = None
     restarts = 0
+    done = None                             # the first rank that exited 0: the job is finishing
     while True:
-        for rank, c in enumerate(children):
-            rc = c.poll()
-            if (rc not in (None, 0) and failed is None and restart is not None and restarts < max_restarts
-                    and state["signal"] is None):
+        rcs = [c.poll() for c in children]
+        for rank, rc in enumerate(rcs):
+            if rc == 0 and done is None:
+                done = rank
+                say(f"rank {rank} exited 0 (pid {children[rank].pid})", quiet=True)
+        for rank, rc in enumerate(rcs):
+            if rc in (None, 0) or failed is not None:
+                continue
+            c = children[rank]
+            why = _no_restart(rank, rcs, done) if restart is not None else "no --elastic"
+            if why is None and restarts < max_restarts and state["signal"] is None:
                 restarts += 1
-                print(f"pyccl.launch: rank {rank} failed ({_describe(rc)}, pid {c.pid}); starting a "
-                      f"replacement that joins the job (restart {restarts} of {max_restarts})",
-                      file=sys.stderr, flush=True)
+                say(f"rank {rank} failed ({_describe(rc)}, pid {c.pid}); starting a replacement that joins "
+                    f"the job (restart {restarts} of {max_restarts})")
                 new = restart(rank)
                 if new is not None:
-                    children[rank] = c = new
+                    children[rank] = new
+                    rcs[rank] = None
                     continue
-            if rc not in (None, 0) and failed is None:
-                failed = (rank, rc)
-                print(f"pyccl.launch: rank {rank} failed ({_describe(rc)}); stopping the other ranks "
-                      f"(pid {c.pid})", file=sys.stderr, flush=True)
+            failed = (rank, rc)
+            note = f"; not restarted: {why}" if restart is not None and why and why != "no --elastic" else ""
+            say(f"rank {rank} failed ({_describe(rc)}){note}; stopping the other ranks (pid {c.pid})")
         if failed is not None or state["signal"] is not None:
             _stop(children, grace)
             break
@@ -240,6 +310,16 @@ def _supervise(children, grace, state, restart=None, max_restarts=0) -> int:
     if failed is not None:
         return _code(failed[1])
     return 128 + state["signal"] if state["signal"] is not None else 0
+
+
+def _no_restart(rank, rcs, done):
+    """Why a failed `rank` gets no replacement (None: it may): a replacement joins only through
+    the others' grow, which a finished job or an empty one never calls."""
+    if done is not None:
+        return f"rank {done} already finished (exit code 0), so the job is ending and no grow would take a replacement"
+    if not any(rc is None for r, rc in enumerate(rcs) if r != rank):
+        return "no other rank is running, so no grow would take a replacement"
+    return None
 
 
 if __name__ == "__main__":

@@ -18,10 +18,20 @@ update, on either device: on CUDA a failed collective is otherwise raised by the
 --check: before the elastic run every starting rank trains the same model, same data, with
 nobody killed (the uninterrupted reference); at the end rank 0 compares the parameters and
 prints MATCH or DIFFER with the largest difference.
+
+The end is orderly on every rank: a barrier (no rank closes, freeing device memory a peer
+maps through CUDA IPC, while a peer still works), the device synchronised, the group shut
+down, then the garbage collected while CUDA is still up, so nothing of pyccl's CUDA state is
+left for interpreter exit. --trace-exit says on stderr how far each rank got and which threads
+were still alive at exit (with PYTHONFAULTHANDLER=1 a crash then shows where it was).
 """
 import argparse
+import atexit
+import gc
 import os
 import signal
+import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -42,6 +52,8 @@ def args_():
     p.add_argument("--check", action="store_true", help="compare with an uninterrupted run: MATCH/DIFFER")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--trace-exit", action="store_true",
+                   help="stderr: each stage of the end, and the threads alive at interpreter exit")
     return p.parse_args()
 
 
@@ -112,8 +124,35 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+def _trace(a, text):
+    if a.trace_exit:
+        print(f"elastic_train: exit trace pid {os.getpid()} {text}", file=sys.stderr, flush=True)
+
+
+def _threads_at_exit(a):
+    alive = [f"{t.name}{' (daemon)' if t.daemon else ''}" for t in threading.enumerate()
+             if t is not threading.main_thread()]
+    _trace(a, f"atexit (Python {sys.version.split()[0]}): threads alive {alive or 'none'}")
+
+
+def finish(pg, a):
+    """The orderly end (see the module doc)."""
+    _trace(a, f"rank {pg.rank()}: training done")
+    pg.pyccl_communicator.barrier()
+    if a.device != "cpu":
+        torch.cuda.synchronize()
+    _trace(a, f"rank {pg.rank()}: barrier and synchronize done")
+    pg.shutdown()
+    gc.collect()
+    if a.device != "cpu":
+        torch.cuda.synchronize()
+    _trace(a, "shutdown and collect done")
+
+
 def main():
     a = args_()
+    if a.trace_exit:
+        atexit.register(_threads_at_exit, a)
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         a.device = torch.device("cuda", torch.cuda.current_device())
@@ -153,14 +192,15 @@ def main():
             continue
         step += 1
     if pg.rank() == 0:
-        gpu = f", pyccl GPU state {type(pg.pyccl_communicator.cuda).__name__}" if a.device != "cpu" else ""
+        gpu = (f" {torch.cuda.get_device_name()}, pyccl GPU state {type(pg.pyccl_communicator.cuda).__name__}"
+               if a.device != "cpu" else "")
         print(f"elastic_train: {a.steps} steps on {pg.size()} ranks in {time.monotonic() - t0:.2f}s "
               f"({a.device}{gpu})", flush=True)
         if ref is not None:
             got = flat(p.detach() for p in model.parameters())
             diff = (got - ref).abs().max().item()
             print("MATCH" if torch.equal(got, ref) else f"DIFFER (largest difference {diff:.3g})", flush=True)
-    pg.shutdown()
+    finish(pg, a)
 
 
 if __name__ == "__main__":

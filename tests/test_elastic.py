@@ -253,13 +253,50 @@ def test_launcher_elastic_replaces_a_dead_rank(tmp_path):
     assert "starting a replacement that joins the job (restart 1 of 3)" in r.stderr
 
 
-def test_launcher_elastic_gives_up_after_max_restarts(tmp_path):
+def _launch_prog(tmp_path, text, *args, timeout=30):
     prog = tmp_path / "prog.py"
-    prog.write_text("import sys; sys.exit(3)\n")
-    r = subprocess.run([sys.executable, "-m", "pyccl.launch", "--elastic", "--max-restarts", "2", "-n", "1",
-                        str(prog)], capture_output=True, text=True, timeout=30)
+    prog.write_text(textwrap.dedent(text))
+    return subprocess.run([sys.executable, "-m", "pyccl.launch", *args, str(prog)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_launcher_elastic_gives_up_after_max_restarts(tmp_path):
+    """Rank 0 fails at once, every time (rank 1 runs on): 2 replacements, then the job fails
+    with rank 0's code; --log-dir keeps each process's output and the launcher's lines."""
+    logs = tmp_path / "logs"
+    r = _launch_prog(tmp_path, """
+        import os, sys, time
+        if os.environ["PYCCL_RANK"] == "0":
+            print("rank 0 join", os.environ.get("PYCCL_JOIN"), flush=True)
+            sys.exit(3)
+        time.sleep(30)
+        """, "--elastic", "--max-restarts", "2", "--grace", "0", "--log-dir", str(logs), "-n", "2")
     assert r.returncode == 3, r.stderr
-    assert r.stderr.count("starting a replacement") == 2 and "rank 0 failed (exit code 3)" in r.stderr
+    assert r.stderr.count("starting a replacement") == 2 and "rank 0 failed (exit code 3)" in r.stderr, r.stderr
+    assert [(logs / f"rank0.{k}.log").read_text() for k in range(3)] == \
+        ["rank 0 join None\n", "rank 0 join 1\n", "rank 0 join 1\n"]
+    assert (logs / "rank1.0.log").exists() and not (logs / "rank1.1.log").exists()
+    launch_log = (logs / "launch.log").read_text()
+    assert "restart 2 of 2" in launch_log and launch_log.rstrip().endswith("exit code 3"), launch_log
+
+
+def test_launcher_elastic_no_restart_after_a_rank_finished(tmp_path):
+    """A rank that fails after another exited 0 (a crash at exit after the work is done) is not
+    restarted: the replacement would wait for a grow that never comes. The job fails at once."""
+    r = _launch_prog(tmp_path, """
+        import os, sys, time
+        if os.environ["PYCCL_RANK"] == "1":
+            time.sleep(1.0)
+            sys.exit(7)
+        """, "--elastic", "-n", "2")
+    assert r.returncode == 7, r.stderr
+    assert "starting a replacement" not in r.stderr and "rank 0 already finished (exit code 0)" in r.stderr, r.stderr
+
+
+def test_launcher_elastic_no_restart_when_alone(tmp_path):
+    r = _launch_prog(tmp_path, "import sys; sys.exit(5)\n", "--elastic", "-n", "1")
+    assert r.returncode == 5 and "starting a replacement" not in r.stderr, r.stderr
+    assert "no other rank is running" in r.stderr, r.stderr
 
 
 TORCH = """
