@@ -73,6 +73,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunks", default="", help="extra PYCCL_STAGING_CHUNK values for the staged path, e.g. 4M")
     p.add_argument("--skip", default="", help="comma list of columns to leave out")
+    p.add_argument("--proxy-ctas", type=int, default=0,
+                   help="also the proxy with this many thread blocks per copy launch (PYCCL_PROXY_CTAS)")
     p.add_argument("--ranks-per-host", type=int, default=PER_HOST,
                    help="pyccl ranks per emulated host (NCCL still sees every rank as its own host)")
     a = p.parse_args()
@@ -102,10 +104,13 @@ def main():
         staged_comm.engines.forget()
     cols = {"pyccl CUDA (proxy)": (on(pyc), "cuda"), "pyccl CUDA (staged)": (on(pyc_staged), "cuda"),
             "NCCL socket": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
-    if PER_HOST > 1:
-        cols = {"pyccl CUDA composed": (on(pyc), "cuda"), "pyccl CUDA flat staged": (flat, "cuda"),
-                "NCCL socket (every rank a host)": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"),
-                "pyccl CPU tensors": (on(pyc), "cpu")}
+    if PER_HOST > 1:       # the proxy composes its local phases too (ccl/engines/proxy/composed.py)
+        cols = {"pyccl CUDA (proxy)": (on(pyc), "cuda"), "pyccl CUDA (staged)": (on(pyc_staged), "cuda"),
+                "pyccl CUDA flat staged": (flat, "cuda"), "NCCL socket": (on(None), "cuda"),
+                "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
+    if a.proxy_ctas:
+        pyc_wide = dist.new_group(backend="pyccl")
+        cols[f"pyccl CUDA (proxy, {a.proxy_ctas} CTAs)"] = (on(pyc_wide), "cuda")
     chunks = [_size(c) for c in a.chunks.split(",") if c]
     comm = _communicator(pyc, dev)
     for c in chunks:
@@ -118,6 +123,11 @@ def main():
         if col[1] == "cuda":
             torch.cuda.synchronize()
         assert bool((x == world * (world + 1) / 2).all()), f"{name}: wrong result"
+    if a.proxy_ctas:
+        wide = getattr(_communicator(pyc_wide, dev), "cuda", None)
+        if type(wide).__name__ == "ProxyState":
+            wide.ctas = a.proxy_ctas          # the programs made from now on (the next sizes' all of them)
+            wide.programs.clear()
     st = getattr(comm, "cuda", None)
     base_chunk = getattr(st, "chunk_cap", None)
     if chunks and base_chunk is None:

@@ -6,8 +6,8 @@
 
 Every rank poses as its own host (one GPU is enough). After a warm-up that makes each op's
 program, rank 0 times `calls` calls of each torch op on 8 KiB float32 and splits the host time
-into the proxy's launch (fork, kernel, join: ProxyState.launch), the queueing of its host part
-(CallQueue.run) and the rest (torch backend, lane lookup), by wrapping those two methods with
+into the proxy's launch (kernels, stream waits, end event: ProxyState.launch), the queueing of
+its host part (CallQueue.post on the lane, CallQueue.run on the general path) and the rest (torch backend, lane lookup), by wrapping those two methods with
 perf_counter; then the bare CUDA runtime calls a launch is made of, 1000 times each. Whether
 each op took its lane is printed too (the lane skips validation and the engine choice).
 """
@@ -58,9 +58,10 @@ def main():
     pg = dist.distributed_c10d._get_default_group()
     comm = getattr(pg._get_backend(dev), "pyccl_communicator", None)
     st, q = comm.cuda, comm.queue
-    acc = {"launch": 0.0, "run": 0.0, "launch calls": 0, "run calls": 0}
+    acc = {"launch": 0.0, "run": 0.0, "post": 0.0, "launch calls": 0, "run calls": 0, "post calls": 0}
     timed(st, "launch", acc)
     timed(q, "run", acc)
+    timed(q, "post", acc)
     rows = []
     for name, fn in ops.items():
         for k in acc:
@@ -73,14 +74,17 @@ def main():
             ts.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         total = statistics.median(ts) * 1e6
-        rows.append((name, total, acc["launch"] / calls * 1e6, acc["run"] / calls * 1e6,
+        rows.append((name, total, acc["launch"] / calls * 1e6, (acc["run"] + acc["post"]) / calls * 1e6,
                      type(st).__name__, acc["run calls"] / calls))
     rt = st.rt
     caller = torch.cuda.current_stream(dev).cuda_stream
     bare = {}
-    for what, fn in (("eventRecord", lambda: rt.eventRecord(st.fork, caller)),
-                     ("streamWaitEvent", lambda: rt.streamWaitEvent(st.stream, st.fork, 0)),
+    ev, drv = st.ends[0], st.drv
+    for what, fn in (("eventRecord", lambda: rt.eventRecord(ev, caller)),
+                     ("streamWaitEvent", lambda: rt.streamWaitEvent(caller, ev, 0)),
                      ("streamIsCapturing", lambda: rt.streamIsCapturing(caller)),
+                     ("driver record (ctypes)", lambda: drv.record(ev, caller)),
+                     ("driver capturing (ctypes)", lambda: drv.capturing(caller)),
                      ("torch current stream", lambda: torch._C._cuda_getCurrentRawStream(0))):
         t0 = time.perf_counter()
         for _ in range(1000):

@@ -169,7 +169,8 @@ class Communicator:
         composed = Hierarchy(res, algo)
         engines = None                         # ReproducibleCuda chooses its parts' engines here
         listed = [Reproducible(res, shm, flat), ReproducibleCuda(res, lambda call: engines.choose(call)),
-                  CudaEngine(res), ProxyEngine(res, flat, self.validate), StagedEngine(res, flat, composed), shm, composed, flat]
+                  CudaEngine(res), ProxyEngine(res, flat, self.validate, composed), StagedEngine(res, flat, composed),
+                  shm, composed, flat]
         engines = Engines([e for e in listed if e is not None])
         return engines
 

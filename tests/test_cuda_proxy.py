@@ -116,6 +116,34 @@ def test_captured_replays_move_new_inputs(two_hosts, op, dtype):
         assert not bad, bad
 
 
+@pytest.fixture(scope="module")
+def two_by_two(groups):
+    """2 hosts x 2 ranks, every message composed (local phases on the one-host engine, the rail
+    proxied: ccl/engines/proxy/composed.py); reduce and all_to_all take the flat program."""
+    return groups(4, env={"PYCCL_TIMEOUT": "60", "PYCCL_PROXY": "1", "PYCCL_CUDA_COMPOSED_MIN": "0"},
+                  ranks_per_host=2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_captured_replays_2x2(two_by_two, op):
+    for bad in two_by_two.run(rank_capture, op, "float32", 4099, 20):
+        assert not bad, bad
+
+
+def test_2x2_composed_on_the_stream(two_by_two):
+    for host, wall, ok, engine in two_by_two.run(rank_returns_early, 16 << 20):
+        assert ok
+        assert engine == "ProxyState", engine
+        assert host < wall / 2, (host, wall)
+    for used in two_by_two.run(rank_composed_used):
+        assert used, "the 2 x 2 all_reduce did not take the composition"
+
+
+def rank_composed_used(comm):
+    comp = comm.cuda.composed
+    return comp is not None and comp.local._epoch > 0
+
+
 def test_sync_call_returns_before_the_transfer(two_hosts):
     for host, wall, ok, engine in two_hosts.run(rank_returns_early, 16 << 20):
         assert ok

@@ -138,11 +138,11 @@ class _HostGroup:
     """The ranks of my host, seen by the CUDA engine as a communicator of their own (group
     ranks 0..L-1; store keys and the mailbox segment under the host's own prefix)."""
 
-    def __init__(self, comm, hier):
+    def __init__(self, comm, hier, prefix="cudahost"):
         self.rank, self.size = hier.j, hier.L
         self.peer_info = [comm.peer_info[r] for r in hier.host]
-        self.store = comm.prefixed(f"cudahost{hier.h}")
-        self.tag = f"{comm.tag}.cudahost{hier.h}"
+        self.store = comm.prefixed(f"{prefix}{hier.h}")
+        self.tag = f"{comm.tag}.{prefix}{hier.h}"
         self.timeout = comm.timeout
         self.reproducible = False
         # the torch lanes' view of call order (unused here: the composition runs in the
@@ -185,13 +185,15 @@ def _sig(name, buf, **kw):
 
 class CudaComposed:
     """The composed collectives on CUDA buffers of one communicator (one per Staging)."""
+    host_group = "cudahost"          # the local engine's store prefix and tag
+
 
     def __init__(self, staging):
         from .cuda import CudaCollectives
         comm = staging.comm
         self.hier = h = staging.hier.ready()
         self.st = staging
-        self.local = CudaCollectives(_HostGroup(comm, h), staging.dev)
+        self.local = CudaCollectives(_HostGroup(comm, h, self.host_group), staging.dev)
         # the rail-major stage of all_gather / reduce_scatter: position j * H + h holds the block
         # of rank members[h][j] (ccl/engines/composed.py's _rail_major)
         rail_major = [h.members[hh][jj] for jj in range(h.L) for hh in range(h.H)]
@@ -211,12 +213,15 @@ class CudaComposed:
                 raise with_host_ranks(e, self.hier.h, self.hier.host) from None
             raise
 
-    def _rail(self, what, caller_event, op_name, part, op=None, root=0, inp=None):
-        """The staged rail phase on `part` (in place; or from `inp` into `part`: all_gather,
-        reduce_scatter), after `caller_event`; returns nothing: its copies back end on the
-        staging's host-to-device stream."""
+    def _rail(self, what, after, op_name, part, op=None, root=0, inp=None):
+        """The rail phase on `part` (in place; or from `inp` into `part`: all_gather,
+        reduce_scatter), after the work queued on stream `after`; returns the stream its end is
+        on. Here staged (the host moves the bytes: the copies back end on the staging's
+        host-to-device stream); the proxy engine's composition (ccl/engines/proxy/composed.py)
+        puts it on the stream instead."""
         from .staged_schedule import _Call
         st, rail = self.st, self.hier.rail
+        caller_event = st.record_ready(after)
         v = part.array
         reducing = op_name in ("all_reduce", "reduce_scatter")
         if inp is None:
@@ -226,7 +231,7 @@ class CudaComposed:
                 return _Call(plan, chunk, {"out": buf.array}, ("out",), ("out",), op if reducing else None,
                              reducing and op is AVG, True)
             st.run(what, build, caller_event, st.next_end(), (part,))
-            return
+            return st.h2d
         i = inp.array
         # counts as the builders take them: all_gather the input's, reduce_scatter the output's
         count = i.size if op_name == "all_gather" else v.size
@@ -236,6 +241,19 @@ class CudaComposed:
             return _Call(plan, chunk, {"in": src.array, "out": out.array}, ("in",), ("out",),
                          op if reducing else None, reducing and op is AVG)
         st.run(what, build2, caller_event, st.next_end(), (part, inp))
+        return st.h2d
+
+    def _local_done(self, what, n, end):
+        """Before a rail phase that sends what a local phase made: wait for that phase, so that
+        its failure (dead or departed local peer, mismatched call) raises before this rank sends
+        anything on its rail (the rail's first copy waits for it anyway)."""
+        self._phase(what, n, "local phase done", self.local.synchronize, end)
+
+    def _rail_idle(self, what):
+        """Block the host until the rail phases' copies back (into the scratch stage) are done."""
+        st = self.st
+        if st._last_end is not None:
+            st.wait_event(st._last_end, what, "the copies back into the scratch stage")
 
     def _stage(self, what, like, count):
         """The scratch stage: `count` elements of `like`'s dtype, a CUDA Buffer (grown as
@@ -244,12 +262,11 @@ class CudaComposed:
         v = like.array
         need = count * v.itemsize
         if need > self._scratch_cap:
-            local, st = self.local, self.st
+            local = self.local
             with local._device:
                 if self._scratch:
                     local.synchronize(what)
-                    if st._last_end is not None:
-                        st.wait_event(st._last_end, what, "the copies back into the scratch stage")
+                    self._rail_idle(what)
                     local.rt.free(self._scratch)
                     self._scratch, self._scratch_cap = 0, 0
                 cap = -(-need // (1 << 20)) << 20
@@ -284,7 +301,7 @@ class CudaComposed:
         return self._broadcast(what, caller, *args)
 
     def _all_reduce(self, what, caller, buf, op):
-        L, j, local, st = self.hier.L, self.hier.j, self.local, self.st
+        L, j, local = self.hier.L, self.hier.j, self.local
         n = buf.array.size
         if n == 0:
             return local._empty(caller, False)
@@ -301,22 +318,18 @@ class CudaComposed:
         if n > m:
             end = self._phase(what, 1, "local reduce of the tail", local.reduce, caller, False,
                               _sig("reduce", tail, root=L - 1, redop=lop.name), tail, L - 1, lop)
-        # The rail's first pass needs phase 1's result on the host anyway (its device-to-host
-        # copy waits for it): wait here, so that a phase-1 failure (dead or departed local peer,
-        # mismatched call) raises before this rank sends anything on its rail.
-        self._phase(what, 1, "local phase done", local.synchronize, end)
-        self._rail(what + ", phase 2 (rail all_reduce, staged)", st.record_ready(local.stream), "all_reduce",
-                   mine, op)
+        self._local_done(what, 1, end)
+        after = self._rail(what + ", phase 2 (rail all_reduce)", local.stream, "all_reduce", mine, op)
         if q:
-            end = self._phase(what, 3, "local all_gather", local.all_gather, st.h2d, False,
+            end = self._phase(what, 3, "local all_gather", local.all_gather, after, False,
                               _sig("all_gather", _part(buf, 0, q)), _part(buf, 0, m), _part(buf, j * q, q))
         if n > m:
-            end = self._phase(what, 3, "local broadcast of the tail", local.broadcast, st.h2d, False,
+            end = self._phase(what, 3, "local broadcast of the tail", local.broadcast, after, False,
                               _sig("broadcast", tail, root=L - 1), tail, L - 1)
         return end
 
     def _all_gather(self, what, caller, out, inp):
-        H, L, j, local, st = self.hier.H, self.hier.L, self.hier.j, self.local, self.st
+        H, L, j, local = self.hier.H, self.hier.L, self.hier.j, self.local
         c = inp.array.size
         with local._device:
             if c == 0:
@@ -326,18 +339,17 @@ class CudaComposed:
             # still read the scratch stage): an event after both on the local engine's stream
             local._begin(caller)
         piece = _part(stage, j * H * c, H * c)            # rail j's H blocks, by host
-        self._rail(what + ", phase 1 (rail all_gather, staged)", st.record_ready(local.stream), "all_gather",
-                   piece, inp=inp)
-        end = self._phase(what, 2, "local all_gather", local.all_gather, st.h2d, False,
+        after = self._rail(what + ", phase 1 (rail all_gather)", local.stream, "all_gather", piece, inp=inp)
+        end = self._phase(what, 2, "local all_gather", local.all_gather, after, False,
                           _sig("all_gather", piece), stage, piece)
         if stage is not out:
             with local._device:
                 self._copy_blocks(out.array.ptr, stage.array.ptr, self._to_ranks, inp.array.nbytes)
-                end = local._end(st.h2d, False)
+                end = local._end(after, False)
         return end
 
     def _reduce_scatter(self, what, caller, out, inp, op):
-        H, L, j, local, st = self.hier.H, self.hier.L, self.hier.j, self.local, self.st
+        H, L, j, local = self.hier.H, self.hier.L, self.hier.j, self.local
         c = out.array.size
         with local._device:
             if c == 0:
@@ -353,12 +365,11 @@ class CudaComposed:
                 after = local.stream
         end = self._phase(what, 2, "local reduce_scatter", local.reduce_scatter, after, False,
                           _sig("reduce_scatter", shard, redop=lop.name), shard, stage, lop)
-        # as all_reduce: a local failure raises before this rank sends anything on its rail
-        self._phase(what, 2, "local phase done", local.synchronize, end)
-        self._rail(what + ", phase 3 (rail reduce_scatter, staged)", st.record_ready(local.stream),
-                   "reduce_scatter", out, op, inp=shard)
+        self._local_done(what, 2, end)
+        after = self._rail(what + ", phase 3 (rail reduce_scatter)", local.stream, "reduce_scatter", out, op,
+                           inp=shard)
         with local._device:
-            return local._empty(st.h2d, False)        # the end, on the local engine's stream
+            return local._empty(after, False)        # the end, on the local engine's stream
 
     def _broadcast(self, what, caller, buf, root):
         h, local, st = self.hier, self.local, self.st
@@ -368,9 +379,8 @@ class CudaComposed:
         lead = h.members[rh].index(root)
         after = caller
         if h.j == lead:
-            self._rail(what + ", phase 1 (rail broadcast among leaders, staged)", st.record_ready(caller),
-                       "broadcast", buf, root=rh)
-            after = st.h2d
+            after = self._rail(what + ", phase 1 (rail broadcast among leaders)", caller, "broadcast", buf,
+                               root=rh)
         return self._phase(what, 2, "local broadcast", local.broadcast, after, False,
                            _sig("broadcast", buf, root=lead), buf, lead)
 

@@ -48,6 +48,7 @@ from ...dtypes import DTYPES
 from ...errors import InvalidArgument
 from ..base import DeviceEngine, EngineBase
 from ..cuda.submit import cuda_args, device_splits
+from ..cuda_composed import OPS as COMPOSED_OPS, wanted
 from ..staged import _OPS, StagedEngine, StagedWork, _OnDevice
 from .program import point_to_point, program_key
 
@@ -61,8 +62,9 @@ class ProxyEngine(DeviceEngine):
     host_async = True                 # the host part runs queued even for a synchronous call
     price = StagedEngine.price
 
-    def __init__(self, res, flat, describe=None):
+    def __init__(self, res, flat, describe=None, hier=None):
         self.res, self.flat, self.describe = res, flat, describe     # describe: the communicator's Validator
+        self.hier = hier                  # the CPU Hierarchy, whose rails the composition shares
         self.state = None
         self._on = settings.get("PYCCL_PROXY")
         self._forced = settings.get("PYCCL_ENGINE") == "proxy"
@@ -71,8 +73,8 @@ class ProxyEngine(DeviceEngine):
 
     def takes(self, call) -> bool:
         res = self.res
-        return (self._on or self._forced) and res.hosts > 1 and (res.hosts == res.size or self._forced) and \
-            EngineBase.takes(self, call) and not device_splits(call)
+        return (self._on or self._forced) and res.hosts > 1 and EngineBase.takes(self, call) and \
+            not device_splits(call)
 
     def _state(self, view, caller):
         st = self.state
@@ -97,14 +99,32 @@ class ProxyEngine(DeviceEngine):
         rt = st.rt
         capturing = st.drv.capturing(caller)
         inp, out = call.inp, call.out
+        if self.res.hosts != self.res.size and call.op in COMPOSED_OPS and self.hier is not None and \
+                self._composed(call, st, view, caller, capturing):
+            return
         key = program_key(call)
         prog = st.programs.get(key)
         if prog is None:
             prog = st.program(key, lambda: self._build(call), capturing, call.op)
         with _OnDevice(rt, st.dev):
             tag, end = st.launch(prog, caller, inp.array.ptr if inp is not None else 0,
-                                 out.array.ptr if out is not None else 0, capturing)
+                                 out.array.ptr if out is not None else 0, capturing, call.async_op)
         call.stream = (tag, end, view)
+
+    def _composed(self, call, st, view, caller, capturing) -> bool:
+        """Several ranks per host: queue the composition (ccl/engines/proxy/composed.py) where
+        ccl/engines/cuda_composed.wanted() takes the call (else False: the flat program)."""
+        name, args = cuda_args(call)
+        if not wanted(self.res, name, view.nbytes, st):
+            return False
+        comp = st.composition(self.res, self.hier, self._cap, capturing, call.op)
+        with _OnDevice(st.rt, st.dev):
+            tags, end = comp.call(name, call.op, caller, args, capturing)
+            st.drv.wait_event(caller, end)
+        if not capturing:
+            st.last_end, st.last_stream = end, caller
+        call.stream = (tags[0] if tags else 0, end, view)
+        return True
 
     def _build(self, call):
         """(staged description, name, chunk bytes, numpy dtype) of a new program."""

@@ -10,10 +10,11 @@ since a captured graph may still use it. Nothing is allocated, compiled or copie
 caller's stream is being captured: a program first met inside a capture that does not fit the
 arena and table space already made raises InvalidArgument (run the call once before capturing).
 
-Streams: a call records an event on the caller's stream, pyccl's stream waits for it, the
-launches run on pyccl's stream, and the caller's stream waits for their end (fork and join, so
-calls made from different streams never share the arena at once, as NCCL's internal stream
-does). Under capture the same calls make the launches and waits nodes of the caller's graph.
+Streams: the launches and waits go on the caller's stream itself (no fork to a stream of
+pyccl's and join back: that cost four driver calls, 6-10 us of host time per call). Calls share
+the arena, so a call made on another stream than the previous eager call first makes its stream
+wait for that call's end event; calls on one stream are ordered by it. Under capture the same
+calls make the launches and waits nodes of the caller's graph.
 With PYCCL_PROXY_WAIT=stream (the default where the driver has cuStreamWaitValue64) a call is an
 out launch, then per group of passes a stream wait on its site's word and an in launch; sites
 0-63 rotate among eager calls, a captured call keeps a site of its own (proxy.cu's header).
@@ -78,7 +79,6 @@ class ProxyState:
             self.stream = rt.streamCreateWithFlags(1)           # non-blocking
             self.ctrl = cupy.empty(2, dtype=cupy.uint64)        # zeroed on the stream the kernels use
             rt.memsetAsync(self.ctrl.data.ptr, 0, 16, self.stream)
-            self.fork = rt.eventCreateWithFlags(2)              # timing off
             self.ends = [rt.eventCreateWithFlags(2) for _ in range(_ENDS)]
             with open(_SOURCE) as f:
                 mod = cupy.RawModule(code=f.read(), options=("-std=c++17",))
@@ -90,9 +90,10 @@ class ProxyState:
             log.warning("%s rank %d: the driver has no stream waits (cuStreamWaitValue64); the proxy kernel "
                         "spins instead (PYCCL_PROXY_WAIT=kernel)", res.tag, res.rank)
             self.stream_waits = False
+        rt.streamSynchronize(self.stream)      # the counters are zero before any caller's stream launches
         self._sites = RING_SLOTS           # the next site of a captured launch (0-63: eager calls)
         self._end_i = 0
-        self.last_end = None
+        self.last_end = self.last_stream = None
         self.host = ProxyHost(self.words, res.executor, res.timeout, res.rank, res.tag, res.size)
         self.programs = {}              # key -> Program
         self.arena_cap = max(1 << 20, settings.get("PYCCL_PROXY_ARENA"))
@@ -105,6 +106,8 @@ class ProxyState:
         self.eager = 0                  # tags of eager calls (1, 2, ...); 0 marks a captured launch
         self.watcher = None
         self.replay_queued = False
+        self.composed = None            # several ranks per host: ccl/engines/proxy/composed.py
+        self.composed_min = None        # its smallest message, decided on first use (cuda_composed.wanted)
         log.info("%s rank %d: CUDA buffers across hosts through the proxy on cuda:%d (arena %d B)",
                  res.tag, res.rank, self.dev, self.arena_cap)
         if log.isEnabledFor(logging.INFO):
@@ -139,6 +142,18 @@ class ProxyState:
         """Register an arena once with each ibverbs device the connections use."""
         from ..staged import register_with_verbs
         self._mrs.extend(register_with_verbs(self.res.conns, arena))
+
+    def composition(self, res, hier, chunk_cap, capturing, what):
+        """The composed collectives (several ranks per host), made by the first call that takes
+        them; not inside a capture (the local engine allocates and maps memory then)."""
+        if self.composed is None:
+            if capturing:
+                raise InvalidArgument(f"{what}: the first composed collective (several ranks per host) "
+                                      f"cannot be captured in a CUDA graph: it sets up the local phases; run "
+                                      f"one call before capturing")
+            from .composed import ProxyComposed
+            self.composed = ProxyComposed(self, res, hier, chunk_cap)
+        return self.composed
 
     # -- programs --
     def program(self, key, build, capturing, what):
@@ -190,9 +205,11 @@ class ProxyState:
         return prog
 
     # -- one call, on the caller's thread --
-    def launch(self, prog, caller, dev_in, dev_out, capturing):
-        """Enqueue the launches (and stream waits) of `prog` after the caller's stream's work;
-        returns (tag, end event): tag 0 when captured (each replay rings the doorbell itself)."""
+    def launch(self, prog, caller, dev_in, dev_out, capturing, need_end=True):
+        """Enqueue the launches (and stream waits) of `prog` on the caller's stream; returns (tag,
+        end event): tag 0 when captured (each replay rings the doorbell itself); end None unless
+        `need_end` (an event costs a driver call: a synchronous call needs none, and
+        ``_last_end()`` records one later where it is needed)."""
         drv = self.drv
         if self.words[ERROR] or self.words[ABORT]:
             self.raise_if_failed(prog.name)
@@ -208,9 +225,9 @@ class ProxyState:
             site = tag % RING_SLOTS
         vals = prog.params.vals
         vals[3].value, vals[4].value, vals[9].value, vals[12].value = dev_in, dev_out, tag, site
-        stream = self.stream
-        drv.record(self.fork, caller)
-        drv.wait_event(stream, self.fork)
+        stream = caller
+        if not capturing and caller != self.last_stream and self.last_stream is not None:
+            drv.wait_event(caller, self._last_end())      # the previous call (another stream) is done with the arena
         drv.launch(self.fn, prog.grid, _THREADS, stream, prog.params.address)
         if prog.in_launches:
             word = self.words_ptr + 8 * (SITE + site * GROUPS)
@@ -220,15 +237,28 @@ class ProxyState:
                     vals = params.vals
                     vals[3].value, vals[4].value = dev_in, dev_out
                     drv.launch(self.fn, grid, _THREADS, stream, params.address)
-        end = self.ends[self._end_i % _ENDS]
-        self._end_i += 1
-        drv.record(end, stream)
-        drv.wait_event(caller, end)
+        end = None
+        if need_end:
+            end = self._next_end()
+            drv.record(end, stream)
         if not capturing:
-            self.last_end = end
+            self.last_end, self.last_stream = end, caller
         elif self.watcher is None:
             self._watch()
         return tag, end
+
+    def _next_end(self):
+        end = self.ends[self._end_i % _ENDS]
+        self._end_i += 1
+        return end
+
+    def _last_end(self):
+        """An event after the last eager call: its own end event, or one recorded now on its
+        stream (after whatever was queued there since, which only makes waiting for it safe)."""
+        if self.last_end is None and self.last_stream is not None:
+            self.last_end = self._next_end()
+            self.drv.record(self.last_end, self.last_stream)
+        return self.last_end
 
     # -- graph replays: nobody on the host announces them --
     def _watch(self):
@@ -261,6 +291,8 @@ class ProxyState:
     def raise_if_failed(self, what):
         if self._closed:
             raise PycclError(f"{what}: the proxy of {self.res.tag} is closed")
+        if self.composed is not None:
+            self.composed.local.raise_if_failed(what)
         q = self.res.queue
         if (self.words[ERROR] or self.words[ABORT]) and q.broken is None and not q.on_progress_thread():
             q.wait_idle(min(self.timeout, 5.0))      # the proxy's job that failed is still unwinding
@@ -275,7 +307,7 @@ class ProxyState:
 
     def synchronize(self, what, event=None, timeout=None):
         """Block the host until `event` (default: the last eager call's end) has happened."""
-        ev = event if event is not None else self.last_end
+        ev = event if event is not None else self._last_end()
         if ev is not None:
             limit = self.timeout if timeout is None else timeout
             deadline = time.monotonic() + limit
@@ -367,29 +399,34 @@ class ProxyState:
         if q.inflight != q.detached or self._closed or self.drv.capturing(caller):
             return False
         prog, dev_in, dev_out = hit
-        tag, end = self.launch(prog, caller, dev_in, dev_out, False)
+        tag, end = self.launch(prog, caller, dev_in, dev_out, False, async_op)
         host = self.host
         q.post(name, lambda what: host.drain(tag, what))
         return end if async_op else None
 
     def abort(self):
         self.host.abort()
+        if self.composed is not None:
+            self.composed.abort()
 
     def close(self):
         if self._closed:
             return
         self.host.abort()                # kernels and stream waits still waiting stop now
         self._closed = True
+        if self.composed is not None:
+            try:
+                self.composed.close()
+            except Exception as e:  # noqa: BLE001 - the proxy's own memory is released below either way
+                log.debug("pyccl proxy close, composed part: %s", e)
         rt = self.rt
         with self.cupy.cuda.Device(self.dev):
             try:
-                ev = rt.eventCreateWithFlags(2)
-                rt.eventRecord(ev, self.stream)
+                ev = self._last_end()            # after the last eager call (calls end in order)
                 deadline = time.monotonic() + min(self.timeout, 10.0)
-                while rt.eventQuery(ev) != 0 and time.monotonic() < deadline:
+                while ev is not None and rt.eventQuery(ev) != 0 and time.monotonic() < deadline:
                     time.sleep(1e-3)
-                done = rt.eventQuery(ev) == 0
-                rt.eventDestroy(ev)
+                done = ev is None or rt.eventQuery(ev) == 0
             except Exception as e:  # noqa: BLE001 - the context may be gone at exit
                 log.debug("pyccl proxy close: %s", e)
                 return
@@ -402,7 +439,7 @@ class ProxyState:
                 rt.freeHost(ptr)
             self._pinned = []
             self._held = dict.fromkeys(self._held, 0)
-            for ev in [self.fork] + self.ends:
+            for ev in self.ends:
                 rt.eventDestroy(ev)
             rt.streamDestroy(self.stream)
             self.ctrl = None
