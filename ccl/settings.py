@@ -237,6 +237,10 @@ _DECLARED = (
             "waits for the proxy: `stream` (stream waits on host-mapped words, no kernel resident meanwhile; "
             "kept where the driver offers cuStreamWaitValue64) or `kernel` (a kernel spins, bounded by the timeout)",
             "cuda", choices=("stream", "kernel")),
+    Setting("PYCCL_PROXY_LAUNCH", "choice", "fork", "CUDA buffers across hosts on the stream: where the proxy's "
+            "launches go: `fork` (pyccl's own stream, forked from and joined back to the caller's) or `caller` (the "
+            "caller's stream itself: four driver calls fewer per call; not yet run on a GPU)", "cuda",
+            choices=("fork", "caller")),
     Setting("PYCCL_PROXY_CTAS", "int", 16, "CUDA buffers across hosts on the stream: thread blocks of the proxy "
             "kernel per direction (device to host, host to device)", "cuda"),
     # ---- torch -----------------------------------------------------------------------------

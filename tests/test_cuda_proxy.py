@@ -118,9 +118,10 @@ def test_captured_replays_move_new_inputs(two_hosts, op, dtype):
 
 @pytest.fixture(scope="module")
 def two_by_two(groups):
-    """2 hosts x 2 ranks, every message composed (local phases on the one-host engine, the rail
-    proxied: ccl/engines/proxy/composed.py); reduce and all_to_all take the flat program."""
-    return groups(4, env={"PYCCL_TIMEOUT": "60", "PYCCL_PROXY": "1", "PYCCL_CUDA_COMPOSED_MIN": "0"},
+    """2 hosts x 2 ranks on the proxy (PYCCL_ENGINE=proxy: not the default there until run on a GPU),
+    every message composed (local phases on the one-host engine, the rail proxied:
+    ccl/engines/proxy/composed.py); reduce and all_to_all take the flat program."""
+    return groups(4, env={"PYCCL_TIMEOUT": "60", "PYCCL_ENGINE": "proxy", "PYCCL_CUDA_COMPOSED_MIN": "0"},
                   ranks_per_host=2)
 
 

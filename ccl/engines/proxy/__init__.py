@@ -3,9 +3,10 @@ these calls to the staged engine; bench/JOURNAL.md 2026-12-07 for the hang that 
 and its two causes).
 
 A collective (or send/recv) on CUDA buffers whose ranks are on several hosts (one rank per host;
-with several ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py)
-is launches on the caller's stream and one job for a host thread, the proxy, as NCCL's network
-transport is a kernel and a proxy thread:
+with several ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py,
+unless PYCCL_ENGINE=proxy asks for the proxy's own composition, ccl/engines/proxy/composed.py,
+built but not yet run on a GPU) is launches on the caller's stream and one job for a host thread,
+the proxy, as NCCL's network transport is a kernel and a proxy thread:
 
     stream   out launch: copy the input to a pinned arena piece by piece, raising a flag per
              piece; then per group of passes a stream wait for the proxy's word and an in
@@ -73,8 +74,10 @@ class ProxyEngine(DeviceEngine):
 
     def takes(self, call) -> bool:
         res = self.res
-        return (self._on or self._forced) and res.hosts > 1 and EngineBase.takes(self, call) and \
-            not device_splits(call)
+        # several ranks per host (the composition, ccl/engines/proxy/composed.py): only where
+        # PYCCL_ENGINE=proxy asks for it until it has run on a GPU (the staged composition otherwise)
+        return (self._on or self._forced) and res.hosts > 1 and (res.hosts == res.size or self._forced) and \
+            EngineBase.takes(self, call) and not device_splits(call)
 
     def _state(self, view, caller):
         st = self.state

@@ -10,11 +10,15 @@ since a captured graph may still use it. Nothing is allocated, compiled or copie
 caller's stream is being captured: a program first met inside a capture that does not fit the
 arena and table space already made raises InvalidArgument (run the call once before capturing).
 
-Streams: the launches and waits go on the caller's stream itself (no fork to a stream of
-pyccl's and join back: that cost four driver calls, 6-10 us of host time per call). Calls share
-the arena, so a call made on another stream than the previous eager call first makes its stream
-wait for that call's end event; calls on one stream are ordered by it. Under capture the same
-calls make the launches and waits nodes of the caller's graph.
+Streams (PYCCL_PROXY_LAUNCH): `fork` (the default, the way every GPU run so far went) records an
+event on the caller's stream, pyccl's stream waits for it, the launches run on pyccl's stream,
+and the caller's stream waits for their end (fork and join, so calls made from different streams
+never share the arena at once, as NCCL's internal stream does). `caller` (not yet run on a GPU)
+puts the launches and waits on the caller's stream itself, four driver calls fewer per call: a
+call made on another stream than the previous eager call first makes its stream wait for an
+event after that call; calls on one stream are ordered by it; a synchronous call records no end
+event (one is recorded on the last call's stream when something needs it). Under capture the
+same calls make the launches and waits nodes of the caller's graph.
 With PYCCL_PROXY_WAIT=stream (the default where the driver has cuStreamWaitValue64) a call is an
 out launch, then per group of passes a stream wait on its site's word and an in launch; sites
 0-63 rotate among eager calls, a captured call keeps a site of its own (proxy.cu's header).
@@ -79,6 +83,7 @@ class ProxyState:
             self.stream = rt.streamCreateWithFlags(1)           # non-blocking
             self.ctrl = cupy.empty(2, dtype=cupy.uint64)        # zeroed on the stream the kernels use
             rt.memsetAsync(self.ctrl.data.ptr, 0, 16, self.stream)
+            self.fork = rt.eventCreateWithFlags(2)              # timing off
             self.ends = [rt.eventCreateWithFlags(2) for _ in range(_ENDS)]
             with open(_SOURCE) as f:
                 mod = cupy.RawModule(code=f.read(), options=("-std=c++17",))
@@ -86,6 +91,7 @@ class ProxyState:
             fn = mod.get_function("proxy_call")
             self.fn = int(getattr(getattr(fn, "kernel", fn), "ptr"))
         self.stream_waits = settings.get("PYCCL_PROXY_WAIT") == "stream"
+        self.on_caller = settings.get("PYCCL_PROXY_LAUNCH") == "caller"
         if self.stream_waits and not self.drv.can_wait_value(self.stream, self.words_ptr):
             log.warning("%s rank %d: the driver has no stream waits (cuStreamWaitValue64); the proxy kernel "
                         "spins instead (PYCCL_PROXY_WAIT=kernel)", res.tag, res.rank)
@@ -206,10 +212,10 @@ class ProxyState:
 
     # -- one call, on the caller's thread --
     def launch(self, prog, caller, dev_in, dev_out, capturing, need_end=True):
-        """Enqueue the launches (and stream waits) of `prog` on the caller's stream; returns (tag,
-        end event): tag 0 when captured (each replay rings the doorbell itself); end None unless
-        `need_end` (an event costs a driver call: a synchronous call needs none, and
-        ``_last_end()`` records one later where it is needed)."""
+        """Enqueue the launches (and stream waits) of `prog` after the caller's stream's work (see
+        Streams in the module doc); returns (tag, end event): tag 0 when captured (each replay
+        rings the doorbell itself); end None where the launch made none and `need_end` is false
+        (``_last_end()`` records one later where it is needed)."""
         drv = self.drv
         if self.words[ERROR] or self.words[ABORT]:
             self.raise_if_failed(prog.name)
@@ -225,9 +231,14 @@ class ProxyState:
             site = tag % RING_SLOTS
         vals = prog.params.vals
         vals[3].value, vals[4].value, vals[9].value, vals[12].value = dev_in, dev_out, tag, site
-        stream = caller
-        if not capturing and caller != self.last_stream and self.last_stream is not None:
-            drv.wait_event(caller, self._last_end())      # the previous call (another stream) is done with the arena
+        if self.on_caller:
+            stream = caller
+            if not capturing and caller != self.last_stream and self.last_stream is not None:
+                drv.wait_event(caller, self._last_end())      # the previous call (another stream) is done with the arena
+        else:                                                 # fork onto pyccl's stream ...
+            stream = self.stream
+            drv.record(self.fork, caller)
+            drv.wait_event(stream, self.fork)
         drv.launch(self.fn, prog.grid, _THREADS, stream, prog.params.address)
         if prog.in_launches:
             word = self.words_ptr + 8 * (SITE + site * GROUPS)
@@ -238,9 +249,11 @@ class ProxyState:
                     vals[3].value, vals[4].value = dev_in, dev_out
                     drv.launch(self.fn, grid, _THREADS, stream, params.address)
         end = None
-        if need_end:
+        if need_end or not self.on_caller:
             end = self._next_end()
             drv.record(end, stream)
+            if not self.on_caller:
+                drv.wait_event(caller, end)                   # ... and join back
         if not capturing:
             self.last_end, self.last_stream = end, caller
         elif self.watcher is None:
@@ -439,7 +452,7 @@ class ProxyState:
                 rt.freeHost(ptr)
             self._pinned = []
             self._held = dict.fromkeys(self._held, 0)
-            for ev in self.ends:
+            for ev in [self.fork] + self.ends:
                 rt.eventDestroy(ev)
             rt.streamDestroy(self.stream)
             self.ctrl = None
