@@ -308,11 +308,12 @@ class Communicator:
         from . import suspension
         return suspension.memory(self)
 
-    def suspend(self):
+    def suspend(self, graphs=True):
         """Give back the device memory, keep the communicator (every rank calls it); resume(),
-        or the next call, brings it back (ccl/suspension.py)."""
+        or the next call, brings it back (ccl/suspension.py). graphs=False: no CUDA graph
+        captured with it is replayed again, so what only graphs needed goes too."""
         from . import suspension
-        suspension.suspend(self)
+        suspension.suspend(self, graphs)
 
     def resume(self):
         """Collective: make again what suspend() gave back (see suspend)."""

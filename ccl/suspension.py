@@ -15,7 +15,9 @@ Semantics, chosen to match NCCL's and to keep the collective fast path untouched
   attributes that resume and then call through; resume() removes them, so a communicator that
   is not suspended runs exactly the code it ran before (no flag is read per call).
 * A CUDA graph captured before suspend() is replayed only after resume() (see
-  ccl/engines/cuda/memory.py for what stays valid).
+  ccl/engines/cuda/memory.py for what stays valid). ``suspend(graphs=False)`` promises that no
+  such graph is replayed again: what only graphs needed (the CUDA control block, the loaded
+  kernels) goes too, so the device holds nothing of the communicator until resume.
 """
 from .errors import Timeout
 
@@ -46,15 +48,21 @@ def memory(comm) -> dict:
     return {**totals, "suspended": bool(comm.__dict__.get("_suspended")), "parts": parts}
 
 
-def suspend(comm):
+def suspend(comm, graphs=True):
+    """graphs=False: the caller's word that no CUDA graph captured with `comm` is replayed again;
+    the states then also free what only captured graphs needed kept (``suspend_all()`` where a
+    state has one; ccl/engines/cuda/memory.py), also when `comm` is already suspended."""
     if comm.__dict__.get("_suspended"):
+        if not graphs:
+            for _, st in holders(comm):
+                getattr(st, "suspend_all", st.suspend)()
         return
     if not comm.queue.wait_idle(comm.timeout):
         raise Timeout(f"suspend on {comm.tag} (rank {comm.rank}): queued calls still running after "
                       f"{comm.timeout:g}s")
     _wrap(comm)                     # first: a state that raises leaves the others to the next call's resume
     for _, st in holders(comm):
-        st.suspend()
+        (st.suspend if graphs else getattr(st, "suspend_all", st.suspend))()
 
 
 def resume(comm):

@@ -208,8 +208,15 @@ def scenario_memory(rank, size, port):
     _, ok = _ops(comm, "float16", MIB)
     res["ops right after suspend, resumed by the call"] = all(ok.values())
     stages["resumed by a float16 call"] = (base - _free_after(sync, "mem/resumed", size)) / MIB
+    comm.suspend(graphs=False)                     # no graph replayed again: the control block and kernels go too
+    after_all = base - _free_after(sync, "mem/suspended_all", size)
+    stages["suspend(graphs=False)"] = after_all / MIB
+    res["memory() after suspend(graphs=False)"] = comm.memory()["device"]
+    _, ok = _ops(comm, "int32", MIB)               # resumes: a new control block, the kernels loaded again
+    res["ops right after suspend(graphs=False), resumed by the call"] = all(ok.values())
     comm.suspend()
-    stages["suspended again"] = (base - _free_after(sync, "mem/suspended2", size)) / MIB
+    comm.suspend(graphs=False)                     # already suspended: lets go of the rest
+    stages["suspend() then suspend(graphs=False)"] = (base - _free_after(sync, "mem/suspended_all2", size)) / MIB
     comm.close()
     after_close = base - _free_after(sync, "mem/closed", size)
     stages["closed"] = after_close / MIB
@@ -218,7 +225,8 @@ def scenario_memory(rank, size, port):
     stages["communicator dropped, gc"] = (base - _free_after(sync, "mem/dropped", size)) / MIB
     res["GPU MiB over the baseline, both ranks, by stage"] = stages
     res["GPU bytes used: calls, suspended, closed"] = (used, after_suspend, after_close)
-    res["within 2 MiB after suspend"] = after_suspend <= 2 * MIB
+    res["suspend() keeps for graphs (MiB, reported, not checked)"] = after_suspend / MIB
+    res["within 2 MiB after suspend(graphs=False)"] = after_all <= 2 * MIB
     res["within 2 MiB after close"] = after_close <= 2 * MIB
     return res
 
@@ -297,8 +305,25 @@ def scenario_graph(rank, size, port):
     body()                                             # and outside the graph
     torch.cuda.synchronize()
     res["eager after resume"] = check(4)
+    _sync(sync, "graph/replayed", size)
+    del g                                              # not replayed again: everything may go
+    comm.suspend(graphs=False)
+    _sync(sync, "graph/suspended_all", size)
+    comm.resume()                                      # a new control block (epochs carried over), kernels again
+    fill(5)
+    body()
+    torch.cuda.synchronize()
+    res["eager after suspend(graphs=False) and resume"] = check(5)
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        body()
+    for k in (6, 7):
+        fill(k)
+        g2.replay()
+        torch.cuda.synchronize()
+        res[f"graph captured after that, replay {k - 5}"] = check(k)
     _sync(sync, "graph/done", size)
-    del g
+    del g2
     comm.close()
     return res
 

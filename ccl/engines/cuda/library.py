@@ -5,7 +5,8 @@ runs the same kernels. The first communicator on a device starts the background 
 (build.py); each unit is loaded (cuModuleLoadData) when one of its kernels is first launched,
 and everything is unloaded when the last communicator on the device closes, so close() gives
 the device memory back. Loaded modules stay through suspend(): a captured CUDA graph names
-their functions.
+their functions; suspend(graphs=False) pauses its communicator's use (``pause``), and when no
+user of the device is active the modules are unloaded (loaded again by the next launch).
 """
 import threading
 
@@ -27,6 +28,7 @@ class Library:
         self.arch = int(cc)
         self.builder = builder_for(self.arch)
         self.users = 0
+        self.active = 0            # users not paused (suspend(graphs=False))
         self._mods = {}            # unit -> cupy Module
         self._fns = {}             # key -> (Function, ptr)
         self.loaded_bytes = 0      # image bytes loaded (the code's device footprint, about)
@@ -86,17 +88,42 @@ def acquire(cupy, dev: int) -> Library:
         if lib is None:
             lib = _libs[dev] = Library(cupy, dev)
         lib.users += 1
+        lib.active += 1
     lib.builder.start()
     return lib
 
 
-def release(dev: int):
-    """One user fewer; the last one unloads the device's modules (their device memory)."""
+def release(dev: int, paused: bool = False):
+    """One user fewer (`paused`: it had paused); the last one unloads the device's modules
+    (their device memory), and so does the last active one."""
     with _lock:
         lib = _libs.get(dev)
         if lib is None:
             return
         lib.users -= 1
+        if not paused:
+            lib.active -= 1
         if lib.users <= 0:
             lib.unload()
             del _libs[dev]
+        elif lib.active <= 0:
+            lib.unload()
+
+
+def pause(dev: int):
+    """A user suspended with graphs=False: it launches nothing until unpause; the modules go
+    when no user is active."""
+    with _lock:
+        lib = _libs.get(dev)
+        if lib is None:
+            return
+        lib.active -= 1
+        if lib.active <= 0:
+            lib.unload()
+
+
+def unpause(dev: int):
+    with _lock:
+        lib = _libs.get(dev)
+        if lib is not None:
+            lib.active += 1

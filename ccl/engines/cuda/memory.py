@@ -22,7 +22,16 @@ named are kept (not unmapped, not freed) until close(); (2) a capture of the cop
 two-shot (PYCCL_CUDA_TWOSHOT=ce, or reduce-scatter segments of PYCCL_CUDA_RS_CE_MIN and more)
 bakes the peers' scratch addresses into copy nodes: suspend() then raises InvalidArgument.
 Never replay a graph while suspended (its kernels would find no scratch): resume() first.
+
+``suspend(graphs=False)`` (Communicator.suspend(graphs=False)) is the caller's word that no
+graph captured with this communicator is replayed again (capture anew after resume): then the
+graphs' parts go too: the control block (its epoch is carried over to a new one at resume,
+zeroed flags, the peer table written again), the kept buffers and mappings, and the loaded
+kernels once no other communicator of the process on the device is active; the device holds
+nothing of this communicator until resume (measured: tests/test_cuda_memory.py).
 """
+import numpy as np
+
 from ...errors import InvalidArgument
 from .kernels import FLAG_WORDS, MAXR
 
@@ -51,41 +60,82 @@ class MemoryMixin:
             "mapped.windows": mapped.get("kept", 0),
         }
 
-    def suspend(self):
-        """Free the scratch, the reduce buffer and the peers' mappings (see the module docstring)."""
-        if self.suspended or self._closed:
+    def suspend(self, graphs=True):
+        """Free the scratch, the reduce buffer and the peers' mappings (see the module docstring).
+        graphs=False: no CUDA graph captured with this communicator is replayed again, so the
+        control block and this communicator's hold on the loaded kernels go too (also when
+        already suspended)."""
+        if self._closed:
             return
-        if self._big_pinned:
-            raise InvalidArgument(f"suspend on {self.tag} (rank {self.rank}): a CUDA graph captured a copy-engine "
-                                  f"two-shot, whose copies name the peers' scratch; suspending would move it. Use "
-                                  f"PYCCL_CUDA_TWOSHOT=kernel for captured calls, or do not suspend")
-        rt = self.rt
+        if not self.suspended:
+            if self._big_pinned and graphs:
+                raise InvalidArgument(f"suspend on {self.tag} (rank {self.rank}): a CUDA graph captured a copy-engine "
+                                      f"two-shot, whose copies name the peers' scratch; suspending would move it. Use "
+                                      f"PYCCL_CUDA_TWOSHOT=kernel for captured calls, suspend(graphs=False) if no "
+                                      f"graph is replayed again, or do not suspend")
+            rt = self.rt
+            with self._device:
+                rt.deviceSynchronize()             # our kernels (pyccl's stream, the torch lane's callers) are done
+                self.registry.close_kinds(("scratch", "buffer"))
+                for name in ("small", "big"):
+                    p = getattr(self, name)
+                    if p:
+                        rt.free(p)
+                        setattr(self, name, 0)
+                for r in range(self.size):
+                    self.tab_host[1 * MAXR + r] = 0
+                    self.tab_host[2 * MAXR + r] = 0
+                rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)
+            self.suspended = True
         with self._device:
-            rt.deviceSynchronize()             # our kernels (pyccl's stream, the torch lane's callers) are done
-            self.registry.close_kinds(("scratch", "buffer"))
-            for name in ("small", "big"):
-                p = getattr(self, name)
-                if p:
-                    rt.free(p)
-                    setattr(self, name, 0)
             tmp = getattr(self, "_tmp_buf", None)
-            if tmp is not None and not self._tmp_pinned:
-                rt.free(tmp[0])
+            if tmp is not None and (not self._tmp_pinned or not graphs):
+                self.rt.free(tmp[0])
                 self._tmp_buf = None
-            for r in range(self.size):
-                self.tab_host[1 * MAXR + r] = 0
-                self.tab_host[2 * MAXR + r] = 0
-            rt.memcpy(self.tab, self.tab_host.ctypes.data, self.tab_host.nbytes, 1)
-        self.forget_prepared()                 # prepared launches name the reduce buffer
-        self.suspended = True
+            self.forget_prepared()                 # prepared launches name the reduce buffer
+            if not graphs:
+                self._release_graph_parts()
+
+    def _release_graph_parts(self):
+        """What only captured graphs needed kept: the peers' buffers they named, their split
+        tensors, then the control block (the device epoch is read back first and written into
+        the new block by resume, so epochs go on growing) and the loaded kernels, unloaded when
+        no other communicator of the process on this device is active (library.py)."""
+        self.registry.close_kinds(("graph",))
+        self._captured_splits = []
+        self._tmp_pinned = self._big_pinned = False
+        if self.ctrl:
+            ep = np.zeros(2, dtype=np.uint64)
+            self.rt.memcpy(ep.ctypes.data, self.ectr, 16, 2)                # device to host
+            self.rt.free(self.ctrl)
+            self._saved_epoch = int(ep[0])
+            self.ctrl = self.flags = self.ectr = self.tab = 0
+        self._mods.clear()                         # launchers of the kernels about to be unloaded
+        if self._library is not None and not self._library_paused:
+            from . import library
+            library.pause(self.dev)
+            self._library_paused = True
+
+    def suspend_all(self):
+        """suspend(graphs=False): ccl/suspension.py calls it for Communicator.suspend(graphs=False)."""
+        self.suspend(graphs=False)
 
     def resume(self):
-        """Allocate and publish the scratch again, same sizes (collective: every rank)."""
+        """Allocate and publish the scratch again, same sizes (collective: every rank); the
+        control block too, where suspend(graphs=False) gave it back."""
         if not self.suspended or self._closed:
             return
         rt = self.rt
         self._gen += 1
         with self._device:
+            if not self.ctrl:
+                self._alloc_control()
+                ep = np.array([self._saved_epoch, 0], dtype=np.uint64)
+                rt.memcpy(self.ectr, ep.ctypes.data, 16, 1)                 # host to device
+            if self._library_paused:
+                from . import library
+                library.unpause(self.dev)
+                self._library_paused = False
             self.small = rt.malloc(2 * self.size * self.small_cap)
             self._share(f"base.g{self._gen}", [self.flags, self.small], [0, 1])
             if self.big_cap:

@@ -93,6 +93,8 @@ class CudaState:
         self._big_keys = []                  # the peers' two-shot scratch as mapped here (closed on regrowth)
         self.ctrl = 0
         self._library = None
+        self._library_paused = False         # suspend(graphs=False) let go of the kernels (memory.py)
+        self._saved_epoch = 0                # the device epoch across suspend(graphs=False)
         with self._device:
             sms = rt.deviceGetAttribute(16, self.dev)          # cudaDevAttrMultiProcessorCount
             blocks = _env_int("PYCCL_CUDA_BLOCKS", 0)
@@ -443,7 +445,7 @@ class CudaState:
             self._closed = True
             if self._library is not None:
                 from . import library
-                library.release(self.dev)
+                library.release(self.dev, paused=self._library_paused)
                 self._library = None
 
     def _release_partial(self):
