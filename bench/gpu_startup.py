@@ -309,7 +309,8 @@ def mode_parts(args):
     imgs = [b.image_for(("oneshot", *u.split("-"), 1) if u != "common" else "staged") for u in units]
     imgs = [b._ready(u) or i for u, i in zip(units, imgs)]
     print(f"PARTS images of {len(imgs)} units: {sum(len(i.image) for i in imgs) / mib:.2f} MiB, "
-          f"{sorted({i.how for i in imgs})}, {time.perf_counter() - t:.2f} s", flush=True)
+          f"{sorted({i.how for i in imgs})}, {time.perf_counter() - t:.2f} s; CUDA_MODULE_LOADING="
+          f"{os.environ.get('CUDA_MODULE_LOADING')}", flush=True)
     def load(img):                      # loaded and every function looked up (lazy loading loads them then)
         m = library._load(cupy, img.image)
         return m, [m.get_function(n) for n in img.names.values()]

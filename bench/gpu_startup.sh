@@ -59,17 +59,15 @@ fi
 if [ "$MODE" = check ]; then          # BUDGET=120: the GPU suite after the kernel changes, then issue 32's tests
   # tests/test_cuda.py in file order (every dtype and op first) until its share of the budget is
   # spent: SIGINT makes pytest print what passed, failed and was not reached
-  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S:=60}s)"
-  timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --durations=8 \
+  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S:=58}s)"
+  timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --tb=short --durations=8 \
     tests/test_cuda.py ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
   echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
-  TAIL=40 step "tests/test_cuda_memory.py: memory by stage, warm first calls with their parts" 40 \
-    python3 -m pytest -q -s -p no:cacheprovider --timeout=38 -rfE \
-    tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_first_calls_cold_then_warm
+  TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 44 \
+    bash -c "set -o pipefail; python3 -m pytest -q -s -p no:cacheprovider --timeout=40 -rfE --tb=line \
+    tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume \
+    tests/test_cuda_memory.py::test_first_calls_cold_then_warm 2>&1 | tee $OUT/test_cuda_memory.log"
   step "device memory by part, one process (cudaMemGetInfo)" 12 python3 bench/gpu_startup.py parts
-  TAIL=6 step "tests/test_cuda_memory.py: graph replay after suspend/resume, report keys" 20 \
-    python3 -m pytest -q -p no:cacheprovider --timeout=18 -rfE \
-    tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume tests/test_cuda_memory.py::test_memory_report_keys_on_this_gpu
   echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] done, $FAILED step(s) failed"
   exit $FAILED
 fi
