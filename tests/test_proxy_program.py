@@ -208,6 +208,75 @@ def test_proxied_send_recv_on_host(groups, size, stream_waits):
         assert not any(out), f"send/recv {dtype} x{count}: {out}"
 
 
+def _proxied_rail(comm, dtype, count, stream_waits):
+    """Rail phases of the proxy's composition (ccl/engines/proxy/composed.py: rail_program) on 2
+    hosts x 2 ranks: each rank's rail is the ranks with its local index, one per host; the
+    programs walk the rail's plans (relabelled to communicator ranks) over real TCP. AVG divides
+    by the communicator's size (the local phases summed the host's ranks before)."""
+    import pyccl
+    from pyccl.dtypes import DTYPES
+    from pyccl.engines.proxy.composed import rail_program
+    from pyccl.engines.proxy.host import WORDS, ProxyHost
+    from pyccl.engines.proxy.program import Program
+    hier = comm.engines.by_name["composed"].ready()
+    rail, members, h, H = hier.rail, hier.rail_ranks, hier.h, hier.H
+    dt = DTYPES[dtype]
+    words = np.zeros(WORDS, np.uint64)
+    host = ProxyHost(words, comm.executor, 30.0, comm.rank, comm.tag, comm.size)
+    problems, n = [], 0
+    cases = [("all_reduce", "sum", 0), ("all_reduce", "max", 0), ("all_reduce", "avg", 0), ("all_gather", "sum", 0),
+             ("reduce_scatter", "sum", 0), ("reduce_scatter", "avg", 0), ("broadcast", "sum", 1)]
+    for pid, (name, opname, root) in enumerate(cases, 1):
+        op = getattr(pyccl, opname.upper())
+        m = count * (H if name == "reduce_scatter" else 1)
+        ins = {r: make(r, m, dtype, "sum" if opname == "avg" else opname, pid) for r in members}
+        inp = ins[comm.rank].copy()
+        if name == "all_gather":
+            out = np.zeros(count * H, dt)
+        elif name == "reduce_scatter":
+            out = np.zeros(count, dt)
+        else:
+            out, inp = inp, None
+        key, build = rail_program(rail, name, out, dtype, op, root, inp)
+        staged, _, _, pdt = build()
+        prog = Program(pid, name, staged, 96, comm.size, pdt, piece=40)
+        prog.bind(np.zeros(prog.arena_bytes, np.uint8))
+        host.programs[pid] = prog
+        n += 1
+        devs = {"in": (inp if inp is not None else out).view(np.uint8), "out": out.view(np.uint8)}
+        threads = _kernel(words, prog, devs, pid, n, n, stream_waits)
+        host.drain(n, f"rail {name} {opname}")
+        for t in threads:
+            t.join()
+        xs = [ins[r] for r in members]
+        if name == "reduce_scatter":
+            xs = [x[h * count:(h + 1) * count] for x in xs]
+        if name == "all_gather":
+            bad = not np.array_equal(out.view(np.uint8), np.concatenate(xs).view(np.uint8))
+        elif name == "broadcast":
+            bad = not np.array_equal(out.view(np.uint8), ins[members[root]].view(np.uint8))
+        elif opname == "avg":            # the sum over the rail, divided by the communicator's size
+            total = np.sum([x.astype(np.float64) for x in xs], axis=0)
+            if np.issubdtype(dt, np.integer):
+                bad = not np.array_equal(out, np.trunc(total / comm.size).astype(dt))     # truncated, as pyccl's AVG
+            else:
+                bad = not np.allclose(out.astype(np.float64), total / comm.size,
+                                      rtol=1e-2 if dtype == "bfloat16" else 1e-6)
+        else:
+            bad = mismatch(out, xs, opname, dtype)
+        if bad:
+            problems.append(f"rail {name} {opname} (rail {members}): {bad}")
+    return "; ".join(problems)
+
+
+@pytest.mark.parametrize("stream_waits", [True, False], ids=["stream", "kernel"])
+def test_proxied_rail_phases_2x2(groups, stream_waits):
+    g = groups(4, ranks_per_host=2)
+    for dtype, count in (("float32", 0), ("float32", 1), ("bfloat16", 13), ("int32", 1000)):
+        out = g.run(_proxied_rail, dtype, count, stream_waits)
+        assert not any(out), f"{dtype} x{count}: {out}"
+
+
 def test_in_groups():
     """In-items cut into runs of whole passes: every item once, in order, ends on pass
     boundaries, at most GROUPS runs; the last run has no group_end (the network's end frees it)."""

@@ -45,27 +45,12 @@ class ProxyComposed(CudaComposed):
 
     def _rail(self, what, after, op_name, part, op=None, root=0, inp=None):
         """The rail phase as a proxy launch on stream `after`, which its end stays on."""
-        rail, v = self.hier.rail, part.array
-        reducing = op_name in ("all_reduce", "reduce_scatter")
         i = inp.array if inp is not None else None
-        if i is None:
-            plan, chunk = rail._tuned(op_name, v.size, v.itemsize, v.nbytes, root)
-            views, fetch = {"out": v}, ("out",)
-        else:               # counts as the builders take them: all_gather the input's, reduce_scatter the output's
-            plan, chunk = rail._tuned(op_name, i.size if op_name == "all_gather" else v.size, v.itemsize,
-                                      max(v.nbytes, i.nbytes))
-            views, fetch = {"in": i, "out": v}, ("in",)
-        red = op if reducing else None
-        key = ("rail", op_name, part.dtype, v.size, -1 if i is None else i.size, root,
-               None if red is None else red.name)
+        key, build = rail_program(self.hier.rail, op_name, part.array, part.dtype, op, root, i,
+                                  self.res.fixed_chunk, self.chunk_cap)
         pst = self.pst
-
-        def build():
-            staged = _Call(plan, chunk, views, fetch, ("out",), red, reducing and op is AVG, i is None)
-            c = chunk if self.res.fixed_chunk is not None else min(chunk, self.chunk_cap)
-            return staged, op_name, c, DTYPES[part.dtype]
         prog = pst.programs.get(key) or pst.program(key, build, self._capturing, what)
-        tag, _ = pst.launch(prog, after, 0 if i is None else i.ptr, v.ptr, self._capturing, False)
+        tag, _ = pst.launch(prog, after, 0 if i is None else i.ptr, part.array.ptr, self._capturing, False)
         if tag:
             self._tags.append(tag)
         return after
@@ -75,3 +60,26 @@ class ProxyComposed(CudaComposed):
 
     def _rail_idle(self, what):
         self.pst.synchronize(what)
+
+
+def rail_program(rail, op_name, out, dtype, op=None, root=0, inp=None, fixed_chunk=None, chunk_cap=4 << 20):
+    """(program key, build) of a rail phase for ProxyState.program: `rail` the Hierarchy's
+    PlanEngine of my rail, `out` (and `inp` for all_gather and reduce_scatter; else in place)
+    views with size/itemsize/nbytes, `dtype` the pyccl dtype name, `root` the root's host.
+    build() returns (the staged description, name, chunk bytes, numpy dtype), as the flat
+    programs' (tests/test_proxy_program.py runs these over TCP without a GPU)."""
+    reducing = op_name in ("all_reduce", "reduce_scatter")
+    if inp is None:
+        plan, chunk = rail._tuned(op_name, out.size, out.itemsize, out.nbytes, root)
+        views, fetch = {"out": out}, ("out",)
+    else:               # counts as the builders take them: all_gather the input's, reduce_scatter the output's
+        plan, chunk = rail._tuned(op_name, inp.size if op_name == "all_gather" else out.size, out.itemsize,
+                                  max(out.nbytes, inp.nbytes))
+        views, fetch = {"in": inp, "out": out}, ("in",)
+    red = op if reducing else None
+    key = ("rail", op_name, dtype, out.size, -1 if inp is None else inp.size, root, None if red is None else red.name)
+
+    def build():
+        staged = _Call(plan, chunk, views, fetch, ("out",), red, reducing and op is AVG, inp is None)
+        return staged, op_name, chunk if fixed_chunk is not None else min(chunk, chunk_cap), DTYPES[dtype]
+    return key, build
