@@ -91,23 +91,32 @@ def rank_side(args):
 def cuda_rank_side(args):
     """Under torchrun, backend "pyccl", CUDA tensors of one GPU (or one per rank): host time per
     call of put+signal (origin) and wait_signal (target) against dist.send / dist.recv of the
-    same tensor, then the one-way time of a ping-pong queued on the streams (rank 0 prints)."""
+    same tensor, then the one-way time of a ping-pong queued on the streams (rank 0 prints);
+    windows of both wait modes (ccl/windows/cuda.py WAIT: a spinning kernel, cuStreamWaitValue64)."""
     import torch
     import torch.distributed as dist
     import pyccl.torch_backend as tb
+    import pyccl.windows.cuda as cw
     rank = int(os.environ["RANK"])
     dev = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(dev)
     dist.init_process_group("pyccl", device_id=dev)
     other = 1 - rank
+    modes = ("kernel", "stream")
     out = []
     for nbytes in args.sizes:
         x = torch.zeros(max(nbytes // 4, 1), device=dev)
-        win = tb.window(torch.zeros_like(x), signals=2)
+        wins = {}
+        for m in modes:
+            cw.WAIT = m
+            wins[m] = tb.window(torch.zeros_like(x), signals=2)
         iters = args.iters if nbytes <= 65536 else max(10, args.iters // 20)
-        res = {"bytes": x.numel() * 4, "iters": iters, "rounds": args.rounds, "link": win.transport(other),
-               "us": {"send": [], "recv": [], "put+signal": [], "wait_signal": [], "send/recv pingpong": [],
-                      "put+signal pingpong": []}}
+        res = {"bytes": x.numel() * 4, "iters": iters, "rounds": args.rounds, "link": wins["kernel"].transport(other),
+               "modes": {m: wins[m].wait_mode for m in modes}, "us": {k: [] for k in ("send", "recv")}}
+        for m in modes:
+            for k in ("put+signal", "wait_signal", "put+signal pingpong"):
+                res["us"][f"{k} {m}"] = []
+        res["us"]["send/recv pingpong"] = []
 
         def timed(fn):
             torch.cuda.synchronize()
@@ -117,7 +126,8 @@ def cuda_rank_side(args):
                 fn()
             host = (time.perf_counter() - t) / iters * 1e6
             torch.cuda.synchronize()
-            win.synchronize()
+            for w in wins.values():
+                w.synchronize()
             return host
 
         def sendrecv():
@@ -125,10 +135,11 @@ def cuda_rank_side(args):
                 return timed(lambda: dist.send(x, other)), "send"
             return timed(lambda: dist.recv(x, other)), "recv"
 
-        def putsignal():
+        def putsignal(m):
+            win = wins[m]
             if rank == 0:
-                return timed(lambda: win.put(x, other, signal=0)), "put+signal"
-            return timed(lambda: win.wait_signal(0, 1)), "wait_signal"
+                return timed(lambda: win.put(x, other, signal=0)), f"put+signal {m}"
+            return timed(lambda: win.wait_signal(0, 1)), f"wait_signal {m}"
 
         def pp_sendrecv():
             if rank == 0:
@@ -138,7 +149,8 @@ def cuda_rank_side(args):
                 dist.recv(x, other)
                 dist.send(x, other)
 
-        def pp_put():
+        def pp_put(m):
+            win = wins[m]
             if rank == 0:
                 win.put(x, other, signal=1)
                 win.wait_signal(1, 1)
@@ -146,13 +158,16 @@ def cuda_rank_side(args):
                 win.wait_signal(1, 1)
                 win.put(x, other, signal=1)
 
-        for fn in (sendrecv, putsignal):                      # warm-up
+        host_fns = [sendrecv] + [lambda m=m: putsignal(m) for m in modes]
+        pp_fns = [(pp_sendrecv, "send/recv pingpong")] + [(lambda m=m: pp_put(m), f"put+signal pingpong {m}")
+                                                         for m in modes]
+        for fn in host_fns:                                   # warm-up
             fn()
         for _ in range(args.rounds):
-            for fn in (sendrecv, putsignal):
+            for fn in host_fns:
                 host, name = fn()
                 res["us"][name].append(host)
-            for fn, name in ((pp_sendrecv, "send/recv pingpong"), (pp_put, "put+signal pingpong")):
+            for fn, name in pp_fns:
                 n = max(10, iters // 10)
                 torch.cuda.synchronize()
                 dist.barrier()
@@ -160,28 +175,32 @@ def cuda_rank_side(args):
                 for _ in range(n):
                     fn()
                 torch.cuda.synchronize()
-                win.synchronize()
+                for w in wins.values():
+                    w.synchronize()
                 res["us"][name].append((time.perf_counter() - t) / n / 2 * 1e6)
-        win.close()
+        for w in wins.values():
+            w.close()
         out.append(res)
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
-        print("| bytes | window link | send µs host/call | recv µs host/call | put+signal µs host/call | "
-              "wait_signal µs host/call | put+signal / send | send/recv ping-pong µs one-way | "
-              "put+signal ping-pong µs one-way |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| bytes | waits | send µs host/call | put+signal µs host/call | put+signal / send (host) | "
+              "send/recv ping-pong µs one-way | put+signal ping-pong µs one-way | put / sendrecv (ping-pong) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in out:
             u = r["us"]
-            print(f"| {r['bytes']} | {r['link']} | {fmt(u['send'])} | - | {fmt(u['put+signal'])} | - | "
-                  f"{statistics.median(u['put+signal']) / statistics.median(u['send']):.2f} | "
-                  f"{fmt(u['send/recv pingpong'])} | {fmt(u['put+signal pingpong'])} |")
+            for m in modes:
+                p, pp = u[f"put+signal {m}"], u[f"put+signal pingpong {m}"]
+                print(f"| {r['bytes']} | {r['modes'][m]} | {fmt(u['send'])} | {fmt(p)} | "
+                      f"{statistics.median(p) / statistics.median(u['send']):.2f} | {fmt(u['send/recv pingpong'])} | "
+                      f"{fmt(pp)} | {statistics.median(pp) / statistics.median(u['send/recv pingpong']):.2f} |")
         print(f"\nmedian over {args.rounds} rounds (min-max), {args.iters} calls per round; host time per call "
               f"on rank 0 (the origin); ping-pong: wall time of round trips / 2 (two processes on one GPU "
               f"time-slice: read ping-pong figures as the path's behaviour, not the GPU's speed)")
     dist.barrier()
     if rank == 1:
-        print("RESULT-TARGET " + json.dumps([{"bytes": r["bytes"], "recv": r["us"]["recv"],
-                                               "wait_signal": r["us"]["wait_signal"]} for r in out]), flush=True)
+        print("RESULT-TARGET " + json.dumps([{"bytes": r["bytes"], "recv": [round(v, 1) for v in r["us"]["recv"]],
+                                               **{f"wait_signal {m}": [round(v, 1) for v in r["us"][f"wait_signal {m}"]]
+                                                  for m in modes}} for r in out]), flush=True)
     dist.destroy_process_group()
 
 

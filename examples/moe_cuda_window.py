@@ -134,7 +134,8 @@ class CudaWindowExchange:
         u, c = self.layer_us, self.counts_us
         return (f"{statistics.median(u):.1f} us median (mean {statistics.mean(u):.1f}, min {min(u):.1f}, max "
                 f"{max(u):.1f}) of host time per MoE layer to queue counts + dispatch (counts part "
-                f"{statistics.median(c):.1f}), {len(u)} layers, {self.puts}; device syncs while queuing: "
+                f"{statistics.median(c):.1f}), {len(u)} layers, {self.puts} puts, "
+                f"{getattr(self.wins['counts'], 'wait_mode', '?')} waits; device syncs while queuing: "
                 f"{self.syncs}{' ' + str(self.watch.seen[:3]) if self.watch.seen else ''}")
 
     def _launch(self, fn, params, grid, block, args):

@@ -75,6 +75,9 @@ def parse(argv=None):
     p.add_argument("--window-puts", choices=("copies", "kernel"), default="copies",
                    help="--dispatch window on CUDA: the host queues a copy per destination (copies) or one "
                         "kernel stores every row into the peers' windows (kernel; examples/moe_cuda_window.py)")
+    p.add_argument("--window-wait", choices=("kernel", "stream"), default="kernel",
+                   help="--dispatch window on CUDA: the stream waits for a signal in a spinning kernel or in "
+                        "cuStreamWaitValue64 (ccl/windows/cuda.py WAIT)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)
@@ -345,7 +348,9 @@ def run(a, rt: par.Runtime) -> dict | None:
         # the most rows one source sends one rank: all of its tokens' copies, at the prefill
         cap = a.batch // rt.world * a.prompt * a.top_k
         if rt.device.type == "cuda":
+            import pyccl.windows.cuda as cuda_windows
             from moe_cuda_window import CudaWindowExchange
+            cuda_windows.WAIT = a.window_wait
             ex = CudaWindowExchange(rt, prof, cap, a.d_model, per, a.window_puts)
         else:
             ex = WindowExchange(rt, prof, cap, a.d_model, per)

@@ -42,6 +42,13 @@ def _dev(comm):
     return d
 
 
+def _wait_mode(mode):
+    """How the windows made from now on wait (ccl/windows/cuda.py WAIT); returns the old mode."""
+    import pyccl.windows.cuda as cw
+    old, cw.WAIT = cw.WAIT, mode
+    return old
+
+
 def values(src, dst, n, dtype, device="cuda"):
     x = (torch.arange(n, dtype=torch.int64) * 7 + src * 13 + dst * 3 + 1) % 50
     return x.to(TORCH[dtype]).to(device)
@@ -123,9 +130,10 @@ def test_torch_backend_window_on_cuda():
     assert [out.get(r) for r in range(2)] == [("ok", True)] * 2, out
 
 
-def test_wait_times_out(groups):
+@pytest.mark.parametrize("wait", ["kernel", "stream"])
+def test_wait_times_out(groups, wait):
     g = groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
-    took, msg = g.run(rank_wait_times_out)[0]
+    took, msg = g.run(rank_wait_times_out, wait)[0]
     assert took < 10, (took, msg)
     assert "signal slot 1" in msg, msg
 
@@ -187,9 +195,10 @@ def rank_cupy_window(comm):
     return [] if np.array_equal(got, want) else [f"cupy window {got} != {want}"]
 
 
-def rank_many_puts_one_signal(comm, k):
+def rank_many_puts_one_signal(comm, k, wait="kernel"):
     """k single-element puts to every peer, then one signal each (value 2): it lands after them."""
     _dev(comm)
+    old = _wait_mode(wait)
     me, size = comm.rank, comm.size
     buf = torch.full((size * k,), -1, dtype=torch.int64, device="cuda")
     with comm.window(buf, signals=4) as win:
@@ -203,15 +212,17 @@ def rank_many_puts_one_signal(comm, k):
         win.wait_signal(3, 2 * (size - 1))
         win.synchronize()
         want = torch.tensor([q * 1000 + i if q != me else -1 for q in range(size) for i in range(k)])
-        ok = torch.equal(buf.cpu(), want)
+        ok = torch.equal(buf.cpu(), want) and win.wait_mode == wait
         comm.barrier()
-    return [] if ok else [f"window {buf.cpu().tolist()} != {want.tolist()}"]
+    _wait_mode(old)
+    return [] if ok else [f"{win.wait_mode} waits: window {buf.cpu().tolist()} != {want.tolist()}"]
 
 
-def rank_concurrent(comm, n, rounds):
+def rank_concurrent(comm, n, rounds, wait="kernel"):
     """Every rank puts n float32 into every peer at once, `rounds` times (a signal per round;
     a round's region is rewritten only after the target answered the previous one)."""
     _dev(comm)
+    old = _wait_mode(wait)
     me, size = comm.rank, comm.size
     buf = torch.zeros(size * n, device="cuda")
     bad = []
@@ -231,6 +242,7 @@ def rank_concurrent(comm, n, rounds):
             win.wait_signal(1, size - 1)
         win.synchronize()
         comm.barrier()
+    _wait_mode(old)
     return bad
 
 
@@ -303,10 +315,12 @@ def rank_bad_input(comm):
     return errors
 
 
-def rank_wait_times_out(comm):
+def rank_wait_times_out(comm, wait="kernel"):
     """Rank 0's stream waits on a slot nobody signals, 1 s: synchronize raises Timeout, then close."""
     _dev(comm)
+    old = _wait_mode(wait)
     win = comm.window(torch.zeros(4, device="cuda"), signals=2)
+    _wait_mode(old)
     out = None
     if comm.rank == 0:
         t = time.monotonic()
@@ -321,7 +335,7 @@ def rank_wait_times_out(comm):
     return out
 
 
-def rank_moe_exchange(comm, puts, layers):
+def rank_moe_exchange(comm, puts, layers, wait="kernel"):
     """examples/moe_cuda_window.py's exchange on this group's windows: per layer, per-expert counts
     (random, so some destinations get 0 rows), the dispatch of rows tagged with (source, layer,
     row), the combine sending each row back doubled. Every row must arrive where all_to_all would
@@ -334,8 +348,12 @@ def rank_moe_exchange(comm, puts, layers):
     dev = torch.device("cuda", _dev(comm))
     me, world, per, cap, d = comm.rank, comm.size, 2, 6, 3
     rt = types.SimpleNamespace(world=world, rank=me, device=dev)
-    ex = CudaWindowExchange(rt, lambda kind: contextlib.nullcontext(), cap, d, per, puts,
-                            window=lambda b, signals: comm.window(b, signals=signals))
+    old = _wait_mode(wait)
+    try:
+        ex = CudaWindowExchange(rt, lambda kind: contextlib.nullcontext(), cap, d, per, puts,
+                                window=lambda b, signals: comm.window(b, signals=signals))
+    finally:
+        _wait_mode(old)
     bad = []
 
     def plan(src, layer):
@@ -383,10 +401,10 @@ def group(groups, request):
     return groups(request.param, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
 
 
-@pytest.mark.parametrize("puts", ["kernel", "copies"])
-def test_moe_exchange_rows_in_place_and_no_sync(group, puts):
-    for bad, summary in group.run(rank_moe_exchange, puts, 6):
-        print(f"{group.size} ranks: {summary}")
+@pytest.mark.parametrize("puts,wait", [("kernel", "kernel"), ("copies", "kernel"), ("kernel", "stream")])
+def test_moe_exchange_rows_in_place_and_no_sync(group, puts, wait):
+    for bad, summary in group.run(rank_moe_exchange, puts, 6, wait):
+        print(f"{group.size} ranks, {wait} waits: {summary}")
         assert not bad, bad
 
 
@@ -400,14 +418,15 @@ def test_cupy_arrays(group):
         assert not bad, bad
 
 
-def test_many_puts_then_one_signal(group):
-    for bad in group.run(rank_many_puts_one_signal, 50):
+@pytest.mark.parametrize("wait", ["kernel", "stream"])
+def test_many_puts_then_one_signal(group, wait):
+    for bad in group.run(rank_many_puts_one_signal, 50, wait):
         assert not bad, bad
 
 
-@pytest.mark.parametrize("n", [1, 4097, 1 << 20])
-def test_puts_from_every_peer_at_once(group, n):
-    for bad in group.run(rank_concurrent, n, 5):
+@pytest.mark.parametrize("n,wait", [(1, "kernel"), (4097, "kernel"), (1 << 20, "kernel"), (4097, "stream")])
+def test_puts_from_every_peer_at_once(group, n, wait):
+    for bad in group.run(rank_concurrent, n, 5, wait):
         assert not bad, bad
 
 

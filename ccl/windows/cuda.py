@@ -20,6 +20,13 @@ returns without waiting for the GPU:
   on the stream); ``synchronize(timeout)``: the host waits until the window's work queued so
   far is done, bounded, and raises what failed.
 
+``WAIT = "stream"`` (this module's attribute when the window is made; "kernel" by default): a
+wait is ``cuStreamWaitValue64`` on the cell (no kernel resident: on a GPU shared by processes a
+spinning kernel holds its context's time slice while the peer needs it) and then an add of
+``-value``; the watcher thread gives up a wait past its timeout (counted from when it was queued)
+or when a peer dies by noting why in the status words and setting every cell of this rank to a
+huge value, so the queued waits pass and the window raises.
+
 A wait that gave up (dead peer: ``PeerFailure`` naming the peer and the slot; timeout:
 ``Timeout``) is raised by ``synchronize`` and by every later call on the window (as the GPU
 collectives raise on the next call). Bad input raises ``InvalidArgument`` before anything is
@@ -35,6 +42,8 @@ import numpy as np
 from ..buffers import as_buffer
 from ..errors import InvalidArgument, PeerFailure, Timeout
 from .common import DEFAULT_SIGNALS, WindowBase
+
+WAIT = "kernel"                        # how a window made now waits: "kernel" (spins) or "stream" (docstring)
 
 _REC = struct.Struct("<16sQQQQQQqq")   # dtype, count, window id, offset, cells id, offset, pid, device, slots
 _DEFAULT = 4                           # cudaMemcpyDefault: unified addressing tells the direction
@@ -90,6 +99,8 @@ class CudaWindow(WindowBase):
         self._stop = threading.Event()
         self._watcher = None
         self.status = None
+        self.wait_mode, self.pending, self.side = WAIT, [], 0   # pending: stream waits (event, deadline, slot, value)
+        self._plock = threading.Lock()
         st = engine_state(comm, self.device, self.name)
         from ..transports import cuda_ipc
         from .cuda_kernels import Launches
@@ -101,6 +112,13 @@ class CudaWindow(WindowBase):
                 self.cells = self.rt.malloc(8 * self.signals)
                 self.rt.memset(self.cells, 0, 8 * self.signals)
                 self.rt.deviceSynchronize()      # the cells are zero before any peer may add to them
+                if self.wait_mode == "stream":
+                    from .cuda_kernels import StreamWaits
+                    self.waits = StreamWaits()
+                    if self.waits.ok:
+                        self.side = self.rt.streamCreateWithFlags(1)     # cudaStreamNonBlocking
+                    else:
+                        self.wait_mode = "kernel"
                 self._connect()
             self.watch = cuda_ipc.PeerWatch({r: self.pids[r] for r in range(self.size) if r != self.rank})
             self.closed = False
@@ -202,7 +220,17 @@ class CudaWindow(WindowBase):
             raise InvalidArgument(f"{self.name} wait_signal: timeout={timeout!r}; expected a positive number")
         self._raise_if_failed("wait_signal")
         if value:
-            self.kernels.wait(self._stream(), self.cells + 8 * slot, value, self.status.ptr, int(limit * 1e9), slot)
+            stream = self._stream()
+            if self.wait_mode == "stream":
+                cell = self.cells + 8 * slot
+                self.waits.wait(stream, cell, value)
+                self.kernels.signal(stream, cell, -value)
+                ev = self.rt.eventCreateWithFlags(2)              # cudaEventDisableTiming
+                self.rt.eventRecord(ev, stream)
+                with self._plock:
+                    self.pending.append((ev, time.monotonic() + limit, slot, value))
+            else:
+                self.kernels.wait(stream, self.cells + 8 * slot, value, self.status.ptr, int(limit * 1e9), slot)
             self._limit = max(getattr(self, "_limit", 0.0), limit)
 
     def flush(self, peer=None):
@@ -256,20 +284,59 @@ class CudaWindow(WindowBase):
         code, slot, value, held = words[1], words[2], words[3], words[4]
         if code == 2:
             why = "; ".join(f"rank {p} is gone: {w}" for p, w in sorted(self.gone.items())) or "the window was aborted"
+            if slot < 0:
+                raise PeerFailure(f"{self.name} {op}: {why}")
             raise PeerFailure(f"{self.name} {op}: rank {self.rank}'s stream waited for signal slot {slot} to reach "
                               f"{value} (it held {held}), but {why}")
         raise Timeout(f"{self.name} {op}: rank {self.rank}'s stream waited for signal slot {slot} to reach {value} "
                       f"past the timeout (it held {held})")
 
     def _watch(self):
-        """A peer process that exits sets the abort word: spinning waits end, the host raises."""
+        """A peer process that exits sets the abort word: spinning waits end, the host raises.
+        Stream waits: this thread also gives up the waits past their timeout (_release)."""
         while not self._stop.wait(0.02):
             dead = self.watch.dead()
             if dead:
                 for r, pid in dead:
                     self.gone.setdefault(r, f"its process {pid} exited")
+                if self.wait_mode == "stream":
+                    self._release(2)
                 self.status.abort()
                 return
+            if self.wait_mode == "stream" and self.pending and self._release(1, late=True):
+                return
+
+    def _release(self, code, late=False) -> bool:
+        """Stream waits: note the first wait that gives up (code 1: past its timeout, only if
+        one is, with `late`; 2: a peer died) in the status words, then set this rank's cells
+        to a huge value so every queued wait passes. Returns whether it gave up."""
+        now = time.monotonic()
+        with self.cupy.cuda.Device(self.device):
+            with self._plock:
+                waiting = []
+                for p in self.pending:
+                    if self.rt.eventQuery(p[0]) == 0:
+                        self.rt.eventDestroy(p[0])
+                    else:
+                        waiting.append(p)
+                self.pending = waiting
+            first = next((p for p in waiting if now > p[1]), None) if late else (waiting[0] if waiting else None)
+            if late and first is None:
+                return False
+            w = self.status.words
+            if not w[1]:
+                slot, value, held = -1, 0, 0
+                if first is not None:
+                    slot, value = first[2], first[3]
+                    self.rt.memcpyAsync(self.status.ptr + 48, self.cells + 8 * slot, 8, _DEFAULT, self.side)
+                    self.rt.streamSynchronize(self.side)
+                    held = w[6]
+                w[2], w[3], w[4] = slot, value, held
+                w[1] = code
+            self.status.abort()
+            self.rt.memsetAsync(self.cells, 0x3F, 8 * self.signals, self.side)
+            self.rt.streamSynchronize(self.side)
+        return True
 
     # ---- teardown ------------------------------------------------------------------------
     def close(self):
@@ -294,8 +361,17 @@ class CudaWindow(WindowBase):
         done = True
         try:
             with self.cupy.cuda.Device(self.device):
+                if self.side:                    # stream waits: let them pass
+                    self.rt.memsetAsync(self.cells, 0x3F, 8 * self.signals, self.side)
+                    self.rt.streamSynchronize(self.side)
                 for s in list(self.streams):
                     self.rt.streamSynchronize(s)
+                for p in self.pending:
+                    self.rt.eventDestroy(p[0])
+                self.pending = []
+                if self.side:
+                    self.rt.streamDestroy(self.side)
+                    self.side = 0
         except Exception:  # noqa: BLE001 - best effort at teardown: then keep the memory
             done = False
         for key in getattr(self, "_opened", []):     # the peers' cells, mapped for this window only

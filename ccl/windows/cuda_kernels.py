@@ -16,6 +16,7 @@ microsecond of host time and no cupy dispatch.
   window raises on the host. Plain stores there: atomics into host memory over PCIe are not
   everywhere; the first kernel that fails writes, later ones see ``status[1]`` set.
 """
+import ctypes
 import threading
 
 SOURCE = r"""
@@ -112,3 +113,28 @@ class Launches:
         with self.lock:
             self.p_wait.set((cell, value, status, timeout_ns, slot))
             self.launch(self.fn_wait, 1, 1, stream, self.p_wait.address)
+
+
+class StreamWaits:
+    """``cuStreamWaitValue64_v2`` (GEQ) through the driver, the GIL held (an enqueue-only call): the
+    stream waits with no kernel resident, so on a GPU that processes share (time-sliced contexts)
+    the waiting context holds no slice (bench/JOURNAL.md 2026-12-07: 0.59 ms a round against a
+    spinning kernel's 2.6 ms). ``ok``: whether this driver has it."""
+
+    def __init__(self):
+        try:
+            lib = ctypes.PyDLL("libcuda.so.1")
+        except OSError:
+            lib = None
+        f = getattr(lib, "cuStreamWaitValue64_v2", None)
+        if f is not None:
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+        self.fn = f
+        self.ok = f is not None
+
+    def wait(self, stream: int, address: int, value: int) -> None:
+        rc = self.fn(stream, address, value, 0)          # CU_STREAM_WAIT_VALUE_GEQ
+        if rc != 0:
+            from ..errors import PycclError
+            raise PycclError(f"CUDA windows: cuStreamWaitValue64 failed with CUDA driver error {rc}")
