@@ -104,7 +104,11 @@ def main():
         staged_comm.engines.forget()
     cols = {"pyccl CUDA (proxy)": (on(pyc), "cuda"), "pyccl CUDA (staged)": (on(pyc_staged), "cuda"),
             "NCCL socket": (on(None), "cuda"), "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
-    if PER_HOST > 1:       # the proxy composes its local phases too (ccl/engines/proxy/composed.py)
+    if PER_HOST > 1:       # the proxy composes its local phases too (ccl/engines/proxy/composed.py), when asked
+        proxy = getattr(_communicator(pyc, dev), "engines", None)
+        if proxy is not None and "proxy" in proxy.by_name and os.environ.get("PYCCL_PROXY", "1") != "0":
+            proxy.by_name["proxy"]._forced = True     # as PYCCL_ENGINE=proxy, for this group only
+            proxy.forget()
         cols = {"pyccl CUDA (proxy)": (on(pyc), "cuda"), "pyccl CUDA (staged)": (on(pyc_staged), "cuda"),
                 "pyccl CUDA flat staged": (flat, "cuda"), "NCCL socket": (on(None), "cuda"),
                 "Gloo CUDA": (on(gloo), "cuda"), "pyccl CPU tensors": (on(pyc), "cpu")}
