@@ -39,7 +39,7 @@ echo "=== tests (t=${SECONDS}s)"
 timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=45 -rs \
   tests/test_cuda_window.py ${PYTEST_ARGS:-} > "$LOG/tests.log" 2>&1
 rc=$?; [ $rc = 0 ] || FAILED=$((FAILED + 1))
-grep -E "PASSED|FAILED|ERROR|SKIPPED|ranks: |^E  |passed|failed|Timeout" "$LOG/tests.log" | cut -c1-400 | tail -70
+grep -E "PASSED|FAILED|ERROR|SKIPPED|us median|^E  |passed|failed|Timeout" "$LOG/tests.log" | cut -c1-400 | tail -70
 echo "tests rc=$rc (t=${SECONDS}s)"
 
 wait $MOE_PID

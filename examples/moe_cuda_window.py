@@ -116,9 +116,11 @@ class CudaWindowExchange:
         self.reset()
         if puts == "kernel":
             self.k = _Kernels(dev)
-            self.addr = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
-                                  for v in win.device_addresses()) for w, win in self.wins.items()}
+            self.tables = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
+                                    for v in win.device_addresses()) for w, win in self.wins.items()}
+            self.addr = {w: tuple(t.data_ptr() for t in ts) for w, ts in self.tables.items()}  # (peers, cells)
             self.finished = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.finished_ptr = self.finished.data_ptr()
 
     def reset(self):
         """Forget the host times so far (the warm-up's); the sync count stays."""
@@ -151,15 +153,16 @@ class CudaWindowExchange:
                 if self.puts == "kernel":
                     peers, cells = self.addr["counts"]
                     self._launch(self.k.counts_fn, self.k.p_counts, 1, 128,
-                                 (mine.data_ptr(), self.world, self.per_rank, peers.data_ptr(), cells.data_ptr(),
-                                  self.rank, self.slot["counts"]))
+                                 (mine.data_ptr(), self.world, self.per_rank, peers, cells, self.rank,
+                                  self.slot["counts"]))
                 else:
                     for dst in range(self.world):
                         win.put(mine[dst], dst, offset=self.rank * self.per_rank, signal=0)
                 win.wait_signal(0, self.world)
-                got = self.counts_buf.view(self.world, self.per_rank).clone()
                 self._counts_s = time.perf_counter() - t
-        return [got]
+        # the window itself, no copy: a peer writes the next layer's counts only after this rank's
+        # combine reached it, which this rank's stream queues after every use of these
+        return [self.counts_buf.view(self.world, self.per_rank)]
 
     def _place(self, splits, n):
         """(destination, row there) of each of n rows grouped by destination (no sync)."""
@@ -179,8 +182,8 @@ class CudaWindowExchange:
                     peers, cells = self.addr[what]
                     rows = buf.contiguous()
                     self._launch(self.k.rows_fn, self.k.p_rows, max(1, min(m, 256)), 128,
-                                 (rows.data_ptr(), m, d, in_splits[0].data_ptr(), self.world, peers.data_ptr(),
-                                  cells.data_ptr(), self.rank, self.cap, self.slot[what], self.finished.data_ptr()))
+                                 (rows.data_ptr(), m, d, in_splits[0].data_ptr(), self.world, peers, cells,
+                                  self.rank, self.cap, self.slot[what], self.finished_ptr))
                 else:
                     dst, pos = self._place(in_splits[0], m)
                     block = self.send[what]

@@ -368,7 +368,7 @@ def rank_moe_exchange(comm, puts, layers, wait="kernel"):
         for layer in range(layers):
             counts, rows = plan(me, layer)
             cs = counts.to(dev)
-            recv = ex.counts([cs])[0]
+            recv = ex.counts([cs])[0].clone()       # a view of the window: read before the combine
             in_splits, out_splits = cs.view(world, per).sum(1), recv.sum(1)
             got = ex.rows("dispatch", [rows.to(dev)], [in_splits], [out_splits], [world * cap])[0]
             back = ex.rows("combine", [got * 2], [out_splits], [in_splits], [rows.shape[0]])[0]
