@@ -66,6 +66,9 @@ typedef struct pyccl_coll {
      * the errno rank cma_rank got reading rank cma_peer */
     uint64_t cma_bytes;
     int cma_errno, cma_rank, cma_peer;
+    /* broadcasts of at least cma_bcast_bytes (0: none but those of cma_bytes) take the shared
+     * single copy (shm_cma.c: cma_broadcast); set by the probe, only where every rank has a core */
+    uint64_t cma_bcast_bytes;
     /* private */
     char *base;
     size_t size;
@@ -162,9 +165,11 @@ int pyccl_coll_barrier(pyccl_coll *c, double timeout);
  * reads a word of every peer with process_vm_readv (Linux cross-memory attach), then all
  * agree.  Where every read worked, all_reduce (root < 0), reduce_scatter, all_gather and
  * broadcast of at least rank 0's min_bytes per rank (0: never) read the peers' user buffers
- * in place, so each byte crosses memory once instead of through the segment; else cma_bytes
- * stays 0 and cma_errno/cma_rank/cma_peer say why.  Returns 0 or a wait's code. */
-int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, double timeout);
+ * in place, so each byte crosses memory once instead of through the segment, and so do
+ * broadcasts of at least rank 0's bcast_bytes (0: never) when rank 0 may run on at least
+ * nranks CPUs (cma_bcast_bytes); else cma_bytes and cma_bcast_bytes stay 0 and
+ * cma_errno/cma_rank/cma_peer say why.  Returns 0 or a wait's code. */
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, double timeout);
 /* The kernel's copy alone: n bytes of process pid at src into dst; 0 or errno (benchmarks). */
 int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n);
 

@@ -13,7 +13,11 @@
  *    handshake (nobody reads my `out` any more).  Three handshakes, no shared data area.
  *  - reduce_scatter: exchange `in`; reduce block r from every peer's `in`; handshake.
  *  - all_gather: exchange `in`; read every peer's `in` into its block of `out`; handshake.
- *  - broadcast: the root publishes `buf`; the others read it; the root waits for them.
+ *  - broadcast: exchange the buffers' addresses; the root writes part k-1 of its `buf` into
+ *    the reader k places after it (process_vm_writev) while every reader reads the other parts
+ *    from the root's, so the root's core copies its share too; handshake.  Also on its own
+ *    threshold (cma_bcast_bytes, where every rank has a core): of every use of cross-memory
+ *    attach measured here, only this one was faster than the segment's path.
  * A rank's own input that overlaps its output where the peers read it is copied first.
  * Reductions run in rank order as everywhere else (ccl/engines/shm.py: single_copy_twin).
  *
@@ -28,6 +32,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #if defined(__linux__)
+#include <sched.h>
 #include <sys/uio.h>
 #endif
 
@@ -54,16 +59,53 @@ int pyccl_cma_read(int pid, void *dst_, uint64_t src, size_t n) {
     }
     return 0;
 }
+/* n bytes of this process at src into process pid's memory at dst (process_vm_writev). */
+static int cma_write_pid(int pid, uint64_t dst, const void *src_, size_t n) {
+    const char *src = src_;
+    while (n) {
+        struct iovec l = {(void *)src, n}, r = {(void *)(uintptr_t)dst, n};
+        ssize_t got = process_vm_writev((pid_t)pid, &l, 1, &r, 1, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return got < 0 ? errno : EIO;
+        dst += (uint64_t)got, src += got, n -= (size_t)got;
+    }
+    return 0;
+}
+
+/* The CPUs this process may run on (its affinity mask; the online count without one). */
+static int usable_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
 #else /* no cross-memory attach: the probe fails with ENOSYS and every rank keeps the segment */
 int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n) {
     (void)pid, (void)dst, (void)src, (void)n;
     return ENOSYS;
 }
+static int cma_write_pid(int pid, uint64_t dst, const void *src, size_t n) {
+    (void)pid, (void)dst, (void)src, (void)n;
+    return ENOSYS;
+}
+static int usable_cpus(void) { return 1; }
 #endif
 
 /* n bytes of peer q at address src into dst, or fail the call naming q. */
 static int cma_read(pyccl_coll *c, int q, void *dst, uint64_t src, size_t n) {
     int e = pyccl_cma_read(LINE_OF(c, q)->pid, dst, src, n);
+    if (!e)
+        return 0;
+    c->err_cause = e;
+    return fail(c, e == ESRCH ? PYCCL_SHM_PEER_DEAD : PYCCL_SHM_CMA_FAILED, q, c->g);
+}
+
+/* n bytes at src into peer q's memory at dst, or fail the call naming q. */
+static int cma_write(pyccl_coll *c, int q, uint64_t dst, const void *src, size_t n) {
+    int e = cma_write_pid(LINE_OF(c, q)->pid, dst, src, n);
     if (!e)
         return 0;
     c->err_cause = e;
@@ -111,24 +153,27 @@ static int copy_for_peers(pyccl_coll *c, const char **in, size_t n, char **own) 
     return 0;
 }
 
-int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, double timeout) {
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, double timeout) {
     const int P = c->nranks, me = c->rank;
     c->timeout = timeout;
     c->op_g0 = c->g;
-    c->cma_bytes = 0;
+    c->cma_bytes = c->cma_bcast_bytes = 0;
     c->cma_errno = 0;
     c->cma_rank = c->cma_peer = -1;
     if (P < 2)
         return 0;
     c->cma_probe = CMA_PROBE_MAGIC ^ (uint64_t)me;
     uint64_t addr[CMA_MAX_RANKS], want[CMA_MAX_RANKS], g;
-    /* step 1: the address of this rank's probe word; rank 0's threshold */
+    /* step 1: the address of this rank's probe word; rank 0's thresholds (the shared broadcast
+     * only where the ranks need not share cores: measured, bench/JOURNAL.md 2026-12-07-bcast) */
     TRY(begin_write(c, &g));
     uint64_t *mine = (uint64_t *)half_of(c, me, g);
     mine[0] = (uint64_t)(uintptr_t)&c->cma_probe, mine[1] = min_bytes;
+    mine[2] = usable_cpus() >= P ? bcast_bytes : 0;
     publish(c, g);
     TRY(wait_all(c, g));
     want[0] = ((const uint64_t *)half_of(c, 0, g))[1];
+    want[1] = ((const uint64_t *)half_of(c, 0, g))[2];
     int err = P > CMA_MAX_RANKS ? E2BIG : 0, bad = -1;
     for (int i = 1; i < P && !err; i++) {
         const int q = (me + i) % P;
@@ -161,7 +206,7 @@ int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, double timeout) {
             c->cma_errno = (int)h[0], c->cma_rank = q, c->cma_peer = (int)(int64_t)h[1];
     }
     if (!c->cma_errno)
-        c->cma_bytes = want[0];
+        c->cma_bytes = want[0], c->cma_bcast_bytes = want[1];
     return 0;
 }
 
@@ -259,18 +304,34 @@ int cma_all_gather(pyccl_coll *c, char *out, const char *in, size_t nbytes) {
     return rc;
 }
 
+/* Broadcast with the copies shared: part j of buf is [part_at(j), part_at(j + 1)), N * j / P
+ * rounded down to 64 bytes.  The root writes part k - 1 into the reader k places after it
+ * (process_vm_writev) while each reader reads every other part from the root
+ * (process_vm_readv): every rank, the root too, copies (P-1)/P of the bytes, where in the
+ * segment's broadcast the root copies them all in and each reader all out.  Two handshakes:
+ * the addresses, then "done" (ccl/engines/shm.py: broadcast_parts is the twin). */
+static size_t part_at(size_t n, int j, int P) {
+    return j >= P ? n : (n * (size_t)j / (size_t)P) / 64 * 64;
+}
+
 int cma_broadcast(pyccl_coll *c, char *buf, size_t nbytes, int root) {
-    uint64_t g;
-    TRY(begin_write(c, &g));
-    if (c->rank == root) {
-        ((uint64_t *)half_of(c, root, g))[0] = (uint64_t)(uintptr_t)buf;
-        publish(c, g);
-        return handshake(c); /* every reader is done with buf */
+    const int P = c->nranks, me = c->rank;
+    uint64_t bufs[CMA_MAX_RANKS];
+    TRY(exchange(c, (uint64_t)(uintptr_t)buf, 0, bufs, NULL));
+    if (me == root) {
+        for (int k = 1; k < P; k++) {
+            const int q = (root + k) % P;
+            const size_t lo = part_at(nbytes, k - 1, P), hi = part_at(nbytes, k, P);
+            if (hi > lo)
+                TRY(cma_write(c, q, bufs[q] + lo, buf + lo, hi - lo));
+        }
+    } else {
+        const int k = (me - root + P) % P;
+        const size_t lo = part_at(nbytes, k - 1, P), hi = part_at(nbytes, k, P);
+        if (lo)
+            TRY(cma_read(c, root, buf, bufs[root], lo));
+        if (nbytes > hi)
+            TRY(cma_read(c, root, buf + hi, bufs[root] + hi, nbytes - hi));
     }
-    publish(c, g);
-    TRY(wait_one(c, root, g));
-    const uint64_t src = ((const uint64_t *)half_of(c, root, g))[0];
-    TRY(cma_read(c, root, buf, src, nbytes));
-    publish(c, g + 1);
-    return 0;
+    return handshake(c); /* nobody reads the root's buf or writes a reader's any more */
 }

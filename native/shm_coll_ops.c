@@ -141,16 +141,17 @@ static int op_end(pyccl_coll *c, int rc) {
     return rc;
 }
 
-/* Single copy (shm_cma.c) for a call of `bytes` per rank?  The same answer on every rank (the
- * threshold was agreed by pyccl_coll_cma_probe).  Such a call writes no shared area, so it is
+/* Single copy (shm_cma.c) for a call of `bytes` per rank, from `threshold` (0: never)?  The same
+ * answer on every rank (the thresholds were agreed by pyccl_coll_cma_probe).  Such a call writes no shared area, so it is
  * not timed for the choice of stores. */
-static int single_copy(pyccl_coll *c, uint64_t bytes) {
-    if (!c->cma_bytes || bytes < c->cma_bytes)
+static int single_copy_from(pyccl_coll *c, uint64_t bytes, uint64_t threshold) {
+    if (!threshold || bytes < threshold)
         return 0;
     c->kind_cls = -1;
     call_kind = 0;
     return 1;
 }
+static int single_copy(pyccl_coll *c, uint64_t bytes) { return single_copy_from(c, bytes, c->cma_bytes); }
 
 /* ---- all_reduce / reduce --------------------------------------------------------------- */
 
@@ -327,7 +328,7 @@ static int coll_all_gather(pyccl_coll *c, void *out_, const void *in_, size_t nb
 static int coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, double timeout) {
     TRY(op_begin(c, timeout, PYCCL_COLL_BROADCAST, -1, -1, nbytes, root));
     char *buf = buf_;
-    if (nbytes && single_copy(c, nbytes))
+    if (nbytes && (single_copy(c, nbytes) || single_copy_from(c, nbytes, c->cma_bcast_bytes)))
         return cma_broadcast(c, buf, nbytes, root);
     const int nt = 0; /* measured: plain stores win here (the reader's copy is the bottleneck) */
     for (size_t k = 0; k < nbytes; k += c->move_bytes) {

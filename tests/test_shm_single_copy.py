@@ -22,7 +22,8 @@ from ranks import RankGroup
 shm = pytest.importorskip("pyccl.transports.shm")
 if not shm.NATIVE_SHM:
     pytest.skip("pyccl._native is not built with shared memory (pip install -e .)", allow_module_level=True)
-from pyccl.engines.shm import reduce_in_order, single_copy_slices, single_copy_twin  # noqa: E402
+from pyccl.engines.shm import (DEFAULT_CMA_BROADCAST_BYTES, broadcast_parts, reduce_in_order,  # noqa: E402
+                               single_copy_slices, single_copy_twin)
 from pyccl.transports.shm import ffi, lib  # noqa: E402
 from test_shm import (FAST, FAST_SIZES, _bits, _thread_all_reduce, rank_fast_all_reduce,  # noqa: E402
                       rank_fast_data_movement, rank_fast_reduce_scatter, run_threads)
@@ -93,6 +94,80 @@ def test_single_copy_fast_paths(groups, nranks, check):
     assert not failures, failures[:20]
 
 
+# ==== broadcast: the copies shared (on by default where every rank has a core) ====================
+def test_broadcast_parts_twin():
+    """Every reader gets every byte exactly once, and every rank (the root too) copies about
+    (P-1)/P of them: the split cma_broadcast uses (shm_cma.c: part_at)."""
+    for P in (2, 3, 4, 5):
+        for n in (0, 1, 63, 64, 65, 1000, 4097, (1 << 20) + 3):
+            for root in range(P):
+                parts = broadcast_parts(n, P, root)
+                copied = [0] * P
+                for copier, reader, lo, hi in parts:
+                    assert 0 <= lo < hi <= n and reader != root and copier in (root, reader)
+                    copied[copier] += hi - lo
+                for q in set(range(P)) - {root}:
+                    got = sorted((lo, hi) for _, reader, lo, hi in parts if reader == q)
+                    assert (got[0][0] if got else 0) == 0 and (got[-1][1] if got else 0) == n
+                    assert all(a[1] == b[0] for a, b in zip(got, got[1:])), (P, n, root, got)
+                assert max(copied) <= n * (P - 1) // P + 64 * P, (P, n, root, copied)
+
+
+def rank_broadcast_default(comm, sizes):
+    """The thresholds the probe agreed, then broadcasts around the broadcast threshold, every root."""
+    P, r = comm.size, comm.rank
+    bad = [] if comm.local.single_copy_bytes == 0 else [f"every-op threshold {comm.local.single_copy_bytes}"]
+    want = DEFAULT_CMA_BROADCAST_BYTES if len(os.sched_getaffinity(0)) >= P else 0
+    if comm.local.single_copy_broadcast_bytes != want:
+        bad.append(f"broadcast threshold {comm.local.single_copy_broadcast_bytes}, want {want}")
+    for n in sizes:
+        for root in range(P):
+            every = [(np.arange(n) * (q + 3) + 11 * q).astype(np.uint8) for q in range(P)]
+            x = every[r].copy()
+            comm.broadcast(x, root=root)
+            if not np.array_equal(x, every[root]):
+                bad.append(f"broadcast n={n} root={root}: {int((x != every[root]).sum())} bytes wrong")
+    return bad
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_broadcast_single_copy_default(groups, nranks):
+    """PYCCL_SHM_CMA_BYTES unset: broadcast from DEFAULT_CMA_BROADCAST_BYTES shares its copies
+    (only where every rank has a core: on this 2-core VM 2 ranks do, 3 keep the segment)."""
+    g = groups(nranks, env=FAST, transport="shm")
+    t = DEFAULT_CMA_BROADCAST_BYTES
+    sizes = [t - 1, t, t + 1, 3 * t + 65, (1 << 20) + 4099]
+    failures = [f for bad in g.run(rank_broadcast_default, sizes) for f in bad]
+    assert not failures, failures[:20]
+
+
+def _broadcast_threads(coll):
+    P, r, bad = coll.size, coll.rank, []
+    if coll.single_copy_broadcast_bytes != (DEFAULT_CMA_BROADCAST_BYTES if len(os.sched_getaffinity(0)) >= P
+                                            else 0):
+        bad.append(f"threshold {coll.single_copy_broadcast_bytes}")
+    for n in (DEFAULT_CMA_BROADCAST_BYTES, 5 * DEFAULT_CMA_BROADCAST_BYTES + 3):
+        for root in range(P):
+            x = (np.arange(n) * 5 + root).astype(np.uint8) if r == root else np.zeros(n, np.uint8)
+            coll.broadcast(x, root, "t")
+            if not np.array_equal(x, (np.arange(n) * 5 + root).astype(np.uint8)):
+                bad.append(f"n={n} root={root}")
+    return bad
+
+
+def test_threads_broadcast_single_copy():
+    """Ranks as threads of one process: process_vm_writev/readv of its own pid."""
+    res = run_threads(2, _broadcast_threads, env={k: v for k, v in FAST.items() if k != "PYCCL_TRANSPORT"})
+    assert not any(res), res
+
+
+def test_broadcast_single_copy_off():
+    """PYCCL_SHM_CMA_BYTES=0 turns the shared broadcast off too."""
+    res = run_threads(2, lambda c: (c.single_copy_bytes, c.single_copy_broadcast_bytes),
+                      env={"PYCCL_SHM_CMA_BYTES": "0"})
+    assert res == [(0, 0), (0, 0)], res
+
+
 # ==== the kernel refuses ==========================================================================
 CAP_SYS_PTRACE = 19
 
@@ -135,8 +210,8 @@ def rank_refused(comm):
         log.removeHandler(handler)
         log.setLevel(level)
     bad, P, r = [], sub.size, sub.rank
-    if sub.local.single_copy_bytes != 0:
-        bad.append(f"single copy still on: {sub.local.single_copy_bytes}")
+    if sub.local.single_copy_bytes != 0 or sub.local.single_copy_broadcast_bytes != 0:
+        bad.append(f"single copy still on: {sub.local.single_copy_bytes}, {sub.local.single_copy_broadcast_bytes}")
     why = [rec.getMessage() for rec in records if "single-copy collectives off" in rec.getMessage()]
     if not why or "EPERM" not in why[0] or "rank 0 cannot read rank 1" not in why[0]:
         bad.append(f"no INFO line saying why: {[rec.getMessage() for rec in records]}")

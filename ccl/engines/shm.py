@@ -13,15 +13,25 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
 - reduce_scatter, all_gather, broadcast, all_to_all: every rank writes its part once, every
   reader copies it out once, step by step, double-buffered.
 - barrier: one handshake.
+- broadcast from 32 KiB (``DEFAULT_CMA_BROADCAST_BYTES``) while ``PYCCL_SHM_CMA_BYTES`` is unset,
+  where every rank has a core (rank 0's CPU affinity counts at least nranks CPUs): the copies
+  shared (native/shm_cma.c, cma_broadcast; :func:`broadcast_parts` is the twin).  The ranks swap
+  buffer addresses; the root writes part k-1 into the reader k places after it
+  (process_vm_writev) while each reader reads the other parts from the root's buffer
+  (process_vm_readv), so every rank copies (P-1)/P of the bytes and the root's core works too,
+  where the segment's broadcast copies every byte in (root) and out (each reader).  Measured
+  on the 2-core VM, 2 ranks, same processes, rounds alternated: 1.1-5x faster at 8 KiB-128 MiB
+  (bench/JOURNAL.md, 2026-12-07, the shared broadcast); 4 ranks on the 2 cores: 0.7-1.0x, so
+  not there.
 - all_reduce, reduce_scatter, all_gather, broadcast of at least ``PYCCL_SHM_CMA_BYTES`` per
-  rank (default 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
+  rank (unset: only the broadcast above; 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
   segment and read each other's buffers in place with Linux cross-memory attach
   (process_vm_readv), so a byte crosses memory once, not into the segment and out again.
   all_reduce is a reduce-scatter (rank r reduces slice r from every peer's input) and an
   all-gather (rank r reads slice q of peer q's output), three handshakes in all.  A probe at
   set-up reads a word of every peer; where the kernel refuses (ptrace restrictions, other
   pid namespaces) every rank keeps to the segment path and PYCCL_DEBUG=INFO says why.
-  Off by default: it did not pay where it was measured (bench/JOURNAL.md, 2026-12-07, issue 33;
+  Off by default for these ops: it did not pay where it was measured (bench/JOURNAL.md, 2026-12-07, issue 33;
   bench/single_copy.py).  process_vm_readv is a copy too (so all_reduce keeps two copies and a
   reduction per rank, as the segment path does), and on the 2-core VM (32 MiB L3) it ran 2-4x
   slower than memcpy while the data sits in cache (9-28 against 45-48 GB/s at 1-4 MiB) and no
@@ -91,6 +101,7 @@ DEFAULT_SMALL_BYTES = 64 << 10
 DEFAULT_CHUNK_BYTES = 512 << 10
 DEFAULT_NT_BYTES = 8 << 20
 DEFAULT_CMA_BYTES = 0   # off: see the module docstring
+DEFAULT_CMA_BROADCAST_BYTES = 32 << 10  # broadcast's shared single copy, where every rank has a core
 SMALL_BOUND = 64 << 10  # ShmEngine.short keeps the pointers of the last two Calls up to this size
 _CMA_FAILED = 9                                   # native/shm.h
 _ENABLED = 1
@@ -173,6 +184,25 @@ def single_copy_twin(inputs, op):
     return np.concatenate(parts) if parts else inputs[0].copy()
 
 
+def broadcast_parts(nbytes: int, nranks: int, root: int) -> list:
+    """Python twin of cma_broadcast's split (shm_cma.c): (copier, reader, lo, hi) for every byte
+    range a reader gets.  Part j is [nbytes*j//P, nbytes*(j+1)//P) rounded down to 64 bytes; the
+    root writes part k-1 into the reader k places after it, each reader reads the other parts."""
+    def at(j):
+        return nbytes if j >= nranks else nbytes * j // nranks // 64 * 64
+    parts = []
+    for k in range(1, nranks):
+        q = (root + k) % nranks
+        lo, hi = at(k - 1), at(k)
+        if hi > lo:
+            parts.append((root, q, lo, hi))
+        if lo:
+            parts.append((q, q, 0, lo))
+        if nbytes > hi:
+            parts.append((q, q, hi, nbytes))
+    return parts
+
+
 def _cma_why(errno_code) -> str:
     """Why the kernel refused cross-memory attach, for the INFO line."""
     import errno
@@ -198,7 +228,7 @@ class ShmCollectives:
         self._c = None
         self._seg = None
         self.enabled = False
-        self.single_copy_bytes = 0
+        self.single_copy_bytes = self.single_copy_broadcast_bytes = 0
         clean_leftovers()
         name = self._create_or_lookup(store)
         if not name:
@@ -251,7 +281,10 @@ class ShmCollectives:
         """Collective: may every rank read every peer's memory (pyccl_coll_cma_probe)?  Rank 0's
         PYCCL_SHM_CMA_BYTES is the threshold on every rank."""
         c = self._c
-        rc = lib.pyccl_coll_cma_probe(c, _env_bytes("PYCCL_SHM_CMA_BYTES", DEFAULT_CMA_BYTES), self.timeout)
+        every = bcast = _env_bytes("PYCCL_SHM_CMA_BYTES", DEFAULT_CMA_BYTES)
+        if not settings.is_set("PYCCL_SHM_CMA_BYTES"):
+            bcast = DEFAULT_CMA_BROADCAST_BYTES
+        rc = lib.pyccl_coll_cma_probe(c, every, bcast, self.timeout)
         if rc:
             self.enabled = False
             try:
@@ -259,6 +292,7 @@ class ShmCollectives:
             finally:
                 self.close()
         self.single_copy_bytes = int(c.cma_bytes)
+        self.single_copy_broadcast_bytes = int(c.cma_bcast_bytes)
         if c.cma_errno:
             log.info("%s rank %d: single-copy collectives off, large messages go through the segment: rank %d "
                      "cannot read rank %d's memory with process_vm_readv (%s)", tag, rank, self.ranks[c.cma_rank],
@@ -266,6 +300,9 @@ class ShmCollectives:
         elif self.single_copy_bytes:
             log.info("%s rank %d: single-copy collectives (cross-memory attach) from %d B per rank", tag, rank,
                      self.single_copy_bytes)
+        elif self.single_copy_broadcast_bytes:
+            log.info("%s rank %d: broadcast from %d B shares its copies through cross-memory attach", tag, rank,
+                     self.single_copy_broadcast_bytes)
 
     def _create_or_lookup(self, store) -> str:
         """Rank 0 makes and formats the segment and publishes its name ('' = path off)."""
