@@ -117,8 +117,8 @@ class CudaWindow(WindowBase):
                     self.waits = StreamWaits()
                     if self.waits.ok:
                         self.side = self.rt.streamCreateWithFlags(1)     # cudaStreamNonBlocking
-                    else:
-                        self.wait_mode = "kernel"
+                    if not self.waits.ok or not self.waits.works(self.side, self.cells):
+                        self.wait_mode = "kernel"            # this driver or memory has no stream waits
                 self._connect()
             self.watch = cuda_ipc.PeerWatch({r: self.pids[r] for r in range(self.size) if r != self.rank})
             self.closed = False

@@ -133,6 +133,10 @@ class StreamWaits:
         self.fn = f
         self.ok = f is not None
 
+    def works(self, stream: int, address: int) -> bool:
+        """Whether a stream wait on `address` is accepted (one that holds already: >= 0)."""
+        return self.fn(stream, address, 0, 0) == 0
+
     def wait(self, stream: int, address: int, value: int) -> None:
         rc = self.fn(stream, address, value, 0)          # CU_STREAM_WAIT_VALUE_GEQ
         if rc != 0:
