@@ -133,7 +133,9 @@ def test_torch_backend_window_on_cuda():
 @pytest.mark.parametrize("wait", ["kernel", "stream"])
 def test_wait_times_out(groups, wait):
     g = groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
-    took, msg = g.run(rank_wait_times_out, wait)[0]
+    res = g.run(rank_wait_times_out, wait)[0]
+    assert isinstance(res, tuple), res
+    took, msg = res
     assert took < 10, (took, msg)
     assert "signal slot 1" in msg, msg
 
