@@ -92,6 +92,26 @@ void pyccl_ring_close(void *ring, int receiver, uint32_t how);
 int pyccl_ring_peer_closed(void *ring, int receiver);
 """
 
+# The proxy's watchdog (native/watchdog.h): a thread that needs no GIL.
+CDEF_WATCHDOG = """
+typedef struct pyccl_watch_layout {
+    uint64_t posted, handled, beat, abort_word, fired;
+    uint64_t release_lo, release_n;
+} pyccl_watch_layout;
+typedef struct pyccl_watch_state {
+    uint64_t seen_handled, seen_beat;
+    int64_t progress_ns;
+} pyccl_watch_state;
+int pyccl_watchdog_check(const volatile uint64_t *words, const pyccl_watch_layout *lay,
+                         pyccl_watch_state *st, int64_t now_ns, int64_t timeout_ns);
+void pyccl_watchdog_fire(volatile uint64_t *words, const pyccl_watch_layout *lay, int64_t now_ns);
+typedef struct pyccl_watchdog pyccl_watchdog;
+pyccl_watchdog *pyccl_watchdog_start(volatile uint64_t *words, const pyccl_watch_layout *lay,
+                                     double timeout_s, double period_s);
+int pyccl_watchdog_stop(pyccl_watchdog *w);
+int64_t pyccl_monotonic_ns(void);
+"""
+
 SOURCES = sorted(_path(p) for p in glob.glob(os.path.join(HERE, "*.c")))
 
 if sys.platform == "win32":
@@ -106,15 +126,18 @@ else:
                           "-fno-trapping-math"]
 
 # shm_open/shm_unlink live in librt on glibc < 2.34 (an empty stub library after that).
-LIBRARIES = ["rt"] if sys.platform.startswith("linux") else []
+# pthread: the watchdog's thread (part of libc from glibc 2.34).
+LIBRARIES = ["rt", "pthread"] if sys.platform.startswith("linux") else []
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF + ("" if sys.platform == "win32" else CDEF_SHM))
+ffibuilder.cdef(CDEF + ("" if sys.platform == "win32" else CDEF_SHM + CDEF_WATCHDOG))
 ffibuilder.set_source(
     "pyccl._native",
-    '#include "reduce.h"\n' + ("" if sys.platform == "win32" else '#include "shm.h"\n'),
-    # shm*.c (segments, slot rings, collectives: POSIX shared memory, futex) are not built on Windows
-    sources=[s for s in SOURCES if sys.platform != "win32" or not os.path.basename(s).startswith("shm")],
+    '#include "reduce.h"\n' + ("" if sys.platform == "win32" else '#include "shm.h"\n#include "watchdog.h"\n'),
+    # shm*.c (segments, slot rings, collectives: POSIX shared memory, futex) and watchdog.c
+    # (pthreads) are not built on Windows
+    sources=[s for s in SOURCES if sys.platform != "win32" or
+             not os.path.basename(s).startswith(("shm", "watchdog"))],
     include_dirs=[_path(HERE)],
     libraries=LIBRARIES,
     extra_compile_args=EXTRA_COMPILE_ARGS,

@@ -29,9 +29,10 @@ InvalidArgument at capture time.
 No hang: the proxy's waits end at the communicator's timeout; after any failure (a dead peer,
 a timeout) it sets the abort word and releases every stream wait (a spinning kernel also gives
 up at the timeout by itself). The communicator is then broken and every later call raises;
-results of the failed call are undefined, as in NCCL. What this cannot cover: the proxy is a
-Python thread, so a host call that waits for the device while holding the GIL (a process's
-first torch.cuda.Stream()) stops a call in flight for good (state.py's module doc).
+results of the failed call are undefined, as in NCCL. A host call that waits for the device while
+holding the GIL (a process's first torch.cuda.Stream()) stops the proxy, a Python thread: the C
+core's watchdog, which needs no GIL, releases the device's waits after the timeout
+(ccl/engines/proxy/watchdog.py); without the C core such a call hangs (state.py's module doc).
 
 Order: calls of one communicator must be ordered on the device (one stream, or streams that
 wait for each other), as NCCL requires; calls on host memory of the same communicator queue

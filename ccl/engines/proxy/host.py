@@ -21,11 +21,14 @@ import time
 
 import numpy as np
 
-from ...errors import PycclError, Timeout
+from ...errors import PeerFailure, PycclError, Timeout
 from ...reduce import divide_into
 
 #: word offsets, as #defined in proxy.cu (tests/test_proxy_program.py compares them)
 ABORT, ERROR, ERR_CALL, ERR_WHERE, POSTED, FINISHED = 0, 1, 2, 3, 4, 5
+#: host-only words (ccl/engines/proxy/watchdog.py): the last call whose network phase ended, the
+#: pulse of Python life, when the watchdog fired (monotonic ns; 0: it has not)
+HANDLED, BEAT, FIRED = 6, 7, 8
 RING, RING_SLOTS, RING_WORDS = 16, 64, 4
 FILLED = RING + RING_WORDS * RING_SLOTS
 MAX_ITEMS = 32768
@@ -65,9 +68,12 @@ class ProxyHost:
                     prog = self.programs.get(pid)
                     if prog is None:
                         raise PycclError(f"{what}: the device posted an unknown proxy program {pid}")
+                    self.check_fired(what)
                     self.network(prog, n, site,
                                  what if t == tag else f"{prog.name} (graph replay, call {n}) on {self.tag}")
+                    self.check_fired(what)          # the device went on without this call's results
                     self.handled = n
+                    w[HANDLED] = n
                     if t:
                         self.eager_done = t
                     continue
@@ -78,6 +84,13 @@ class ProxyHost:
         except BaseException:
             self.abort()
             raise
+
+    def check_fired(self, what):
+        if self.words[FIRED]:
+            raise PeerFailure(f"{what}: rank {self.rank}'s proxy watchdog released the device's waits: no Python "
+                              f"code ran in this process for longer than the timeout while a call was on the "
+                              f"device (a host call holding the GIL while it waits for the GPU? "
+                              f"ccl/engines/proxy/watchdog.py); the communicator is unusable")
 
     def abort(self):
         """Stop the device side: the abort word, then every stream wait released (a call whose
@@ -110,6 +123,7 @@ class ProxyHost:
         w = self.words
         deadline, nap = time.monotonic() + self.timeout, 1e-5
         while not ready():
+            self.check_fired(what)
             if w[ERROR]:
                 code = int(w[ERROR])
                 raise PycclError(f"{what}: rank {self.rank}'s proxy kernel {ERRORS.get(code, code)} "

@@ -8,6 +8,7 @@
 //   blk[2]  err_call  the call number that failed, blk[3] err_where: the pass or item
 //   blk[4]  posted    kernel -> host: the number of the last call that rang the doorbell
 //   blk[5]  finished  host -> kernel: the number of the last call whose network phase is over
+//   blk[6..8]         host only: handled, beat, fired (ccl/engines/proxy/watchdog.py)
 //   blk[RING ...]     the doorbell ring: [program id, eager tag, site, 0] per call (tag 0: a replay)
 //   blk[FILLED + i]   kernel -> host: out-item i of call n is in the arena (value n)
 //   blk[DONE + c]     host -> kernel: pass c of call n has finalised its ranges (value n)

@@ -25,9 +25,10 @@ out launch, then per group of passes a stream wait on its site's word and an in 
 
 The GIL: the proxy is a Python thread, and the device waits for it. A host call that waits for
 the device while holding the GIL (the process's first torch.cuda.Stream() does; cudaFree and
-module loads wait but let go of the GIL) stops both until the communicator's timeout, or for
-good where the stream waits (no kernel timeout there). pyccl makes its own streams before its
-first launch (torch_backend/group.py).
+module loads wait but let go of the GIL) stops both until the communicator's timeout (a
+spinning kernel's own), or, where the stream waits, until the watchdog of the C core releases
+the waits (ccl/engines/proxy/watchdog.py: it needs no GIL); without the C core, for good.
+pyccl makes its own streams before its first launch (torch_backend/group.py).
 """
 import ctypes
 import logging
@@ -101,6 +102,8 @@ class ProxyState:
         self._end_i = 0
         self.last_end = self.last_stream = None
         self.host = ProxyHost(self.words, res.executor, res.timeout, res.rank, res.tag, res.size)
+        from .watchdog import Watchdog
+        self.watchdog = Watchdog(self.words, self.words_ptr, res.timeout, res.tag)
         self.programs = {}              # key -> Program
         self.arena_cap = max(1 << 20, settings.get("PYCCL_PROXY_ARENA"))
         self.arena_ptr, self.arena = self._alloc(self.arena_cap, "arena")
@@ -311,6 +314,7 @@ class ProxyState:
             q.wait_idle(min(self.timeout, 5.0))      # the proxy's job that failed is still unwinding
         if q.broken is not None:
             raise PeerFailure(f"{what}: communicator {self.res.tag} is broken by an earlier error ({q.broken})")
+        self.host.check_fired(what)
         if self.words[ABORT]:
             raise PeerFailure(f"{what}: rank {self.res.rank}'s proxy on {self.res.tag} stopped after an error")
         code = int(self.words[ERROR])
@@ -427,6 +431,7 @@ class ProxyState:
             return
         self.host.abort()                # kernels and stream waits still waiting stop now
         self._closed = True
+        self.watchdog.stop()             # before its words are freed
         if self.composed is not None:
             try:
                 self.composed.close()
