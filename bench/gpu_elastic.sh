@@ -5,12 +5,16 @@
 # the final parameters are compared with an uninterrupted run: MATCH or DIFFER. Then every
 # process must exit 0 (the first GPU run printed MATCH, then crashed at exit: SIGABRT/SIGSEGV).
 #   BUDGET=120 bash bench/gpu_elastic.sh     (repository root, on the GPU machine)
-# Two runs: rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
-# becomes rank 0 and hands the state over); each gets about half of BUDGET (timeout inside).
+# Runs: rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
+# becomes rank 0 and hands the state over), then, if 25 s of BUDGET are left, a control: rank 1
+# killed with the first GPU run's end (--plain-exit: shutdown alone, no barrier/synchronize/gc).
+# Each run's timeout (inside) leaves 25 s per run still to come; at most 50 s.
 # To show a crash's cause: PYTHONFAULTHANDLER=1 (Python stacks of every thread on SIGSEGV /
-# SIGABRT), TORCH_SHOW_CPP_STACKTRACES=1, PYCCL_DEBUG=INFO (engine choices, aborts), the example's --trace-exit (how far each rank got,
-# the threads alive at exit, the Python version), each process's own log and the launcher's
-# (pyccl.launch --log-dir: $OUT/elastic-<run>/rank<R>.<K>.log, launch.log, kept whole).
+# SIGABRT; the example adds SIGTERM, so a rank the launcher stops shows where it hung),
+# TORCH_SHOW_CPP_STACKTRACES=1, PYCCL_DEBUG=INFO (engine choices, aborts), the example's
+# --trace-exit (how far each rank got, the threads alive at exit, the Python version), each
+# process's own log and the launcher's (pyccl.launch --log-dir: $OUT/elastic-<run>/rank<R>.<K>.log,
+# launch.log, kept whole).
 # Exit status: the number of runs that did not both print MATCH and end with exit code 0.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -25,16 +29,22 @@ mkdir -p "$OUT"
 . bench/gpu_site.sh                  # pyccl laid out from the tree where it is not installed (no C core)
 START=$(date +%s)
 BAD=0
-for run in 1 0; do                   # the rank killed
+RUNS=("1" "0" "1 --plain-exit")
+for i in 0 1 2; do
+  set -- ${RUNS[$i]}
+  run=$1; extra=${2:-}
   left=$((BUDGET - ($(date +%s) - START) - 3))
-  T=$(( run == 1 ? left / 2 : left ))
-  [ "$T" -lt 15 ] && { echo "== kill rank $run: skipped, $left s of the budget left"; BAD=$((BAD + 1)); continue; }
-  LOG="$OUT/elastic-kill$run"
+  T=$(( left - 25 * (2 - i) )); [ "$T" -gt 50 ] && T=50
+  name="kill$run${extra:+-plain}"
+  if [ "$T" -lt 20 ]; then
+    echo "== $name: skipped, $left s of the budget left"; [ "$i" -lt 2 ] && BAD=$((BAD + 1)); continue
+  fi
+  LOG="$OUT/elastic-$name"
   mkdir -p "$LOG"
-  echo "== kill rank $run at step 5, 2 ranks, --device $DEVICE (one GPU for both), timeout $T s"
+  echo "== kill rank $run at step 5 $extra, 2 ranks, --device $DEVICE (one GPU for both), timeout $T s"
   t0=$(date +%s.%N)
   timeout -k 3 "$T" python3 -m pyccl.launch --elastic --log-dir "$LOG" -n 2 examples/elastic_train.py \
-    --device "$DEVICE" --kill-rank "$run" --kill-step 5 --check --trace-exit > "$LOG/launcher.out" 2>&1
+    --device "$DEVICE" --kill-rank "$run" --kill-step 5 --check --trace-exit $extra > "$LOG/launcher.out" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   # the launcher's lines (seconds since its start), then the example's, per process log
@@ -45,12 +55,14 @@ for run in 1 0; do                   # the rank killed
     grep -E '^(elastic_train|MATCH|DIFFER)' "$f" | sed 's/^elastic_train: //; s/^/    /' | tail -9
     # anything that says why a process died (faulthandler, C++ terminate, glibc, CUDA, Python)
     grep -nE 'Fatal Python|Thread 0x|Current thread|File "|terminate called|what\(\)|FATAL|abort|Abort|egmentation|corrupt|double free|invalid pointer|CUDA error|Traceback|Error|WARN|ERROR' "$f" \
-      | grep -vE '^[0-9]+:elastic_train| INFO ' | head -40 | sed 's/^/    ! /'
+      | grep -vE '^[0-9]+:elastic_train| INFO ' | head -30 | sed 's/^/    ! /'
   done
   grep -v '^pyccl.launch' "$LOG/launcher.out" | head -5 | sed 's/^/  launcher.out: /'
   match=$(cat "$LOG"/rank*.log 2>/dev/null | grep -cx MATCH)
-  echo "== kill rank $run: exit status $rc, MATCH lines $match, $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
-  { [ "$rc" = 0 ] && [ "$match" -ge 1 ]; } || BAD=$((BAD + 1))
+  echo "== $name: exit status $rc, MATCH lines $match, $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
+  ok=0; { [ "$rc" = 0 ] && [ "$match" -ge 1 ]; } && ok=1
+  [ "$i" -lt 2 ] && [ "$ok" = 0 ] && BAD=$((BAD + 1))
+  [ "$i" = 2 ] && echo "== control (--plain-exit) clean: $ok"
 done
-echo "SUMMARY: $((2 - BAD)) of 2 runs printed MATCH and exited 0 (logs under $OUT/elastic-kill*)"
+echo "SUMMARY: $((2 - BAD)) of 2 runs printed MATCH and exited 0 (logs under $OUT/elastic-*)"
 exit $BAD

@@ -14,9 +14,12 @@ With --elastic, a rank that fails is started again (up to --max-restarts times i
 (`pyccl.join()`) while the survivors, who saw the failure as a PeerFailure, call
 `comm.shrink()` and then `comm.grow(1)` (ccl/elastic.py). The job fails as below once the
 restarts are spent. A failure is *not* restarted (the job fails as without --elastic) when
-another rank has already exited 0, or when no other rank is running: a replacement joins only
-through the survivors' grow, so there it would wait PYCCL_TIMEOUT for a grow that never comes
-(a rank that crashes at exit after its work is done, seen on a GPU, cost whole timeouts so).
+another rank has already exited 0, or when no member of the job is running any more (none, or
+only replacements not yet taken by a grow: the launcher reads the grows' count of joiners,
+``pyccl/join/taken``, in its own store); and once only such waiting replacements are left, the
+job is stopped as failed. A replacement joins only through the members' grow, so there it
+would wait PYCCL_TIMEOUT for a grow that never comes (a rank that crashed at exit after its
+work was done, on a GPU, and ranks that all fail at start-up cost whole timeouts so).
 torchrun differs on purpose: it restarts the whole group from the start on any failure (its
 workers re-rendezvous and re-run), whatever the others' state; a pyccl replacement joins a
 running job, which only makes sense while the job runs.
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import time
 
+from .elastic import JOIN
 from .store import StoreServer
 
 _KILL_WAIT = 3.0        # seconds between SIGTERM and SIGKILL
@@ -187,7 +191,12 @@ def main(argv=None) -> int:
                 return 1
             children.append(child)
         restart = (lambda rank: start(rank, joining=True)) if args.elastic else None
-        rc = _supervise(children, args.grace, state, restart, args.max_restarts, say)
+        def taken():
+            try:
+                return int(server.peek(f"{JOIN}/taken") or 0)
+            except ValueError:
+                return 0
+        rc = _supervise(children, args.grace, state, restart, args.max_restarts, say, taken)
         say(f"exit code {rc}", quiet=True)
         return rc
     finally:
@@ -265,17 +274,29 @@ def _stop(children, grace):
         c.wait()
 
 
-def _supervise(children, grace, state, restart=None, max_restarts=0, say=None) -> int:
+def _supervise(children, grace, state, restart=None, max_restarts=0, say=None, taken=None) -> int:
     """Wait for the ranks; on the first failure (or a forwarded signal) stop the rest, unless
     `restart(rank)` may start a replacement (--elastic, up to `max_restarts` in all, while no
-    rank has exited 0 and another rank still runs: see the module doc)."""
+    rank has exited 0 and a member still runs: see the module doc). `taken()`: how many
+    joiners the job's grows have taken so far (replacements still waiting are not members)."""
     say = say or (lambda text, quiet=False: print(f"pyccl.launch: {text}", file=sys.stderr, flush=True))
+    taken = taken or (lambda: 0)
     failed = None
     restarts = 0
     done = None                             # the first rank that exited 0: the job is finishing
+    waiting = []                            # ranks whose replacement no grow has taken yet, oldest first
+    seen = taken()
+    last = None                             # (rank, rc) of the latest failure that was restarted
     while True:
+        now = taken()
+        while now > seen and waiting:       # joiners are taken in arrival order, about start order
+            say(f"rank {waiting.pop(0)}'s replacement joined", quiet=True)
+            seen += 1
+        seen = max(seen, now)
         rcs = [c.poll() for c in children]
         for rank, rc in enumerate(rcs):
+            if rc is not None and rank in waiting:
+                waiting.remove(rank)
             if rc == 0 and done is None:
                 done = rank
                 say(f"rank {rank} exited 0 (pid {children[rank].pid})", quiet=True)
@@ -283,7 +304,7 @@ def _supervise(children, grace, state, restart=None, max_restarts=0, say=None) -
             if rc in (None, 0) or failed is not None:
                 continue
             c = children[rank]
-            why = _no_restart(rank, rcs, done) if restart is not None else "no --elastic"
+            why = _no_restart(rank, rcs, done, waiting) if restart is not None else "no --elastic"
             if why is None and restarts < max_restarts and state["signal"] is None:
                 restarts += 1
                 say(f"rank {rank} failed ({_describe(rc)}, pid {c.pid}); starting a replacement that joins "
@@ -292,10 +313,17 @@ def _supervise(children, grace, state, restart=None, max_restarts=0, say=None) -
                 if new is not None:
                     children[rank] = new
                     rcs[rank] = None
+                    waiting.append(rank)
+                    last = (rank, rc)
                     continue
             failed = (rank, rc)
             note = f"; not restarted: {why}" if restart is not None and why and why != "no --elastic" else ""
             say(f"rank {rank} failed ({_describe(rc)}){note}; stopping the other ranks (pid {c.pid})")
+        running = [r for r, rc in enumerate(rcs) if rc is None]
+        if failed is None and running and last is not None and all(r in waiting for r in running):
+            failed = last
+            say(f"rank(s) {running} wait to join, but no member of the job is running any more to grow it; "
+                f"stopping them (the job fails with rank {last[0]}'s {_describe(last[1])})")
         if failed is not None or state["signal"] is not None:
             _stop(children, grace)
             break
@@ -312,13 +340,13 @@ def _supervise(children, grace, state, restart=None, max_restarts=0, say=None) -
     return 128 + state["signal"] if state["signal"] is not None else 0
 
 
-def _no_restart(rank, rcs, done):
+def _no_restart(rank, rcs, done, waiting):
     """Why a failed `rank` gets no replacement (None: it may): a replacement joins only through
-    the others' grow, which a finished job or an empty one never calls."""
+    the members' grow, which a finished job or one with no member left never calls."""
     if done is not None:
         return f"rank {done} already finished (exit code 0), so the job is ending and no grow would take a replacement"
-    if not any(rc is None for r, rc in enumerate(rcs) if r != rank):
-        return "no other rank is running, so no grow would take a replacement"
+    if not any(rc is None and r not in waiting for r, rc in enumerate(rcs) if r != rank):
+        return "no member of the job is running (at most replacements waiting to join), so no grow would take one"
     return None
 
 

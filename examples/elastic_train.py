@@ -54,6 +54,8 @@ def args_():
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--trace-exit", action="store_true",
                    help="stderr: each stage of the end, and the threads alive at interpreter exit")
+    p.add_argument("--plain-exit", action="store_true",
+                   help="end with pg.shutdown() alone (the first GPU run's end, which crashed at exit): a control")
     return p.parse_args()
 
 
@@ -138,6 +140,10 @@ def _threads_at_exit(a):
 def finish(pg, a):
     """The orderly end (see the module doc)."""
     _trace(a, f"rank {pg.rank()}: training done")
+    if a.plain_exit:
+        pg.shutdown()
+        _trace(a, "shutdown done (--plain-exit)")
+        return
     pg.pyccl_communicator.barrier()
     if a.device != "cpu":
         torch.cuda.synchronize()
@@ -153,6 +159,8 @@ def main():
     a = args_()
     if a.trace_exit:
         atexit.register(_threads_at_exit, a)
+        import faulthandler                 # a rank stopped by the launcher (SIGTERM) shows where it hung
+        faulthandler.register(signal.SIGTERM, chain=True)
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         a.device = torch.device("cuda", torch.cuda.current_device())

@@ -296,7 +296,40 @@ def test_launcher_elastic_no_restart_after_a_rank_finished(tmp_path):
 def test_launcher_elastic_no_restart_when_alone(tmp_path):
     r = _launch_prog(tmp_path, "import sys; sys.exit(5)\n", "--elastic", "-n", "1")
     assert r.returncode == 5 and "starting a replacement" not in r.stderr, r.stderr
-    assert "no other rank is running" in r.stderr, r.stderr
+    assert "no member of the job is running" in r.stderr, r.stderr
+
+
+def test_launcher_elastic_stops_a_replacement_left_waiting(tmp_path):
+    """Rank 1 crashes, its replacement waits for a grow; rank 0 then finishes (exit 0) without
+    growing: the replacement is stopped at once and the job fails with rank 1's code."""
+    t = time.monotonic()
+    r = _launch_prog(tmp_path, """
+        import os, sys, time
+        if os.environ.get("PYCCL_JOIN") == "1":
+            time.sleep(60)
+        if os.environ["PYCCL_RANK"] == "1":
+            sys.exit(6)
+        time.sleep(1.0)
+        """, "--elastic", "--grace", "1", "-n", "2")
+    assert r.returncode == 6, r.stderr
+    assert "rank(s) [1] wait to join, but no member of the job is running" in r.stderr, r.stderr
+    assert time.monotonic() - t < 20
+
+
+def test_launcher_elastic_stops_when_only_replacements_wait(tmp_path):
+    """Every rank fails at start-up (one after the other): the first failures are restarted
+    while a member still runs; once only replacements waiting for a grow are left, the job
+    stops with the failure's code instead of waiting out their PYCCL_TIMEOUT."""
+    r = _launch_prog(tmp_path, """
+        import os, sys, time
+        if os.environ.get("PYCCL_JOIN") == "1":
+            time.sleep(60)                    # a replacement waiting for a grow that never comes
+        time.sleep(0.5 * int(os.environ["PYCCL_RANK"]))
+        sys.exit(4)
+        """, "--elastic", "--grace", "1", "-n", "3")
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.count("starting a replacement") == 2, r.stderr
+    assert "no member of the job is running" in r.stderr, r.stderr
 
 
 TORCH = """
