@@ -109,3 +109,20 @@ def test_quiet_while_python_runs_or_nothing_is_outstanding():
 
 def test_limit():
     assert W.limit(300.0) == 305.0 and W.limit(2.0) == 4.0
+
+
+def test_exit_stops_what_close_did_not():
+    """A communicator left open at exit: the atexit hook stops its watchdog before CUDA would free
+    the words (a process that exits with one running ends with status 0)."""
+    words = np.zeros(H.WORDS, np.uint64)
+    dog = W.Watchdog(words, words.ctypes.data, 1.0, "test")
+    assert dog.armed and dog in W._LIVE
+    W._stop_all()
+    assert not dog.armed and not dog._pulse.is_alive() and dog not in W._LIVE
+    import subprocess
+    import sys
+    code = ("import numpy as np; from pyccl.engines.proxy import host as H, watchdog as W; "
+            "w = np.zeros(H.WORDS, np.uint64); d = W.Watchdog(w, w.ctypes.data, 1.0, 'x'); w[H.POSTED] = 1; "
+            "print('armed', d.armed)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "armed True" in out.stdout, (out.returncode, out.stdout, out.stderr[-500:])

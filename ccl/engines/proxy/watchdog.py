@@ -19,8 +19,10 @@ Its timeout is the communicator's plus min(timeout, 5 s), so the Python side's o
 machines with no cffi) there is no watchdog, only the Python timeouts. `check` and `fire` are
 the numpy twins of the C decision (tests/test_proxy_watchdog.py compares them).
 """
+import atexit
 import logging
 import threading
+import weakref
 
 from .host import ABORT, BEAT, FIRED, GROUPS, HANDLED, POSTED, SITE, SITES
 
@@ -52,6 +54,18 @@ def fire(words, now_ns: int):
     words[FIRED] = now_ns
 
 
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all():
+    """At exit, before CUDA frees the pinned words (its teardown comes later: cupy's and torch's
+    exit handlers were registered before this one, and run after it), stop every watchdog a
+    communicator left running, so that its thread never reads freed memory."""
+    for dog in list(_LIVE):
+        dog.stop()
+
+
 class Watchdog:
     """The pulse and (with the C core) the watchdog over `words` (uint64 numpy view of the
     proxy's pinned words at address `ptr`); stop() before the words are freed."""
@@ -70,6 +84,7 @@ class Watchdog:
                      "stops a proxied call in flight for good", e)
         self._pulse = None
         if self._dog is not None:
+            _LIVE.add(self)
             self._pulse = threading.Thread(target=self._beat, name=f"pyccl-pulse-{name}", daemon=True)
             self._pulse.start()
 
@@ -85,6 +100,7 @@ class Watchdog:
     def stop(self) -> bool:
         """Stop both threads; True if the watchdog had fired."""
         self._stop.set()
+        _LIVE.discard(self)
         if self._pulse is not None:
             self._pulse.join()
         fired = False
