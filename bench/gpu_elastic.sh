@@ -8,7 +8,7 @@
 # Runs: rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
 # becomes rank 0 and hands the state over), then, if 25 s of BUDGET are left, a control: rank 1
 # killed with the first GPU run's end (--plain-exit: shutdown alone, no barrier/synchronize/gc).
-# Each run's timeout (inside) leaves 25 s per run still to come; at most 50 s.
+# Each run's timeout (inside) is at most 50 s; the first leaves 25 s for the second.
 # To show a crash's cause: PYTHONFAULTHANDLER=1 (Python stacks of every thread on SIGSEGV /
 # SIGABRT; the example adds SIGTERM, so a rank the launcher stops shows where it hung),
 # TORCH_SHOW_CPP_STACKTRACES=1, PYCCL_DEBUG=INFO (engine choices, aborts), the example's
@@ -34,7 +34,7 @@ for i in 0 1 2; do
   set -- ${RUNS[$i]}
   run=$1; extra=${2:-}
   left=$((BUDGET - ($(date +%s) - START) - 3))
-  T=$(( left - 25 * (2 - i) )); [ "$T" -gt 50 ] && T=50
+  T=$(( i == 0 ? left - 25 : left )); [ "$T" -gt 50 ] && T=50      # run 1 leaves 25 s for run 2
   name="kill$run${extra:+-plain}"
   if [ "$T" -lt 20 ]; then
     echo "== $name: skipped, $left s of the budget left"; [ "$i" -lt 2 ] && BAD=$((BAD + 1)); continue
