@@ -7,11 +7,11 @@
 #           (rows in place, 0 device syncs while queuing), every dtype at both ends, 0 bytes, cupy
 #           arrays, many puts + one signal, puts from every peer at once, no sync inside, bad input
 #    moe    examples/moe_inference.py --device cuda --dispatch window --check, --window-puts kernel,
-#           copies, then kernel with --window-wait stream: bitwise against the single-process run,
+#           fused, fused with --window-wait stream, copies: bitwise against the single-process run,
 #           host us per MoE layer, device syncs
 # 2. alone (timings): bench/window.py --cuda: 8 B put+signal vs dist.send/recv, host us per call and
 #    ping-pong one-way time, windows of both wait modes (spinning kernel, cuStreamWaitValue64).
-# 3. if time is left: the MoE (kernel puts, both waits) alone, for its host time.
+# 3. if time is left: the MoE (fused puts, both waits) alone, for its host time.
 # Full logs go to $OUT (or /tmp/gpu_window); stdout gets the compact lines.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -26,7 +26,7 @@ left() { local l=$((END - SECONDS - 2)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l 
 RUN="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
 nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader 2>/dev/null
 
-MOES="kernel-kernel copies-kernel kernel-stream"      # --window-puts - --window-wait
+MOES="kernel-kernel fused-kernel fused-stream copies-kernel"      # --window-puts - --window-wait
 moe() {   # $1: puts-wait, $2: seconds at most
   timeout -k 2 "$(left "$2")" $RUN examples/moe_inference.py --backend pyccl --device cuda --quiet --warmup 1 \
     --runs 2 --dispatch window --check --window-puts "${1%-*}" --window-wait "${1#*-}" > "$LOG/moe_$1.log" 2>&1
@@ -50,17 +50,17 @@ for p in $MOES; do
     | grep -v "error_file\|errors.html\|ChildFailedError\|raise " | head -4 | cut -c1-300 | sed "s/^/[$p] /"
 done
 cat "$LOG/moe.rc"
-[ "$(grep -c "rc=0" "$LOG/moe.rc")" = 3 ] || FAILED=$((FAILED + 1))
+[ "$(grep -c "rc=0" "$LOG/moe.rc")" = 4 ] || FAILED=$((FAILED + 1))
 
 echo "=== bench 8 B, alone (t=${SECONDS}s)"
 timeout -k 2 "$(left ${BENCH_BUDGET:-40})" $RUN bench/window.py --cuda --sizes 8 --iters ${ITERS:-200} --rounds 5 \
   > "$LOG/bench.log" 2>&1 || FAILED=$((FAILED + 1))
 grep -E "^\||^median|RESULT-TARGET|Error|Exception" "$LOG/bench.log" | grep -v "ChildFailedError\|raise " | cut -c1-600 | head -14
 if [ $((END - SECONDS)) -ge 28 ]; then         # time left: the host time per MoE layer again, alone
-  echo "=== moe alone, kernel puts, both waits, no check (t=${SECONDS}s)"
+  echo "=== moe alone, fused puts, both waits, no check (t=${SECONDS}s)"
   for w in kernel stream; do
     timeout -k 2 "$(left 25)" $RUN examples/moe_inference.py --backend pyccl --device cuda --quiet --warmup 1 \
-      --runs 3 --dispatch window --window-puts kernel --window-wait $w > "$LOG/moe_alone_$w.log" 2>&1
+      --runs 3 --dispatch window --window-puts fused --window-wait $w > "$LOG/moe_alone_$w.log" 2>&1
     grep -E "window dispatch on CUDA|tokens in" "$LOG/moe_alone_$w.log" | cut -c1-500 | sed "s/^/[alone $w] /"
     [ $((END - SECONDS)) -ge 16 ] || break
   done

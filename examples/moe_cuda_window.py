@@ -9,6 +9,9 @@ move the rows (``--window-puts``):
 - ``copies``: the rows are scattered into a [world, cap] send block and the host queues one
   ``win.put`` of a whole block per destination (``cap`` rows: a size the host knows without
   reading a count), with its signal;
+- ``fused``: one kernel stores the counts and every row into their destinations' windows and
+  signals once; the target waits once for both (``dispatch()``, which moe_inference calls instead
+  of ``counts()`` + ``rows("dispatch")``); the combine as with ``kernel``;
 - ``kernel``: one kernel stores every row straight into its destination's mapped window
   (``win.device_addresses()``); its last block adds the signals. The counts go the same way
   (one small kernel). Fewer launches, no send block.
@@ -59,6 +62,40 @@ extern "C" __global__ void moe_put_rows(const float* rows, i64 m, i64 d, const i
   }
 }
 
+// counts and rows at once: block 0 also stores counts [world, per] (row p into destination p's
+// counts window at rank * per); each row's destination comes from the counts (its experts' sum);
+// the last block to finish adds 1 to every destination's cell (slot of the rows' window).
+extern "C" __global__ void moe_put_all(const float* rows, i64 m, i64 d, const i64* counts, i64 world, i64 per,
+                                       const u64* peers, const u64* cpeers, const u64* cells, i64 rank, i64 cap,
+                                       i64 slot, unsigned int* finished) {
+  if (blockIdx.x == 0)
+    for (i64 k = threadIdx.x; k < world * per; k += blockDim.x)
+      ((i64*)cpeers[k / per])[rank * per + k % per] = counts[k];
+  for (i64 i = blockIdx.x; i < m; i += gridDim.x) {
+    i64 p = 0, start = 0;
+    for (;;) {
+      i64 n = 0;
+      for (i64 e = 0; e < per; e++) n += counts[p * per + e];
+      if (p == world - 1 || i < start + n) break;
+      start += n;
+      p++;
+    }
+    float* out = (float*)peers[p] + (rank * cap + (i - start)) * d;
+    const float* in = rows + i * d;
+    for (i64 j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int before = atomicAdd(finished, 1u);
+    if (before == gridDim.x - 1) {
+      __threadfence_system();
+      for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
+      *finished = 0;
+    }
+  }
+}
+
 // counts [world, per] int64: row p goes to destination p's window at rank * per; then signals.
 extern "C" __global__ void moe_put_counts(const i64* counts, i64 world, i64 per, const u64* peers,
                                           const u64* cells, i64 rank, i64 slot) {
@@ -85,14 +122,16 @@ class _Kernels:
             mod = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))
             self.rows_fn = int(mod.get_function("moe_put_rows").kernel.ptr)
             self.counts_fn = int(mod.get_function("moe_put_counts").kernel.ptr)
+            self.all_fn = int(mod.get_function("moe_put_all").kernel.ptr)
         self.mod = mod
+        self.p_all = cuda_ipc.KernelParams("uiiuiiuuuiiiu")
         self.p_rows = cuda_ipc.KernelParams("uiiuiuuiiiu")
         self.p_counts = cuda_ipc.KernelParams("uiiuuii")
         self.launch = cuda_ipc.launcher()
 
 
 class CudaWindowExchange:
-    """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies" or "kernel";
+    """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies", "kernel" or "fused";
     ``window(buf, signals)`` makes a window (default: pyccl.torch_backend.window on the default group)."""
     device_splits = True
 
@@ -114,7 +153,8 @@ class CudaWindowExchange:
         self.stream = lambda: current_torch_stream(dev.index)
         self.watch = SyncCount()
         self.reset()
-        if puts == "kernel":
+        self.fused = puts == "fused"          # moe_inference then calls dispatch()
+        if puts in ("kernel", "fused"):
             self.k = _Kernels(dev)
             self.tables = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
                                     for v in win.device_addresses()) for w, win in self.wins.items()}
@@ -164,6 +204,33 @@ class CudaWindowExchange:
         # combine reached it, which this rank's stream queues after every use of these
         return [self.counts_buf.view(self.world, self.per_rank)]
 
+    def dispatch(self, cs, bufs):
+        """``fused``: counts and rows in one kernel, one wait; ([counts from every source], [rows])."""
+        win, buf, d = self.wins["dispatch"], bufs[0], self.d
+        with self.prof("window dispatch"):
+            with self.watch:
+                t = time.perf_counter()
+                m = buf.shape[0]
+                if m > self.cap * self.world:
+                    raise SystemExit(f"{m} rows exceed the window's {self.cap} per source")
+                rows = buf.contiguous()
+                peers, cells = self.addr["dispatch"]
+                self._launch(self.k.all_fn, self.k.p_all, max(1, min(m, 256)), 128,
+                             (rows.data_ptr(), m, d, cs[0].data_ptr(), self.world, self.per_rank, peers,
+                              self.addr["counts"][0], cells, self.rank, self.cap, self.slot["dispatch"],
+                              self.finished_ptr))
+                win.wait_signal(self.slot["dispatch"], self.world)
+                took = time.perf_counter() - t
+            self.layer_us.append(1e6 * took)
+            self.counts_us.append(0.0)
+            recv_counts = self.counts_buf.view(self.world, self.per_rank)   # the window (see counts())
+            out_splits = recv_counts.sum(1)
+            n = int(out_splits.sum())                   # the host learns the count after queuing
+            with self.watch:
+                src, spos = self._place(out_splits, n)
+                got = self.bufs["dispatch"].view(self.world, self.cap, d)[src, spos]
+        return [recv_counts], [got]
+
     def _place(self, splits, n):
         """(destination, row there) of each of n rows grouped by destination (no sync)."""
         dst = torch.repeat_interleave(self.ar, splits, output_size=n)
@@ -178,7 +245,7 @@ class CudaWindowExchange:
                 m = buf.shape[0]
                 if m > self.cap * self.world:
                     raise SystemExit(f"{m} rows exceed the window's {self.cap} per source")
-                if self.puts == "kernel":
+                if self.puts != "copies":
                     peers, cells = self.addr[what]
                     rows = buf.contiguous()
                     self._launch(self.k.rows_fn, self.k.p_rows, max(1, min(m, 256)), 128,

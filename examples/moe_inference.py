@@ -72,9 +72,10 @@ def parse(argv=None):
     p.add_argument("--dispatch", choices=("all_to_all", "window"), default="all_to_all",
                    help="dispatch and combine by all_to_all_single (default) or by one-sided puts into "
                         "pyccl windows (window: --backend pyccl, CPU or CUDA)")
-    p.add_argument("--window-puts", choices=("copies", "kernel"), default="copies",
-                   help="--dispatch window on CUDA: the host queues a copy per destination (copies) or one "
-                        "kernel stores every row into the peers' windows (kernel; examples/moe_cuda_window.py)")
+    p.add_argument("--window-puts", choices=("copies", "kernel", "fused"), default="copies",
+                   help="--dispatch window on CUDA: the host queues a copy per destination (copies), one "
+                        "kernel stores every row into the peers' windows (kernel), or the counts too, with one "
+                        "wait for both (fused; examples/moe_cuda_window.py)")
     p.add_argument("--window-wait", choices=("kernel", "stream"), default="kernel",
                    help="--dispatch window on CUDA: the stream waits for a signal in a spinning kernel or in "
                         "cuStreamWaitValue64 (ccl/windows/cuda.py WAIT)")
@@ -219,13 +220,18 @@ def moe(W, l, a, ex, hs, log):
         # not torch.bincount: on CUDA it reads the largest index back to the host (a sync)
         counts = torch.zeros(a.experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         plans.append((top_w, order, counts, h[order // k]))
-    recv_counts = ex.counts([p[2] for p in plans])                         # [source, local expert]
+    if getattr(ex, "fused", False):     # CUDA windows, --window-puts fused: counts and rows in one put
+        recv_counts, recv = ex.dispatch([p[2] for p in plans], [p[3] for p in plans])
+    else:
+        recv_counts = ex.counts([p[2] for p in plans])                         # [source, local expert]
     in_splits = [p[2].view(n_ranks, per_rank).sum(1) for p in plans]           # rows per destination
     out_splits = [rc.sum(1) for rc in recv_counts]                              # rows per source
     if not ex.device_splits:            # Python ints, read once (the device-to-host copy before the dispatch)
         in_splits, out_splits = [s.tolist() for s in in_splits], [s.tolist() for s in out_splits]
     # every rank holds as many tokens as any other, so at most world x mine rows arrive
-    recv = ex.rows("dispatch", [p[3] for p in plans], in_splits, out_splits, [n_ranks * len(p[3]) for p in plans])
+    if not getattr(ex, "fused", False):
+        recv = ex.rows("dispatch", [p[3] for p in plans], in_splits, out_splits,
+                       [n_ranks * len(p[3]) for p in plans])
     log.append([s.tolist() if torch.is_tensor(s) else s for s in in_splits])
 
     outs = []

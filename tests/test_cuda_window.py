@@ -370,9 +370,14 @@ def rank_moe_exchange(comm, puts, layers, wait="kernel"):
         for layer in range(layers):
             counts, rows = plan(me, layer)
             cs = counts.to(dev)
-            recv = ex.counts([cs])[0].clone()       # a view of the window: read before the combine
-            in_splits, out_splits = cs.view(world, per).sum(1), recv.sum(1)
-            got = ex.rows("dispatch", [rows.to(dev)], [in_splits], [out_splits], [world * cap])[0]
+            if puts == "fused":                      # counts and rows in one kernel, one wait
+                rc, gl = ex.dispatch([cs], [rows.to(dev)])
+                recv, got = rc[0].clone(), gl[0]
+                in_splits, out_splits = cs.view(world, per).sum(1), recv.sum(1)
+            else:
+                recv = ex.counts([cs])[0].clone()   # a view of the window: read before the combine
+                in_splits, out_splits = cs.view(world, per).sum(1), recv.sum(1)
+                got = ex.rows("dispatch", [rows.to(dev)], [in_splits], [out_splits], [world * cap])[0]
             back = ex.rows("combine", [got * 2], [out_splits], [in_splits], [rows.shape[0]])[0]
             want, want_counts = [], []
             for src in range(world):
@@ -403,7 +408,8 @@ def group(groups, request):
     return groups(request.param, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
 
 
-@pytest.mark.parametrize("puts,wait", [("kernel", "kernel"), ("copies", "kernel"), ("kernel", "stream")])
+@pytest.mark.parametrize("puts,wait", [("kernel", "kernel"), ("fused", "kernel"), ("copies", "kernel"),
+                                       ("fused", "stream")])
 def test_moe_exchange_rows_in_place_and_no_sync(group, puts, wait):
     for bad, summary in group.run(rank_moe_exchange, puts, 6, wait):
         print(f"{group.size} ranks, {wait} waits: {summary}")
