@@ -59,10 +59,41 @@ for i in 0 1 2; do
   done
   grep -v '^pyccl.launch' "$LOG/launcher.out" | head -5 | sed 's/^/  launcher.out: /'
   match=$(cat "$LOG"/rank*.log 2>/dev/null | grep -cx MATCH)
-  echo "== $name: exit status $rc, MATCH lines $match, $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
+  secs=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
+  echo "== $name: exit status $rc, MATCH lines $match, $secs s"
+  echo "$rc $match $secs" > "$LOG/result"
   ok=0; { [ "$rc" = 0 ] && [ "$match" -ge 1 ]; } && ok=1
   [ "$i" -lt 2 ] && [ "$ok" = 0 ] && BAD=$((BAD + 1))
   [ "$i" = 2 ] && echo "== control (--plain-exit) clean: $ok"
 done
+# The digest, last (a caller may keep only the tail): per run its result, the launcher's failure
+# lines, and per process how far it got, the threads alive at exit and the first crash lines.
+echo "== DIGEST"
+python3 - "$OUT" <<'PY'
+import glob, os, re, sys
+CRASH = re.compile(r"Fatal Python error|terminate called|what\(\)|FATAL|egmentation|double free|corrupt|invalid pointer|"
+                   r"CUDA error|Error:|Aborted")
+for d in sorted(glob.glob(os.path.join(sys.argv[1], "elastic-*")), key=os.path.getmtime):
+    res = open(os.path.join(d, "result")).read().split() if os.path.exists(os.path.join(d, "result")) else ["?"] * 3
+    print(f"{os.path.basename(d)[8:]}: exit {res[0]}, MATCH {res[1]}, {res[2]} s")
+    try:
+        for ln in open(os.path.join(d, "launch.log")):
+            if "failed" in ln or "wait to join" in ln:
+                print("  L" + ln.rstrip()[:160])
+    except OSError:
+        pass
+    for f in sorted(glob.glob(os.path.join(d, "rank*.log"))):
+        lines = open(f, errors="replace").read().splitlines()
+        stage = [ln.split(" ", 5)[-1] for ln in lines if "exit trace" in ln]
+        crash = [i for i, ln in enumerate(lines) if CRASH.search(ln) and " INFO " not in ln]
+        bits = []
+        if stage:
+            bits.append(" | ".join(x[:90] for x in stage[-2:]))
+        if crash:
+            i = crash[0]
+            top = [ln.strip() for ln in lines[i:i + 12] if ln.strip().startswith("File")][:2]
+            bits.append("CRASH " + lines[i].strip()[:120] + (" @ " + " < ".join(t[5:85] for t in top) if top else ""))
+        print(f"  {os.path.basename(f)[:-4]}: " + ("; ".join(bits) if bits else "(no trace: killed, or never started)"))
+PY
 echo "SUMMARY: $((2 - BAD)) of 2 runs printed MATCH and exited 0 (logs under $OUT/elastic-*)"
 exit $BAD
