@@ -329,21 +329,27 @@ class CollectivesMixin:
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
+    def _root_list(self, lists, root, what, side, like):
+        """gather's outputs / scatter's inputs: the root passes one list of `size` tensors of
+        `like`'s bytes each, the other ranks none."""
+        lists = [list(x) for x in lists]
+        if self._rank == root:
+            if len(lists) != 1 or len(lists[0]) != self._size:
+                raise InvalidArgument(f"{what}: the root needs one list of {self._size} {side} tensors")
+            for x in lists[0]:
+                _check(x, f"{what}: {side}")
+                if _nbytes(x) != _nbytes(like):
+                    raise InvalidArgument(f"{what}: {side} tensors must have the {'in' if side == 'output' else 'out'}"
+                                          f"put's size ({_nbytes(x)} vs {_nbytes(like)} bytes)")
+        elif any(len(x) for x in lists):
+            raise InvalidArgument(f"{what}: only the root passes {side} tensors")
+        return lists
+
     def gather(self, output_tensors, input_tensors, opts=None):
         ins = list(input_tensors)
         t = _single(ins, "gather")
         root = self._root(opts.rootRank, "gather")
-        outs = [list(o) for o in output_tensors]
-        if self._rank == root:
-            if len(outs) != 1 or len(outs[0]) != self._size:
-                raise InvalidArgument(f"gather: the root needs one list of {self._size} output tensors")
-            for o in outs[0]:
-                _check(o, "gather: output")
-                if _nbytes(o) != _nbytes(t):
-                    raise InvalidArgument(f"gather: output tensors must match the input's size "
-                                          f"({_nbytes(o)} vs {_nbytes(t)} bytes)")
-        elif any(len(o) for o in outs):
-            raise InvalidArgument("gather: only the root passes output tensors")
+        outs = self._root_list(output_tensors, root, "gather", "output", t)
 
         def run(work):
             flat, _ = _contig(t)
@@ -360,16 +366,7 @@ class CollectivesMixin:
         outs = list(output_tensors)
         t = _single(outs, "scatter")
         root = self._root(opts.rootRank, "scatter")
-        ins = [list(i) for i in input_tensors]
-        if self._rank == root:
-            if len(ins) != 1 or len(ins[0]) != self._size:
-                raise InvalidArgument(f"scatter: the root needs one list of {self._size} input tensors")
-            for i in ins[0]:
-                _check(i, "scatter: input")
-                if _nbytes(i) != _nbytes(t):
-                    raise InvalidArgument("scatter: input tensors must match the output's size")
-        elif any(len(i) for i in ins):
-            raise InvalidArgument("scatter: only the root passes input tensors")
+        ins = self._root_list(input_tensors, root, "scatter", "input", t)
 
         def run(work):
             flat, wb = _contig(t)
