@@ -130,6 +130,9 @@ class _Kernels:
         self.launch = cuda_ipc.launcher()
 
 
+_KERNELS = {}                 # device -> _Kernels (a module loaded once per process)
+
+
 class CudaWindowExchange:
     """The exchanges by puts into CUDA windows (module docstring); ``puts``: "copies", "kernel" or "fused";
     ``window(buf, signals)`` makes a window (default: pyccl.torch_backend.window on the default group)."""
@@ -155,7 +158,7 @@ class CudaWindowExchange:
         self.reset()
         self.fused = puts == "fused"          # moe_inference then calls dispatch()
         if puts in ("kernel", "fused"):
-            self.k = _Kernels(dev)
+            self.k = _KERNELS.get(dev.index) or _KERNELS.setdefault(dev.index, _Kernels(dev))
             self.tables = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
                                     for v in win.device_addresses()) for w, win in self.wins.items()}
             self.addr = {w: tuple(t.data_ptr() for t in ts) for w, ts in self.tables.items()}  # (peers, cells)
