@@ -134,8 +134,9 @@ _DECLARED = (
             "with streaming (non-temporal) stores; `0`: never", "shm"),
     Setting("PYCCL_SHM_CMA_BYTES", "bytes", None, "all_reduce, reduce_scatter, all_gather and broadcast from this "
             "size per rank read the peers' buffers in place (cross-memory attach); `0`: never; unset: broadcast "
-            "only, from 32 KiB, where every rank has a core (the root and the readers share its copies; the other "
-            "ops were slower through the kernel's copy on the 2-core VM); read on rank 0", "shm", shown="unset"),
+            "from 32 KiB where every rank has a core (the root and the readers share its copies), all_reduce from "
+            "64 MiB where ranks outnumber the cores, nothing else (slower through the kernel's copy on the 2-core "
+            "VM); read on rank 0", "shm", shown="unset"),
     Setting("PYCCL_SHM_STREAM", "choice", "auto", "stores into shared memory: `auto` times plain and streaming "
             "per op and size and uses the faster; `0` plain, `1` streaming", "shm", choices=("auto", "0", "1")),
     Setting("PYCCL_SHM_SLOTS", "int", 8, "slots per ring of the shm transport (one ring per directed pair; "

@@ -51,7 +51,7 @@ typedef struct pyccl_coll {
     uint32_t sig_what;
     uint64_t cma_bytes;
     int cma_errno, cma_rank, cma_peer;
-    uint64_t cma_bcast_bytes;
+    uint64_t cma_bcast_bytes, cma_crowd_bytes;
     ...;
 } pyccl_coll;
 size_t pyccl_coll_bytes(int nranks, uint64_t half_bytes);
@@ -77,7 +77,8 @@ int pyccl_coll_all_gather(pyccl_coll *c, void *out, const void *in, size_t nbyte
 int pyccl_coll_broadcast(pyccl_coll *c, void *buf, size_t nbytes, int root, double timeout);
 int pyccl_coll_all_to_all(pyccl_coll *c, void *out, const void *in, size_t nbytes, double timeout);
 int pyccl_coll_barrier(pyccl_coll *c, double timeout);
-int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, double timeout);
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, uint64_t crowd_bytes,
+                         double timeout);
 int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n);
 
 size_t pyccl_ring_bytes(uint64_t slot_bytes, uint32_t nslots);

@@ -67,8 +67,10 @@ typedef struct pyccl_coll {
     uint64_t cma_bytes;
     int cma_errno, cma_rank, cma_peer;
     /* broadcasts of at least cma_bcast_bytes (0: none but those of cma_bytes) take the shared
-     * single copy (shm_cma.c: cma_broadcast); set by the probe, only where every rank has a core */
-    uint64_t cma_bcast_bytes;
+     * single copy (shm_cma.c: cma_broadcast); set by the probe, only where every rank has a core.
+     * all_reduce (root < 0) of at least cma_crowd_bytes takes the single copy too: set by the
+     * probe only where ranks outnumber rank 0's CPUs (fewer bytes moved, 3 handshakes) */
+    uint64_t cma_bcast_bytes, cma_crowd_bytes;
     /* private */
     char *base;
     size_t size;
@@ -167,9 +169,11 @@ int pyccl_coll_barrier(pyccl_coll *c, double timeout);
  * broadcast of at least rank 0's min_bytes per rank (0: never) read the peers' user buffers
  * in place, so each byte crosses memory once instead of through the segment, and so do
  * broadcasts of at least rank 0's bcast_bytes (0: never) when rank 0 may run on at least
- * nranks CPUs (cma_bcast_bytes); else cma_bytes and cma_bcast_bytes stay 0 and
+ * nranks CPUs (cma_bcast_bytes), and all_reduces of at least crowd_bytes when it may run on
+ * fewer (cma_crowd_bytes); else cma_bytes, cma_bcast_bytes and cma_crowd_bytes stay 0 and
  * cma_errno/cma_rank/cma_peer say why.  Returns 0 or a wait's code. */
-int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, double timeout);
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, uint64_t crowd_bytes,
+                         double timeout);
 /* The kernel's copy alone: n bytes of process pid at src into dst; 0 or errno (benchmarks). */
 int pyccl_cma_read(int pid, void *dst, uint64_t src, size_t n);
 

@@ -153,27 +153,32 @@ static int copy_for_peers(pyccl_coll *c, const char **in, size_t n, char **own) 
     return 0;
 }
 
-int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, double timeout) {
+int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes, uint64_t crowd_bytes,
+                         double timeout) {
     const int P = c->nranks, me = c->rank;
     c->timeout = timeout;
     c->op_g0 = c->g;
-    c->cma_bytes = c->cma_bcast_bytes = 0;
+    c->cma_bytes = c->cma_bcast_bytes = c->cma_crowd_bytes = 0;
     c->cma_errno = 0;
     c->cma_rank = c->cma_peer = -1;
     if (P < 2)
         return 0;
     c->cma_probe = CMA_PROBE_MAGIC ^ (uint64_t)me;
     uint64_t addr[CMA_MAX_RANKS], want[CMA_MAX_RANKS], g;
-    /* step 1: the address of this rank's probe word; rank 0's thresholds (the shared broadcast
-     * only where the ranks need not share cores: measured, bench/JOURNAL.md 2026-12-07-bcast) */
+    /* step 1: the address of this rank's probe word; rank 0's thresholds: the shared broadcast
+     * only where the ranks need not share cores, the single-copy all_reduce only where they
+     * must (measured: bench/JOURNAL.md, 2026-12-07, the shared broadcast) */
     TRY(begin_write(c, &g));
     uint64_t *mine = (uint64_t *)half_of(c, me, g);
+    const int cpus = usable_cpus();
     mine[0] = (uint64_t)(uintptr_t)&c->cma_probe, mine[1] = min_bytes;
-    mine[2] = usable_cpus() >= P ? bcast_bytes : 0;
+    mine[2] = cpus >= P ? bcast_bytes : 0;
+    mine[3] = cpus < P ? crowd_bytes : 0;
     publish(c, g);
     TRY(wait_all(c, g));
     want[0] = ((const uint64_t *)half_of(c, 0, g))[1];
     want[1] = ((const uint64_t *)half_of(c, 0, g))[2];
+    want[2] = ((const uint64_t *)half_of(c, 0, g))[3];
     int err = P > CMA_MAX_RANKS ? E2BIG : 0, bad = -1;
     for (int i = 1; i < P && !err; i++) {
         const int q = (me + i) % P;
@@ -189,7 +194,7 @@ int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes
         if (err)
             bad = q;
     }
-    if (!err && want[0]) {
+    if (!err && (want[0] || want[2])) {
         c->cma_tmp = aligned_alloc(64, (size_t)(P + 1) * cma_block(c));
         if (!c->cma_tmp)
             err = ENOMEM, bad = me;
@@ -206,7 +211,7 @@ int pyccl_coll_cma_probe(pyccl_coll *c, uint64_t min_bytes, uint64_t bcast_bytes
             c->cma_errno = (int)h[0], c->cma_rank = q, c->cma_peer = (int)(int64_t)h[1];
     }
     if (!c->cma_errno)
-        c->cma_bytes = want[0], c->cma_bcast_bytes = want[1];
+        c->cma_bytes = want[0], c->cma_bcast_bytes = want[1], c->cma_crowd_bytes = want[2];
     return 0;
 }
 

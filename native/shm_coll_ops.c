@@ -254,7 +254,8 @@ static int coll_all_reduce(pyccl_coll *c, void *out, const void *in, size_t coun
         return 0;
     if (count * itemsize(dtype) <= c->small_bytes)
         return all_reduce_one_shot(c, out, in, count, dtype, op, root);
-    if (root < 0 && single_copy(c, count * itemsize(dtype)))
+    if (root < 0 && (single_copy(c, count * itemsize(dtype)) ||
+                     single_copy_from(c, count * itemsize(dtype), c->cma_crowd_bytes)))
         return cma_all_reduce(c, out, in, count, dtype, op);
     return all_reduce_pipelined(c, out, in, count, dtype, op, root);
 }

@@ -22,8 +22,9 @@ from ranks import RankGroup
 shm = pytest.importorskip("pyccl.transports.shm")
 if not shm.NATIVE_SHM:
     pytest.skip("pyccl._native is not built with shared memory (pip install -e .)", allow_module_level=True)
-from pyccl.engines.shm import (DEFAULT_CMA_BROADCAST_BYTES, broadcast_parts, reduce_in_order,  # noqa: E402
-                               single_copy_slices, single_copy_twin)
+import pyccl.engines.shm as shm_engine  # noqa: E402
+from pyccl.engines.shm import (DEFAULT_CMA_BROADCAST_BYTES, DEFAULT_CMA_CROWD_BYTES, broadcast_parts,  # noqa: E402
+                               reduce_in_order, single_copy_slices, single_copy_twin)
 from pyccl.transports.shm import ffi, lib  # noqa: E402
 from test_shm import (FAST, FAST_SIZES, _bits, _thread_all_reduce, rank_fast_all_reduce,  # noqa: E402
                       rank_fast_data_movement, rank_fast_reduce_scatter, run_threads)
@@ -117,9 +118,13 @@ def rank_broadcast_default(comm, sizes):
     """The thresholds the probe agreed, then broadcasts around the broadcast threshold, every root."""
     P, r = comm.size, comm.rank
     bad = [] if comm.local.single_copy_bytes == 0 else [f"every-op threshold {comm.local.single_copy_bytes}"]
-    want = DEFAULT_CMA_BROADCAST_BYTES if len(os.sched_getaffinity(0)) >= P else 0
+    cpus = len(os.sched_getaffinity(0))
+    want = DEFAULT_CMA_BROADCAST_BYTES if cpus >= P else 0
     if comm.local.single_copy_broadcast_bytes != want:
         bad.append(f"broadcast threshold {comm.local.single_copy_broadcast_bytes}, want {want}")
+    want = DEFAULT_CMA_CROWD_BYTES if cpus < P else 0
+    if comm.local.single_copy_crowd_bytes != want:
+        bad.append(f"crowded all_reduce threshold {comm.local.single_copy_crowd_bytes}, want {want}")
     for n in sizes:
         for root in range(P):
             every = [(np.arange(n) * (q + 3) + 11 * q).astype(np.uint8) for q in range(P)]
@@ -162,10 +167,39 @@ def test_threads_broadcast_single_copy():
 
 
 def test_broadcast_single_copy_off():
-    """PYCCL_SHM_CMA_BYTES=0 turns the shared broadcast off too."""
-    res = run_threads(2, lambda c: (c.single_copy_bytes, c.single_copy_broadcast_bytes),
-                      env={"PYCCL_SHM_CMA_BYTES": "0"})
-    assert res == [(0, 0), (0, 0)], res
+    """PYCCL_SHM_CMA_BYTES=0 turns the shared broadcast and the crowded all_reduce off too."""
+    for P in (2, 3):
+        res = run_threads(P, lambda c: (c.single_copy_bytes, c.single_copy_broadcast_bytes,
+                                        c.single_copy_crowd_bytes), env={"PYCCL_SHM_CMA_BYTES": "0"})
+        assert res == [(0, 0, 0)] * P, res
+
+
+def _crowded_all_reduce(coll):
+    P, r, bad = coll.size, coll.rank, []
+    if coll.single_copy_crowd_bytes != 4096 or coll.single_copy_bytes:
+        return [f"thresholds {coll.single_copy_bytes}, {coll.single_copy_crowd_bytes}"]
+    for n, op in ((1023, "sum"), (1025, "sum"), (40009, "sum"), (40009, "max"), (9973, "prod")):
+        ins = [make(q, n, "float32", op) for q in range(P)]
+        x = ins[r].copy()
+        g0 = lib.pyccl_coll_counter(coll._c, r)
+        coll.all_reduce(x, ReduceOp(op), "t")
+        steps = lib.pyccl_coll_counter(coll._c, r) - g0
+        if (steps == 3) != (n * 4 >= 4096):   # the single copy's 3 handshakes, not the pipeline's 2 per step
+            bad.append(f"float32 {op} n={n}: {steps} steps")
+        if not np.array_equal(_bits(x), _bits(single_copy_twin(ins, op))):
+            bad.append(f"float32 {op} n={n}: not single_copy_twin's bits")
+    return bad
+
+
+def test_threads_crowded_all_reduce(monkeypatch):
+    """More ranks than CPUs: all_reduce from the crowd threshold (4 KiB here) takes the single
+    copy; ranks as threads, so the module's default is patched for all of them."""
+    P = len(os.sched_getaffinity(0)) + 1
+    if P > 8:
+        pytest.skip("many CPUs: a crowded group would be large")
+    monkeypatch.setattr(shm_engine, "DEFAULT_CMA_CROWD_BYTES", 4096)
+    res = run_threads(P, _crowded_all_reduce, env={k: v for k, v in FAST.items() if k != "PYCCL_TRANSPORT"})
+    assert not any(res), res
 
 
 # ==== the kernel refuses ==========================================================================

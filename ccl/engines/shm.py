@@ -23,8 +23,14 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
   on the 2-core VM, 2 ranks, same processes, rounds alternated: 1.1-5x faster at 8 KiB-128 MiB
   (bench/JOURNAL.md, 2026-12-07, the shared broadcast); 4 ranks on the 2 cores: 0.7-1.0x, so
   not there.
+- all_reduce from 64 MiB (``DEFAULT_CMA_CROWD_BYTES``) while ``PYCCL_SHM_CMA_BYTES`` is unset,
+  where ranks outnumber rank 0's CPUs: the single-copy all_reduce below.  With more ranks than
+  cores the bytes every rank moves add up on the cores, and it moves fewer than the segment's
+  (no copy in) with 3 handshakes instead of two per step: 4 ranks on the 2-core VM, 128 MiB,
+  segment/single-copy time 0.90-1.59 over nine runs (median 1.34), 64 MiB 1.03-1.20, 16 MiB
+  0.84-1.28 (so not below 64 MiB).
 - all_reduce, reduce_scatter, all_gather, broadcast of at least ``PYCCL_SHM_CMA_BYTES`` per
-  rank (unset: only the broadcast above; 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
+  rank (unset: only the two cases above; 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
   segment and read each other's buffers in place with Linux cross-memory attach
   (process_vm_readv), so a byte crosses memory once, not into the segment and out again.
   all_reduce is a reduce-scatter (rank r reduces slice r from every peer's input) and an
@@ -102,6 +108,7 @@ DEFAULT_CHUNK_BYTES = 512 << 10
 DEFAULT_NT_BYTES = 8 << 20
 DEFAULT_CMA_BYTES = 0   # off: see the module docstring
 DEFAULT_CMA_BROADCAST_BYTES = 32 << 10  # broadcast's shared single copy, where every rank has a core
+DEFAULT_CMA_CROWD_BYTES = 64 << 20      # all_reduce's single copy, where ranks outnumber the cores
 SMALL_BOUND = 64 << 10  # ShmEngine.short keeps the pointers of the last two Calls up to this size
 _CMA_FAILED = 9                                   # native/shm.h
 _ENABLED = 1
@@ -228,7 +235,7 @@ class ShmCollectives:
         self._c = None
         self._seg = None
         self.enabled = False
-        self.single_copy_bytes = self.single_copy_broadcast_bytes = 0
+        self.single_copy_bytes = self.single_copy_broadcast_bytes = self.single_copy_crowd_bytes = 0
         clean_leftovers()
         name = self._create_or_lookup(store)
         if not name:
@@ -281,10 +288,10 @@ class ShmCollectives:
         """Collective: may every rank read every peer's memory (pyccl_coll_cma_probe)?  Rank 0's
         PYCCL_SHM_CMA_BYTES is the threshold on every rank."""
         c = self._c
-        every = bcast = _env_bytes("PYCCL_SHM_CMA_BYTES", DEFAULT_CMA_BYTES)
+        every = bcast = crowd = _env_bytes("PYCCL_SHM_CMA_BYTES", DEFAULT_CMA_BYTES)
         if not settings.is_set("PYCCL_SHM_CMA_BYTES"):
-            bcast = DEFAULT_CMA_BROADCAST_BYTES
-        rc = lib.pyccl_coll_cma_probe(c, every, bcast, self.timeout)
+            bcast, crowd = DEFAULT_CMA_BROADCAST_BYTES, DEFAULT_CMA_CROWD_BYTES
+        rc = lib.pyccl_coll_cma_probe(c, every, bcast, crowd, self.timeout)
         if rc:
             self.enabled = False
             try:
@@ -293,6 +300,7 @@ class ShmCollectives:
                 self.close()
         self.single_copy_bytes = int(c.cma_bytes)
         self.single_copy_broadcast_bytes = int(c.cma_bcast_bytes)
+        self.single_copy_crowd_bytes = int(c.cma_crowd_bytes)
         if c.cma_errno:
             log.info("%s rank %d: single-copy collectives off, large messages go through the segment: rank %d "
                      "cannot read rank %d's memory with process_vm_readv (%s)", tag, rank, self.ranks[c.cma_rank],
@@ -303,6 +311,9 @@ class ShmCollectives:
         elif self.single_copy_broadcast_bytes:
             log.info("%s rank %d: broadcast from %d B shares its copies through cross-memory attach", tag, rank,
                      self.single_copy_broadcast_bytes)
+        elif self.single_copy_crowd_bytes:
+            log.info("%s rank %d: ranks outnumber the cores: all_reduce from %d B through cross-memory attach", tag,
+                     rank, self.single_copy_crowd_bytes)
 
     def _create_or_lookup(self, store) -> str:
         """Rank 0 makes and formats the segment and publishes its name ('' = path off)."""
