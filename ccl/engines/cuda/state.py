@@ -439,6 +439,10 @@ class CudaState:
                 self._tmp_buf = None
                 for ev in self._ev + self._joins + [self._ready, self._ready2, self._fork]:
                     rt.eventDestroy(ev)
+                self._ev, self._joins = [], []
+                # the streams go now, not when the communicator object is collected (cupy's Stream
+                # destroys its CUDA stream when dropped): close() leaves nothing on the device
+                self.stream_obj, self.side = None, []
         finally:
             self.mailbox.close()
             self.status.close()
