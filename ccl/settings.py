@@ -143,6 +143,11 @@ _DECLARED = (
             "at least 2)", "shm"),
     Setting("PYCCL_SHM_SLOT_BYTES", "bytes", 0, "slot size of the shm transport; `0`: 256 KiB, halved (to "
             "16 KiB) until a rank's rings fit 16 MiB", "shm"),
+    Setting("PYCCL_SHM_RESERVE", "choice", "check", "memory of new shared-memory segments: `check` makes them "
+            "unallocated (pages on first touch) once statvfs shows /dev/shm has room for this set-up's segments "
+            "on the host (else a clear error); `full` allocates every byte at creation (posix_fallocate: slower "
+            "set-up, shrink and grow, but no SIGBUS if something else fills /dev/shm later)", "shm",
+            choices=("check", "full")),
     Setting("PYCCL_WINDOW_CMA", "bool", True, "one-sided windows (`comm.window`) between ranks of one host copy "
             "through cross-memory attach (process_vm_writev/readv); `0`: through the TCP emulation", "shm"),
     # ---- tcp -------------------------------------------------------------------------------

@@ -16,6 +16,24 @@ reduces straight out of the slots (dst = src op message), saving the executor a 
 scratch buffer.  Copies and reductions run in C with the GIL released.
 
 Segment names: ``/pyccl-<uid>-<creator pid>-<tag>-<random>``.
+
+How a new segment gets its memory (``PYCCL_SHM_RESERVE``, `Segment`):
+
+* ``check`` (default): the segment is created at its size without allocating it (pages come
+  when first touched), after a ``statvfs`` of /dev/shm shows room for it: the bytes of the
+  segments this set-up makes on this host at once (the caller's ``share``: every local rank
+  makes one ring segment of the same size) plus the untouched bytes this process may still
+  need for its live segments made so. Too little room is a TransportError naming /dev/shm's
+  free bytes, the bytes needed and the fix, at creation, as before. Why: allocating every byte
+  up front (``posix_fallocate``) was most of a grow's or shrink's time on the loaded 2-core VM
+  (1.3 GiB zeroed per grow at 64 ranks, rings of which most pages are never touched; see
+  bench/JOURNAL.md#2026-12-07-elastic-2); pages that are touched cost the same either way.
+  What the check cannot see: another process (another job, or peers' segments also made
+  lazily) taking /dev/shm's room between the check and the first touch of a page; that touch
+  is then a SIGBUS in the rank that makes it. The usual case of exhaustion (a container's
+  64 MiB /dev/shm, too small for the job) is caught by the check.
+* ``full``: every byte allocated at creation (``posix_fallocate``): ENOSPC then, never a
+  SIGBUS later, at that cost in set-up time.
 """
 import json
 import logging
@@ -83,25 +101,79 @@ def clean_leftovers() -> list:
     return removed
 
 
-class Segment:
-    """One mapped POSIX shared-memory object. The creator unlinks it (`unlink`, `close`)."""
+_LAZY = {}                          # id of a live Segment made with PYCCL_SHM_RESERVE=check -> its size
 
-    def __init__(self, name: str, size: int = 0, create: bool = False):
+
+def _shm_free() -> int:
+    """Bytes /dev/shm can still hand out to this user (statvfs), or -1 when unknown."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+class Segment:
+    """One mapped POSIX shared-memory object. The creator unlinks it (`unlink`, `close`).
+
+    `create`: make it, `size` bytes, its memory as PYCCL_SHM_RESERVE says (see the module doc);
+    `share`: how many segments of this size this set-up makes on this host at about the same
+    time (the room the ``check`` mode asks /dev/shm for)."""
+
+    def __init__(self, name: str, size: int = 0, create: bool = False, share: int = 1):
         if not NATIVE_SHM:
             raise TransportError("shared memory needs the C core pyccl._native (pip install -e .)")
         self.name = name
         self.owner = create
         self.unlinked = not create
+        self.base = None
         sz = ffi.new("size_t *", size)
         err = ffi.new("int *")
-        base = lib.pyccl_shm_map(name.encode(), sz, (2 if os.environ.get("DBG_NOFALLOC") else 1) if create else 0, err)
+        lazy = create and settings.get("PYCCL_SHM_RESERVE") == "check"
+        if lazy:
+            self._create_unallocated(name, size, share)
+        base = lib.pyccl_shm_map(name.encode(), sz, 1 if create and not lazy else 0, err)
         if base == ffi.NULL:
             code = err[0]
+            if lazy:
+                lib.pyccl_shm_unlink(name.encode())
             hint = " (is /dev/shm full? see df /dev/shm)" if code == 28 else ""
             raise TransportError(f"shared memory segment {name} ({size} bytes): "
                                  f"{'create' if create else 'open'} failed: {os.strerror(code)}{hint}")
         self.size = sz[0]
         self.base = ffi.cast("char *", base)
+        if lazy:
+            _LAZY[id(self)] = self.size
+
+    @staticmethod
+    def _create_unallocated(name, size, share):
+        """PYCCL_SHM_RESERVE=check: make the object at `size` bytes with no page allocated,
+        once statvfs shows room for `share` such segments and this process's other lazy ones."""
+        free = _shm_free()
+        share, earlier = max(1, int(share)), sum(_LAZY.values())
+        need = size * share + earlier
+        if 0 <= free < need:
+            more = f", and {earlier} bytes of this process's earlier segments" if earlier else ""
+            raise TransportError(
+                f"shared memory segment {name} ({size} bytes): {SHM_DIR} has {free} bytes free, less than "
+                f"the {need} bytes this set-up may use ({share} segment(s) of {size} bytes on this host{more}). "
+                f"Free space in {SHM_DIR} (df {SHM_DIR}; a container's default is 64 MiB: docker --shm-size), "
+                f"or use fewer ranks per host (PYCCL_SHM_RESERVE=full allocates every byte at creation instead "
+                f"of checking)")
+        path = SHM_DIR + name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise TransportError(f"shared memory segment {name} ({size} bytes): create failed: "
+                                 f"{e.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise TransportError(f"shared memory segment {name} ({size} bytes): create failed: "
+                                 f"{e.strerror}") from None
+        os.close(fd)
 
     def unlink(self) -> None:
         if not self.unlinked:
@@ -113,6 +185,7 @@ class Segment:
         if self.base is not None:
             lib.pyccl_shm_unmap(self.base, self.size)
             self.base = None
+        _LAZY.pop(id(self), None)
 
 
 # ---- the connection ----------------------------------------------------------------------------
@@ -329,7 +402,8 @@ class ShmTransport(Transport):
         clean_leftovers()
         slot, nslots = ring_geometry(len(peers))
         ring_bytes = lib.pyccl_ring_bytes(slot, nslots)
-        mine = Segment(segment_name(ctx.comm_tag, f"r{ctx.rank}"), _HDR_BYTES + ring_bytes * len(peers), create=True)
+        mine = Segment(segment_name(ctx.comm_tag, f"r{ctx.rank}"), _HDR_BYTES + ring_bytes * len(peers), create=True,
+                       share=len(peers) + 1)           # every local rank makes one of this size now
         self._segments.append(mine)
         pidns = pid_namespace()
         try:
