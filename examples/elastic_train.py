@@ -19,10 +19,10 @@ update, on either device: on CUDA a failed collective is otherwise raised by the
 nobody killed (the uninterrupted reference); at the end rank 0 compares the parameters and
 prints MATCH or DIFFER with the largest difference.
 
-The end is orderly on every rank: a barrier (no rank closes, freeing device memory a peer
-maps through CUDA IPC, while a peer still works), the device synchronised, the group shut
-down, then the garbage collected while CUDA is still up, so nothing of pyccl's CUDA state is
-left for interpreter exit. --trace-exit says on stderr how far each rank got and which threads
+The end is orderly on every rank: the device synchronised, then a barrier (no rank closes,
+freeing device memory a peer maps through CUDA IPC, while a peer's GPU work may still read
+it), the group shut down, then the garbage collected while CUDA is still up, so nothing of
+pyccl's CUDA state is left for interpreter exit. --trace-exit says on stderr how far each rank got and which threads
 were still alive at exit (with PYTHONFAULTHANDLER=1 a crash then shows where it was).
 """
 import argparse
@@ -144,10 +144,10 @@ def finish(pg, a):
         pg.shutdown()
         _trace(a, "shutdown done (--plain-exit)")
         return
-    pg.pyccl_communicator.barrier()
     if a.device != "cpu":
-        torch.cuda.synchronize()
-    _trace(a, f"rank {pg.rank()}: barrier and synchronize done")
+        torch.cuda.synchronize()            # this rank's GPU work is over ...
+    pg.pyccl_communicator.barrier()         # ... and so is every rank's: nobody reads what is freed next
+    _trace(a, f"rank {pg.rank()}: synchronize and barrier done")
     pg.shutdown()
     gc.collect()
     if a.device != "cpu":
