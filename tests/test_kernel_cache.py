@@ -247,3 +247,46 @@ def test_prebuilt_images_come_first(tmp_path):
     img = b.image_for(("twoshot", "float32", 3, 4))
     assert img.how == "prebuilt" and img.image == b"prebuilt:float32-3"
     assert b.image_for("alltoallv").names["alltoallv"] == "alltoallv"
+
+
+def test_prebuilt_builder_loads_nvrtc_only_for_a_missing_unit(tmp_path):
+    """With the package's cubins, the first calls need no NVRTC (whose version keys the disk
+    cache): the builder resolves (target, cache) only when a unit is not prebuilt."""
+    pre = kc.DiskCache(str(tmp_path / "prebuilt"), "sm_90")
+    for u in UNITS[:-1]:                                  # float32-3 missing from the package
+        pre.put(u, b"prebuilt:" + u.encode(), {n: "_Z" + n for n in kc.unit_source(u)[0]} |
+                {p: p for p in kc.unit_source(u)[2]})
+    resolved = []
+
+    def resolve():
+        resolved.append(1)
+        return "sm_90", kc.DiskCache(str(tmp_path / "cache"), "k")
+    comp = Compiler()
+    b = build.KernelBuilder("src", None, comp, None, pre.dir, threads=2, units=UNITS[:-1], resolve=resolve)
+    b.start()
+    assert b.wait(5)
+    assert b.image_for(("oneshot", "bfloat16", 0, 8)).how == "prebuilt"
+    assert b.image_for("staged").how == "prebuilt"
+    assert b.label == "sm_90 (prebuilt)" and b.report()
+    b.release_claims()
+    assert resolved == [] and comp.calls == []
+    img = b.image_for(("twoshot", "float32", 3, 4))     # not in the package: resolved once, built
+    assert img.how == "compiled (foreground)" and resolved == [1] and b.target == "sm_90"
+    assert b.cache.units() == ["one:twoshot-float32-3-4"] and b.label == "sm_90" and resolved == [1]
+
+
+def test_builder_for_with_prebuilt_cubins_defers_nvrtc(tmp_path, monkeypatch):
+    pre = kc.DiskCache(str(tmp_path / "prebuilt"), "sm_90")
+    monkeypatch.setattr(kc, "prebuilt_target", lambda arch, root=None, source=None: (pre.dir, "sm_90"))
+    loads = []
+    monkeypatch.setattr(build, "nvrtc_version_or_none", lambda: loads.append(1) or (13, 0))
+    monkeypatch.setattr(build, "compile_target", lambda arch: "sm_90")
+    monkeypatch.setattr(build, "_builders", {})
+    monkeypatch.setenv("PYCCL_KERNEL_CACHE", str(tmp_path / "cache"))
+    b = build.builder_for(90)
+    assert loads == [] and b.prebuilt_dir == pre.dir
+    assert b.cache.dir.startswith(str(tmp_path / "cache")) and loads == [1]
+    monkeypatch.setattr(kc, "prebuilt_target", lambda arch, root=None, source=None: None)
+    monkeypatch.setattr(build, "_builders", {})
+    build.builder_for(90)                                 # no prebuilt cubins: resolved at once
+    assert loads == [1, 1]

@@ -38,10 +38,14 @@ class KernelBuilder:
     """Images of one source for one target (e.g. sm_90), from wherever they are fastest to get."""
 
     def __init__(self, source, target, compile_fn, cache=None, prebuilt_dir=None, threads=None,
-                 units=None, one_estimate=0.5, unit_estimate=3.0):
-        self.source, self.target = source, target
+                 units=None, one_estimate=0.5, unit_estimate=3.0, resolve=None):
+        self.source, self._target = source, target
         self.compile_fn = compile_fn
-        self.cache = cache                      # kernel_cache.DiskCache or None
+        self._cache = cache                     # kernel_cache.DiskCache or None
+        # resolve() -> (target, cache), called once when first needed: with a complete prebuilt
+        # set nothing needs NVRTC (whose version keys the disk cache), so it is not even loaded
+        self._resolve_fn = resolve
+        self._resolve_lock = threading.Lock()
         self.prebuilt_dir = prebuilt_dir
         self.threads = max(0, int(threads if threads is not None else default_threads()))
         self.units = list(units if units is not None else kc.all_units())
@@ -55,6 +59,32 @@ class KernelBuilder:
         self.est = {"one": one_estimate, "unit": unit_estimate}      # seconds, updated as builds end
         self.started_at = None
         self.finished_at = None
+
+    def _resolve(self):
+        if self._resolve_fn is not None:
+            with self._resolve_lock:
+                if self._resolve_fn is not None:
+                    self._target, self._cache = self._resolve_fn()
+                    self._resolve_fn = None
+
+    @property
+    def target(self):
+        """The NVRTC compile target ('sm_90', 'compute_90'); resolved (NVRTC loaded) on first use."""
+        self._resolve()
+        return self._target
+
+    @property
+    def cache(self):
+        """The disk cache (kernel_cache.DiskCache) or None; resolved on first use (see __init__)."""
+        self._resolve()
+        return self._cache
+
+    @property
+    def label(self) -> str:
+        """What report() files this builder under, without resolving it."""
+        if self._resolve_fn is None or not self.prebuilt_dir:
+            return self.target
+        return os.path.basename(self.prebuilt_dir.rstrip(os.sep)) + " (prebuilt)"
 
     # ---- looking up -------------------------------------------------------------------------
     def _ready(self, unit):
@@ -203,9 +233,9 @@ class KernelBuilder:
     def release_claims(self):
         """Give up the claims of units this process is building (at exit: the others take them)."""
         self.stop()
-        if self.cache is not None:
+        if self._resolve_fn is None and self._cache is not None:     # (never resolved: no claims)
             for u in list(self._building):
-                self.cache.release(u)
+                self._cache.release(u)
 
     def report(self) -> list:
         """[(unit, how, seconds)] of every unit this process has, then the failures."""
@@ -246,17 +276,24 @@ def builder_for(arch: int) -> KernelBuilder:
             return b
         source = cuda_source()
         pre = kc.prebuilt_target(arch, source=source)
-        version = nvrtc_version_or_none()
-        target = compile_target(arch)
-        cache = None
-        root = kc.cache_root()
-        if root is not None and version is not None:
-            cache = kc.DiskCache(root, kc.cache_key(source, target, version))
+
+        def resolve():
+            """(compile target, disk cache): loads NVRTC, whose version keys the cache."""
+            version = nvrtc_version_or_none()
+            target = compile_target(arch)
+            root = kc.cache_root()
+            if root is None or version is None:
+                return target, None
+            return target, kc.DiskCache(root, kc.cache_key(source, target, version))
 
         def compile_fn(src, names, tgt, options):
             t = tgt.split("_")
             return nvrtc.compile_source(src, names, int(t[1]), options, ptx=t[0] == "compute")
-        b = KernelBuilder(source, target, compile_fn, cache, pre[0] if pre else None)
+        if pre:          # the package's cubins: NVRTC is loaded only if a unit is missing there
+            b = KernelBuilder(source, None, compile_fn, None, pre[0], resolve=resolve)
+        else:
+            target, cache = resolve()
+            b = KernelBuilder(source, target, compile_fn, cache, None)
         _builders[arch] = b
         atexit.register(b.release_claims)
         return b
@@ -287,4 +324,4 @@ def compile_target(arch: int) -> str:
 def report() -> dict:
     """{target: [(unit, how, seconds)]} of this process's builders."""
     with _lock:
-        return {b.target: b.report() for b in _builders.values()}
+        return {b.label: b.report() for b in _builders.values()}
