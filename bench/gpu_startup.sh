@@ -7,7 +7,8 @@
 #          calls with the code before issue 32 (git archive of BASE, where the checkout has .git).
 #   final  (BUDGET=120) tests/test_cuda_memory.py, then the torch backend's cold first call and the memory
 #          probe, as far as the budget goes.
-#   check  (BUDGET=120) tests/test_cuda.py for CUDA_S s (60; CUDA_ARGS adds pytest arguments), then
+#   check  (BUDGET=120) tests/test_cuda.py for CUDA_S s (58; CUDA_TESTS: other node ids instead, e.g. the
+#          spawned-process tests at the file's end that a first call did not reach; CUDA_ARGS: more options), then
 #          tests/test_cuda_memory.py (memory by stage, the warm first calls with where their time goes),
 #          the device memory of each part of the state in one process (gpu_startup.py parts), graph replay.
 # Every step is bounded by `timeout` and by what is left of the budget; large output goes under $OUT.
@@ -61,7 +62,7 @@ if [ "$MODE" = check ]; then          # BUDGET=120: the GPU suite after the kern
   # spent: SIGINT makes pytest print what passed, failed and was not reached
   echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S:=58}s)"
   timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --tb=short --durations=8 \
-    tests/test_cuda.py ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
+    ${CUDA_TESTS:-tests/test_cuda.py} ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
   echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
   TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 44 \
     bash -c "set -o pipefail; python3 -m pytest -q -s -p no:cacheprovider --timeout=40 -rfE --tb=line \
