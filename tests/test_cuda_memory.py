@@ -366,6 +366,7 @@ def scenario_warm(rank, size, port):
     parts.calls, parts.store = {}, sync
     first = {}
     ok = {}
+    gc.collect()            # the timed calls start from a collected heap, as timing loops do (timeit)
     for dtype in DTYPES:
         times, right = _ops(comm, dtype, MIB, parts=parts)
         first.update({f"{dtype} {k}": v for k, v in times.items()})
@@ -395,11 +396,9 @@ def test_first_calls_cold_then_warm(tmp_path):
     warm = [out[r][1] for r in range(2)]
     print("\nWARM hows", [w["hows"] for w in warm], "wrong:", [k for w in warm for k, v in w["ok"].items() if not v])
     calls = list(warm[0]["first"])
-    adjusted = {}
+    walls = {}
     for k in calls:
-        wall = max(w["first"][k] for w in warm)
-        gcs = max(sum(v for p, v in w["parts"][k].items() if p.startswith("gc")) for w in warm)
-        adjusted[k] = wall - gcs
+        wall = walls[k] = max(w["first"][k] for w in warm)
         if wall > 0.02:                  # where the time of every slow first call went, on each rank
             print(f"WARM {k:26s} wall {[round(w['first'][k], 4) for w in warm]} s; parts "
                   f"{[{p: round(v, 4) for p, v in w['parts'][k].items() if v > 0.0005} for w in warm]}")
@@ -407,11 +406,12 @@ def test_first_calls_cold_then_warm(tmp_path):
                                                     for k in calls), reverse=True)[:4])
     assert all(all(w["ok"].values()) for w in warm), [w["ok"] for w in warm]
     assert all("compiled (foreground)" not in w["hows"] and "compiled" not in w["hows"] for w in warm), warm
-    # calls[0] also makes the CUDA state (checked too). Python's garbage collector pausing either rank
-    # during a call (a collective waits for both) is the process's, not the call's: taken out, and
-    # printed above (bench/JOURNAL.md, issue 32, third session: in a CPU twin of this scenario one
-    # full collection of 0.09-0.17 s fell into the same call on both ranks, run after run)
-    slow = {k: round(adjusted[k], 3) for k in calls if adjusted[k] > 0.1}
+    # calls[0] also makes the CUDA state (checked too). The wall time counts, garbage collection
+    # included: a user waits for it as well. The heap is collected before the first timed call, so
+    # a full collection inside one (0.09-0.17 s in a CPU twin of this scenario, bench/JOURNAL.md,
+    # issue 32, third session) means the calls themselves allocated that much; the parts printed
+    # above say where the time went.
+    slow = {k: round(walls[k], 3) for k in calls if walls[k] > 0.1}
     assert not slow, (slow, {k: [round(w["first"][k], 3) for w in warm] for k in slow})
 
 
