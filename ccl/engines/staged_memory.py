@@ -3,7 +3,29 @@ host arena and, with several ranks per host, the composed engine's device stage 
 collectives (ccl/engines/cuda_composed.py). The interface is the CUDA state's (see
 ccl/engines/cuda/memory.py). Nothing here is named by a CUDA graph (the staged engine refuses
 capture), so suspend() simply frees: the arena and the stage are made again by the next call
-that needs them; resume() re-makes the local CUDA collectives' scratch (collective)."""
+that needs them, and the local CUDA collectives give back everything (their suspend(graphs=False),
+control block and kernels too); resume() re-makes their scratch (collective). The proxy engine's
+composition (ccl/engines/proxy/composed.py) shares composed_memory and composed_suspend, but
+keeps what a captured graph names unless graphs=False."""
+
+
+def composed_memory(c) -> dict:
+    """The bytes a composition (CudaComposed) holds: its device stage and its local collectives'."""
+    out = {"device.composed_stage": c._scratch_cap if c._scratch else 0}
+    for k, v in c.local.memory().items():
+        where, purpose = k.split(".", 1)
+        out[f"{where}.local_{purpose}"] = v
+    return out
+
+
+def composed_suspend(c, graphs):
+    """Suspend a composition's local collectives (waiting for their phases) and, where no graph
+    can name it (graphs=False), free its device stage."""
+    c.local.suspend(graphs)
+    if not graphs and c._scratch:
+        with c.local._device:
+            c.local.rt.free(c._scratch)
+        c._scratch, c._scratch_cap = 0, 0
 
 
 class StagingMemoryMixin:
@@ -11,12 +33,8 @@ class StagingMemoryMixin:
 
     def memory(self) -> dict:
         out = {"pinned.staging_arena": self._arena_cap if self._arena_ptr else 0}
-        c = self.composed
-        if c is not None:
-            out["device.composed_stage"] = c._scratch_cap if c._scratch else 0
-            for k, v in c.local.memory().items():
-                where, purpose = k.split(".", 1)
-                out[f"{where}.local_{purpose}"] = v
+        if self.composed is not None:
+            out.update(composed_memory(self.composed))
         return out
 
     def suspend(self):
@@ -32,13 +50,8 @@ class StagingMemoryMixin:
                 finally:
                     rt.eventDestroy(ev)
         self._free_arena()
-        c = self.composed
-        if c is not None:
-            c.local.suspend()                   # waits for the local phases, frees their scratch
-            if c._scratch:
-                with c.local._device:
-                    c.local.rt.free(c._scratch)
-                c._scratch, c._scratch_cap = 0, 0
+        if self.composed is not None:          # never captured: everything goes
+            composed_suspend(self.composed, False)
 
     def resume(self):
         if self.composed is not None and not self._closed:

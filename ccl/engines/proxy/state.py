@@ -42,6 +42,7 @@ from ... import settings
 from ...errors import InvalidArgument, PeerFailure, PycclError
 from .driver import Driver
 from .host import ABORT, ERROR, ERRORS, GROUPS, POSTED, RING_SLOTS, SITE, SITES, WORDS, ProxyHost
+from ..staged_memory import composed_memory, composed_suspend
 from .program import ITEM, Program
 
 log = logging.getLogger("pyccl")
@@ -137,15 +138,26 @@ class ProxyState:
     # -- comm.memory() / suspend() / resume() (ccl/suspension.py) --
     def memory(self) -> dict:
         """Bytes held by purpose: two counter words on the device; the rest is pinned host
-        memory (words, copy tables, arenas: kept until close, as captured graphs name them)."""
-        return {"device.proxy_counter": 16 if self.ctrl is not None else 0, **self._held}
+        memory (words, copy tables, arenas: kept until close, as captured graphs name them);
+        with several ranks per host, the composition's (ccl/engines/staged_memory.py)."""
+        out = {"device.proxy_counter": 16 if self.ctrl is not None else 0, **self._held}
+        if self.composed is not None:
+            out.update(composed_memory(self.composed))
+        return out
 
-    def suspend(self):
-        """Nothing to give back: the device holds 16 bytes, and the pinned arenas, tables and
-        words stay (captured graphs point at them; they are host memory)."""
+    def suspend(self, graphs=True):
+        """The proxy itself keeps its 16 device bytes and its pinned arenas, tables and words
+        (captured graphs point at them; they are host memory); a composition's local collectives
+        suspend as the one-host engine does, and with graphs=False its stage goes too."""
+        if self.composed is not None and not self._closed:
+            composed_suspend(self.composed, graphs)
+
+    def suspend_all(self):
+        self.suspend(graphs=False)
 
     def resume(self):
-        """Nothing was released (see suspend)."""
+        if self.composed is not None and not self._closed:
+            self.composed.local.resume()
 
     def _register(self, arena):
         """Register an arena once with each ibverbs device the connections use."""
