@@ -3,10 +3,10 @@ host arena and, with several ranks per host, the composed engine's device stage 
 collectives (ccl/engines/cuda_composed.py). The interface is the CUDA state's (see
 ccl/engines/cuda/memory.py). Nothing here is named by a CUDA graph (the staged engine refuses
 capture), so suspend() simply frees: the arena and the stage are made again by the next call
-that needs them, and the local CUDA collectives give back everything (their suspend(graphs=False),
-control block and kernels too); resume() re-makes their scratch (collective). The proxy engine's
-composition (ccl/engines/proxy/composed.py) shares composed_memory and composed_suspend, but
-keeps what a captured graph names unless graphs=False."""
+that needs them, and the local CUDA collectives suspend as the one-host engine's (graphs=False
+passed on); resume() re-makes their scratch (collective). The proxy engine's composition
+(ccl/engines/proxy/composed.py) shares composed_memory and composed_suspend, but keeps its stage,
+which a captured graph may name, unless graphs=False."""
 
 
 def composed_memory(c) -> dict:
@@ -18,11 +18,11 @@ def composed_memory(c) -> dict:
     return out
 
 
-def composed_suspend(c, graphs):
-    """Suspend a composition's local collectives (waiting for their phases) and, where no graph
-    can name it (graphs=False), free its device stage."""
+def composed_suspend(c, graphs, free_stage):
+    """Suspend a composition's local collectives (waiting for their phases; graphs as the one-host
+    engine's suspend) and, with `free_stage`, free its device stage."""
     c.local.suspend(graphs)
-    if not graphs and c._scratch:
+    if free_stage and c._scratch:
         with c.local._device:
             c.local.rt.free(c._scratch)
         c._scratch, c._scratch_cap = 0, 0
@@ -37,7 +37,7 @@ class StagingMemoryMixin:
             out.update(composed_memory(self.composed))
         return out
 
-    def suspend(self):
+    def suspend(self, graphs=True):
         if self._closed:
             return
         rt = self.rt
@@ -50,8 +50,11 @@ class StagingMemoryMixin:
                 finally:
                     rt.eventDestroy(ev)
         self._free_arena()
-        if self.composed is not None:          # never captured: everything goes
-            composed_suspend(self.composed, False)
+        if self.composed is not None:          # never captured: the stage goes
+            composed_suspend(self.composed, graphs, True)
+
+    def suspend_all(self):
+        self.suspend(graphs=False)
 
     def resume(self):
         if self.composed is not None and not self._closed:

@@ -150,7 +150,7 @@ class ProxyState:
         (captured graphs point at them; they are host memory); a composition's local collectives
         suspend as the one-host engine does, and with graphs=False its stage goes too."""
         if self.composed is not None and not self._closed:
-            composed_suspend(self.composed, graphs)
+            composed_suspend(self.composed, graphs, not graphs)
 
     def suspend_all(self):
         self.suspend(graphs=False)
