@@ -79,6 +79,7 @@ typedef struct pyccl_coll {
     uint64_t op_g0;  /* my counter when the current collective began */
     uint64_t pidns;  /* inode of /proc/self/ns/pid: peers' pids are checked when equal */
     double spin_s;   /* wait policy: spin up to spin_s, then block (futex) */
+    int crowded;     /* ranks outnumber the CPUs this process may run on (set by attach) */
     double timeout;  /* of the current call: bounds each wait */
     uint64_t move_bytes; /* data movement: bytes per rank per step (<= half_bytes) */
     uint64_t nt_bytes;   /* outputs at least this big are written with streaming stores */

@@ -99,7 +99,8 @@ pyccl_coll *pyccl_coll_attach(void *base, size_t size, int rank, int nranks, int
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
         ncpu = CPU_COUNT(&set);
-    c->spin_s = ncpu >= nranks ? 20e-6 : 2e-6;
+    c->crowded = ncpu < nranks;
+    c->spin_s = c->crowded ? 2e-6 : 20e-6;
     rank_line *me = LINE_OF(c, rank);
     me->pid = pid;
     me->cpu = -1;
