@@ -118,19 +118,20 @@ class _Kernels:
     def __init__(self, device):
         import cupy
         from pyccl.transports import cuda_ipc
-        with cupy.cuda.Device(device.index):
-            mod = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))
-            self.rows_fn = int(mod.get_function("moe_put_rows").kernel.ptr)
-            self.counts_fn = int(mod.get_function("moe_put_counts").kernel.ptr)
-            self.all_fn = int(mod.get_function("moe_put_all").kernel.ptr)
-        self.mod = mod
+        loaded = _MODULES.get(device.index)
+        if loaded is None:                   # a module load waits for the device: once per process
+            with cupy.cuda.Device(device.index):
+                mod = cupy.RawModule(code=_SOURCE, options=("-std=c++17",))
+                loaded = _MODULES.setdefault(device.index, (mod, *(int(mod.get_function(n).kernel.ptr) for n in
+                                                                   ("moe_put_rows", "moe_put_counts", "moe_put_all"))))
+        self.mod, self.rows_fn, self.counts_fn, self.all_fn = loaded
         self.p_all = cuda_ipc.KernelParams("uiiuiiuuuiiiu")
         self.p_rows = cuda_ipc.KernelParams("uiiuiuuiiiu")
         self.p_counts = cuda_ipc.KernelParams("uiiuuii")
         self.launch = cuda_ipc.launcher()
 
 
-_KERNELS = {}                 # device -> _Kernels (a module loaded once per process)
+_MODULES = {}                 # device -> (module, its three CUfunctions); parameter blocks: one set per exchange
 
 
 class CudaWindowExchange:
@@ -158,7 +159,7 @@ class CudaWindowExchange:
         self.reset()
         self.fused = puts == "fused"          # moe_inference then calls dispatch()
         if puts in ("kernel", "fused"):
-            self.k = _KERNELS.get(dev.index) or _KERNELS.setdefault(dev.index, _Kernels(dev))
+            self.k = _Kernels(dev)
             self.tables = {w: tuple(torch.tensor(v, dtype=torch.int64, device=dev)   # u64 bits in int64
                                     for v in win.device_addresses()) for w, win in self.wins.items()}
             self.addr = {w: tuple(t.data_ptr() for t in ts) for w, ts in self.tables.items()}  # (peers, cells)

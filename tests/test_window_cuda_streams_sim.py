@@ -158,9 +158,9 @@ class StreamWaits:
         self.cupy._stream(stream).put(op)
 
 
-def _threads(size, fn, monkeypatch, wait):
+def _threads(size, fn, monkeypatch, wait, cupy=None):
     """fn(comm) on `size` communicators, one thread each, windows of wait mode `wait`."""
-    cupy = AsyncCupy()
+    cupy = cupy or AsyncCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setenv("PYCCL_TRANSPORT", "tcp")
     from pyccl.transports import cuda_ipc
