@@ -130,8 +130,9 @@ _DECLARED = (
             "shm"),
     Setting("PYCCL_SHM_CHUNK_BYTES", "bytes", 512 << 10, "per-rank part of the pipelined shared-memory "
             "collectives (shrunk for many ranks so the segment stays below ~256 MiB)", "shm"),
-    Setting("PYCCL_SHM_NT_BYTES", "bytes", 8 * _MIB, "all_gather/all_to_all outputs from this size are written "
-            "with streaming (non-temporal) stores; `0`: never", "shm"),
+    Setting("PYCCL_SHM_NT_BYTES", "bytes", 8 * _MIB, "all_gather/all_to_all outputs (and broadcasts where ranks "
+            "outnumber the cores) from this size are written with streaming (non-temporal) stores; `0`: never",
+            "shm"),
     Setting("PYCCL_SHM_CMA_BYTES", "bytes", None, "all_reduce, reduce_scatter, all_gather and broadcast from this "
             "size per rank read the peers' buffers in place (cross-memory attach); `0`: never; unset: broadcast "
             "from 32 KiB where every rank has a core (the root and the readers share its copies), all_reduce from "
