@@ -182,3 +182,37 @@ def test_moe_exchange_on_the_stand_in(monkeypatch, size, puts, wait):
     monkeypatch.setattr(M.CudaWindowExchange, "syncs", property(lambda self: 0))
     for bad, layers in S._threads(size, lambda comm: rank_moe(comm, puts, 5), monkeypatch, wait, MoeCupy()):
         assert bad == [] and layers == 5, bad
+
+
+def test_sync_count_counts_what_it_should(monkeypatch):
+    """SyncCount (the MoE exchange's sync counter) counts this thread's calls of the cupy runtime's
+    synchronising functions and torch's sync warnings inside, not another thread's calls, nothing
+    outside, and puts the runtime back as it was."""
+    import threading
+    import warnings
+    import moe_cuda_window as M
+    from test_window_cuda_sim import FakeCupy
+    cupy = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    rt = cupy.cuda.runtime
+    before = rt.streamSynchronize
+    sc = M.SyncCount()
+    with sc:
+        rt.streamSynchronize(7)
+        rt.eventQuery(1)
+        t = threading.Thread(target=lambda: rt.deviceSynchronize())   # another thread: not counted
+        t.start()
+        t.join()
+        warnings.warn("called a synchronizing CUDA operation")        # what torch's "warn" mode raises
+        warnings.warn("something else")
+    rt.streamSynchronize(7)                                           # outside: not counted
+    assert sc.count == 3, sc.seen
+    assert sc.seen[0] == "cupy.cuda.runtime.streamSynchronize" and "torch: called a synchronizing" in sc.seen[2]
+    assert modes == ["warn", 0]
+    assert rt.streamSynchronize is before
+    with sc:
+        pass
+    assert sc.count == 3
