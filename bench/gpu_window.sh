@@ -36,7 +36,7 @@ moe() {   # $1: puts-wait, $2: seconds at most
 MOE_PID=$!
 
 echo "=== tests (t=${SECONDS}s)"
-timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=45 -rs \
+timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=70 -rs \
   tests/test_cuda_window.py ${PYTEST_ARGS:-} > "$LOG/tests.log" 2>&1
 rc=$?; [ $rc = 0 ] || FAILED=$((FAILED + 1))
 grep -E "PASSED|FAILED|ERROR|SKIPPED|us median|^E  |passed|failed|Timeout" "$LOG/tests.log" | cut -c1-400 | tail -70

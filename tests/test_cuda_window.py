@@ -29,6 +29,9 @@ from pyccl.errors import InvalidArgument, PycclError, Timeout  # noqa: E402
 from spawned import run_spawned  # noqa: E402
 
 pytestmark = pytest.mark.timeout(200)
+# a rank's answer to group.run: within this (each rank polled in turn), so a hung test marks the
+# group broken and the next test gets a fresh one (bench/gpu_window.sh: pytest --timeout=70 > 3 x RUN_S)
+RUN_S = 20
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
          "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
@@ -133,7 +136,7 @@ def test_torch_backend_window_on_cuda():
 @pytest.mark.parametrize("wait", ["kernel", "stream"])
 def test_wait_times_out(groups, wait):
     g = groups(2, env={"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"})
-    res = g.run(rank_wait_times_out, wait)[0]
+    res = g.run(rank_wait_times_out, wait, timeout=RUN_S)[0]
     assert isinstance(res, tuple), res
     took, msg = res
     assert took < 10, (took, msg)
@@ -411,40 +414,40 @@ def group(groups, request):
 @pytest.mark.parametrize("puts,wait", [("kernel", "kernel"), ("fused", "kernel"), ("copies", "kernel"),
                                        ("fused", "stream")])
 def test_moe_exchange_rows_in_place_and_no_sync(group, puts, wait):
-    for bad, summary in group.run(rank_moe_exchange, puts, 6, wait):
+    for bad, summary in group.run(rank_moe_exchange, puts, 6, wait, timeout=RUN_S):
         print(f"{group.size} ranks, {wait} waits: {summary}")
         assert not bad, bad
 
 
 def test_every_dtype_both_ends_and_gets(group):
-    for bad in group.run(rank_every_dtype):
+    for bad in group.run(rank_every_dtype, timeout=RUN_S):
         assert not bad, bad
 
 
 def test_cupy_arrays(group):
-    for bad in group.run(rank_cupy_window):
+    for bad in group.run(rank_cupy_window, timeout=RUN_S):
         assert not bad, bad
 
 
 @pytest.mark.parametrize("wait", ["kernel", "stream"])
 def test_many_puts_then_one_signal(group, wait):
-    for bad in group.run(rank_many_puts_one_signal, 50, wait):
+    for bad in group.run(rank_many_puts_one_signal, 50, wait, timeout=RUN_S):
         assert not bad, bad
 
 
 @pytest.mark.parametrize("n,wait", [(1, "kernel"), (4097, "kernel"), (1 << 20, "kernel"), (4097, "stream")])
 def test_puts_from_every_peer_at_once(group, n, wait):
-    for bad in group.run(rank_concurrent, n, 5, wait):
+    for bad in group.run(rank_concurrent, n, 5, wait, timeout=RUN_S):
         assert not bad, bad
 
 
 def test_calls_never_synchronise(group):
-    for bad in group.run(rank_no_sync):
+    for bad in group.run(rank_no_sync, timeout=RUN_S):
         assert not bad, bad
 
 
 def test_bad_input_raises_before_anything_is_queued(group):
-    for bad in group.run(rank_bad_input):
+    for bad in group.run(rank_bad_input, timeout=RUN_S):
         assert not bad, bad
 
 
