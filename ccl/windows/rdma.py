@@ -10,7 +10,10 @@ own write's completion, or the target's `Service` (the completion channel's desc
 its poll set). A put of up to STAGE_MAX bytes is copied into the pair's registered ring and
 posted at once, so `put` returns with several writes in flight (as ib_write_bw keeps them);
 a larger one is written from the caller's buffer (registered, cached) and waited for; `flush`
-(and every signal, read or large put) waits until the writes posted before it completed. `get` is an RDMA READ of the peer's window (registered for remote reads)
+(and every signal, read or large put) waits until the writes posted before it completed.
+A put from PYCCL_IB_STRIPE_MIN bytes is split over PYCCL_IB_QPS QPs per pair (as send/recv
+stripes): the extra QPs carry only such parts, each with its own ring, and a signal, read,
+flush or unstriped put first waits for their writes (RC orders a QP, not several). `get` is an RDMA READ of the peer's window (registered for remote reads)
 into the caller's buffer, returned once completed; the target's CPU takes no part. The set-up
 cards travel over the window's TCP sockets, which also tell of a peer that dies.
 """
@@ -65,6 +68,7 @@ class RdmaPair:
         self.send_lock = threading.Lock()     # one poster at a time
         self.sent = self.done = 0             # work requests posted / completed (in order: RC)
         self.ring = None                      # staging for puts, made on the first staged put
+        self.ring_bytes = RING_BYTES
         self.error = None
         self.remote = None
 
@@ -152,7 +156,7 @@ class RdmaPair:
         with self.send_lock:
             deadline = time.monotonic() + timeout
             if self.ring is None:
-                self.ring = _Ring(self.dev.mrs, RING_BYTES)
+                self.ring = _Ring(self.dev.mrs, self.ring_bytes)
             ring = self.ring
             while True:
                 ring.free(self.done)
@@ -247,14 +251,26 @@ class _Ring:
 
 
 class RdmaLink(Link):
-    """A peer reached over ibverbs: puts and signals by RDMA WRITE, gets by RDMA READ."""
+    """A peer reached over ibverbs: puts and signals by RDMA WRITE, gets by RDMA READ. `pair`
+    carries signals, reads and unstriped puts; a put from PYCCL_IB_STRIPE_MIN bytes (up to
+    `stripes` x STAGE_MAX) is split over it and the `extra` pairs (one QP each, as send/recv
+    stripes over PYCCL_IB_QPS), and whatever must come after it (a signal, a read, flush)
+    first waits until the extra pairs' writes completed (no order across QPs)."""
 
     kind = "rdma"
 
-    def __init__(self, pair: RdmaPair, tcp, timeout: float):
+    def __init__(self, pair: RdmaPair, tcp, timeout: float, extra=()):
         self.peer, self.pair, self.tcp, self.timeout = pair.peer, pair, tcp, timeout
+        self.extra = list(extra)
         self.mrs = pair.dev.mrs
         self.reads = 0                        # RDMA READs posted (tests check that gets use them)
+        self.striped = 0                      # puts split over several QPs
+        self.stripe_min = settings.get("PYCCL_IB_STRIPE_MIN")
+        self._step = 0                        # bytes per QP of the latest striped put
+
+    def _after_extra(self):
+        for p in self.extra:
+            p.drain(self.timeout)
 
     def put(self, src, offset, slot):
         n = src.size
@@ -262,6 +278,22 @@ class RdmaLink(Link):
             if slot >= 0:
                 self.signal(slot, 1)
             return
+        k = 1 + len(self.extra)
+        pending = any(p.sent > p.done for p in self.extra)
+        if k > 1 and self.stripe_min <= n <= k * STAGE_MAX:
+            step = ((n + k - 1) // k + 4095) // 4096 * 4096      # bytes per QP, whole pages
+            if pending and step != self._step:
+                self._after_extra()           # other cuts: a byte could reach the peer twice out of order
+            self._step = step
+            pairs = [self.pair, *self.extra]
+            for i, at in reversed(list(enumerate(range(0, n, step)))):     # the main pair's part last
+                pairs[i].staged_write(src[at:at + step], offset + at, None, self.timeout)
+            self.striped += 1
+            if slot >= 0:
+                self.signal(slot, 1)
+            return
+        if pending:
+            self._after_extra()               # in order after the striped puts before it
         if n <= STAGE_MAX:                    # copied: returns at once, several writes in flight
             self.pair.staged_write(src, offset, None if slot < 0 else slot << _VALUE_BITS | 1, self.timeout)
             return
@@ -273,12 +305,14 @@ class RdmaLink(Link):
             self.mrs.release(e)
 
     def signal(self, slot, value):
+        self._after_extra()                   # after every earlier put, on every QP
         while value > 0:
             part = min(value, _VALUE_MAX)
             self.pair.write(0, 0, 0, 0, slot << _VALUE_BITS | part, self.timeout)
             value -= part
 
     def flush(self):
+        self._after_extra()
         self.pair.drain(self.timeout)
 
     def get(self, dst, offset):
@@ -286,6 +320,7 @@ class RdmaLink(Link):
         n = dst.size
         if n == 0:
             return
+        self._after_extra()
         e = self.mrs.acquire(memoryview(dst), _ACCESS_LOCAL_WRITE)
         try:
             for at in range(0, n, READ_MAX):
@@ -296,10 +331,12 @@ class RdmaLink(Link):
             self.mrs.release(e)
 
     def failure(self):
-        return self.pair.error or self.tcp.failure()
+        return self.pair.error or next((p.error for p in self.extra if p.error), None) or self.tcp.failure()
 
     def close(self):
         self.pair.close()
+        for p in self.extra:
+            p.close()
         self.tcp.close()
 
 
@@ -309,31 +346,39 @@ def release(entry) -> None:
 
 
 def connect_pairs(ctx, board, window, peers: list, socks: dict, names) -> tuple:
-    """({peer: RdmaPair}, memory region entry, the registered array): the window registered once
-    (an 8-byte stand-in for an empty one), a QP per peer,
-    the cards swapped over the pair's TCP sockets (mine out on my request socket, theirs in on
-    my service socket), then a ready byte each way once both QPs are connected."""
+    """({peer: [RdmaPair, ...]}, memory region entry, the registered array): the window
+    registered once (an 8-byte stand-in for an empty one), PYCCL_IB_QPS QPs per peer (the first
+    carries signals and reads; the others only parts of striped puts, with smaller rings), the
+    cards swapped over the pair's TCP sockets (mine out on my request socket, theirs in on my
+    service socket), then a ready byte each way once all QPs are connected."""
     if not peers:
         return {}, None, None
     dev = device(ctx)
     mem = window if window.size else np.zeros(8, np.uint8)
     entry = dev.mrs.acquire(memoryview(mem), _ACCESS_FULL | _ACCESS_REMOTE_READ)
     addr = mem.ctypes.data
+    k = max(1, settings.get("PYCCL_IB_QPS"))
     pairs = {}
     try:
         for p in peers:
-            pairs[p] = RdmaPair(p, dev, board, names(p))
-            card = pairs[p].card(addr, entry.rkey)
-            socks[p][0].sendall(len(card).to_bytes(4, "little") + card)
+            pairs[p] = []
+            for i in range(k):
+                pairs[p].append(RdmaPair(p, dev, board, names(p)))
+                if i:
+                    pairs[p][i].ring_bytes = STAGE_MAX + (1 << 20)
+                card = pairs[p][i].card(addr, entry.rkey)
+                socks[p][0].sendall(len(card).to_bytes(4, "little") + card)
         for p in peers:
-            n = int.from_bytes(_read(socks[p][1], 4, names(p)), "little")
-            pairs[p].connect(_read(socks[p][1], n, names(p)))
+            for pair in pairs[p]:
+                n = int.from_bytes(_read(socks[p][1], 4, names(p)), "little")
+                pair.connect(_read(socks[p][1], n, names(p)))
             socks[p][0].sendall(b"R")
         for p in peers:
             _read(socks[p][1], 1, names(p))
     except BaseException:
-        for pair in pairs.values():
-            pair.close()
+        for ps in pairs.values():
+            for pair in ps:
+                pair.close()
         dev.mrs.release(entry)
         raise
     return pairs, entry, mem

@@ -118,9 +118,9 @@ class Window(WindowBase):
                                    self._who, f"window{self.number}")
             for p, (req, _) in socks.items():
                 tcp = TcpLink(p, req, self.service, self._who(p))
-                self.links[p] = RdmaLink(rdma[p], tcp, self.timeout) if p in rdma else tcp
-            for pair in rdma.values():
-                self.service.watch(pair.arm(), pair.events)
+                self.links[p] = RdmaLink(rdma[p][0], tcp, self.timeout, rdma[p][1:]) if p in rdma else tcp
+            for pairs in rdma.values():               # signals come on the first QP only
+                self.service.watch(pairs[0].arm(), pairs[0].events)
         self._polls = any(lk.kind == "cma" for lk in self.links.values())
 
     def _rdma(self, ctx, peers, socks) -> dict:

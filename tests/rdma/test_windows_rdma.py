@@ -50,7 +50,8 @@ def rank_gets_read(comm):
 
 def rank_staged_and_direct_puts(comm):
     """Puts through the pair's ring (many in flight, the ring wrapping around) and one larger
-    than STAGE_MAX (written from the caller's buffer), then a signal; flush, then read back."""
+    than STAGE_MAX, then a signal; flush, then read back. With PYCCL_IB_QPS > 1 (default 4) all
+    of them are split over the QPs (from PYCCL_IB_STRIPE_MIN, 256 KiB)."""
     from pyccl.windows.rdma import STAGE_MAX
     me, size = comm.rank, comm.size
     piece = (1 << 20) // 8 + 3                               # float64 elements, not a round size
@@ -74,6 +75,10 @@ def rank_staged_and_direct_puts(comm):
             if not np.array_equal(back, np.arange(piece, dtype=np.float64) + 1000 * me + pieces - 1):
                 bad.append(f"read back from rank {p}: {back[:3]}")
         win.wait_signal(1, size - 1)
+        from pyccl import settings
+        striped = {p: win.links[p].striped for p in range(size) if p != me}
+        if settings.get("PYCCL_IB_QPS") > 1 and not all(n >= pieces + 1 for n in striped.values()):
+            bad.append(f"puts from 256 KiB not split over the QPs: {striped}")
         for q in range(size):
             if q == me:
                 continue
