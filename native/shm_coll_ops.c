@@ -335,8 +335,8 @@ static int coll_broadcast(pyccl_coll *c, void *buf_, size_t nbytes, int root, do
      * there every reader's copy of the root's cached chunk takes core time the others need, and a
      * streaming store skips reading each destination line first.  4 ranks on the 2-core VM,
      * rounds alternated: 16/64/128 MiB 1.36/1.29/1.37x (load 15-30), 16/128 MiB 0.99/1.13x
-     * (load ~1).  Where every rank has a core, plain stores won (2 ranks, 16 MiB 0.80x with
-     * streaming stores, 128 MiB 1.00x). */
+     * (load ~1) and 0.93/1.28x (load 8-11).  Where every rank has a core, plain stores won
+     * (2 ranks, 16 MiB 0.80x with streaming stores, 128 MiB 1.00x). */
     const int nt = c->crowded && nbytes >= c->nt_bytes;
     for (size_t k = 0; k < nbytes; k += c->move_bytes) {
         const size_t L = min_sz(c->move_bytes, nbytes - k);

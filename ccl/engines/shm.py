@@ -27,7 +27,7 @@ out of the writers' areas.  No per-message Python, no per-pair rings.
   where ranks outnumber rank 0's CPUs: the single-copy all_reduce below.  With more ranks than
   cores the bytes every rank moves add up on the cores, and it moves fewer than the segment's
   (no copy in) with 3 handshakes instead of two per step: 4 ranks on the 2-core VM, 128 MiB,
-  segment/single-copy time 0.90-1.59 over nine runs (median 1.34), 64 MiB 1.03-1.20, 16 MiB
+  segment/single-copy time 0.90-1.59 over ten runs (median 1.27), 64 MiB 0.99-1.20, 16 MiB
   0.84-1.28 (so not below 64 MiB).
 - all_reduce, reduce_scatter, all_gather, broadcast of at least ``PYCCL_SHM_CMA_BYTES`` per
   rank (unset: only the two cases above; 0: never): single copy (native/shm_cma.c).  The ranks swap buffer addresses through the
@@ -62,7 +62,7 @@ all_gather and all_to_all outputs of at least ``PYCCL_SHM_NT_BYTES`` are written
 streaming (non-temporal) stores: bigger than the caches, they would only evict the shared
 buffers the next steps reuse and cost a read-for-ownership of every destination line.  So are
 broadcasts of that size where ranks outnumber the cores (the readers' copies share the cores;
-4 ranks on the 2-core VM: 1.13-1.37x at 16-128 MiB in four of five cells, 16 MiB 0.99x once).
+4 ranks on the 2-core VM: 128 MiB 1.13-1.37x in three runs, 64 MiB 1.29x, 16 MiB 0.93-1.36x).
 
 Environment (read on rank 0, agreed through the segment): ``PYCCL_SHM_COLLECTIVES`` (1; 0
 turns this path off, the executor then runs every collective over the transports),
