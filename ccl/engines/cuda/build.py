@@ -231,8 +231,12 @@ class KernelBuilder:
             self._stop = True
 
     def release_claims(self):
-        """Give up the claims of units this process is building (at exit: the others take them)."""
+        """Give up the claims of units this process is building (at exit: the others take them).
+        The workers stop after their current unit; waiting for them a few seconds keeps a worker
+        from being inside NVRTC while the process tears it down (a suspect of issue 31's crash
+        at exit, bench/JOURNAL.md #2026-12-07-elastic-3)."""
         self.stop()
+        self.wait(5.0)
         if self._resolve_fn is None and self._cache is not None:     # (never resolved: no claims)
             for u in list(self._building):
                 self._cache.release(u)
