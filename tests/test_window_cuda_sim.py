@@ -262,16 +262,19 @@ class ThreadedCupy(FakeCupy):
             time.sleep(1e-4)
 
 
-def _threads(size, fn, monkeypatch):
-    """fn(comm) on `size` communicators, one thread each; returns their results (raises theirs)."""
+def _threads(size, fn, monkeypatch, cupy=None, patch=None):
+    """fn(comm) on `size` communicators, one thread each, over a stand-in cupy (default
+    ThreadedCupy; `patch(cuda, cuda_kernels)` sets more); returns their results (raises theirs)."""
     import threading
-    cupy = ThreadedCupy()
+    cupy = cupy or ThreadedCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setenv("PYCCL_TRANSPORT", "tcp")
     from pyccl.transports import cuda_ipc
     from pyccl.windows import cuda, cuda_kernels
     monkeypatch.setattr(cuda_ipc, "_launch", None)
     monkeypatch.setattr(cuda_kernels, "_MODULES", {})
+    if patch is not None:
+        patch(cuda, cuda_kernels)
     states = {r: types.SimpleNamespace(cupy=cupy, rt=cupy.cuda.runtime, registry=SharedRegistry(), dev=0)
               for r in range(size)}
     monkeypatch.setattr(cuda, "engine_state", lambda comm, device, name: states[comm.rank])

@@ -14,8 +14,6 @@ synchronous stand-in). Nothing here says anything about a GPU (tests/test_cuda_w
 import ctypes
 import itertools
 import queue
-import secrets
-import sys
 import threading
 import time
 import types
@@ -23,9 +21,8 @@ import types
 import numpy as np
 import pytest
 
-import pyccl
 from pyccl.errors import PeerFailure, Timeout
-from test_window_cuda_sim import FakeArray, FakeCupy, SharedRegistry
+from test_window_cuda_sim import FakeArray, FakeCupy, _threads as sim_threads
 
 KEEP = []                      # every array a queued copy may still read (the caching allocator's job on a GPU)
 
@@ -161,41 +158,11 @@ class StreamWaits:
 def _threads(size, fn, monkeypatch, wait, cupy=None):
     """fn(comm) on `size` communicators, one thread each, windows of wait mode `wait`."""
     cupy = cupy or AsyncCupy()
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setenv("PYCCL_TRANSPORT", "tcp")
-    from pyccl.transports import cuda_ipc
-    from pyccl.windows import cuda, cuda_kernels
-    monkeypatch.setattr(cuda_ipc, "_launch", None)
-    monkeypatch.setattr(cuda_kernels, "_MODULES", {})
-    monkeypatch.setattr(cuda_kernels, "StreamWaits", lambda: StreamWaits(cupy))
-    monkeypatch.setattr(cuda, "WAIT", wait)
-    states = {r: types.SimpleNamespace(cupy=cupy, rt=cupy.cuda.runtime, registry=SharedRegistry(), dev=0)
-              for r in range(size)}
-    monkeypatch.setattr(cuda, "engine_state", lambda comm, device, name: states[comm.rank])
-    from pyccl.store import StoreServer, TCPStore
-    secret = secrets.token_bytes(32)
-    server = StoreServer("127.0.0.1", 0, secret)
-    out, errors = {}, {}
 
-    def rank(r):
-        try:
-            with pyccl.Communicator(r, size, store=TCPStore(*server.address, secret, timeout=30), secret=secret,
-                                    timeout=30) as comm:
-                out[r] = fn(comm)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors[r] = e
-    try:
-        ts = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(size)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(120)
-    finally:
-        server.close()
-        monkeypatch.setattr(cuda_ipc, "_launch", None)
-    if errors:
-        raise next(iter(errors.values()))
-    return [out.get(r) for r in range(size)]
+    def patch(cuda, cuda_kernels):
+        monkeypatch.setattr(cuda_kernels, "StreamWaits", lambda: StreamWaits(cupy))
+        monkeypatch.setattr(cuda, "WAIT", wait)
+    return sim_threads(size, fn, monkeypatch, cupy, patch)
 
 
 def rank_queued_not_waited(comm):
