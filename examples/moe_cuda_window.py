@@ -37,6 +37,21 @@ _SOURCE = r"""
 typedef long long i64;
 typedef unsigned long long u64;
 
+// the block that finishes last adds 1 to every destination's signal cell (slot), after every
+// block's stores are visible system-wide, and resets the counter for the next launch
+__device__ void signal_when_last(const u64* cells, i64 world, i64 slot, unsigned int* finished) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int before = atomicAdd(finished, 1u);
+    if (before == gridDim.x - 1) {
+      __threadfence_system();
+      for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
+      *finished = 0;
+    }
+  }
+}
+
 // rows [m, d] float32, grouped by destination (splits[world] rows each): row i goes to
 // destination p's window at row rank * cap + (i - start of p). The last block to finish adds
 // 1 to every destination's signal cell (slot).
@@ -50,16 +65,7 @@ extern "C" __global__ void moe_put_rows(const float* rows, i64 m, i64 d, const i
     const float* in = rows + i * d;
     for (i64 j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
   }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned int before = atomicAdd(finished, 1u);
-    if (before == gridDim.x - 1) {
-      __threadfence_system();
-      for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
-      *finished = 0;
-    }
-  }
+  signal_when_last(cells, world, slot, finished);
 }
 
 // counts and rows at once: block 0 also stores counts [world, per] (row p into destination p's
@@ -84,16 +90,7 @@ extern "C" __global__ void moe_put_all(const float* rows, i64 m, i64 d, const i6
     const float* in = rows + i * d;
     for (i64 j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
   }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned int before = atomicAdd(finished, 1u);
-    if (before == gridDim.x - 1) {
-      __threadfence_system();
-      for (i64 p = 0; p < world; p++) atomicAdd((u64*)(cells[p] + 8 * slot), 1ULL);
-      *finished = 0;
-    }
-  }
+  signal_when_last(cells, world, slot, finished);
 }
 
 // counts [world, per] int64: row p goes to destination p's window at rank * per; then signals.
