@@ -239,11 +239,18 @@ class ThreadedCupy(FakeCupy):
         ctypes.memmove(dst, src, n)
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
-        import time
+        self._kernel(*self._args(fn, params))
+
+    def _args(self, fn, params):
+        """(kernel name, its integer arguments), read from the launch's parameter block."""
         name = self.fns[fn]
         n = 2 if name == "win_signal" else 5
         ptrs = (ctypes.c_void_p * n).from_address(params)
-        args = [ctypes.c_int64.from_address(ptrs[i]).value for i in range(n)]
+        return name, [ctypes.c_int64.from_address(ptrs[i]).value for i in range(n)]
+
+    def _kernel(self, name, args):
+        """win_signal's and win_wait's twins."""
+        import time
         cell = ctypes.c_int64.from_address(args[0])
         if name == "win_signal":
             with self.cell_lock:

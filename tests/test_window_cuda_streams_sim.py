@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pyccl.errors import PeerFailure, Timeout
-from test_window_cuda_sim import FakeArray, FakeCupy, _threads as sim_threads
+from test_window_cuda_sim import FakeArray, ThreadedCupy, _threads as sim_threads
 
 KEEP = []                      # every array a queued copy may still read (the caching allocator's job on a GPU)
 
@@ -60,14 +60,13 @@ class Stream:
             self.done.wait_for(lambda: self.ran >= want)
 
 
-class AsyncCupy(FakeCupy):
+class AsyncCupy(ThreadedCupy):
     """Streams are threads (see the module docstring); each host thread has its own current stream."""
 
     def __init__(self):
         super().__init__()
         self.streams, self.local, self.events = {}, threading.local(), {}
         self.ids = itertools.count(100)
-        self.cell_lock = threading.Lock()
         rt = self.cuda.runtime
         rt.memcpyAsync = self._copy
         rt.memsetAsync = lambda p, v, n, s: self._stream(s).put(lambda: ctypes.memset(p, v, n))
@@ -111,29 +110,8 @@ class AsyncCupy(FakeCupy):
         self._stream(stream).put(lambda: ctypes.memmove(dst, src, n))
 
     def _launch(self, fn, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
-        name = self.fns[fn]
-        n = 2 if name == "win_signal" else 5
-        ptrs = (ctypes.c_void_p * n).from_address(params)
-        args = [ctypes.c_int64.from_address(ptrs[i]).value for i in range(n)]   # copied at launch, as the driver does
-        self._stream(stream).put(lambda: self._kernel(name, args))
-
-    def _kernel(self, name, args):
-        cell = ctypes.c_int64.from_address(args[0])
-        if name == "win_signal":
-            with self.cell_lock:
-                cell.value += args[1]
-            return
-        value, status, deadline = args[1], (ctypes.c_int64 * 8).from_address(args[2]), time.monotonic() + args[3] / 1e9
-        while True:                              # win_wait's twin, in the stream's thread
-            with self.cell_lock:
-                if cell.value >= value:
-                    cell.value -= value
-                    return
-            if status[0] or time.monotonic() > deadline:
-                if status[1] == 0:
-                    status[2], status[3], status[4], status[1] = args[4], value, cell.value, 2 if status[0] else 1
-                return
-            time.sleep(1e-4)
+        name, args = self._args(fn, params)          # copied at launch, as the driver does
+        self._stream(stream).put(lambda: self._kernel(name, args))     # run in the stream's thread
 
 
 class StreamWaits:
