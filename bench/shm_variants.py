@@ -13,23 +13,11 @@ of the first variant's time / this one's (above 1: faster than the first).  Size
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
-def timed(comm, fn, iters):
-    """Median of `iters` calls after a barrier, the slowest rank's (µs); one untimed call first."""
-    fn()
-    ts = []
-    for _ in range(iters):
-        comm.barrier()
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    t = np.array([np.median(ts)])
-    comm.all_reduce(t, op="max")
-    return float(t[0]) * 1e6
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from single_copy import timed  # noqa: E402  (median after a barrier, the slowest rank's, in us)
 
 def call_of(comm, op, bufs):
     x = bufs["x"]

@@ -52,6 +52,8 @@ def call_of(comm, op, nbytes):
 
 
 def timed(comm, fn, iters):
+    """Median of `iters` calls after a barrier, the slowest rank's (us); one untimed call first
+    (bench/shm_variants.py uses it too)."""
     fn()
     ts = []
     for _ in range(iters):
