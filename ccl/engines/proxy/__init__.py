@@ -121,7 +121,7 @@ class ProxyEngine(DeviceEngine):
         name, args = cuda_args(call)
         if not wanted(self.res, name, view.nbytes, st):
             return False
-        comp = st.composition(self.res, self.hier, self._cap, capturing, call.op)
+        comp = st.composition(self.hier, self._cap, capturing, call.op)
         with _OnDevice(st.rt, st.dev):
             tags, end = comp.call(name, call.op, caller, args, capturing)
             st.drv.wait_event(caller, end)

@@ -26,12 +26,12 @@ from ..staged_schedule import _Call
 
 class ProxyComposed(CudaComposed):
     """The composed collectives on CUDA buffers of one communicator, with proxied rails
-    (one per ProxyState; `res` the communicator's Resources, `hier` its CPU Hierarchy)."""
+    (one per ProxyState, whose Resources it uses; `hier` the communicator's CPU Hierarchy)."""
     host_group = "proxyhost"         # the local engine's store prefix (the staged one is "cudahost")
 
-    def __init__(self, pst, res, hier, chunk_cap):
-        super().__init__(SimpleNamespace(comm=res, hier=hier, dev=pst.dev))
-        self.pst, self.res, self.chunk_cap = pst, res, chunk_cap
+    def __init__(self, pst, hier, chunk_cap):
+        super().__init__(SimpleNamespace(comm=pst.res, hier=hier, dev=pst.dev))
+        self.pst, self.res, self.chunk_cap = pst, pst.res, chunk_cap
         self._tags, self._capturing = [], False
 
     def call(self, name, what, caller, args, capturing):
@@ -49,7 +49,7 @@ class ProxyComposed(CudaComposed):
         key, build = rail_program(self.hier.rail, op_name, part.array, part.dtype, op, root, i,
                                   self.res.fixed_chunk, self.chunk_cap)
         pst = self.pst
-        prog = pst.programs.get(key) or pst.program(key, build, self._capturing, what)
+        prog = pst.program(key, build, self._capturing, what)
         tag, _ = pst.launch(prog, after, 0 if i is None else i.ptr, part.array.ptr, self._capturing, False)
         if tag:
             self._tags.append(tag)

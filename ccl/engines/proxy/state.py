@@ -40,9 +40,9 @@ import numpy as np
 
 from ... import settings
 from ...errors import InvalidArgument, PeerFailure, PycclError
+from ..staged_memory import composed_memory, composed_suspend
 from .driver import Driver
 from .host import ABORT, ERROR, ERRORS, GROUPS, POSTED, RING_SLOTS, SITE, SITES, WORDS, ProxyHost
-from ..staged_memory import composed_memory, composed_suspend
 from .program import ITEM, Program
 
 log = logging.getLogger("pyccl")
@@ -164,7 +164,7 @@ class ProxyState:
         from ..staged import register_with_verbs
         self._mrs.extend(register_with_verbs(self.res.conns, arena))
 
-    def composition(self, res, hier, chunk_cap, capturing, what):
+    def composition(self, hier, chunk_cap, capturing, what):
         """The composed collectives (several ranks per host), made by the first call that takes
         them; not inside a capture (the local engine allocates and maps memory then)."""
         if self.composed is None:
@@ -173,7 +173,7 @@ class ProxyState:
                                       f"cannot be captured in a CUDA graph: it sets up the local phases; run "
                                       f"one call before capturing")
             from .composed import ProxyComposed
-            self.composed = ProxyComposed(self, res, hier, chunk_cap)
+            self.composed = ProxyComposed(self, hier, chunk_cap)
         return self.composed
 
     # -- programs --

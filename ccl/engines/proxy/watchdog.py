@@ -72,7 +72,7 @@ class Watchdog:
 
     def __init__(self, words, ptr: int, timeout: float, name: str):
         self.words, self._stop = words, threading.Event()
-        self._dog = self._ffi = None
+        self._dog = None
         try:
             from pyccl._native import ffi, lib
             lay = ffi.new("pyccl_watch_layout *", dict(zip(
