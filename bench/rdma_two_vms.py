@@ -2,6 +2,7 @@
 """RDMA across two VMs: perftest beside pyccl over ibverbs and over TCP, on one virtual link.
 
     tests/rdma/two-vm.sh python bench/rdma_two_vms.py [--rounds 3] [--quick] [--env PYCCL_IB_QPS=1] [--window]
+    tests/rdma/two-vm.sh python bench/rdma_two_vms.py --paired 6     # window puts vs ib_write_bw, 4 MiB, paired
 
 Runs in VM a of tests/rdma/two-vm.sh (VM b serves through its agent); writes
 $RXE_VM_OUT/rdma-two-vms.json and prints the table of bench/RESULTS.md ("RDMA across two VMs").
@@ -138,6 +139,11 @@ def main():
     ap.add_argument("--bw-bytes", type=int, default=None,
                     help="ib_write_bw: at most this many bytes per run (fewer iterations at large sizes; "
                          "default: all iterations, 32 MiB with --window, where a loaded host timed out at 4 MiB)")
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="issue 30, window puts at --paired-size only: N rounds, each one ib_write_bw run "
+                         "then a fresh pyccl job's puts and send/recv, so every ratio pairs figures taken "
+                         "under the same host load (no latency, no TCP)")
+    ap.add_argument("--paired-size", type=int, default=4 << 20)
     a = ap.parse_args()
     if a.bw_bytes is None:
         a.bw_bytes = 32 << 20 if a.window else 0
@@ -145,6 +151,8 @@ def main():
     _, gidx, _ = ib.choose_port(twovm.A_IP)
     extra = dict(kv.split("=", 1) for kv in a.env)
     res = {"gid_index": gidx, "rounds": a.rounds, "env": extra}
+    if a.paired:
+        return paired(a, res, extra, gidx)
     sizes = [1 << 20, 4 << 20] if a.window else [1 << 16, 1 << 20, 4 << 20]
     iters = 100 if a.quick else 200
     res["ib_write_bw"] = {}
@@ -204,6 +212,39 @@ def windows(a, res, extra):
                  f"{_fmt(w.get('lat_us'))} | {ratio} |")
     print("\n".join(lines))
     print(f"(window link {w.get('window_link')}; written to {out})")
+
+
+def paired(a, res, extra, gidx):
+    """--paired N: per round, ib_write_bw (32 MiB in SIZE writes) then the window puts and the
+    send/recv of rdma_two_vms_rank.py (32 MiB in SIZE puts/sends, not --quick) in a fresh job."""
+    s = a.paired_size
+    n = max(5, min(200, (32 << 20) // s))
+    rows, env = [], dict(extra, PYCCL_TRANSPORT="ibverbs", PYCCL_TIMEOUT="200")
+    for i in range(a.paired):
+        st, cmd = _perftest("ib_write_bw", ["-d", "rxe1", "-x", str(gidx), "-s", str(s), "-n", str(n), "-F"],
+                            1, _bw(s))
+        job = twovm.across([RANK, "1", "0", "window", str(s)], 1, env, timeout=300)
+        if job.failed() or not st:
+            print(f"round {i}: perftest {st}, pyccl {job.failed()}", file=sys.stderr)
+            continue
+        w = job.results[1]
+        rows.append((st["median"], w["put_MBps"][str(s)]["median"], w["p2p_MBps"][str(s)]["median"]))
+        print(f"round {i}: ib_write_bw {rows[-1][0]:.1f} MB/s, put {rows[-1][1]:.1f}, send/recv {rows[-1][2]:.1f}, "
+              f"put/perftest {rows[-1][1] / rows[-1][0] * 100:.0f} %", flush=True)
+    res.update(paired_size=s, ib_write_bw_cmd=cmd, paired=[dict(zip(("ib_write_bw", "put", "p2p"), r))
+                                                           for r in rows])
+    out = os.path.join(os.environ.get("RXE_VM_OUT", "results"), "rdma-two-vms-paired.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"| round | ib_write_bw MB/s | put MB/s | send/recv MB/s | put / ib_write_bw | ({s >> 10} KiB) |")
+    print("|---|---|---|---|---|---|")
+    for i, (p, q, t) in enumerate(rows):
+        print(f"| {i} | {p:.1f} | {q:.1f} | {t:.1f} | {q / p * 100:.0f} % | |")
+    if rows:
+        ratios = sorted(q / p for p, q, _ in rows)
+        print(f"put / ib_write_bw: median {statistics.median(ratios) * 100:.0f} %, min {ratios[0] * 100:.0f} %, "
+              f"rounds >= 90 %: {sum(r >= 0.9 for r in ratios)} of {len(ratios)} (written to {out})")
 
 
 def _fmt(st, unit="", digits=1):

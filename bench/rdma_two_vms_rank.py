@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK [window]`.
+"""One rank (0 in VM a, 1 in VM b) of bench/rdma_two_vms.py: `rdma_two_vms_rank.py ROUNDS QUICK [window [SIZES]]`.
 
 With `window` (bench/rdma_two_vms.py --window, issue 30) it measures one-sided windows beside
-send/recv instead (see `windows`).
+send/recv instead (see `windows`); SIZES (bytes, comma-separated): only the bandwidth at those
+sizes, no 8-byte latency (bench/rdma_two_vms.py --paired).
 
 Every rank prints `RESULT {...}`; rank 1's has lat_us (half an 8-byte ping-pong's round trip),
 p2p_MBps per size (rank 0 sends REPS buffers back to back, rank 1 times from the first receive's
@@ -24,12 +25,11 @@ def stats(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
 
 
-def windows(comm, rounds, quick):
+def windows(comm, rounds, quick, sizes=(1 << 20, 4 << 20), latency=True):
     """Issue 30 beside send/recv: 8-byte put+signal ping-pong (half the round trip) and put
     bandwidth (rank 0 puts REPS buffers back to back into rank 1's window, then one signal;
     rank 1 times from the barrier to the end of its wait), per size; send/recv the same way."""
     r, peer = comm.rank, 1 - comm.rank
-    sizes = [1 << 20, 4 << 20]
     pp = 50 if quick else 200
     out = {"put_lat_us": [], "lat_us": [], "put_MBps": {}, "p2p_MBps": {}}
     small = np.zeros(1, np.float64)
@@ -37,7 +37,7 @@ def windows(comm, rounds, quick):
     wins = {s: comm.window(np.zeros(s, np.uint8), signals=1) for s in sizes}
     bufs = {s: np.ones(s, np.uint8) for s in sizes}
     for _ in range(rounds):
-        for warm in (True, False):
+        for warm in ((True, False) if latency else ()):
             n = 10 if warm else pp
             comm.barrier()
             t0 = time.perf_counter()
@@ -86,16 +86,17 @@ def windows(comm, rounds, quick):
     for w in [win8, *wins.values()]:
         w.close()
     return {"transport": comm.transport_name, "window_link": sorted(links),
-            "put_lat_us": stats(out["put_lat_us"]), "lat_us": stats(out["lat_us"]),
+            "put_lat_us": stats(out["put_lat_us"]) if latency else None,
+            "lat_us": stats(out["lat_us"]) if latency else None,
             "put_MBps": {str(s): stats(v) for s, v in out["put_MBps"].items()},
             "p2p_MBps": {str(s): stats(v) for s, v in out["p2p_MBps"].items()}}
 
 
-def main(rounds, quick, what="p2p"):
+def main(rounds, quick, what="p2p", sizes=None):
     comm = pyccl.init()
     if what == "window":
         res = {"rank": comm.rank}
-        got = windows(comm, rounds, quick)
+        got = windows(comm, rounds, quick, *([[int(x) for x in sizes.split(",")], False] if sizes else []))
         if comm.rank == 1:
             res.update(got)
         os.write(1, ("RESULT " + json.dumps(res) + "\n").encode())
@@ -157,4 +158,4 @@ def main(rounds, quick, what="p2p"):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2] == "1", *sys.argv[3:4])
+    main(int(sys.argv[1]), sys.argv[2] == "1", *sys.argv[3:5])
