@@ -35,6 +35,22 @@ def timed(obj, name, acc):
     setattr(obj, name, wrapper)
 
 
+def idle_us(fn, q, calls):
+    """Median host us of one call made when the device and the proxy are idle (no earlier
+    call's network phase competes for the GIL): the bare cost of the call path."""
+    ts = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        q.wait_idle(30)
+        dist.barrier()                      # both ranks idle (a barrier runs on the CPU path)
+        q.wait_idle(30)
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(ts) * 1e6
+
+
 def main():
     rank = int(os.environ["RANK"])
     size = int(os.environ["WORLD_SIZE"])
@@ -75,7 +91,7 @@ def main():
         torch.cuda.synchronize()
         total = statistics.median(ts) * 1e6
         rows.append((name, total, acc["launch"] / calls * 1e6, (acc["run"] + acc["post"]) / calls * 1e6,
-                     type(st).__name__, acc["run calls"] / calls))
+                     type(st).__name__, acc["run calls"] / calls, idle_us(fn, q, 30)))
     rt = st.rt
     caller = torch.cuda.current_stream(dev).cuda_stream
     bare = {}
@@ -85,6 +101,7 @@ def main():
                      ("streamIsCapturing", lambda: rt.streamIsCapturing(caller)),
                      ("driver record (ctypes)", lambda: drv.record(ev, caller)),
                      ("driver capturing (ctypes)", lambda: drv.capturing(caller)),
+                     ("driver stream wait, met (ctypes)", lambda: drv.wait_value(caller, st.words_ptr, 0)),
                      ("torch current stream", lambda: torch._C._cuda_getCurrentRawStream(0))):
         t0 = time.perf_counter()
         for _ in range(1000):
@@ -92,10 +109,11 @@ def main():
         bare[what] = (time.perf_counter() - t0) * 1e3
     torch.cuda.synchronize()
     if rank == 0:
-        print(f"{'op (8 KiB, rank 0)':<24} {'host us':>8} {'launch':>8} {'queue':>8} {'rest':>8}  state, CallQueue.run per call "
-              f"(1: the lane, 2: the general path)")
-        for name, total, launch, run, kind, entries in rows:
-            print(f"{name:<24} {total:8.1f} {launch:8.1f} {run:8.1f} {total - launch - run:8.1f}  {kind}, {entries:.2f}")
+        print(f"{'op (8 KiB, rank 0)':<24} {'host us':>8} {'launch':>8} {'queue':>8} {'rest':>8} {'idle':>8}  state, "
+              f"CallQueue.run per call (1: the lane, 2: the general path); idle: one call alone, proxy idle")
+        for name, total, launch, run, kind, entries, idle in rows:
+            print(f"{name:<24} {total:8.1f} {launch:8.1f} {run:8.1f} {total - launch - run:8.1f} {idle:8.1f}  "
+                  f"{kind}, {entries:.2f}")
         print("bare CUDA runtime calls, us each: " + ", ".join(f"{k} {v:.2f}" for k, v in bare.items()))
     dist.barrier()
     dist.destroy_process_group()
