@@ -9,7 +9,9 @@ The driver hosts a store (as pyccl.launch does), starts N ranks with pyccl.launc
 and one waiting joiner per round (`pyccl.join()`). Each round: a barrier, one rank exits
 (`os._exit`, as a crash after a barrier), the others' next all_reduce fails, they `shrink()`
 and run an all_reduce on the survivors' communicator, a barrier, then `grow(1)` and an
-all_reduce on the grown one (checked: every rank's value summed). Times are spans across
+all_reduce on the grown one (checked: every rank's value summed). The round's number goes to the
+joiner by a broadcast after that all_reduce, outside the timing (before 2026-12-08 it came
+first, inside the grow's span). Times are spans across
 ranks (one host, one clock): from the first rank entering shrink (grow) to the last rank done
 with the first all_reduce on the new communicator. Store requests per member during the grow
 (pyccl.store.STATS): the grow's own (leader included), and "+ building": those of making the
@@ -17,8 +19,8 @@ new communicator (the same for shrink and split: shm set-up). --leaks: fds and t
 pyccl shared-memory mappings (/proc/self/maps) and /dev/shm names pyccl*, before the first
 round and after the last (old communicators closed, the current one open), and /dev/shm
 before and after the whole job. --trace: per round, when the last member (and the joiner) had
-the leader's decision, had constructed the new communicator, passed its barrier, the broadcast
-and the all_reduce, and the CPU time of a member's grow: on 2 cores a span is bounded below by
+the leader's decision, had constructed the new communicator, passed its barrier and the
+all_reduce, and the CPU time of a member's grow: on 2 cores a span is bounded below by
 the ranks' CPU time over 2, so it tells waiting from work. --profile R: cProfile rank R's grow
 (CPU time per function: what a member spends, not what it waits).
 """
@@ -74,13 +76,13 @@ def rank_main(rounds: int, victims: list, profile=None) -> None:
     joined_at = [time.time()]
     comm = pyccl.join() if joined else pyccl.init()
     first = 0
-    if joined:                                   # which round took us: rank 0 says
-        r = np.zeros(1, np.int64)
-        comm.broadcast(r, root=0)
-        first = int(r[0]) + 1
+    if joined:
         z = np.full(3, comm.rank + 1.0)
         comm.all_reduce(z)                       # the grow's first all_reduce, with the members
         t = time.time()
+        r = np.zeros(1, np.int64)
+        comm.broadcast(r, root=0)                # which round took us: rank 0 says (after the timing)
+        first = int(r[0]) + 1
         out_join = {"k": first - 1, "marks": [joined_at[0]] + marks + [t]}
     x = np.ones(8, np.float32)
     if not joined:
@@ -113,15 +115,11 @@ def rank_main(rounds: int, victims: list, profile=None) -> None:
         new = small.grow(1)
         req = (STATS["requests"] - req - in_build[0], in_build[0])
         tb = time.time()
-        if new.rank == 0:
-            new.broadcast(np.array([k], np.int64), root=0)
-        else:
-            new.broadcast(np.zeros(1, np.int64), root=0)
-        tc = time.time()
         z = np.full(3, new.rank + 1.0)
         new.all_reduce(z)
         t3 = time.time()
         cpu = time.process_time() - c2
+        new.broadcast(np.array([k], np.int64), root=0)     # the round, for the joiner (not timed)
         if prof is not None and me == profile:
             prof.disable()
             prof.dump_stats(f"{os.environ.get('ELASTIC_PROFILE_OUT', '/tmp/elastic')}.rank{me}.round{k}.prof")
@@ -131,7 +129,7 @@ def rank_main(rounds: int, victims: list, profile=None) -> None:
         small.close()
         comm = new
         out["rounds"].append({"k": k, "shrink": [t0, t1], "grow": [t2, t3], "ok": ok, "req": req,
-                              "size": n, "marks": [t2] + marks + [tb, tc, t3], "cpu": cpu})
+                              "size": n, "marks": [t2] + marks + [tb, t3], "cpu": cpu})
     comm.barrier()
     out["before"], out["after"] = before, _counts()
     out["joined"] = joined
@@ -189,10 +187,10 @@ def run(n: int, rounds: int, timeout: float, profile=None) -> dict:
     for k in range(rounds):
         ms = [r2["marks"] for res in results for r2 in res["rounds"] if r2["k"] == k]
         js = [res["join"]["marks"] for res in results if res["join"] and res["join"]["k"] == k]
-        if ms and len(ms[0]) == 7:
+        if ms and len(ms[0]) == 6:
             base = min(m[0] for m in ms)
             cpus = [r2["cpu"] for res in results for r2 in res["rounds"] if r2["k"] == k]
-            trace.append({"members": [max(m[i] for m in ms) - base for i in range(7)],
+            trace.append({"members": [max(m[i] for m in ms) - base for i in range(6)],
                           "cpu": (statistics.median(cpus), max(cpus)),
                           "joiner": [v - base for v in js[0][1:]] if js and len(js[0]) == 5 else None})
     lived = [res for res in results if not res["joined"] and len(res["rounds"]) == rounds]
@@ -238,10 +236,10 @@ def main():
               f"{'-'.join(map(str, res['build_requests'] or ())):>11}", flush=True)
         if a.trace:
             print("     grow phases, s after the first member entered (the last member; the joiner):"
-                  " entered, decided, constructed, barrier, broadcast, all_reduce; CPU s per member (process time)")
+                  " entered, decided, constructed, barrier, all_reduce; CPU s per member (process time)")
             for t in res["trace"]:
                 m, j = t["members"], t["joiner"]
-                print("     " + " ".join(f"{v:.3f}" for v in (m[0], m[1], m[2], m[3], m[5], m[6]))
+                print("     " + " ".join(f"{v:.3f}" for v in (m[0], m[1], m[2], m[3], m[5]))
                       + ("  joiner " + " ".join(f"{v:.3f}" for v in j) if j else "")
                       + "  cpu/member median %.3f max %.3f" % tuple(t["cpu"]), flush=True)
         if res["finished"] != n:
