@@ -51,6 +51,53 @@ def idle_us(fn, q, calls):
     return statistics.median(ts) * 1e6
 
 
+def large_calls(st, q, dev, sizes, calls):
+    """Where a large proxied all_reduce's wall time goes, from the host's side: the proxy's
+    network phase and, inside it, the waits for the device-to-host copies; the wait for the
+    device to post the call; the tail after the network phase (copies back, the end event)."""
+    host, acc = st.host, {}
+    net, wait = host.network, host._wait
+
+    def timed_network(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return net(*a, **k)
+        finally:
+            acc["net_end"] = time.perf_counter()
+            acc["net"] += acc["net_end"] - t0
+
+    def timed_wait(ready, what, doing):
+        t0 = time.perf_counter()
+        try:
+            return wait(ready, what, doing)
+        finally:
+            acc["d2h" if "copies" in doing else "post"] += time.perf_counter() - t0
+    host.network, host._wait = timed_network, timed_wait
+    out = []
+    try:
+        for s in sizes:
+            x = torch.ones(s // 4, device=dev)
+            dist.all_reduce(x)
+            cols = {"wall": [], "net": [], "d2h": [], "post": [], "tail": []}
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                dist.barrier()
+                q.wait_idle(30)
+                acc.update(net=0.0, d2h=0.0, post=0.0, net_end=0.0)
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                q.wait_idle(30)
+                for k, v in (("wall", t1 - t0), ("net", acc["net"]), ("d2h", acc["d2h"]), ("post", acc["post"]),
+                             ("tail", t1 - acc["net_end"] if acc["net_end"] else float("nan"))):
+                    cols[k].append(v * 1e3)
+            out.append((s, cols))
+    finally:
+        host.network, host._wait = net, wait
+    return out
+
+
 def main():
     rank = int(os.environ["RANK"])
     size = int(os.environ["WORLD_SIZE"])
@@ -108,6 +155,7 @@ def main():
             fn()
         bare[what] = (time.perf_counter() - t0) * 1e3
     torch.cuda.synchronize()
+    phases = large_calls(st, q, dev, (1 << 20, 16 << 20, 64 << 20), 5)
     if rank == 0:
         print(f"{'op (8 KiB, rank 0)':<24} {'host us':>8} {'launch':>8} {'queue':>8} {'rest':>8} {'idle':>8}  state, "
               f"CallQueue.run per call (1: the lane, 2: the general path); idle: one call alone, proxy idle")
@@ -115,6 +163,12 @@ def main():
             print(f"{name:<24} {total:8.1f} {launch:8.1f} {run:8.1f} {total - launch - run:8.1f} {idle:8.1f}  "
                   f"{kind}, {entries:.2f}")
         print("bare CUDA runtime calls, us each: " + ", ".join(f"{k} {v:.2f}" for k, v in bare.items()))
+        print("\nall_reduce float32 alone (synchronized), rank 0, ms, median [min-max] of 5: wall = call to "
+              "synchronize; net = the proxy's network phase, of which d2h = waiting for the device's copies; "
+              "post = from the host job's start until the device posted the call; tail = network end to synchronize")
+        for s, cols in phases:
+            print(f"  {s >> 20:3d} MiB " + "  ".join(f"{k} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+                                                    for k, v in cols.items()))
     dist.barrier()
     dist.destroy_process_group()
 
