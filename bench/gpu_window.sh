@@ -36,7 +36,7 @@ moe() {   # $1: puts-wait, $2: seconds at most
 MOE_PID=$!
 
 echo "=== tests (t=${SECONDS}s)"
-timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=70 -rs \
+timeout -k 2 "$(left ${TESTS_BUDGET:-84})" python3 -m pytest -v -s -p no:cacheprovider --timeout=70 -rfEs \
   tests/test_cuda_window.py ${PYTEST_ARGS:-} > "$LOG/tests.log" 2>&1
 rc=$?; [ $rc = 0 ] || FAILED=$((FAILED + 1))
 grep -E "PASSED|FAILED|ERROR|SKIPPED|us median|^E  |passed|failed|Timeout" "$LOG/tests.log" | cut -c1-400 | tail -70
@@ -56,7 +56,7 @@ echo "=== bench 8 B, alone (t=${SECONDS}s)"
 timeout -k 2 "$(left ${BENCH_BUDGET:-40})" $RUN bench/window.py --cuda --sizes 8 --iters ${ITERS:-200} --rounds 5 \
   > "$LOG/bench.log" 2>&1 || FAILED=$((FAILED + 1))
 grep -E "^\||^median|RESULT-TARGET|Error|Exception" "$LOG/bench.log" | grep -v "ChildFailedError\|raise " | cut -c1-600 | head -14
-if [ $((END - SECONDS)) -ge 28 ]; then         # time left: the host time per MoE layer again, alone
+if [ $((END - SECONDS)) -ge ${ALONE_MIN:-20} ]; then         # time left: the host time per MoE layer again, alone
   echo "=== moe alone, fused puts, both waits, no check (t=${SECONDS}s)"
   for w in kernel stream; do
     timeout -k 2 "$(left 25)" $RUN examples/moe_inference.py --backend pyccl --device cuda --quiet --warmup 1 \
@@ -65,5 +65,14 @@ if [ $((END - SECONDS)) -ge 28 ]; then         # time left: the host time per Mo
     [ $((END - SECONDS)) -ge 16 ] || break
   done
 fi
+echo "=== summary (the full logs are in \$OUT)"          # the last lines: what a 2.5 kB tail keeps
+grep -E "^(FAILED|ERROR) " "$LOG/tests.log" | sed 's/ - .*//' | cut -c1-110 | head -12
+grep -E "(passed|failed|error).* in [0-9.]+s" "$LOG/tests.log" | tail -1
+for f in "$LOG"/moe_*.log; do
+  [ -f "$f" ] || continue
+  m=$(grep -m1 "rank 0: " "$f" | grep -oE "[0-9.]+ us median|syncs while queuing: [0-9]+" | tr '\n' ' ')
+  echo "$(basename "$f" .log): $(grep -oE "check: [A-Z]+" "$f" | head -1) $m"
+done
+grep -E "^\| [0-9]" "$LOG/bench.log" 2>/dev/null | cut -c1-200
 echo "=== failed steps: $FAILED (t=${SECONDS}s)"
 exit $FAILED
