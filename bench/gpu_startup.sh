@@ -7,10 +7,11 @@
 #          calls with the code before issue 32 (git archive of BASE, where the checkout has .git).
 #   final  (BUDGET=120) tests/test_cuda_memory.py, then the torch backend's cold first call and the memory
 #          probe, as far as the budget goes.
-#   check  (BUDGET=120) tests/test_cuda.py for CUDA_S s (58; CUDA_TESTS: other node ids instead, e.g. the
-#          spawned-process tests at the file's end that a first call did not reach; CUDA_ARGS: more options), then
-#          tests/test_cuda_memory.py (memory by stage, the warm first calls with where their time goes),
-#          the device memory of each part of the state in one process (gpu_startup.py parts), graph replay.
+#   check  (BUDGET=120) tests/test_cuda_memory.py (memory by stage, graph replay after suspend/resume, the
+#          warm first calls with where their time goes), the device memory of each part of the state in one
+#          process (gpu_startup.py parts), then tests/test_cuda.py for what is left of the budget (at most
+#          CUDA_S s; CUDA_TESTS: other node ids instead, e.g. the spawned-process tests at the file's end that a
+#          first call did not reach; CUDA_ARGS: more options).
 # Every step is bounded by `timeout` and by what is left of the budget; large output goes under $OUT.
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -57,18 +58,23 @@ from pyccl.engines.cuda import nvrtc
 print('libnvrtc', nvrtc.lib()._name, 'version', nvrtc.version())" 2>&1 | tail -1
 fi
 
-if [ "$MODE" = check ]; then          # BUDGET=120: the GPU suite after the kernel changes, then issue 32's tests
-  # tests/test_cuda.py in file order (every dtype and op first) until its share of the budget is
-  # spent: SIGINT makes pytest print what passed, failed and was not reached
-  echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S:=58}s)"
-  timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --tb=short --durations=8 \
-    ${CUDA_TESTS:-tests/test_cuda.py} ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
-  echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
-  TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 44 \
-    bash -c "set -o pipefail; python3 -m pytest -q -s -p no:cacheprovider --timeout=40 -rfE --tb=line \
+if [ "$MODE" = check ]; then          # BUDGET=120: issue 32's tests first, then the GPU suite after the kernel changes
+  TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 50 \
+    bash -c "set -o pipefail; python3 -m pytest -q -s -p no:cacheprovider --timeout=45 -rfE --tb=line \
     tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume \
     tests/test_cuda_memory.py::test_first_calls_cold_then_warm 2>&1 | tee $OUT/test_cuda_memory.log"
   step "device memory by part, one process (cudaMemGetInfo)" 12 python3 bench/gpu_startup.py parts
+  # tests/test_cuda.py in file order (every dtype and op first) until the budget is spent: SIGINT
+  # makes pytest print what passed, failed and was not reached
+  CUDA_S=$(( $(left) - 8 < ${CUDA_S:-58} ? $(left) - 8 : ${CUDA_S:-58} ))
+  if [ "$CUDA_S" -ge 10 ]; then
+    echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S}s)"
+    timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --tb=short --durations=8 \
+      ${CUDA_TESTS:-tests/test_cuda.py} ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
+    echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
+  else
+    echo "== tests/test_cuda.py: skipped (budget spent)"
+  fi
   echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] done, $FAILED step(s) failed"
   exit $FAILED
 fi
