@@ -88,7 +88,7 @@ for d in sorted(glob.glob(os.path.join(sys.argv[1], "elastic-*")), key=os.path.g
         crash = [i for i, ln in enumerate(lines) if CRASH.search(ln) and " INFO " not in ln]
         bits = []
         if stage:
-            bits.append(" | ".join(x[:90] for x in stage[-2:]))
+            bits.append(" | ".join(x[:160] for x in stage[-2:]))
         if crash:
             i = crash[0]
             top = [ln.strip() for ln in lines[i:i + 12] if ln.strip().startswith("File")][:2]

@@ -134,7 +134,21 @@ def _trace(a, text):
 def _threads_at_exit(a):
     alive = [f"{t.name}{' (daemon)' if t.daemon else ''}" for t in threading.enumerate()
              if t is not threading.main_thread()]
-    _trace(a, f"atexit (Python {sys.version.split()[0]}): threads alive {alive or 'none'}")
+    _trace(a, f"atexit (Python {sys.version.split()[0]}): threads alive {alive or 'none'}; {_kernel_build()}")
+
+
+def _kernel_build():
+    """The GPU kernels' background build (ccl/engines/cuda/build.py): over, or still running."""
+    build = sys.modules.get("pyccl.engines.cuda.build")
+    if build is None:
+        return "no kernel builder"
+    bits = []
+    for b in list(build._builders.values()):
+        alive = sum(w.is_alive() for w in b._workers)
+        done = (f"over {b.finished_at - b.started_at:.2f}s after its start" if b.finished_at and b.started_at
+                else f"{alive} of {len(b._workers)} workers running")
+        bits.append(f"{b.label}: {done}")
+    return "kernel build " + ("; ".join(bits) or "not started")
 
 
 def finish(pg, a):
@@ -152,7 +166,7 @@ def finish(pg, a):
     gc.collect()
     if a.device != "cpu":
         torch.cuda.synchronize()
-    _trace(a, "shutdown and collect done")
+    _trace(a, f"shutdown and collect done; {_kernel_build()}")
 
 
 def main():
