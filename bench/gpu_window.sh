@@ -71,7 +71,8 @@ grep -E "(passed|failed|error).* in [0-9.]+s" "$LOG/tests.log" | tail -1
 for f in "$LOG"/moe_*.log; do
   [ -f "$f" ] || continue
   m=$(grep -m1 "rank 0: " "$f" | grep -oE "[0-9.]+ us median|syncs while queuing: [0-9]+" | tr '\n' ' ')
-  echo "$(basename "$f" .log): $(grep -oE "check: [A-Z]+" "$f" | head -1) $m"
+  e=$(grep -m1 -E "^[A-Za-z.]*(Error|Exception|Timeout|Failure)" "$f" | cut -c1-120)
+  echo "$(basename "$f" .log): $(grep -oE "check: [A-Z]+" "$f" | head -1) $m${e:+ ERR $e}"
 done
 grep -E "^\| [0-9]" "$LOG/bench.log" 2>/dev/null | cut -c1-200
 echo "=== failed steps: $FAILED (t=${SECONDS}s)"
