@@ -359,24 +359,40 @@ def scenario_cold(rank, size, port):
             "failed": [r for r in b.report() if r[1].startswith("failed")]}
 
 
+def _gen2_types():
+    """How many objects of each type the oldest GC generation holds."""
+    import collections
+    return collections.Counter(type(o).__name__ for o in gc.get_objects(generation=2))
+
+
 def scenario_warm(rank, size, port):
+    import sys
     _dev(rank)
+    _torch_warm()           # torch's own first uses (its kernels, its Python-side set-up) are not pyccl's
     comm, server, sync = _comm(rank, size, port)
     parts = _Parts.on_pyccl()
     parts.calls, parts.store = {}, sync
     first = {}
     ok = {}
     gc.collect()            # the timed calls start from a collected heap, as timing loops do (timeit)
+    mods0, types0 = set(sys.modules), _gen2_types()
     for dtype in DTYPES:
         times, right = _ops(comm, dtype, MIB, parts=parts)
         first.update({f"{dtype} {k}": v for k, v in times.items()})
         ok.update({f"{dtype} {k}": v for k, v in right.items()})
+    # what the calls left for the collector: modules first imported by them, and the oldest
+    # generation's growth by type (a full collection runs once it grew by a quarter)
+    grown = _gen2_types()
+    grown.subtract(types0)
+    new_mods = sorted(set(sys.modules) - mods0)
     from pyccl.engines.cuda import build
     hows = sorted({how for rows in build.report().values() for _, how, _ in rows})
     _sync(sync, "warm/done", size)
     comm.close()
     return {"first": first, "ok": ok, "hows": hows, "parts": parts.calls,
-            "gc thresholds, counts": (gc.get_threshold(), gc.get_count())}
+            "gc thresholds, counts": (gc.get_threshold(), gc.get_count()),
+            "gen2 objects at start, grown by type": (sum(types0.values()), grown.most_common(8)),
+            "modules imported by the calls": (len(new_mods), new_mods[:30])}
 
 
 def test_first_calls_cold_then_warm(tmp_path):
@@ -402,6 +418,10 @@ def test_first_calls_cold_then_warm(tmp_path):
         if wall > 0.02:                  # where the time of every slow first call went, on each rank
             print(f"WARM {k:26s} wall {[round(w['first'][k], 4) for w in warm]} s; parts "
                   f"{[{p: round(v, 4) for p, v in w['parts'][k].items() if v > 0.0005} for w in warm]}")
+    for r, w in enumerate(warm):
+        print(f"WARM rank {r} gc {w['gc thresholds, counts']}; gen2 objects at start, grown by type "
+              f"{w['gen2 objects at start, grown by type']}; modules imported by the calls "
+              f"{w['modules imported by the calls']}")
     print("WARM slowest (wall, both ranks):", sorted(((round(max(w["first"][k] for w in warm), 4), k)
                                                     for k in calls), reverse=True)[:4])
     assert all(all(w["ok"].values()) for w in warm), [w["ok"] for w in warm]
