@@ -59,7 +59,7 @@ print('libnvrtc', nvrtc.lib()._name, 'version', nvrtc.version())" 2>&1 | tail -1
 fi
 
 if [ "$MODE" = check ]; then          # BUDGET=120: issue 32's tests first, then the GPU suite after the kernel changes
-  TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 50 \
+  TAIL=50 step "tests/test_cuda_memory.py: memory by stage, graphs after suspend/resume, warm first calls with their parts" 56 \
     bash -c "set -o pipefail; python3 -m pytest -q -s -p no:cacheprovider --timeout=45 -rfE --tb=line \
     tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume \
     tests/test_cuda_memory.py::test_first_calls_cold_then_warm 2>&1 | tee $OUT/test_cuda_memory.log"
