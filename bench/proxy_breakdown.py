@@ -55,7 +55,7 @@ def large_calls(st, q, dev, sizes, calls):
     """Where a large proxied all_reduce's wall time goes, from the host's side: the proxy's
     network phase and, inside it, the waits for the device-to-host copies; the wait for the
     device to post the call; the tail after the network phase (copies back, the end event)."""
-    host, acc = st.host, {}
+    host, acc = st.host, dict(net=0.0, d2h=0.0, post=0.0, net_end=0.0)
     net, wait = host.network, host._wait
 
     def timed_network(*a, **k):
