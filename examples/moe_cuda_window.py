@@ -320,7 +320,7 @@ class SyncCount:
         self.warned.__exit__(*exc)
         for name, fn in self.kept.items():
             setattr(self.rt, name, fn)
-        for w in self.log:
-            if "synchroniz" in str(w.message):
+        for w in self.log:             # torch's sync warning, not its once-per-process "prototype feature" note
+            if "called a synchronizing" in str(w.message):
                 self._note(f"torch: {str(w.message)[:60]} ({w.filename.rsplit('/', 1)[-1]}:{w.lineno})")
         return False

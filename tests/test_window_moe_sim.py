@@ -208,6 +208,10 @@ def test_sync_count_counts_what_it_should(monkeypatch):
         t.join()
         warnings.warn("called a synchronizing CUDA operation")        # what torch's "warn" mode raises
         warnings.warn("something else")
+        # torch warns this once per process at the first set_sync_debug_mode (the H100 run of
+        # 2026-12-08 counted it as a sync): a note, not a synchronisation
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                      "synchronizing operations")
     rt.streamSynchronize(7)                                           # outside: not counted
     assert sc.count == 3, sc.seen
     assert sc.seen[0] == "cupy.cuda.runtime.streamSynchronize" and "torch: called a synchronizing" in sc.seen[2]
