@@ -58,6 +58,30 @@ def _sync(store, key, size, pause=0.01):
         time.sleep(pause)
 
 
+def _leave(store, server, size):
+    """The scenario's last step. Rank 0 hosts the store (`server`), which goes when its process
+    exits: it waits until every other rank says it is done with the store (each says so last).
+    Without this, rank 1 could still be polling the last _sync when rank 0 had seen it complete
+    and exited (every scenario here failed so on one H100, session 4)."""
+    if server is None:
+        store.add("left", 1)
+        return
+    deadline = time.monotonic() + 30
+    while store.add("left", 0) < size - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _returned(out, size):
+    """[result of rank r] once every rank returned "ok"; before failing on a rank that did not,
+    prints what each rank sent (the others' results are not lost in a truncated message)."""
+    if all(r in out and out[r][0] == "ok" for r in range(size)):
+        return [out[r][1] for r in range(size)]
+    for r in range(size):
+        print(f"rank {r}:", out.get(r, "no result (died or timed out)"))
+    raise AssertionError(f"ranks {[r for r in range(size) if r not in out or out[r][0] != 'ok']} did not "
+                         f"return (their errors are printed above)")
+
+
 def _free_after(store, key, size):
     """cudaMemGetInfo's free bytes once every rank has reached `key` with nothing queued."""
     torch.cuda.synchronize()
@@ -228,15 +252,13 @@ def scenario_memory(rank, size, port):
     res["suspend() keeps for graphs (MiB, reported, not checked)"] = after_suspend / MIB
     res["within 2 MiB after suspend(graphs=False)"] = after_all <= 2 * MIB
     res["within 2 MiB after close"] = after_close <= 2 * MIB
+    _leave(sync, server, size)
     return res
 
 
 def test_memory_bounded_and_given_back():
     env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
-    out = run_spawned(__name__, "scenario_memory", 2, [env] * 2, 55)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-    res = [out[r][1] for r in range(2)]
+    res = _returned(run_spawned(__name__, "scenario_memory", 2, [env] * 2, 55), 2)
     print("\nMEMTEST stages (GPU-wide MiB over the baseline):", res[0]["GPU MiB over the baseline, both ranks, by stage"])
     for r, x in enumerate(res):
         print(f"MEMTEST rank {r} memory() device {x['memory()']['device']}, suspended "
@@ -325,15 +347,15 @@ def scenario_graph(rank, size, port):
     _sync(sync, "graph/done", size)
     del g2
     comm.close()
+    _leave(sync, server, size)
     return res
 
 
 def test_graph_replays_after_suspend_and_resume():
     env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}
-    out = run_spawned(__name__, "scenario_graph", 2, [env] * 2, 55)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-        assert all(out[r][1].values()), out[r][1]
+    for r, res in enumerate(_returned(run_spawned(__name__, "scenario_graph", 2, [env] * 2, 55), 2)):
+        print(f"GRAPH rank {r}:", res)
+        assert all(res.values()), res
 
 
 # ---- first calls ------------------------------------------------------------------------------
@@ -354,6 +376,7 @@ def scenario_cold(rank, size, port):
     hows = sorted({how for _, how, _ in b.report()})
     _sync(sync, "cold/done", size)
     comm.close()
+    _leave(sync, server, size)
     return {"context s": t1 - t0, "communicator + first bf16 all_reduce s": t2 - t1, "right": right,
             "background build s": t3 - t0, "build finished": finished, "hows": hows,
             "failed": [r for r in b.report() if r[1].startswith("failed")]}
@@ -389,6 +412,7 @@ def scenario_warm(rank, size, port):
     hows = sorted({how for rows in build.report().values() for _, how, _ in rows})
     _sync(sync, "warm/done", size)
     comm.close()
+    _leave(sync, server, size)
     return {"first": first, "ok": ok, "hows": hows, "parts": parts.calls,
             "gc thresholds, counts": (gc.get_threshold(), gc.get_count()),
             "gen2 objects at start, grown by type": (sum(types0.values()), grown.most_common(8)),
@@ -398,18 +422,12 @@ def scenario_warm(rank, size, port):
 def test_first_calls_cold_then_warm(tmp_path):
     env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp", "PYCCL_KERNEL_CACHE": str(tmp_path / "kernels"),
            "CUPY_CACHE_DIR": str(tmp_path / "cupy")}
-    out = run_spawned(__name__, "scenario_cold", 2, [env] * 2, 75)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-    cold = [out[r][1] for r in range(2)]
+    cold = _returned(run_spawned(__name__, "scenario_cold", 2, [env] * 2, 75), 2)
     print("cold:", cold)
     assert all(c["right"] for c in cold), cold
     assert all(c["build finished"] and not c["failed"] for c in cold), cold
     assert max(c["communicator + first bf16 all_reduce s"] for c in cold) <= 1.5, cold
-    out = run_spawned(__name__, "scenario_warm", 2, [env] * 2, 50)
-    for r in range(2):
-        assert r in out and out[r][0] == "ok", out
-    warm = [out[r][1] for r in range(2)]
+    warm = _returned(run_spawned(__name__, "scenario_warm", 2, [env] * 2, 50), 2)
     print("\nWARM hows", [w["hows"] for w in warm], "wrong:", [k for w in warm for k, v in w["ok"].items() if not v])
     calls = list(warm[0]["first"])
     walls = {}
