@@ -33,9 +33,11 @@ for m in ${*:-tests hosttime bench}; do
     timeout -k 5 "${HOST_BUDGET:-150}" $RUN --no-python bash -c \
       'PYCCL_PROXY=1 PYCCL_PROXY_LAUNCH=${LAUNCH:-fork} PYCCL_HOST_ID=host$RANK exec python3 bench/proxy_breakdown.py' \
       2>&1 | grep -v "$QUIET" || FAILED=$((FAILED + 1)) ;;
-  tests22)
-    timeout -k 5 "${TESTS_BUDGET:-240}" python3 -m pytest -q -p no:cacheprovider --timeout=100 \
-      tests/test_cuda_proxy.py -k "2x2" 2>&1 | tail -30 || FAILED=$((FAILED + 1)) ;;
+  tests22)     # -s and PYCCL_TEST_STACKS: a rank that hangs prints every thread's stack every 20 s (the run of
+               # 2026-12-08 lost the 2x2 test, killed by the outer timeout before pytest's own could fire)
+    PYCCL_TEST_STACKS=${STACKS:-20} timeout -k 5 "${TESTS_BUDGET:-240}" python3 -m pytest -q -s -p no:cacheprovider \
+      --timeout="$(( ${TESTS_BUDGET:-240} / 2 ))" -x tests/test_cuda_proxy.py -k "2x2" 2>&1 | tail -150 \
+      || FAILED=$((FAILED + 1)) ;;
   bench22)
     timeout -k 5 "${BENCH_BUDGET:-200}" python3 -m torch.distributed.run --standalone --nproc-per-node 4 \
       bench/multihost_gpu.py --ranks-per-host 2 ${BENCH_ARGS:-} 2>&1 | grep -v "$QUIET" || FAILED=$((FAILED + 1)) ;;

@@ -37,6 +37,9 @@ def serve(conn, obj):
 
 def _rank_main(rank, size, addr, secret, env, comm_kwargs, ranks_per_host, conn):
     os.environ.update(env)
+    if os.environ.get("PYCCL_TEST_STACKS"):    # debugging a hang: every thread's stack every N s, to stderr
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["PYCCL_TEST_STACKS"]), repeat=True)
     if ranks_per_host:                    # pose as several hosts: ranks_per_host ranks each
         os.environ["PYCCL_HOST_ID"] = f"host{rank // ranks_per_host}"
     try:
