@@ -64,12 +64,14 @@ if [ "$MODE" = check ]; then          # BUDGET=120: issue 32's tests first, then
     tests/test_cuda_memory.py::test_memory_bounded_and_given_back tests/test_cuda_memory.py::test_graph_replays_after_suspend_and_resume \
     tests/test_cuda_memory.py::test_first_calls_cold_then_warm 2>&1 | tee $OUT/test_cuda_memory.log"
   step "device memory by part, one process (cudaMemGetInfo)" 12 python3 bench/gpu_startup.py parts
+  step "the same with CUDA_MODULE_LOADING=EAGER (is module memory given back on unload?)" 12 \
+    env CUDA_MODULE_LOADING=EAGER python3 bench/gpu_startup.py parts
   # tests/test_cuda.py in file order (every dtype and op first) until the budget is spent: SIGINT
   # makes pytest print what passed, failed and was not reached
   CUDA_S=$(( $(left) - 8 < ${CUDA_S:-58} ? $(left) - 8 : ${CUDA_S:-58} ))
   if [ "$CUDA_S" -ge 10 ]; then
     echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] tests/test_cuda.py (<= ${CUDA_S}s)"
-    timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfE --tb=short --durations=8 \
+    timeout -s INT -k 5 "$CUDA_S" python3 -m pytest -q -p no:cacheprovider --timeout=55 -rfEs --tb=short --durations=8 \
       ${CUDA_TESTS:-tests/test_cuda.py} ${CUDA_ARGS:-} > "$OUT/test_cuda.log" 2>&1
     echo "   (exit $?)"; grep -v "$QUIET" "$OUT/test_cuda.log" | grep -v "^ *$" | tail -"${CUDA_TAIL:-30}"
   else
