@@ -3,10 +3,15 @@
 Why shared and counted: a module's code takes device memory, and every communicator on a GPU
 runs the same kernels. The first communicator on a device starts the background build
 (build.py); each unit is loaded (cuModuleLoadData) when one of its kernels is first launched,
-and everything is unloaded when the last communicator on the device closes, so close() gives
-the device memory back. Loaded modules stay through suspend(): a captured CUDA graph names
-their functions; suspend(graphs=False) pauses its communicator's use (``pause``), and when no
-user of the device is active the modules are unloaded (loaded again by the next launch).
+and everything is unloaded when the last communicator on the device closes. Loaded modules stay
+through suspend(): a captured CUDA graph names their functions; suspend(graphs=False) pauses its
+communicator's use (``pause``), and when no user of the device is active the modules are
+unloaded (loaded again by the next launch).
+
+Measured (one H100, bench/gpu_startup.py parts, run s4-1 of issue 32): a loaded module takes
+more device memory than its image (1 module: +2 MiB; 9 more: +12 MiB, for 2.6 MiB of images),
+and CUDA does not give it back to cudaMemGetInfo when the module is unloaded: the context keeps
+it (a later load of the same 9 units through Library took nothing more) until the process exits.
 """
 import threading
 
@@ -31,7 +36,7 @@ class Library:
         self.active = 0            # users not paused (suspend(graphs=False))
         self._mods = {}            # unit -> cupy Module
         self._fns = {}             # key -> (Function, ptr)
-        self.loaded_bytes = 0      # image bytes loaded (the code's device footprint, about)
+        self.loaded_bytes = 0      # image bytes loaded (CUDA's footprint for them is larger: above)
         self._lock = threading.Lock()
 
     def function(self, key) -> int:

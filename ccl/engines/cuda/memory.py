@@ -27,8 +27,11 @@ Never replay a graph while suspended (its kernels would find no scratch): resume
 graph captured with this communicator is replayed again (capture anew after resume): then the
 graphs' parts go too: the control block (its epoch is carried over to a new one at resume,
 zeroed flags, the peer table written again), the kept buffers and mappings, and the loaded
-kernels once no other communicator of the process on the device is active; the device holds
-nothing of this communicator until resume (measured: tests/test_cuda_memory.py).
+kernels once no other communicator of the process on the device is active: every allocation of
+this communicator is freed until resume. CUDA itself keeps some (measured on one H100,
+bench/gpu_startup.py parts): the memory of unloaded kernel modules and of destroyed streams
+(2 MiB for pyccl's 3) stays with the process's CUDA context, so cudaMemGetInfo does not see it
+come back (library.py).
 """
 import numpy as np
 
@@ -41,9 +44,9 @@ class MemoryMixin:
 
     def memory(self) -> dict:
         """{purpose: bytes} this communicator holds (see the module docstring for the keys).
-        ``device.kernels`` is the process's loaded kernel code on this GPU, shared by its
-        communicators; ``mapped.*`` is the peers' memory mapped here (theirs, not ours: it is
-        freed when they free it and we unmap it)."""
+        ``device.kernels`` is the process's loaded kernel images on this GPU (CUDA takes more
+        for them: library.py), shared by its communicators; ``mapped.*`` is the peers' memory
+        mapped here (theirs, not ours: it is freed when they free it and we unmap it)."""
         n = 2 * self.size
         mapped = self.registry.mapped() if not self._closed else {}
         tmp = getattr(self, "_tmp_buf", None)
