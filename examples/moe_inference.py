@@ -72,13 +72,14 @@ def parse(argv=None):
     p.add_argument("--dispatch", choices=("all_to_all", "window"), default="all_to_all",
                    help="dispatch and combine by all_to_all_single (default) or by one-sided puts into "
                         "pyccl windows (window: --backend pyccl, CPU or CUDA)")
-    p.add_argument("--window-puts", choices=("copies", "kernel", "fused"), default="copies",
+    p.add_argument("--window-puts", choices=("copies", "kernel", "fused"), default="fused",
                    help="--dispatch window on CUDA: the host queues a copy per destination (copies), one "
                         "kernel stores every row into the peers' windows (kernel), or the counts too, with one "
-                        "wait for both (fused; examples/moe_cuda_window.py)")
-    p.add_argument("--window-wait", choices=("kernel", "stream"), default="kernel",
-                   help="--dispatch window on CUDA: the stream waits for a signal in a spinning kernel or in "
-                        "cuStreamWaitValue64 (ccl/windows/cuda.py WAIT)")
+                        "wait for both (fused, the default: least host time on an H100; "
+                        "examples/moe_cuda_window.py)")
+    p.add_argument("--window-wait", choices=("kernel", "stream"), default="stream",
+                   help="--dispatch window on CUDA: the stream waits for a signal in cuStreamWaitValue64 "
+                        "(stream, the default) or in a spinning kernel (ccl/windows/cuda.py WAIT)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 then computes both references and compares (exact / float tolerance)")
     par.common_args(p)

@@ -69,7 +69,10 @@ def _comm(rank, size, port):
 def scenario_peer_killed(rank, size, port):
     comm, server = _comm(rank, size, port)
     _dev(comm)
+    _wait_mode(os.environ["WINDOW_WAIT"])
     win = comm.window(torch.zeros(16, device="cuda"), signals=4)
+    if win.wait_mode != os.environ["WINDOW_WAIT"]:
+        return ("wait mode", win.wait_mode)
     win.put(torch.ones(16, device="cuda"), 1 - rank, signal=3)    # warm: a full round works
     win.wait_signal(3, 1)
     win.synchronize()
@@ -94,8 +97,10 @@ def scenario_peer_killed(rank, size, port):
         return (type(e).__name__, took, str(e), queued, later, after)
 
 
-def test_peer_killed_while_the_stream_waits():
-    out = run_spawned(__name__, "scenario_peer_killed", 2, [{"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp"}] * 2,
+@pytest.mark.parametrize("wait", ["stream", "kernel"])
+def test_peer_killed_while_the_stream_waits(wait):
+    env = {"PYCCL_TIMEOUT": "60", "PYCCL_TRANSPORT": "tcp", "WINDOW_WAIT": wait}
+    out = run_spawned(__name__, "scenario_peer_killed", 2, [env] * 2,
                       60)                           # below pytest's --timeout: the processes are killed
     assert 0 in out, out
     kind, val = out[0]

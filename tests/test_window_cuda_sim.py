@@ -125,7 +125,9 @@ def sim(monkeypatch):
         server.close()
 
 
-def test_calls_are_queued_copies_and_kernels(sim):
+def test_calls_are_queued_copies_and_kernels(sim, monkeypatch):
+    from pyccl.windows import cuda
+    monkeypatch.setattr(cuda, "WAIT", "kernel")
     comm, cupy = sim
     buf = FakeArray(np.zeros(6, np.int32))
     with comm.window(buf, signals=3) as win:
@@ -175,6 +177,21 @@ def test_bad_input_queues_nothing(sim):
         win.wait_signal(0, 1)
     with pytest.raises(InvalidArgument, match="positive number of slots"):
         comm.window(buf, signals=0)
+
+
+def test_stream_waits_fall_back_to_the_spinning_kernel(sim, monkeypatch):
+    """WAIT "stream" (the default) where the driver has no cuStreamWaitValue64: the window waits
+    with win_wait, as with WAIT "kernel"."""
+    from pyccl.windows import cuda, cuda_kernels
+    monkeypatch.setattr(cuda, "WAIT", "stream")
+    monkeypatch.setattr(cuda_kernels.StreamWaits, "__init__", lambda self: setattr(self, "ok", False))
+    comm, cupy = sim
+    with comm.window(FakeArray(np.zeros(2, np.int32)), signals=1) as win:
+        win.put(FakeArray(np.ones(2, np.int32)), 0, signal=0)
+        win.wait_signal(0, 1)
+        win.synchronize()
+        assert win.wait_mode == "kernel"
+        assert [e[0] for e in cupy.launches] == ["copy", "win_signal", "win_wait"], cupy.launches
 
 
 def test_a_wait_that_gives_up_raises_on_the_next_call(sim):
