@@ -70,7 +70,7 @@ grep -E "^(FAILED|ERROR) " "$LOG/tests.log" | sed 's/ - .*//' | cut -c1-110 | he
 grep -E "(passed|failed|error).* in [0-9.]+s" "$LOG/tests.log" | tail -1
 for f in "$LOG"/moe_*.log; do
   [ -f "$f" ] || continue
-  m=$(grep -m1 "rank 0: " "$f" | grep -oE "[0-9.]+ us median|syncs while queuing: [0-9]+" | tr '\n' ' ')
+  m=$(grep -m1 "rank 0: " "$f" | grep -oE "[0-9.]+ us median|wait_signal part [0-9.]+|syncs while queuing: [0-9]+" | tr '\n' ' ')
   e=$(grep -m1 -E "^[A-Za-z.]*(Error|Exception|Timeout|Failure)" "$f" | cut -c1-120)
   echo "$(basename "$f" .log): $(grep -oE "check: [A-Z]+" "$f" | head -1) $m${e:+ ERR $e}"
 done

@@ -22,7 +22,8 @@ or in queuing the dispatch or the combine may synchronise with the device: they 
 synchronising torch call warns; and the cupy runtime's synchronising and polling functions, which
 pyccl calls, wrapped while inside) into ``syncs``. The host reads how many rows arrived only after
 the dispatch is queued (the experts need it), as with ``--splits device``. ``layer_us``: host
-time of queuing the counts and the dispatch, per MoE layer (``reset()`` forgets the warm-up's).
+time of queuing the counts and the dispatch, per MoE layer (``reset()`` forgets the warm-up's);
+``wait_us``: the part of it spent in ``wait_signal`` (the rest: launches or puts, and checks).
 """
 import statistics
 import threading
@@ -165,7 +166,7 @@ class CudaWindowExchange:
 
     def reset(self):
         """Forget the host times so far (the warm-up's); the sync count stays."""
-        self.layer_us, self.counts_us, self._counts_s = [], [], 0.0
+        self.layer_us, self.counts_us, self.wait_us, self._counts_s, self._wait_s = [], [], [], 0.0, 0.0
 
     @property
     def syncs(self) -> int:
@@ -174,12 +175,19 @@ class CudaWindowExchange:
     def host_summary(self) -> str:
         if not self.layer_us:
             return "no layers timed"
-        u, c = self.layer_us, self.counts_us
+        u, c, w = self.layer_us, self.counts_us, self.wait_us
         return (f"{statistics.median(u):.1f} us median (mean {statistics.mean(u):.1f}, min {min(u):.1f}, max "
                 f"{max(u):.1f}) of host time per MoE layer to queue counts + dispatch (counts part "
-                f"{statistics.median(c):.1f}), {len(u)} layers, {self.puts} puts, "
+                f"{statistics.median(c):.1f}, wait_signal part {statistics.median(w):.1f}), {len(u)} layers, "
+                f"{self.puts} puts, "
                 f"{getattr(self.wins['counts'], 'wait_mode', '?')} waits; device syncs while queuing: "
                 f"{self.syncs}{' ' + str(self.watch.seen[:3]) if self.watch.seen else ''}")
+
+    def _wait(self, win, slot):
+        """win.wait_signal(slot, world); its host time is added to the layer's wait part."""
+        t = time.perf_counter()
+        win.wait_signal(slot, self.world)
+        self._wait_s += time.perf_counter() - t
 
     def _launch(self, fn, params, grid, block, args):
         params.set(args)
@@ -189,7 +197,7 @@ class CudaWindowExchange:
         win = self.wins["counts"]
         with self.prof("window counts"):
             with self.watch:
-                t = time.perf_counter()
+                t, self._wait_s = time.perf_counter(), 0.0
                 mine = cs[0].view(self.world, self.per_rank)
                 if self.puts == "kernel":
                     peers, cells = self.addr["counts"]
@@ -199,7 +207,7 @@ class CudaWindowExchange:
                 else:
                     for dst in range(self.world):
                         win.put(mine[dst], dst, offset=self.rank * self.per_rank, signal=0)
-                win.wait_signal(0, self.world)
+                self._wait(win, 0)
                 self._counts_s = time.perf_counter() - t
         # the window itself, no copy: a peer writes the next layer's counts only after this rank's
         # combine reached it, which this rank's stream queues after every use of these
@@ -210,7 +218,7 @@ class CudaWindowExchange:
         win, buf, d = self.wins["dispatch"], bufs[0], self.d
         with self.prof("window dispatch"):
             with self.watch:
-                t = time.perf_counter()
+                t, self._wait_s = time.perf_counter(), 0.0
                 m = buf.shape[0]
                 if m > self.cap * self.world:
                     raise SystemExit(f"{m} rows exceed the window's {self.cap} per source")
@@ -220,10 +228,11 @@ class CudaWindowExchange:
                              (rows.data_ptr(), m, d, cs[0].data_ptr(), self.world, self.per_rank, peers,
                               self.addr["counts"][0], cells, self.rank, self.cap, self.slot["dispatch"],
                               self.finished_ptr))
-                win.wait_signal(self.slot["dispatch"], self.world)
+                self._wait(win, self.slot["dispatch"])
                 took = time.perf_counter() - t
             self.layer_us.append(1e6 * took)
             self.counts_us.append(0.0)
+            self.wait_us.append(1e6 * self._wait_s)
             recv_counts = self.counts_buf.view(self.world, self.per_rank)   # the window (see counts())
             out_splits = recv_counts.sum(1)
             n = int(out_splits.sum())                   # the host learns the count after queuing
@@ -258,11 +267,12 @@ class CudaWindowExchange:
                     block[dst, pos] = buf
                     for r in range(self.world):
                         win.put(block[r].view(-1), r, offset=self.rank * self.cap * d, signal=self.slot[what])
-                win.wait_signal(self.slot[what], self.world)
+                self._wait(win, self.slot[what])
                 took = time.perf_counter() - t
             if what == "dispatch":
                 self.layer_us.append(1e6 * (self._counts_s + took))
                 self.counts_us.append(1e6 * self._counts_s)
+                self.wait_us.append(1e6 * self._wait_s)
                 n = int(out_splits[0].sum())            # the host learns the count after queuing
             else:
                 n = out_rows[0]                         # the rows come back: as many as went out

@@ -161,10 +161,16 @@ def rank_moe(comm, puts, layers):
             bad.append(f"{puts} layer {layer}: combine {back.tolist()} != {(rows * 2).tolist()}")
     comm.barrier()
     ex.close()
+    if len(ex.wait_us) != len(ex.layer_us) or not all(0 < w < u for w, u in zip(ex.wait_us, ex.layer_us)):
+        bad.append(f"{puts}: wait parts {ex.wait_us} of layers {ex.layer_us}")
+    if "wait_signal part" not in ex.host_summary():
+        bad.append(ex.host_summary())
     return bad, len(ex.layer_us)
 
 
 class _Null:
+    count, seen = 0, []
+
     def __enter__(self):
         return self
 
