@@ -5,7 +5,7 @@
 # the final parameters are compared with an uninterrupted run: MATCH or DIFFER. Then every
 # process must exit 0 (the first GPU run printed MATCH, then crashed at exit: SIGABRT/SIGSEGV).
 #   BUDGET=120 bash bench/gpu_elastic.sh     (repository root, on the GPU machine)
-# Runs: rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
+# Runs (no kernel disk cache, see below): rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
 # becomes rank 0 and hands the state over), then, if 25 s of BUDGET are left, a control: rank 1
 # killed with the first GPU run's end (--plain-exit: shutdown alone, no barrier/synchronize/gc).
 # Each run's timeout (inside) is at most 50 s; the first leaves 25 s for the second.
@@ -20,6 +20,11 @@ set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONFAULTHANDLER=1 TORCH_SHOW_CPP_STACKTRACES=1 PYCCL_DEBUG=${PYCCL_DEBUG:-INFO}   # INFO: engine choices, closes
 export PYCCL_TIMEOUT=${PYCCL_TIMEOUT:-40}      # a replacement's torch + CUDA start took ~10 s on the H200
+# No kernel disk cache (unless set): every process builds its CUDA kernels itself, so the
+# replacement (it exits ~0.5 s after its first CUDA call) exits while its background build runs,
+# the case that crashed the first GPU run (a thread inside NVRTC at exit: bench/exit_during_build.py).
+# With a warm cache (the 2026-12-08 run) no build thread is alive at exit and nothing is shown.
+export PYCCL_KERNEL_CACHE=${PYCCL_KERNEL_CACHE-0}
 DEVICE=${DEVICE:-cuda}               # DEVICE=cpu: the script's own check on a machine without a GPU
 BUDGET=${BUDGET:-120}
 OUT=${OUT:-/tmp/gpu_elastic_out}
