@@ -5,8 +5,9 @@
 # the final parameters are compared with an uninterrupted run: MATCH or DIFFER. Then every
 # process must exit 0 (the first GPU run printed MATCH, then crashed at exit: SIGABRT/SIGSEGV).
 #   BUDGET=120 bash bench/gpu_elastic.sh     (repository root, on the GPU machine)
-# Runs (no kernel disk cache, see below): rank 1 killed (the replacement becomes rank 1), then rank 0 killed (the survivor
-# becomes rank 0 and hands the state over), then, if 25 s of BUDGET are left, a control: rank 1
+# Runs (no kernel disk cache, see below): rank 1 killed (the replacement becomes rank 1), then
+# rank 0 killed (the survivor becomes rank 0 and hands the state over), then, if 25 s of BUDGET
+# are left, a control: rank 1
 # killed with the first GPU run's end (--plain-exit: shutdown alone, no barrier/synchronize/gc).
 # Each run's timeout (inside) is at most 50 s; the first leaves 25 s for the second.
 # To show a crash's cause: PYTHONFAULTHANDLER=1 (Python stacks of every thread on SIGSEGV /
