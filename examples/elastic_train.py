@@ -23,7 +23,9 @@ The end is orderly on every rank: the device synchronised, then a barrier (no ra
 freeing device memory a peer maps through CUDA IPC, while a peer's GPU work may still read
 it), the group shut down, then the garbage collected while CUDA is still up, so nothing of
 pyccl's CUDA state is left for interpreter exit. --trace-exit says on stderr how far each rank got and which threads
-were still alive at exit (with PYTHONFAULTHANDLER=1 a crash then shows where it was).
+were still alive at exit and whether the GPU kernels' background build was still running (the
+first GPU run's crash at exit: a build thread inside NVRTC while the process exited,
+bench/exit_during_build.py; such a crash, in exit() after Python is done, has no traceback).
 """
 import argparse
 import atexit
@@ -55,7 +57,7 @@ def args_():
     p.add_argument("--trace-exit", action="store_true",
                    help="stderr: each stage of the end, and the threads alive at interpreter exit")
     p.add_argument("--plain-exit", action="store_true",
-                   help="end with pg.shutdown() alone (the first GPU run's end, which crashed at exit): a control")
+                   help="end with pg.shutdown() alone (the first GPU run's end): a control")
     return p.parse_args()
 
 
