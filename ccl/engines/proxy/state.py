@@ -173,6 +173,10 @@ class ProxyState:
                                       f"cannot be captured in a CUDA graph: it sets up the local phases; run "
                                       f"one call before capturing")
             from .composed import ProxyComposed
+            log.warning("%s rank %d: the proxy's composition of several ranks per host (PYCCL_ENGINE=proxy) is "
+                        "experimental: on its first GPU run (2 hosts x 2 ranks on one H100, 2026-12-08) its calls "
+                        "did not finish within 60 s; the staged composition is the default", self.res.tag,
+                        self.res.rank)
             self.composed = ProxyComposed(self, hier, chunk_cap)
         return self.composed
 
