@@ -35,15 +35,21 @@ def timed(obj, name, acc):
     setattr(obj, name, wrapper)
 
 
+def quiet(q):
+    """Return once the device, this rank's proxy and the other ranks are idle (the barrier
+    runs on the CPU path)."""
+    torch.cuda.synchronize()
+    q.wait_idle(30)
+    dist.barrier()
+    q.wait_idle(30)
+
+
 def idle_us(fn, q, calls):
     """Median host us of one call made when the device and the proxy are idle (no earlier
     call's network phase competes for the GIL): the bare cost of the call path."""
     ts = []
     for _ in range(calls):
-        torch.cuda.synchronize()
-        q.wait_idle(30)
-        dist.barrier()                      # both ranks idle (a barrier runs on the CPU path)
-        q.wait_idle(30)
+        quiet(q)
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -80,9 +86,7 @@ def large_calls(st, q, dev, sizes, calls):
             dist.all_reduce(x)
             cols = {"wall": [], "net": [], "d2h": [], "post": [], "tail": []}
             for _ in range(calls):
-                torch.cuda.synchronize()
-                dist.barrier()
-                q.wait_idle(30)
+                quiet(q)
                 acc.update(net=0.0, d2h=0.0, post=0.0, net_end=0.0)
                 t0 = time.perf_counter()
                 dist.all_reduce(x)

@@ -35,11 +35,17 @@ def serve(conn, obj):
             conn.send(("err", traceback.format_exc()))
 
 
-def _rank_main(rank, size, addr, secret, env, comm_kwargs, ranks_per_host, conn):
-    os.environ.update(env)
-    if os.environ.get("PYCCL_TEST_STACKS"):    # debugging a hang: every thread's stack every N s, to stderr
+def dump_stacks_when_asked():
+    """PYCCL_TEST_STACKS=N (debugging a hang): this process prints every thread's stack every N s
+    to stderr (with pytest -s they reach the log even when an outer timeout kills pytest)."""
+    if os.environ.get("PYCCL_TEST_STACKS"):
         import faulthandler
         faulthandler.dump_traceback_later(float(os.environ["PYCCL_TEST_STACKS"]), repeat=True)
+
+
+def _rank_main(rank, size, addr, secret, env, comm_kwargs, ranks_per_host, conn):
+    os.environ.update(env)
+    dump_stacks_when_asked()
     if ranks_per_host:                    # pose as several hosts: ranks_per_host ranks each
         os.environ["PYCCL_HOST_ID"] = f"host{rank // ranks_per_host}"
     try:

@@ -11,12 +11,12 @@ import os
 import socket
 import time
 
+from ranks import dump_stacks_when_asked
+
 
 def _child(module, scenario, rank, size, port, env, q):
     os.environ.update(env)
-    if os.environ.get("PYCCL_TEST_STACKS"):    # debugging a hang: every thread's stack every N s, to stderr
-        import faulthandler
-        faulthandler.dump_traceback_later(float(os.environ["PYCCL_TEST_STACKS"]), repeat=True)
+    dump_stacks_when_asked()
     try:
         q.put((rank, "ok", getattr(importlib.import_module(module), scenario)(rank, size, port)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent test

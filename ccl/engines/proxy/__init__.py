@@ -5,8 +5,9 @@ and its two causes).
 A collective (or send/recv) on CUDA buffers whose ranks are on several hosts (one rank per host;
 with several ranks per host the staged engine composes CUDA IPC phases, ccl/engines/staged.py,
 unless PYCCL_ENGINE=proxy asks for the proxy's own composition, ccl/engines/proxy/composed.py,
-whose first GPU test did not finish within 60 s on an H100, cause not seen: bench/JOURNAL.md 2026-12-08) is launches on the caller's stream and one job for a host thread,
-the proxy, as NCCL's network transport is a kernel and a proxy thread:
+whose first GPU test did not finish within 60 s on an H100, cause not seen: bench/JOURNAL.md
+2026-12-08) is launches on the caller's stream and one job for a host thread, the proxy, as
+NCCL's network transport is a kernel and a proxy thread:
 
     stream   out launch: copy the input to a pinned arena piece by piece, raising a flag per
              piece; then per group of passes a stream wait for the proxy's word and an in
